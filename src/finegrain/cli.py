@@ -1,0 +1,221 @@
+"""The ``finegrain`` command line (typer). Every command has ``--help``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="finegrain: fine-grained image retrieval over an on-disk index.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on real data sets (tables, or JSON with --json).")
+app.add_typer(bench_app, name="bench")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _open_index(path: Path):
+    from .index import Index
+    from .store.catalog import IndexFormatError
+
+    try:
+        return Index.open(path)
+    except IndexFormatError as exc:
+        _fail(str(exc))
+
+
+@app.command("index")
+def index_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Image files or folders (walked recursively)."),
+    index: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder for a new index (see `finegrain encoders`)."),
+    ann: str = typer.Option("auto", help="Top-k structure for a new index: auto, flat, hnsw, ivf."),
+    remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
+    from .index import Index, IndexLockedError
+    from .store.catalog import IndexFormatError
+
+    try:
+        idx = Index.open(index) if (index / "finegrain.sqlite").exists() else Index.create(index, encoder=encoder, ann=ann)
+        report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json)
+    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        out.print(f"indexed [bold]{report.indexed}[/bold], unchanged {report.unchanged}, removed {report.removed}, "
+                  f"failed {len(report.failed)} in {report.seconds:.1f}s ({report.images_per_s:.1f} images/s); "
+                  f"index now holds {len(idx)} images")
+        if report.failed:
+            table = Table(title="skipped or failed", title_justify="left")
+            table.add_column("skipped file", overflow="fold")
+            table.add_column("reason")
+            for path, reason in report.failed[:50]:
+                table.add_row(path, reason)
+            out.print(table)
+            if len(report.failed) > 50:
+                out.print(f"... and {len(report.failed) - 50} more (see `finegrain info --json`)")
+    if report.failed:
+        err.print(f"[yellow]warning:[/yellow] {len(report.failed)} file(s) skipped")
+        if strict:
+            raise typer.Exit(2)
+
+
+@app.command("search")
+def search_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
+    bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
+    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
+    mode: str = typer.Option("global", help="Search mode."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Search an index by text or by example image."""
+    from .images import ImageLoadError
+
+    if (text is None) == (image is None):
+        _fail("give exactly one of --text or --image", 2)
+    idx = _open_index(index)
+    try:
+        hits = idx.search(text=text, image=image, k=k, mode=mode, bbox=bbox or None)
+    except (ValueError, ImageLoadError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps({"query": text if text is not None else str(image), "mode": mode,
+                          "results": [h.as_dict() for h in hits]}))
+        return
+    table = Table("rank", "score", "id")
+    table.add_column("path", overflow="fold")
+    for h in hits:
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), h.path)
+    out.print(table)
+
+
+@app.command("info")
+def info_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show what an index holds: counts, encoder, size, skipped files."""
+    info = _open_index(index).info()
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table("key", "value", show_header=False)
+    for key, value in info.items():
+        if key != "failures":
+            table.add_row(key, str(value))
+    out.print(table)
+    if info["failures"]:
+        ft = Table("skipped file", "reason", title="skipped or failed files", title_justify="left")
+        for f in info["failures"]:
+            ft.add_row(f["path"], f["reason"])
+        out.print(ft)
+
+
+@app.command("remove")
+def remove_cmd(
+    ids: List[int] = typer.Argument(..., help="Image ids to remove."),
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+) -> None:
+    """Remove images from an index by id."""
+    try:
+        n = _open_index(index).remove(ids)
+    except KeyError as exc:
+        _fail(str(exc.args[0]), 2)
+    out.print(f"removed {n} image(s)")
+
+
+@app.command("compact")
+def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")) -> None:
+    """Merge vector chunks and drop removed images from disk."""
+    idx = _open_index(index)
+    idx.compact()
+    out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
+
+
+@app.command("encoders")
+def encoders_cmd() -> None:
+    """List the available encoders."""
+    from .encoders import list_encoders
+
+    for name, help_text in list_encoders().items():
+        out.print(f"[bold]{name}[/bold]: {help_text}")
+
+
+@app.command("train-aligner")
+def train_aligner_cmd(
+    data: Path = typer.Option(..., "--data", help="Flickr8k-style folder (images/, captions.tsv, splits/)."),
+    out_path: Path = typer.Option(Path("effnet-minilm.safetensors"), "--out", help="Where to write the trained weights (.safetensors, plus .json)."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "aligner-flickr8k", "--cache-dir", help="Cache of frozen tower features."),
+    epochs: int = typer.Option(40, help="Maximum epochs (early stopping on dev)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Train the effnet-minilm alignment heads on Flickr8k (LiT-style, towers frozen)."""
+    from .train.aligner import TrainConfig, train_aligner
+
+    result = train_aligner(data, out_path, cache_dir, TrainConfig(epochs=epochs, seed=seed), log=err.print)
+    m = result["dev_metrics"]
+    out.print(f"best epoch {result['best_epoch']}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
+              f"wrote {out_path} (use it with --encoder effnet-minilm:{out_path})")
+
+
+@bench_app.command("flickr8k")
+def bench_flickr8k_cmd(
+    data: Path = typer.Option(..., "--data", help="Flickr8k-style folder."),
+    split: str = typer.Option("dev", help="Split to evaluate (dev or test)."),
+    mode: str = typer.Option("global", help="Search mode."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Text->image and image->text retrieval on Flickr8k: recall, NDCG@10, speed."""
+    from .bench.flickr8k import run_flickr8k
+
+    try:
+        result = run_flickr8k(data, split, mode=mode, encoder=encoder, cache_dir=cache_dir, show_progress=not as_json)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 2)
+    _print_metrics(f"Flickr8k {split}, mode {mode}, encoder {encoder}", result)
+    if as_json:
+        print(json.dumps(result))
+
+
+def _print_metrics(title: str, result: dict) -> None:
+    table = Table("metric", "value", title=title, title_justify="left")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    Console(stderr=True).print(table) if not sys.stdout.isatty() else out.print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for sample images, the index and results.html."),
+) -> None:
+    """Index bundled sample photos, run a few queries, write an HTML page of the results."""
+    from .demo import run_demo
+
+    run_demo(out_dir, console=out)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

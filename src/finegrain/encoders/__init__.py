@@ -1,0 +1,65 @@
+"""Encoder registry: ``create("effnet-minilm")``, ``create("clip:openai/clip-vit-base-patch32")``.
+
+A name is ``family`` or ``family:argument``. Families are registered
+explicitly below (no import side effects); unknown names raise ``KeyError``
+listing what exists.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Encoder, l2_normalize
+
+__all__ = ["Encoder", "create", "list_encoders", "register", "l2_normalize"]
+
+_FAMILIES: dict[str, tuple[Callable[..., Encoder], str]] = {}
+_CACHE: dict[str, Encoder] = {}
+
+
+def register(family: str, factory: Callable[..., Encoder], help: str) -> None:
+    """Register a factory ``factory(argument_or_None, **kwargs) -> Encoder`` under ``family``."""
+    _FAMILIES[family] = (factory, help)
+
+
+def list_encoders() -> dict[str, str]:
+    """Registered families and a one-line description of each."""
+    return {name: help for name, (_, help) in sorted(_FAMILIES.items())}
+
+
+def create(name: str, cache: bool = True, **kwargs) -> Encoder:
+    """Build (or reuse) the encoder called ``name``.
+
+    Encoders are large; with ``cache=True`` one instance per name and
+    keyword set is shared within the process.
+    """
+    family, _, arg = name.partition(":")
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(sorted(_FAMILIES))}")
+    key = name + repr(sorted(kwargs.items()))
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    encoder = _FAMILIES[family][0](arg or None, **kwargs)
+    if cache:
+        _CACHE[key] = encoder
+    return encoder
+
+
+def _effnet_minilm(arg: str | None, **kwargs) -> Encoder:
+    from .effnet_minilm import EffNetMiniLM
+
+    return EffNetMiniLM(weights=arg, **kwargs)
+
+
+def _clip(arg: str | None, **kwargs) -> Encoder:
+    if not arg:
+        raise KeyError("name a CLIP model: clip:<hub id or folder>, e.g. clip:openai/clip-vit-base-patch32")
+    from .clip import CLIPEncoder
+
+    return CLIPEncoder(model=arg, **kwargs)
+
+
+register("effnet-minilm", _effnet_minilm,
+         "bundled offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with trained alignment heads "
+         "(optional ':PATH' to other aligner weights)")
+register("clip", _clip, "CLIP through transformers' CLIPModel: 'clip:<hub id in local cache or folder>'")

@@ -1,0 +1,151 @@
+"""The one interface every text-image encoder implements.
+
+An encoder maps images and texts into one joint space of ``dim`` dimensions
+(L2-normalised float32 rows). It also exposes the image tower's spatial
+feature map and the projection from that map into the joint space, so region
+embeddings (segments, objects, local features) can be pooled from a single
+forward pass instead of re-encoding crops.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..images import ImageSource, load_image
+from ..progress import progress_bar
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation, returning C-contiguous float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
+
+
+class Encoder(ABC):
+    """Base class: subclasses implement the tensor-level hooks below.
+
+    Public API (stable): :meth:`encode_images`, :meth:`encode_texts`,
+    :meth:`feature_maps`, :meth:`project`, :attr:`name`, :attr:`dim`.
+    """
+
+    #: Registry name, e.g. ``"effnet-minilm"``.
+    name: str
+    #: Dimension of the joint embedding space.
+    dim: int
+    #: Side, in pixels, of the square input the image tower expects.
+    image_size: int
+
+    # ----------------------------------------------------------------- hooks
+    @abstractmethod
+    def prepare_image(self, image: Image.Image, size: int | None = None) -> np.ndarray:
+        """Resize and normalise a loaded RGB image to a (3, S, S) float32 array (S = ``size`` or ``image_size``)."""
+
+    @abstractmethod
+    def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed pixels -> (B, dim) unnormalised embeddings."""
+
+    @abstractmethod
+    def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
+        """List of strings -> (B, dim) unnormalised embeddings."""
+
+    @abstractmethod
+    def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) spatial features before pooling and projection."""
+
+    @abstractmethod
+    def _project_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled region features -> (N, dim) unnormalised joint embeddings."""
+
+    # ------------------------------------------------------------ public API
+    def preprocess(self, image: ImageSource, size: int | None = None) -> np.ndarray:
+        """Load (safely) and prepare one image; see :meth:`prepare_image`."""
+        return self.prepare_image(load_image(image, draft_size=size or self.image_size), size)
+
+    def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a (B, 3, S, S) batch of prepared images as L2-normalised (B, dim) rows."""
+        return l2_normalize(self._run(self._embed_image_batch, torch.from_numpy(np.ascontiguousarray(batch))))
+
+    def encode_images(
+        self,
+        images: Sequence[ImageSource],
+        batch_size: int = 32,
+        show_progress: bool = False,
+        num_workers: int = 2,
+    ) -> np.ndarray:
+        """Embed images (paths, bytes or PIL images) as (n, dim) L2-normalised float32.
+
+        Decoding runs in ``num_workers`` threads, overlapped with the forward
+        pass. Raises :class:`finegrain.images.ImageLoadError` on a bad image;
+        the indexer catches it per file, so one bad file never stops a run.
+        """
+        out = [self._run(self._embed_image_batch, batch) for batch in
+               self.iter_image_batches(images, batch_size, show_progress, num_workers)]
+        return l2_normalize(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """Embed texts as (n, dim) L2-normalised float32 rows."""
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError("texts must be non-empty strings")
+        # Sort by length so each batch pads little; restore order at the end.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = []
+        with progress_bar(len(texts), "encoding texts", show_progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                chunks.append(self._run(self._embed_text_batch, [texts[i] for i in idx]))
+                bar.advance(len(idx))
+        if not chunks:
+            return np.zeros((0, self.dim), np.float32)
+        emb = np.empty((len(texts), self.dim), np.float32)
+        emb[order] = np.concatenate(chunks)
+        return l2_normalize(emb)
+
+    def feature_maps(self, images: Sequence[ImageSource], size: int | None = None, batch_size: int = 16) -> np.ndarray:
+        """Spatial feature maps (n, C, h, w) of the image tower at input side ``size``."""
+        out = [self._run(self._feature_map_batch, batch) for batch in
+               self.iter_image_batches(images, batch_size, False, 2, size=size)]
+        return np.concatenate(out)
+
+    def project(self, pooled: np.ndarray) -> np.ndarray:
+        """Project pooled feature-map vectors (n, C) into the joint space, L2-normalised."""
+        pooled = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+        return l2_normalize(self._run(self._project_features, pooled))
+
+    # --------------------------------------------------------------- helpers
+    def iter_image_batches(
+        self,
+        images: Sequence[ImageSource],
+        batch_size: int,
+        show_progress: bool = False,
+        num_workers: int = 2,
+        size: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield preprocessed (B, 3, H, W) tensors, decoding ahead in threads."""
+        images = list(images)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool, \
+                progress_bar(len(images), "encoding images", show_progress) as bar:
+            arrays = pool.map(lambda im: self.preprocess(im, size), images)
+            batch: list[np.ndarray] = []
+            for arr in arrays:
+                batch.append(arr)
+                if len(batch) == batch_size:
+                    yield torch.from_numpy(np.stack(batch))
+                    bar.advance(len(batch))
+                    batch = []
+            if batch:
+                yield torch.from_numpy(np.stack(batch))
+                bar.advance(len(batch))
+
+    @staticmethod
+    def _run(fn, *args) -> np.ndarray:
+        with torch.inference_mode():
+            return fn(*args).float().cpu().numpy()

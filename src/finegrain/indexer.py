@@ -1,0 +1,245 @@
+"""Adding images to an index: walk -> skip unchanged -> decode -> encode -> commit.
+
+Work is committed in chunks (``commit_every`` images): each commit writes
+the chunk's vector files, then one SQLite transaction records the images, the
+failures and the chunk. A killed run keeps every finished commit; the next
+run skips those files by path, size and mtime (or by content hash when only
+the mtime changed) and does the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .images import ImageLoadError, is_image_path, load_image_sized
+from .progress import progress_bar
+from .store.catalog import ImageRecord, NewImage
+from .store.vectors import FieldRows, new_chunk_name, write_chunk
+
+MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
+
+
+@dataclass
+class IndexReport:
+    """Summary of one :meth:`Index.add` run."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"indexed": self.indexed, "unchanged": self.unchanged, "removed": self.removed,
+                "failed": len(self.failed), "failures": [{"path": p, "reason": r} for p, r in self.failed],
+                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2)}
+
+
+@dataclass
+class _Prepared:
+    """A decoded candidate (pixels set) or a failure (error set)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+
+def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``inputs`` (folders walked, files taken as given), sorted, plus walk errors."""
+    files: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(os.path.abspath(item))
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False, onerror=lambda e: problems.append((str(e.filename), f"cannot list folder: {e.strerror}"))):
+                dirnames.sort()
+                if not recursive:
+                    dirnames.clear()
+                for name in filenames:
+                    candidate = Path(dirpath) / name
+                    if is_image_path(candidate):
+                        files.add(str(candidate))
+        elif path.exists() or path.is_symlink():
+            files.add(str(path))
+        else:
+            problems.append((str(path), "no such file or folder"))
+    return sorted(files), problems
+
+
+def _prepare(path: str, encoder, known: ImageRecord | None) -> _Prepared:
+    """Stat, read, hash and decode one file (runs in a worker thread)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return _Prepared(path, 0, 0, error="file name is not valid UTF-8")
+    try:
+        st = os.stat(path)  # follows symlinks: a broken or looping link fails here
+    except OSError as exc:
+        reason = "broken or looping symlink" if os.path.islink(path) else f"cannot stat: {exc.strerror}"
+        return _Prepared(path, 0, 0, error=reason)
+    item = _Prepared(path, st.st_size, st.st_mtime_ns)
+    if not os.path.isfile(path):
+        item.error = "not a regular file"
+    elif st.st_size == 0:
+        item.error = "empty file"
+    elif st.st_size > MAX_FILE_BYTES:
+        item.error = f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"
+    if item.error:
+        return item
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        item.error = f"cannot read: {exc.strerror}"
+        return item
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    if known is not None and known.status == "indexed" and known.sha256 == item.sha256:
+        return item  # content unchanged: no need to decode
+    try:
+        image, (item.width, item.height) = load_image_sized(data, draft_size=encoder.image_size)
+        item.pixels = encoder.prepare_image(image)
+    except ImageLoadError as exc:
+        item.error = str(exc)
+    return item
+
+
+class Indexer:
+    """Runs one add/update pass over files for an open, writable :class:`~finegrain.index.Index`."""
+
+    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int = 2):
+        self.index = index
+        self.batch_size = batch_size
+        self.commit_every = commit_every
+        self.workers = workers
+
+    def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
+            show_progress: bool = True) -> IndexReport:
+        t0 = time.perf_counter()
+        report = IndexReport()
+        catalog = self.index.catalog
+        files, problems = collect_files(inputs, recursive)
+        report.failed.extend(problems)
+        known = catalog.live_by_path()
+        todo: list[str] = []
+        for path in files:
+            rec = known.get(path)
+            if rec is not None and rec.status == "indexed" and _same_stat(path, rec):
+                report.unchanged += 1
+            else:
+                todo.append(path)
+
+        pending = _Pending()
+        if not todo:  # nothing to decode: do not even load the model
+            report.indexed += self._commit(pending)
+            return self._finish(report, inputs, files, known, remove_missing, t0)
+        encoder = self.index.encoder
+        with ThreadPoolExecutor(self.workers) as pool, progress_bar(len(todo), "indexing", show_progress) as bar:
+            for item in pool.map(lambda p: _prepare(p, encoder, known.get(p)), todo):
+                rec = known.get(item.path)
+                if item.error is not None:
+                    report.failed.append((item.path, item.error))
+                    pending.failures.append(item)
+                elif item.pixels is None:  # same content, new mtime
+                    report.unchanged += 1
+                    pending.touches.append((rec.id, item.mtime_ns))
+                else:
+                    if rec is not None and rec.status == "indexed":
+                        pending.removals.append(rec.id)  # content changed: replace the old entry
+                    pending.add(item)
+                    if len(pending.batch) >= self.batch_size:
+                        pending.encode(encoder)
+                if len(pending.images) >= self.commit_every:
+                    report.indexed += self._commit(pending)
+                    pending = _Pending()
+                bar.advance(1)
+            report.indexed += self._commit(pending)
+        return self._finish(report, inputs, files, known, remove_missing, t0)
+
+    def _finish(self, report: IndexReport, inputs, files, known, remove_missing: bool, t0: float) -> IndexReport:
+        if remove_missing:
+            report.removed = self._remove_missing(inputs, set(files), known)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _commit(self, pending: "_Pending") -> int:
+        if pending.empty():
+            return 0
+        pending.encode(self.index.encoder)
+        catalog, root = self.index.catalog, self.index.path
+        ids = catalog.reserve_ids(len(pending.images))
+        chunk = None
+        if pending.images:
+            chunk = new_chunk_name()
+            write_chunk(root, "global", chunk, FieldRows(np.concatenate(pending.vectors), np.asarray(ids)))
+        with catalog.transaction() as tx:
+            tx.remove(pending.removals)
+            tx.add_images(ids, pending.images)  # before failures: ids were reserved from the sequence
+            if chunk is not None:
+                tx.add_chunk(chunk, "global", len(ids))
+            for item in pending.failures:
+                tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
+            for image_id, mtime_ns in pending.touches:
+                tx.touch(image_id, mtime_ns)
+        return len(pending.images)
+
+    def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
+        roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]
+        gone = [rec for path, rec in known.items() if path not in found
+                and any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)]
+        if not gone:
+            return 0
+        with self.index.catalog.transaction() as tx:
+            tx.remove([r.id for r in gone if r.status == "indexed"])
+            for rec in gone:
+                if rec.status == "failed":
+                    tx.clear_failure(rec.path)
+        return sum(r.status == "indexed" for r in gone)
+
+
+class _Pending:
+    """What the next commit will write."""
+
+    def __init__(self):
+        self.images: list[NewImage] = []
+        self.vectors: list[np.ndarray] = []
+        self.batch: list[np.ndarray] = []
+        self.failures: list[_Prepared] = []
+        self.touches: list[tuple[int, int]] = []
+        self.removals: list[int] = []
+
+    def add(self, item: _Prepared) -> None:
+        self.images.append(NewImage(item.path, item.sha256, item.size, item.mtime_ns, item.width, item.height))
+        self.batch.append(item.pixels)
+
+    def encode(self, encoder) -> None:
+        if self.batch:
+            self.vectors.append(encoder.encode_pixels(np.stack(self.batch)))
+            self.batch = []
+
+    def empty(self) -> bool:
+        return not (self.images or self.failures or self.touches or self.removals)
+
+
+def _same_stat(path: str, rec: ImageRecord) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns

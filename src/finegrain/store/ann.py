@@ -1,0 +1,69 @@
+"""Top-k search over one field's vectors with FAISS (inner product).
+
+``kind="auto"`` keeps exact search (``IndexFlatIP``) below
+:data:`AUTO_ANN_THRESHOLD` vectors, where it is both exact and fast enough,
+and switches to HNSW above it. IVF is available for very large collections.
+Trained ANN structures are cached next to the catalog, keyed by the catalog
+generation, so opening a large index does not rebuild them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+AUTO_ANN_THRESHOLD = 200_000
+KINDS = ("auto", "flat", "hnsw", "ivf")
+
+
+class VectorIndex:
+    """FAISS index over rows ``0..n-1``; ``search`` returns (scores, row positions) like FAISS."""
+
+    def __init__(self, vectors: np.ndarray, kind: str = "auto", cache_file: Path | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n, self.dim = vectors.shape
+        if kind == "auto":
+            kind = "hnsw" if self.n >= AUTO_ANN_THRESHOLD else "flat"
+        self.kind = kind
+        if cache_file is not None and cache_file.exists() and kind != "flat":
+            self.faiss = faiss.read_index(str(cache_file))
+            if self.faiss.ntotal == self.n:
+                return
+        self.faiss = self._build(vectors, kind)
+        if cache_file is not None and kind != "flat":
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(cache_file.name + ".tmp")
+            faiss.write_index(self.faiss, str(tmp))
+            tmp.replace(cache_file)
+
+    @staticmethod
+    def _build(vectors: np.ndarray, kind: str) -> faiss.Index:
+        n, dim = vectors.shape
+        if kind == "flat" or n == 0:
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 128
+        else:  # ivf
+            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = max(1, nlist // 16)
+        index.add(vectors)
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, d) queries -> (scores (nq, k) float32, rows (nq, k) int64); -1 marks no result."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
+        k = int(k)
+        if k <= 0:
+            raise ValueError("k must be positive")
+        return self.faiss.search(queries, k)

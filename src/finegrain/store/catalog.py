@@ -1,0 +1,229 @@
+"""The SQLite catalog of an index: images, vector chunks and settings.
+
+SQLite is the commit point of the whole index. Vector chunk files are
+written first (atomically renamed into place) and only become part of the
+index when the transaction that lists them commits, together with the image
+rows they hold. A crash at any moment leaves either the old or the new state;
+files no transaction references are swept by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+FORMAT_VERSION = 1
+CATALOG_NAME = "finegrain.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    path     TEXT NOT NULL,
+    sha256   TEXT,
+    size     INTEGER,
+    mtime_ns INTEGER,
+    width    INTEGER,
+    height   INTEGER,
+    status   TEXT NOT NULL CHECK (status IN ('indexed', 'failed', 'removed')),
+    error    TEXT,
+    updated  REAL NOT NULL
+);
+-- one live row per path; removed rows are kept as history until compaction
+CREATE UNIQUE INDEX IF NOT EXISTS images_live_path ON images(path) WHERE status != 'removed';
+CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
+CREATE TABLE IF NOT EXISTS chunks (
+    name    TEXT PRIMARY KEY,
+    field   TEXT NOT NULL,
+    rows    INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class IndexFormatError(RuntimeError):
+    """The index folder is missing, corrupt, or written by a newer finegrain."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One catalog row (``status``: indexed, failed or removed)."""
+
+    id: int
+    path: str
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image ready to commit: its vectors are in the chunk committed with it."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+
+
+class Catalog:
+    """Thin wrapper over the SQLite file; every write is one transaction."""
+
+    def __init__(self, root: Path, create: bool = False):
+        self.path = Path(root) / CATALOG_NAME
+        if not create and not self.path.exists():
+            raise IndexFormatError(f"no finegrain index at {root} (missing {CATALOG_NAME})")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            if create:
+                self.db.executescript(_SCHEMA)
+            version = self.get_meta("format_version")
+        except sqlite3.DatabaseError as exc:
+            raise IndexFormatError(f"index catalog {self.path} is unreadable: {exc}") from None
+        if version is None:
+            if not create:
+                raise IndexFormatError(f"index catalog {self.path} has no format version (not a finegrain index?)")
+            self.set_meta("format_version", FORMAT_VERSION)
+        elif int(version) > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index at {root} has format version {version}, newer than this finegrain supports "
+                f"({FORMAT_VERSION}); upgrade finegrain to open it"
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ----------------------------------------------------------------- meta
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def generation(self) -> int:
+        """Counter bumped by every commit; readers compare it to notice changes."""
+        return int(self.get_meta("generation", 0))
+
+    # ---------------------------------------------------------------- reads
+    def images(self, status: str | None = "indexed") -> list[ImageRecord]:
+        sql = "SELECT id, path, sha256, size, mtime_ns, width, height, status, error FROM images"
+        rows = self.db.execute(sql + (" WHERE status = ? ORDER BY id" if status else " ORDER BY id"),
+                               (status,) if status else ()).fetchall()
+        return [ImageRecord(*r) for r in rows]
+
+    def live_by_path(self) -> dict[str, ImageRecord]:
+        """Indexed and failed rows keyed by path (what a re-run compares against)."""
+        return {r.path: r for r in self.images(None) if r.status != "removed"}
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        row = self.db.execute("SELECT id, path, sha256, size, mtime_ns, width, height, status, error "
+                              "FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        return ImageRecord(*row) if row else None
+
+    def chunks(self, field: str | None = None) -> list[tuple[str, str, int]]:
+        sql = "SELECT name, field, rows FROM chunks"
+        rows = self.db.execute(sql + (" WHERE field = ? ORDER BY created, name" if field else " ORDER BY created, name"),
+                               (field,) if field else ()).fetchall()
+        return [tuple(r) for r in rows]
+
+    def snapshot(self) -> tuple[int, list[ImageRecord], list[tuple[str, str, int]]]:
+        """Generation, indexed images and chunks, read in one transaction (a consistent view)."""
+        self.db.execute("BEGIN")
+        try:
+            return self.generation(), self.images("indexed"), self.chunks()
+        finally:
+            self.db.execute("COMMIT")
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    # --------------------------------------------------------------- writes
+    def transaction(self) -> "_Transaction":
+        return _Transaction(self)
+
+    def reserve_ids(self, n: int) -> list[int]:
+        """Ids the next ``n`` inserted images will get (valid under the writer lock)."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        start = (row[0] if row else 0) + 1
+        return list(range(start, start + n))
+
+
+class _Transaction:
+    """``with catalog.transaction() as tx:`` -- BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+
+    def __init__(self, catalog: Catalog):
+        self.c = catalog
+        self.db = catalog.db
+
+    def __enter__(self) -> "_Transaction":
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('generation', ?)",
+                            (json.dumps(self.c.generation() + 1),))
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+    def add_images(self, ids: list[int], images: Iterable[NewImage]) -> None:
+        now = time.time()
+        for image_id, im in zip(ids, images):
+            # A file that failed before and now succeeds replaces its failure row.
+            self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (im.path,))
+            self.db.execute(
+                "INSERT INTO images(id, path, sha256, size, mtime_ns, width, height, status, error, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'indexed', NULL, ?)",
+                (image_id, im.path, im.sha256, im.size, im.mtime_ns, im.width, im.height, now))
+
+    def add_failure(self, path: str, error: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (path,))
+        self.db.execute("INSERT INTO images(path, size, mtime_ns, status, error, updated) VALUES (?, ?, ?, 'failed', ?, ?)",
+                        (path, size, mtime_ns, error, time.time()))
+
+    def clear_failure(self, path: str) -> None:
+        self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (path,))
+
+    def touch(self, image_id: int, mtime_ns: int) -> None:
+        """Record a new mtime for an image whose content hash did not change."""
+        self.db.execute("UPDATE images SET mtime_ns = ? WHERE id = ?", (mtime_ns, image_id))
+
+    def remove(self, image_ids: Iterable[int]) -> None:
+        self.db.executemany("UPDATE images SET status = 'removed', updated = ? WHERE id = ? AND status = 'indexed'",
+                            [(time.time(), int(i)) for i in image_ids])
+
+    def add_chunk(self, name: str, field: str, rows: int) -> None:
+        self.db.execute("INSERT INTO chunks(name, field, rows, created) VALUES (?, ?, ?, ?)",
+                        (name, field, rows, time.time()))
+
+    def drop_chunks(self, names: Iterable[str]) -> None:
+        self.db.executemany("DELETE FROM chunks WHERE name = ?", [(n,) for n in names])
+
+    def purge_removed(self) -> None:
+        self.db.execute("DELETE FROM images WHERE status = 'removed'")
+
+    def set_meta(self, key: str, value) -> None:
+        self.c.set_meta(key, value)
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,246 @@
+"""Train the alignment heads of ``effnet-minilm`` (LiT-style, towers frozen).
+
+Recipe: symmetric InfoNCE with a learnable temperature on the Flickr8k train
+split, early stopping on the dev split's text->image recall. What is trained:
+the image tower's last block and head conv (``ImageTop``), GeM pooling,
+attention pooling over the frozen text tokens, and two projection heads.
+
+The frozen parts are run once and cached on disk (``cache_dir``):
+trunk feature maps (192 x 7 x 7, fp16) for the original and the mirrored
+image, and the final token states of MiniLM (fp16). A re-run with a warm
+cache takes minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..datasets import load_flickr8k
+from ..encoders.effnet_minilm import (
+    Aligner,
+    ImageTrunk,
+    load_efficientnet_lite0,
+    load_minilm,
+    minilm_token_states,
+    pixels_to_array,
+)
+from ..eval.metrics import recall_at_k
+from ..images import load_image
+from ..progress import progress_bar
+
+VIEWS = ("orig", "flip")
+IMAGE_SIZE = 224
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_aligner` (defaults are the shipped recipe)."""
+
+    dim: int = 512
+    hidden: int = 2048
+    dropout: float = 0.1
+    epochs: int = 40
+    patience: int = 6
+    batch_size: int = 256
+    lr_heads: float = 1e-3
+    lr_top: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- cache
+def build_cache(data: Path, cache_dir: Path, show_progress: bool = True) -> dict:
+    """Run the frozen towers over train+dev once; return the cached arrays (memory-mapped)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    splits = {name: load_flickr8k(data, name) for name in ("train", "dev")}
+    manifest = {
+        "images": {k: s.images for k, s in splits.items()},
+        "captions": {k: s.captions for k, s in splits.items()},
+        "caption_image": {k: s.caption_image for k, s in splits.items()},
+        "views": list(VIEWS),
+        "image_size": IMAGE_SIZE,
+    }
+    manifest_path = cache_dir / "manifest.json"
+    if not (manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest):
+        torch.set_grad_enabled(False)
+        _cache_images(splits, cache_dir, show_progress)
+        _cache_texts(splits, cache_dir, show_progress)
+        torch.set_grad_enabled(True)
+        manifest_path.write_text(json.dumps(manifest))  # written last: marks the cache complete
+    out = {"manifest": manifest}
+    for name in ("train", "dev"):
+        for view in VIEWS:
+            out[f"{name}_{view}"] = np.load(cache_dir / f"{name}-{view}.npy", mmap_mode="r")
+        out[f"{name}_tokens"] = np.load(cache_dir / f"{name}-tokens.npy", mmap_mode="r")
+        out[f"{name}_mask"] = np.load(cache_dir / f"{name}-mask.npy", mmap_mode="r")
+    return out
+
+
+def _cache_images(splits, cache_dir: Path, show_progress: bool) -> None:
+    trunk = ImageTrunk(load_efficientnet_lite0()).eval()
+    for name, split in splits.items():
+        paths = split.image_paths()
+        arrays = {v: np.lib.format.open_memmap(cache_dir / f"{name}-{v}.npy.tmp", mode="w+", dtype=np.float16,
+                                               shape=(len(paths), 192, IMAGE_SIZE // 32, IMAGE_SIZE // 32)) for v in VIEWS}
+        with progress_bar(len(paths), f"tower features ({name})", show_progress) as bar:
+            for start in range(0, len(paths), 64):
+                batch = np.stack([pixels_to_array(load_image(p), IMAGE_SIZE) for p in paths[start:start + 64]])
+                x = torch.from_numpy(batch)
+                arrays["orig"][start:start + len(x)] = trunk(x).numpy().astype(np.float16)
+                arrays["flip"][start:start + len(x)] = trunk(torch.flip(x, dims=[3])).numpy().astype(np.float16)
+                bar.advance(len(x))
+        for v, arr in arrays.items():
+            arr.flush()
+            del arr
+            (cache_dir / f"{name}-{v}.npy.tmp").replace(cache_dir / f"{name}-{v}.npy")
+
+
+def _cache_texts(splits, cache_dir: Path, show_progress: bool) -> None:
+    tokenizer, model = load_minilm()
+    for name, split in splits.items():
+        texts = split.captions
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"]]
+        width = max(lengths)
+        tokens = np.zeros((len(texts), width, 384), np.float16)
+        mask = np.zeros((len(texts), width), np.uint8)
+        order = np.argsort(lengths)
+        with progress_bar(len(texts), f"text tower ({name})", show_progress) as bar:
+            for start in range(0, len(texts), 256):
+                idx = order[start:start + 256]
+                states, m = minilm_token_states(tokenizer, model, [texts[i] for i in idx])
+                tokens[idx, : states.shape[1]] = states.numpy().astype(np.float16)
+                mask[idx, : m.shape[1]] = m.numpy().astype(np.uint8)
+                bar.advance(len(idx))
+        np.save(cache_dir / f"{name}-tokens.npy", tokens)
+        np.save(cache_dir / f"{name}-mask.npy", mask)
+
+
+# --------------------------------------------------------------------------- training
+def evaluate(model: Aligner, cache: dict, split: str = "dev") -> dict:
+    """Text->image and image->text recall on a cached split (original view only)."""
+    model.eval()
+    with torch.no_grad():
+        img = torch.cat([model.image_embed(torch.from_numpy(np.asarray(cache[f"{split}_orig"][i:i + 256], np.float32)))
+                         for i in range(0, len(cache[f"{split}_orig"]), 256)])
+        tok, msk = cache[f"{split}_tokens"], cache[f"{split}_mask"]
+        txt = torch.cat([model.text_embed(torch.from_numpy(np.asarray(tok[i:i + 512], np.float32)),
+                                          torch.from_numpy(np.asarray(msk[i:i + 512], np.int64)))
+                         for i in range(0, len(tok), 512)])
+    img, txt = F.normalize(img, dim=-1).numpy(), F.normalize(txt, dim=-1).numpy()
+    cap_img = np.asarray(cache["manifest"]["caption_image"][split])
+    sims = txt @ img.T
+    t2i_rank = (sims > sims[np.arange(len(txt)), cap_img][:, None]).sum(1)  # 0-based rank of the true image
+    i2t = img @ txt.T
+    # image->text: rank of the best-ranked of its captions
+    best = np.full(len(img), np.inf)
+    for c, i in enumerate(cap_img):
+        best[i] = min(best[i], (i2t[i] > i2t[i, c]).sum())
+    out = {f"t2i_r{k}": 100 * recall_at_k(t2i_rank, k) for k in (1, 5, 10)}
+    out.update({f"i2t_r{k}": 100 * recall_at_k(best, k) for k in (1, 5, 10)})
+    return out
+
+
+def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, config: TrainConfig | None = None,
+                  show_progress: bool = True, log=print) -> dict:
+    """Train the heads and write ``out`` (.safetensors) plus ``out.json`` (config and metrics)."""
+    from safetensors.torch import save_file
+
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    t0 = time.time()
+    cache = build_cache(Path(data), Path(cache_dir), show_progress)
+    log(f"tower cache ready in {time.time() - t0:.0f}s")
+
+    model = Aligner(load_efficientnet_lite0(), dim=config.dim, hidden=config.hidden, dropout=config.dropout)
+    top_params = list(model.image_top.parameters())
+    top_ids = {id(p) for p in top_params}
+    head_params = [p for p in model.parameters() if id(p) not in top_ids]
+    opt = torch.optim.AdamW([{"params": head_params, "lr": config.lr_heads},
+                             {"params": top_params, "lr": config.lr_top}], weight_decay=config.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    train_views = [torch.from_numpy(np.array(cache[f"train_{v}"])) for v in VIEWS]  # fp16, ~0.1 GB each
+    tokens, mask = torch.from_numpy(np.array(cache["train_tokens"])), torch.from_numpy(np.array(cache["train_mask"]))
+    cap_img = np.asarray(cache["manifest"]["caption_image"]["train"])
+    captions_of = [np.flatnonzero(cap_img == i) for i in range(len(train_views[0]))]
+    n_images = len(captions_of)
+    steps_per_epoch = n_images // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+
+    best, best_state, best_epoch, step, history = -1.0, None, -1, 0, []
+    for epoch in range(config.epochs):
+        model.train()
+        _freeze_batchnorm(model)
+        perm = rng.permutation(n_images)
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+            view = rng.integers(0, len(VIEWS), size=len(idx))
+            feats = torch.stack([train_views[v][i] for v, i in zip(view, idx)]).float()
+            cap = np.array([rng.choice(captions_of[i]) for i in idx])
+            img_emb = F.normalize(model.image_embed(feats), dim=-1)
+            txt_emb = F.normalize(model.text_embed(tokens[cap].float(), mask[cap].long()), dim=-1)
+            logits = model.logit_scale.exp().clamp(max=100) * img_emb @ txt_emb.T
+            target = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            scale = _lr_scale(step, config.warmup_steps, total_steps)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * scale
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+        metrics = evaluate(model, cache, "dev")
+        score = metrics["t2i_r1"] + metrics["t2i_r5"] + metrics["t2i_r10"]
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics})
+        log(f"epoch {epoch + 1:2d} loss {np.mean(losses):.3f} dev t2i R@1/5/10 "
+            f"{metrics['t2i_r1']:.1f}/{metrics['t2i_r5']:.1f}/{metrics['t2i_r10']:.1f} "
+            f"i2t R@1 {metrics['i2t_r1']:.1f} temp {1 / model.logit_scale.exp().item():.4f} ({time.time() - t0:.0f}s)")
+        if score > best:
+            best, best_epoch = score, epoch + 1
+            best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        elif epoch + 1 - best_epoch >= config.patience:
+            log(f"early stop: no dev improvement for {config.patience} epochs")
+            break
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Stored as float16 (half the size); loaded back as float32.
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in best_state.items()}, str(out))
+    model.load_state_dict(best_state)
+    result = {
+        "model": "effnet-minilm",
+        "dim": config.dim,
+        "hidden": config.hidden,
+        "recipe": asdict(config),
+        "best_epoch": best_epoch,
+        "dev_metrics": evaluate(model, cache, "dev"),
+        "history": history,
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Keep the pretrained BatchNorm statistics: small batches of one domain would skew them."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+
+
+def _lr_scale(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))

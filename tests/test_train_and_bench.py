@@ -1,0 +1,49 @@
+"""train-aligner and bench flickr8k end to end on a tiny Flickr-shaped folder (real code paths)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from finegrain import encoders
+from finegrain.bench.flickr8k import run_flickr8k
+from finegrain.datasets import load_flickr8k
+from finegrain.train.aligner import TrainConfig, train_aligner
+
+
+def test_load_flickr8k_split(tiny_flickr):
+    ds = load_flickr8k(tiny_flickr, "dev")
+    assert len(ds.images) == 6 and len(ds.captions) == 30
+    assert all(0 <= i < 6 for i in ds.caption_image)
+    with pytest.raises(FileNotFoundError, match="no split 'test'.*available: dev, train"):
+        load_flickr8k(tiny_flickr, "test")
+
+
+def test_train_aligner_writes_loadable_weights(tiny_flickr, tmp_path):
+    out = tmp_path / "heads.safetensors"
+    cfg = TrainConfig(epochs=2, batch_size=8, hidden=64, warmup_steps=1)
+    result = train_aligner(tiny_flickr, out, tmp_path / "cache", cfg, show_progress=False, log=lambda *_: None)
+    assert out.exists() and result["best_epoch"] in (1, 2)
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["hidden"] == 64 and {"t2i_r1", "t2i_r10", "i2t_r1"} <= set(card["dev_metrics"])
+    enc = encoders.create(f"effnet-minilm:{out}", cache=False)
+    emb = enc.encode_texts(["a cat"])
+    assert emb.shape == (1, 512) and np.isclose(np.linalg.norm(emb), 1.0, atol=1e-5)
+    # A second run reuses the tower cache (the manifest marks it complete).
+    assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_bench_flickr8k_reports_all_keys(tiny_flickr, tmp_path):
+    result = run_flickr8k(tiny_flickr, "dev", cache_dir=tmp_path, show_progress=False)
+    keys = {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "ndcg10",
+            "index_images_per_s", "query_ms_p50", "query_ms_p95"}
+    assert keys <= set(result)
+    for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
+        assert 0 <= result[k] <= 100
+    assert result["t2i_r1"] <= result["t2i_r5"] <= result["t2i_r10"]
+    assert result["t2i_r10"] == 100.0  # only 6 images: every caption's image is within the top 10
+    assert 0 <= result["ndcg10"] <= 1 and result["index_images_per_s"] > 0
+    again = run_flickr8k(tiny_flickr, "dev", cache_dir=tmp_path, show_progress=False)
+    assert again["index_reused"] and again["t2i_r1"] == result["t2i_r1"]
