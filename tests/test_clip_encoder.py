@@ -210,3 +210,17 @@ def test_hub_id_and_alias_from_cache(tmp_path, monkeypatch, tiny_folder, encoder
     assert by_alias.name == "clip:ViT-B-32/openai"
     np.testing.assert_allclose(by_alias.encode_texts(["a cat"]), encoder.encode_texts(["a cat"]), atol=1e-6)
     assert CLIPEncoder(model="openai/clip-vit-base-patch32").dim == DIM
+
+
+def test_registry_and_index_with_clip(tiny_folder, tmp_path, photos_dir):
+    """The registry name ``clip:<folder>`` builds the adapter, and an index runs on it end to end."""
+    from finegrain import Index, encoders
+
+    enc = encoders.create(f"clip:{tiny_folder}", cache=False)
+    assert enc.dim == DIM
+    with pytest.raises(KeyError, match="name a CLIP model"):
+        encoders.create("clip")
+    index = Index.create(tmp_path / "clip-index", encoder=f"clip:{tiny_folder}")
+    assert index.add([photos_dir]).indexed == 6
+    hits = Index.open(tmp_path / "clip-index").search(text="a cat", k=3)
+    assert len(hits) == 3 and hits[0].score >= hits[-1].score

@@ -10,7 +10,7 @@ import pytest
 from finegrain import encoders
 from finegrain.bench.flickr8k import run_flickr8k
 from finegrain.datasets import load_flickr8k
-from finegrain.train.aligner import TrainConfig, train_aligner
+from finegrain.train.aligner import TrainConfig, build_cache, train_aligner
 
 
 def test_load_flickr8k_split(tiny_flickr):
@@ -31,8 +31,11 @@ def test_train_aligner_writes_loadable_weights(tiny_flickr, tmp_path):
     enc = encoders.create(f"effnet-minilm:{out}", cache=False)
     emb = enc.encode_texts(["a cat"])
     assert emb.shape == (1, 512) and np.isclose(np.linalg.norm(emb), 1.0, atol=1e-5)
-    # A second run reuses the tower cache (the manifest marks it complete).
-    assert (tmp_path / "cache" / "manifest.json").exists()
+    # A second run reuses the tower caches (each marked complete by its manifest).
+    cached = tmp_path / "cache" / "train-orig.npy"
+    stamp = cached.stat().st_mtime_ns
+    build_cache(tiny_flickr, tmp_path / "cache", show_progress=False)
+    assert cached.stat().st_mtime_ns == stamp
 
 
 def test_bench_flickr8k_reports_all_keys(tiny_flickr, tmp_path):

@@ -163,13 +163,20 @@ def train_aligner_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder (images/, captions.tsv, splits/)."),
     out_path: Path = typer.Option(Path("effnet-minilm.safetensors"), "--out", help="Where to write the trained weights (.safetensors, plus .json)."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "aligner-flickr8k", "--cache-dir", help="Cache of frozen tower features."),
-    epochs: int = typer.Option(40, help="Maximum epochs (early stopping on dev)."),
+    epochs: int = typer.Option(15, help="Epochs of the cosine schedule (the best dev epoch is kept)."),
+    hidden: int = typer.Option(0, help="Hidden width of the projection heads' MLP (0: linear heads)."),
+    train_image_top: bool = typer.Option(True, help="Fine-tune EfficientNet's last block and head conv."),
+    text_attention: bool = typer.Option(True, help="Attention pooling of text tokens beside the mean."),
+    gem: bool = typer.Option(True, help="Learnable GeM pooling of the image feature map (else average)."),
+    augment: bool = typer.Option(True, help="Use mirrored images as a second view."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Train the effnet-minilm alignment heads on Flickr8k (LiT-style, towers frozen)."""
     from .train.aligner import TrainConfig, train_aligner
 
-    result = train_aligner(data, out_path, cache_dir, TrainConfig(epochs=epochs, seed=seed), log=err.print)
+    config = TrainConfig(epochs=epochs, hidden=hidden, train_image_top=train_image_top, text_attention=text_attention,
+                         gem=gem, augment=augment, seed=seed)
+    result = train_aligner(data, out_path, cache_dir, config, log=err.print)
     m = result["dev_metrics"]
     out.print(f"best epoch {result['best_epoch']}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
               f"wrote {out_path} (use it with --encoder effnet-minilm:{out_path})")

