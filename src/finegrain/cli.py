@@ -24,6 +24,13 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _open_index(path: Path):
     from .index import Index
     from .store.catalog import IndexFormatError
@@ -40,19 +47,26 @@ def index_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder for a new index (see `finegrain encoders`)."),
     ann: str = typer.Option("auto", help="Top-k structure for a new index: auto, flat, hnsw, ivf."),
+    segments: Optional[str] = typer.Option(None, help="New index: also store SLIC segments at these granularities, e.g. 4,9,16,25,36 (enables the single/exhaustive/hierarchical modes)."),
+    segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
+    from .decompose.segments import SegmentConfig
     from .index import Index, IndexLockedError
     from .store.catalog import IndexFormatError
 
     try:
-        idx = Index.open(index) if (index / "finegrain.sqlite").exists() else Index.create(index, encoder=encoder, ann=ann)
+        if (index / "finegrain.sqlite").exists():
+            idx = Index.open(index)
+        else:
+            seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
+            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg)
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json)
-    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError) as exc:
+    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
         print(json.dumps(report.as_dict()))
@@ -82,7 +96,7 @@ def search_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
     bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help="Search mode."),
+    mode: str = typer.Option("global", help="Search mode: global, or with a segmented index single, exhaustive, hierarchical."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search an index by text or by example image."""
@@ -92,13 +106,17 @@ def search_cmd(
         _fail("give exactly one of --text or --image", 2)
     idx = _open_index(index)
     try:
-        hits = idx.search(text=text, image=image, k=k, mode=mode, bbox=bbox or None)
+        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
-        print(json.dumps({"query": text if text is not None else str(image), "mode": mode,
+        print(json.dumps({"query": text if text is not None else str(image), "mode": mode, "subqueries": subqueries[1:],
+                          "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
                           "results": [h.as_dict() for h in hits]}))
         return
+    if mode != "global":
+        out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
+                  f"{stats.levels_visited} level(s) visited")
     table = Table("rank", "score", "id")
     table.add_column("path", overflow="fold")
     for h in hits:
@@ -149,6 +167,36 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
     out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
 
 
+@app.command("tune")
+def tune_cmd(
+    index: Path = typer.Option(..., "--index", help="A segmented index."),
+    queries: Path = typer.Option(..., "--queries", help="Queries with answers: Flickr8k captions.tsv, text<TAB>image TSV, or JSONL."),
+    latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms", help="Most accurate configuration within this per-query search latency."),
+    sample: int = typer.Option(200, help="Queries sampled from the file."),
+    plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Pick T, alpha, tau and S_G of the hierarchical mode for this index, and save them in it."""
+    from .tune import load_queries, tune
+
+    idx = _open_index(index)
+    if "segments" not in idx.fields:
+        _fail("tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36)", 2)
+    try:
+        result = tune(idx, load_queries(queries), sample=sample, latency_budget_ms=latency_budget_ms,
+                      plot=plot or index / "tune.png")
+    except (ValueError, OSError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "trials"}))
+        return
+    c, e = result["chosen"], result["exhaustive"]
+    out.print(f"chosen T={c['T']} alpha={c['alpha']} tau={c['tau']} S_G={c['stride']}: NDCG@10 "
+              f"{result['chosen_ndcg10']:.4f}, {result['chosen_ms_per_query']:.2f} ms, {result['chosen_sim_ops']:.0f} ops/query "
+              f"(exhaustive {e['ndcg10']:.4f}, {e['ms_per_query']:.2f} ms, {e['sim_ops']:.0f} ops); "
+              f"saved in the index; plot {result['plot']}")
+
+
 @app.command("encoders")
 def encoders_cmd() -> None:
     """List the available encoders."""
@@ -186,8 +234,10 @@ def train_aligner_cmd(
 def bench_flickr8k_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder."),
     split: str = typer.Option("dev", help="Split to evaluate (dev or test)."),
-    mode: str = typer.Option("global", help="Search mode."),
+    mode: str = typer.Option("global", help="Search mode: global, single, exhaustive, hierarchical."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    segments: str = typer.Option("4,9,16,25,36", help="Granularities of the segmented bench index (multi-vector modes)."),
+    segment_embed: str = typer.Option("pool", help="Segment embedding of the bench index: pool or crop."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
@@ -195,7 +245,11 @@ def bench_flickr8k_cmd(
     from .bench.flickr8k import run_flickr8k
 
     try:
-        result = run_flickr8k(data, split, mode=mode, encoder=encoder, cache_dir=cache_dir, show_progress=not as_json)
+        from .decompose.segments import SegmentConfig
+
+        seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if mode != "global" else None
+        result = run_flickr8k(data, split, mode=mode, encoder=encoder, cache_dir=cache_dir, show_progress=not as_json,
+                              segments=seg)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
     _print_metrics(f"Flickr8k {split}, mode {mode}, encoder {encoder}", result)

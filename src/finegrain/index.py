@@ -31,12 +31,15 @@ from .images import ImageSource, load_image
 from .indexer import Indexer, IndexReport
 from .store.ann import VectorIndex
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
+from .decompose.segments import SegmentConfig
+from .search import multivector
+from .search.multivector import MultiVectorConfig, SearchStats
 from .store.vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
 
 DEFAULT_ENCODER = "effnet-minilm"
 MAX_K = 10_000
 MAX_QUERY_CHARS = 2_000
-SEARCH_MODES = ("global",)
+SEARCH_MODES = multivector.MODES
 
 __all__ = ["Index", "SearchResult", "IndexFormatError", "IndexLockedError", "DEFAULT_ENCODER"]
 
@@ -72,8 +75,13 @@ class Index:
     # ------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike, encoder: str = DEFAULT_ENCODER, ann: str = "auto",
-               exist_ok: bool = False) -> "Index":
-        """Create an empty index at ``path`` for ``encoder`` (a registry name)."""
+               segments: SegmentConfig | None = None, exist_ok: bool = False) -> "Index":
+        """Create an empty index at ``path`` for ``encoder`` (a registry name).
+
+        With ``segments`` the index also stores multi-granularity SLIC segment
+        embeddings (needed by the ``single``, ``exhaustive`` and
+        ``hierarchical`` search modes).
+        """
         path = Path(path)
         if (path / "finegrain.sqlite").exists():
             if not exist_ok:
@@ -87,6 +95,7 @@ class Index:
         catalog.set_meta("encoder", encoder)
         catalog.set_meta("dim", enc.dim)
         catalog.set_meta("ann", ann)
+        catalog.set_meta("segments", segments.to_dict() if segments else None)
         index = cls(path, catalog)
         index._encoder = enc
         return index
@@ -108,6 +117,12 @@ class Index:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def segment_config(self) -> SegmentConfig | None:
+        """The index's segment decomposition settings, or None if it stores no segments."""
+        d = self.catalog.get_meta("segments")
+        return SegmentConfig.from_dict(d) if d else None
 
     @property
     def encoder(self) -> encoders.Encoder:
@@ -136,18 +151,19 @@ class Index:
         self.records: dict[int, ImageRecord] = {r.id: r for r in records}
         dim = int(self.catalog.get_meta("dim"))
         live = np.fromiter(self.records, dtype=np.int64, count=len(self.records))
-        parts = []
+        parts: dict[str, list[FieldRows]] = {"global": []}
         for name, fieldname, _ in chunks:
-            if fieldname != "global":
-                continue
             try:
-                rows = read_chunk(self.path, "global", name)
+                rows = read_chunk(self.path, fieldname, name)
             except FileNotFoundError:
                 raise
             except (OSError, ValueError) as exc:
                 raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {name}: {exc}") from None
-            parts.append(rows.select(np.isin(rows.owners, live)))
-        self.global_rows = FieldRows.concat(parts, dim)
+            parts.setdefault(fieldname, []).append(rows.select(np.isin(rows.owners, live)))
+        #: Every vector field, live rows only: "global" always, "segments" when configured.
+        self.fields = {f: FieldRows.concat(p, dim) for f, p in parts.items()}
+        self.global_rows = self.fields["global"]
+        self._segment_table = None  # built on the first multi-vector search
         if len(self.global_rows) != len(self.records):
             raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
                                    f"{len(self.global_rows)} global vectors")
@@ -249,13 +265,62 @@ class Index:
 
     # ---------------------------------------------------------------- search
     def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None) -> list[SearchResult]:
+               bbox: Sequence[float] | None = None, **options) -> list[SearchResult]:
         """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` crop).
 
+        ``mode``: ``global`` (one vector per image), or with a segmented index
+        ``single``, ``exhaustive``, ``hierarchical`` (HiMIR). ``options``
+        override the index's :class:`MultiVectorConfig` for this call only.
         Returns up to ``k`` results, best first.
         """
-        query = self.embed_query(text=text, image=image, bbox=bbox)
-        return self.search_embedding(query, k=k, mode=mode)
+        return self.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox, **options)[0]
+
+    def search_detailed(self, text: str | None = None, image: ImageSource | None = None, k: int = 10,
+                        mode: str = "global", bbox: Sequence[float] | None = None, decomposer=None,
+                        **options) -> tuple[list[SearchResult], SearchStats, list[str]]:
+        """Like :meth:`search`, also returning the work done and the (sub-)queries used."""
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES)}")
+        _check_k(k)
+        if mode == "global":
+            query = self.embed_query(text=text, image=image, bbox=bbox)
+            results = self.search_embedding(query, k=k)
+            return results, SearchStats(sim_ops=len(self), levels_visited=0), [text] if text else []
+        if "segments" not in self.fields or self.segment_config is None:
+            raise ValueError(f"search mode {mode!r} needs an index built with segments "
+                             "(finegrain index ... --segments 4,9,16,25,36)")
+        if text is not None:
+            self._check_text(text)
+            from .decompose.query import create_decomposer, decompose_query
+
+            queries_text = decompose_query(text, decomposer or create_decomposer(self.search_config_dict().get("decomposer", "rules")))
+            queries = self.encoder.encode_texts(queries_text)
+        else:
+            queries_text = []
+            queries = self.embed_query(image=image, bbox=bbox)[None, :]
+        config = MultiVectorConfig.from_dict({**self.search_config_dict().get("multivector", {}), **options})
+        positions, scores, stats = multivector.search(mode, self.segment_table, self.global_rows.vectors, queries, k, config)
+        ids = self.global_rows.owners[positions]
+        results = [SearchResult(int(i), self.records[int(i)].path, float(sc), r) for r, (i, sc) in enumerate(zip(ids, scores))]
+        return results, stats, queries_text
+
+    @property
+    def segment_table(self) -> multivector.SegmentTable:
+        """Segments grouped for fast scoring (built once per load)."""
+        if self._segment_table is None:
+            self._segment_table = multivector.SegmentTable(self.fields["segments"], self.global_rows.owners,
+                                                           len(self.segment_config.levels))
+        return self._segment_table
+
+    def save_search_config(self, config: dict) -> None:
+        """Store search settings in the index (one committed transaction under the writer lock)."""
+        with self._writer(), self.catalog.transaction() as tx:
+            tx.set_meta("search", config)
+        self._generation = self.catalog.generation()
+
+    def search_config_dict(self) -> dict:
+        """Saved search settings (``{"multivector": {...}, "decomposer": "rules"}``), empty by default."""
+        return self.catalog.get_meta("search", {}) or {}
 
     def embed_query(self, text: str | None = None, image: ImageSource | None = None,
                     bbox: Sequence[float] | None = None) -> np.ndarray:
@@ -263,28 +328,29 @@ class Index:
         if (text is None) == (image is None):
             raise ValueError("give exactly one of text= or image=")
         if text is not None:
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError("the text query is empty")
-            if len(text) > MAX_QUERY_CHARS:
-                raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
+            self._check_text(text)
             return self.encoder.encode_texts([text])[0]
         img = load_image(image)
         if bbox is not None:
             img = img.crop(_check_bbox(bbox, img.size))
         return self.encoder.encode_images([img])[0]
 
-    def search_embedding(self, query: np.ndarray, k: int = 10, mode: str = "global") -> list[SearchResult]:
-        """Search with a precomputed joint-space embedding."""
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES)}")
+    @staticmethod
+    def _check_text(text) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the text query is empty")
+        if len(text) > MAX_QUERY_CHARS:
+            raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
+
+    def search_embedding(self, query: np.ndarray, k: int = 10) -> list[SearchResult]:
+        """Global search with a precomputed joint-space embedding."""
         scores, ids = self.search_vectors(query[None, :], k)
         return [SearchResult(int(i), self.records[int(i)].path, float(s), r)
                 for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
 
     def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS-style batch search of the global field: (scores, image ids), -1 where empty."""
-        if not 1 <= int(k) <= MAX_K:
-            raise ValueError(f"k must be between 1 and {MAX_K}")
+        _check_k(k)
         scores, rows = self.global_ann.search(queries, k)
         ids = np.where(rows >= 0, self.global_rows.owners[np.maximum(rows, 0)], -1)
         return scores, ids
@@ -318,6 +384,11 @@ class Index:
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
         }
+
+
+def _check_k(k) -> None:
+    if not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
+        raise ValueError(f"k must be an integer between 1 and {MAX_K}")
 
 
 def _check_bbox(bbox: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:

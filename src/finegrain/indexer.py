@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .decompose.segments import SegmentConfig, Segments, embed_segments, segment_image
 from .images import ImageLoadError, is_image_path, load_image_sized
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
@@ -59,6 +60,9 @@ class _Prepared:
     width: int = 0
     height: int = 0
     pixels: np.ndarray | None = None
+    segments: "Segments | None" = None  # with a segment config: SLIC segments and their inputs
+    seg_pixels: np.ndarray | None = None  # pool mode: the image prepared at the segment resolution
+    image: "Image.Image | None" = None  # crop mode: the decoded image, to crop segments from
     error: str | None = None
 
 
@@ -84,7 +88,7 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
     return sorted(files), problems
 
 
-def _prepare(path: str, encoder, known: ImageRecord | None) -> _Prepared:
+def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None) -> _Prepared:
     """Stat, read, hash and decode one file (runs in a worker thread)."""
     try:
         path.encode("utf-8")
@@ -118,6 +122,13 @@ def _prepare(path: str, encoder, known: ImageRecord | None) -> _Prepared:
         item.pixels = encoder.prepare_image(image)
     except ImageLoadError as exc:
         item.error = str(exc)
+        return item
+    if segment_config is not None:
+        item.segments = segment_image(image, segment_config)
+        if segment_config.embed == "pool":
+            item.seg_pixels = encoder.prepare_image(image, segment_config.resolution)
+        else:
+            item.image = image
     return item
 
 
@@ -146,13 +157,15 @@ class Indexer:
             else:
                 todo.append(path)
 
-        pending = _Pending()
+        pending = _Pending(self.index.segment_config)
         if not todo:  # nothing to decode: do not even load the model
             report.indexed += self._commit(pending)
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
+        seg_config = pending.segment_config
         with progress_bar(len(todo), "indexing", show_progress) as bar:
-            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p)), todo, self.workers, 2 * self.batch_size)
+            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config), todo,
+                                   self.workers, 2 * self.batch_size)
             for item in prepared:
                 rec = known.get(item.path)
                 if item.error is not None:
@@ -169,7 +182,7 @@ class Indexer:
                         pending.encode(encoder)
                 if len(pending.images) >= self.commit_every:
                     report.indexed += self._commit(pending)
-                    pending = _Pending()
+                    pending = _Pending(seg_config)
                 bar.advance(1)
             report.indexed += self._commit(pending)
         return self._finish(report, inputs, files, known, remove_missing, t0)
@@ -186,15 +199,19 @@ class Indexer:
         pending.encode(self.index.encoder)
         catalog, root = self.index.catalog, self.index.path
         ids = catalog.reserve_ids(len(pending.images))
-        chunk = None
+        fields = {}
         if pending.images:
-            chunk = new_chunk_name()
-            write_chunk(root, "global", chunk, FieldRows(np.concatenate(pending.vectors), np.asarray(ids)))
+            fields["global"] = FieldRows(np.concatenate(pending.vectors), np.asarray(ids))
+            if pending.segment_config is not None:
+                fields["segments"] = pending.segment_rows(ids)
+        chunks = {f: new_chunk_name() for f in fields}
+        for f, rows in fields.items():
+            write_chunk(root, f, chunks[f], rows)
         with catalog.transaction() as tx:
             tx.remove(pending.removals)
             tx.add_images(ids, pending.images)  # before failures: ids were reserved from the sequence
-            if chunk is not None:
-                tx.add_chunk(chunk, "global", len(ids))
+            for f, name in chunks.items():
+                tx.add_chunk(name, f, len(fields[f]))
             for item in pending.failures:
                 tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
             for image_id, mtime_ns in pending.touches:
@@ -218,10 +235,13 @@ class Indexer:
 class _Pending:
     """What the next commit will write."""
 
-    def __init__(self):
+    def __init__(self, segment_config: SegmentConfig | None = None):
+        self.segment_config = segment_config
         self.images: list[NewImage] = []
         self.vectors: list[np.ndarray] = []
         self.batch: list[np.ndarray] = []
+        self.batch_items: list[_Prepared] = []
+        self.segments: list[tuple[Segments, np.ndarray]] = []  # per image, in order
         self.failures: list[_Prepared] = []
         self.touches: list[tuple[int, int]] = []
         self.removals: list[int] = []
@@ -229,11 +249,32 @@ class _Pending:
     def add(self, item: _Prepared) -> None:
         self.images.append(NewImage(item.path, item.sha256, item.size, item.mtime_ns, item.width, item.height))
         self.batch.append(item.pixels)
+        self.batch_items.append(item)
 
     def encode(self, encoder) -> None:
-        if self.batch:
-            self.vectors.append(encoder.encode_pixels(np.stack(self.batch)))
-            self.batch = []
+        if not self.batch:
+            return
+        self.vectors.append(encoder.encode_pixels(np.stack(self.batch)))
+        cfg = self.segment_config
+        if cfg is not None and cfg.embed == "pool":
+            embs = encoder.encode_regions(np.stack([it.seg_pixels for it in self.batch_items]),
+                                          [it.segments.masks for it in self.batch_items])
+            self.segments.extend((it.segments, e) for it, e in zip(self.batch_items, embs))
+        elif cfg is not None:
+            self.segments.extend((it.segments, embed_segments(encoder, it.image, it.segments, cfg))
+                                 for it in self.batch_items)
+        self.batch, self.batch_items = [], []
+
+    def segment_rows(self, ids: list[int]) -> FieldRows:
+        """The segments field for this commit: one row per segment, owned by its image id."""
+        segs = [s for s, _ in self.segments]
+        return FieldRows(
+            np.concatenate([e for _, e in self.segments]),
+            np.concatenate([np.full(len(s), i, np.int64) for s, i in zip(segs, ids)]),
+            {"level": np.concatenate([s.level for s in segs]),
+             "box": np.concatenate([s.box for s in segs]),
+             "area": np.concatenate([s.area for s in segs])},
+        )
 
     def empty(self) -> bool:
         return not (self.images or self.failures or self.touches or self.removals)

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ImageSource, load_image
@@ -115,13 +116,35 @@ class Encoder(ABC):
                self.iter_image_batches(images, batch_size, False, None, size=size)]
         return np.concatenate(out)
 
-    def pool_region(self, fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Pool a (B, C, h, w) feature map over (B, h, w) mask weights -> (B, C); the tower's own pooling.
+    def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Pool one image's (C, h, w) feature map over (R, h, w) mask weights -> (R, C).
 
-        The default is a masked mean; encoders with another global pooling override it.
+        The tower's own pooling restricted to each region; the default is a
+        weighted mean (encoders with another global pooling override it).
         """
-        w = mask.unsqueeze(1).to(fmap.dtype)
-        return (fmap * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp(min=1e-6)
+        w = masks.reshape(len(masks), -1).to(fmap.dtype)
+        return (w @ fmap.reshape(fmap.shape[0], -1).T) / w.sum(dim=1, keepdim=True).clamp(min=1e-6)
+
+    def encode_regions(self, pixels: np.ndarray, masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Embed regions of prepared images from one forward pass each.
+
+        ``pixels`` is (B, 3, S, S) prepared images; ``masks[b]`` is an (R_b, H, W)
+        array of region masks (any resolution, values in [0, 1]) for image b.
+        Each mask is averaged onto the feature-map grid, the map is pooled over
+        it with the tower's own pooling and projected into the joint space.
+        Returns one (R_b, dim) L2-normalised array per image.
+        """
+        out = []
+        with torch.inference_mode():
+            fmap = self._feature_map_batch(torch.from_numpy(np.ascontiguousarray(pixels)))
+            for b, m in enumerate(masks):
+                if len(m) == 0:
+                    out.append(np.zeros((0, self.dim), np.float32))
+                    continue
+                grid = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(m, np.float32))[:, None], fmap.shape[-2:])[:, 0]
+                pooled = self.pool_regions(fmap[b], grid)
+                out.append(l2_normalize(self._project_features(pooled).float().numpy()))
+        return out
 
     def project(self, pooled: np.ndarray) -> np.ndarray:
         """Project pooled feature-map vectors (n, C) into the joint space, L2-normalised."""

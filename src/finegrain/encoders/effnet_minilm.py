@@ -81,20 +81,22 @@ class ImageTop(nn.Module):
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent; ``mask`` pools a region."""
+    """Generalised-mean pooling with a learnable exponent, over the whole map or over weighted regions."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
 
-    def forward(self, fmap: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = fmap.clamp(min=self.eps).pow(self.p)
-        if mask is None:
-            pooled = x.mean(dim=(-2, -1))
-        else:  # mask: (B, h, w) weights
-            w = mask.unsqueeze(1)
-            pooled = (x * w).sum(dim=(-2, -1)) / w.sum(dim=(-2, -1)).clamp(min=self.eps)
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C)."""
+        return fmap.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+    def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One image's (C, h, w) map pooled over (R, h, w) mask weights -> (R, C), one matmul."""
+        x = fmap.clamp(min=self.eps).pow(self.p).reshape(fmap.shape[0], -1)  # (C, h*w)
+        w = masks.reshape(len(masks), -1).to(x.dtype)
+        pooled = (w @ x.T) / w.sum(dim=1, keepdim=True).clamp(min=self.eps)
         return pooled.pow(1.0 / self.p)
 
 
@@ -215,9 +217,9 @@ class EffNetMiniLM(Encoder):
         tokens, mask = minilm_token_states(self.tokenizer, self.text_model, texts)
         return self.aligner.text_embed(tokens, mask)
 
-    def pool_region(self, fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """GeM-pool a (B, C, h, w) feature map over (B, h, w) mask weights, as for the whole image."""
-        return self.aligner.image_pool(fmap, mask)
+    def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """GeM over each region: the same pooling as the whole image, restricted by the mask weights."""
+        return self.aligner.image_pool.pool_regions(fmap, masks)
 
 
 def pixels_to_array(img, size: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Decomposition: images into segments, queries into sub-queries."""

@@ -1,0 +1,1 @@
+"""Search modes beyond plain global top-k (HiMIR multi-vector scoring)."""

@@ -1,0 +1,213 @@
+"""HiMIR multi-vector scoring: "1+N" (``single``), "1+M+N" (``exhaustive``) and the scheduler (``hierarchical``).
+
+Queries: the full text query (the "1") and its sub-queries (the "N"), all
+embedded. Images: one global vector plus SLIC segments at M granularities.
+
+Score of image d (every mode)::
+
+    seg_j(d)  = max over visited levels l of  max over segments s of d at level l  <q_j, s>
+    score(d)  = w * <q_0, g_d>  +  (1 - w) * mean_j seg_j(d)        (j = 0..N, q_0 = full query)
+
+``single`` visits one level, ``exhaustive`` all of them, ``hierarchical``
+runs the paper's Algorithm 1: levels coarse to fine; after each level the
+lowest-ranked share of the remaining candidates is dropped (share T at the
+first level, multiplied by alpha after each); the search stops early once
+Kendall's tau between the top-K of two consecutive levels reaches tau;
+levels can be skipped (granularity stride S_G, or an offline list of
+redundant levels). Every mode counts its similarity operations (one query
+vector against one stored vector).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from ..store.vectors import FieldRows
+
+MODES = ("global", "single", "exhaustive", "hierarchical")
+
+
+@dataclass(frozen=True)
+class MultiVectorConfig:
+    """Scoring and scheduling knobs (saved in the index by ``finegrain tune``; per-call overrides allowed).
+
+    Parameters
+    ----------
+    weight_global:
+        Weight w of the full query's global score against the segment scores.
+    single_level:
+        Level index used by ``single`` mode (None: the middle level).
+    T, alpha:
+        Share of candidates dropped after the first visited level, and its
+        multiplier per level (``hierarchical``).
+    tau, top_k:
+        Early exit once Kendall's tau between the top-``top_k`` lists of two
+        consecutive levels is at least ``tau`` (``hierarchical``).
+    stride:
+        Granularity stride S_G: visit levels 0, S_G, 2 S_G, ... (the finest is always visited).
+    skip_levels:
+        Levels judged redundant offline, never visited by ``hierarchical``.
+    """
+
+    weight_global: float = 0.5
+    single_level: int | None = None
+    T: float = 0.5
+    alpha: float = 0.8
+    tau: float = 0.9
+    top_k: int = 10
+    stride: int = 1
+    skip_levels: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "MultiVectorConfig":
+        d = dict(d or {})
+        if "skip_levels" in d:
+            d["skip_levels"] = tuple(d["skip_levels"])
+        return cls(**d)
+
+
+@dataclass
+class SearchStats:
+    """What one multi-vector search did."""
+
+    sim_ops: int = 0
+    levels_visited: int = 0
+    candidates_per_level: list[int] = field(default_factory=list)
+
+
+class SegmentTable:
+    """Segment vectors grouped by level, then by image (CSR offsets), for fast per-image max.
+
+    ``image_order`` gives the image ids in "position" order (the global
+    field's row order); scores come back in that order.
+    """
+
+    def __init__(self, segments: FieldRows, image_order: np.ndarray, n_levels: int):
+        self.n_images = len(image_order)
+        sorter = np.argsort(image_order)
+        owner_pos = sorter[np.searchsorted(image_order, segments.owners, sorter=sorter)]
+        levels = np.asarray(segments.attrs["level"])
+        self.vectors, self.offsets = [], []
+        for level in range(n_levels):
+            rows = np.flatnonzero(levels == level)
+            rows = rows[np.argsort(owner_pos[rows], kind="stable")]
+            self.vectors.append(np.ascontiguousarray(segments.vectors[rows]))
+            self.offsets.append(np.searchsorted(owner_pos[rows], np.arange(self.n_images + 1)))
+        self.n_levels = n_levels
+
+    def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """(n_candidates, n_queries) best segment score per image at ``level``, and the ops spent.
+
+        Images without segments at that level score -inf.
+        """
+        off = self.offsets[level]
+        if candidates is None:
+            starts, counts, vecs = off[:-1], np.diff(off), self.vectors[level]
+        else:
+            starts, counts = off[candidates], off[candidates + 1] - off[candidates]
+            rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+            vecs = self.vectors[level][rows]
+            starts = np.cumsum(counts) - counts
+        out = np.full((len(counts), len(queries)), -np.inf, np.float32)
+        if len(vecs):
+            sims = vecs @ queries.T
+            nonempty = counts > 0
+            out[nonempty] = np.maximum.reduceat(sims, starts[nonempty], axis=0)
+        return out, int(len(vecs) * len(queries))
+
+
+def combine(global_scores: np.ndarray, segment_scores: np.ndarray, weight_global: float) -> np.ndarray:
+    """w * global + (1 - w) * mean over queries of their best segment score (unvisited -> global)."""
+    seg = np.where(np.isfinite(segment_scores), segment_scores, global_scores[:, None])
+    return weight_global * global_scores + (1.0 - weight_global) * seg.mean(axis=1)
+
+
+def schedule(n_levels: int, config: MultiVectorConfig) -> list[int]:
+    """Levels the hierarchical mode visits, coarse to fine (stride, skips; the finest always kept)."""
+    stride = max(1, int(config.stride))
+    levels = [lv for lv in range(0, n_levels, stride) if lv not in config.skip_levels]
+    if (n_levels - 1) not in levels and (n_levels - 1) not in config.skip_levels:
+        levels.append(n_levels - 1)
+    return levels or [n_levels - 1]
+
+
+def topk_tau(previous: np.ndarray, current: np.ndarray) -> float:
+    """Kendall's tau between two top-K lists (items missing from a list rank just after it)."""
+    items = list(dict.fromkeys([*previous.tolist(), *current.tolist()]))
+    k = max(len(previous), len(current))
+    rank_prev = {x: i for i, x in enumerate(previous.tolist())}
+    rank_cur = {x: i for i, x in enumerate(current.tolist())}
+    a = [rank_prev.get(x, k) for x in items]
+    b = [rank_cur.get(x, k) for x in items]
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return 1.0 if a == b else 0.0
+    return float(kendalltau(a, b).statistic)
+
+
+def search(mode: str, table: SegmentTable, global_vectors: np.ndarray, queries: np.ndarray, k: int,
+           config: MultiVectorConfig) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """Rank images; returns (positions, scores, stats), best first, at most ``k``.
+
+    ``queries`` is (1 + N, dim): the full query first, then sub-queries.
+    Positions index ``global_vectors`` (the global field's row order).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(MODES)}")
+    stats = SearchStats()
+    n = len(global_vectors)
+    global_scores = global_vectors @ queries[0]
+    stats.sim_ops += n
+    if mode == "global" or n == 0:
+        return _top(np.arange(n), global_scores, k) + (stats,)
+    if mode in ("single", "exhaustive"):
+        if mode == "single":
+            levels = [config.single_level if config.single_level is not None else table.n_levels // 2]
+        else:
+            levels = list(range(table.n_levels))
+        best = np.full((n, len(queries)), -np.inf, np.float32)
+        for level in levels:
+            scores, ops = table.level_max(level, queries)
+            best = np.maximum(best, scores)
+            stats.sim_ops += ops
+            stats.candidates_per_level.append(n)
+        stats.levels_visited = len(levels)
+        return _top(np.arange(n), combine(global_scores, best, config.weight_global), k) + (stats,)
+    return _hierarchical(table, global_scores, queries, k, config, stats)
+
+
+def _hierarchical(table, global_scores, queries, k, config, stats):
+    candidates = np.arange(len(global_scores))
+    best = np.full((len(candidates), len(queries)), -np.inf, np.float32)  # aligned with candidates
+    drop, previous = config.T, None
+    combined = global_scores
+    for level in schedule(table.n_levels, config):
+        scores, ops = table.level_max(level, queries, candidates)
+        stats.sim_ops += ops
+        stats.levels_visited += 1
+        stats.candidates_per_level.append(len(candidates))
+        best = np.maximum(best, scores)
+        combined = combine(global_scores[candidates], best, config.weight_global)
+        order = np.argsort(-combined, kind="stable")
+        top = candidates[order[:config.top_k]]
+        if previous is not None and topk_tau(previous, top) >= config.tau:
+            break
+        previous = top
+        keep = max(k, config.top_k, int(math.ceil(len(candidates) * (1.0 - drop))))
+        keep_idx = order[:keep]
+        candidates, best, combined = candidates[keep_idx], best[keep_idx], combined[keep_idx]
+        drop *= config.alpha
+    return _top(candidates, combined, k) + (stats,)
+
+
+def _top(positions: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))
+    order = part[np.argsort(-scores[part], kind="stable")]
+    return positions[order], scores[order].astype(np.float32)
