@@ -119,12 +119,6 @@ class Index:
         self.close()
 
     @property
-    def segment_config(self) -> SegmentConfig | None:
-        """The index's segment decomposition settings, or None if it stores no segments."""
-        d = self.catalog.get_meta("segments")
-        return SegmentConfig.from_dict(d) if d else None
-
-    @property
     def encoder(self) -> encoders.Encoder:
         """The index's encoder, built on first use (so opening an index stays cheap)."""
         if self._encoder is None:
@@ -164,6 +158,11 @@ class Index:
         self.fields = {f: FieldRows.concat(p, dim) for f, p in parts.items()}
         self.global_rows = self.fields["global"]
         self._segment_table = None  # built on the first multi-vector search
+        # Settings read once per load, not once per query.
+        seg = self.catalog.get_meta("segments")
+        #: The index's segment decomposition settings, or None if it stores no segments.
+        self.segment_config: SegmentConfig | None = SegmentConfig.from_dict(seg) if seg else None
+        self._search_config: dict = self.catalog.get_meta("search", {}) or {}
         if len(self.global_rows) != len(self.records):
             raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
                                    f"{len(self.global_rows)} global vectors")
@@ -316,11 +315,12 @@ class Index:
         """Store search settings in the index (one committed transaction under the writer lock)."""
         with self._writer(), self.catalog.transaction() as tx:
             tx.set_meta("search", config)
+        self._search_config = dict(config)
         self._generation = self.catalog.generation()
 
     def search_config_dict(self) -> dict:
         """Saved search settings (``{"multivector": {...}, "decomposer": "rules"}``), empty by default."""
-        return self.catalog.get_meta("search", {}) or {}
+        return dict(self._search_config)
 
     def embed_query(self, text: str | None = None, image: ImageSource | None = None,
                     bbox: Sequence[float] | None = None) -> np.ndarray:

@@ -159,7 +159,6 @@ class Indexer:
 
         pending = _Pending(self.index.segment_config)
         if not todo:  # nothing to decode: do not even load the model
-            report.indexed += self._commit(pending)
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
         seg_config = pending.segment_config

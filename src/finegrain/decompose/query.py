@@ -186,7 +186,7 @@ _ING_NOUNS = frozenset(
         "frosting", "crossing", "parking", "lightning", "ring", "king", "wing", "sling",
         "earring", "bedding", "stuffing", "filling", "dumpling", "duckling", "sapling",
         "seedling", "viking", "stocking", "landing", "opening", "siding", "setting",
-        "clearing", "gathering", "meeting", "outing", "bowling", "ceiling", "pudding",
+        "clearing", "gathering", "meeting", "outing", "bowling",
         "drawing", "carving", "housing", "shilling", "herring", "darling", "inning",
         "wiring", "lining", "dining", "ping", "sing", "bling",
     }

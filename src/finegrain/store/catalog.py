@@ -14,7 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 FORMAT_VERSION = 1
 CATALOG_NAME = "finegrain.sqlite"
@@ -222,8 +222,3 @@ class _Transaction:
 
     def set_meta(self, key: str, value) -> None:
         self.c.set_meta(key, value)
-
-
-def iter_batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
