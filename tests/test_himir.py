@@ -159,7 +159,8 @@ def test_tune_saves_a_configuration_and_plot(tmp_path, photos_dir):
     queries = load_queries(qfile)
     assert queries[0] == ("a cat", {"chelsea.jpg"})
     result = tune(index, queries, plot=tmp_path / "tune.png")
-    assert result["queries"] == 5 and len(result["trials"]) == 72
+    n_sparsity = 3 if result["profiled_skip_levels"] else 2  # stride 1, stride 2, profiled skip list
+    assert result["queries"] == 5 and len(result["trials"]) == 36 * n_sparsity
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
     reopened = Index.open(index.path)
     saved = reopened.search_config_dict()["multivector"]
@@ -180,3 +181,29 @@ def test_choose_respects_budget():
     assert choose(trials, None, 0.005) is trials[2]  # fastest within 0.005 of the best
     assert choose(trials, 2.5, 0.005) is trials[2]  # most accurate within the budget
     assert choose(trials, 0.5, 0.005) is trials[0]  # nothing fits: the fastest
+
+
+def test_profile_levels_drops_redundant_levels_and_keeps_the_informative_one():
+    from finegrain.tune import profile_levels
+
+    rng = np.random.default_rng(3)
+    n_images, dim = 60, 16
+    ids = np.arange(n_images)
+    queries = [rng.normal(size=(2, dim)).astype(np.float32) for _ in range(20)]
+    relevant = [{int(i)} for i in rng.choice(n_images, size=len(queries), replace=False)]
+    owners, levels, vecs = [], [], []
+    for level in range(4):
+        for i in ids:
+            for _ in range(2):
+                v = rng.normal(size=dim).astype(np.float32)
+                for q, rel in zip(queries, relevant):
+                    if level == 2 and i in rel:
+                        v = q.sum(axis=0) * 3  # only level 2 finds the relevant images
+                owners.append(i), levels.append(level), vecs.append(v)
+    rows = FieldRows(np.array(vecs), np.array(owners), {"level": np.array(levels, np.int16)})
+    table = mv.SegmentTable(rows, ids, 4)
+    glob = rng.normal(size=(n_images, dim)).astype(np.float32) * 0.01
+    base = mv.MultiVectorConfig(weight_global=0.1)
+    skip = profile_levels(table, glob, ids, queries, relevant, base, max_loss=0.0)
+    assert 2 not in skip and len(skip) == 3  # the noise levels go, the informative one stays
+    assert profile_levels(table, glob, ids, queries, relevant, base, max_loss=-1.0) == ()  # no loss allowed below zero

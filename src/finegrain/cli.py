@@ -191,7 +191,8 @@ def tune_cmd(
         print(json.dumps({k: v for k, v in result.items() if k != "trials"}))
         return
     c, e = result["chosen"], result["exhaustive"]
-    out.print(f"chosen T={c['T']} alpha={c['alpha']} tau={c['tau']} S_G={c['stride']}: NDCG@10 "
+    out.print(f"chosen T={c['T']} alpha={c['alpha']} tau={c['tau']} S_G={c['stride']} "
+              f"skip_levels={list(c['skip_levels']) or 'none'} (profiled: {result['profiled_skip_levels'] or 'none'}): NDCG@10 "
               f"{result['chosen_ndcg10']:.4f}, {result['chosen_ms_per_query']:.2f} ms, {result['chosen_sim_ops']:.0f} ops/query "
               f"(exhaustive {e['ndcg10']:.4f}, {e['ms_per_query']:.2f} ms, {e['sim_ops']:.0f} ops); "
               f"saved in the index; plot {result['plot']}")

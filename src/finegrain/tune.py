@@ -1,10 +1,16 @@
 """``finegrain tune``: latency-guided auto-configuration of the hierarchical scheduler (HiMIR Sec. V).
 
 Grid-searches T (initial drop share), alpha (its multiplier per level), tau
-(early-exit threshold) and S_G (granularity stride) on a sample of queries
+(early-exit threshold) and the hierarchy sparsity on a sample of queries
 with known answers, measuring NDCG@10 and per-query search latency (query
 encoding excluded: it is the same for every configuration). The chosen
 configuration is written into the index and used by default afterwards.
+
+Hierarchy sparsity is tried two ways: a granularity stride S_G (visit every
+S_G-th level), and an offline level profile (:func:`profile_levels`): levels
+are dropped greedily, the one whose absence costs least NDCG@10 in exhaustive
+scoring first, while the loss stays within half the slack; the dropped
+levels become ``skip_levels``.
 
 Choice: with a latency budget, the most accurate configuration within it;
 without one, the fastest configuration whose NDCG@10 is within ``slack``
@@ -27,7 +33,8 @@ from .eval.metrics import ndcg_at_k_graded
 from .index import Index
 from .search import multivector as mv
 
-GRID = {"T": (0.3, 0.5, 0.7), "alpha": (0.5, 0.8, 1.0), "tau": (0.6, 0.8, 0.9, 1.01), "stride": (1, 2)}
+GRID = {"T": (0.3, 0.5, 0.7), "alpha": (0.5, 0.8, 1.0), "tau": (0.6, 0.8, 0.9, 1.01)}
+STRIDES = (1, 2)  # plus the profiled skip list, as a third sparsity option
 
 
 @dataclass
@@ -80,21 +87,23 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
     base = mv.MultiVectorConfig.from_dict(index.search_config_dict().get("multivector", {}))
 
-    def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
-        gains, ops, t0 = [], 0, time.perf_counter()
-        for q, (_, rel) in zip(embedded, usable):
-            pos, _, stats = mv.search(mode, table, glob, q, 10, config)
-            gains.append(ndcg_at_k_graded(owners[pos].tolist(), rel, 10))
-            ops += stats.sim_ops
-        ms = (time.perf_counter() - t0) * 1000 / len(usable)
-        return Trial(config, float(np.mean(gains)), ms, ops / len(usable))
+    relevant = [rel for _, rel in usable]
 
+    def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
+        return _evaluate(mode, config, table, glob, owners, embedded, relevant)
+
+    base = mv.MultiVectorConfig(**{**base.to_dict(), "stride": 1, "skip_levels": ()})
     exhaustive = run("exhaustive", base)
-    trials = [run("hierarchical", mv.MultiVectorConfig(**{**base.to_dict(), "T": T, "alpha": a, "tau": tau, "stride": s}))
-              for T, a, tau, s in itertools.product(*GRID.values())]
+    skip = profile_levels(table, glob, owners, embedded, relevant, base, slack / 2)
+    sparsity = [{"stride": s, "skip_levels": ()} for s in STRIDES]
+    if skip:
+        sparsity.append({"stride": 1, "skip_levels": skip})
+    trials = [run("hierarchical", mv.MultiVectorConfig(**{**base.to_dict(), "T": T, "alpha": a, "tau": tau, **sp}))
+              for (T, a, tau), sp in itertools.product(itertools.product(*GRID.values()), sparsity)]
     chosen = choose(trials, latency_budget_ms, slack)
     result = {
         "queries": len(usable),
+        "profiled_skip_levels": list(skip),
         "chosen": chosen.config.to_dict(),
         "chosen_ndcg10": chosen.ndcg10,
         "chosen_ms_per_query": chosen.ms_per_query,
@@ -111,6 +120,42 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
                                   "tuned": {k: result[k] for k in ("queries", "chosen_ndcg10", "chosen_ms_per_query",
                                                                     "chosen_sim_ops", "exhaustive")}})
     return result
+
+
+def _evaluate(mode: str, config: mv.MultiVectorConfig, table: mv.SegmentTable, glob: np.ndarray, owners: np.ndarray,
+              embedded: list[np.ndarray], relevant: list[set[int]]) -> Trial:
+    """Mean NDCG@10, search ms per query and similarity operations of one configuration."""
+    gains, ops, t0 = [], 0, time.perf_counter()
+    for q, rel in zip(embedded, relevant):
+        pos, _, stats = mv.search(mode, table, glob, q, 10, config)
+        gains.append(ndcg_at_k_graded(owners[pos].tolist(), rel, 10))
+        ops += stats.sim_ops
+    ms = (time.perf_counter() - t0) * 1000 / len(embedded)
+    return Trial(config, float(np.mean(gains)), ms, ops / len(embedded))
+
+
+def profile_levels(table: mv.SegmentTable, glob: np.ndarray, owners: np.ndarray, embedded: list[np.ndarray],
+                   relevant: list[set[int]], base: mv.MultiVectorConfig, max_loss: float) -> tuple[int, ...]:
+    """Offline hierarchy-sparsity profile: levels that can go with at most ``max_loss`` NDCG@10.
+
+    Backward elimination over exhaustive scoring: each round drops the level
+    whose absence hurts NDCG@10 least, as long as the total loss against
+    all levels stays within ``max_loss``; at least one level is kept.
+    """
+    def ndcg_without(skip: tuple[int, ...]) -> float:
+        # hierarchical with no pruning and no early exit == exhaustive over the kept levels
+        config = mv.MultiVectorConfig(**{**base.to_dict(), "T": 0.0, "tau": 2.0, "stride": 1, "skip_levels": skip})
+        return _evaluate("hierarchical", config, table, glob, owners, embedded, relevant).ndcg10
+
+    full = ndcg_without(())
+    skip: tuple[int, ...] = ()
+    while table.n_levels - len(skip) > 1:
+        options = [(ndcg_without(tuple(sorted(skip + (lv,)))), lv) for lv in range(table.n_levels) if lv not in skip]
+        score, level = max(options)
+        if full - score > max_loss:
+            break
+        skip = tuple(sorted(skip + (level,)))
+    return skip
 
 
 def choose(trials: list[Trial], latency_budget_ms: float | None, slack: float) -> Trial:

@@ -24,7 +24,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.stats import kendalltau
 
 from ..store.vectors import FieldRows
 
@@ -140,15 +139,23 @@ def schedule(n_levels: int, config: MultiVectorConfig) -> list[int]:
 
 def topk_tau(previous: np.ndarray, current: np.ndarray) -> float:
     """Kendall's tau between two top-K lists (items missing from a list rank just after it)."""
-    items = list(dict.fromkeys([*previous.tolist(), *current.tolist()]))
+    items = np.unique(np.concatenate([previous, current]))
     k = max(len(previous), len(current))
-    rank_prev = {x: i for i, x in enumerate(previous.tolist())}
-    rank_cur = {x: i for i, x in enumerate(current.tolist())}
-    a = [rank_prev.get(x, k) for x in items]
-    b = [rank_cur.get(x, k) for x in items]
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return 1.0 if a == b else 0.0
-    return float(kendalltau(a, b).statistic)
+    a, b = _ranks_in(previous, items, k), _ranks_in(current, items, k)
+    # tau-b over all pairs (ties from the shared "missing" rank handled as scipy does);
+    # a few dozen items, so the O(n^2) sign matrices are cheaper than a scipy call.
+    sa, sb = np.sign(a[:, None] - a[None, :]), np.sign(b[:, None] - b[None, :])
+    norm = math.sqrt(float((sa * sa).sum()) * float((sb * sb).sum()))
+    if norm == 0.0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float((sa * sb).sum()) / norm
+
+
+def _ranks_in(ranking: np.ndarray, items: np.ndarray, missing: int) -> np.ndarray:
+    """Rank of each of ``items`` in ``ranking`` (``missing`` where absent)."""
+    ranks = np.full(len(items), missing, dtype=np.int64)
+    ranks[np.searchsorted(items, ranking)] = np.arange(len(ranking))
+    return ranks
 
 
 def search(mode: str, table: SegmentTable, global_vectors: np.ndarray, queries: np.ndarray, k: int,
@@ -188,7 +195,8 @@ def _hierarchical(table, global_scores, queries, k, config, stats):
     drop, previous = config.T, None
     combined = global_scores
     for level in schedule(table.n_levels, config):
-        scores, ops = table.level_max(level, queries, candidates)
+        everyone = len(candidates) == table.n_images  # nothing pruned yet: no gather needed
+        scores, ops = table.level_max(level, queries, None if everyone else candidates)
         stats.sim_ops += ops
         stats.levels_visited += 1
         stats.candidates_per_level.append(len(candidates))
@@ -200,7 +208,9 @@ def _hierarchical(table, global_scores, queries, k, config, stats):
             break
         previous = top
         keep = max(k, config.top_k, int(math.ceil(len(candidates) * (1.0 - drop))))
-        keep_idx = order[:keep]
+        # Kept in position order: each image's segments are contiguous, so the next
+        # level's gather reads memory in runs instead of jumping around.
+        keep_idx = np.sort(order[:keep])
         candidates, best, combined = candidates[keep_idx], best[keep_idx], combined[keep_idx]
         drop *= config.alpha
     return _top(candidates, combined, k) + (stats,)
