@@ -258,6 +258,31 @@ def bench_flickr8k_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("revisitop")
+def bench_revisitop_cmd(
+    data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
+    gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
+    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
+    distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
+    mode: str = typer.Option("global", help="Search mode."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Image-to-image instance retrieval, Revisited Oxford/Paris protocol: mAP Easy/Medium/Hard, mP@k, latency."""
+    from .bench.revisitop import run_revisitop
+    from .eval.revisitop import UnsafePickleError
+
+    try:
+        result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
+                               show_progress=not as_json)
+    except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
+        _fail(str(exc), 2)
+    _print_metrics(f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors", result)
+    if as_json:
+        print(json.dumps(result))
+
+
 def _print_metrics(title: str, result: dict) -> None:
     table = Table("metric", "value", title=title, title_justify="left")
     for key, value in result.items():

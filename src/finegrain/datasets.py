@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .eval.revisitop import RevisitopGnd
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,58 @@ def load_flickr8k(root: str | Path, split: str) -> CaptionSplit:
                 captions.append(row[2].strip())
                 caption_image.append(position[row[0]])
     return CaptionSplit(root, images, captions, caption_image)
+
+
+@dataclass(frozen=True)
+class RevisitopSet:
+    """A Revisited Oxford/Paris-style set: database, cropped queries, optional distractors.
+
+    Database image ``i`` is ``db_paths[i]`` (``gnd.imlist`` order, the indices
+    the ground truth uses); distractors come after them and are never relevant.
+    """
+
+    gnd: "RevisitopGnd"
+    db_paths: list[Path]
+    query_paths: list[Path]
+    query_boxes: list[list[float] | None]
+    distractor_paths: list[Path]
+
+    @property
+    def landmarks(self) -> list[str]:
+        """Landmark of each database image: the second ``_``-separated part of its name (``paris_defense_000000``)."""
+        return [name.split("_")[1] if name.count("_") >= 2 else name for name in self.gnd.imlist]
+
+
+def load_revisitop(data: str | Path, gnd_file: str | Path | None = None, distractors: str | Path | None = None,
+                   distractor_list: str | Path | None = None) -> RevisitopSet:
+    """Read a revisitop folder (``jpg/`` plus a ``gnd_*.pkl``/``.json``) and optional distractors.
+
+    ``distractors`` is a folder of images (walked recursively); with
+    ``distractor_list`` (one name per line, relative to that folder, e.g.
+    Flickr8k's ``splits/dev.txt``) only the listed images are used.
+    """
+    from .eval.revisitop import db_image_path, find_gnd_file, load_gnd, query_image_path
+    from .indexer import collect_files
+
+    data = Path(data)
+    gnd = load_gnd(gnd_file or find_gnd_file(data))
+    db = [db_image_path(data, name) for name in gnd.imlist]
+    queries = [query_image_path(data, name) for name in gnd.qimlist]
+    missing = [p for p in db + queries if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of the ground truth are missing from {data / 'jpg'}, e.g. {missing[0]}")
+    extra: list[Path] = []
+    if distractors is not None:
+        root = Path(distractors)
+        if distractor_list is not None:
+            names = [line.strip() for line in Path(distractor_list).read_text().splitlines() if line.strip()]
+            extra = [root / name for name in names]
+            absent = [p for p in extra if not p.exists()]
+            if absent:
+                raise FileNotFoundError(f"{len(absent)} listed distractors are missing, e.g. {absent[0]}")
+        else:
+            files, _ = collect_files([root])
+            extra = [Path(f) for f in files]
+        if not extra:
+            raise FileNotFoundError(f"no distractor images found in {root}")
+    return RevisitopSet(gnd, db, queries, [g["bbx"] for g in gnd.gnd], extra)

@@ -18,24 +18,9 @@ from ..datasets import load_flickr8k
 from ..eval.metrics import ndcg_at_k, recall_at_k
 from ..decompose.segments import SegmentConfig
 from ..index import Index
+from .common import bench_index
 
 TOWER_SAMPLE = 128
-
-
-def bench_index(images: list[Path], encoder: str, index_dir: Path, show_progress: bool,
-                segments: SegmentConfig | None = None) -> tuple[Index, dict]:
-    """Open the cached bench index for these images (building or updating it first).
-
-    The index is reused when the files are unchanged (size/mtime/content hash);
-    the indexing throughput measured when it was built is kept in the index.
-    """
-    index = Index.create(index_dir, encoder=encoder, segments=segments, exist_ok=True)
-    report = index.add(images, remove_missing=False, show_progress=show_progress)
-    speed = index.catalog.get_meta("bench_index_images_per_s")
-    if report.indexed >= len(images) // 2 or speed is None:
-        speed = report.images_per_s
-        index.catalog.set_meta("bench_index_images_per_s", speed)
-    return index, {"index_images_per_s": speed, "index_failed": len(report.failed), "index_reused": report.indexed == 0}
 
 
 def tower_throughput(index: Index, images: list[Path], batch_size: int = 32) -> float:

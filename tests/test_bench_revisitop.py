@@ -1,0 +1,72 @@
+"""bench revisitop end to end: a tiny revisitop-shaped folder built from real photos, and the real rparis6k-mini."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finegrain.bench.revisitop import full_ranking, run_revisitop
+from finegrain.datasets import load_revisitop
+
+from conftest import DATA, needs_data
+
+
+@pytest.fixture(scope="module")
+def tiny_revisitop(tmp_path_factory, photos_dir):
+    """Database: two crops of each sample photo; query: a third crop, relevant: its photo's two crops."""
+    root = tmp_path_factory.mktemp("tinyrevisitop")
+    (root / "jpg").mkdir()
+    imlist, qimlist, gnd = [], [], []
+    photos = sorted(photos_dir.iterdir())
+    for p in photos:
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        for j, box in enumerate([(0, 0, 3 * w // 4, 3 * h // 4), (w // 4, h // 4, w, h)]):
+            name = f"tiny_{p.stem}_{j:06d}"
+            img.crop(box).save(root / "jpg" / f"{name}.jpg")
+            imlist.append(name)
+        qimlist.append(f"q_{p.stem}")
+        img.save(root / "jpg" / f"q_{p.stem}.jpg")
+        first = len(imlist) - 2
+        gnd.append({"bbx": [w / 8, h / 8, 7 * w / 8, 7 * h / 8], "easy": [first], "hard": [first + 1], "junk": []})
+    (root / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
+    return root
+
+
+def test_full_ranking_appends_missing_positions():
+    np.testing.assert_array_equal(full_ranking(np.array([3, 0]), 5), [3, 0, 1, 2, 4])
+
+
+def test_load_revisitop_and_landmarks(tiny_revisitop, photos_dir):
+    data = load_revisitop(tiny_revisitop, distractors=photos_dir)
+    assert len(data.db_paths) == 12 and len(data.query_paths) == 6 and len(data.distractor_paths) == 6
+    assert data.landmarks[:2] == ["astronaut", "astronaut"]
+    (photos_dir.parent / "list.txt").write_text("coins.jpg\nnot-there.jpg\n")
+    with pytest.raises(FileNotFoundError, match="listed distractors are missing"):
+        load_revisitop(tiny_revisitop, distractors=photos_dir, distractor_list=photos_dir.parent / "list.txt")
+    (tiny_revisitop / "jpg" / "tiny_coins_000001.jpg").rename(tiny_revisitop / "moved.jpg")
+    try:
+        with pytest.raises(FileNotFoundError, match="missing from"):
+            load_revisitop(tiny_revisitop)
+    finally:
+        (tiny_revisitop / "moved.jpg").rename(tiny_revisitop / "jpg" / "tiny_coins_000001.jpg")
+
+
+def test_bench_revisitop_on_tiny_set(tiny_revisitop, photos_dir, tmp_path):
+    result = run_revisitop(tiny_revisitop, distractors=photos_dir, cache_dir=tmp_path, show_progress=False)
+    assert result["database"] == 12 and result["distractors"] == 6 and result["queries"] == 6
+    for key in ("map_easy", "map_medium", "map_hard", "mp1_medium", "mp5_medium", "mp10_medium"):
+        assert 0 <= result[key] <= 100
+    # Crops of the same photo are easy to find among 18 images; a ranking bug would sink this.
+    assert result["map_medium"] > 80 and result["query_ms_p50"] > 0
+
+
+@needs_data
+def test_bench_revisitop_on_rparis6k_mini(tmp_path):
+    result = run_revisitop(DATA / "rparis6k-mini", cache_dir=tmp_path, show_progress=False)
+    assert result["database"] == 238 and result["queries"] == 6
+    # Random ranking gives roughly the share of positives (about 20%); the bundled model does far better.
+    assert result["map_medium"] > 50 and result["map_easy"] >= result["map_hard"]
