@@ -353,14 +353,21 @@ def decompose_query(query: str, decomposer: QueryDecomposer | None = None) -> li
 
 # --------------------------------------------------------------------------- LLM
 
+# Worded for small local models too (tried on SmolLM2-135M-Instruct): the examples are not the
+# queries of the tests or docs, so a model that copies an example is not rewarded there.
 _SYSTEM_PROMPT = """\
 You split image-search queries into the visual objects they mention.
-Reply with ONLY a JSON array of strings and nothing else: one short noun phrase \
-(1 to 5 words) per distinct object or region, keeping each object's attributes \
-with it (for example "a red ball"), in the order they appear in the query, at most \
-{max_parts} items. Leave out verbs, relations and the full query itself.
-Example query: a dog with a red ball next to a man holding an umbrella
-Example reply: ["a dog", "a red ball", "a man", "an umbrella"]"""
+Reply with ONLY a JSON array of strings: one short noun phrase per object, copied from \
+the query with its attributes, in query order, at most {max_parts} items. Leave out verbs, \
+prepositions and relations (with, in, on, next to, holding, riding).
+Examples:
+a cat on a sofa next to a lamp -> ["a cat", "a sofa", "a lamp"]
+a boy in a blue jacket throwing a frisbee -> ["a boy", "a blue jacket", "a frisbee"]
+an old man with a white beard reading a newspaper -> ["an old man", "a white beard", "a newspaper"]
+a plate of pasta and a fork on a table -> ["a plate of pasta", "a fork", "a table"]"""
+
+#: Longest item the reply schema allows (the prompt asks for short noun phrases).
+_SCHEMA_PART_CHARS = 80
 
 _MAX_REPLY_BYTES = 1 << 20
 _MAX_QUERY_CHARS = 2000
@@ -420,12 +427,18 @@ class LLMDecomposer(QueryDecomposer):
 
     Sends ``POST {url}/v1/chat/completions`` (or ``{url}/chat/completions`` when
     ``url`` already ends in ``/v1``) with a system prompt asking for a strict JSON
-    array of short noun phrases, ``temperature=0`` and ``max_tokens=128``. The
-    first ``[...]`` in the reply is parsed; every item must be a non-empty string
-    of at most :data:`MAX_PART_CHARS` characters. On any failure a warning is
-    logged on the ``finegrain.decompose`` logger and ``fallback.decompose(query)``
-    is returned. Only the standard library is used for HTTP; loopback hosts are
-    reached directly, other hosts honour the usual ``*_proxy`` variables.
+    array of short noun phrases, ``temperature=0``, ``max_tokens=128`` and
+    ``response_format={"type": "json_object", "schema": <array of strings>}``,
+    which llama.cpp servers (llama-cpp-python, llama-server) turn into a grammar
+    so that even a small model such as SmolLM2-135M answers with a JSON array.
+    A server that answers HTTP 400, 422 or 500 is asked once more without
+    ``response_format``; if that succeeds, this decomposer leaves it out from
+    then on. The first ``[...]`` in the reply is parsed; every item must be a
+    non-empty string of at most :data:`MAX_PART_CHARS` characters. On any failure
+    a warning is logged on the ``finegrain.decompose`` logger and
+    ``fallback.decompose(query)`` is returned. Only the standard library is used
+    for HTTP; loopback hosts are reached directly, other hosts honour the usual
+    ``*_proxy`` variables.
 
     Parameters
     ----------
@@ -465,6 +478,8 @@ class LLMDecomposer(QueryDecomposer):
         self.max_parts = max_parts
         self.fallback = fallback if fallback is not None else RulesDecomposer(max_parts=max_parts)
         self.api_key = api_key
+        # Cleared once the server has rejected response_format and answered without it.
+        self._use_response_format = True
 
     def __repr__(self) -> str:
         return (
@@ -490,8 +505,8 @@ class LLMDecomposer(QueryDecomposer):
 
     # -- internals ---------------------------------------------------------
 
-    def _request_body(self, query: str) -> dict[str, Any]:
-        return {
+    def _request_body(self, query: str, response_format: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": [
                 {"role": "system", "content": _SYSTEM_PROMPT.format(max_parts=self.max_parts)},
@@ -501,6 +516,32 @@ class LLMDecomposer(QueryDecomposer):
             "max_tokens": 128,
             "stream": False,
         }
+        if response_format:
+            body["response_format"] = {
+                "type": "json_object",
+                "schema": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1, "maxLength": _SCHEMA_PART_CHARS},
+                    "minItems": 1,
+                    "maxItems": self.max_parts,
+                },
+            }
+        return body
+
+    def _complete(self, query: str) -> bytes:
+        """POST the request; once without ``response_format`` if the server rejects that field."""
+        if not self._use_response_format:
+            return self._post(self._request_body(query, response_format=False))
+        try:
+            return self._post(self._request_body(query))
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (400, 422, 500):  # llama-cpp-python reports a bad field as 500
+                raise
+            exc.close()
+        raw = self._post(self._request_body(query, response_format=False))
+        logger.info("%s rejected response_format; asking without it from now on", self.endpoint)
+        self._use_response_format = False
+        return raw
 
     def _post(self, body: dict[str, Any]) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -530,7 +571,7 @@ class LLMDecomposer(QueryDecomposer):
         return b"".join(chunks)
 
     def _ask(self, query: str) -> list[str]:
-        raw = self._post(self._request_body(query))
+        raw = self._complete(query)
         try:
             payload = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
