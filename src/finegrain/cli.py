@@ -300,6 +300,42 @@ def demo_cmd(
     run_demo(out_dir, console=out)
 
 
+@app.command("serve")
+def serve_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback only by default; set an API key before exposing it)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINEGRAIN_API_KEY", help="Require this key on /api (Authorization: Bearer KEY or X-API-Key: KEY)."),
+    reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
+    torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+) -> None:
+    """Serve the search API and the web page (http://HOST:PORT/); see docs/service.md."""
+    import ipaddress
+
+    import torch
+    import uvicorn
+
+    from .service import create_app
+    from .store.catalog import IndexFormatError
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        err.print(f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach it can search")
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    try:
+        service = create_app(index, api_key=api_key, reload_interval=reload_interval)
+    except IndexFormatError as exc:
+        _fail(str(exc))
+    err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
+    uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,
+                timeout_graceful_shutdown=5)
+
+
 def main() -> None:  # console-script entry point
     app()
 

@@ -1,0 +1,38 @@
+"""Run the service in a background thread on loopback (tests, notebooks): ``with BackgroundServer(app) as url:``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a daemon thread on ``host`` and a free port; the context value is the base URL."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name=f"finegrain-server-{self.port}")
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

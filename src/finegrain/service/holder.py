@@ -1,0 +1,196 @@
+"""What the HTTP service shares between request threads: the open index and a thumbnail cache.
+
+FastAPI runs synchronous endpoints in a thread pool, so several requests use
+the index at once. An :class:`~finegrain.Index` is read-only between loads,
+but its own reload (``Index.refresh``) rebuilds its attributes one by one, so
+a search running beside it could see half an old and half a new index. The
+holder never reloads an index in place: when the catalog's generation
+changes (``finegrain index`` committed in another process) it opens a *new*
+``Index`` (sharing the already loaded encoder) and swaps the reference. Each
+request works on the index it leased at its start; a replaced index is
+closed when its last lease ends. Every index the holder opens shares one
+encoder, which batches the text queries of concurrent requests.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .. import encoders
+from ..index import Index
+from ..images import ImageLoadError, load_image
+from ..store.catalog import Catalog
+from .batching import BatchingEncoder
+
+log = logging.getLogger("finegrain.service")
+
+
+class _Loaded:
+    """One opened index and how many requests are using it."""
+
+    __slots__ = ("index", "users", "retired")
+
+    def __init__(self, index: Index):
+        self.index = index
+        self.users = 0
+        self.retired = False
+
+
+class IndexHolder:
+    """The service's current index, re-opened when another process commits to it.
+
+    Parameters
+    ----------
+    path:
+        The index folder.
+    reload_interval:
+        Seconds between two checks of the catalog generation (0: check on
+        every request). A check is one small SQLite read.
+    text_workers:
+        Threads embedding text queries, batched across requests (see
+        :class:`~finegrain.service.batching.BatchingEncoder`); default one per core.
+    """
+
+    def __init__(self, path: str | Path, reload_interval: float = 1.0, text_workers: int | None = None):
+        self.path = Path(path)
+        self.reload_interval = float(reload_interval)
+        self.text_workers = text_workers
+        self.reloads = 0
+        self.encoder: BatchingEncoder | None = None
+        self._encoder_name: str | None = None
+        self._lock = threading.Lock()  # the current index and the lease counts
+        self._reload_lock = threading.Lock()  # one reload (and the probe connection) at a time
+        self._db_lock = threading.Lock()  # the current index's catalog connection (stats)
+        self._current = _Loaded(self._attach(Index.open(self.path)))
+        self._probe = Catalog(self.path)
+        self._next_check = time.monotonic() + self.reload_interval
+
+    @contextmanager
+    def use(self) -> Iterator[Index]:
+        """Lease the current index for one request (checking first whether it changed on disk)."""
+        self.maybe_reload()
+        with self._lock:
+            loaded = self._current
+            loaded.users += 1
+        try:
+            yield loaded.index
+        finally:
+            with self._lock:
+                loaded.users -= 1
+                close = loaded.retired and loaded.users == 0
+            if close:
+                loaded.index.close()
+
+    @contextmanager
+    def catalog_access(self) -> Iterator[Index]:
+        """Lease the current index for a request that reads its catalog (one such request at a time)."""
+        with self.use() as index, self._db_lock:
+            yield index
+
+    def _attach(self, index: Index) -> Index:
+        """Give ``index`` the service's shared, batching encoder (one model load for every re-open)."""
+        name = index.catalog.get_meta("encoder")
+        if self.encoder is None or name != self._encoder_name:  # (a replaced one may still serve old leases)
+            self.encoder = BatchingEncoder(lambda: encoders.create(name), workers=self.text_workers)
+            self._encoder_name = name
+        index._encoder = self.encoder  # Index builds its encoder lazily; this one is shared
+        return index
+
+    @property
+    def generation(self) -> int:
+        return self._current.index._generation
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Re-open the index if its catalog generation changed; returns whether it did.
+
+        Without ``force`` this is throttled to one check per ``reload_interval``
+        and skipped when another thread is already checking. A failed re-open
+        (say, a damaged catalog) is logged and the old index keeps serving.
+        """
+        if not force and time.monotonic() < self._next_check:
+            return False
+        if not self._reload_lock.acquire(blocking=force):
+            return False
+        try:
+            self._next_check = time.monotonic() + self.reload_interval
+            try:
+                if self._probe.generation() == self.generation:
+                    return False
+            except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished: keep serving what is loaded
+                log.warning("could not read the generation of the index at %s: %s", self.path, exc)
+                return False
+            old = self._current
+            try:
+                new = self._attach(Index.open(self.path))
+            except Exception as exc:  # keep serving what we have
+                log.warning("could not re-open the index at %s: %s", self.path, exc)
+                return False
+            with self._lock:
+                self._current = _Loaded(new)
+                old.retired = True
+                close = old.users == 0
+            if close:
+                old.index.close()
+            self.reloads += 1
+            log.info("re-opened the index at %s: generation %d, %d images", self.path, new._generation, len(new))
+            return True
+        finally:
+            self._reload_lock.release()
+
+    def close(self) -> None:
+        with self._reload_lock:
+            self._probe.close()
+        if self.encoder is not None:
+            self.encoder.close()
+        with self._lock:
+            self._current.retired = True
+            if self._current.users == 0:
+                self._current.index.close()
+
+
+class ThumbnailCache:
+    """JPEG thumbnails of indexed images by id, made from the catalog's stored path, kept in an LRU.
+
+    Keyed by (id, content hash): a re-indexed file gets a fresh thumbnail.
+    """
+
+    def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85):
+        self.size = int(size)
+        self.capacity = int(capacity)
+        self.quality = int(quality)
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, index: Index, image_id: int) -> bytes:
+        """The thumbnail's JPEG bytes; ``KeyError`` for an unknown id, ``ImageLoadError`` for an unreadable file."""
+        record = index.get(image_id)
+        key = (record.id, record.sha256)
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+                return data
+        img = load_image(record.path, draft_size=self.size)  # outside the lock: decoding is the slow part
+        img.thumbnail((self.size, self.size))
+        buf = io.BytesIO()
+        try:
+            img.save(buf, "JPEG", quality=self.quality)
+        except OSError as exc:
+            raise ImageLoadError(f"cannot encode thumbnail: {exc}") from None
+        data = buf.getvalue()
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return data
