@@ -1,0 +1,89 @@
+"""Small torch pieces shared by the learned projections (AE-SVC and (SS)2D)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers through ``sizes`` with GELU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i:
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
+    sizes = tuple(hidden_sizes)
+    if any(not isinstance(h, (int, np.integer)) or h < 1 for h in sizes):
+        raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes!r}")
+    return tuple(int(h) for h in sizes)
+
+
+def standardizer(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean and one global scale that give the rows zero mean and unit variance per dimension on average.
+
+    One scale for all dimensions (not one each) keeps the geometry of the
+    embedding space; it only makes the learning rate and loss weights mean
+    the same thing for any encoder's scale.
+    """
+    mean = X.mean(axis=0, dtype=np.float64)
+    var = float(((X - mean) ** 2).mean())
+    return mean.astype(np.float32), math.sqrt(var) if var > 0 else 1.0
+
+
+@contextlib.contextmanager
+def seeded(random_state: int | None) -> Iterator[torch.Generator]:
+    """Seed weight initialisation and batching without touching the caller's global torch RNG."""
+    seed = 0 if random_state is None else int(random_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, n_steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``n_steps`` index batches, walking through shuffled epochs (the whole set when it is smaller than a batch)."""
+    batch_size = min(batch_size, n)
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(n_steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
+def optimizer_and_schedule(params, lr: float, n_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam with a cosine decay to 1% of ``lr``: the constraints settle in the low-rate tail."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_steps, 1), eta_min=lr * 0.01)
+    return opt, sched
+
+
+def state_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str) -> None:
+    state = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(state)
+
+
+def run(module: nn.Module, X: np.ndarray, mean: np.ndarray, scale: float, batch_size: int = 4096) -> np.ndarray:
+    """Apply ``module`` to standardised rows of ``X`` in inference mode, in batches."""
+    module.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(X), batch_size):
+            x = torch.from_numpy((X[start:start + batch_size] - mean) / np.float32(scale))
+            out.append(module(x).numpy())
+    if not out:
+        return np.zeros((0, module[-1].out_features), np.float32)
+    return np.concatenate(out)

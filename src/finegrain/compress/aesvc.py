@@ -1,0 +1,195 @@
+"""AE-SVC: an autoencoder whose latent space is constrained to be well behaved for cosine search.
+
+Omama, Li and Chinchali, "Exploiting Distribution Constraints for Scalable and
+Efficient Image Retrieval": foundation-model embeddings are dominated by a few
+high-variance directions, so cosine similarity mostly measures those. The
+autoencoder is trained, without labels, on a collection's embeddings with the
+reconstruction loss plus three constraints on the latent batch ``z``:
+
+* orthogonality: the off-diagonal entries of cov(z) go to 0;
+* unit variance: the diagonal of cov(z) goes to 1, so every latent dimension
+  weighs equally in a cosine;
+* mean-centering: mean(z) goes to 0, so cosines are not all pushed up by a
+  shared offset.
+
+The paper shows these lower the variance of the cosine-similarity distribution
+and argues that this makes retrieval more discriminative.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _nn
+from .base import Projection
+
+
+def constraint_losses(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three latent constraints on a batch ``z`` (B, k), each 0 when satisfied exactly.
+
+    ``covariance``: sum of squared off-diagonal covariances / k (as in VICReg);
+    ``variance``: mean of (variance - 1)^2 per dimension; ``mean``: mean of
+    squared per-dimension means.
+    """
+    b, k = z.shape
+    mean = z.mean(dim=0)
+    zc = z - mean
+    cov = zc.T @ zc / max(b - 1, 1)
+    diag = torch.diagonal(cov)
+    off_diagonal = cov - torch.diag_embed(diag)
+    return {
+        "covariance": off_diagonal.pow(2).sum() / k,
+        "variance": (diag - 1).pow(2).mean(),
+        "mean": mean.pow(2).mean(),
+    }
+
+
+class AESVC(Projection):
+    """Autoencoder with strong variance constraints (AE-SVC) as a scikit-learn transformer.
+
+    ``transform`` returns the encoder's latent (L2-normalised when
+    ``normalize``); the decoder exists only to train it.
+
+    Parameters
+    ----------
+    n_components : int
+        Latent (output) dimension, at most the input dimension.
+    hidden_sizes : tuple of int
+        Widths of the hidden layers of the encoder (the decoder mirrors them);
+        ``()`` makes both linear.
+    reconstruction_weight, covariance_weight, variance_weight, mean_weight : float
+        Loss weights. Reconstruction is the mean squared error of the
+        standardised input (about the fraction of variance left unexplained),
+        so the weights mean the same for any encoder. Defaults: see
+        ``docs/compress.md`` for the ablation they come from.
+    n_steps : int
+        Optimiser steps (fixed, so training time does not grow with the data).
+    batch_size : int
+        Rows per step; the covariance constraints are computed per batch, so
+        it should be well above ``n_components``. Smaller inputs train full-batch.
+    learning_rate : float
+        Adam's initial rate, decayed by a cosine to 1% of it.
+    normalize : bool
+        L2-normalise output rows (finegrain scores by inner product).
+    random_state : int or None
+        Seed of weight initialisation and batching; the same seed, data and
+        thread count give the same model.
+
+    Attributes
+    ----------
+    encoder_ : torch.nn.Sequential
+    mean_ : ndarray of shape (input_dim,)
+        Input mean subtracted before the encoder.
+    scale_ : float
+        Global input scale divided out before the encoder.
+    losses_ : dict of str to float
+        Each loss term (unweighted) over the whole fitted data at the end of training.
+    fit_seconds_ : float
+    input_dim_, n_components_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(300, 32)).astype("float32")
+    >>> AESVC(n_components=8, n_steps=50).fit_transform(X).shape
+    (300, 8)
+    """
+
+    method = "aesvc"
+
+    def __init__(
+        self,
+        n_components: int = 128,
+        hidden_sizes: tuple[int, ...] = (512,),
+        reconstruction_weight: float = 25.0,
+        covariance_weight: float = 0.1,
+        variance_weight: float = 0.1,
+        mean_weight: float = 1.0,
+        n_steps: int = 1000,
+        batch_size: int = 512,
+        learning_rate: float = 3e-3,
+        normalize: bool = True,
+        random_state: int | None = 0,
+    ) -> None:
+        self.n_components = n_components
+        self.hidden_sizes = hidden_sizes
+        self.reconstruction_weight = reconstruction_weight
+        self.covariance_weight = covariance_weight
+        self.variance_weight = variance_weight
+        self.mean_weight = mean_weight
+        self.n_steps = n_steps
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.normalize = normalize
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fit
+    def _fit(self, X: np.ndarray) -> None:
+        hidden = _nn.check_hidden_sizes(self.hidden_sizes)
+        weights = self._weights()
+        n, dim = X.shape
+        k = self.n_components
+        if n <= k:
+            # A batch of n rows spans at most n-1 directions: unit variance in k decorrelated dims is unreachable.
+            warnings.warn(f"AESVC: {n} samples cannot give {k} decorrelated unit-variance dimensions; "
+                          "fit on more samples or lower n_components", RuntimeWarning, stacklevel=3)
+        self.mean_, self.scale_ = _nn.standardizer(X)
+        data = torch.from_numpy((X - self.mean_) / np.float32(self.scale_))
+        start = time.perf_counter()
+        with _nn.seeded(self.random_state) as generator:
+            encoder = _nn.mlp((dim, *hidden, k))
+            decoder = _nn.mlp((k, *reversed(hidden), dim))
+            opt, sched = _nn.optimizer_and_schedule([*encoder.parameters(), *decoder.parameters()],
+                                                    self.learning_rate, self.n_steps)
+            for idx in _nn.batches(n, self.batch_size, self.n_steps, generator):
+                x = data[idx]
+                terms = self._losses(encoder, decoder, x)
+                loss = sum(weights[name] * value for name, value in terms.items())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        encoder.eval()
+        with torch.no_grad():
+            self.losses_ = {name: float(v) for name, v in self._losses(encoder, decoder.eval(), data).items()}
+        self.fit_seconds_ = time.perf_counter() - start
+        self.encoder_ = encoder
+        self.n_components_ = k
+
+    def _weights(self) -> dict[str, float]:
+        weights = {"reconstruction": self.reconstruction_weight, "covariance": self.covariance_weight,
+                   "variance": self.variance_weight, "mean": self.mean_weight}
+        for name, w in weights.items():
+            if not w >= 0:
+                raise ValueError(f"{name}_weight must be >= 0, got {w!r}")
+        if not any(weights.values()):
+            raise ValueError("at least one loss weight must be positive")
+        return weights
+
+    @staticmethod
+    def _losses(encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = encoder(x)
+        return {"reconstruction": (decoder(z) - x).pow(2).mean(), **constraint_losses(z)}
+
+    # ------------------------------------------------------------- transform
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        return _nn.run(self.encoder_, X, self.mean_, self.scale_)
+
+    # ------------------------------------------------------------- save/load
+    def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {"mean": self.mean_, **_nn.state_arrays(self.encoder_, "encoder")}
+        return arrays, {"scale_": self.scale_, "losses_": self.losses_, "fit_seconds_": self.fit_seconds_}
+
+    def _set_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+        self.mean_ = arrays["mean"]
+        self.scale_ = float(info["scale_"])
+        self.losses_ = info["losses_"]
+        self.fit_seconds_ = info["fit_seconds_"]
+        self.encoder_ = _nn.mlp((self.input_dim_, *_nn.check_hidden_sizes(self.hidden_sizes), self.n_components_))
+        _nn.load_arrays(self.encoder_, arrays, "encoder")
+        self.encoder_.eval()

@@ -1,0 +1,302 @@
+"""finegrain.compress: PCA, AE-SVC and (SS)2D on synthetic embeddings (fast, no shared data)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.decomposition import PCA as SklearnPCA
+from sklearn.exceptions import NotFittedError
+from threadpoolctl import threadpool_limits
+
+from finegrain.compress import (
+    AESVC,
+    METHODS,
+    PCA,
+    SS2D,
+    Projection,
+    create_projection,
+    list_projections,
+    load_projection,
+)
+from finegrain.compress.analysis import plot_distributions, summarize
+
+DIM = 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models train fastest on one thread, and it leaves the other cores to parallel test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):  # numpy/scipy BLAS as well
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    """600 embedding-like rows: 12 clusters in a 16-d subspace with a steep spectrum, plus noise, L2-normalised."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(DIM, 16)))[0] * np.geomspace(4.0, 0.3, 16)
+    centers = rng.normal(size=(12, 16))
+    labels = rng.integers(0, 12, size=600)
+    latent = centers[labels] + 0.5 * rng.normal(size=(600, 16))
+    x = latent @ basis.T + 0.05 * rng.normal(size=(600, DIM)) + 0.3  # an offset, as real embeddings have
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# The paper-like weights: strong constraints, which the checks below hold the latent to.
+PAPER_WEIGHTS = dict(reconstruction_weight=25.0, covariance_weight=1.0, variance_weight=15.0, mean_weight=1.0)
+
+
+def small_aesvc(**kw) -> AESVC:
+    params = dict(n_components=8, hidden_sizes=(32,), n_steps=1500, batch_size=256, learning_rate=3e-3,
+                  normalize=False, **PAPER_WEIGHTS)
+    return AESVC(**{**params, **kw})
+
+
+def small_ss2d(**kw) -> SS2D:
+    params = dict(n_components=16, dims=(2, 4, 8), teacher=None, hidden_sizes=(), n_steps=200, batch_size=200)
+    return SS2D(**{**params, **kw})
+
+
+@pytest.fixture(scope="module")
+def aesvc(X) -> AESVC:
+    return small_aesvc().fit(X)
+
+
+@pytest.fixture(scope="module")
+def ss2d(X) -> SS2D:
+    return small_ss2d().fit(X)
+
+
+def covariance_errors(Z: np.ndarray) -> tuple[float, float, float]:
+    """Largest |mean|, largest |variance - 1| and largest |off-diagonal covariance| over latent dimensions."""
+    cov = np.cov(Z.T)
+    return (float(np.abs(Z.mean(0)).max()), float(np.abs(np.diag(cov) - 1).max()),
+            float(np.abs(cov - np.diag(np.diag(cov))).max()))
+
+
+# ----------------------------------------------------------------- shapes and interface
+@pytest.mark.parametrize("method", ["pca", "aesvc", "ss2d"])
+def test_shapes_dtype_and_normalisation(X, method):
+    kw = {"aesvc": dict(hidden_sizes=(), n_steps=20), "ss2d": dict(teacher=None, n_steps=20)}.get(method, {})
+    p = create_projection(method, 8, **kw)
+    Z = p.fit_transform(X)
+    assert Z.shape == (len(X), 8) and Z.dtype == np.float32 and Z.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, atol=1e-5)
+    assert p.input_dim_ == DIM and p.n_components_ == 8
+    assert p.transform(X[:0]).shape == (0, 8)
+    assert isinstance(p, Projection) and isinstance(clone(p), type(p))  # scikit-learn conventions: params in __init__ only
+
+
+def test_registry():
+    assert set(list_projections()) == {"pca", "aesvc", "ss2d"}
+    assert isinstance(create_projection("aesvc", 32, variance_weight=3.0), AESVC)
+    with pytest.raises(KeyError, match="unknown projection"):
+        create_projection("umap", 8)
+    with pytest.raises(TypeError):
+        create_projection("pca", 8, whitten=True)  # a typo is an error, not ignored
+
+
+def test_pca_matches_sklearn(X):
+    for whiten in (False, True):
+        ours = PCA(8, whiten=whiten, normalize=False).fit(X)
+        ref = SklearnPCA(8, whiten=whiten, svd_solver="full").fit(X.astype(np.float64))
+        np.testing.assert_allclose(ours.transform(X), ref.transform(X.astype(np.float64)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------- AE-SVC constraints
+def test_aesvc_latent_satisfies_constraints(X, aesvc):
+    mean_err, var_err, cov_err = covariance_errors(aesvc.transform(X))
+    assert mean_err < 0.05 and var_err < 0.1 and cov_err < 0.1, (mean_err, var_err, cov_err)
+    assert set(aesvc.losses_) == {"reconstruction", "covariance", "variance", "mean"}
+
+
+@pytest.mark.parametrize("dropped, check", [("mean_weight", 0), ("variance_weight", 1), ("covariance_weight", 2)])
+def test_aesvc_constraint_checks_fail_without_their_loss_term(X, dropped, check):
+    # The tolerances above are not vacuous: without its term, each property is lost.
+    errors = covariance_errors(small_aesvc(**{dropped: 0.0}).fit(X).transform(X))
+    assert errors[check] > [0.05, 0.1, 0.1][check], errors
+
+
+def test_aesvc_is_deterministic(X):
+    first, again = small_aesvc(n_steps=100).fit(X), small_aesvc(n_steps=100).fit(X)
+    np.testing.assert_array_equal(again.transform(X), first.transform(X))
+    other = small_aesvc(n_steps=100, random_state=1).fit(X)
+    assert not np.array_equal(other.transform(X), first.transform(X))
+
+
+def test_aesvc_leaves_global_torch_rng_alone(X):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    small_aesvc(n_steps=5).fit(X)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_aesvc_tiny_input_warns_and_still_fits(X):
+    with pytest.warns(RuntimeWarning, match="cannot give 8 decorrelated"):
+        p = small_aesvc(n_steps=10).fit(X[:5])
+    assert p.transform(X[:3]).shape == (3, 8)
+
+
+def test_loss_weights_are_validated(X):
+    with pytest.raises(ValueError, match="variance_weight"):
+        small_aesvc(variance_weight=-1).fit(X)
+    with pytest.raises(ValueError, match="at least one"):
+        small_aesvc(reconstruction_weight=0, covariance_weight=0, variance_weight=0, mean_weight=0).fit(X)
+
+
+# ------------------------------------------------------------------------------- (SS)2D
+def neighbour_recall(Z: np.ndarray, T: np.ndarray, k: int = 50) -> float:
+    """Mean fraction of each row's k nearest neighbours under teacher rows T also found under Z (cosine)."""
+    def knn(A):
+        A = A / np.linalg.norm(A, axis=1, keepdims=True)
+        s = A @ A.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1)[:, :k]
+
+    a, b = knn(Z), knn(T)
+    return float(np.mean([len(set(r) & set(t)) / k for r, t in zip(a, b)]))
+
+
+def test_ss2d_leading_dims_keep_teacher_neighbours(X, ss2d):
+    teacher = X - X.mean(0)  # teacher=None distils the input's own (centred) cosine space
+    rng = np.random.default_rng(0)
+    for d in (4, 8):
+        ours = neighbour_recall(ss2d.transform(X, dim=d), teacher)
+        # Random truncation: the first d dimensions of a random rotation of the teacher.
+        rotation = np.linalg.qr(rng.normal(size=(DIM, DIM)))[0]
+        random = neighbour_recall(teacher @ rotation[:, :d], teacher)
+        assert ours > random + 0.1, (d, ours, random)
+
+
+def test_ss2d_nested_training_beats_truncating_a_single_size_student(X, ss2d):
+    teacher = X - X.mean(0)
+    single = small_ss2d(dims=(16,)).fit(X)
+    assert single.dims_ == (16,)
+    for d in (4, 8):
+        ours = neighbour_recall(ss2d.transform(X, dim=d), teacher)
+        truncated = neighbour_recall(single.transform(X, dim=d), teacher)
+        assert ours > truncated + 0.05, (d, ours, truncated)
+
+
+def test_ss2d_dims_and_any_size(X, ss2d):
+    assert ss2d.dims_ == (2, 4, 8, 16) and ss2d.n_components_ == 16
+    assert SS2D(n_components=100)._check_dims() == (16, 32, 64, 100)
+    full = ss2d.transform(X[:4])
+    for d in (1, 3, 8, 16):
+        Z = ss2d.transform(X[:4], dim=d)
+        assert Z.shape == (4, d)
+        # Leading dimensions of the one full output, renormalised: no retraining per size.
+        np.testing.assert_allclose(Z, full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True), atol=1e-5)
+    for bad in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="dim must be"):
+            ss2d.transform(X[:4], dim=bad)
+    with pytest.raises(ValueError, match="dims must be"):
+        small_ss2d(dims=(4, 32)).fit(X)
+
+
+def test_ss2d_teachers(X, monkeypatch):
+    T = PCA(8, whiten=True).fit_transform(X)
+    given = small_ss2d(n_components=8, dims=(4,), n_steps=20).fit(X, teacher_embeddings=T)
+    assert given.transform(X).shape == (len(X), 8)
+    with pytest.raises(ValueError, match="rows"):
+        small_ss2d(n_steps=5).fit(X, teacher_embeddings=T[:10])
+    unfitted = PCA(8)
+    fitted = small_ss2d(n_components=8, dims=(4,), n_steps=20, teacher=unfitted).fit(X)
+    assert fitted.teacher_.input_dim_ == DIM and not hasattr(unfitted, "input_dim_")  # a copy was fitted
+    # teacher="aesvc" builds the teacher through the registry; a short-trained one keeps the test fast.
+    monkeypatch.setitem(METHODS, "aesvc", lambda n_components, **kw: small_aesvc(n_components=n_components, n_steps=5, **kw))
+    default = small_ss2d(n_components=8, dims=(4,), n_steps=5, teacher="aesvc").fit(X)
+    assert isinstance(default.teacher_, AESVC) and default.teacher_.n_components_ == 8
+    with pytest.raises(ValueError, match="own teacher"):
+        small_ss2d(teacher="ss2d", n_steps=5).fit(X)
+
+
+# ---------------------------------------------------------------------------- save / load
+def read_safetensors_header(path) -> dict:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length])
+
+
+@pytest.mark.parametrize("make", [lambda: PCA(8, whiten=True), lambda: small_aesvc(n_steps=100),
+                                  lambda: small_ss2d(n_steps=50)])
+def test_save_load_round_trip(X, tmp_path, make):
+    p = make().fit(X)
+    path = p.save(tmp_path / "proj.safetensors")
+    assert [f.name for f in tmp_path.iterdir()] == ["proj.safetensors"]  # one file, no sidecar, no temp left
+    header = read_safetensors_header(path)  # a plain safetensors file: JSON header + raw tensors, no pickle
+    meta = header["__metadata__"]
+    assert meta["format"] == "finegrain.compress/1" and meta["method"] == p.method
+    assert json.loads(meta["params"])["n_components"] == p.n_components
+    q = load_projection(path)
+    assert type(q) is type(p) and q.get_params() == p.get_params()
+    assert (q.input_dim_, q.n_components_) == (p.input_dim_, p.n_components_)
+    np.testing.assert_array_equal(q.transform(X), p.transform(X))
+    assert type(p).load(path).n_components_ == p.n_components_
+
+
+def test_load_errors(X, tmp_path):
+    path = PCA(4).fit(X).save(tmp_path / "pca.safetensors")
+    with pytest.raises(ValueError, match="holds a 'pca' projection"):
+        AESVC.load(path)
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a finegrain projection"):
+        load_projection(tmp_path / "other.safetensors")
+
+
+# ------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("cls", [PCA, AESVC, SS2D])
+def test_input_errors(X, cls):
+    p = cls(n_components=4)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        p.transform(X)
+    with pytest.raises(NotFittedError):
+        p.save("never-written.safetensors")
+    with pytest.raises(ValueError, match="larger than the input dimension"):
+        cls(n_components=DIM + 1).fit(X)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        p.fit(X[:1])
+    with pytest.raises(ValueError, match="2-D"):
+        p.fit(X[0])
+    bad = X.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        p.fit(bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        cls(n_components=0).fit(X)
+
+
+def test_wrong_input_dim_after_fit(X):
+    p = PCA(4).fit(X)
+    with pytest.raises(ValueError, match=f"fitted on {DIM}"):
+        p.transform(X[:, :10])
+
+
+def test_pca_needs_enough_samples(X):
+    with pytest.raises(ValueError, match="needs at least that many samples"):
+        PCA(8).fit(X[:5])
+
+
+# ------------------------------------------------------------------------------ analysis
+def test_analysis_writes_figures_and_summaries(X, aesvc, tmp_path):
+    report = plot_distributions(X, {"pca": PCA(8).fit(X), "aesvc": aesvc}, tmp_path, max_samples=300)
+    for png in (report.similarity_png, report.variance_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(report.summary) == ["input", "pca", "aesvc"]
+    pca, ae = report.summary["pca"], report.summary["aesvc"]
+    # The unit-variance constraint spreads variance over the dimensions; PCA concentrates it.
+    assert ae.effective_dims > pca.effective_dims and ae.variance_top_share < pca.variance_top_share
+    assert ae.similarity_std < pca.similarity_std
+    flat = summarize(np.random.default_rng(0).normal(size=(500, 8)))
+    assert 7.5 < flat.effective_dims <= 8 and abs(flat.similarity_mean) < 0.02
