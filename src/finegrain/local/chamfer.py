@@ -1,0 +1,349 @@
+"""Chamfer similarity between sets of local descriptors: exact, and an approximate CANN-style search.
+
+The Chamfer similarity of a query set Q to a database image X is the mean,
+over query descriptors, of the best match in X (descriptors L2-normalised, so
+a match is a cosine)::
+
+    chamfer(Q, X) = 1/|Q| * sum_{q in Q} max_{x in X} <q, x>
+
+It is asymmetric (every query descriptor must find a match; X may hold
+anything else). With a ``threshold`` t every match passes through
+``phi(s) = max(s - t, 0) / (1 - t)`` (monotone, so it commutes with the max):
+matches weaker than t count nothing. That is the constrained, CANN-style
+similarity: only descriptors within a radius of a query descriptor matter,
+so the background of non-matching images no longer decides their order, and
+a neighbour search that finds every database descriptor above t computes it
+exactly. :func:`chamfer_scores` computes it exactly for every database
+image (one matrix product per block of images), which is the verification
+reference and the ``global+local`` re-ranker.
+
+:class:`ApproxChamfer` avoids comparing the query with every database image,
+in the spirit of CANN (Aiger et al.): one FAISS index over *all* database
+descriptors; each query descriptor retrieves its ``knn`` nearest database
+descriptors; per image, a query descriptor's best match is the best of its
+neighbours owned by that image, and where it has none its similarity is
+bounded by the ``knn``-th neighbour's similarity (``fill="kth"``, an upper
+bound of the true best match; with a threshold it is 0 whenever fewer than
+``knn`` descriptors pass it, and the search is then exact up to the ANN's
+misses). The image score is the mean over query
+descriptors, computed sparsely: ``mean(fill) + sum(found best - fill) / |Q|``,
+so cost grows with ``|Q| * knn``, not with the database.
+:func:`recall_at_k` measures how many of the exact top-k it finds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "recall_at_k"]
+
+
+def _as_desc(x) -> np.ndarray:
+    x = getattr(x, "descriptors", x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- database
+@dataclass
+class LocalDatabase:
+    """All database descriptors concatenated; image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+
+    Attributes
+    ----------
+    descriptors : (N, d) float32, C-contiguous.
+    offsets : (n_images + 1,) int64.
+    owners : (N,) int64, the image of each row.
+    """
+
+    descriptors: np.ndarray
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.descriptors = np.ascontiguousarray(self.descriptors, dtype=np.float32)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if self.offsets[0] != 0 or self.offsets[-1] != len(self.descriptors) or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must rise from 0 to the number of descriptors")
+        self.owners = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.offsets))
+
+    @classmethod
+    def from_features(cls, features: Sequence) -> "LocalDatabase":
+        """From one (n_i, d) array (or :class:`LocalFeatures`) per image, in image order."""
+        arrays = [_as_desc(f) for f in features]
+        dim = next((a.shape[1] for a in arrays if a.ndim == 2 and a.shape[1]), 128)
+        arrays = [a.reshape(-1, dim) for a in arrays]
+        counts = np.array([len(a) for a in arrays], np.int64)
+        desc = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
+        return cls(desc, np.concatenate([[0], np.cumsum(counts)]))
+
+    @property
+    def n_images(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.descriptors[self.offsets[i]:self.offsets[i + 1]]
+
+
+# --------------------------------------------------------------------------- exact
+def match_kernel(sims: np.ndarray, threshold: float | None) -> np.ndarray:
+    """``phi(s) = max(s - t, 0) / (1 - t)`` for a threshold t; the identity when t is None."""
+    if threshold is None:
+        return sims
+    return np.maximum(sims - threshold, 0.0) / (1.0 - threshold)
+
+
+def chamfer_similarity(query, target, threshold: float | None = None) -> float:
+    """Exact Chamfer similarity of one query set to one target set (0.0 if either is empty)."""
+    q, t = _as_desc(query), _as_desc(target)
+    if len(q) == 0 or len(t) == 0:
+        return 0.0
+    return float(match_kernel((q @ t.T).max(axis=1), threshold).mean())
+
+
+def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | None = None, block_rows: int = 65536,
+                   threshold: float | None = None) -> np.ndarray:
+    """Exact Chamfer similarity of ``query`` to each database image (or to ``images`` only, in that order).
+
+    Works in blocks of whole images of about ``block_rows`` descriptors, so
+    memory stays at ``|Q| * block_rows`` floats. Empty images score 0.
+    ``threshold``: see :func:`match_kernel`.
+    """
+    q = _as_desc(query)
+    ids = np.arange(db.n_images) if images is None else np.asarray(images, dtype=np.int64)
+    out = np.zeros(len(ids), np.float32)
+    if len(q) == 0 or len(ids) == 0:
+        return out
+    counts = db.counts[ids]
+    nonempty = np.flatnonzero(counts > 0)
+    contiguous = images is None
+    start = 0
+    while start < len(nonempty):
+        # a block of consecutive (non-empty) requested images with about block_rows rows in all
+        cum = np.cumsum(counts[nonempty[start:]])
+        stop = start + max(1, int(np.searchsorted(cum, block_rows, side="right")))
+        block = nonempty[start:stop]
+        sel = ids[block]
+        if contiguous and sel[-1] - sel[0] == len(sel) - 1:
+            rows = db.descriptors[db.offsets[sel[0]]:db.offsets[sel[-1] + 1]]
+        else:
+            rows = np.concatenate([db.image(int(i)) for i in sel])
+        seg = np.concatenate([[0], np.cumsum(db.counts[sel])[:-1]])
+        sims = q @ rows.T  # (|Q|, rows)
+        out[block] = match_kernel(np.maximum.reduceat(sims, seg, axis=1), threshold).mean(axis=0)
+        start = stop
+    return out
+
+
+# --------------------------------------------------------------------------- approximate
+class ApproxChamfer:
+    """Approximate Chamfer search over all database descriptors (CANN-style; see the module docstring).
+
+    Parameters
+    ----------
+    db : LocalDatabase
+    index : {"ivf", "hnsw", "flat"}
+        FAISS structure over all descriptors: IVF-Flat (default), HNSW, or
+        exact inner product (exact neighbours; still aggregated approximately).
+    knn : int
+        Neighbours retrieved per query descriptor; 0 with a ``threshold``:
+        every database descriptor above the threshold (FAISS range search),
+        which makes the result exact up to the ANN's misses.
+    nlist, nprobe : int
+        IVF lists (default about 4 * sqrt(N), power of two) and lists probed.
+    hnsw_m, ef_search : int
+        HNSW graph degree and search breadth.
+    fill : {"kth", "zero"}
+        Similarity assumed for a query descriptor with no neighbour in an
+        image: its ``knn``-th neighbour similarity (upper bound), or 0.
+    threshold : float or None
+        Match threshold of the similarity (see :func:`match_kernel`); the
+        same value must be given to :func:`chamfer_scores` to compare.
+    threads : int
+        FAISS OpenMP threads.
+    seed : int
+        For the IVF training sample.
+    faiss_index : faiss.Index, optional
+        A prebuilt index over ``db.descriptors`` (rows in the same order).
+    """
+
+    def __init__(self, db: LocalDatabase, index: str = "ivf", knn: int = 32, nlist: int | None = None,
+                 nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64, fill: str = "kth",
+                 threshold: float | None = None, threads: int = 2, seed: int = 0, faiss_index=None):
+        import faiss
+
+        if fill not in ("kth", "zero"):
+            raise ValueError("fill must be 'kth' or 'zero'")
+        if knn == 0 and threshold is None:
+            raise ValueError("knn=0 (range search) needs a threshold")
+        if index not in ("ivf", "hnsw", "flat"):
+            raise ValueError("index must be 'ivf', 'hnsw' or 'flat'")
+        self.db = db
+        self.kind = index
+        self.knn = int(knn)
+        self.fill = fill
+        self.threshold = threshold
+        self.nprobe = int(nprobe)
+        self.ef_search = int(ef_search)
+        if threads:
+            faiss.omp_set_num_threads(int(threads))
+        self.index = faiss_index if faiss_index is not None else self._build(index, nlist, hnsw_m, seed)
+        if self.index.ntotal != len(db.descriptors):
+            raise ValueError(f"the FAISS index holds {self.index.ntotal} vectors, the database {len(db.descriptors)}")
+        self._set_search_params()
+
+    def _build(self, kind: str, nlist: int | None, hnsw_m: int, seed: int):
+        import faiss
+
+        d, x = self.db.dim, self.db.descriptors
+        if kind == "flat" or len(x) < 10_000:
+            index = faiss.IndexFlatIP(d)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+        else:
+            if nlist is None:
+                nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(x)))))
+            nlist = max(1, min(nlist, len(x) // 39))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = x if len(x) <= 64 * nlist else x[np.sort(rng.choice(len(x), 64 * nlist, replace=False))]
+            index.train(np.ascontiguousarray(sample))
+        index.add(x)
+        return index
+
+    def _set_search_params(self) -> None:
+        import faiss
+
+        inner = faiss.downcast_index(self.index)
+        if hasattr(inner, "nprobe"):
+            inner.nprobe = self.nprobe
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = max(self.ef_search, self.knn)
+
+    def neighbours(self, query) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS ``(D, I)`` for every query descriptor: (|Q|, knn) similarities and descriptor rows (-1: none)."""
+        q = _as_desc(query)
+        k = min(self.knn, max(1, len(self.db.descriptors)))
+        return self.index.search(q, k)
+
+    def matches(self, query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every (query descriptor, database descriptor) match found: ``(qi, rows, kernel sims, fill (|Q|,))``.
+
+        ``fill[i]`` bounds what query descriptor i could match in an image it
+        did not reach (see ``fill``).
+        """
+        q = _as_desc(query)
+        if self.knn == 0:
+            lims, D, I = self.index.range_search(q, float(self.threshold))
+            qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+            return qi, I.astype(np.int64), match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
+        D, I = self.neighbours(q)
+        D = match_kernel(D, self.threshold)
+        valid = I >= 0
+        if self.threshold is not None:
+            valid &= D > 0  # matches below the threshold count nothing
+        if self.fill == "kth":
+            full = (I >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
+            fill = np.where(full, D[:, -1], 0.0).astype(np.float32)
+        else:
+            fill = np.zeros(len(q), np.float32)
+        qi = np.nonzero(valid)[0]
+        return qi, I[valid], D[valid], fill
+
+    def score_all(self, query) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate Chamfer score of every database image, and whether the image was reached at all.
+
+        Returns ``(scores (n_images,), reached (n_images,) bool)``; images no
+        query descriptor reached all share the base score ``mean(fill)``.
+        """
+        n = self.db.n_images
+        q = _as_desc(query)
+        if len(q) == 0 or len(self.db.descriptors) == 0:
+            return np.zeros(n, np.float32), np.zeros(n, bool)
+        qi, rows, sims, fill = self.matches(q)
+        owner = self.db.owners[rows]
+        key = qi.astype(np.int64) * n + owner
+        order = np.lexsort((-sims, key))  # by key, best first within a key
+        key, sims, qi, owner = key[order], sims[order], qi[order], owner[order]
+        first = np.concatenate([[True], key[1:] != key[:-1]])
+        gain = sims[first] - fill[qi[first]]
+        scores = float(fill.mean()) + np.bincount(owner[first], weights=gain, minlength=n) / len(q)
+        reached = np.bincount(owner, minlength=n) > 0
+        return scores.astype(np.float32), reached
+
+    def search(self, query, k: int = 100, exact_rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` images by approximate Chamfer: ``(scores (k,), ids (k,))``, id -1 where fewer were reached.
+
+        With ``exact_rerank=R`` the best R are re-scored with the exact
+        Chamfer similarity before the top k are taken.
+        """
+        scores, reached = self.score_all(query)
+        cand = np.flatnonzero(reached)
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        if exact_rerank and len(cand):
+            head = cand[:exact_rerank]
+            exact = chamfer_scores(query, self.db, head, threshold=self.threshold)
+            head = head[np.argsort(-exact, kind="stable")]
+            scores = scores.copy()
+            scores[head] = np.sort(exact)[::-1]
+            cand = np.concatenate([head, cand[exact_rerank:]])
+        cand = cand[:k]
+        out_ids = np.full(k, -1, np.int64)
+        out_scores = np.full(k, -np.inf, np.float32)
+        out_ids[:len(cand)] = cand
+        out_scores[:len(cand)] = scores[cand]
+        return out_scores, out_ids
+
+
+def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | None = None,
+              max_query_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each database image's ``m`` best other images by approximate Chamfer (the image itself as query).
+
+    Query-independent, so it is computed once at indexing time and stored per
+    image; L2G reads the shortlist's pairwise similarities from it.
+    Returns ``(ids (n, m) int64 with -1 padding, sims (n, m) float32)``.
+    """
+    db = searcher.db
+    rows = np.arange(db.n_images) if images is None else np.asarray(images, np.int64)
+    ids = np.full((len(rows), m), -1, np.int64)
+    sims = np.zeros((len(rows), m), np.float32)
+    for r, i in enumerate(rows):
+        q = db.image(int(i))
+        if max_query_features:
+            q = q[:max_query_features]
+        if len(q) == 0:
+            continue
+        scores, reached = searcher.score_all(q)
+        reached[i] = False
+        cand = np.flatnonzero(reached)
+        cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
+        ids[r, :len(cand)] = cand
+        sims[r, :len(cand)] = scores[cand]
+    return ids, sims
+
+
+def recall_at_k(approx_ids: Sequence[int], exact_scores: np.ndarray, k: int = 100) -> float:
+    """Fraction of the exact top-``k`` images (by ``exact_scores``) found in ``approx_ids[:k]``.
+
+    Images whose exact score is 0 or less (nothing matched above the
+    threshold) tie and are not counted: the denominator is the number of the
+    exact top-k that scored above 0 (1.0 if none did).
+    """
+    exact_scores = np.asarray(exact_scores)
+    k = min(k, len(exact_scores))
+    exact_top = np.argsort(-exact_scores, kind="stable")[:k]
+    exact_top = exact_top[exact_scores[exact_top] > 0]
+    if len(exact_top) == 0:
+        return 1.0
+    approx = np.asarray(approx_ids)[:k]
+    return float(len(np.intersect1d(exact_top, approx[approx >= 0])) / len(exact_top))

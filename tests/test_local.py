@@ -1,0 +1,286 @@
+"""Local features, Chamfer search (exact and approximate) and the L2G MDS re-ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import finegrain.local.chamfer as ch
+from finegrain.local import features as lf
+from finegrain.rerank import mds
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _ap(ranking, relevant):
+    hits, total = 0, 0.0
+    for i, r in enumerate(ranking):
+        if r in relevant:
+            hits += 1
+            total += hits / (i + 1)
+    return total / len(relevant)
+
+
+# --------------------------------------------------------------------------- Chamfer
+def test_exact_chamfer_matches_brute_force():
+    rng = np.random.default_rng(0)
+    sets = [_unit(rng.standard_normal((n, 16))) for n in (5, 0, 17, 1, 30, 8)]
+    db = ch.LocalDatabase.from_features(sets)
+    q = _unit(rng.standard_normal((11, 16)))
+    brute = np.array([max(0.0, 0.0) if len(s) == 0 else np.mean([max(qq @ x for x in s) for qq in q]) for s in sets])
+    for block in (1, 7, 10_000):  # one image per block .. everything in one block
+        np.testing.assert_allclose(ch.chamfer_scores(q, db, block_rows=block), brute, rtol=1e-5, atol=1e-6)
+    subset = [4, 0, 1, 2]
+    np.testing.assert_allclose(ch.chamfer_scores(q, db, subset), brute[subset], rtol=1e-5, atol=1e-6)
+    assert ch.chamfer_similarity(q, sets[2]) == pytest.approx(brute[2], rel=1e-5)
+    assert ch.chamfer_similarity(q, sets[1]) == 0.0
+    assert np.all(ch.chamfer_scores(np.zeros((0, 16), np.float32), db) == 0)
+
+
+def _synthetic_collection(rng, n_groups=20, group_size=20, per_image=60, dim=32, words_per_group=80):
+    """Images as bags of noisy 'visual words'; the images of a group (one landmark) share a vocabulary."""
+    images = []
+    for _ in range(n_groups):
+        vocab = _unit(rng.standard_normal((words_per_group, dim)))
+        for _ in range(group_size):
+            w = rng.choice(words_per_group, per_image)
+            images.append(_unit(vocab[w] + 0.5 / np.sqrt(dim) * rng.standard_normal((per_image, dim))))
+    return images
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_approx_chamfer_recall(kind):
+    rng = np.random.default_rng(1)
+    images = _synthetic_collection(rng)  # 400 images, 24,000 descriptors
+    db = ch.LocalDatabase.from_features(images)
+    searcher = ch.ApproxChamfer(db, index=kind, knn=32, nlist=64, nprobe=8, hnsw_m=16, ef_search=48, threads=1)
+    assert type(searcher.index).__name__.lower().find(kind if kind != "flat" else "flat") >= 0
+    recalls = []
+    for t in range(8):
+        src = images[t * 41]
+        q = _unit(src[rng.choice(len(src), 30, replace=False)] + 0.05 * rng.standard_normal((30, src.shape[1])))
+        exact = ch.chamfer_scores(q, db)
+        scores, ids = searcher.search(q, k=20)
+        assert ids[0] == t * 41  # the source image wins
+        recalls.append(ch.recall_at_k(ids, exact, 20))
+        assert np.all(np.diff(scores[ids >= 0]) <= 1e-6)
+    assert np.mean(recalls) >= 0.95, recalls
+    # exact re-scoring of the head gives exact values
+    scores, ids = searcher.search(q, k=5, exact_rerank=10)
+    np.testing.assert_allclose(scores, ch.chamfer_scores(q, db, ids), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_thresholded_chamfer_range_search_is_exact(kind):
+    """With a match threshold the range search finds every contributing match: exact up to the ANN's misses."""
+    rng = np.random.default_rng(6)
+    images = _synthetic_collection(rng, n_groups=10, group_size=20)
+    db = ch.LocalDatabase.from_features(images)
+    tau = 0.5
+    searcher = ch.ApproxChamfer(db, index=kind, knn=0, threshold=tau, nlist=32, nprobe=32, threads=1)
+    for t in (0, 77, 150):
+        q = images[t][:25]
+        exact = ch.chamfer_scores(q, db, threshold=tau)
+        scores, reached = searcher.score_all(q)
+        np.testing.assert_allclose(scores, exact, atol=1e-5)  # nprobe = nlist: nothing missed
+        assert ch.recall_at_k(np.argsort(-scores), exact, 50) == 1.0
+    # the kernel: matches below the threshold count nothing, the best match counts fully
+    assert ch.chamfer_similarity(images[0], images[0], threshold=tau) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError):
+        ch.ApproxChamfer(db, knn=0)  # a range search needs a threshold
+
+
+def test_recall_at_k_and_knn_graph():
+    assert ch.recall_at_k([2, 1, 9], np.array([0.1, 0.5, 0.9, 0.0]), 2) == 1.0
+    assert ch.recall_at_k([3, 9], np.array([0.1, 0.5, 0.9, 0.0]), 2) == 0.0
+    rng = np.random.default_rng(2)
+    images = _synthetic_collection(rng, n_groups=5, group_size=10, per_image=40)
+    images.append(_unit(images[7] + 0.01 * rng.standard_normal(images[7].shape)))  # near-duplicate of 7
+    db = ch.LocalDatabase.from_features(images)
+    ids, sims = ch.knn_graph(ch.ApproxChamfer(db, index="flat", knn=16, threads=1), m=5)
+    assert ids.shape == (51, 5) and sims.shape == (51, 5)
+    assert ids[7, 0] == 50 and ids[50, 0] == 7
+    assert not np.any(ids == np.arange(51)[:, None])  # never oneself
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+
+
+# --------------------------------------------------------------------------- extractors
+def test_registry():
+    assert {"cnn", "sift", "disk"} <= set(lf.list_extractors())
+    with pytest.raises(KeyError):
+        lf.create("surf")
+    with pytest.raises(TypeError):
+        lf.create("sift", nfeatures=10)  # typos are errors, not silently ignored
+
+
+def _check_features(f: lf.LocalFeatures, size, box=None):
+    w, h = size
+    n = len(f)
+    assert n > 10
+    assert f.descriptors.shape == (n, 128) and f.descriptors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1.0, atol=1e-4)
+    assert f.positions.shape == (n, 2) and f.strengths.shape == (n,) and f.scales.shape == (n,)
+    assert np.all(np.diff(f.strengths) <= 0)
+    x1, y1, x2, y2 = box or (0, 0, w, h)
+    assert np.all(f.positions[:, 0] >= x1 - 1) and np.all(f.positions[:, 0] <= x2 + 1)
+    assert np.all(f.positions[:, 1] >= y1 - 1) and np.all(f.positions[:, 1] <= y2 + 1)
+    assert f.image_size == (w, h)
+
+
+def test_sift_extractor_positions(photos_dir):
+    pytest.importorskip("cv2")
+    ex = lf.create("sift", image_size=400, max_features=300)
+    path = photos_dir / "astronaut.jpg"  # 512 x 512
+    f = ex.extract(path)
+    _check_features(f, (512, 512))
+    assert len(f) <= 300
+    # positions are in original pixels: the full image spreads over most of it
+    assert f.positions[:, 0].max() > 300 and f.positions[:, 1].max() > 300
+    box = (100, 50, 350, 300)
+    fb = ex.extract(path, bbox=box)
+    _check_features(fb, (512, 512), box)
+    # most features found in the crop are features of the full image, at the same original pixels
+    full = lf.create("sift", image_size=400, max_features=5000).extract(path)
+    d = np.linalg.norm(fb.positions[:, None] - full.positions[None], axis=2)
+    assert np.mean(d.min(axis=1) < 2.0) > 0.5
+
+
+def test_cnn_extractor_shapes_positions_and_global(photos_dir, tmp_path):
+    ex = lf.CNNExtractor(image_size=256, scales=(1.0, 0.5), max_features=60, global_whiten=True, global_dim=8,
+                         threads=1)
+    paths = [photos_dir / f"{n}.jpg" for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    raws = [ex.extract_raw(p) for p in paths]
+    assert all(r.descriptors.shape[1] == 1280 and r.global_raw.shape == (1280,) for r in raws)
+    with pytest.raises(RuntimeError):
+        ex.extract(paths[0])  # not fitted yet
+    ex.fit(raws)
+    f = ex.transform(raws[0])
+    _check_features(f, (512, 512))
+    assert len(f) == 60 and len(raws[0]) == 60  # of 8 x 8 + 4 x 4 cells
+    # cells at scale 1.0 are 32 px of the 256 px working image = 64 px of the original
+    assert set(np.unique(np.round(f.scales))) <= {64.0, 128.0}
+    box = (0, 0, 256, 256)
+    fb = ex.extract(paths[0], bbox=box)
+    _check_features(fb, (512, 512), box)
+    g = ex.extract_global(paths[0])
+    assert g.shape == (3,)  # 4 images: at most n - 1 whitened dimensions
+    np.testing.assert_allclose(np.linalg.norm(g), 1.0, atol=1e-5)
+    plain = lf.CNNExtractor(image_size=256, scales=(1.0, 0.5), max_features=60, threads=1).fit(raws)
+    g = plain.transform_global(raws[0])  # default: the GeM itself, L2-normalised
+    assert g.shape == (1280,) and np.all(g >= 0)
+    np.testing.assert_allclose(np.linalg.norm(g), 1.0, atol=1e-5)
+    # save / load round trip (safetensors, no pickle)
+    saved = ex.save(tmp_path / "cnn.safetensors")
+    again = lf.load(saved)
+    assert isinstance(again, lf.CNNExtractor) and again.config() == ex.config()
+    np.testing.assert_allclose(again.transform(raws[1]).descriptors, ex.transform(raws[1]).descriptors, atol=1e-6)
+    np.testing.assert_allclose(again.transform_global(raws[1]), ex.transform_global(raws[1]), atol=1e-6)
+
+
+def test_whitening_round_trip_and_whiteness(tmp_path):
+    rng = np.random.default_rng(3)
+    raw = np.abs(rng.standard_normal((2000, 256)) * rng.uniform(0.1, 3, 256)).astype(np.float32)
+    raws = [lf.RawFeatures(raw[i * 100:(i + 1) * 100], np.zeros((100, 2), np.float32), np.arange(100, 0, -1.0),
+                           np.ones(100), (10, 10), raw[i]) for i in range(20)]
+    ex = lf.CNNExtractor(global_whiten=True, global_dim=16, whiten_shrinkage=0.0).fit(raws)  # no network involved
+    assert ex.fitted
+    path = ex.save(tmp_path / "w.safetensors")
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"[:8]  # not a pickle
+    again = lf.load(path)
+    for r in raws[:3]:
+        np.testing.assert_array_equal(again.transform(r).descriptors, ex.transform(r).descriptors)
+        np.testing.assert_array_equal(again.transform_global(r), ex.transform_global(r))
+    # full whitening without shrinkage: unit variance before the final normalisation
+    w = lf.PCAWhitening(n_components=8, power=0.5, shrinkage=0.0).fit(raw[:, :64])
+    Xn = raw[:, :64] / np.linalg.norm(raw[:, :64], axis=1, keepdims=True)
+    Z = ((Xn - w.mean_) @ w.components_.T) / np.sqrt(w.explained_variance_)
+    np.testing.assert_allclose(np.cov(Z.T), np.eye(8), atol=0.05)
+    with pytest.raises(RuntimeError):
+        lf.PCAWhitening().transform(raw[:2])
+
+
+# --------------------------------------------------------------------------- L2G re-ranking
+def test_superglobal_rerank_prefers_query_neighbourhood():
+    rng = np.random.default_rng(4)
+    X = _unit(rng.standard_normal((30, 8)))
+    q = _unit(rng.standard_normal(8))
+    X[[3, 11, 17, 25]] = _unit(q + 0.3 * rng.standard_normal((4, 8)))  # the query's cluster
+    s = mds.superglobal_rerank(q, X, K=3, beta=0.15)
+    assert s.shape == (30,) and set(np.argsort(-s)[:4]) == {3, 11, 17, 25}
+
+
+def test_dissimilarity_matrix_fills_missing_with_one():
+    D = mds.dissimilarity_matrix(np.array([0.9, 0.2, 0.5]), np.array([0, 1]), np.array([1, 0]),
+                                 np.array([0.6, 0.8]))
+    assert D.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(D), 0)
+    np.testing.assert_allclose(D, D.T)
+    assert D[0, 1] == pytest.approx(0.1) and D[0, 2] == pytest.approx(0.8)
+    assert D[1, 2] == pytest.approx(0.3)  # mean of 1 - 0.6 and 1 - 0.8
+    assert D[1, 3] == 1.0 and D[2, 3] == 1.0  # unknown
+
+
+def test_l2g_rerank_recovers_a_cluster():
+    """Relevant images form a cluster in the local neighbour graph; the query matches only a few directly."""
+    rng = np.random.default_rng(5)
+    k, relevant = 60, np.arange(10)
+    shortlist = rng.permutation(200)[:k]  # database ids
+    qs = rng.uniform(0.25, 0.45, k)
+    qs[relevant[:3]] = [0.75, 0.7, 0.65]
+    qs[relevant[3:]] = rng.uniform(0.2, 0.35, 7)  # partial views: weak direct matches
+    qs[10:16] = rng.uniform(0.5, 0.6, 6)  # confusers, found directly but unrelated to the cluster
+    order0 = np.argsort(-qs, kind="stable")
+    m = 8
+    gids = np.full((200, m), -1)
+    gsims = np.zeros((200, m), np.float32)
+    for i, sid in enumerate(shortlist):
+        if i in relevant:
+            nb = [j for j in relevant if j != i][:m]
+            sims = rng.uniform(0.6, 0.8, len(nb))
+        else:
+            nb = list(rng.choice(np.setdiff1d(np.arange(k), relevant), m, replace=False))
+            sims = rng.uniform(0.2, 0.4, m)
+        gids[sid, :len(nb)] = shortlist[nb]
+        gsims[sid, :len(nb)] = sims
+    glob = _unit(rng.standard_normal((k, 32)))  # an uninformative global descriptor
+    gq = _unit(rng.standard_normal(32))
+    cfg = mds.L2GConfig(k=k, mds_dim=8, smacof_iter=100, w=0.19)
+    res = mds.l2g_rerank(qs[order0], shortlist[order0], gq, glob[order0], cfg, graph=(gids, gsims))
+    rel_ids = set(shortlist[relevant].tolist())
+    before = _ap(shortlist[order0].tolist(), rel_ids)
+    after = _ap(res.ids.tolist(), rel_ids)
+    assert sorted(res.ids.tolist()) == sorted(shortlist.tolist())
+    assert res.n_pairs > 0 and set(res.timings) >= {"mds_ms", "total_ms"}
+    assert after > before + 0.2, (before, after)
+
+
+def test_numpy_smacof_matches_sklearn():
+    from sklearn.manifold import smacof
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((40, 5))
+    D = np.minimum(np.linalg.norm(X[:, None] - X[None], axis=2) / 3, 1.0)
+    init = rng.standard_normal((40, 4))
+    Y, s1 = smacof(D, n_components=4, init=init, n_init=1, max_iter=50, eps=1e-6, normalized_stress=False)
+    Z, s2, _ = mds.smacof_numpy(D, init, 50, 1e-6)
+    np.testing.assert_allclose(Z, Y, atol=1e-8)
+    assert s2 == pytest.approx(s1)
+    cfg = dict(k=10, mds_dim=4, smacof_iter=50)
+    a = mds.mds_embed(D, mds.L2GConfig(**cfg, solver="numpy"))[0]
+    b = mds.mds_embed(D, mds.L2GConfig(**cfg, solver="sklearn"))[0]
+    np.testing.assert_allclose(a, b, atol=1e-8)
+
+
+def test_similarity_scale():
+    D = mds.dissimilarity_matrix(np.array([0.3, 0.15, 0.6]), np.zeros(0, int), np.zeros(0, int), np.zeros(0),
+                                 sim_scale=0.3)
+    np.testing.assert_allclose(D[0, 1:], [0.0, 0.5, 0.0])
+
+
+def test_l2g_config_validation():
+    with pytest.raises(ValueError):
+        mds.L2GConfig(w=1.5)
+    with pytest.raises(ValueError):
+        mds.L2GConfig(init="pca")
