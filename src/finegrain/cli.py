@@ -175,6 +175,7 @@ def tune_cmd(
     sample: int = typer.Option(200, help="Queries sampled from the file."),
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode for this index, and save them in it."""
     from .tune import load_queries, tune
@@ -187,6 +188,16 @@ def tune_cmd(
                       plot=plot or index / "tune.png")
     except (ValueError, OSError) as exc:
         _fail(str(exc), 2)
+    if report is not None:
+        from .report import ReportData
+
+        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot")}
+        summary.update({f"chosen_{k}": str(v) if isinstance(v, (list, tuple)) else v for k, v in result["chosen"].items()})
+        summary.update({f"exhaustive_{k}": v for k, v in result["exhaustive"].items()})
+        details = ReportData(images={"accuracy vs latency (chosen point marked)": Path(result["plot"])},
+                             tables={"all trials": [{k: str(v) if isinstance(v, (list, tuple)) else v for k, v in t.items()}
+                                                    for t in result["trials"]]})
+        _write_report(report, f"finegrain tune: {index}", summary, details)
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "trials"}))
         return
@@ -241,19 +252,24 @@ def bench_flickr8k_cmd(
     segment_embed: str = typer.Option("pool", help="Segment embedding of the bench index: pool or crop."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
     """Text->image and image->text retrieval on Flickr8k: recall, NDCG@10, speed."""
     from .bench.flickr8k import run_flickr8k
+    from .report import ReportData
+
+    details = ReportData()
 
     try:
         from .decompose.segments import SegmentConfig
 
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if mode != "global" else None
         result = run_flickr8k(data, split, mode=mode, encoder=encoder, cache_dir=cache_dir, show_progress=not as_json,
-                              segments=seg)
+                              segments=seg, report=details)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
     _print_metrics(f"Flickr8k {split}, mode {mode}, encoder {encoder}", result)
+    _write_report(report, f"Flickr8k {split}, mode {mode}, encoder {encoder}", result, details)
     if as_json:
         print(json.dumps(result))
 
@@ -268,19 +284,35 @@ def bench_revisitop_cmd(
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
     """Image-to-image instance retrieval, Revisited Oxford/Paris protocol: mAP Easy/Medium/Hard, mP@k, latency."""
     from .bench.revisitop import run_revisitop
     from .eval.revisitop import UnsafePickleError
+    from .report import ReportData
+
+    details = ReportData()
 
     try:
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
-                               show_progress=not as_json)
+                               show_progress=not as_json, report=details)
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
-    _print_metrics(f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors", result)
+    title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"
+    _print_metrics(title, result)
+    _write_report(report, title, result, details)
     if as_json:
         print(json.dumps(result))
+
+
+def _write_report(path: Optional[Path], title: str, metrics: dict, details) -> None:
+    """Write the HTML report when ``--report`` was given (message on stderr, so --json stays clean)."""
+    if path is None:
+        return
+    from .report import write_report
+
+    write_report(path, title, metrics, details, command=" ".join(["finegrain", *sys.argv[1:]]))
+    err.print(f"report: {path}")
 
 
 def _print_metrics(title: str, result: dict) -> None:

@@ -18,6 +18,7 @@ from ..datasets import load_flickr8k
 from ..eval.metrics import ndcg_at_k, recall_at_k
 from ..decompose.segments import SegmentConfig
 from ..index import Index
+from ..report import ReportData, single_relevant_pr
 from .common import bench_index
 
 TOWER_SAMPLE = 128
@@ -36,8 +37,11 @@ def tower_throughput(index: Index, images: list[Path], batch_size: int = 32) -> 
 
 def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", encoder: str = "effnet-minilm",
                  cache_dir: str | Path | None = None, show_progress: bool = True,
-                 segments: SegmentConfig | None = None, **search_options) -> dict:
+                 segments: SegmentConfig | None = None, report: ReportData | None = None, **search_options) -> dict:
     """Run the benchmark and return the metrics dict (recalls in percent, ndcg10 in [0, 1]).
+
+    ``report``, when given, receives per-query latencies, ranks and
+    precision-recall curves for :func:`finegrain.report.write_report`.
 
     Multi-vector modes (``single``, ``exhaustive``, ``hierarchical``) use an
     index with segments (``segments``, default :class:`SegmentConfig()`);
@@ -82,6 +86,11 @@ def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", enc
     i2t_rank = np.full(len(paths), np.inf)
     for c, img in enumerate(caption_image):
         i2t_rank[img] = min(i2t_rank[img], float((sims[img] > sims[img, c]).sum()))
+
+    if report is not None:
+        report.latencies_ms.extend(latencies)
+        report.first_relevant_ranks.update({"text->image": t2i_rank, "image->text": i2t_rank})
+        report.pr_curves["text->image (top 10 retrieved)"] = single_relevant_pr(t2i_rank, 10)
 
     result = {
         "split": split,

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets import RevisitopSet, load_revisitop
-from ..eval.metrics import revisitop_map
+from ..eval.metrics import revisitop_map, revisitop_protocols
 from ..index import Index
+from ..report import ReportData, revisitop_pr
 from .common import bench_index
 
 
@@ -49,8 +50,13 @@ def full_ranking(order: np.ndarray, n_total: int) -> np.ndarray:
 
 def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,
                   distractor_list: str | Path | None = None, mode: str = "global", encoder: str = "effnet-minilm",
-                  cache_dir: str | Path | None = None, show_progress: bool = True, **search_options) -> dict:
-    """Run the benchmark; mAPs and mP@k in percent, query latency in ms (image encoding included)."""
+                  cache_dir: str | Path | None = None, show_progress: bool = True, report: ReportData | None = None,
+                  **search_options) -> dict:
+    """Run the benchmark; mAPs and mP@k in percent, query latency in ms (image encoding included).
+
+    ``report``, when given, receives per-query latencies and the Easy/Medium/Hard
+    precision-recall curves for :func:`finegrain.report.write_report`.
+    """
     bench = load_revisitop(data, gnd, distractors, distractor_list)
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
     index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress)
@@ -65,6 +71,10 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
         latencies.append((time.perf_counter() - t0) * 1000)
         columns.append(full_ranking(np.array([position_of_id[h.id] for h in hits], dtype=np.int64), n_total))
     ranks = np.stack(columns, axis=1)
+    if report is not None:
+        report.latencies_ms.extend(latencies)
+        for name, protocol in revisitop_protocols(bench.gnd.gnd).items():
+            report.pr_curves[name] = revisitop_pr(ranks, protocol)
     return {
         "dataset": Path(data).name,
         "mode": mode,
