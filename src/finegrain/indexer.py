@@ -144,19 +144,7 @@ class Indexer:
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         t0 = time.perf_counter()
-        report = IndexReport()
-        catalog = self.index.catalog
-        files, problems = collect_files(inputs, recursive)
-        report.failed.extend(problems)
-        known = catalog.live_by_path()
-        todo: list[str] = []
-        for path in files:
-            rec = known.get(path)
-            if rec is not None and rec.status == "indexed" and _same_stat(path, rec):
-                report.unchanged += 1
-            else:
-                todo.append(path)
-
+        report, files, known, todo = self.plan(inputs, recursive)
         pending = _Pending(self.index.segment_config)
         if not todo:  # nothing to decode: do not even load the model
             return self._finish(report, inputs, files, known, remove_missing, t0)
@@ -186,6 +174,22 @@ class Indexer:
             report.indexed += self._commit(pending)
         return self._finish(report, inputs, files, known, remove_missing, t0)
 
+    def plan(self, inputs: Sequence[str | os.PathLike], recursive: bool = True
+             ) -> tuple[IndexReport, list[str], dict[str, ImageRecord], list[str]]:
+        """Walk ``inputs``: (report so far, all files found, live records by path, files to (re)process)."""
+        report = IndexReport()
+        files, problems = collect_files(inputs, recursive)
+        report.failed.extend(problems)
+        known = self.index.catalog.live_by_path()
+        todo: list[str] = []
+        for path in files:
+            rec = known.get(path)
+            if rec is not None and rec.status == "indexed" and _same_stat(path, rec):
+                report.unchanged += 1
+            else:
+                todo.append(path)
+        return report, files, known, todo
+
     def _finish(self, report: IndexReport, inputs, files, known, remove_missing: bool, t0: float) -> IndexReport:
         if remove_missing:
             report.removed = self._remove_missing(inputs, set(files), known)
@@ -196,26 +200,8 @@ class Indexer:
         if pending.empty():
             return 0
         pending.encode(self.index.encoder)
-        catalog, root = self.index.catalog, self.index.path
-        ids = catalog.reserve_ids(len(pending.images))
-        fields = {}
-        if pending.images:
-            fields["global"] = FieldRows(np.concatenate(pending.vectors), np.asarray(ids))
-            if pending.segment_config is not None:
-                fields["segments"] = pending.segment_rows(ids)
-        chunks = {f: new_chunk_name() for f in fields}
-        for f, rows in fields.items():
-            write_chunk(root, f, chunks[f], rows)
-        with catalog.transaction() as tx:
-            tx.remove(pending.removals)
-            tx.add_images(ids, pending.images)  # before failures: ids were reserved from the sequence
-            for f, name in chunks.items():
-                tx.add_chunk(name, f, len(fields[f]))
-            for item in pending.failures:
-                tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
-            for image_id, mtime_ns in pending.touches:
-                tx.touch(image_id, mtime_ns)
-        return len(pending.images)
+        return commit(self.index, pending.images, pending.field_rows(), pending.failures, pending.touches,
+                      pending.removals)
 
     def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
         roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]
@@ -264,19 +250,53 @@ class _Pending:
                                  for it in self.batch_items)
         self.batch, self.batch_items = [], []
 
-    def segment_rows(self, ids: list[int]) -> FieldRows:
-        """The segments field for this commit: one row per segment, owned by its image id."""
-        segs = [s for s, _ in self.segments]
-        return FieldRows(
-            np.concatenate([e for _, e in self.segments]),
-            np.concatenate([np.full(len(s), i, np.int64) for s, i in zip(segs, ids)]),
-            {"level": np.concatenate([s.level for s in segs]),
-             "box": np.concatenate([s.box for s in segs]),
-             "area": np.concatenate([s.area for s in segs])},
-        )
+    def field_rows(self) -> dict[str, FieldRows]:
+        """Every vector field of the encoded images; rows are owned by the image's position in ``images``."""
+        if not self.images:
+            return {}
+        fields = {"global": FieldRows(np.concatenate(self.vectors), np.arange(len(self.images)))}
+        if self.segment_config is not None:
+            segs = [s for s, _ in self.segments]
+            fields["segments"] = FieldRows(
+                np.concatenate([e for _, e in self.segments]),
+                np.concatenate([np.full(len(s), i, np.int64) for i, s in enumerate(segs)]),
+                {"level": np.concatenate([s.level for s in segs]),
+                 "box": np.concatenate([s.box for s in segs]),
+                 "area": np.concatenate([s.area for s in segs])},
+            )
+        return fields
 
     def empty(self) -> bool:
         return not (self.images or self.failures or self.touches or self.removals)
+
+
+def commit(index, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence, touches: Sequence[tuple[int, int]],
+           removals: Sequence[int]) -> int:
+    """Commit encoded images to ``index``: write their chunks, then record everything in one transaction.
+
+    ``fields`` rows are owned by positions in ``images``; they are renumbered
+    to newly reserved image ids here. ``failures`` are items with ``path``,
+    ``error``, ``size`` and ``mtime_ns``; ``touches`` are (image id, new
+    mtime) of files whose content did not change; ``removals`` are image ids
+    replaced by new content. A crash before the transaction leaves only
+    orphan chunk files, swept on the next open.
+    """
+    catalog, root = index.catalog, index.path
+    ids = np.asarray(catalog.reserve_ids(len(images)), dtype=np.int64)
+    chunks = {}
+    for f, rows in fields.items():
+        chunks[f] = (new_chunk_name(), len(rows))
+        write_chunk(root, f, chunks[f][0], FieldRows(rows.vectors, ids[rows.owners], rows.attrs))
+    with catalog.transaction() as tx:
+        tx.remove(list(removals))
+        tx.add_images(ids.tolist(), images)  # before failures: ids were reserved from the sequence
+        for f, (name, n) in chunks.items():
+            tx.add_chunk(name, f, n)
+        for item in failures:
+            tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
+        for image_id, mtime_ns in touches:
+            tx.touch(image_id, mtime_ns)
+    return len(images)
 
 
 def _same_stat(path: str, rec: ImageRecord) -> bool:
