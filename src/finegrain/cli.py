@@ -41,6 +41,17 @@ def _open_index(path: Path):
         _fail(str(exc))
 
 
+def _open_searchable(path: Path):
+    """An index or a shard set (search and info accept both)."""
+    from .shards import open_index
+    from .store.catalog import IndexFormatError
+
+    try:
+        return open_index(path)
+    except IndexFormatError as exc:
+        _fail(str(exc))
+
+
 @app.command("index")
 def index_cmd(
     inputs: List[Path] = typer.Argument(..., help="Image files or folders (walked recursively)."),
@@ -51,6 +62,8 @@ def index_cmd(
     segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
+    engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: a Ray cluster to join (auto, ray://host:10001); default a local runtime."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
@@ -65,8 +78,9 @@ def index_cmd(
         else:
             seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
             idx = Index.create(index, encoder=encoder, ann=ann, segments=seg)
-        report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json)
-    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError) as exc:
+        report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
+                         engine=engine, ray_address=address)
+    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     if as_json:
         print(json.dumps(report.as_dict()))
@@ -91,7 +105,7 @@ def index_cmd(
 
 @app.command("search")
 def search_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
     text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
     bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
@@ -104,7 +118,7 @@ def search_cmd(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
-    idx = _open_index(index)
+    idx = _open_searchable(index)
     try:
         hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None)
     except (ValueError, ImageLoadError) as exc:
@@ -129,17 +143,17 @@ def info_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show what an index holds: counts, encoder, size, skipped files."""
-    info = _open_index(index).info()
+    """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
+    info = _open_searchable(index).info()
     if as_json:
         print(json.dumps(info))
         return
     table = Table("key", "value", show_header=False)
     for key, value in info.items():
-        if key != "failures":
+        if key not in ("failures", "per_shard"):
             table.add_row(key, str(value))
     out.print(table)
-    if info["failures"]:
+    if info.get("failures"):
         ft = Table("skipped file", "reason", title="skipped or failed files", title_justify="left")
         for f in info["failures"]:
             ft.add_row(f["path"], f["reason"])
@@ -165,6 +179,22 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
     idx = _open_index(index)
     idx.compact()
     out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
+
+
+@app.command("shards")
+def shards_cmd(
+    members: List[Path] = typer.Argument(..., help="Existing index folders, one per shard."),
+    out_path: Path = typer.Option(..., "--out", help="Folder for the shard-set manifest (shards.json)."),
+) -> None:
+    """Group indexes into a shard set: `search --index OUT` then searches them in parallel, top-k merged."""
+    from .shards import ShardedIndex
+    from .store.catalog import IndexFormatError
+
+    try:
+        sharded = ShardedIndex.create(out_path, members)
+    except (IndexFormatError, FileExistsError, ValueError) as exc:
+        _fail(str(exc), 2)
+    out.print(f"shard set {out_path}: {len(sharded.shards)} shards, {len(sharded)} images")
 
 
 @app.command("tune")

@@ -182,16 +182,27 @@ class Index:
 
     # ---------------------------------------------------------------- writes
     def add(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
-            batch_size: int = 32, commit_every: int = 512, show_progress: bool = False) -> IndexReport:
+            batch_size: int = 32, commit_every: int = 512, show_progress: bool = False, engine: str = "local",
+            ray_address: str | None = None) -> IndexReport:
         """Index the image files under ``inputs`` (files or folders).
 
         New files are encoded, unchanged ones skipped (same size and mtime,
         or same content hash), changed ones replaced; with ``remove_missing``
         files that vanished from the given folders are removed. Bad files are
         reported in the returned :class:`IndexReport`, never fatal.
+        ``engine="ray"`` runs decoding and encoding as Ray Data jobs (local
+        runtime, or the cluster at ``ray_address``); see :mod:`finegrain.ray_engine`.
         """
+        if engine == "local":
+            indexer = Indexer(self, batch_size, commit_every)
+        elif engine == "ray":
+            from .ray_engine import RayIndexer
+
+            indexer = RayIndexer(self, batch_size, commit_every, address=ray_address)
+        else:
+            raise ValueError(f"unknown engine {engine!r}; available: local, ray")
         with self._writer():
-            report = Indexer(self, batch_size, commit_every).run(inputs, recursive, remove_missing, show_progress)
+            report = indexer.run(inputs, recursive, remove_missing, show_progress)
             if len(self.catalog.chunks("global")) > 32:
                 self._compact_locked()
         self._load()
