@@ -300,3 +300,195 @@ def test_analysis_writes_figures_and_summaries(X, aesvc, tmp_path):
     assert ae.similarity_std < pca.similarity_std
     flat = summarize(np.random.default_rng(0).normal(size=(500, 8)))
     assert 7.5 < flat.effective_dims <= 8 and abs(flat.similarity_mean) < 0.02
+
+
+# ------------------------------------------------------------------ index integration
+# A real index (the bundled encoder on the 24 tiny-Flickr crops of six photos); small training runs.
+FAST = {"pca": {}, "aesvc": {"n_steps": 60, "hidden_sizes": (64,)},
+        "ss2d": {"n_steps": 60, "hidden_sizes": (64,), "dims": (4, 8), "teacher": None}}
+
+
+@pytest.fixture()
+def small_index(tmp_path, tiny_flickr):
+    import shutil
+
+    from finegrain import Index
+
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_flickr / "images", folder)
+    extra = tmp_path / "later"
+    extra.mkdir()
+    for name in ("chelsea_3.jpg", "rocket_3.jpg"):  # added after compression
+        (folder / name).rename(extra / name)
+    index = Index.create(tmp_path / "index")
+    index.add([folder])
+    return index, folder, extra
+
+
+def _top1(index, path, **kw) -> str:
+    from pathlib import Path
+
+    return Path(index.search(image=path, k=1, **kw)[0].path).name
+
+
+@pytest.mark.parametrize("method,dim", [("pca", 8), ("aesvc", 8), ("ss2d", 16)])
+def test_compress_index_query_reopen_and_add(small_index, method, dim):
+    from finegrain import Index
+    from finegrain.compress.indexing import FIELD, PROJECTION_DIR
+
+    index, folder, extra = small_index
+    n = len(index)
+    info = index.compress(method, dim, **FAST[method])
+    assert info["method"] == method and info["dim"] == dim and info["input_dim"] == 512 and info["fitted_on"] == n
+    full = index.info()
+    assert full["projection"] == info and full["bytes_per_image"] == 4 * dim and full["dim"] == 512
+    assert index.search_rows.vectors.shape == (n, dim) and index.global_rows.vectors.shape == (n, 512)  # originals kept
+    files = list((index.path / PROJECTION_DIR).iterdir())
+    assert [f.name for f in files] == [info["file"]] and files[0].suffix == ".safetensors"
+    # An indexed image as the query finds itself first, through the projection; text queries work too.
+    for name in ("astronaut_0.jpg", "coins_2.jpg", "coffee_1.jpg"):
+        assert _top1(index, folder / name) == name
+    assert len(index.search(text="a cat", k=3)) == 3
+    scores, ids = index.search_vectors(index.embed_query(text="a cat")[None], k=n + 5)
+    assert (ids[0, :n] >= 0).all() and (ids[0, n:] == -1).all()
+
+    reopened = Index.open(index.path)
+    assert reopened.info()["projection"] == info
+    q = index.embed_query(image=folder / "coins_2.jpg")
+    np.testing.assert_allclose(reopened.search_vectors(q[None], 5)[0], index.search_vectors(q[None], 5)[0], atol=1e-5)
+
+    # Images added later get a projected row in the same commit and are found.
+    report = reopened.add([extra])
+    assert report.indexed == 2 and len(reopened) == n + 2
+    assert len(reopened.fields[FIELD]) == n + 2 and reopened.search_rows.vectors.shape == (n + 2, dim)
+    for name in ("chelsea_3.jpg", "rocket_3.jpg"):
+        assert _top1(reopened, extra / name) == name
+    # Removal and compaction keep the two fields in step.
+    reopened.remove([reopened.search(image=extra / "rocket_3.jpg", k=1)[0].id])
+    reopened.compact()
+    again = Index.open(index.path)
+    assert len(again) == n + 1 and again.search_rows.vectors.shape == (n + 1, dim)
+    assert _top1(again, extra / "chelsea_3.jpg") == "chelsea_3.jpg"
+
+
+def test_compress_rerun_other_method_and_none(small_index):
+    from finegrain.compress.indexing import FIELD, PROJECTION_DIR
+
+    index, folder, _ = small_index
+    q = index.embed_query(image=folder / "camera_1.jpg")[None]
+    before = index.search_vectors(q, 10)
+    index.compress("pca", 8)
+    first = index.info()["projection"]["file"]
+    index.compress("aesvc", 12, **FAST["aesvc"])
+    assert index.info()["projection"]["method"] == "aesvc" and index.info()["bytes_per_image"] == 48
+    assert [f.name for f in (index.path / PROJECTION_DIR).iterdir()] == [index.info()["projection"]["file"]] != [first]
+    assert len(index.catalog.chunks(FIELD)) == 1  # the old projected chunk is gone
+    index.compress("none")
+    assert index.info()["projection"] is None and index.info()["bytes_per_image"] == 2048
+    assert not index.catalog.chunks(FIELD) and not list((index.path / PROJECTION_DIR).iterdir())
+    after = index.search_vectors(q, 10)
+    np.testing.assert_array_equal(after[1], before[1])  # back on the original vectors, exactly
+
+
+def test_ss2d_index_nested_dims(small_index):
+    index, folder, _ = small_index
+    info = index.compress("ss2d", 16, **FAST["ss2d"])
+    assert info["dims"] == [4, 8, 16]
+    assert _top1(index, folder / "astronaut_0.jpg", dim=8) == "astronaut_0.jpg"
+    q = index.embed_query(image=folder / "coins_2.jpg")[None]
+    scores8, _ = index.search_vectors(q, 3, dim=8)
+    manual = index.projection.transform(q, dim=8) @ index.projection.transform(
+        np.asarray(index.global_rows.vectors), dim=8).T
+    np.testing.assert_allclose(scores8[0], np.sort(manual[0])[::-1][:3], atol=1e-5)
+    assert index.search(text="a cat", k=2, dim=4)
+    np.testing.assert_allclose(index.search_vectors(q, 3, dim=16)[0], index.search_vectors(q, 3)[0])
+    for bad in (0, 17, 600):
+        with pytest.raises(ValueError, match="dim must be from 1 to 16"):
+            index.search(image=folder / "coins_2.jpg", dim=bad)
+    with pytest.raises(ValueError, match="global search only"):
+        index.search(text="a cat", mode="single", dim=8)
+
+
+def test_dim_on_non_ss2d_and_bad_compress_input(small_index):
+    index, folder, _ = small_index
+    with pytest.raises(ValueError, match="not compressed"):
+        index.search(text="a cat", dim=8)
+    with pytest.raises(ValueError, match="unknown compression method 'zip'"):
+        index.compress("zip", 8)
+    with pytest.raises(ValueError, match="larger than the index's 512-dim"):
+        index.compress("pca", 1024)
+    with pytest.raises(ValueError, match="positive integer"):
+        index.compress("aesvc", None)
+    with pytest.raises(TypeError):
+        index.compress("aesvc", 8, n_stepz=5)  # a typo is an error, not silently ignored
+    assert index.info()["projection"] is None  # failed attempts changed nothing
+    index.compress("pca", 8)
+    with pytest.raises(ValueError, match="compressed with pca to 8 dims"):
+        index.search(text="a cat", dim=4)
+    with pytest.raises(ValueError, match="query dimension 8 does not match"):
+        index.search_vectors(np.ones((1, 8), np.float32), 3)
+
+
+def test_killed_compress_leaves_index_consistent(small_index, monkeypatch):
+    from finegrain import Index
+    from finegrain.compress import indexing
+    from finegrain.compress.indexing import FIELD, PROJECTION_DIR
+
+    index, folder, extra = small_index
+    index.compress("pca", 8)
+    good = index.info()["projection"]
+
+    class Killed(BaseException):
+        pass
+
+    real = indexing.write_chunk
+
+    def write_then_die(*args, **kw):  # the new files are complete, the catalog is not switched yet
+        real(*args, **kw)
+        raise Killed()
+
+    monkeypatch.setattr(indexing, "write_chunk", write_then_die)
+    with pytest.raises(Killed):
+        index.compress("aesvc", 12, **FAST["aesvc"])
+    index._release_lock()  # a killed process's lock dies with it
+    monkeypatch.undo()
+    assert len(list((index.path / PROJECTION_DIR).iterdir())) == 2  # the orphan projection file is there
+
+    reopened = Index.open(index.path)
+    assert reopened.info()["projection"] == good and reopened.info()["bytes_per_image"] == 32
+    assert _top1(reopened, folder / "coffee_1.jpg") == "coffee_1.jpg"
+    reopened.add([extra])  # the next writer sweeps the orphans and keeps going with the committed projection
+    assert [f.name for f in (index.path / PROJECTION_DIR).iterdir()] == [good["file"]]
+    assert len(reopened.catalog.chunks(FIELD)) == 2 and reopened.search_rows.vectors.shape == (len(reopened), 8)
+    assert _top1(reopened, extra / "rocket_3.jpg") == "rocket_3.jpg"
+
+
+def test_cli_compress_search_dim_info(small_index):
+    import subprocess
+    import sys
+
+    index, folder, _ = small_index
+    path = index.path
+    index.close()
+
+    def fg(*args):
+        return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
+                              timeout=600)
+
+    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["projection"]["method"] == "ss2d" and out["bytes_per_image"] == 64
+    proc = fg("search", "--index", path, "--image", folder / "coins_2.jpg", "-k", 1, "--dim", 8, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"][0]["path"].endswith("coins_2.jpg")
+    info = json.loads(fg("info", "--index", path, "--json").stdout)
+    assert info["projection"]["dims"][-1] == 16 and info["bytes_per_image"] == 64
+    proc = fg("search", "--index", path, "--text", "a cat", "--dim", 99)
+    assert proc.returncode == 2 and "dim must be from 1 to 16" in proc.stderr
+    proc = fg("compress", "--index", path, "--method", "zip", "--dim", 8)
+    assert proc.returncode == 2 and "unknown compression method" in proc.stderr
+    proc = fg("compress", "--index", path, "--method", "pca", "--dim", 4096)
+    assert proc.returncode == 2 and "larger than" in proc.stderr
+    proc = fg("compress", "--index", path, "--method", "pca")
+    assert proc.returncode == 2 and "--dim is required" in proc.stderr

@@ -111,6 +111,7 @@ def search_cmd(
     bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("global", help="Search mode: global, or with a segmented index single, exhaustive, hierarchical."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search an index by text or by example image."""
@@ -120,7 +121,7 @@ def search_cmd(
         _fail("give exactly one of --text or --image", 2)
     idx = _open_searchable(index)
     try:
-        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None)
+        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -158,6 +159,38 @@ def info_cmd(
         for f in info["failures"]:
             ft.add_row(f["path"], f["reason"])
         out.print(ft)
+
+
+@app.command("compress")
+def compress_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    method: str = typer.Option(..., "--method", help="pca, aesvc or ss2d; none removes the projection."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
+) -> None:
+    """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
+    from .index import IndexLockedError
+
+    if method != "none" and dim is None:
+        _fail("--dim is required (the output size)", 2)
+    idx = _open_index(index)
+    params = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
+    try:
+        info = idx.compress(method, dim, show_progress=not as_json, **params)
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps({"projection": info or None, "bytes_per_image": idx.info()["bytes_per_image"]}))
+    elif not info:
+        out.print(f"projection removed; searching the original {idx.info()['dim']}-dim embeddings")
+    else:
+        sizes = f" (nested sizes {', '.join(map(str, info['dims']))}: `finegrain search --dim D`)" if "dims" in info else ""
+        out.print(f"compressed {info['fitted_on']} images with {info['method']} from {info['input_dim']} to {info['dim']} dims "
+                  f"in {info['fit_seconds']:.1f}s{sizes}; {4 * info['dim']} bytes per image searched "
+                  f"(originals kept: {4 * info['input_dim']} bytes per image)")
 
 
 @app.command("remove")
@@ -343,6 +376,51 @@ def _write_report(path: Optional[Path], title: str, metrics: dict, details) -> N
 
     write_report(path, title, metrics, details, command=" ".join(["finegrain", *sys.argv[1:]]))
     err.print(f"report: {path}")
+
+
+@bench_app.command("compress")
+def bench_compress_cmd(
+    data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
+    gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
+    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
+    distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
+    methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, ss2d."),
+    dims: str = typer.Option("16,32,64,128,256", "--dims", help="Comma-separated output sizes (SS2D: one model, all sizes nested)."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the similarity-distribution and per-dimension-variance PNGs here."),
+    text_data: Optional[Path] = typer.Option(None, "--text-data", help="Also a text-to-image check on this Flickr8k folder (projection applied to both towers)."),
+    text_split: str = typer.Option("dev", "--text-split", help="Split of --text-data."),
+    seed: int = typer.Option(0, help="Seed of the learned projections."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Compact embeddings: PCA / AE-SVC / (SS)2D at several sizes, Revisited mAP (Medium) and landmark-class mAP."""
+    from .bench.compress import run_compress_bench
+    from .eval.revisitop import UnsafePickleError
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        result = run_compress_bench(data, gnd, distractors, distractor_list, method_list, _int_list(dims), encoder,
+                                    cache_dir, plots, text_data, text_split, seed, show_progress=not as_json,
+                                    log=lambda message: err.print(message))
+    except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
+        _fail(str(exc), 2)
+    table = Table("method", "dim", "mAP Medium", "class mAP", "bytes/image", "fit s",
+                  title=f"{data.name}: {result['database']} images + {result['distractors']} distractors, "
+                        f"{result['queries']} queries, encoder {encoder}", title_justify="left")
+    for r in result["results"]:
+        table.add_row(r["method"], str(r["dim"]), f"{r['map_medium']:.2f}", f"{r['class_map']:.2f}",
+                      str(r["bytes_per_image"]), f"{r['fit_seconds']:.1f}")
+    Console(stderr=True).print(table) if as_json or not sys.stdout.isatty() else out.print(table)
+    if "text_to_image" in result:
+        tt = Table("method", "dim", "R@1", "R@5", "R@10", title="text -> image (Flickr8k)", title_justify="left")
+        for r in result["text_to_image"]:
+            tt.add_row(r["method"], str(r["dim"]), f"{r['r1']:.2f}", f"{r['r5']:.2f}", f"{r['r10']:.2f}")
+        Console(stderr=True).print(tt) if as_json or not sys.stdout.isatty() else out.print(tt)
+    if "plots" in result:
+        err.print(f"figures: {result['plots']['similarity_png']}, {result['plots']['variance_png']}")
+    if as_json:
+        print(json.dumps(result))
 
 
 def _print_metrics(title: str, result: dict) -> None:

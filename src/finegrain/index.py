@@ -35,6 +35,7 @@ from .decompose.segments import SegmentConfig
 from .search import multivector
 from .search.multivector import MultiVectorConfig, SearchStats
 from .store.vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
+from .compress import indexing as _compress
 
 DEFAULT_ENCODER = "effnet-minilm"
 MAX_K = 10_000
@@ -70,6 +71,7 @@ class Index:
         self._encoder = None
         self._generation = -1
         self._lock_fh = None
+        self._projection_cache: tuple[str, object] | None = None  # (file name, loaded Projection)
         self._load()
 
     # ------------------------------------------------------------- lifecycle
@@ -155,8 +157,13 @@ class Index:
                 raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {name}: {exc}") from None
             parts.setdefault(fieldname, []).append(rows.select(np.isin(rows.owners, live)))
         #: Every vector field, live rows only: "global" always, "segments" when configured.
-        self.fields = {f: FieldRows.concat(p, dim) for f, p in parts.items()}
+        #: The active projection's catalog setting (``finegrain compress``), or None.
+        self.projection_info: dict | None = self.catalog.get_meta(_compress.META_KEY)
+        field_dims = {_compress.FIELD: int(self.projection_info["dim"])} if self.projection_info else {}
+        self.fields = {f: FieldRows.concat(p, field_dims.get(f, dim)) for f, p in parts.items()}
         self.global_rows = self.fields["global"]
+        #: Rows global search scores against: the projected ``compressed`` field when compressed, else ``global``.
+        self.search_rows = self._load_projection(len(self.records))
         self._segment_table = None  # built on the first multi-vector search
         # Settings read once per load, not once per query.
         seg = self.catalog.get_meta("segments")
@@ -167,8 +174,29 @@ class Index:
             raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
                                    f"{len(self.global_rows)} global vectors")
         cache = self.path / "ann" / f"global-{generation}.faiss"
-        self.global_ann = VectorIndex(self.global_rows.vectors, self.catalog.get_meta("ann", "auto"), cache)
+        self.global_ann = VectorIndex(self.search_rows.vectors, self.catalog.get_meta("ann", "auto"), cache)
+        self._nested_ann: dict[int, VectorIndex] = {}  # SS2D sizes searched so far (built on first use)
         self._generation = generation
+
+    def _load_projection(self, n_images: int) -> FieldRows:
+        """Load the stored projection (cached by file) and return the rows global search uses."""
+        info = self.projection_info
+        if not info:
+            self.projection = None
+            return self.global_rows
+        rows = self.fields.get(_compress.FIELD)
+        if rows is None or len(rows) != n_images or rows.vectors.shape[1] != int(info["dim"]):
+            raise FileNotFoundError("compressed rows do not match the catalog snapshot")  # a compress committed meanwhile: retry
+        if self._projection_cache is None or self._projection_cache[0] != info["file"]:
+            try:
+                self._projection_cache = (info["file"], _compress.load_index_projection(self.path, info))
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError, KeyError) as exc:
+                raise IndexFormatError(f"index at {self.path} has an unreadable projection: {exc}") from None
+        #: The fitted :class:`~finegrain.compress.Projection` applied to queries and new images, or None.
+        self.projection = self._projection_cache[1]
+        return rows
 
     def refresh(self) -> bool:
         """Reload if another process committed since this one loaded; returns whether it did."""
@@ -251,6 +279,7 @@ class Index:
                 index._acquire_lock()
                 committed = {(f, n) for n, f, _ in index.catalog.chunks()}
                 sweep_orphans(index.path, committed)
+                _compress.sweep_projection_files(index.path, index.catalog.get_meta(_compress.META_KEY))
                 _sweep_ann(index.path, index.catalog.generation())
 
             def __exit__(self_inner, *exc):
@@ -275,27 +304,31 @@ class Index:
 
     # ---------------------------------------------------------------- search
     def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None, **options) -> list[SearchResult]:
+               bbox: Sequence[float] | None = None, dim: int | None = None, **options) -> list[SearchResult]:
         """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` crop).
 
         ``mode``: ``global`` (one vector per image), or with a segmented index
         ``single``, ``exhaustive``, ``hierarchical`` (HiMIR). ``options``
         override the index's :class:`MultiVectorConfig` for this call only.
-        Returns up to ``k`` results, best first.
+        ``dim`` picks a nested size of an SS2D-compressed index (leading
+        ``dim`` dimensions, re-normalised). Returns up to ``k`` results, best first.
         """
-        return self.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox, **options)[0]
+        return self.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox, dim=dim, **options)[0]
 
     def search_detailed(self, text: str | None = None, image: ImageSource | None = None, k: int = 10,
                         mode: str = "global", bbox: Sequence[float] | None = None, decomposer=None,
-                        **options) -> tuple[list[SearchResult], SearchStats, list[str]]:
+                        dim: int | None = None, **options) -> tuple[list[SearchResult], SearchStats, list[str]]:
         """Like :meth:`search`, also returning the work done and the (sub-)queries used."""
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES)}")
         _check_k(k)
         if mode == "global":
+            _compress.check_search_dim(self.projection_info, dim)  # a bad dim fails before encoding the query
             query = self.embed_query(text=text, image=image, bbox=bbox)
-            results = self.search_embedding(query, k=k)
+            results = self.search_embedding(query, k=k, dim=dim)
             return results, SearchStats(sim_ops=len(self), levels_visited=0), [text] if text else []
+        if dim is not None:
+            raise ValueError(f"dim= applies to global search only, not to mode {mode!r}")
         if "segments" not in self.fields or self.segment_config is None:
             raise ValueError(f"search mode {mode!r} needs an index built with segments "
                              "(finegrain index ... --segments 4,9,16,25,36)")
@@ -353,18 +386,50 @@ class Index:
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
 
-    def search_embedding(self, query: np.ndarray, k: int = 10) -> list[SearchResult]:
-        """Global search with a precomputed joint-space embedding."""
-        scores, ids = self.search_vectors(query[None, :], k)
+    def search_embedding(self, query: np.ndarray, k: int = 10, dim: int | None = None) -> list[SearchResult]:
+        """Global search with a precomputed joint-space embedding (projected here if the index is compressed)."""
+        scores, ids = self.search_vectors(query[None, :], k, dim=dim)
         return [SearchResult(int(i), self.records[int(i)].path, float(s), r)
                 for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
 
-    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS-style batch search of the global field: (scores, image ids), -1 where empty."""
+    def search_vectors(self, queries: np.ndarray, k: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS-style batch search of the global field: (scores, image ids), -1 where empty.
+
+        ``queries`` are (n, d) joint-space embeddings (what the encoder gives);
+        on a compressed index they go through the stored projection first.
+        ``dim`` picks a nested size of an SS2D index.
+        """
         _check_k(k)
-        scores, rows = self.global_ann.search(queries, k)
-        ids = np.where(rows >= 0, self.global_rows.owners[np.maximum(rows, 0)], -1)
+        nested = _compress.check_search_dim(self.projection_info, dim)
+        ann = self.global_ann
+        if self.projection is not None:
+            queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+            if queries.shape[1] != self.projection.input_dim_:
+                raise ValueError(f"query dimension {queries.shape[1]} does not match the index's embeddings "
+                                 f"({self.projection.input_dim_}; they are projected to {self.projection.n_components_})")
+            queries = self.projection.transform(queries)
+            if nested is not None:
+                queries = _compress.truncate(queries, nested)
+                ann = self._nested_index(nested)
+        scores, rows = ann.search(queries, k)
+        ids = np.where(rows >= 0, self.search_rows.owners[np.maximum(rows, 0)], -1)
         return scores, ids
+
+    def _nested_index(self, dim: int) -> VectorIndex:
+        """Top-k structure over the leading ``dim`` projected dimensions (built once per load and size)."""
+        if dim not in self._nested_ann:
+            cache = self.path / "ann" / f"{_compress.FIELD}{dim}-{self._generation}.faiss"
+            self._nested_ann[dim] = VectorIndex(_compress.truncate(self.search_rows.vectors, dim),
+                                                self.catalog.get_meta("ann", "auto"), cache)
+        return self._nested_ann[dim]
+
+    def compress(self, method: str, dim: int | None = None, show_progress: bool = False, **params) -> dict:
+        """Fit a projection (``pca``, ``aesvc``, ``ss2d``; ``none`` removes it) on this index and store it.
+
+        See :func:`finegrain.compress.indexing.compress_index`; ``params`` go to
+        the projection's constructor. Returns the stored projection setting.
+        """
+        return _compress.compress_index(self, method, dim, params, show_progress)
 
     # ------------------------------------------------------------------ info
     def get(self, image_id: int) -> ImageRecord:
@@ -388,6 +453,8 @@ class Index:
             "removed_pending_compaction": counts.get("removed", 0),
             "encoder": self.catalog.get_meta("encoder"),
             "dim": int(self.catalog.get_meta("dim")),
+            "projection": self.projection_info,
+            "bytes_per_image": 4 * int(self.search_rows.vectors.shape[1]),
             "ann": self.global_ann.kind,
             "chunks": len(self.catalog.chunks()),
             "format_version": int(self.catalog.get_meta("format_version")),

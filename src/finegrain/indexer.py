@@ -25,6 +25,7 @@ from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, write_chunk
+from .compress import indexing as _compress
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
 
@@ -283,6 +284,10 @@ def commit(index, images: list[NewImage], fields: dict[str, FieldRows], failures
     """
     catalog, root = index.catalog, index.path
     ids = np.asarray(catalog.reserve_ids(len(images)), dtype=np.int64)
+    projection = _stored_projection(index) if "global" in fields else None
+    if projection is not None:  # a compressed index: the projected rows go in the same commit
+        fields = {**fields, _compress.FIELD: FieldRows(projection.transform(fields["global"].vectors),
+                                                       fields["global"].owners)}
     chunks = {}
     for f, rows in fields.items():
         chunks[f] = (new_chunk_name(), len(rows))
@@ -305,3 +310,14 @@ def _same_stat(path: str, rec: ImageRecord) -> bool:
     except OSError:
         return False
     return st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns
+
+
+def _stored_projection(index):
+    """The projection committed in the catalog now (read under the writer lock, so never stale), or None."""
+    info = index.catalog.get_meta(_compress.META_KEY)
+    if not info:
+        return None
+    cache = getattr(index, "_projection_cache", None)
+    if cache is not None and cache[0] == info["file"]:
+        return cache[1]
+    return _compress.load_index_projection(index.path, info)

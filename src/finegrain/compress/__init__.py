@@ -17,30 +17,56 @@ distributions and per-dimension variances before and after a projection.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .aesvc import AESVC
-from .base import Projection, load_projection
-from .pca import PCA
-from .ss2d import SS2D
+if TYPE_CHECKING:  # pragma: no cover
+    from .aesvc import AESVC
+    from .base import Projection, load_projection
+    from .pca import PCA
+    from .ss2d import SS2D
 
 __all__ = ["AESVC", "PCA", "SS2D", "METHODS", "Projection", "create_projection", "list_projections", "load_projection"]
 
-#: Method name (as stored in saved files) -> class.
-METHODS: dict[str, type[Projection]] = {cls.method: cls for cls in (PCA, AESVC, SS2D)}
+# Imported on first use, so that opening an index (which imports finegrain.compress.indexing) does not
+# load scikit-learn and the projection classes unless the index is compressed.
+_LAZY = {"AESVC": ".aesvc", "PCA": ".pca", "SS2D": ".ss2d", "Projection": ".base", "load_projection": ".base"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name == "METHODS":
+        methods = _methods()
+        globals()["METHODS"] = methods
+        return methods
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _methods() -> dict[str, type]:
+    """Method name (as stored in saved files) -> class."""
+    from .aesvc import AESVC
+    from .pca import PCA
+    from .ss2d import SS2D
+
+    return {cls.method: cls for cls in (PCA, AESVC, SS2D)}
 
 
 def list_projections() -> dict[str, str]:
     """Registered method names and the first line of each class's docstring."""
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in METHODS.items()}
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in _methods().items()}
 
 
-def create_projection(method: str, dim: int, **params: Any) -> Projection:
+def create_projection(method: str, dim: int, **params: Any) -> "Projection":
     """An unfitted projection of kind ``method`` with output dimension ``dim``.
 
     ``params`` go to the class's constructor; an unknown name raises
     ``TypeError`` there instead of vanishing.
     """
-    if method not in METHODS:
-        raise KeyError(f"unknown projection {method!r}; available: {', '.join(METHODS)}")
-    return METHODS[method](n_components=dim, **params)
+    methods = _methods()
+    if method not in methods:
+        raise KeyError(f"unknown projection {method!r}; available: {', '.join(methods)}")
+    return methods[method](n_components=dim, **params)
