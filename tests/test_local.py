@@ -284,3 +284,111 @@ def test_l2g_config_validation():
         mds.L2GConfig(w=1.5)
     with pytest.raises(ValueError):
         mds.L2GConfig(init="pca")
+
+
+# --------------------------------------------------------------------------- index integration
+@pytest.fixture(scope="module")
+def local_index(tmp_path_factory, photos_dir):
+    """An index with small cnn local features over two crops of each sample photo."""
+    from PIL import Image
+
+    from finegrain import Index
+    from finegrain.local.store import LocalConfig
+
+    root = tmp_path_factory.mktemp("localindex")
+    (root / "db").mkdir()
+    photos = sorted(photos_dir.iterdir())
+    for p in photos[:4]:
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        img.crop((0, 0, 3 * w // 4, 3 * h // 4)).save(root / "db" / f"{p.stem}_a.jpg")
+        img.crop((w // 4, h // 4, w, h)).save(root / "db" / f"{p.stem}_b.jpg")
+    index = Index.create(root / "idx", local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707],
+                                                                 "max_features": 120, "threads": 1}, fit_images=6))
+    report = index.add([root / "db"])
+    assert report.indexed == 8 and not report.failed
+    for p in photos[4:]:  # added later: the whitening fitted on the first batch is reused
+        Image.open(p).convert("RGB").save(root / "db" / f"{p.stem}_a.jpg")
+    assert index.add([root / "db"]).indexed == len(photos) - 4
+    return index, photos
+
+
+def test_index_stores_local_fields(local_index):
+    from finegrain.local.store import INSTANCE_FIELD, LOCAL_FIELD, STATE_FILE
+
+    index, photos = local_index
+    rows = index.fields[LOCAL_FIELD]
+    assert rows.vectors.dtype == np.float16 and rows.vectors.shape[1] == 128
+    assert set(rows.attrs) == {"xys", "strength"} and rows.attrs["xys"].shape == (len(rows), 3)
+    assert set(np.unique(rows.owners)) == set(index.records)
+    for image_id, rec in index.records.items():  # positions lie inside each image
+        xy = rows.attrs["xys"][rows.owners == image_id]
+        assert (xy[:, 0] >= 0).all() and (xy[:, 0] <= rec.width).all() and (xy[:, 1] <= rec.height).all()
+    inst = index.fields[INSTANCE_FIELD]
+    assert len(inst) == len(index) and inst.vectors.dtype == np.float16
+    assert (index.path / STATE_FILE).exists()
+    info = index.info()["local"]
+    assert info["extractor"] == "cnn" and info["fitted"] and 0 < info["bytes_per_image"] < 120 * 300 + 4000
+
+
+@pytest.mark.parametrize("mode", ["global+local", "local", "l2g"])
+def test_local_modes_find_the_crops(local_index, mode):
+    index, photos = local_index
+    hits = index.search(image=photos[0], mode=mode, k=len(index), shortlist=5, mds_dim=4, smacof_iter=50, w=0.19)
+    assert len(hits) == len(index) and len({h.id for h in hits}) == len(index)  # a complete ranking
+    names = [h.path.rsplit("/", 1)[-1] for h in hits[:2]]
+    assert sorted(names) == sorted([f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"]), (mode, names)
+    t = index.local_searcher.last_timings
+    assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
+
+
+def test_local_search_errors(local_index, tmp_path, photos_dir):
+    from finegrain import Index
+
+    index, photos = local_index
+    with pytest.raises(ValueError, match="not inside"):
+        index.search(image=photos[0], mode="l2g", bbox=(0, 0, 10_000, 20))
+    with pytest.raises(ValueError, match="image query"):
+        index.search(text="a cat", mode="local")
+    with pytest.raises(ValueError, match="unknown local search option"):
+        index.search(image=photos[0], mode="l2g", mds_dimension=3)
+    plain = Index.create(tmp_path / "plain")
+    plain.add([photos_dir])
+    with pytest.raises(ValueError, match="--local cnn"):
+        plain.search(image=photos[0], mode="l2g")
+
+
+def test_instance_global_and_refit(local_index):
+    index, photos = local_index
+    hits = index.search(image=photos[1], mode="global", global_field="instance", k=2)
+    assert {h.path.rsplit("/", 1)[-1] for h in hits} == {f"{photos[1].stem}_a.jpg", f"{photos[1].stem}_b.jpg"}
+    before = index.info()["local"]["descriptors"]
+    assert index.refit_local() == len(index)
+    assert index.info()["local"]["descriptors"] == before
+    assert len(index.catalog.chunks("local")) == 1  # old chunks replaced in one transaction
+    hits = index.search(image=photos[1], mode="local", k=2)
+    assert {h.path.rsplit("/", 1)[-1] for h in hits} == {f"{photos[1].stem}_a.jpg", f"{photos[1].stem}_b.jpg"}
+
+
+def test_cli_local_index_and_search(tmp_path, photos_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["index", str(photos_dir), "--index", str(tmp_path / "i"), "--local", "cnn",
+                              "--local-scales", "1.0", "--local-features", "60", "--local-image-size", "160", "--json"])
+    assert res.exit_code == 0, res.output
+    photo = sorted(photos_dir.iterdir())[2]
+    res = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--image", str(photo), "--mode", "l2g",
+                              "--shortlist", "4", "--mds-dim", "3", "--smacof-iter", "20", "--w", "0.3", "-k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["mode"] == "l2g" and len(out["results"]) == 3
+    res = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--image", str(photo), "--mode", "local",
+                              "--bbox", "0", "--bbox", "0", "--bbox", "99999", "--bbox", "10"])
+    assert res.exit_code == 2 and "not inside" in res.output
+    res = runner.invoke(app, ["index", str(photos_dir), "--index", str(tmp_path / "j"), "--local", "nope"])
+    assert res.exit_code != 0

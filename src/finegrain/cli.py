@@ -31,6 +31,40 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _local_config(local: Optional[str], scales: Optional[str], features: Optional[int], image_size: Optional[int]):
+    """A LocalConfig from the --local* options (None without --local)."""
+    if local is None:
+        return None
+    from .local.store import LocalConfig
+
+    params: dict = {}
+    if scales:
+        try:
+            params["scales"] = [float(v) for v in scales.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--local-scales: expected comma-separated numbers, got {scales!r}") from None
+    if features is not None:
+        params["max_features"] = features
+    if image_size is not None:
+        params["image_size"] = image_size
+    try:
+        return LocalConfig(local, params)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field) -> dict:
+    """Search options of the local-feature modes given on the command line (unset ones left out)."""
+    opts = {"shortlist": shortlist, "mds_dim": mds_dim, "smacof_iter": smacof_iter, "w": w, "knn": knn,
+            "global_field": global_field}
+    return {key: v for key, v in opts.items() if v is not None}
+
+
+LOCAL_HELP = "New index: also store local features with this extractor (cnn, sift, disk) for the global+local, local and l2g modes."
+MODE_HELP = ("Search mode: global; with a segmented index single, exhaustive, hierarchical; with local features "
+             "(--local at index time) global+local, local, l2g.")
+
+
 def _open_index(path: Path):
     from .index import Index
     from .store.catalog import IndexFormatError
@@ -60,6 +94,11 @@ def index_cmd(
     ann: str = typer.Option("auto", help="Top-k structure for a new index: auto, flat, hnsw, ivf."),
     segments: Optional[str] = typer.Option(None, help="New index: also store SLIC segments at these granularities, e.g. 4,9,16,25,36 (enables the single/exhaustive/hierarchical modes)."),
     segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
+    local: Optional[str] = typer.Option(None, "--local", help=LOCAL_HELP),
+    local_scales: Optional[str] = typer.Option(None, "--local-scales", help="New index with --local cnn: image scales, e.g. 1.0,0.707,0.5."),
+    local_features: Optional[int] = typer.Option(None, "--local-features", help="New index with --local: local features kept per image (strongest first)."),
+    local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="New index with --local: longer image side at scale 1."),
+    refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
@@ -77,9 +116,12 @@ def index_cmd(
             idx = Index.open(index)
         else:
             seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
-            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg)
+            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg,
+                               local=_local_config(local, local_scales, local_features, local_image_size))
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
                          engine=engine, ray_address=address)
+        if refit_local:
+            idx.refit_local(show_progress=not as_json)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     if as_json:
@@ -110,8 +152,14 @@ def search_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
     bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help="Search mode: global, or with a segmented index single, exhaustive, hierarchical."),
+    mode: str = typer.Option("global", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
+    mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
+    smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
+    w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (paper 0.19)."),
+    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 32)."),
+    global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search an index by text or by example image."""
@@ -121,7 +169,8 @@ def search_cmd(
         _fail("give exactly one of --text or --image", 2)
     idx = _open_searchable(index)
     try:
-        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim)
+        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
+                                                      **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field))
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -129,7 +178,7 @@ def search_cmd(
                           "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
                           "results": [h.as_dict() for h in hits]}))
         return
-    if mode != "global":
+    if mode not in ("global", "global+local", "local", "l2g"):
         out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
                   f"{stats.levels_visited} level(s) visited")
     table = Table("rank", "score", "id")
@@ -343,8 +392,18 @@ def bench_revisitop_cmd(
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
     distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
     distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
-    mode: str = typer.Option("global", help="Search mode."),
+    mode: str = typer.Option("global", help="Search mode: global, global+local, local, l2g (the last three need --local)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    local: Optional[str] = typer.Option(None, "--local", help="Bench index with local features from this extractor (cnn, sift, disk)."),
+    local_scales: Optional[str] = typer.Option(None, "--local-scales", help="--local cnn: image scales, e.g. 1.0,0.707,0.5."),
+    local_features: Optional[int] = typer.Option(None, "--local-features", help="--local: local features kept per image."),
+    local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="--local: longer image side at scale 1."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
+    mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
+    smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
+    w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (paper 0.19)."),
+    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 32)."),
+    global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
@@ -358,7 +417,9 @@ def bench_revisitop_cmd(
 
     try:
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
-                               show_progress=not as_json, report=details)
+                               show_progress=not as_json, report=details,
+                               local=_local_config(local, local_scales, local_features, local_image_size),
+                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"
@@ -426,7 +487,7 @@ def bench_compress_cmd(
 def _print_metrics(title: str, result: dict) -> None:
     table = Table("metric", "value", title=title, title_justify="left")
     for key, value in result.items():
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else (json.dumps(value) if isinstance(value, dict) else str(value)))
     Console(stderr=True).print(table) if not sys.stdout.isatty() else out.print(table)
 
 

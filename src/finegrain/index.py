@@ -36,6 +36,9 @@ from .search import multivector
 from .search.multivector import MultiVectorConfig, SearchStats
 from .store.vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
 from .compress import indexing as _compress
+from .local.search import LOCAL_MODES, LocalSearcher
+from .local.store import LocalConfig, LocalStore
+from .progress import progress_bar
 
 DEFAULT_ENCODER = "effnet-minilm"
 MAX_K = 10_000
@@ -72,17 +75,22 @@ class Index:
         self._generation = -1
         self._lock_fh = None
         self._projection_cache: tuple[str, object] | None = None  # (file name, loaded Projection)
+        self.local_store: LocalStore | None = None
         self._load()
 
     # ------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike, encoder: str = DEFAULT_ENCODER, ann: str = "auto",
-               segments: SegmentConfig | None = None, exist_ok: bool = False) -> "Index":
+               segments: SegmentConfig | None = None, exist_ok: bool = False,
+               local: "LocalConfig | str | None" = None) -> "Index":
         """Create an empty index at ``path`` for ``encoder`` (a registry name).
 
         With ``segments`` the index also stores multi-granularity SLIC segment
         embeddings (needed by the ``single``, ``exhaustive`` and
-        ``hierarchical`` search modes).
+        ``hierarchical`` search modes). With ``local`` (an extractor name,
+        ``"cnn"``, ``"sift"`` or ``"disk"``, or a :class:`~finegrain.local.store.LocalConfig`)
+        it also stores local features and an instance descriptor (needed by the
+        ``global+local``, ``local`` and ``l2g`` modes; see docs/l2g.md).
         """
         path = Path(path)
         if (path / "finegrain.sqlite").exists():
@@ -92,12 +100,14 @@ class Index:
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not an empty folder")
         enc = encoders.create(encoder)
+        local_cfg = LocalConfig.from_dict(local) if not isinstance(local, LocalConfig) else local
         path.mkdir(parents=True, exist_ok=True)
         catalog = Catalog(path, create=True)
         catalog.set_meta("encoder", encoder)
         catalog.set_meta("dim", enc.dim)
         catalog.set_meta("ann", ann)
         catalog.set_meta("segments", segments.to_dict() if segments else None)
+        catalog.set_meta("local", local_cfg.to_dict() if local_cfg else None)
         index = cls(path, catalog)
         index._encoder = enc
         return index
@@ -170,6 +180,13 @@ class Index:
         #: The index's segment decomposition settings, or None if it stores no segments.
         self.segment_config: SegmentConfig | None = SegmentConfig.from_dict(seg) if seg else None
         self._search_config: dict = self.catalog.get_meta("search", {}) or {}
+        local_cfg = LocalConfig.from_dict(self.catalog.get_meta("local"))
+        if local_cfg is None:
+            self.local_store = None
+        elif self.local_store is None or self.local_store.config != local_cfg:
+            #: Local-feature extraction and fitted whitening (None if the index stores no local features).
+            self.local_store = LocalStore(self.path, local_cfg)
+        self._local_searcher = None  # built on the first local-feature search
         if len(self.global_rows) != len(self.records):
             raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
                                    f"{len(self.global_rows)} global vectors")
@@ -319,9 +336,11 @@ class Index:
                         mode: str = "global", bbox: Sequence[float] | None = None, decomposer=None,
                         dim: int | None = None, **options) -> tuple[list[SearchResult], SearchStats, list[str]]:
         """Like :meth:`search`, also returning the work done and the (sub-)queries used."""
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES)}")
+        if mode not in SEARCH_MODES and mode not in LOCAL_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(SEARCH_MODES + LOCAL_MODES)}")
         _check_k(k)
+        if mode in LOCAL_MODES or (mode == "global" and options.get("global_field") == "instance"):
+            return self._search_local(mode, text, image, k, bbox, options)
         if mode == "global":
             _compress.check_search_dim(self.projection_info, dim)  # a bad dim fails before encoding the query
             query = self.embed_query(text=text, image=image, bbox=bbox)
@@ -346,6 +365,68 @@ class Index:
         ids = self.global_rows.owners[positions]
         results = [SearchResult(int(i), self.records[int(i)].path, float(sc), r) for r, (i, sc) in enumerate(zip(ids, scores))]
         return results, stats, queries_text
+
+    @property
+    def local_searcher(self) -> LocalSearcher:
+        """The local-feature searcher of the loaded state (built once per load); ValueError without local features."""
+        if self.local_store is None:
+            raise ValueError("this index stores no local features; create it with local features "
+                             "(finegrain index ... --local cnn, or Index.create(..., local=\"cnn\"))")
+        if self._local_searcher is None:
+            self._local_searcher = LocalSearcher(self)
+        return self._local_searcher
+
+    def _search_local(self, mode: str, text, image, k: int, bbox, options: dict
+                      ) -> tuple[list[SearchResult], SearchStats, list[str]]:
+        if text is not None or image is None:
+            raise ValueError(f"search mode {mode!r} takes an image query (image=..., optional bbox)")
+        if self.local_store is None:
+            raise ValueError(f"search mode {mode!r} needs an index with local features; create it with "
+                             "`finegrain index ... --local cnn` (or Index.create(..., local=\"cnn\"))")
+        if bbox is not None:
+            img = load_image(image)
+            _check_bbox_inside(bbox, img.size)
+            image = img
+        ids, scores = self.local_searcher.search(mode, image, bbox, k, **options)
+        results = [SearchResult(int(i), self.records[int(i)].path, float(s), r) for r, (i, s) in enumerate(zip(ids, scores))]
+        return results, SearchStats(sim_ops=len(self), levels_visited=0), []
+
+    def refit_local(self, show_progress: bool = False, batch: int = 256) -> int:
+        """Refit the local-feature whitening on the whole collection and re-extract every image.
+
+        Returns the number of images re-extracted. The new chunks replace the
+        old ``local``/``instance`` chunks in one catalog transaction.
+        """
+        from .local.store import INSTANCE_FIELD, LOCAL_FIELD
+
+        if self.local_store is None:
+            raise ValueError("this index stores no local features (create it with --local cnn)")
+        with self._writer():
+            store = self.local_store
+            live = sorted(self.catalog.images("indexed"), key=lambda r: r.path)
+            store.reset()
+            store.fit([r.path for r in live], show_progress)
+            new_chunks: list[tuple[str, str, int]] = []
+            with progress_bar(len(live), "re-extracting local features", show_progress) as bar:
+                for s in range(0, len(live), batch):
+                    part = live[s:s + batch]
+                    items = []
+                    for r in part:
+                        items.append(store.extract(r.path))
+                        bar.advance(1)
+                    for fieldname, rows in store.rows(items, [r.id for r in part]).items():
+                        name = new_chunk_name()
+                        write_chunk(self.path, fieldname, name, rows)
+                        new_chunks.append((name, fieldname, len(rows)))
+            old = [(n, f) for n, f, _ in self.catalog.chunks() if f in (LOCAL_FIELD, INSTANCE_FIELD)]
+            with self.catalog.transaction() as tx:
+                tx.drop_chunks([n for n, _ in old])
+                for name, fieldname, count in new_chunks:
+                    tx.add_chunk(name, fieldname, count)
+            for n, f in old:
+                delete_chunk(self.path, f, n)
+        self._load()
+        return len(live)
 
     @property
     def segment_table(self) -> multivector.SegmentTable:
@@ -443,6 +524,22 @@ class Index:
         """Files that could not be indexed, with their reasons."""
         return self.catalog.images("failed")
 
+    def _local_info(self) -> dict | None:
+        """Local-feature settings and storage (None without local features)."""
+        if self.local_store is None:
+            return None
+        from .local.store import INSTANCE_FIELD, LOCAL_FIELD
+
+        rows = self.fields.get(LOCAL_FIELD)
+        n_desc = 0 if rows is None else len(rows)
+        per_row = 0 if rows is None else rows.vectors.itemsize * rows.vectors.shape[1] + 4 * 3 + 2 + 8
+        inst = self.fields.get(INSTANCE_FIELD)
+        inst_bytes = 0 if inst is None else inst.vectors.itemsize * inst.vectors.shape[1] + 8
+        return {"extractor": self.local_store.config.extractor, "params": self.local_store.config.params,
+                "fitted": self.local_store.state_path.exists(), "descriptors": n_desc,
+                "descriptors_per_image": round(n_desc / max(1, len(self)), 1),
+                "bytes_per_image": round((n_desc * per_row) / max(1, len(self)) + inst_bytes, 1)}
+
     def info(self) -> dict:
         """Counts, encoder and size on disk (the ``finegrain info`` output)."""
         counts = self.catalog.counts()
@@ -456,12 +553,24 @@ class Index:
             "projection": self.projection_info,
             "bytes_per_image": 4 * int(self.search_rows.vectors.shape[1]),
             "ann": self.global_ann.kind,
+            "local": self._local_info(),
             "chunks": len(self.catalog.chunks()),
             "format_version": int(self.catalog.get_meta("format_version")),
             "generation": self._generation,
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
         }
+
+
+def _check_bbox_inside(bbox: Sequence[float], size: tuple[int, int]) -> None:
+    """A query box for the local modes must lie inside the image (a box off the image is a caller bug)."""
+    if len(bbox) != 4:
+        raise ValueError("bbox needs four numbers: x0 y0 x1 y1")
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    W, H = size
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise ValueError(f"bbox {tuple(bbox)} is not inside the {W}x{H} query image (need 0 <= x0 < x1 <= {W}, "
+                         f"0 <= y0 < y1 <= {H})")
 
 
 def _check_k(k) -> None:

@@ -151,6 +151,9 @@ class Indexer:
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
         seg_config = pending.segment_config
+        local = getattr(self.index, "local_store", None)  # local features (L2G), when the index stores them
+        if local is not None and not local.fitted:
+            local.fit(todo, show_progress)
         with progress_bar(len(todo), "indexing", show_progress) as bar:
             prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config), todo,
                                    self.workers, 2 * self.batch_size)
@@ -163,6 +166,15 @@ class Indexer:
                     report.unchanged += 1
                     pending.touches.append((rec.id, item.mtime_ns))
                 else:
+                    if local is not None:
+                        try:
+                            pending.local.append(local.extract(item.path))
+                        except Exception as exc:  # noqa: BLE001 - any extractor failure is one skipped file
+                            item.error = f"local features failed: {exc}"
+                            report.failed.append((item.path, item.error))
+                            pending.failures.append(item)
+                            bar.advance(1)
+                            continue
                     if rec is not None and rec.status == "indexed":
                         pending.removals.append(rec.id)  # content changed: replace the old entry
                     pending.add(item)
@@ -231,6 +243,7 @@ class _Pending:
         self.failures: list[_Prepared] = []
         self.touches: list[tuple[int, int]] = []
         self.removals: list[int] = []
+        self.local: list = []  # per image, in order: (LocalFeatures, instance descriptor or None)
 
     def add(self, item: _Prepared) -> None:
         self.images.append(NewImage(item.path, item.sha256, item.size, item.mtime_ns, item.width, item.height))
@@ -265,6 +278,10 @@ class _Pending:
                  "box": np.concatenate([s.box for s in segs]),
                  "area": np.concatenate([s.area for s in segs])},
             )
+        if self.local:
+            from .local.store import LocalStore
+
+            fields.update(LocalStore.rows(self.local, np.arange(len(self.images))))
         return fields
 
     def empty(self) -> bool:

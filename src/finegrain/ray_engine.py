@@ -76,6 +76,11 @@ class RayIndexer(Indexer):
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         ray = _require_ray()
+        unsupported = [name for name, attr in (("local features (--local)", "local_store"),)
+                       if getattr(self.index, attr, None) is not None]
+        if unsupported:  # refuse instead of building an index silently missing those fields
+            raise RuntimeError(f"the ray engine does not compute {', '.join(unsupported)} yet; "
+                               "index this collection with --engine local")
         t0 = time.perf_counter()
         report, files, known, todo = self.plan(inputs, recursive)
         staging = self.index.path / STAGING_DIR

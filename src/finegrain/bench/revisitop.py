@@ -9,6 +9,7 @@ against the whole index; the full ranking goes to the revisitop
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -18,11 +19,18 @@ from ..datasets import RevisitopSet, load_revisitop
 from ..eval.metrics import revisitop_map, revisitop_protocols
 from ..index import Index
 from ..report import ReportData, revisitop_pr
+from ..local.chamfer import recall_at_k
+from ..local.search import LOCAL_MODES
+from ..local.store import LocalConfig
 from .common import bench_index
 
 
-def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_progress: bool) -> tuple[Index, dict, np.ndarray]:
+def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_progress: bool,
+                    local: LocalConfig | None = None) -> tuple[Index, dict, np.ndarray]:
     """The cached bench index of database + distractor images, and each indexed image's benchmark position.
+
+    With ``local`` the index also stores local features (a separate cached
+    index, named after the local settings).
 
     Returns ``(index, index_stats, position_of_row)``: ``position_of_row[r]``
     is the benchmark position (database ``i`` -> ``i``, distractor ``j`` ->
@@ -33,7 +41,9 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
     if data.distractor_paths:
         digest = hashlib.sha1("\n".join(sorted(map(str, data.distractor_paths))).encode()).hexdigest()[:8]
         name += f"-d{len(data.distractor_paths)}-{digest}"
-    index, stats = bench_index(images, encoder, cache_dir / name, show_progress)
+    if local is not None:
+        name += "-local-" + hashlib.sha1(json.dumps(local.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    index, stats = bench_index(images, encoder, cache_dir / name, show_progress, local=local)
     position = {str(p.resolve()): i for i, p in enumerate(images)}
     rows = np.array([position.get(index.records[int(i)].path, -1) for i in index.global_rows.owners])
     if (rows < 0).any():
@@ -50,31 +60,64 @@ def full_ranking(order: np.ndarray, n_total: int) -> np.ndarray:
 
 def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,
                   distractor_list: str | Path | None = None, mode: str = "global", encoder: str = "effnet-minilm",
-                  cache_dir: str | Path | None = None, show_progress: bool = True, report: ReportData | None = None,
-                  **search_options) -> dict:
+                  cache_dir: str | Path | None = None, show_progress: bool = True, local: LocalConfig | str | None = None,
+                  recall_k: int = 100, report: ReportData | None = None, **search_options) -> dict:
     """Run the benchmark; mAPs and mP@k in percent, query latency in ms (image encoding included).
 
-    ``report``, when given, receives per-query latencies and the Easy/Medium/Hard
-    precision-recall curves for :func:`finegrain.report.write_report`.
+    The local-feature modes (``global+local``, ``local``, ``l2g``, and
+    ``global`` with ``global_field="instance"``) need ``local`` (an extractor
+    name or :class:`LocalConfig`); they also report the re-ranking time per
+    query (``rerank_ms_p50``), and the ``local``/``l2g`` modes the recall of
+    the approximate Chamfer top-``recall_k`` against exact Chamfer over the
+    whole database (``approx_recall_at_100``). ``report``, when given,
+    receives per-query latencies and the Easy/Medium/Hard precision-recall
+    curves for :func:`finegrain.report.write_report`.
     """
     bench = load_revisitop(data, gnd, distractors, distractor_list)
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
-    index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress)
+    local_cfg = LocalConfig.from_dict(local) if not isinstance(local, LocalConfig) else local
+    uses_local = mode in LOCAL_MODES or search_options.get("global_field") == "instance"
+    if uses_local and local_cfg is None:
+        raise ValueError(f"mode {mode!r} needs local features: pass local='cnn' (CLI: --local cnn)")
+    index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress, local_cfg)
     position_of_id = {int(i): int(p) for i, p in zip(index.global_rows.owners, position_of_row)}
     n_total = len(bench.db_paths) + len(bench.distractor_paths)
+    searcher = index.local_searcher if uses_local else None
+    if mode == "l2g":
+        searcher.graph(show_progress=show_progress)  # query-independent, built once per index state
 
     index.search(image=bench.query_paths[0], k=1, mode=mode, **search_options)  # warm-up
-    columns, latencies = [], []
+    columns, latencies, rerank, search_ms, recalls = [], [], [], [], []
     for path, box in zip(bench.query_paths, bench.query_boxes):
         t0 = time.perf_counter()
         hits = index.search(image=path, bbox=box, k=len(index), mode=mode, **search_options)
         latencies.append((time.perf_counter() - t0) * 1000)
         columns.append(full_ranking(np.array([position_of_id[h.id] for h in hits], dtype=np.int64), n_total))
+        if searcher is not None:
+            t = searcher.last_timings
+            if "rerank_ms" in t:
+                rerank.append(t["rerank_ms"])
+            search_ms.append(t.get("search_ms", 0.0))
+            if mode in ("local", "l2g"):
+                q = searcher.last_query
+                exact = searcher.exact_top(q)
+                _, approx_pos = searcher.approx(search_options.get("knn"), search_options.get("nprobe")).search(q, recall_k)
+                recalls.append(recall_at_k(approx_pos, exact, recall_k))
     ranks = np.stack(columns, axis=1)
     if report is not None:
         report.latencies_ms.extend(latencies)
         for name, protocol in revisitop_protocols(bench.gnd.gnd).items():
             report.pr_curves[name] = revisitop_pr(ranks, protocol)
+    extra: dict = {}
+    if rerank:
+        extra["rerank_ms_p50"] = float(np.percentile(rerank, 50))
+        extra["rerank_ms_max"] = float(np.max(rerank))
+    if search_ms:
+        extra["first_stage_ms_p50"] = float(np.percentile(search_ms, 50))
+    if recalls:
+        extra[f"approx_recall_at_{recall_k}"] = float(np.mean(recalls))
+    if local_cfg is not None:
+        extra["local"] = index.info()["local"]
     return {
         "dataset": Path(data).name,
         "mode": mode,
@@ -85,5 +128,7 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
         **revisitop_map(ranks, bench.gnd.gnd),
         "query_ms_p50": float(np.percentile(latencies, 50)),
         "query_ms_p95": float(np.percentile(latencies, 95)),
+        **extra,
+        **{k: v for k, v in search_options.items() if v is not None},
         **index_stats,
     }

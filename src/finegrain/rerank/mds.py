@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from sklearn.manifold import smacof  # imported here: the first import costs about a second
 
 __all__ = [
     "L2GConfig",
@@ -249,6 +248,8 @@ def mds_embed(D: np.ndarray, config: L2GConfig) -> tuple[np.ndarray, float]:
     else:
         init = np.random.default_rng(config.seed).standard_normal((len(D), dim)) * 0.5
     if config.solver == "sklearn":
+        from sklearn.manifold import smacof  # imported on use: the first import costs about a second
+
         X, stress = smacof(D, metric=True, n_components=dim, init=init, n_init=1, max_iter=config.smacof_iter,
                            eps=config.smacof_eps, normalized_stress=False)
     else:

@@ -4,7 +4,7 @@ A *field* is one kind of vector (``global`` today; segments, objects and
 local features later). Each field is stored as chunks; a chunk holds rows
 for a batch of images:
 
-* ``vectors/<field>/<chunk>.npy``       (n, d) float32 vectors
+* ``vectors/<field>/<chunk>.npy``       (n, d) float32 vectors (float16 where the field is stored compact)
 * ``vectors/<field>/<chunk>.owner.npy`` (n,) int64 image id of each row
 * ``vectors/<field>/<chunk>.<attr>.npy`` optional per-row attributes
 
@@ -35,7 +35,9 @@ class FieldRows:
     attrs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        # float16 stays float16 (compact multi-vector fields such as local features); anything else is float32
+        dtype = np.float16 if np.asarray(self.vectors).dtype == np.float16 else np.float32
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=dtype)
         self.owners = np.ascontiguousarray(self.owners, dtype=np.int64)
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.owners):
             raise ValueError(f"vectors {self.vectors.shape} and owners {self.owners.shape} do not match")

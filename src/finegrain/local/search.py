@@ -1,0 +1,242 @@
+"""Image search with local features over an index: ``global+local``, ``local`` and ``l2g`` (and ``global``
+over the instance descriptor).
+
+Every mode answers an image query (optionally cropped to a box) with image
+ids, best first:
+
+``global`` (``global_field="instance"``)
+    Inner product with the stored instance descriptor (multi-scale GeM).
+``global+local``
+    The conventional global-to-local pipeline: global search (instance
+    descriptor when the index has one, else the joint-space ``global``
+    field), then the ``k`` best are re-ranked by **exact** Chamfer similarity.
+``local``
+    Approximate Chamfer search (:class:`~finegrain.local.chamfer.ApproxChamfer`,
+    CANN-style: each query descriptor's nearest database descriptors in one
+    FAISS index over all of them, aggregated per image).
+``l2g``
+    ``local``, then the top ``k`` are re-ranked by
+    :func:`~finegrain.rerank.mds.l2g_rerank`: sparse pairwise Chamfer
+    similarities (the query's search scores; between shortlist images their
+    stored neighbour lists), missing pairs = 1, SMACOF embedding, fusion with
+    the global descriptor (weight ``w``), SuperGlobal re-ranking.
+
+Images after the re-ranked shortlist keep the first stage's order (and
+score scale), so asking for every image gives a complete ranking.
+
+The FAISS index over all local descriptors and the neighbour lists
+(each database image's ``graph_m`` best images by approximate Chamfer) are
+query-independent: built on first use and cached in ``ann/`` per catalog
+generation, like the global ANN structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..progress import progress_bar
+from ..rerank.mds import L2GConfig, l2g_rerank
+from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph
+from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
+
+LOCAL_MODES = ("global+local", "local", "l2g")
+_L2G_KEYS = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}  # the shortlist size is passed as "shortlist"
+SEARCH_KEYS = {"shortlist", "knn", "nprobe", "global_field", "query_features"}
+
+__all__ = ["LOCAL_MODES", "LocalSearcher", "split_options"]
+
+
+def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
+    """``options`` -> (:class:`L2GConfig` of the re-ranking keys, the local-search keys); unknown keys raise.
+
+    ``shortlist`` is the number of images re-ranked (``L2GConfig.k``; the
+    search's own ``k`` is the number of results returned).
+    """
+    unknown = set(options) - _L2G_KEYS - SEARCH_KEYS
+    if unknown:
+        raise ValueError(f"unknown local search option(s) {sorted(unknown)}; known: "
+                         f"{sorted(_L2G_KEYS | SEARCH_KEYS)}")
+    kw = {k: v for k, v in options.items() if k in _L2G_KEYS and v is not None}
+    if options.get("shortlist") is not None:
+        kw["k"] = int(options["shortlist"])
+    cfg = L2GConfig(**kw)
+    rest = {k: v for k, v in options.items() if k in SEARCH_KEYS and v is not None}
+    if rest.get("global_field", "instance") not in ("instance", "joint"):
+        raise ValueError("global_field must be 'instance' or 'joint'")
+    return cfg, rest
+
+
+class LocalSearcher:
+    """Local-feature search over one loaded index state (built by :attr:`finegrain.index.Index.local_searcher`).
+
+    Parameters
+    ----------
+    index : finegrain.index.Index
+        An index with local features (``index.local_store`` set).
+    knn, nprobe : int
+        Defaults of the approximate search (neighbours per query descriptor, IVF lists probed).
+    graph_m : int
+        Neighbours stored per database image for the ``l2g`` pairs.
+    """
+
+    def __init__(self, index, knn: int = 32, nprobe: int = 16, graph_m: int = 50):
+        self.index = index
+        self.store: LocalStore = index.local_store
+        self.knn, self.nprobe, self.graph_m = int(knn), int(nprobe), int(graph_m)
+        self.ids = np.unique(index.global_rows.owners)  # database position -> image id
+        rows = index.fields.get(LOCAL_FIELD)
+        if rows is None or len(rows) == 0:
+            dim = self.store.extractor.dim
+            desc, owners = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+        else:
+            order = np.argsort(rows.owners, kind="stable")  # group rows by image, keep strongest-first inside
+            desc, owners = np.asarray(rows.vectors, np.float32)[order], rows.owners[order]
+        offsets = np.searchsorted(owners, np.concatenate([self.ids, [np.iinfo(np.int64).max]]), side="left")
+        offsets[-1] = len(owners)
+        self.db = LocalDatabase(desc, offsets)
+        self.instance = self._aligned(index.fields.get(INSTANCE_FIELD))
+        self.joint = self._aligned(index.global_rows)
+        self._approx: ApproxChamfer | None = None
+        self._graph: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_timings: dict[str, float] = {}
+        self.last_query: np.ndarray | None = None
+
+    def _aligned(self, rows) -> np.ndarray | None:
+        """One float32 row per database position (None if the field is absent)."""
+        if rows is None or len(rows) == 0:
+            return None
+        pos = np.searchsorted(self.ids, rows.owners)
+        out = np.zeros((len(self.ids), rows.vectors.shape[1]), np.float32)
+        out[pos] = np.asarray(rows.vectors, np.float32)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    # ----------------------------------------------------- cached structures
+    def _cache(self, name: str) -> Path:
+        return self.index.path / "ann" / f"{name}-{self.index._generation}"
+
+    def approx(self, knn: int | None = None, nprobe: int | None = None) -> ApproxChamfer:
+        """The approximate searcher (FAISS index over all descriptors, cached on disk per generation)."""
+        import faiss
+
+        if self._approx is None:
+            path = self._cache("local").with_suffix(".faiss")
+            prebuilt = faiss.read_index(str(path)) if path.exists() else None
+            if prebuilt is not None and prebuilt.ntotal != len(self.db.descriptors):
+                prebuilt = None
+            self._approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, faiss_index=prebuilt)
+            if prebuilt is None and len(self.db.descriptors):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                faiss.write_index(self._approx.index, str(tmp))
+                tmp.replace(path)
+        a = self._approx
+        a.knn = int(knn or self.knn)
+        a.nprobe = int(nprobe or self.nprobe)
+        a._set_search_params()
+        return a
+
+    def graph(self, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Each database image's ``graph_m`` best other images by approximate Chamfer, ``(ids, sims)`` by position."""
+        if self._graph is None:
+            path = self._cache("localgraph").with_suffix(".npz")
+            if path.exists():
+                with np.load(path, allow_pickle=False) as z:
+                    if z["ids"].shape == (self.db.n_images, self.graph_m):
+                        self._graph = (z["ids"], z["sims"])
+            if self._graph is None:
+                approx = self.approx(knn=self.knn, nprobe=self.nprobe)
+                n = self.db.n_images
+                ids = np.full((n, self.graph_m), -1, np.int64)
+                sims = np.zeros((n, self.graph_m), np.float32)
+                step = 32
+                with progress_bar(n, "local neighbour lists", show_progress) as bar:
+                    for s in range(0, n, step):
+                        part = np.arange(s, min(n, s + step))
+                        ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
+                        bar.advance(len(part))
+                self._graph = (ids, sims)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                for old in path.parent.glob("localgraph-*.npz"):
+                    old.unlink(missing_ok=True)
+                tmp = path.with_name(path.name + ".tmp.npz")
+                np.savez(tmp, ids=ids, sims=sims)
+                tmp.replace(path)
+        return self._graph
+
+    def global_matrix(self, field: str) -> np.ndarray:
+        if field == "instance" and self.instance is not None:
+            return self.instance
+        return self.joint
+
+    # ------------------------------------------------------------------ search
+    def search(self, mode: str, image, bbox: Sequence[float] | None, k: int,
+               **options) -> tuple[np.ndarray, np.ndarray]:
+        """Image ids and scores, best first (at most ``k``); stage timings in :attr:`last_timings` (ms)."""
+        if mode not in LOCAL_MODES + ("global",):
+            raise ValueError(f"unknown local search mode {mode!r}")
+        cfg, opts = split_options(options)
+        t0 = time.perf_counter()
+        feats, inst = self.store.extract_query(image, bbox)
+        q = np.ascontiguousarray(feats.descriptors, np.float32)
+        if opts.get("query_features"):
+            q = q[: int(opts["query_features"])]
+        self.last_query = q
+        field = opts.get("global_field", "instance")
+        G = self.global_matrix(field)
+        if G is self.instance and inst is not None:
+            gq = np.asarray(inst, np.float32)
+        else:
+            gq = self.index.embed_query(image=image, bbox=bbox)
+        gq = gq / max(float(np.linalg.norm(gq)), 1e-12)
+        t1 = time.perf_counter()
+        timings = {"extract_ms": (t1 - t0) * 1e3}
+        n = self.db.n_images
+        if n == 0:
+            self.last_timings = timings
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+        if mode in ("global", "global+local"):
+            gs = G @ gq
+            order = np.argsort(-gs, kind="stable")
+            scores = gs[order]
+            t2 = time.perf_counter()
+            timings["search_ms"] = (t2 - t1) * 1e3
+            if mode == "global+local":
+                head = order[: cfg.k]
+                exact = chamfer_scores(q, self.db, head)
+                o = np.argsort(-exact, kind="stable")
+                order = np.concatenate([head[o], order[cfg.k:]])
+                scores = np.concatenate([exact[o], scores[cfg.k:]])
+                timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
+        else:
+            approx = self.approx(opts.get("knn"), opts.get("nprobe"))
+            all_scores, reached = approx.score_all(q)
+            cand = np.flatnonzero(reached)
+            cand = cand[np.argsort(-all_scores[cand], kind="stable")]
+            rest = np.flatnonzero(~reached)
+            order = np.concatenate([cand, rest])
+            scores = all_scores[order]
+            t2 = time.perf_counter()
+            timings["search_ms"] = (t2 - t1) * 1e3
+            if mode == "l2g" and len(cand):
+                head = cand[: cfg.k]
+                graph = self.graph()
+                t2 = time.perf_counter()
+                res = l2g_rerank(all_scores[head], head, gq, G[head], cfg, graph=graph)
+                order = np.concatenate([res.ids, order[len(head):]])
+                scores = np.concatenate([res.scores, scores[len(head):]])
+                timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
+                timings.update({f"rerank_{key}": v for key, v in res.timings.items()})
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        self.last_timings = timings
+        return self.ids[order[:k]], np.asarray(scores[:k], np.float32)
+
+    def exact_top(self, q: np.ndarray, k: int = 100) -> np.ndarray:
+        """Exact Chamfer scores of ``q`` against every database image (for recall checks)."""
+        return chamfer_scores(q, self.db)
