@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -106,7 +107,12 @@ class Index:
         path = Path(path)
         if not path.is_dir():
             raise IndexFormatError(f"no finegrain index at {path}")
-        return cls(path, Catalog(path))
+        catalog = Catalog(path)
+        try:
+            return cls(path, catalog)
+        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:  # damaged tables or settings
+            catalog.close()
+            raise IndexFormatError(f"index at {path} is damaged: {type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         self._release_lock()
