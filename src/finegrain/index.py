@@ -358,6 +358,10 @@ class Index:
             raise ValueError("the text query is empty")
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800" in JSON): tokenizers raise TypeError
+            raise ValueError("the text query is not valid Unicode (it contains lone surrogates)") from None
 
     def search_embedding(self, query: np.ndarray, k: int = 10) -> list[SearchResult]:
         """Global search with a precomputed joint-space embedding."""
