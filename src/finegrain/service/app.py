@@ -38,7 +38,6 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Path as PathParam, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -47,6 +46,7 @@ from ..explain import explain_many
 from ..images import ImageLoadError, load_image_sized
 from ..search.multivector import MODES
 from .holder import IndexHolder, ThumbnailCache
+from .hardening import StaticFilesNoRange
 from .slowclients import BodyTimeout
 
 log = logging.getLogger("finegrain.service")
@@ -321,7 +321,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     def web_page() -> HTMLResponse:
         return HTMLResponse(page, headers=page_headers)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", StaticFilesNoRange(directory=STATIC_DIR), name="static")
     return app
 
 
