@@ -26,6 +26,7 @@ they see: images and vectors agree, and every commit is all-or-nothing.
 
     python bench/crash_test.py --seeds 5 --kills-per-seed 10 --json
     python bench/crash_test.py --seeds 1 --kills-per-seed 3 --images 24     # quick
+    python bench/crash_test.py --kills-per-seed 0 --no-tune --src ../other-tree/src   # compress only, another tree
 
 Prints one JSON object (``--json``) or a summary; exits 1 on any violation.
 """
@@ -49,6 +50,7 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"  # the finegrain sources the writers run (--src: another tree's, e.g. a branch with `compress`)
 
 # The writer: Index.add with every commit journalled before and after (fsync'd), so the checker
 # knows which commits finished, which one was in flight, and which images each held.
@@ -76,7 +78,7 @@ print(json.dumps(report.as_dict()))
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
 
 
@@ -391,8 +393,7 @@ def settings_phase(work: Path, photos_dir: Path, command: str, kills: int, seed:
             problems.append("images or vectors changed")
         elif sorted(index.records) != base_state[0]:
             problems.append("image ids changed")
-        if settings(index) not in (base_settings, final_settings):
-            problems.append(f"settings neither before nor after: {settings(index)}")
+        problems += _settings_problems(settings(index), base_settings, final_settings, index.path)
         return problems
 
     target = work / f"{command}-victim"
@@ -429,12 +430,41 @@ def settings_phase(work: Path, photos_dir: Path, command: str, kills: int, seed:
     return out
 
 
+def _settings_problems(now: dict, before: dict, after: dict, index_dir: Path) -> list[str]:
+    """Settings after a kill must be the old ones or a complete new set.
+
+    A complete run may record run-specific values (a fitted file's name, a
+    fit time), so a new value need not equal the reference run's: it must
+    be valid JSON with the same keys, and any file it names must exist.
+    """
+    problems = []
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    new_keys = {k for k in changed if now.get(k) != before.get(k)}
+    for key in set(now) | set(before):
+        if key not in changed and now.get(key) != before.get(key):
+            problems.append(f"setting {key!r} changed, though a complete run leaves it")
+    if new_keys and new_keys != changed:
+        problems.append(f"settings half-updated: {sorted(new_keys)} of {sorted(changed)}")
+    for key in new_keys:
+        try:
+            value, reference = json.loads(now[key]), json.loads(after[key])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"setting {key!r} is missing or not JSON: {now.get(key)!r}")
+            continue
+        if isinstance(reference, dict) and (not isinstance(value, dict) or set(value) != set(reference)):
+            problems.append(f"setting {key!r} is incomplete: {value!r}")
+        elif isinstance(value, dict) and isinstance(value.get("file"), str) and not any(index_dir.rglob(value["file"])):
+            problems.append(f"setting {key!r} names a file that is not there: {value['file']}")
+    return problems
+
+
 def run(work: Path, photos_dir: Path, seeds: list[int], kills_per_seed: int, n_images: int = 40,
         commit_every: int | None = None, readers: bool = True, tune: bool = True, compress: bool = True,
         settings_kills: int = 5, log: Callable = print) -> dict:
     """All phases; returns totals (``kills``, ``violations``, ``reader_checks``, ``reader_violations``) and per-phase detail."""
     t0 = time.monotonic()
-    phases = [index_phase(work, photos_dir, s, kills_per_seed, n_images, commit_every, readers, log) for s in seeds]
+    phases = [index_phase(work, photos_dir, s, kills_per_seed, n_images, commit_every, readers, log) for s in seeds
+              if kills_per_seed]
     if tune and settings_kills:
         phases.append(settings_phase(work, photos_dir, "tune", settings_kills, 100, readers, log))
     if compress and settings_kills:
@@ -446,9 +476,18 @@ def run(work: Path, photos_dir: Path, seeds: list[int], kills_per_seed: int, n_i
         "reader_checks": sum(p["reader_checks"] for p in phases),
         "reader_violations": [v for p in phases for v in p["reader_violations"]],
         "reader_errors": [v for p in phases for v in p["reader_errors"]],
+        "kill_moments": _kill_moments(phases, n_images),
         "seconds": round(time.monotonic() - t0, 1),
         "phases": phases,
     }
+
+
+def _kill_moments(phases: list[dict], n_images: int) -> dict:
+    """Where the index kills landed: before any commit, with the index partly built, or after the last commit."""
+    points = [p for ph in phases for p in ph.get("kill_points", [])]
+    return {"before_first_commit": sum(p["images_after"] == 0 for p in points),
+            "partial_index": sum(0 < p["images_after"] < n_images for p in points),
+            "after_last_commit": sum(p["images_after"] == n_images for p in points)}
 
 
 def _photos(folder: Path) -> Path:
@@ -469,15 +508,22 @@ def main() -> None:
     parser.add_argument("--settings-kills", type=int, default=5, help="Kills of tune and of compress.")
     parser.add_argument("--no-readers", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one, deleted).")
+    parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--no-compress", action="store_true")
+    parser.add_argument("--src", type=Path, default=None,
+                        help="Run another tree's finegrain (its src/ folder), e.g. a branch that has `finegrain compress`.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
+    global SRC
+    SRC = (args.src or SRC).resolve()
+    sys.path.insert(0, str(SRC))
     with tempfile.TemporaryDirectory(prefix="finegrain-crash-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         photos = _photos(work / "sources")
         result = run(work, photos, list(range(args.seeds)), args.kills_per_seed, args.images, None,
-                     not args.no_readers, settings_kills=args.settings_kills,
+                     not args.no_readers, tune=not args.no_tune, compress=not args.no_compress,
+                     settings_kills=args.settings_kills,
                      log=(lambda *a: print(*a, file=sys.stderr, flush=True)))
     for p in result["phases"]:
         p.pop("kill_points", None)
