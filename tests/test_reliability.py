@@ -130,11 +130,15 @@ def test_strict_exits_non_zero_and_rerun_keeps_failures(hostile, hostile_run):
     folder, kinds = hostile
     index_dir, _ = hostile_run
     n_bad = sum(k == "bad" for k in kinds.values())
-    result = CliRunner().invoke(app, ["index", str(folder), "--index", str(index_dir), "--strict", "--json"])
+    result = CliRunner().invoke(app, ["index", str(folder), "--index", str(index_dir), "--strict", "--json",
+                                      "--remove-missing"])
     assert result.exit_code == 2, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["indexed"] == 0 and summary["failed"] == n_bad
-    assert Index.open(index_dir).info()["failed"] == n_bad  # failures are replaced, not duplicated
+    assert summary["removed"] == 0
+    # Failures are replaced, not duplicated, and --remove-missing keeps those of files still there
+    # (including the non-UTF-8 name, recorded under its printable form).
+    assert Index.open(index_dir).info()["failed"] == n_bad
 
 
 def test_unreadable_file_is_skipped(tmp_path, photos_dir, monkeypatch):

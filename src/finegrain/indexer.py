@@ -200,8 +200,8 @@ class Indexer:
         return report, files, known, todo
 
     def _finish(self, report: IndexReport, inputs, files, known, remove_missing: bool, t0: float) -> IndexReport:
-        if remove_missing:
-            report.removed = self._remove_missing(inputs, set(files), known)
+        if remove_missing:  # failures of non-UTF-8 names are recorded under their printable form
+            report.removed = self._remove_missing(inputs, set(files) | {printable_path(f) for f in files}, known)
         report.seconds = time.perf_counter() - t0
         return report
 
