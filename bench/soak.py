@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
-import io
 import json
 import os
 import random

@@ -82,7 +82,7 @@ def make_hostile_folder(folder: Path, photo: Path) -> dict[str, str]:
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (folder / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
     (folder / "text_as.jpg").write_text("just some text, not a picture\n" * 20)
-    (folder / "text_as.png").write_bytes(os.urandom(0) + b"%PDF-1.4\n" + b"x" * 500)
+    (folder / "text_as.png").write_bytes(b"%PDF-1.4\n" + b"x" * 500)
     (folder / "html_as.gif").write_text("<html><body>hello</body></html>")
     unreadable = folder / "unreadable.jpg"
     unreadable.write_bytes(data)

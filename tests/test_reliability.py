@@ -12,8 +12,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,11 @@ import time
 
 
 class BackgroundServer:
-    """uvicorn serving ``app`` from a daemon thread on ``host`` and a free port; the context value is the base URL."""
+    """uvicorn serving ``app`` from a daemon thread on ``host`` and a free port; the context value is the base URL.
+
+    Connections get the same deadline for request headers as ``finegrain
+    serve`` (``header_timeout`` seconds, see :mod:`finegrain.service.slowclients`).
+    """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0,
                  header_timeout: float | None = None):
