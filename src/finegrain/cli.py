@@ -518,6 +518,7 @@ def serve_cmd(
     import uvicorn
 
     from .service import create_app
+    from .service.slowclients import HEADER_TIMEOUT_S, timed_h11_protocol
     from .store.catalog import IndexFormatError
 
     try:
@@ -534,7 +535,7 @@ def serve_cmd(
         _fail(str(exc))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
     uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=timed_h11_protocol(HEADER_TIMEOUT_S))
 
 
 def main() -> None:  # console-script entry point

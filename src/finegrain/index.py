@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -118,7 +119,12 @@ class Index:
         path = Path(path)
         if not path.is_dir():
             raise IndexFormatError(f"no finegrain index at {path}")
-        return cls(path, Catalog(path))
+        catalog = Catalog(path)
+        try:
+            return cls(path, catalog)
+        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:  # damaged tables or settings
+            catalog.close()
+            raise IndexFormatError(f"index at {path} is damaged: {type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         self._release_lock()
@@ -466,6 +472,10 @@ class Index:
             raise ValueError("the text query is empty")
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(f"the text query is longer than {MAX_QUERY_CHARS} characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800" in JSON): tokenizers raise TypeError
+            raise ValueError("the text query is not valid Unicode (it contains lone surrogates)") from None
 
     def search_embedding(self, query: np.ndarray, k: int = 10, dim: int | None = None) -> list[SearchResult]:
         """Global search with a precomputed joint-space embedding (projected here if the index is compressed)."""

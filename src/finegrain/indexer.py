@@ -74,7 +74,7 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
     for item in inputs:
         path = Path(os.path.abspath(item))
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=False, onerror=lambda e: problems.append((str(e.filename), f"cannot list folder: {e.strerror}"))):
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False, onerror=lambda e: problems.append((printable_path(str(e.filename)), f"cannot list folder: {e.strerror}"))):
                 dirnames.sort()
                 if not recursive:
                     dirnames.clear()
@@ -85,16 +85,25 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
         elif path.exists() or path.is_symlink():
             files.add(str(path))
         else:
-            problems.append((str(path), "no such file or folder"))
+            problems.append((printable_path(str(path)), "no such file or folder"))
     return sorted(files), problems
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text: undecodable bytes of a file name (``os.fsdecode`` surrogates) as ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None) -> _Prepared:
     """Stat, read, hash and decode one file (runs in a worker thread)."""
     try:
         path.encode("utf-8")
-    except UnicodeEncodeError:
-        return _Prepared(path, 0, 0, error="file name is not valid UTF-8")
+    except UnicodeEncodeError:  # recorded under a printable form: the catalog (and terminals) need UTF-8
+        return _Prepared(printable_path(path), 0, 0, error="file name is not valid UTF-8")
     try:
         st = os.stat(path)  # follows symlinks: a broken or looping link fails here
     except OSError as exc:
@@ -204,8 +213,8 @@ class Indexer:
         return report, files, known, todo
 
     def _finish(self, report: IndexReport, inputs, files, known, remove_missing: bool, t0: float) -> IndexReport:
-        if remove_missing:
-            report.removed = self._remove_missing(inputs, set(files), known)
+        if remove_missing:  # failures of non-UTF-8 names are recorded under their printable form
+            report.removed = self._remove_missing(inputs, set(files) | {printable_path(f) for f in files}, known)
         report.seconds = time.perf_counter() - t0
         return report
 

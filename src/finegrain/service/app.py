@@ -38,7 +38,6 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Path as PathParam, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -47,6 +46,8 @@ from ..explain import explain_many
 from ..images import ImageLoadError, load_image_sized
 from ..search.multivector import MODES
 from .holder import IndexHolder, ThumbnailCache
+from .hardening import StaticFilesNoRange
+from .slowclients import BodyTimeout
 
 log = logging.getLogger("finegrain.service")
 
@@ -65,6 +66,7 @@ class ServiceLimits:
     max_image_pixels: int = 25_000_000  # decoded size of an uploaded image (width x height)
     thumbnail_size: int = 256  # longer side of a thumbnail, pixels
     thumbnail_cache: int = 512  # thumbnails kept in memory (LRU)
+    body_timeout_s: float = 15.0  # a request body stalling longer gets 408 (see slowclients.py)
 
 
 class ApiError(HTTPException):
@@ -76,7 +78,7 @@ class ApiError(HTTPException):
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          413: "too_large", 415: "unsupported_media_type", 422: "invalid_request"}
+          408: "request_timeout", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 
 
 # ------------------------------------------------------------------ schemas
@@ -201,6 +203,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     app.state.limits = limits
     app.add_middleware(_BodyLimit, limit_for=lambda path: (limits.max_upload_bytes if path.endswith("/image")
                                                            else limits.max_json_bytes))
+    app.add_middleware(BodyTimeout, timeout=limits.body_timeout_s)
     _install_error_handlers(app)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(_auth(api_key))] if api_key else [], responses=_ERRORS)
@@ -318,7 +321,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     def web_page() -> HTMLResponse:
         return HTMLResponse(page, headers=page_headers)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", StaticFilesNoRange(directory=STATIC_DIR), name="static")
     return app
 
 
