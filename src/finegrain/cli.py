@@ -49,6 +49,8 @@ def index_cmd(
     ann: str = typer.Option("auto", help="Top-k structure for a new index: auto, flat, hnsw, ivf."),
     segments: Optional[str] = typer.Option(None, help="New index: also store SLIC segments at these granularities, e.g. 4,9,16,25,36 (enables the single/exhaustive/hierarchical modes)."),
     segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
+    objects: Optional[str] = typer.Option(None, help="New index: also store small-object descriptors from these proposals: regions or yolox (enables the objects, objects-max, objects-refined modes; docs/mao.md)."),
+    refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
@@ -64,7 +66,12 @@ def index_cmd(
             idx = Index.open(index)
         else:
             seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
-            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg)
+            obj = None
+            if objects:
+                from .objects.config import ObjectConfig
+
+                obj = ObjectConfig(proposals=objects, refine_iters=refine_iters)
+            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg, objects=obj)
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -96,7 +103,7 @@ def search_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
     bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help="Search mode: global, or with a segmented index single, exhaustive, hierarchical."),
+    mode: str = typer.Option("global", help="Search mode: global, or with a segmented index single, exhaustive, hierarchical, or with an object index objects, objects-max, objects-refined."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Search an index by text or by example image."""
@@ -114,7 +121,7 @@ def search_cmd(
                           "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
                           "results": [h.as_dict() for h in hits]}))
         return
-    if mode != "global":
+    if mode in ("single", "exhaustive", "hierarchical"):
         out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
                   f"{stats.levels_visited} level(s) visited")
     table = Table("rank", "score", "id")
@@ -279,6 +286,33 @@ def bench_revisitop_cmd(
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     _print_metrics(f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors", result)
+    if as_json:
+        print(json.dumps(result))
+
+
+@bench_app.command("needles")
+def bench_needles_cmd(
+    data: Path = typer.Option(..., "--data", help="Needles folder: scenes/, queries/, gnd.json."),
+    mode: str = typer.Option("objects", help="Search mode: global, global-raw, hierarchical, objects, objects-max, objects-refined."),
+    proposals: str = typer.Option("regions", help="Object proposals of the bench index: regions or yolox."),
+    min_crop: int = typer.Option(0, help="Minimum object crop side in pixels (0: tight crops; the paper uses 224)."),
+    refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Small-object retrieval on the needles composites: mAP over queries and by pasted-area bucket."""
+    from .bench.needles import run_needles
+    from .objects.proposals import ProposerUnavailable
+
+    try:
+        result = run_needles(data, mode=mode, proposals=proposals, min_crop=min_crop, refine_iters=refine_iters,
+                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json)
+    except (FileNotFoundError, ValueError, ProposerUnavailable) as exc:
+        _fail(str(exc), 2)
+    flat = {k: v for k, v in result.items() if k != "map_by_area"}
+    flat.update({f"map_{k}": v for k, v in result["map_by_area"].items()})
+    _print_metrics(f"needles, mode {mode}, encoder {encoder}", flat)
     if as_json:
         print(json.dumps(result))
 

@@ -25,6 +25,9 @@ from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, write_chunk
+from .objects.config import ObjectConfig
+from .objects.descriptor import OBJECT_DECODE_SIDE, ObjectInputs, prepare_objects
+from .objects.indexing import PendingObjects
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
 
@@ -63,6 +66,7 @@ class _Prepared:
     segments: "Segments | None" = None  # with a segment config: SLIC segments and their inputs
     seg_pixels: np.ndarray | None = None  # pool mode: the image prepared at the segment resolution
     image: "Image.Image | None" = None  # crop mode: the decoded image, to crop segments from
+    objects: "ObjectInputs | None" = None  # with an object config: proposals, crops and masks
     error: str | None = None
 
 
@@ -88,7 +92,8 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
     return sorted(files), problems
 
 
-def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None) -> _Prepared:
+def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None,
+             object_config: ObjectConfig | None = None) -> _Prepared:
     """Stat, read, hash and decode one file (runs in a worker thread)."""
     try:
         path.encode("utf-8")
@@ -118,7 +123,8 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
     if known is not None and known.status == "indexed" and known.sha256 == item.sha256:
         return item  # content unchanged: no need to decode
     try:
-        image, (item.width, item.height) = load_image_sized(data, draft_size=encoder.image_size)
+        draft = encoder.image_size if object_config is None else OBJECT_DECODE_SIDE
+        image, (item.width, item.height) = load_image_sized(data, draft_size=draft)
         item.pixels = encoder.prepare_image(image)
     except ImageLoadError as exc:
         item.error = str(exc)
@@ -129,6 +135,8 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
             item.seg_pixels = encoder.prepare_image(image, segment_config.resolution)
         else:
             item.image = image
+    if object_config is not None:
+        item.objects = prepare_objects(image, encoder, object_config)
     return item
 
 
@@ -157,13 +165,14 @@ class Indexer:
             else:
                 todo.append(path)
 
-        pending = _Pending(self.index.segment_config)
+        obj_config = getattr(self.index, "object_config", None)
+        pending = _Pending(self.index.segment_config, obj_config)
         if not todo:  # nothing to decode: do not even load the model
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
         seg_config = pending.segment_config
         with progress_bar(len(todo), "indexing", show_progress) as bar:
-            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config), todo,
+            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config, obj_config), todo,
                                    self.workers, 2 * self.batch_size)
             for item in prepared:
                 rec = known.get(item.path)
@@ -181,7 +190,7 @@ class Indexer:
                         pending.encode(encoder)
                 if len(pending.images) >= self.commit_every:
                     report.indexed += self._commit(pending)
-                    pending = _Pending(seg_config)
+                    pending = _Pending(seg_config, obj_config)
                 bar.advance(1)
             report.indexed += self._commit(pending)
         return self._finish(report, inputs, files, known, remove_missing, t0)
@@ -203,6 +212,8 @@ class Indexer:
             fields["global"] = FieldRows(np.concatenate(pending.vectors), np.asarray(ids))
             if pending.segment_config is not None:
                 fields["segments"] = pending.segment_rows(ids)
+            if pending.objects is not None:
+                fields.update(pending.objects.fields(ids))
         chunks = {f: new_chunk_name() for f in fields}
         for f, rows in fields.items():
             write_chunk(root, f, chunks[f], rows)
@@ -234,8 +245,9 @@ class Indexer:
 class _Pending:
     """What the next commit will write."""
 
-    def __init__(self, segment_config: SegmentConfig | None = None):
+    def __init__(self, segment_config: SegmentConfig | None = None, object_config: ObjectConfig | None = None):
         self.segment_config = segment_config
+        self.objects = PendingObjects(object_config) if object_config is not None else None
         self.images: list[NewImage] = []
         self.vectors: list[np.ndarray] = []
         self.batch: list[np.ndarray] = []
@@ -262,6 +274,8 @@ class _Pending:
         elif cfg is not None:
             self.segments.extend((it.segments, embed_segments(encoder, it.image, it.segments, cfg))
                                  for it in self.batch_items)
+        if self.objects is not None:
+            self.objects.encode(encoder, [it.objects for it in self.batch_items])
         self.batch, self.batch_items = [], []
 
     def segment_rows(self, ids: list[int]) -> FieldRows:
