@@ -146,6 +146,17 @@ def test_object_descriptor_matches_the_pasted_object_better_than_the_whole_image
     assert sims[1:].max() > sims[0] + 0.05  # an object crop beats the whole image
 
 
+def test_fuse_is_the_average_at_p1_and_tends_to_the_max():
+    from finegrain.objects.descriptor import fuse
+
+    v = np.array([[1.0, 0.0, 0.2], [0.0, 0.5, 0.2]], np.float32)
+    avg = v.mean(0) / np.linalg.norm(v.mean(0))
+    np.testing.assert_allclose(fuse(v, 1.0), avg, atol=1e-6)
+    mx = v.max(0) / np.linalg.norm(v.max(0))
+    np.testing.assert_allclose(fuse(v, 40.0), mx, atol=0.03)
+    assert np.linalg.norm(fuse(v, 5.0)) == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------- refinement
 def test_closed_form_gradcam_equals_autograd_gradcam():
     torch.manual_seed(0)
@@ -241,6 +252,13 @@ def test_object_index_end_to_end(tmp_path, scene_dir):
     some_id = index.search(image=query, k=1, mode="objects-max")[0].id
     boxes = index.object_boxes(some_id)
     np.testing.assert_allclose(boxes[0], [0, 0, 1, 1])
+    from finegrain.objects.search import explain_match
+
+    why = explain_match(index, some_id, query)
+    assert why["score"] == pytest.approx(index.search(image=query, k=1, mode="objects-max")[0].score, abs=1e-5)
+    x0, y0, x1, y1 = why["box"]
+    truth = {"s1.jpg": (70, 80, 134, 144), "s4.jpg": (160, 140, 224, 204)}[Path(index.get(some_id).path).name]
+    assert _iou((x0, y0, x1, y1), truth) > 0.3  # the overlay points at the pasted face
     # Bad input errors.
     with pytest.raises(ValueError, match="example image"):
         index.search(text="a face", mode="objects")

@@ -7,8 +7,10 @@ For one image with proposals 0..N-1 (0 = whole image):
   resized to ``crop_size``;
 * each crop is encoded: ``raw`` = the image tower's feature map GeM-pooled
   (p = 3) and L2-normalised; ``joint`` = the encoder's full image embedding;
-* the image's *multi-object descriptor* is the L2-normalised mean of its crop
-  vectors (mode ``objects``); the crop vectors are kept too (``objects-max``).
+* the image's *multi-object descriptor* fuses its crop vectors into one:
+  the paper averages them; finegrain takes their generalised mean with
+  exponent ``pool_p`` (5 by default, 1 = the average), L2-normalised (mode
+  ``objects``); the crop vectors are kept too (``objects-max``).
 
 The same encoding turns an image query (a crop of the object sought) into a
 vector of the same space, see :func:`embed_query`.
@@ -131,7 +133,7 @@ def encode_objects(encoder, items: list[ObjectInputs], config: ObjectConfig) -> 
     out, start = [], 0
     for it, n in zip(items, counts):
         v = vectors[start:start + n]
-        mean = l2_normalize(v.mean(axis=0, keepdims=True))[0]
+        mean = fuse(v, config.pool_p if config.space == "raw" else 1.0)
         refined = None
         if config.refine:
             from .refine import refine_descriptor
@@ -140,6 +142,16 @@ def encode_objects(encoder, items: list[ObjectInputs], config: ObjectConfig) -> 
         out.append(ObjectVectors(v, it.proposals.normalized_boxes(), it.proposals.scores, mean, refined))
         start += n
     return out
+
+
+def fuse(vectors: np.ndarray, p: float = 1.0) -> np.ndarray:
+    """One L2-normalised descriptor from (N, D) crop vectors: generalised mean with exponent ``p`` (1: average)."""
+    v = np.asarray(vectors, np.float64)
+    if p == 1.0:
+        pooled = v.mean(axis=0)
+    else:
+        pooled = np.power(np.power(np.clip(v, 0.0, None), p).mean(axis=0), 1.0 / p)
+    return l2_normalize(pooled[None])[0]
 
 
 def embed_query(encoder, image: Image.Image, config: ObjectConfig) -> np.ndarray:

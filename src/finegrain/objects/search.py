@@ -81,3 +81,25 @@ def top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     part = np.argpartition(-sub, k - 1)[:k] if k < len(sub) else np.arange(len(sub))
     order = part[np.argsort(-sub[part], kind="stable")]
     return finite[order], sub[order].astype(np.float32)
+
+
+def explain_match(index, image_id: int, image, bbox=None) -> dict:
+    """Which stored object of ``image_id`` matched an image query best (for an explain overlay).
+
+    Returns ``{"id", "score", "box", "objects"}``: the best object's score
+    and box in pixels of the indexed image, and every object as
+    ``{"box", "score"}`` (row 0 is the whole image), best first.
+    """
+    rec = index.get(image_id)
+    if "objects" not in index.fields:
+        raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+    query = index.embed_object_query(image=image, bbox=bbox)
+    rows = index.fields["objects"]
+    mine = np.flatnonzero(rows.owners == int(image_id))
+    sims = np.asarray(rows.vectors[mine], np.float32) @ query
+    boxes = np.asarray(rows.attrs["box"], np.float32)[mine]
+    scale = np.array([rec.width or 0, rec.height or 0] * 2, np.float32)
+    objs = [{"box": [int(round(float(v))) for v in b * scale], "score": float(s)} for b, s in zip(boxes, sims)]
+    objs.sort(key=lambda o: -o["score"])
+    best = objs[0] if objs else {"box": None, "score": float("-inf")}
+    return {"id": int(image_id), "score": best["score"], "box": best["box"], "objects": objs}
