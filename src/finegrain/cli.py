@@ -297,6 +297,7 @@ def bench_needles_cmd(
     proposals: str = typer.Option("regions", help="Object proposals of the bench index: regions or yolox."),
     min_crop: int = typer.Option(0, help="Minimum object crop side in pixels (0: tight crops; the paper uses 224)."),
     refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
+    raw_size: Optional[int] = typer.Option(None, help="global-raw mode: input side for scenes and queries (default: the encoder's, 224)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
@@ -307,7 +308,7 @@ def bench_needles_cmd(
 
     try:
         result = run_needles(data, mode=mode, proposals=proposals, min_crop=min_crop, refine_iters=refine_iters,
-                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json)
+                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json, raw_size=raw_size)
     except (FileNotFoundError, ValueError, ProposerUnavailable) as exc:
         _fail(str(exc), 2)
     flat = {k: v for k, v in result.items() if k != "map_by_area"}

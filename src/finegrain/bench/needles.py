@@ -107,8 +107,11 @@ def _index_for(mode: str, data: NeedlesSet, encoder: str, cache: Path, show_prog
     return bench_index(data.scenes, encoder, cache / name, show_progress, objects=cfg)
 
 
-def _global_raw_rankings(index: Index, data: NeedlesSet) -> list[list[str]]:
-    """Rankings by the raw GeM (p = 3) feature of whole scenes and queries at the encoder's input size."""
+def _global_raw_rankings(index: Index, data: NeedlesSet, size: int | None = None) -> tuple[list[list[str]], float]:
+    """Rankings by the raw GeM (p = 3) feature of whole scenes and queries at ``size`` (default: the encoder's input).
+
+    Also returns the mean milliseconds to encode and score one query.
+    """
     import torch
 
     from ..encoders.base import l2_normalize
@@ -119,19 +122,22 @@ def _global_raw_rankings(index: Index, data: NeedlesSet) -> list[list[str]]:
     def raw(paths: list[Path]) -> np.ndarray:
         vecs = []
         for start in range(0, len(paths), 32):
-            pix = np.stack([enc.preprocess(p) for p in paths[start:start + 32]])
+            pix = np.stack([enc.preprocess(p, size) for p in paths[start:start + 32]])
             with torch.inference_mode():
                 vecs.append(gem(enc._feature_map_batch(torch.from_numpy(pix)).float()).numpy())
         return l2_normalize(np.concatenate(vecs))
 
     names = [p.name for p in data.scenes]
-    scores = raw(data.queries) @ raw(data.scenes).T
-    return [[names[i] for i in np.argsort(-s, kind="stable")] for s in scores]
+    scenes = raw(data.scenes)
+    t0 = time.perf_counter()
+    scores = raw(data.queries) @ scenes.T
+    ms = (time.perf_counter() - t0) * 1000 / len(data.queries)
+    return [[names[i] for i in np.argsort(-s, kind="stable")] for s in scores], ms
 
 
 def run_needles(data: str | Path, mode: str = "objects", proposals: str = "regions", min_crop: int = 0,
                 refine_iters: int = 80, encoder: str = "effnet-minilm", cache_dir: str | Path | None = None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, raw_size: int | None = None) -> dict:
     """Run the benchmark in one mode; returns ``map``, ``map_by_area``, ``index_images_per_s`` and details."""
     if mode not in MODES:
         raise ValueError(f"unknown needles mode {mode!r}; available: {', '.join(MODES)}")
@@ -140,9 +146,8 @@ def run_needles(data: str | Path, mode: str = "objects", proposals: str = "regio
     index, stats = _index_for(mode, bench, encoder, cache, show_progress, proposals, min_crop, refine_iters)
     latencies = []
     if mode == "global-raw":
-        t0 = time.perf_counter()
-        rankings = _global_raw_rankings(index, bench)
-        latencies.append((time.perf_counter() - t0) * 1000 / len(bench.queries))
+        rankings, ms = _global_raw_rankings(index, bench, raw_size)
+        latencies.append(ms)
     else:
         names = {int(i): Path(index.records[int(i)].path).name for i in index.global_rows.owners}
         all_names = [p.name for p in bench.scenes]
@@ -165,6 +170,8 @@ def run_needles(data: str | Path, mode: str = "objects", proposals: str = "regio
         "index_images_per_s": stats["index_images_per_s"],
         "index_reused": stats["index_reused"],
     }
+    if mode == "global-raw":
+        result["raw_size"] = raw_size or index.encoder.image_size
     if index.object_config is not None:
         result["objects"] = index.object_config.to_dict()
         result["objects_per_image"] = round(len(index.fields.get("objects", [])) / max(1, len(index)), 2)
