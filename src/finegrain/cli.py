@@ -62,7 +62,7 @@ def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field)
 
 LOCAL_HELP = "New index: also store local features with this extractor (cnn, sift, disk) for the global+local, local and l2g modes."
 MODE_HELP = ("Search mode: global; with a segmented index single, exhaustive, hierarchical; with local features "
-             "(--local at index time) global+local, local, l2g.")
+             "(--local at index time) global+local, local, l2g; with objects (--objects) objects, objects-max, objects-refined.")
 
 
 def _open_index(path: Path):
@@ -99,6 +99,8 @@ def index_cmd(
     local_features: Optional[int] = typer.Option(None, "--local-features", help="New index with --local: local features kept per image (strongest first)."),
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="New index with --local: longer image side at scale 1."),
     refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
+    objects: Optional[str] = typer.Option(None, help="New index: also store small-object descriptors from these proposals: regions or yolox (enables the objects, objects-max, objects-refined modes; docs/mao.md)."),
+    refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
@@ -116,7 +118,12 @@ def index_cmd(
             idx = Index.open(index)
         else:
             seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
-            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg,
+            obj = None
+            if objects:
+                from .objects.config import ObjectConfig
+
+                obj = ObjectConfig(proposals=objects, refine_iters=refine_iters)
+            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg, objects=obj,
                                local=_local_config(local, local_scales, local_features, local_image_size))
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
                          engine=engine, ray_address=address)
@@ -178,7 +185,7 @@ def search_cmd(
                           "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
                           "results": [h.as_dict() for h in hits]}))
         return
-    if mode not in ("global", "global+local", "local", "l2g"):
+    if mode in ("single", "exhaustive", "hierarchical"):
         out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
                   f"{stats.levels_visited} level(s) visited")
     table = Table("rank", "score", "id")
@@ -480,6 +487,34 @@ def bench_compress_cmd(
         Console(stderr=True).print(tt) if as_json or not sys.stdout.isatty() else out.print(tt)
     if "plots" in result:
         err.print(f"figures: {result['plots']['similarity_png']}, {result['plots']['variance_png']}")
+    if as_json:
+        print(json.dumps(result))
+
+
+@bench_app.command("needles")
+def bench_needles_cmd(
+    data: Path = typer.Option(..., "--data", help="Needles folder: scenes/, queries/, gnd.json."),
+    mode: str = typer.Option("objects", help="Search mode: global, global-raw, hierarchical, objects, objects-max, objects-refined."),
+    proposals: str = typer.Option("regions", help="Object proposals of the bench index: regions or yolox."),
+    min_crop: int = typer.Option(0, help="Minimum object crop side in pixels (0: tight crops; the paper uses 224)."),
+    refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
+    raw_size: Optional[int] = typer.Option(None, help="global-raw mode: input side for scenes and queries (default: the encoder's, 224)."),
+    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+) -> None:
+    """Small-object retrieval on the needles composites: mAP over queries and by pasted-area bucket."""
+    from .bench.needles import run_needles
+    from .objects.proposals import ProposerUnavailable
+
+    try:
+        result = run_needles(data, mode=mode, proposals=proposals, min_crop=min_crop, refine_iters=refine_iters,
+                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json, raw_size=raw_size)
+    except (FileNotFoundError, ValueError, ProposerUnavailable) as exc:
+        _fail(str(exc), 2)
+    flat = {k: v for k, v in result.items() if k != "map_by_area"}
+    flat.update({f"map_{k}": v for k, v in result["map_by_area"].items()})
+    _print_metrics(f"needles, mode {mode}, encoder {encoder}", flat)
     if as_json:
         print(json.dumps(result))
 

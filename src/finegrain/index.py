@@ -33,6 +33,8 @@ from .indexer import Indexer, IndexReport
 from .store.ann import VectorIndex
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
 from .decompose.segments import SegmentConfig
+from .objects import search as object_search
+from .objects.config import ObjectConfig
 from .search import multivector
 from .search.multivector import MultiVectorConfig, SearchStats
 from .store.vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
@@ -44,7 +46,7 @@ from .progress import progress_bar
 DEFAULT_ENCODER = "effnet-minilm"
 MAX_K = 10_000
 MAX_QUERY_CHARS = 2_000
-SEARCH_MODES = multivector.MODES
+SEARCH_MODES = multivector.MODES + object_search.OBJECT_MODES
 
 __all__ = ["Index", "SearchResult", "IndexFormatError", "IndexLockedError", "DEFAULT_ENCODER"]
 
@@ -83,7 +85,7 @@ class Index:
     @classmethod
     def create(cls, path: str | os.PathLike, encoder: str = DEFAULT_ENCODER, ann: str = "auto",
                segments: SegmentConfig | None = None, exist_ok: bool = False,
-               local: "LocalConfig | str | None" = None) -> "Index":
+               local: "LocalConfig | str | None" = None, objects: "ObjectConfig | str | None" = None) -> "Index":
         """Create an empty index at ``path`` for ``encoder`` (a registry name).
 
         With ``segments`` the index also stores multi-granularity SLIC segment
@@ -92,7 +94,13 @@ class Index:
         ``"cnn"``, ``"sift"`` or ``"disk"``, or a :class:`~finegrain.local.store.LocalConfig`)
         it also stores local features and an instance descriptor (needed by the
         ``global+local``, ``local`` and ``l2g`` modes; see docs/l2g.md).
+        With ``objects`` (an :class:`~finegrain.objects.ObjectConfig`, or a
+        proposer name such as ``"regions"`` / ``"yolox"``) it also stores
+        small-object descriptors (the ``objects``, ``objects-max`` and
+        ``objects-refined`` modes, see docs/mao.md).
         """
+        if isinstance(objects, str):
+            objects = ObjectConfig(proposals=objects)
         path = Path(path)
         if (path / "finegrain.sqlite").exists():
             if not exist_ok:
@@ -109,6 +117,7 @@ class Index:
         catalog.set_meta("ann", ann)
         catalog.set_meta("segments", segments.to_dict() if segments else None)
         catalog.set_meta("local", local_cfg.to_dict() if local_cfg else None)
+        catalog.set_meta("objects", objects.to_dict() if objects else None)
         index = cls(path, catalog)
         index._encoder = enc
         return index
@@ -193,6 +202,10 @@ class Index:
             #: Local-feature extraction and fitted whitening (None if the index stores no local features).
             self.local_store = LocalStore(self.path, local_cfg)
         self._local_searcher = None  # built on the first local-feature search
+        obj = self.catalog.get_meta("objects")
+        #: The index's object settings (docs/mao.md), or None if it stores no objects.
+        self.object_config: ObjectConfig | None = ObjectConfig.from_dict(obj) if obj else None
+        self._object_table = None  # built on the first objects-max search
         if len(self.global_rows) != len(self.records):
             raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.records)} images but "
                                    f"{len(self.global_rows)} global vectors")
@@ -354,6 +367,8 @@ class Index:
             return results, SearchStats(sim_ops=len(self), levels_visited=0), [text] if text else []
         if dim is not None:
             raise ValueError(f"dim= applies to global search only, not to mode {mode!r}")
+        if mode in object_search.OBJECT_MODES:
+            return self._search_objects(mode, text, image, bbox, k)
         if "segments" not in self.fields or self.segment_config is None:
             raise ValueError(f"search mode {mode!r} needs an index built with segments "
                              "(finegrain index ... --segments 4,9,16,25,36)")
@@ -371,6 +386,64 @@ class Index:
         ids = self.global_rows.owners[positions]
         results = [SearchResult(int(i), self.records[int(i)].path, float(sc), r) for r, (i, sc) in enumerate(zip(ids, scores))]
         return results, stats, queries_text
+
+    def _search_objects(self, mode: str, text, image, bbox, k: int) -> tuple[list[SearchResult], SearchStats, list[str]]:
+        """The ``objects``, ``objects-max`` and ``objects-refined`` modes (docs/mao.md)."""
+        cfg = self.object_config
+        if cfg is None:
+            raise ValueError(f"search mode {mode!r} needs an index built with objects "
+                             "(finegrain index ... --objects regions)")
+        fieldname = object_search.FIELDS[mode]
+        if mode == "objects-refined" and not cfg.refine:
+            raise ValueError("search mode 'objects-refined' needs an index built with refinement "
+                             "(finegrain index ... --objects regions --refine-iters 80)")
+        query = self.embed_object_query(text=text, image=image, bbox=bbox)
+        order = self.global_rows.owners
+        if fieldname not in self.fields:  # an empty index
+            return [], SearchStats(), [text] if text else []
+        if mode == "objects-max":
+            scores, _ = self.object_table.max_scores(query)
+        else:
+            scores = object_search.field_scores(self.fields[fieldname], order, query)
+        positions, best = object_search.top(scores, k)
+        results = [SearchResult(int(order[p]), self.records[int(order[p])].path, float(sc), r)
+                   for r, (p, sc) in enumerate(zip(positions, best))]
+        return results, SearchStats(sim_ops=len(self.fields[fieldname])), [text] if text else []
+
+    def embed_object_query(self, text: str | None = None, image: ImageSource | None = None,
+                           bbox: Sequence[float] | None = None) -> np.ndarray:
+        """A query vector in the index's object space (image queries; text only with ``space="joint"``)."""
+        cfg = self.object_config
+        if cfg is None:
+            raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+        if (text is None) == (image is None):
+            raise ValueError("give exactly one of text= or image=")
+        if text is not None:
+            if cfg.space != "joint":
+                raise ValueError("the object modes of this index search by example image only: its object "
+                                 "descriptors are raw image features (space 'raw'); use mode 'global' for text")
+            return self.embed_query(text=text)
+        from .objects.descriptor import embed_query
+
+        img = load_image(image)
+        if bbox is not None:
+            img = img.crop(_check_bbox(bbox, img.size))
+        return embed_query(self.encoder, img, cfg)
+
+    @property
+    def object_table(self) -> object_search.ObjectTable:
+        """Per-object rows grouped by image (built once per load)."""
+        if self._object_table is None:
+            self._object_table = object_search.ObjectTable(self.fields["objects"], self.global_rows.owners)
+        return self._object_table
+
+    def object_boxes(self, image_id: int) -> np.ndarray:
+        """(n, 4) normalised boxes of an image's stored objects, row 0 the whole image (empty without objects)."""
+        self.get(image_id)
+        if "objects" not in self.fields:
+            return np.zeros((0, 4), np.float32)
+        pos = int(np.flatnonzero(self.global_rows.owners == int(image_id))[0])
+        return self.object_table.boxes_of(pos)
 
     @property
     def local_searcher(self) -> LocalSearcher:
@@ -566,6 +639,7 @@ class Index:
             "local": self._local_info(),
             "chunks": len(self.catalog.chunks()),
             "format_version": int(self.catalog.get_meta("format_version")),
+            "objects": self.object_config.to_dict() if self.object_config else None,
             "generation": self._generation,
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],

@@ -26,6 +26,9 @@ from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, write_chunk
 from .compress import indexing as _compress
+from .objects.config import ObjectConfig
+from .objects.descriptor import OBJECT_DECODE_SIDE, ObjectInputs, prepare_objects
+from .objects.indexing import PendingObjects
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
 
@@ -64,6 +67,7 @@ class _Prepared:
     segments: "Segments | None" = None  # with a segment config: SLIC segments and their inputs
     seg_pixels: np.ndarray | None = None  # pool mode: the image prepared at the segment resolution
     image: "Image.Image | None" = None  # crop mode: the decoded image, to crop segments from
+    objects: "ObjectInputs | None" = None  # with an object config: proposals, crops and masks
     error: str | None = None
 
 
@@ -98,7 +102,8 @@ def printable_path(path: str) -> str:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None) -> _Prepared:
+def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None,
+             object_config: ObjectConfig | None = None) -> _Prepared:
     """Stat, read, hash and decode one file (runs in a worker thread)."""
     try:
         path.encode("utf-8")
@@ -128,7 +133,8 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
     if known is not None and known.status == "indexed" and known.sha256 == item.sha256:
         return item  # content unchanged: no need to decode
     try:
-        image, (item.width, item.height) = load_image_sized(data, draft_size=encoder.image_size)
+        draft = encoder.image_size if object_config is None else OBJECT_DECODE_SIDE
+        image, (item.width, item.height) = load_image_sized(data, draft_size=draft)
         item.pixels = encoder.prepare_image(image)
     except ImageLoadError as exc:
         item.error = str(exc)
@@ -139,6 +145,8 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
             item.seg_pixels = encoder.prepare_image(image, segment_config.resolution)
         else:
             item.image = image
+    if object_config is not None:
+        item.objects = prepare_objects(image, encoder, object_config)
     return item
 
 
@@ -155,7 +163,8 @@ class Indexer:
             show_progress: bool = True) -> IndexReport:
         t0 = time.perf_counter()
         report, files, known, todo = self.plan(inputs, recursive)
-        pending = _Pending(self.index.segment_config)
+        obj_config = getattr(self.index, "object_config", None)
+        pending = _Pending(self.index.segment_config, obj_config)
         if not todo:  # nothing to decode: do not even load the model
             return self._finish(report, inputs, files, known, remove_missing, t0)
         encoder = self.index.encoder
@@ -164,7 +173,7 @@ class Indexer:
         if local is not None and not local.fitted:
             local.fit(todo, show_progress)
         with progress_bar(len(todo), "indexing", show_progress) as bar:
-            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config), todo,
+            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config, obj_config), todo,
                                    self.workers, 2 * self.batch_size)
             for item in prepared:
                 rec = known.get(item.path)
@@ -191,7 +200,7 @@ class Indexer:
                         pending.encode(encoder)
                 if len(pending.images) >= self.commit_every:
                     report.indexed += self._commit(pending)
-                    pending = _Pending(seg_config)
+                    pending = _Pending(seg_config, obj_config)
                 bar.advance(1)
             report.indexed += self._commit(pending)
         return self._finish(report, inputs, files, known, remove_missing, t0)
@@ -242,8 +251,9 @@ class Indexer:
 class _Pending:
     """What the next commit will write."""
 
-    def __init__(self, segment_config: SegmentConfig | None = None):
+    def __init__(self, segment_config: SegmentConfig | None = None, object_config: ObjectConfig | None = None):
         self.segment_config = segment_config
+        self.objects = PendingObjects(object_config) if object_config is not None else None
         self.images: list[NewImage] = []
         self.vectors: list[np.ndarray] = []
         self.batch: list[np.ndarray] = []
@@ -271,6 +281,8 @@ class _Pending:
         elif cfg is not None:
             self.segments.extend((it.segments, embed_segments(encoder, it.image, it.segments, cfg))
                                  for it in self.batch_items)
+        if self.objects is not None:
+            self.objects.encode(encoder, [it.objects for it in self.batch_items])
         self.batch, self.batch_items = [], []
 
     def field_rows(self) -> dict[str, FieldRows]:
@@ -291,6 +303,8 @@ class _Pending:
             from .local.store import LocalStore
 
             fields.update(LocalStore.rows(self.local, np.arange(len(self.images))))
+        if self.objects is not None:
+            fields.update(self.objects.fields(list(range(len(self.images)))))
         return fields
 
     def empty(self) -> bool:

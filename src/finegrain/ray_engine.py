@@ -76,7 +76,8 @@ class RayIndexer(Indexer):
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         ray = _require_ray()
-        unsupported = [name for name, attr in (("local features (--local)", "local_store"),)
+        unsupported = [name for name, attr in (("local features (--local)", "local_store"),
+                                                             ("object descriptors (--objects)", "object_config"))
                        if getattr(self.index, attr, None) is not None]
         if unsupported:  # refuse instead of building an index silently missing those fields
             raise RuntimeError(f"the ray engine does not compute {', '.join(unsupported)} yet; "

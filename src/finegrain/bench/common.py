@@ -9,13 +9,13 @@ from ..index import Index
 
 
 def bench_index(images: list[Path], encoder: str, index_dir: Path, show_progress: bool,
-                segments: SegmentConfig | None = None, local=None) -> tuple[Index, dict]:
+                segments: SegmentConfig | None = None, local=None, objects=None) -> tuple[Index, dict]:
     """Open the cached bench index for these images (building or updating it first).
 
     The index is reused when the files are unchanged (size/mtime/content hash);
     the indexing throughput measured when it was built is kept in the index.
     """
-    index = Index.create(index_dir, encoder=encoder, segments=segments, exist_ok=True, local=local)
+    index = Index.create(index_dir, encoder=encoder, segments=segments, exist_ok=True, local=local, objects=objects)
     report = index.add(images, remove_missing=False, show_progress=show_progress)
     speed = index.catalog.get_meta("bench_index_images_per_s")
     if report.indexed >= len(images) // 2 or speed is None:

@@ -1,0 +1,109 @@
+"""Settings of the small-object (MaO) decomposition, stored with an index and fixed at creation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+PROPOSERS = ("regions", "yolox")
+SPACES = ("raw", "joint")
+
+
+@dataclass(frozen=True)
+class ObjectConfig:
+    """How an index decomposes images into objects and describes them.
+
+    Parameters
+    ----------
+    proposals:
+        ``regions`` (default): Felzenszwalb graph-merged colour regions
+        (scikit-image), no extra weights. ``yolox``: YOLOX-Nano COCO ONNX
+        model run by onnxruntime, class-agnostic (optional extra ``yolox``).
+    max_objects:
+        Cap on proposals per image (the whole image comes on top of them).
+    threshold:
+        ``yolox`` only: minimum objectness x best class score (paper: 0.2).
+    pad:
+        Margin added on each side of an object's box before cropping, as a
+        fraction of the box's longer side.
+    min_crop:
+        Minimum crop side in pixels of the original image. The paper uses the
+        backbone input size (224); 0 (default) keeps tight crops, which work
+        much better for objects of 1-4 % of the image (see docs/mao.md).
+    crop_size:
+        Side in pixels each crop is resized to before encoding (and the query).
+    pool_p:
+        Exponent of the generalised mean that fuses an image's crop vectors
+        into its one descriptor (``raw`` space; values are non-negative).
+        1 is the paper's plain average; 5 (default) lets an object that
+        fires a channel strongly keep it in the descriptor (needles mAP 0.24
+        against 0.17 for the average, docs/mao.md). ``joint`` space always averages.
+    space:
+        ``raw``: the image tower's feature map GeM-pooled (p = 3), 1280-d for
+        effnet-minilm, image queries only. ``joint``: pooled then projected
+        into the text-image space (text queries work too, instances match worse).
+    refine_iters:
+        Stage B attention-map refinement steps per image (0: off, paper: 80).
+    refine_objects:
+        At most this many objects (largest first) enter the refinement.
+    alpha:
+        Weight of the refinement's pull towards the initial descriptor (paper: 0.03).
+    lr:
+        Refinement step size (Adam; the paper's 0.1 destroys the raw 1280-d
+        descriptors, see docs/mao.md).
+    seg_side:
+        Side of the image copy the ``regions`` proposer segments.
+    """
+
+    proposals: str = "regions"
+    max_objects: int = 24
+    threshold: float = 0.2
+    pad: float = 0.1
+    min_crop: int = 0
+    crop_size: int = 128
+    pool_p: float = 5.0
+    space: str = "raw"
+    refine_iters: int = 0
+    refine_objects: int = 24
+    alpha: float = 0.03
+    lr: float = 1e-3
+    seg_side: int = 224
+
+    def __post_init__(self) -> None:
+        if self.proposals not in PROPOSERS:
+            raise ValueError(f"object proposals must be one of {PROPOSERS}, not {self.proposals!r}")
+        if self.space not in SPACES:
+            raise ValueError(f"object descriptor space must be one of {SPACES}, not {self.space!r}")
+        if int(self.max_objects) < 0:
+            raise ValueError("max_objects must be >= 0")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError("threshold must be between 0 and 1")
+        if not 0.0 <= float(self.pad) <= 2.0:
+            raise ValueError("pad must be between 0 and 2")
+        if int(self.min_crop) < 0:
+            raise ValueError("min_crop must be >= 0")
+        if not 32 <= int(self.crop_size) <= 1024:
+            raise ValueError("crop_size must be between 32 and 1024")
+        if not 1.0 <= float(self.pool_p) <= 50.0:
+            raise ValueError("pool_p must be between 1 and 50")
+        if int(self.refine_iters) < 0 or int(self.refine_objects) < 0:
+            raise ValueError("refine_iters and refine_objects must be >= 0")
+        if float(self.alpha) < 0 or float(self.lr) <= 0:
+            raise ValueError("alpha must be >= 0 and lr > 0")
+        if not 32 <= int(self.seg_side) <= 1024:
+            raise ValueError("seg_side must be between 32 and 1024")
+
+    @property
+    def refine(self) -> bool:
+        """Whether the index stores Stage B refined descriptors."""
+        return self.refine_iters > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown object settings: {sorted(unknown)}")
+        return cls(**d)

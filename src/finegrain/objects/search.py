@@ -1,0 +1,105 @@
+"""Scoring images by their objects: ``objects`` (averaged descriptor), ``objects-max``, ``objects-refined``.
+
+Vector fields an object index stores (one chunk per commit, like ``global``):
+
+* ``objects``: one row per object crop (row 0 of each image = the whole
+  image), with attributes ``box`` (normalised x0 y0 x1 y1) and ``score``;
+* ``objects_mean``: one row per image, the multi-object descriptor;
+* ``objects_refined``: one row per image, the Stage B descriptor (only when
+  the index was built with refinement).
+
+Scores are exact inner products (numpy): one descriptor per image is as
+cheap as the global field; ``objects-max`` reads every object row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..store.vectors import FieldRows
+
+OBJECT_MODES = ("objects", "objects-max", "objects-refined")
+#: Field read by each mode.
+FIELDS = {"objects": "objects_mean", "objects-max": "objects", "objects-refined": "objects_refined"}
+
+
+class ObjectTable:
+    """Object rows grouped by image in the global field's row order, for per-image max."""
+
+    def __init__(self, objects: FieldRows, image_order: np.ndarray):
+        self.n_images = len(image_order)
+        sorter = np.argsort(image_order, kind="stable")
+        pos = sorter[np.searchsorted(image_order, objects.owners, sorter=sorter)]
+        order = np.argsort(pos, kind="stable")
+        self.vectors = np.ascontiguousarray(objects.vectors[order])
+        self.positions = pos[order]
+        self.boxes = np.asarray(objects.attrs["box"])[order] if "box" in objects.attrs else None
+        self.offsets = np.searchsorted(self.positions, np.arange(self.n_images + 1))
+
+    def max_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per image (position order): best object score (-inf without objects) and that row's index."""
+        sims = self.vectors @ query
+        best = np.full(self.n_images, -np.inf, np.float32)
+        arg = np.full(self.n_images, -1, np.int64)
+        counts = np.diff(self.offsets)
+        nonempty = np.flatnonzero(counts > 0)
+        if len(nonempty):
+            starts = self.offsets[nonempty]
+            best[nonempty] = np.maximum.reduceat(sims, starts)
+            # Row of the maximum inside each image's run (for the explain overlay).
+            is_max = sims == np.repeat(best[nonempty], counts[nonempty])
+            first = np.flatnonzero(is_max)
+            owner_of = np.repeat(np.arange(len(nonempty)), counts[nonempty])
+            arg_nonempty = np.full(len(nonempty), -1, np.int64)
+            arg_nonempty[owner_of[first][::-1]] = first[::-1]
+            arg[nonempty] = arg_nonempty
+        return best, arg
+
+    def boxes_of(self, position: int) -> np.ndarray:
+        """(n, 4) normalised boxes of the image at ``position`` (row 0 the whole image)."""
+        if self.boxes is None:
+            return np.zeros((0, 4), np.float32)
+        return self.boxes[self.offsets[position]:self.offsets[position + 1]]
+
+
+def field_scores(rows: FieldRows, image_order: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Scores of a one-row-per-image field, in the global field's row order (-inf for missing images)."""
+    sorter = np.argsort(image_order, kind="stable")
+    pos = sorter[np.searchsorted(image_order, rows.owners, sorter=sorter)]
+    out = np.full(len(image_order), -np.inf, np.float32)
+    out[pos] = rows.vectors @ query
+    return out
+
+
+def top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and scores of the ``k`` best finite scores, best first."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    k = min(k, len(finite))
+    if k == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    sub = scores[finite]
+    part = np.argpartition(-sub, k - 1)[:k] if k < len(sub) else np.arange(len(sub))
+    order = part[np.argsort(-sub[part], kind="stable")]
+    return finite[order], sub[order].astype(np.float32)
+
+
+def explain_match(index, image_id: int, image, bbox=None) -> dict:
+    """Which stored object of ``image_id`` matched an image query best (for an explain overlay).
+
+    Returns ``{"id", "score", "box", "objects"}``: the best object's score
+    and box in pixels of the indexed image, and every object as
+    ``{"box", "score"}`` (row 0 is the whole image), best first.
+    """
+    rec = index.get(image_id)
+    if "objects" not in index.fields:
+        raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+    query = index.embed_object_query(image=image, bbox=bbox)
+    rows = index.fields["objects"]
+    mine = np.flatnonzero(rows.owners == int(image_id))
+    sims = np.asarray(rows.vectors[mine], np.float32) @ query
+    boxes = np.asarray(rows.attrs["box"], np.float32)[mine]
+    scale = np.array([rec.width or 0, rec.height or 0] * 2, np.float32)
+    objs = [{"box": [int(round(float(v))) for v in b * scale], "score": float(s)} for b, s in zip(boxes, sims)]
+    objs.sort(key=lambda o: -o["score"])
+    best = objs[0] if objs else {"box": None, "score": float("-inf")}
+    return {"id": int(image_id), "score": best["score"], "box": best["box"], "objects": objs}
