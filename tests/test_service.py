@@ -353,3 +353,30 @@ def test_batching_encoder_batches_concurrent_texts_and_isolates_failures():
     with pytest.raises(ValueError, match="non-empty"):
         idle.encode_texts([" "])
     idle.close()
+
+
+def test_object_modes_are_served_and_explained(tmp_path, photos_dir):
+    """An index with objects offers the MaO modes; an image search explains with the best-matching object's box."""
+    from finegrain.objects.config import ObjectConfig
+
+    index = Index.create(tmp_path / "o", objects=ObjectConfig(max_objects=4))
+    index.add([photos_dir / "chelsea.jpg", photos_dir / "coffee.jpg", photos_dir / "rocket.jpg"])
+    assert index.available_modes() == ["global", "objects", "objects-max"]
+    crop = Image.open(photos_dir / "coffee.jpg").convert("RGB").crop((100, 50, 300, 250))
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG")
+    with BackgroundServer(create_app(tmp_path / "o", warm=False)) as base:
+        assert httpx.get(f"{base}/api/stats").json()["modes"] == ["global", "objects", "objects-max"]
+        r = httpx.post(f"{base}/api/search/image", files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")},
+                       data={"mode": "objects-max", "k": "3", "explain": "true"}, timeout=60)
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]
+        assert top["name"] == "coffee.jpg"
+        best = top["explanation"]["subqueries"][0]["best"]
+        assert best["field"] == "objects" and best["score"] == pytest.approx(top["score"], abs=1e-4)
+        x0, y0, x1, y1 = best["box"]
+        width, height = top["explanation"]["image_size"]
+        assert (width, height) == (600, 400) and 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        # A text query in an image-only object space is a clear 400; a mode the index lacks too.
+        _assert_error(httpx.post(f"{base}/api/search", json={"text": "a cup", "mode": "objects"}), 400, "bad_query")
+        _assert_error(httpx.post(f"{base}/api/search", json={"text": "a cup", "mode": "l2g"}), 400, "mode_unavailable")

@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from .images import ImageSource
+from .local.search import LOCAL_MODES
+from .objects.search import OBJECT_MODES
 from .search import multivector
 from .search.multivector import MultiVectorConfig
 
@@ -142,6 +144,15 @@ def explain_many(index, image_ids: Sequence[int], text: str | None = None, image
     k candidates); ``levels_visited`` (from the search's ``SearchStats``)
     saves re-running a hierarchical search to learn where it stopped.
     """
+    if mode in OBJECT_MODES:
+        records = [index.get(i) for i in image_ids]
+        return [_explain_objects(index, rec, mode, image, bbox) for rec in records]
+    if mode in LOCAL_MODES:
+        # Local-feature modes: the explanation shows the global score of the whole image only
+        # (individual local matches are not drawn; see docs/service.md).
+        if image is None:
+            raise ValueError(f"search mode {mode!r} takes an image query")
+        return explain_many(index, image_ids, image=image, mode="global", bbox=bbox, query=query, k=k)
     if mode not in multivector.MODES:
         raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(multivector.MODES)}")
     if mode != "global" and not _has_segments(index):
@@ -162,6 +173,20 @@ def explain_many(index, image_ids: Sequence[int], text: str | None = None, image
             continue
         out.append(_explain_segments(index, rec, query, mode, levels, global_score, config.weight_global))
     return out
+
+
+def _explain_objects(index, rec, mode: str, image: ImageSource | None, bbox) -> Explanation:
+    """Object modes: the stored object that matched the example image best (its box and score)."""
+    if image is None:
+        raise ValueError(f"search mode {mode!r} takes an image query")
+    from .objects.search import explain_match
+
+    match = explain_match(index, rec.id, image, bbox)
+    whole = next((o["score"] for o in match["objects"] if o["box"] == [0, 0, *_size(rec)]), match["score"])
+    best = RegionMatch("objects", 0, len(match["objects"]), tuple(match["box"]), float(match["score"])) \
+        if match["box"] is not None else None
+    return Explanation(rec.id, mode, float(match["score"]), float(whole), 0.0, _size(rec), (0,), (
+        SubQueryExplanation("example image", True, float(match["score"]), best, (best,) if best else ()),))
 
 
 def _explain_segments(index, rec, query: QueryEmbedding, mode: str, levels: list[int], global_score: float,

@@ -526,6 +526,17 @@ class Index:
         """Saved search settings (``{"multivector": {...}, "decomposer": "rules"}``), empty by default."""
         return dict(self._search_config)
 
+    def available_modes(self) -> list[str]:
+        """The search modes this index supports, given what it stores (segments, local features, objects)."""
+        modes = ["global"]
+        if self.segment_config is not None and "segments" in self.fields:
+            modes += list(multivector.MODES[1:])
+        if self.local_store is not None:
+            modes += list(LOCAL_MODES)
+        if self.object_config is not None:
+            modes += [m for m in object_search.OBJECT_MODES if m != "objects-refined" or self.object_config.refine]
+        return modes
+
     def embed_query(self, text: str | None = None, image: ImageSource | None = None,
                     bbox: Sequence[float] | None = None) -> np.ndarray:
         """The (dim,) joint-space embedding of a text or image query."""

@@ -44,6 +44,8 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..explain import explain_many
 from ..images import ImageLoadError, load_image_sized
+from ..local.search import LOCAL_MODES
+from ..objects.search import OBJECT_MODES
 from ..search.multivector import MODES
 from .holder import IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
@@ -52,7 +54,8 @@ from .slowclients import BodyTimeout
 log = logging.getLogger("finegrain.service")
 
 STATIC_DIR = Path(__file__).parent / "static"
-Mode = Literal[MODES]  # "global", "single", "exhaustive", "hierarchical"
+ALL_MODES = MODES + LOCAL_MODES + OBJECT_MODES
+Mode = Literal[ALL_MODES]  # which ones an index supports: Index.available_modes()
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
 class SearchRequest(BaseModel):
     text: str = Field(description="What to find, in words.")
     k: int = Field(10, description="Number of results.")
-    mode: Mode = Field("global", description="global, or with a segmented index single, exhaustive, hierarchical.")
+    mode: Mode = Field("global", description="global; with a segmented index single, exhaustive, hierarchical; with local features "
+                                              "global+local, local, l2g (image queries); with objects objects, objects-max, "
+                                              "objects-refined (image queries). GET /api/stats lists the index's modes.")
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
 
 
@@ -285,7 +290,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         with holder.catalog_access() as index:
             info = index.info()
         seg = index.segment_config
-        modes = list(MODES) if seg is not None and "segments" in index.fields else ["global"]
+        modes = index.available_modes()
         info.pop("path", None)
         failures = info.pop("failures", [])
         return {
@@ -357,9 +362,10 @@ def _explain(index, image_id: int, mode: str, k: int, text=None, image=None, bbo
 
 
 def _check_mode(index, mode: str) -> None:
-    if mode != "global" and (index.segment_config is None or "segments" not in index.fields):
-        raise ApiError(400, "mode_unavailable", f"search mode {mode!r} needs an index built with segments; "
-                                                "this index supports only 'global'")
+    modes = index.available_modes()
+    if mode not in modes:
+        raise ApiError(400, "mode_unavailable", f"search mode {mode!r} is not available on this index; "
+                                                f"it supports: {', '.join(modes)}")
 
 
 def _check_text(text: str, limits: ServiceLimits) -> str:

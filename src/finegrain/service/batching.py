@@ -64,8 +64,10 @@ class BatchingEncoder:
                     self._encoder = self._factory()
         return self._encoder
 
-    def __getattr__(self, name):  # name, dim, image_size, encode_images, ... of the wrapped encoder
-        if name.startswith("_"):
+    _OWN = frozenset({"_factory", "_encoder", "_encoder_lock", "_queue", "_cond", "_closed", "_threads"})
+
+    def __getattr__(self, name):  # name, dim, image_size, encode_images, feature-map hooks ... of the wrapped encoder
+        if name.startswith("__") or name in self._OWN:  # not set yet (during __init__): never recurse
             raise AttributeError(name)
         return getattr(self.encoder, name)
 
