@@ -393,7 +393,7 @@ def test_compress_rerun_other_method_and_none(small_index):
 def test_ss2d_index_nested_dims(small_index):
     index, folder, _ = small_index
     info = index.compress("ss2d", 16, **FAST["ss2d"])
-    assert info["dims"] == [4, 8, 16]
+    assert info["dims"] == [4, 8, 16] and info["teacher"] == "input"
     assert _top1(index, folder / "astronaut_0.jpg", dim=8) == "astronaut_0.jpg"
     q = index.embed_query(image=folder / "coins_2.jpg")[None]
     scores8, _ = index.search_vectors(q, 3, dim=8)
@@ -475,10 +475,11 @@ def test_cli_compress_search_dim_info(small_index):
         return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
                               timeout=600)
 
-    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--json")
+    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--teacher", "input", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["projection"]["method"] == "ss2d" and out["bytes_per_image"] == 64
+    assert out["projection"]["teacher"] == "input"
     proc = fg("search", "--index", path, "--image", folder / "coins_2.jpg", "-k", 1, "--dim", 8, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][0]["path"].endswith("coins_2.jpg")
