@@ -153,7 +153,7 @@ def compress_cmd(
     method: str = typer.Option(..., "--method", help="pca, aesvc or ss2d; none removes the projection."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
-    teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on this project's data, see docs/compress.md)."),
+    teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
 ) -> None:
     """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
