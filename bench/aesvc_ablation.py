@@ -28,8 +28,10 @@ Besides mAP the JSON keeps each row's standard deviation of pairwise cosine
 similarities and its effective number of dimensions (the two quantities of
 the paper's argument), from :mod:`finegrain.compress.analysis`.
 
-Embeddings are cached as ``.npy`` under ``~/.cache/finegrain/bench/`` (first
-run: about a minute per 1,000 images on one CPU thread).
+Landmark and dev embeddings are the vectors of the cached bench index that
+``finegrain bench compress`` / ``bench revisitop`` use (built on first use);
+the 6,000 train images (``all7k``) are encoded once and cached as ``.npy``
+under ``~/.cache/finegrain/bench/``.
 
 Usage::
 
@@ -95,17 +97,23 @@ class BenchData:
 
 
 def load_data(data: Path, encoder: str, cache_dir: Path, settings: list[str]) -> BenchData:
-    gnd = json.loads((data / "rparis6k-mini" / "gnd_rparis6k-mini.json").read_text())
-    names = gnd["imlist"]
-    landmarks = cached_embeddings([data / "rparis6k-mini" / "jpg" / f"{n}.jpg" for n in names], encoder, cache_dir,
-                                  "rparis6k-mini")
-    labels = np.array([n.split("_")[1] for n in names])  # paris_defense_000000 -> defense
+    """Landmark and Flickr8k-dev embeddings from the same cached bench index as ``finegrain bench compress``
+    (and ``bench revisitop``) with dev distractors, so both report on identical vectors; train: encoded here."""
+    from finegrain.bench.revisitop import revisitop_index
+    from finegrain.datasets import load_revisitop
+
     flickr = data / "flickr8k"
+    bench = load_revisitop(data / "rparis6k-mini", None, flickr / "images", flickr / "splits" / "dev.txt")
+    index, _, position = revisitop_index(bench, encoder, cache_dir, show_progress=True)
+    rows = np.zeros((len(bench.db_paths) + len(bench.distractor_paths), index.global_rows.vectors.shape[1]), np.float32)
+    rows[position] = index.global_rows.vectors
+    n_db = len(bench.db_paths)
+    landmarks = rows[:n_db]
+    labels = np.array(bench.landmarks)  # paris_defense_000000 -> defense
     split = {s: (flickr / "splits" / f"{s}.txt").read_text().split() for s in ("dev", "train")}
     distractors = {"none": np.zeros((0, landmarks.shape[1]), np.float32)}
     if "dev1k" in settings or "all7k" in settings:
-        distractors["dev1k"] = cached_embeddings([flickr / "images" / n for n in split["dev"]], encoder, cache_dir,
-                                                 "flickr8k-dev")
+        distractors["dev1k"] = rows[n_db:]
     if "all7k" in settings:
         train = cached_embeddings([flickr / "images" / n for n in split["train"]], encoder, cache_dir, "flickr8k-train")
         distractors["all7k"] = np.concatenate([distractors["dev1k"], train])

@@ -393,7 +393,7 @@ def test_compress_rerun_other_method_and_none(small_index):
 def test_ss2d_index_nested_dims(small_index):
     index, folder, _ = small_index
     info = index.compress("ss2d", 16, **FAST["ss2d"])
-    assert info["dims"] == [4, 8, 16]
+    assert info["dims"] == [4, 8, 16] and info["teacher"] == "input"
     assert _top1(index, folder / "astronaut_0.jpg", dim=8) == "astronaut_0.jpg"
     q = index.embed_query(image=folder / "coins_2.jpg")[None]
     scores8, _ = index.search_vectors(q, 3, dim=8)
@@ -475,10 +475,11 @@ def test_cli_compress_search_dim_info(small_index):
         return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
                               timeout=600)
 
-    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--json")
+    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--teacher", "input", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["projection"]["method"] == "ss2d" and out["bytes_per_image"] == 64
+    assert out["projection"]["teacher"] == "input"
     proc = fg("search", "--index", path, "--image", folder / "coins_2.jpg", "-k", 1, "--dim", 8, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][0]["path"].endswith("coins_2.jpg")
@@ -492,3 +493,53 @@ def test_cli_compress_search_dim_info(small_index):
     assert proc.returncode == 2 and "larger than" in proc.stderr
     proc = fg("compress", "--index", path, "--method", "pca")
     assert proc.returncode == 2 and "--dim is required" in proc.stderr
+
+
+# ------------------------------------------------------------------ bench compress
+def test_class_map_scores_rankings():
+    from finegrain.bench.compress import class_map
+
+    labels = ["a", "a", "b", "b"]
+    perfect = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.7, 0.7]], np.float32)  # last row: a distractor
+    assert class_map(perfect, labels) == pytest.approx(100.0)
+    mixed = perfect[[0, 2, 1, 3, 4]]  # each image's nearest neighbour now has the other label
+    assert class_map(mixed, labels) < 60
+
+
+def test_bench_compress_on_tiny_set(tmp_path, photos_dir):
+    from PIL import Image
+
+    from finegrain.bench.compress import run_compress_bench
+
+    root = tmp_path / "tiny"
+    (root / "jpg").mkdir(parents=True)
+    imlist, qimlist, gnd = [], [], []
+    for p in sorted(photos_dir.iterdir()):
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        for j, box in enumerate([(0, 0, 3 * w // 4, 3 * h // 4), (w // 4, h // 4, w, h), (w // 8, 0, w, 7 * h // 8)]):
+            name = f"tiny_{p.stem}_{j:06d}"
+            img.crop(box).save(root / "jpg" / f"{name}.jpg")
+            imlist.append(name)
+        qimlist.append(f"q_{p.stem}")
+        img.save(root / "jpg" / f"q_{p.stem}.jpg")
+        first = len(imlist) - 3
+        gnd.append({"bbx": [w / 8, h / 8, 7 * w / 8, 7 * h / 8], "easy": [first, first + 1], "hard": [first + 2], "junk": []})
+    (root / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
+
+    report = run_compress_bench(root, methods=["pca", "aesvc", "ss2d"], dims=[4, 8], cache_dir=tmp_path / "cache",
+                                plots=tmp_path / "plots", ss2d_teacher="input", show_progress=False)
+    rows = report["results"]
+    assert list(report)[-1] == "results" and report["database"] == 18 and report["fitted_on"] == 18
+    assert [(r["method"], r["dim"]) for r in rows] == [("none", 512), ("pca", 4), ("pca", 8), ("aesvc", 4), ("aesvc", 8),
+                                                       ("ss2d", 4), ("ss2d", 8)]
+    for r in rows:
+        assert 0 <= r["map_medium"] <= 100 and 0 <= r["class_map"] <= 100 and r["bytes_per_image"] == 4 * r["dim"]
+    # Crops of the same photo among 18 images: any ranking or projection bug would sink these.
+    assert rows[0]["class_map"] > 80 and rows[2]["class_map"] > 80
+    assert (tmp_path / "plots" / "compress-8-similarity.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "compress-8-variance.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="unknown method"):
+        run_compress_bench(root, methods=["zip"], cache_dir=tmp_path / "cache", show_progress=False)
+    with pytest.raises(ValueError, match="larger than the 512-dim"):
+        run_compress_bench(root, methods=["pca"], dims=[1024], cache_dir=tmp_path / "cache", show_progress=False)

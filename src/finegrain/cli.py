@@ -223,6 +223,7 @@ def compress_cmd(
     method: str = typer.Option(..., "--method", help="pca, aesvc or ss2d; none removes the projection."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
+    teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
 ) -> None:
     """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
@@ -232,6 +233,10 @@ def compress_cmd(
         _fail("--dim is required (the output size)", 2)
     idx = _open_index(index)
     params = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
+    if teacher not in ("aesvc", "input"):
+        _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
+    if method == "ss2d":
+        params["teacher"] = None if teacher == "input" else "aesvc"
     try:
         info = idx.compress(method, dim, show_progress=not as_json, **params)
     except IndexLockedError as exc:
@@ -459,6 +464,7 @@ def bench_compress_cmd(
     text_data: Optional[Path] = typer.Option(None, "--text-data", help="Also a text-to-image check on this Flickr8k folder (projection applied to both towers)."),
     text_split: str = typer.Option("dev", "--text-split", help="Split of --text-data."),
     seed: int = typer.Option(0, help="Seed of the learned projections."),
+    ss2d_teacher: str = typer.Option("aesvc", "--ss2d-teacher", help="Whose similarities SS2D distils: aesvc (the paper) or input (the original embeddings)."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
 ) -> None:
@@ -470,7 +476,7 @@ def bench_compress_cmd(
     try:
         result = run_compress_bench(data, gnd, distractors, distractor_list, method_list, _int_list(dims), encoder,
                                     cache_dir, plots, text_data, text_split, seed, show_progress=not as_json,
-                                    log=lambda message: err.print(message))
+                                    log=lambda message: err.print(message), ss2d_teacher=ss2d_teacher)
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     table = Table("method", "dim", "mAP Medium", "class mAP", "bytes/image", "fit s",

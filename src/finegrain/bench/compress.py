@@ -62,13 +62,20 @@ def class_map(database: np.ndarray, labels: Sequence[str], n_labelled: int | Non
     return 100.0 * compute_map(ranks, gnd)[0]
 
 
-def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int = 0, **params):
-    """``{dim: (projection, transform)}``: one fit per size, or one (SS)2D fit serving every size."""
+def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int = 0, ss2d_teacher: str = "aesvc",
+                    **params):
+    """``{dim: (projection, transform)}``: one fit per size, or one (SS)2D fit serving every size.
+
+    ``ss2d_teacher``: ``"aesvc"`` (the paper's pipeline) or ``"input"`` (the
+    input's own cosine space).
+    """
     from ..compress import create_projection
 
     if method == "ss2d":
         top = max(dims)
-        student = create_projection("ss2d", top, dims=sorted(set(dims)), random_state=seed, **params).fit(X)
+        teacher = None if ss2d_teacher == "input" else ss2d_teacher
+        student = create_projection("ss2d", top, dims=sorted(set(dims)), random_state=seed, teacher=teacher,
+                                    **params).fit(X)
         return {d: (student, lambda Z, d=d: student.transform(Z, dim=d)) for d in dims}
     out = {}
     for d in dims:
@@ -82,7 +89,7 @@ def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distract
                        dims: Sequence[int] = (16, 32, 64, 128, 256), encoder: str = "effnet-minilm",
                        cache_dir: str | Path | None = None, plots: str | Path | None = None,
                        text_data: str | Path | None = None, text_split: str = "dev", seed: int = 0,
-                       show_progress: bool = True, log=None) -> dict:
+                       show_progress: bool = True, log=None, ss2d_teacher: str = "aesvc") -> dict:
     """Run the benchmark; returns ``{"results": [...], ...}`` with mAPs in percent.
 
     ``results`` has one row per (method, dim) plus a ``none`` row at the
@@ -92,6 +99,8 @@ def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distract
     """
     from ..progress import progress_bar
 
+    if ss2d_teacher not in ("aesvc", "input"):
+        raise ValueError(f"ss2d_teacher must be 'aesvc' or 'input', got {ss2d_teacher!r}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -131,7 +140,7 @@ def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distract
     with progress_bar(len(methods), "fitting projections", show_progress) as bar:
         for method in methods:
             t0 = time.perf_counter()
-            fitted[method] = fit_projections(method, dims, fit_rows, seed)
+            fitted[method] = fit_projections(method, dims, fit_rows, seed, ss2d_teacher)
             seconds = time.perf_counter() - t0
             for d in dims:
                 _, transform = fitted[method][d]
@@ -152,13 +161,14 @@ def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distract
         "distractors": len(bench.distractor_paths),
         "queries": len(bench.query_paths),
         "fitted_on": int(len(fit_rows)),
+        "ss2d_teacher": ss2d_teacher,
         **{k: v for k, v in index_stats.items() if k == "index_reused"},
     }
     if plots is not None:
         report["plots"] = write_plots(fit_rows, dims, fitted, Path(plots), seed)
     if text_data is not None:
         report["text_to_image"] = text_check(text_data, text_split, methods, dims, encoder, cache_dir, seed,
-                                             show_progress, log)
+                                             show_progress, log, ss2d_teacher)
     report["results"] = results  # last key: the JSON line ends with the results list
     return report
 
@@ -184,7 +194,8 @@ def write_plots(X: np.ndarray, dims: Sequence[int], fitted: dict[str, dict], out
 
 
 def text_check(data: str | Path, split: str, methods: Sequence[str], dims: Sequence[int], encoder: str,
-               cache_dir: Path, seed: int = 0, show_progress: bool = True, log=None) -> list[dict]:
+               cache_dir: Path, seed: int = 0, show_progress: bool = True, log=None,
+               ss2d_teacher: str = "aesvc") -> list[dict]:
     """Caption -> image Recall@1/5/10 (percent) on a Flickr8k split, projection fitted on its images."""
     log = log or (lambda message: None)
     ds = load_flickr8k(data, split)
@@ -207,7 +218,7 @@ def text_check(data: str | Path, split: str, methods: Sequence[str], dims: Seque
 
     out = [{"method": "none", "dim": images.shape[1], **recalls(images, texts)}]
     for method in methods:
-        for d, (_, transform) in fit_projections(method, dims, images, seed).items():
+        for d, (_, transform) in fit_projections(method, dims, images, seed, ss2d_teacher).items():
             out.append({"method": method, "dim": d, **recalls(transform(images), transform(texts))})
             log(f"text->image {method:6s} {d:4d}  R@1 {out[-1]['r1']:5.2f}  R@10 {out[-1]['r10']:5.2f}")
     return out

@@ -186,6 +186,8 @@ def compress_index(index: "Index", method: str, dim: int | None = None, params: 
         }
         if method == "ss2d":
             info["dims"] = [int(d) for d in projection.dims_]
+            teacher = projection.teacher
+            info["teacher"] = "input" if teacher is None else getattr(teacher, "method", str(teacher))
         with index.catalog.transaction() as tx:
             tx.drop_chunks(old_chunks)
             tx.add_chunk(chunk, FIELD, len(rows))

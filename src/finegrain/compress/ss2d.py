@@ -75,6 +75,8 @@ class SS2D(Projection):
         L2-normalise output rows after truncation to the chosen size.
     random_state : int or None
         Seed of the teacher, weight initialisation and batching.
+    n_threads : int or None
+        Torch threads while training (teacher included); see :class:`AESVC`.
 
     Attributes
     ----------
@@ -101,11 +103,12 @@ class SS2D(Projection):
         teacher: str | Projection | None = "aesvc",
         hidden_sizes: tuple[int, ...] = (512,),
         temperature: float = 0.05,
-        n_steps: int = 1000,
-        batch_size: int = 512,
+        n_steps: int = 500,
+        batch_size: int = 256,
         learning_rate: float = 3e-3,
         normalize: bool = True,
         random_state: int | None = 0,
+        n_threads: int | None = 1,
     ) -> None:
         self.n_components = n_components
         self.dims = dims
@@ -117,6 +120,7 @@ class SS2D(Projection):
         self.learning_rate = learning_rate
         self.normalize = normalize
         self.random_state = random_state
+        self.n_threads = n_threads
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: np.ndarray, y: Any = None, teacher_embeddings: np.ndarray | None = None) -> "SS2D":
@@ -141,7 +145,7 @@ class SS2D(Projection):
         data = torch.from_numpy((X - self.mean_) / np.float32(self.scale_))
         target = torch.from_numpy(target)
         start = time.perf_counter()
-        with _nn.seeded(self.random_state) as generator:
+        with _nn.seeded(self.random_state, self.n_threads) as generator:
             student = _nn.mlp((X.shape[1], *hidden, dims[-1]))
             opt, sched = _nn.optimizer_and_schedule(student.parameters(), self.learning_rate, self.n_steps)
             for idx in _nn.batches(len(X), self.batch_size, self.n_steps, generator):
@@ -188,7 +192,8 @@ class SS2D(Projection):
 
             if teacher == self.method:
                 raise ValueError("an SS2D cannot be its own teacher")
-            teacher = create_projection(teacher, self.n_components, random_state=self.random_state)
+            params = {"n_threads": self.n_threads} if teacher == "aesvc" else {}
+            teacher = create_projection(teacher, self.n_components, random_state=self.random_state, **params)
         elif not isinstance(teacher, Projection):
             raise TypeError(f"teacher must be a method name, a Projection or None, got {type(teacher).__name__}")
         elif not hasattr(teacher, "input_dim_"):
