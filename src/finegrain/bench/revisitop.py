@@ -41,7 +41,9 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
         digest = hashlib.sha1("\n".join(sorted(map(str, data.distractor_paths))).encode()).hexdigest()[:8]
         name += f"-d{len(data.distractor_paths)}-{digest}"
     if local is not None:
-        name += "-local-" + hashlib.sha1(json.dumps(local.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        settings = local.to_dict()
+        settings["params"] = {k: v for k, v in settings["params"].items() if k != "threads"}  # runtime only
+        name += "-local-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     index, stats = bench_index(images, encoder, cache_dir / name, show_progress, local=local)
     position = {str(p.resolve()): i for i, p in enumerate(images)}
     rows = np.array([position.get(index.records[int(i)].path, -1) for i in index.global_rows.owners])
