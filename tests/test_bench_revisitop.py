@@ -70,3 +70,21 @@ def test_bench_revisitop_on_rparis6k_mini(tmp_path):
     assert result["database"] == 238 and result["queries"] == 6
     # Random ranking gives roughly the share of positives (about 20%); the bundled model does far better.
     assert result["map_medium"] > 50 and result["map_easy"] >= result["map_hard"]
+
+
+@pytest.mark.parametrize("mode", ["global+local", "l2g"])
+def test_bench_revisitop_local_modes_on_tiny_set(tiny_revisitop, tmp_path, mode):
+    from finegrain.local.store import LocalConfig
+
+    local = LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707], "max_features": 120, "threads": 1})
+    result = run_revisitop(tiny_revisitop, cache_dir=tmp_path, show_progress=False, mode=mode, local=local,
+                           shortlist=6, mds_dim=4)
+    assert result["mode"] == mode and result["queries"] == 6 and result["shortlist"] == 6
+    assert result["rerank_ms_p50"] > 0 and result["local"]["extractor"] == "cnn"
+    # Two crops of the query's photo among 12: well above the chance level of about 17%.
+    assert result["map_medium"] > 60
+    if mode == "l2g":
+        assert 0.0 <= result["approx_recall_at_100"] <= 1.0
+        assert result["approx_recall_at_100"] >= 0.9  # exact neighbours here; only the per-image fill is approximate
+    with pytest.raises(ValueError, match="needs local features"):
+        run_revisitop(tiny_revisitop, cache_dir=tmp_path, show_progress=False, mode=mode)

@@ -53,10 +53,10 @@ def _local_config(local: Optional[str], scales: Optional[str], features: Optiona
         raise typer.BadParameter(str(exc)) from None
 
 
-def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field) -> dict:
+def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None) -> dict:
     """Search options of the local-feature modes given on the command line (unset ones left out)."""
     opts = {"shortlist": shortlist, "mds_dim": mds_dim, "smacof_iter": smacof_iter, "w": w, "knn": knn,
-            "global_field": global_field}
+            "global_field": global_field, "exact_rerank": exact_rerank}
     return {key: v for key, v in opts.items() if v is not None}
 
 
@@ -165,7 +165,8 @@ def search_cmd(
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (paper 0.19)."),
-    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 32)."),
+    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
+    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 0)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -177,7 +178,7 @@ def search_cmd(
     idx = _open_searchable(index)
     try:
         hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
-                                                      **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field))
+                                                      **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -414,7 +415,8 @@ def bench_revisitop_cmd(
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (paper 0.19)."),
-    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 32)."),
+    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
+    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 0)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
@@ -431,7 +433,7 @@ def bench_revisitop_cmd(
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
                                show_progress=not as_json, report=details,
                                local=_local_config(local, local_scales, local_features, local_image_size),
-                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field))
+                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"
