@@ -213,6 +213,13 @@ class Readers:
             index.close()
 
 
+def _add_reader_stats(out: dict, readers: "Readers") -> None:
+    """Fold one run's concurrent-reader counts into the totals."""
+    out["reader_checks"] += readers.checks
+    out["reader_violations"] += readers.violations
+    out["reader_errors"] += readers.errors[:5]
+
+
 def _kill_after(proc: subprocess.Popen, rng: random.Random, journal: Path | None, expected_s: float,
                 commits_left: int = 1) -> bool:
     """SIGKILL ``proc`` at a random moment; returns False if it finished first.
@@ -291,9 +298,7 @@ def index_phase(work: Path, photos_dir: Path, seed: int, kills: int, n_images: i
             finally:
                 if rd:
                     rd.__exit__()
-                    out["reader_checks"] += rd.checks
-                    out["reader_violations"] += rd.violations
-                    out["reader_errors"] += rd.errors[:5]
+                    _add_reader_stats(out, rd)
             with Index.open(index_dir) as index:
                 groups = read_journal(journal)
                 problems = check_state(index, groups, reference, strict_done=True)
@@ -411,9 +416,7 @@ def settings_phase(work: Path, photos_dir: Path, command: str, kills: int, seed:
         finally:
             if rd:
                 rd.__exit__()
-                out["reader_checks"] += rd.checks
-                out["reader_violations"] += rd.violations
-                out["reader_errors"] += rd.errors[:5]
+                _add_reader_stats(out, rd)
         try:
             with Index.open(target) as index:
                 problems = consistent(index)

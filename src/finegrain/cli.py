@@ -65,23 +65,14 @@ MODE_HELP = ("Search mode: global; with a segmented index single, exhaustive, hi
              "(--local at index time) global+local, local, l2g; with objects (--objects) objects, objects-max, objects-refined.")
 
 
-def _open_index(path: Path):
+def _open_index(path: Path, shard_set_ok: bool = False):
+    """Open an index (or, with ``shard_set_ok``, a shard set too); a clear error instead of a traceback."""
     from .index import Index
-    from .store.catalog import IndexFormatError
-
-    try:
-        return Index.open(path)
-    except IndexFormatError as exc:
-        _fail(str(exc))
-
-
-def _open_searchable(path: Path):
-    """An index or a shard set (search and info accept both)."""
     from .shards import open_index
     from .store.catalog import IndexFormatError
 
     try:
-        return open_index(path)
+        return open_index(path) if shard_set_ok else Index.open(path)
     except IndexFormatError as exc:
         _fail(str(exc))
 
@@ -175,7 +166,7 @@ def search_cmd(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
-    idx = _open_searchable(index)
+    idx = _open_index(index, shard_set_ok=True)
     try:
         hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
                                                       **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
@@ -202,7 +193,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
-    info = _open_searchable(index).info()
+    info = _open_index(index, shard_set_ok=True).info()
     if as_json:
         print(json.dumps(info))
         return

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .indexer import IndexReport, Indexer, _Pending, _prepare, commit
+from .indexer import IndexReport, Indexer, _Pending, _Prepared, _prepare, commit
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, read_chunk, write_chunk
@@ -229,7 +229,7 @@ class _Merger:
             self.fields.setdefault(field, []).append(
                 FieldRows(np.asarray(rows.vectors), rows.owners + offset, rows.attrs))
         for f in manifest["failures"]:
-            self.failures.append(_Failure(**f))
+            self.failures.append(_Prepared(f["path"], f["size"], f["mtime_ns"], error=f["error"]))
             result.failed.append((f["path"], f["error"]))
         for t in manifest["touches"]:
             self.touches.append((self.known[t["path"]].id, t["mtime_ns"]))
@@ -248,9 +248,4 @@ class _Merger:
         for shard in self.shards:
             shutil.rmtree(shard, ignore_errors=True)
         self._reset()
-
-
-class _Failure:
-    def __init__(self, path: str, error: str, size: int, mtime_ns: int):
-        self.path, self.error, self.size, self.mtime_ns = path, error, size, mtime_ns
 
