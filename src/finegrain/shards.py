@@ -133,7 +133,8 @@ class ShardedIndex:
         _check_k(k)
         if mode == "global":
             query = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
-            parts = list(self._pool.map(lambda s: (s.search_embedding(query, k=k), SearchStats(sim_ops=len(s)),
+            dim = options.get("dim")  # an SS2D size: each shard applies its own stored projection
+            parts = list(self._pool.map(lambda s: (s.search_embedding(query, k=k, dim=dim), SearchStats(sim_ops=len(s)),
                                                    [text] if text else []), self.shards))
         else:
             parts = list(self._pool.map(lambda s: s.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox,
