@@ -132,6 +132,18 @@ def test_aesvc_is_deterministic(X):
     assert not np.array_equal(other.transform(X), first.transform(X))
 
 
+def test_aesvc_auto_steps_scale_with_the_data(X, tmp_path):
+    from finegrain.compress.aesvc import AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
+
+    assert auto_steps(7238, 256) == int(np.ceil(AUTO_EPOCHS * 7238 / 256))  # 50 epochs of a large collection
+    assert auto_steps(300, 256) == AUTO_MIN_STEPS and auto_steps(10**7, 256) == AUTO_MAX_STEPS
+    p = small_aesvc(n_steps="auto", hidden_sizes=()).fit(X)
+    assert p.n_steps_ == auto_steps(len(X), p.batch_size)
+    assert load_projection(p.save(tmp_path / "a.safetensors")).n_steps_ == p.n_steps_
+    with pytest.raises(ValueError, match="n_steps"):
+        small_aesvc(n_steps="many").fit(X)
+
+
 def test_aesvc_leaves_global_torch_rng_alone(X):
     torch.manual_seed(123)
     expected = torch.rand(3)

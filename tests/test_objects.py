@@ -305,6 +305,8 @@ def test_bench_needles_on_a_tiny_set(tmp_path, scene_dir):
     assert set(result["map_by_area"]) == {"1-2%", "2-3%", "3-4%"}
     again = run_needles(root, mode="objects-max", cache_dir=tmp_path / "cache", show_progress=False)
     assert again["index_reused"] and again["map"] == result["map"]
+    other = run_needles(root, mode="objects", cache_dir=tmp_path / "cache", show_progress=False, threshold=0.05)
+    assert not other["index_reused"] and other["objects"]["threshold"] == 0.05  # its own bench index
     out = CliRunner().invoke(app, ["bench", "needles", "--data", str(root), "--mode", "global-raw",
                                    "--cache-dir", str(tmp_path / "cache"), "--json"])
     assert out.exit_code == 0, out.output
@@ -320,9 +322,13 @@ def test_cli_index_and_search_with_objects(tmp_path, scene_dir):
 
     root, query = scene_dir
     runner = CliRunner()
+    bad = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "bad"), "--objects", "yolox",
+                              "--object-threshold", "1.5"])
+    assert bad.exit_code != 0 and "threshold must be between 0 and 1" in bad.output
     out = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "i"), "--objects", "regions",
-                              "--json"])
+                              "--object-threshold", "0.05", "--json"])
     assert out.exit_code == 0, out.output
+    assert Index.open(tmp_path / "i").object_config.threshold == 0.05  # saved with the index
     out = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--image", str(query), "--mode", "objects-max",
                               "-k", "3", "--json"])
     assert out.exit_code == 0, out.output

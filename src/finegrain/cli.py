@@ -92,6 +92,7 @@ def index_cmd(
     refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
     objects: Optional[str] = typer.Option(None, help="New index: also store small-object descriptors from these proposals: regions or yolox (enables the objects, objects-max, objects-refined modes; docs/mao.md)."),
     refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
+    object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
@@ -113,7 +114,8 @@ def index_cmd(
             if objects:
                 from .objects.config import ObjectConfig
 
-                obj = ObjectConfig(proposals=objects, refine_iters=refine_iters)
+                extra = {} if object_threshold is None else {"threshold": object_threshold}
+                obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, **extra)
             idx = Index.create(index, encoder=encoder, ann=ann, segments=seg, objects=obj,
                                local=_local_config(local, local_scales, local_features, local_image_size))
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
@@ -496,6 +498,7 @@ def bench_needles_cmd(
     mode: str = typer.Option("objects", help="Search mode: global, global-raw, hierarchical, objects, objects-max, objects-refined."),
     proposals: str = typer.Option("regions", help="Object proposals of the bench index: regions or yolox."),
     min_crop: int = typer.Option(0, help="Minimum object crop side in pixels (0: tight crops; the paper uses 224)."),
+    threshold: Optional[float] = typer.Option(None, help="yolox proposals: detector score threshold (default 0.2, as the paper)."),
     refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
     raw_size: Optional[int] = typer.Option(None, help="global-raw mode: input side for scenes and queries (default: the encoder's, 224)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
@@ -508,7 +511,8 @@ def bench_needles_cmd(
 
     try:
         result = run_needles(data, mode=mode, proposals=proposals, min_crop=min_crop, refine_iters=refine_iters,
-                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json, raw_size=raw_size)
+                             encoder=encoder, cache_dir=cache_dir, show_progress=not as_json, raw_size=raw_size,
+                             threshold=threshold)
     except (FileNotFoundError, ValueError, ProposerUnavailable) as exc:
         _fail(str(exc), 2)
     flat = {k: v for k, v in result.items() if k != "map_by_area"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def needles_map(rankings: list[list[str]], data: NeedlesSet) -> dict:
 
 
 def _index_for(mode: str, data: NeedlesSet, encoder: str, cache: Path, show_progress: bool, proposals: str,
-               min_crop: int, refine_iters: int) -> tuple[Index, dict]:
+               min_crop: int, refine_iters: int, threshold: float | None = None) -> tuple[Index, dict]:
     safe = encoder.replace("/", "_").replace(":", "_")
     if mode in ("global", "global-raw"):
         return bench_index(data.scenes, encoder, cache / f"needles-{safe}-plain", show_progress)
@@ -104,6 +104,9 @@ def _index_for(mode: str, data: NeedlesSet, encoder: str, cache: Path, show_prog
         raise ValueError("mode objects-refined needs --refine-iters > 0")
     cfg = ObjectConfig(proposals=proposals, min_crop=min_crop, refine_iters=refine)
     name = f"needles-{safe}-objects-{proposals}-c{min_crop}-r{refine}"
+    if threshold is not None and threshold != cfg.threshold:  # a detector score cut other than the default
+        cfg = replace(cfg, threshold=threshold)
+        name += f"-t{threshold:g}"
     return bench_index(data.scenes, encoder, cache / name, show_progress, objects=cfg)
 
 
@@ -137,13 +140,14 @@ def _global_raw_rankings(index: Index, data: NeedlesSet, size: int | None = None
 
 def run_needles(data: str | Path, mode: str = "objects", proposals: str = "regions", min_crop: int = 0,
                 refine_iters: int = 80, encoder: str = "effnet-minilm", cache_dir: str | Path | None = None,
-                show_progress: bool = True, raw_size: int | None = None) -> dict:
+                show_progress: bool = True, raw_size: int | None = None, threshold: float | None = None) -> dict:
     """Run the benchmark in one mode; returns ``map``, ``map_by_area``, ``index_images_per_s`` and details."""
     if mode not in MODES:
         raise ValueError(f"unknown needles mode {mode!r}; available: {', '.join(MODES)}")
     bench = load_needles(data)
     cache = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
-    index, stats = _index_for(mode, bench, encoder, cache, show_progress, proposals, min_crop, refine_iters)
+    index, stats = _index_for(mode, bench, encoder, cache, show_progress, proposals, min_crop, refine_iters,
+                              threshold)
     latencies = []
     if mode == "global-raw":
         rankings, ms = _global_raw_rankings(index, bench, raw_size)

@@ -18,6 +18,7 @@ and argues that this makes retrieval more discriminative.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any
@@ -49,6 +50,18 @@ def constraint_losses(z: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+#: ``n_steps="auto"``: passes over the fitted data, and the bounds on the resulting step count.
+AUTO_EPOCHS = 50
+AUTO_MIN_STEPS = 100
+AUTO_MAX_STEPS = 5000
+
+
+def auto_steps(n_samples: int, batch_size: int) -> int:
+    """Optimiser steps for ``n_steps="auto"``: ``AUTO_EPOCHS`` epochs of ``n_samples`` rows, clipped."""
+    steps = math.ceil(AUTO_EPOCHS * n_samples / max(1, min(batch_size, n_samples)))
+    return int(min(max(steps, AUTO_MIN_STEPS), AUTO_MAX_STEPS))
+
+
 class AESVC(Projection):
     """Autoencoder with strong variance constraints (AE-SVC) as a scikit-learn transformer.
 
@@ -67,8 +80,12 @@ class AESVC(Projection):
         standardised input (about the fraction of variance left unexplained),
         so the weights mean the same for any encoder. Defaults: see
         ``docs/compress.md`` for the ablation they come from.
-    n_steps : int
-        Optimiser steps (fixed, so training time does not grow with the data).
+    n_steps : int or "auto"
+        Optimiser steps. ``"auto"`` (default): ``AUTO_EPOCHS`` passes over the
+        data, at least ``AUTO_MIN_STEPS`` and at most ``AUTO_MAX_STEPS``. A
+        fixed count over-trains small collections and under-trains large ones
+        (class mAP in ``docs/compress.md``: 500 steps was the best of 150 to
+        3,000 at neither 1,238 nor 7,238 images); the cap bounds fit time.
     batch_size : int
         Rows per step; the covariance constraints are computed per batch, so
         it should be well above ``n_components``. Smaller inputs train full-batch.
@@ -93,6 +110,8 @@ class AESVC(Projection):
     losses_ : dict of str to float
         Each loss term (unweighted) over the whole fitted data at the end of training.
     fit_seconds_ : float
+    n_steps_ : int
+        Optimiser steps actually taken (resolves ``"auto"``).
     input_dim_, n_components_ : int
 
     Examples
@@ -113,7 +132,7 @@ class AESVC(Projection):
         covariance_weight: float = 0.1,
         variance_weight: float = 0.1,
         mean_weight: float = 1.0,
-        n_steps: int = 500,
+        n_steps: int | str = "auto",
         batch_size: int = 256,
         learning_rate: float = 3e-3,
         normalize: bool = True,
@@ -143,6 +162,7 @@ class AESVC(Projection):
             # A batch of n rows spans at most n-1 directions: unit variance in k decorrelated dims is unreachable.
             warnings.warn(f"AESVC: {n} samples cannot give {k} decorrelated unit-variance dimensions; "
                           "fit on more samples or lower n_components", RuntimeWarning, stacklevel=3)
+        steps = self._steps(n)
         self.mean_, self.scale_ = _nn.standardizer(X)
         data = torch.from_numpy((X - self.mean_) / np.float32(self.scale_))
         start = time.perf_counter()
@@ -150,8 +170,8 @@ class AESVC(Projection):
             encoder = _nn.mlp((dim, *hidden, k))
             decoder = _nn.mlp((k, *reversed(hidden), dim))
             opt, sched = _nn.optimizer_and_schedule([*encoder.parameters(), *decoder.parameters()],
-                                                    self.learning_rate, self.n_steps)
-            for idx in _nn.batches(n, self.batch_size, self.n_steps, generator):
+                                                    self.learning_rate, steps)
+            for idx in _nn.batches(n, self.batch_size, steps, generator):
                 x = data[idx]
                 terms = self._losses(encoder, decoder, x)
                 loss = sum(weights[name] * value for name, value in terms.items())
@@ -163,8 +183,16 @@ class AESVC(Projection):
         with torch.no_grad():
             self.losses_ = {name: float(v) for name, v in self._losses(encoder, decoder.eval(), data).items()}
         self.fit_seconds_ = time.perf_counter() - start
+        self.n_steps_ = steps
         self.encoder_ = encoder
         self.n_components_ = k
+
+    def _steps(self, n: int) -> int:
+        if self.n_steps == "auto":
+            return auto_steps(n, self.batch_size)
+        if isinstance(self.n_steps, str) or int(self.n_steps) < 1:
+            raise ValueError(f"n_steps must be a positive int or 'auto', got {self.n_steps!r}")
+        return int(self.n_steps)
 
     def _weights(self) -> dict[str, float]:
         weights = {"reconstruction": self.reconstruction_weight, "covariance": self.covariance_weight,
@@ -188,13 +216,15 @@ class AESVC(Projection):
     # ------------------------------------------------------------- save/load
     def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {"mean": self.mean_, **_nn.state_arrays(self.encoder_, "encoder")}
-        return arrays, {"scale_": self.scale_, "losses_": self.losses_, "fit_seconds_": self.fit_seconds_}
+        return arrays, {"scale_": self.scale_, "losses_": self.losses_, "fit_seconds_": self.fit_seconds_,
+                        "n_steps_": self.n_steps_}
 
     def _set_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
         self.mean_ = arrays["mean"]
         self.scale_ = float(info["scale_"])
         self.losses_ = info["losses_"]
         self.fit_seconds_ = info["fit_seconds_"]
+        self.n_steps_ = int(info.get("n_steps_", self.n_steps if self.n_steps != "auto" else 0))  # older files lack it
         self.encoder_ = _nn.mlp((self.input_dim_, *_nn.check_hidden_sizes(self.hidden_sizes), self.n_components_))
         _nn.load_arrays(self.encoder_, arrays, "encoder")
         self.encoder_.eval()
