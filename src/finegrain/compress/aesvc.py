@@ -84,8 +84,8 @@ class AESVC(Projection):
         Optimiser steps. ``"auto"`` (default): ``AUTO_EPOCHS`` passes over the
         data, at least ``AUTO_MIN_STEPS`` and at most ``AUTO_MAX_STEPS``. A
         fixed count over-trains small collections and under-trains large ones
-        (class mAP in ``docs/compress.md``: 500 steps was the best of 150 to
-        3,000 at neither 1,238 nor 7,238 images); the cap bounds fit time.
+        (class mAP in ``docs/compress.md``: on 1,238 images 150 steps beat 500
+        and 1,500; on 7,238 images 1,500 beat 500); the cap bounds fit time.
     batch_size : int
         Rows per step; the covariance constraints are computed per batch, so
         it should be well above ``n_components``. Smaller inputs train full-batch.
