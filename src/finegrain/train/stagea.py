@@ -26,6 +26,12 @@ on disk (fp16 .npy under ``cache_dir``); training runs over the cache in
 seconds. Early stopping uses composites built from a held-out tail of the
 train split (its images are never backgrounds or donors of the training
 composites).
+
+Result (docs/mao.md, "Stage A fine-tuning"; ``bench/mao_stagea.py``): the
+adapter doubles the held-out composites' ``objects`` MRR but does not help
+on the ``needles`` benchmark (``objects`` within noise, ``objects-max``
+lower), so it is not wired into indexing; this module is kept so the
+experiment can be rerun.
 """
 
 from __future__ import annotations
