@@ -72,6 +72,74 @@ def test_approx_chamfer_recall(kind):
     np.testing.assert_allclose(scores, ch.chamfer_scores(q, db, ids), rtol=1e-5)
 
 
+def _clumped_collection(rng, n_groups=10, group_size=20, words=8, copies=12, dim=32, words_per_group=40):
+    """Like :func:`_synthetic_collection`, but every word an image holds comes as a clump of near-duplicate
+    descriptors, as neighbouring cells of one CNN feature map do."""
+    images = []
+    for _ in range(n_groups):
+        vocab = _unit(rng.standard_normal((words_per_group, dim)))
+        for _ in range(group_size):
+            w = np.repeat(rng.choice(words_per_group, words, replace=False), copies)
+            images.append(_unit(vocab[w] + 0.3 / np.sqrt(dim) * rng.standard_normal((len(w), dim))))
+    return images
+
+
+def test_representative_rows_drop_only_near_duplicates():
+    rng = np.random.default_rng(3)
+    images = _clumped_collection(rng, n_groups=3, group_size=4) + [np.zeros((0, 32), np.float32)]
+    db = ch.LocalDatabase.from_features(images)
+    t = 0.8
+    rows = ch.representative_rows(db, t)
+    assert np.all(np.diff(rows) > 0) and 0 < len(rows) < len(db.descriptors)
+    owner = db.owners[rows]
+    for i in range(db.n_images - 1):
+        kept = rows[owner == i]
+        x = db.descriptors[kept]
+        sims = x @ x.T - 2 * np.eye(len(x))
+        assert sims.max() < t  # representatives are not near-duplicates of each other
+        dropped = np.setdiff1d(np.arange(db.offsets[i], db.offsets[i + 1]), kept)
+        # every dropped descriptor has a kept one before it within the threshold
+        for r in dropped:
+            earlier = kept[kept < r]
+            assert len(earlier) and (db.descriptors[earlier] @ db.descriptors[r]).max() >= t
+    assert np.array_equal(ch.representative_rows(db, 1.0), np.arange(len(db.descriptors)))
+    with pytest.raises(ValueError):
+        ch.representative_rows(db, 1.5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_dedup_spreads_neighbour_lists_and_verification_is_exact(kind):
+    """On near-duplicate clumps a short neighbour list reaches few images; the representatives' index
+    reaches more, and re-scoring its top R exactly recovers the exact Chamfer top k."""
+    rng = np.random.default_rng(4)
+    images = _clumped_collection(rng)  # 200 images, 19,200 descriptors
+    db = ch.LocalDatabase.from_features(images)
+    plain = ch.ApproxChamfer(db, index=kind, knn=36, nlist=32, nprobe=32, threads=1)
+    dedup = ch.ApproxChamfer(db, index=kind, knn=36, nlist=32, nprobe=32, threads=1, dedup=0.8)
+    assert len(dedup.rows) < len(db.descriptors) / 4 and dedup.index.ntotal == len(dedup.rows)
+    k, R = 20, 60
+    plain_r, dedup_r, verified, reached = [], [], [], []
+    for t in range(0, 200, 25):
+        src = images[t]
+        q = _unit(src[rng.choice(len(src), 30, replace=False)] + 0.05 * rng.standard_normal((30, src.shape[1])))
+        exact = ch.chamfer_scores(q, db)
+        _, ids = plain.search(q, k)
+        plain_r.append(ch.recall_at_k(ids, exact, k))
+        _, ids = dedup.search(q, k)
+        dedup_r.append(ch.recall_at_k(ids, exact, k))
+        scores, ids = dedup.search(q, k, exact_rerank=R)
+        verified.append(ch.recall_at_k(ids, exact, k))
+        np.testing.assert_allclose(scores, exact[ids], rtol=1e-5, atol=1e-6)  # verified scores are exact
+        reached.append((plain.score_all(q)[1].sum(), dedup.score_all(q)[1].sum()))
+        # neighbours are reported as database rows, owned by the images they come from
+        D, I = dedup.neighbours(q)
+        np.testing.assert_allclose(D[:, 0], (q * db.descriptors[I[:, 0]]).sum(axis=1), rtol=1e-4, atol=1e-5)
+    reached = np.array(reached)
+    assert np.all(reached[:, 1] > 2 * reached[:, 0]), reached  # lists spread over more images
+    assert np.mean(dedup_r) > np.mean(plain_r) + 0.05, (plain_r, dedup_r)
+    assert np.mean(verified) >= 0.95, verified
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_thresholded_chamfer_range_search_is_exact(kind):
     """With a match threshold the range search finds every contributing match: exact up to the ANN's misses."""
