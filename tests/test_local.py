@@ -446,6 +446,25 @@ def test_local_modes_find_the_crops(local_index, mode):
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
 
 
+@pytest.mark.parametrize("mode", ["global", "global+local", "local", "l2g"])
+def test_rank_from_stored_descriptors_excludes_the_query(local_index, mode):
+    """LocalSearcher.rank (the search after extraction, used by the held-out protocol): a database image's own
+    descriptors find itself first; with ``exclude`` it is gone and the rest keeps its order (the first-stage
+    modes) or is still ranked completely (l2g, whose shortlist then changes)."""
+    index, _ = local_index
+    s = index.local_searcher
+    extra = {"sg_k": 1, "shortlist": 5, "mds_dim": 4} if mode == "l2g" else {}
+    for p in range(0, s.db.n_images, 3):
+        q, gq = s.db.image(p), s.global_matrix("instance")[p]
+        included, _ = s.rank(mode, q, gq, **extra)
+        order, scores = s.rank(mode, q, gq, exclude=p, **extra)
+        assert sorted(included.tolist()) == list(range(s.db.n_images))
+        assert sorted(order.tolist()) == [i for i in range(s.db.n_images) if i != p] and len(scores) == len(order)
+        if mode != "l2g":
+            assert included[0] == p, (mode, p, included[:3])
+            assert order.tolist() == [i for i in included.tolist() if i != p]
+
+
 def test_local_search_errors(local_index, tmp_path, photos_dir):
     from finegrain import Index
 
