@@ -204,7 +204,7 @@ class LocalSearcher:
         """Image ids and scores, best first (at most ``k``); stage timings in :attr:`last_timings` (ms)."""
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
-        cfg, opts = split_options(options)
+        _, opts = split_options(options)  # validates the options before the extraction
         t0 = time.perf_counter()
         feats, inst = self.store.extract_query(image, bbox)
         q = np.ascontiguousarray(feats.descriptors, np.float32)
