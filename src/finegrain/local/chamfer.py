@@ -29,6 +29,21 @@ misses). The image score is the mean over query
 descriptors, computed sparsely: ``mean(fill) + sum(found best - fill) / |Q|``,
 so cost grows with ``|Q| * knn``, not with the database.
 :func:`recall_at_k` measures how many of the exact top-k it finds.
+
+**Near-duplicate reduction** (``dedup=t``): descriptors of one image that are
+cells of one CNN feature map are strongly correlated, so a query
+descriptor's ``knn`` neighbours crowd into a few images and the lists reach
+few images. With ``dedup`` the FAISS index holds only each image's
+representatives (:func:`representative_rows`: greedy, strongest first, a
+descriptor is dropped when its cosine to a kept one of the same image is at
+least t); every list then spreads over more images. Scores are computed on
+the representatives (no longer an upper bound), so :meth:`ApproxChamfer.search`
+with ``exact_rerank=R`` re-scores the approximate top R with the exact
+Chamfer similarity over *all* descriptors: a candidate stage plus
+verification whose cost grows with ``|Q| * knn`` and ``R``, not with the
+database. Over-fetching and keeping each image's best hit per query
+descriptor is what the aggregation already does (only the best hit per
+(query descriptor, image) counts), so it is the same as a larger ``knn``.
 """
 
 from __future__ import annotations
@@ -38,7 +53,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "recall_at_k"]
+__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "recall_at_k",
+           "representative_rows"]
 
 
 def _as_desc(x) -> np.ndarray:
@@ -145,6 +161,30 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | None = None
 
 
 # --------------------------------------------------------------------------- approximate
+def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
+    """Rows kept when each image's near-duplicate descriptors are dropped (sorted, int64).
+
+    Per image, greedily in row order (strongest first in a stored index): a
+    descriptor is kept unless its cosine to an already kept descriptor of the
+    same image is at least ``threshold``. Every image keeps at least one row
+    (if it has any). Cost: one ``n_i x n_i`` product per image.
+    """
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError("threshold must be a cosine in [-1, 1]")
+    keep = []
+    for i in range(db.n_images):
+        x = db.image(i)
+        if len(x) == 0:
+            continue
+        close = (x @ x.T) >= threshold
+        alive = np.ones(len(x), bool)
+        for j in range(len(x)):
+            if alive[j]:
+                keep.append(db.offsets[i] + j)
+                alive &= ~close[j]
+    return np.asarray(keep, np.int64)
+
+
 class ApproxChamfer:
     """Approximate Chamfer search over all database descriptors (CANN-style; see the module docstring).
 
@@ -172,13 +212,18 @@ class ApproxChamfer:
         FAISS OpenMP threads.
     seed : int
         For the IVF training sample.
+    dedup : float or None
+        Index only each image's representatives (:func:`representative_rows`
+        with this cosine threshold); None indexes every descriptor.
     faiss_index : faiss.Index, optional
-        A prebuilt index over ``db.descriptors`` (rows in the same order).
+        A prebuilt index over the indexed rows (``db.descriptors``, or its
+        representatives with ``dedup``), in the same order.
     """
 
     def __init__(self, db: LocalDatabase, index: str = "ivf", knn: int = 32, nlist: int | None = None,
                  nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64, fill: str = "kth",
-                 threshold: float | None = None, threads: int = 2, seed: int = 0, faiss_index=None):
+                 threshold: float | None = None, threads: int = 2, seed: int = 0, dedup: float | None = None,
+                 faiss_index=None):
         import faiss
 
         if fill not in ("kth", "zero"):
@@ -194,17 +239,22 @@ class ApproxChamfer:
         self.threshold = threshold
         self.nprobe = int(nprobe)
         self.ef_search = int(ef_search)
+        self.dedup = dedup
+        # FAISS id -> database row (all rows, or each image's representatives)
+        self.rows = (np.arange(len(db.descriptors), dtype=np.int64) if dedup is None
+                     else representative_rows(db, float(dedup)))
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.index = faiss_index if faiss_index is not None else self._build(index, nlist, hnsw_m, seed)
-        if self.index.ntotal != len(db.descriptors):
-            raise ValueError(f"the FAISS index holds {self.index.ntotal} vectors, the database {len(db.descriptors)}")
+        if self.index.ntotal != len(self.rows):
+            raise ValueError(f"the FAISS index holds {self.index.ntotal} vectors, {len(self.rows)} are indexed")
         self._set_search_params()
 
     def _build(self, kind: str, nlist: int | None, hnsw_m: int, seed: int):
         import faiss
 
-        d, x = self.db.dim, self.db.descriptors
+        d = self.db.dim
+        x = self.db.descriptors if len(self.rows) == len(self.db.descriptors) else self.db.descriptors[self.rows]
         if kind == "flat" or len(x) < 10_000:
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
@@ -231,10 +281,11 @@ class ApproxChamfer:
             inner.hnsw.efSearch = max(self.ef_search, self.knn)
 
     def neighbours(self, query) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS ``(D, I)`` for every query descriptor: (|Q|, knn) similarities and descriptor rows (-1: none)."""
+        """``(D, I)`` for every query descriptor: (|Q|, knn) similarities and database rows (-1: none)."""
         q = _as_desc(query)
-        k = min(self.knn, max(1, len(self.db.descriptors)))
-        return self.index.search(q, k)
+        k = min(self.knn, max(1, len(self.rows)))
+        D, I = self.index.search(q, k)
+        return D, np.where(I >= 0, self.rows[np.maximum(I, 0)], -1)
 
     def matches(self, query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every (query descriptor, database descriptor) match found: ``(qi, rows, kernel sims, fill (|Q|,))``.
@@ -246,7 +297,7 @@ class ApproxChamfer:
         if self.knn == 0:
             lims, D, I = self.index.range_search(q, float(self.threshold))
             qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-            return qi, I.astype(np.int64), match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
+            return qi, self.rows[I.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
         D, I = self.neighbours(q)
         D = match_kernel(D, self.threshold)
         valid = I >= 0
@@ -268,7 +319,7 @@ class ApproxChamfer:
         """
         n = self.db.n_images
         q = _as_desc(query)
-        if len(q) == 0 or len(self.db.descriptors) == 0:
+        if len(q) == 0 or len(self.rows) == 0:
             return np.zeros(n, np.float32), np.zeros(n, bool)
         qi, rows, sims, fill = self.matches(q)
         owner = self.db.owners[rows]
