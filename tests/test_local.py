@@ -446,6 +446,21 @@ def test_local_modes_find_the_crops(local_index, mode):
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
 
 
+def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):
+    index, photos = local_index
+    s = index.local_searcher
+    assert (s.exact_rerank_for("local"), s.exact_rerank_for("l2g"), s.exact_rerank_for("local", 5)) == (200, 0, 5)
+    hits = index.search(image=photos[0], mode="local", k=3)
+    exact = s.exact_top(s.last_query)
+    position = {int(i): p for p, i in enumerate(s.ids)}
+    expected = sorted(exact, reverse=True)[:3]
+    np.testing.assert_allclose([h.score for h in hits], expected, rtol=1e-5)  # scores and order are exact Chamfer's
+    np.testing.assert_allclose([exact[position[h.id]] for h in hits], expected, rtol=1e-5)
+    # Without the verification the scores are the representatives' (dedup): not the exact Chamfer.
+    approx = index.search(image=photos[0], mode="local", k=3, exact_rerank=0)
+    assert not np.allclose([h.score for h in approx], expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["global", "global+local", "local", "l2g"])
 def test_rank_from_stored_descriptors_excludes_the_query(local_index, mode):
     """LocalSearcher.rank (the search after extraction, used by the held-out protocol): a database image's own

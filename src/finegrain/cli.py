@@ -159,7 +159,7 @@ def search_cmd(
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
-    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 0)."),
+    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -409,7 +409,7 @@ def bench_revisitop_cmd(
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
-    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 0)."),
+    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),

@@ -109,7 +109,7 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
                 approx = searcher.approx(search_options.get("knn"), search_options.get("nprobe"))
                 _, approx_pos = approx.search(q, recall_k)
                 recalls.append(recall_at_k(approx_pos, exact, recall_k))
-                R = int(search_options.get("exact_rerank", searcher.exact_rerank) or 0)
+                R = searcher.exact_rerank_for(mode, search_options.get("exact_rerank"))
                 if R:  # the first stage as searched (the approximate top R re-scored exactly)
                     _, pos = approx.search(q, recall_k, exact_rerank=R)
                     verified.append(recall_at_k(pos, exact, recall_k))

@@ -13,9 +13,10 @@ ids, best first:
 ``local``
     Approximate Chamfer search (:class:`~finegrain.local.chamfer.ApproxChamfer`,
     CANN-style: each query descriptor's nearest database descriptors in one
-    FAISS index over all of them, aggregated per image). With
-    ``exact_rerank=R`` the approximate top ``R`` is re-scored with the exact
-    Chamfer similarity (a verification step on R images, not the database).
+    FAISS index over each image's representative descriptors, aggregated per
+    image), then the approximate top ``exact_rerank`` (200 by default) is
+    re-scored with the exact Chamfer similarity (a verification step on R
+    images, not the database).
 ``l2g``
     ``local``, then the top ``k`` are re-ranked by
     :func:`~finegrain.rerank.mds.l2g_rerank`: sparse pairwise Chamfer
@@ -73,6 +74,10 @@ def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
     return cfg, rest
 
 
+#: Default exact re-score depth per mode (``LocalSearcher(exact_rerank=None)``); see its docstring.
+EXACT_RERANK = {"local": 200, "l2g": 0}
+
+
 class LocalSearcher:
     """Local-feature search over one loaded index state (built by :attr:`finegrain.index.Index.local_searcher`).
 
@@ -89,22 +94,23 @@ class LocalSearcher:
         :func:`~finegrain.local.chamfer.representative_rows`); None indexes every descriptor. 0.7:
         with 1,000 distractors it lifted the recall@100 of the approximate scores from 0.72 to 0.86
         (knn 512) and indexes a fifth of the descriptors (docs/l2g.md).
-    exact_rerank : int
-        Default of the ``exact_rerank`` option of ``local`` and ``l2g``: the approximate top R
-        re-scored with the exact Chamfer similarity (0: none). 0 by default: R = 200 lifts the
-        recall@100 against exact Chamfer from 0.86 to 0.98 (1,000 distractors), but on the held-out
-        landmark-class protocol (``bench/l2g_heldout.py``) it lowered mAP for ``local`` and ``l2g``.
+    exact_rerank : int or None
+        Default of the ``exact_rerank`` option: the approximate top R re-scored with the exact
+        Chamfer similarity (0: none). None: per mode, :data:`EXACT_RERANK` (``local`` 200, ``l2g``
+        0). ``local`` is the Chamfer search, so it verifies: R = 200 lifts the recall@100 against
+        exact Chamfer from 0.86 to 0.98 (1,000 distractors) for 17 ms. ``l2g`` does not: on the
+        held-out landmark-class protocol (``bench/l2g_heldout.py``) re-scoring lowered its mAP.
     graph_m : int
         Neighbours stored per database image for the ``l2g`` pairs.
     """
 
     def __init__(self, index, knn: int = 512, nprobe: int = 16, graph_m: int = 50, dedup: float | None = 0.7,
-                 exact_rerank: int = 0):
+                 exact_rerank: int | None = None):
         self.index = index
         self.store: LocalStore = index.local_store
         self.knn, self.nprobe, self.graph_m = int(knn), int(nprobe), int(graph_m)
         self.dedup = None if dedup is None else float(dedup)
-        self.exact_rerank = int(exact_rerank)
+        self.exact_rerank = None if exact_rerank is None else int(exact_rerank)
         self.ids = np.unique(index.global_rows.owners)  # database position -> image id
         rows = index.fields.get(LOCAL_FIELD)
         if rows is None or len(rows) == 0:
@@ -122,6 +128,12 @@ class LocalSearcher:
         self._graph: tuple[np.ndarray, np.ndarray] | None = None
         self.last_timings: dict[str, float] = {}
         self.last_query: np.ndarray | None = None
+
+    def exact_rerank_for(self, mode: str, value: int | None = None) -> int:
+        """Images re-scored exactly after the approximate search of ``mode``: ``value``, else the default."""
+        if value is not None:
+            return int(value)
+        return self.exact_rerank if self.exact_rerank is not None else EXACT_RERANK.get(mode, 0)
 
     def _aligned(self, rows) -> np.ndarray | None:
         """One float32 row per database position (None if the field is absent)."""
@@ -270,7 +282,7 @@ class LocalSearcher:
                 reached &= keep
             cand = np.flatnonzero(reached)
             cand = cand[np.argsort(-all_scores[cand], kind="stable")]
-            R = int(opts.get("exact_rerank", self.exact_rerank))
+            R = self.exact_rerank_for(mode, opts.get("exact_rerank"))
             if R > 0 and len(cand):  # verification: the approximate top R re-scored with the exact Chamfer
                 head = cand[:R]
                 exact = chamfer_scores(q, self.db, head)
