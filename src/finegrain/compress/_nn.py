@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,11 +75,20 @@ def batches(n: int, batch_size: int, n_steps: int, generator: torch.Generator) -
         pos += batch_size
 
 
-def optimizer_and_schedule(params, lr: float, n_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam with a cosine decay to 1% of ``lr``: the constraints settle in the low-rate tail."""
+def train(params, loss_of_batch: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int, n_steps: int,
+          lr: float, generator: torch.Generator) -> None:
+    """``n_steps`` Adam steps on ``loss_of_batch(row indices)`` over :func:`batches` of ``n`` rows.
+
+    The rate decays by a cosine to 1% of ``lr``: the constraints settle in the low-rate tail.
+    """
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_steps, 1), eta_min=lr * 0.01)
-    return opt, sched
+    for idx in batches(n, batch_size, n_steps, generator):
+        loss = loss_of_batch(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
 
 
 def state_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:

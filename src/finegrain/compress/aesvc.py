@@ -169,16 +169,13 @@ class AESVC(Projection):
         with _nn.seeded(self.random_state, self.n_threads) as generator:
             encoder = _nn.mlp((dim, *hidden, k))
             decoder = _nn.mlp((k, *reversed(hidden), dim))
-            opt, sched = _nn.optimizer_and_schedule([*encoder.parameters(), *decoder.parameters()],
-                                                    self.learning_rate, steps)
-            for idx in _nn.batches(n, self.batch_size, steps, generator):
-                x = data[idx]
-                terms = self._losses(encoder, decoder, x)
-                loss = sum(weights[name] * value for name, value in terms.items())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+
+            def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
+                terms = self._losses(encoder, decoder, data[idx])
+                return sum(weights[name] * value for name, value in terms.items())
+
+            _nn.train([*encoder.parameters(), *decoder.parameters()], loss_of_batch, n, self.batch_size, steps,
+                      self.learning_rate, generator)
         encoder.eval()
         with torch.no_grad():
             self.losses_ = {name: float(v) for name, v in self._losses(encoder, decoder.eval(), data).items()}
@@ -224,7 +221,7 @@ class AESVC(Projection):
         self.scale_ = float(info["scale_"])
         self.losses_ = info["losses_"]
         self.fit_seconds_ = info["fit_seconds_"]
-        self.n_steps_ = int(info.get("n_steps_", self.n_steps if self.n_steps != "auto" else 0))  # older files lack it
+        self.n_steps_ = int(info.get("n_steps_", self.n_steps))  # files from before "auto" record only n_steps
         self.encoder_ = _nn.mlp((self.input_dim_, *_nn.check_hidden_sizes(self.hidden_sizes), self.n_components_))
         _nn.load_arrays(self.encoder_, arrays, "encoder")
         self.encoder_.eval()

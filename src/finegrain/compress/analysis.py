@@ -104,14 +104,8 @@ def plot_distributions(
         s = summary[name]
         ax.hist(_pair_similarities(_normalized(Z)), bins=100, density=True, histtype="step", linewidth=1.4,
                 label=f"{name} ({s.dim}-d): mean {s.similarity_mean:.3f}, std {s.similarity_std:.3f}")
-    ax.set_xlabel("cosine similarity between pairs")
-    ax.set_ylabel("density")
-    ax.set_title("Pairwise cosine similarities")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    similarity_png = out / f"{prefix}-similarity.png"
-    fig.savefig(similarity_png, dpi=120)
-    plt.close(fig)
+    similarity_png = _save(fig, ax, out / f"{prefix}-similarity.png", "cosine similarity between pairs", "density",
+                           "Pairwise cosine similarities")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, Z in spaces.items():
@@ -121,15 +115,23 @@ def plot_distributions(
                 label=f"{name} ({s.dim}-d): effective dims {s.effective_dims:.1f}")
     ax.set_yscale("log")
     ax.set_xscale("log")
-    ax.set_xlabel("dimension (sorted by variance)")
-    ax.set_ylabel("share of total variance")
-    ax.set_title("Per-dimension variance")
+    variance_png = _save(fig, ax, out / f"{prefix}-variance.png", "dimension (sorted by variance)",
+                         "share of total variance", "Per-dimension variance")
+    return AnalysisReport(similarity_png, variance_png, summary)
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label one figure, write it as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    variance_png = out / f"{prefix}-variance.png"
-    fig.savefig(variance_png, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return AnalysisReport(similarity_png, variance_png, summary)
+    return path
 
 
 def _normalized(Z: np.ndarray) -> np.ndarray:

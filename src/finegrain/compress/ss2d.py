@@ -147,15 +147,14 @@ class SS2D(Projection):
         start = time.perf_counter()
         with _nn.seeded(self.random_state, self.n_threads) as generator:
             student = _nn.mlp((X.shape[1], *hidden, dims[-1]))
-            opt, sched = _nn.optimizer_and_schedule(student.parameters(), self.learning_rate, self.n_steps)
-            for idx in _nn.batches(len(X), self.batch_size, self.n_steps, generator):
+
+            def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
                 out, t = student(data[idx]), target[idx]
                 # Every nested size shares the leading dimensions, so each loss shapes them all.
-                loss = sum(similarity_kl(out[:, :d], t, self.temperature) for d in dims) / len(dims)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                return sum(similarity_kl(out[:, :d], t, self.temperature) for d in dims) / len(dims)
+
+            _nn.train(student.parameters(), loss_of_batch, len(X), self.batch_size, self.n_steps, self.learning_rate,
+                      generator)
             student.eval()
             with torch.no_grad():
                 idx = next(_nn.batches(len(X), 2048, 1, generator))  # a sample: the similarity matrix is quadratic

@@ -50,6 +50,7 @@ from ..datasets import load_flickr8k
 from ..images import load_image
 from ..objects.config import ObjectConfig
 from ..objects.descriptor import encode_crops, prepare_objects
+from ..objects.proposals import _iou
 from ..progress import progress_bar
 
 SCENE_SIDE = 448
@@ -172,25 +173,14 @@ def _encode_split(enc, pool: list[Path], n: int, rng: np.random.Generator, objec
             offsets.append(offsets[-1] + len(vecs) - 1)
             boxes.append(comp.box)
             areas.append(comp.area_fraction)
-            hits.append(_best_iou(inputs.proposals.boxes[1:], comp.box))
+            # diagnostic: can the pipeline see the object at all (best proposal IoU with the pasted box)
+            hits.append(max((_iou(b, comp.box) for b in inputs.proposals.boxes[1:]), default=0.0))
             bar.advance()
     arrays = {"crops": np.concatenate(crops), "offsets": np.asarray(offsets, np.int64),
               "queries": np.stack(queries), "boxes": np.asarray(boxes, np.float32),
               "areas": np.asarray(areas, np.float32), "best_iou": np.asarray(hits, np.float32)}
     for name, arr in arrays.items():
         np.save(cache_dir / f"{split}-{name}.npy", arr)
-
-
-def _best_iou(boxes: np.ndarray, box) -> float:
-    """Best IoU of a proposal with the pasted box (diagnostic: can the pipeline see the object at all)."""
-    if len(boxes) == 0:
-        return 0.0
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    x0, y0 = np.maximum(b[:, 0], box[0]), np.maximum(b[:, 1], box[1])
-    x1, y1 = np.minimum(b[:, 2], box[2]), np.minimum(b[:, 3], box[3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return float((inter / np.maximum(union, 1e-9)).max())
 
 
 def load_split(cache_dir: str | Path, split: str) -> dict[str, np.ndarray]:
