@@ -23,7 +23,7 @@ table, glob, owners = idx.segment_table, idx.global_rows.vectors, idx.global_row
 def ev(mode, **kw):
     cfg = mv.MultiVectorConfig(**kw); ranks = []; ops = []; t = time.perf_counter()
     for q, g in zip(Qs, tgt):
-        pos, _, st = mv.search(mode, table, glob, q, 10, cfg)
+        _, pos, st = mv.search(mode, table, glob, q, 10, cfg)
         ids = owners[pos].tolist(); ranks.append(ids.index(g) if g in ids else np.inf); ops.append(st.sim_ops)
     ms = (time.perf_counter() - t) * 1000 / len(Qs)
     r = np.array(ranks)

@@ -27,7 +27,7 @@ for embed in ("pool", "crop"):
     for mode in ("global", "single", "exhaustive", "hierarchical"):
         ranks = []
         for q, g in zip(Qs, tgt):
-            pos, _, _ = mv.search(mode, idx.segment_table, idx.global_rows.vectors, q, 10, mv.MultiVectorConfig())
+            _, pos, _ = mv.search(mode, idx.segment_table, idx.global_rows.vectors, q, 10, mv.MultiVectorConfig())
             ids = idx.global_rows.owners[pos].tolist(); ranks.append(ids.index(g) if g in ids else np.inf)
         out[f"{embed}_{mode}_ndcg10"] = ndcg_at_k(ranks, 10); out[f"{embed}_{mode}_r1"] = 100 * recall_at_k(ranks, 1)
     print(json.dumps(out), flush=True)

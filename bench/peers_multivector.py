@@ -111,7 +111,7 @@ class FinegrainMode:
         self.ops: list[int] = []
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        pos, _, stats = mv.search(self.mode, self.table, self.glob, queries, k, self.config)
+        _, pos, stats = mv.search(self.mode, self.table, self.glob, queries, k, self.config)
         self.ops.append(stats.sim_ops)
         return pos
 

@@ -443,7 +443,7 @@ def test_dim_on_non_ss2d_and_bad_compress_input(small_index):
 
 def test_killed_compress_leaves_index_consistent(small_index, monkeypatch):
     from finegrain import Index
-    from finegrain.compress import indexing
+    from finegrain.store import writer as writer_module
     from finegrain.compress.indexing import FIELD, PROJECTION_DIR
 
     index, folder, extra = small_index
@@ -453,16 +453,15 @@ def test_killed_compress_leaves_index_consistent(small_index, monkeypatch):
     class Killed(BaseException):
         pass
 
-    real = indexing.write_chunk
+    real = writer_module.write_chunk
 
     def write_then_die(*args, **kw):  # the new files are complete, the catalog is not switched yet
         real(*args, **kw)
         raise Killed()
 
-    monkeypatch.setattr(indexing, "write_chunk", write_then_die)
+    monkeypatch.setattr(writer_module, "write_chunk", write_then_die)
     with pytest.raises(Killed):
         index.compress("aesvc", 12, **FAST["aesvc"])
-    index._release_lock()  # a killed process's lock dies with it
     monkeypatch.undo()
     assert len(list((index.path / PROJECTION_DIR).iterdir())) == 2  # the orphan projection file is there
 

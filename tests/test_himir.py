@@ -95,13 +95,13 @@ def test_exhaustive_single_and_hierarchical_scoring():
     cfg = mv.MultiVectorConfig(weight_global=0.3)
     best = np.max([_brute_level_max(ids, rows, lv, queries) for lv in range(3)], axis=0)
     expected = mv.combine(glob @ queries[0], best, 0.3)
-    pos, scores, stats = mv.search("exhaustive", table, glob, queries, 10, cfg)
+    scores, pos, stats = mv.search("exhaustive", table, glob, queries, 10, cfg)
     np.testing.assert_array_equal(pos, np.argsort(-expected, kind="stable")[:10])
     np.testing.assert_allclose(scores, np.sort(expected)[::-1][:10], rtol=1e-5)
     assert stats.levels_visited == 3 and stats.sim_ops == len(glob) + len(rows) * len(queries)
     # No pruning and no early exit: the scheduler visits every level and agrees with exhaustive.
     same = mv.MultiVectorConfig(weight_global=0.3, T=0.0, alpha=1.0, tau=2.0)
-    hpos, hscores, hstats = mv.search("hierarchical", table, glob, queries, 10, same)
+    hscores, hpos, hstats = mv.search("hierarchical", table, glob, queries, 10, same)
     np.testing.assert_array_equal(hpos, pos)
     assert hstats.sim_ops == stats.sim_ops
     # With pruning it does less work and visits fewer candidates at each finer level.
@@ -133,7 +133,8 @@ def test_segmented_index_end_to_end(tmp_path, photos_dir):
     seg = index.fields["segments"]
     assert set(np.unique(seg.owners)) == set(index.records) and seg.attrs["box"].shape == (len(seg), 4)
     for mode in ("global", "single", "exhaustive", "hierarchical"):
-        hits, stats, queries = index.search_detailed(text="a cat sitting on a rug", k=3, mode=mode)
+        hits = index.search(text="a cat sitting on a rug", k=3, mode=mode)
+        stats, queries = hits.stats, hits.subqueries
         assert len(hits) == 3 and stats.sim_ops > 0
         if mode != "global":
             assert queries[0] == "a cat sitting on a rug" and len(queries) >= 2
@@ -167,7 +168,7 @@ def test_tune_saves_a_configuration_and_plot(tmp_path, photos_dir):
     assert mv.MultiVectorConfig.from_dict(saved) == mv.MultiVectorConfig.from_dict(result["chosen"])
     assert 0 <= result["chosen_ndcg10"] <= 1
     # The saved configuration is what hierarchical search uses by default.
-    _, stats, _ = reopened.search_detailed(text="a cat", mode="hierarchical", k=3)
+    stats = reopened.search(text="a cat", mode="hierarchical", k=3).stats
     assert stats.levels_visited >= 1
     # No budget: the chosen trial is within 0.005 NDCG@10 of the best one.
     assert result["chosen_ndcg10"] >= max(t["ndcg10"] for t in result["trials"]) - 0.005

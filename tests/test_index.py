@@ -157,12 +157,9 @@ def test_orphan_chunk_from_crash_is_ignored_and_swept(index, collection):
 
 def test_writer_lock(index, collection):
     other = Index.open(index.path)
-    other._acquire_lock()
-    try:
+    with other.writer():
         with pytest.raises(IndexLockedError):
             index.add([collection])
-    finally:
-        other._release_lock()
 
 
 def test_refresh_sees_other_writers(index, collection, tmp_path):

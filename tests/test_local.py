@@ -442,7 +442,7 @@ def test_local_modes_find_the_crops(local_index, mode):
     # The exact and approximate Chamfer put both crops first; the MDS embedding of 6 points is coarser,
     # so l2g only has to put one first and both in its top 3.
     assert set(names[:2] if mode != "l2g" else names[:3]) >= crops and names[0] in crops, (mode, names)
-    t = index.local_searcher.last_timings
+    t = hits.timings
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
 
 
@@ -451,7 +451,7 @@ def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):
     s = index.local_searcher
     assert (s.exact_rerank_for("local"), s.exact_rerank_for("l2g"), s.exact_rerank_for("local", 5)) == (200, 0, 5)
     hits = index.search(image=photos[0], mode="local", k=3)
-    exact = s.exact_top(s.last_query)
+    exact = s.exact_top(s.query_features(photos[0], None)[0])
     position = {int(i): p for p, i in enumerate(s.ids)}
     expected = sorted(exact, reverse=True)[:3]
     np.testing.assert_allclose([h.score for h in hits], expected, rtol=1e-5)  # scores and order are exact Chamfer's
@@ -530,3 +530,27 @@ def test_cli_local_index_and_search(tmp_path, photos_dir):
     assert res.exit_code == 2 and "not inside" in res.output
     res = runner.invoke(app, ["index", str(photos_dir), "--index", str(tmp_path / "j"), "--local", "nope"])
     assert res.exit_code != 0
+
+
+def test_concurrent_first_searches_share_one_cache(local_index):
+    """Eight threads' first local searches on a fresh reader: no FileNotFoundError from racing cache writes,
+    one set of cache files, identical answers (issue 20, item 2)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finegrain import Index
+
+    index, photos = local_index
+    shutil.rmtree(index.path / "ann", ignore_errors=True)
+    fresh = Index.open(index.path)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: [h.id for h in fresh.search(image=photos[0], mode="l2g", k=5, sg_k=1,
+                                                                          shortlist=5, mds_dim=4)], range(8)))
+    assert all(r == results[0] for r in results)
+    names = sorted(p.name for p in (index.path / "ann").iterdir())
+    assert not [n for n in names if n.endswith(".tmp") or ".tmp." in n], names
+    # A damaged cache file is rebuilt, not a traceback.
+    for p in (index.path / "ann").iterdir():
+        p.write_bytes(p.read_bytes()[:40])
+    again = Index.open(index.path)
+    assert [h.id for h in again.search(image=photos[0], mode="l2g", k=5, sg_k=1, shortlist=5, mds_dim=4)] == results[0]

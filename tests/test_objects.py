@@ -253,8 +253,10 @@ def test_object_index_end_to_end(tmp_path, scene_dir):
     boxes = index.object_boxes(some_id)
     np.testing.assert_allclose(boxes[0], [0, 0, 1, 1])
     from finegrain.objects.search import explain_match
+    from finegrain.retrieval import Query
+    from finegrain.retrieval.objects import embed_object_query
 
-    why = explain_match(index, some_id, query)
+    why = explain_match(index.snapshot, some_id, embed_object_query(index.snapshot, Query(image=query)))
     assert why["score"] == pytest.approx(index.search(image=query, k=1, mode="objects-max")[0].score, abs=1e-5)
     x0, y0, x1, y1 = why["box"]
     truth = {"s1.jpg": (70, 80, 134, 144), "s4.jpg": (160, 140, 224, 204)}[Path(index.get(some_id).path).name]

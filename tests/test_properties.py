@@ -130,8 +130,8 @@ class StoreMachine(RuleBasedStateMachine):
         for _ in range(n):
             self.counter += 1
             images.append(NewImage(f"/photos/img{self.counter}.jpg", f"{self.counter:064x}", 10, 1, 4, 3))
-        with self.index._writer():
-            commit(self.index, images, {"global": FieldRows(vecs, np.arange(n))}, [], [], [])
+        with self.index.writer() as w:
+            commit(w, images, {"global": FieldRows(vecs, np.arange(n))}, [], [], [])
         self.index.refresh()
         new = sorted(set(self.index.records) - set(self.model))
         assert len(new) == n and not (set(new) & self.ever), "ids are fresh, never reused"

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .index import Index, SearchResult  # noqa: E402
+from .index import Index  # noqa: E402
+from .retrieval import Query, SearchResponse, SearchResult  # noqa: E402
 
-__all__ = ["Index", "SearchResult", "__version__"]
+__all__ = ["Index", "Query", "SearchResponse", "SearchResult", "__version__"]

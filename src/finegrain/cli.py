@@ -61,8 +61,13 @@ def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field,
 
 
 LOCAL_HELP = "New index: also store local features with this extractor (cnn, sift, disk) for the global+local, local and l2g modes."
-MODE_HELP = ("Search mode: global; with a segmented index single, exhaustive, hierarchical; with local features "
-             "(--local at index time) global+local, local, l2g; with objects (--objects) objects, objects-max, objects-refined.")
+def _mode_help() -> str:
+    from . import retrieval
+
+    return "Search mode: " + "; ".join(f"{m} ({d})" for m, d in retrieval.describe().items()) + "."
+
+
+MODE_HELP = _mode_help()
 
 
 def _open_index(path: Path, shard_set_ok: bool = False):
@@ -81,8 +86,8 @@ def _open_index(path: Path, shard_set_ok: bool = False):
 def index_cmd(
     inputs: List[Path] = typer.Argument(..., help="Image files or folders (walked recursively)."),
     index: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
-    encoder: str = typer.Option("effnet-minilm", help="Encoder for a new index (see `finegrain encoders`)."),
-    ann: str = typer.Option("auto", help="Top-k structure for a new index: auto, flat, hnsw, ivf."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder for a new index (see `finegrain encoders`; default effnet-minilm)."),
+    ann: Optional[str] = typer.Option(None, help="Top-k structure for a new index: auto (default), flat, hnsw, ivf."),
     segments: Optional[str] = typer.Option(None, help="New index: also store SLIC segments at these granularities, e.g. 4,9,16,25,36 (enables the single/exhaustive/hierarchical modes)."),
     segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
     local: Optional[str] = typer.Option(None, "--local", help=LOCAL_HELP),
@@ -102,22 +107,33 @@ def index_cmd(
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
-    from .index import Index, IndexLockedError
+    from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .store.catalog import IndexFormatError
 
     try:
+        seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
+        obj = None
+        if objects:
+            from .objects.config import ObjectConfig
+
+            extra = {} if object_threshold is None else {"threshold": object_threshold}
+            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, **extra)
+        local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if (index / "finegrain.sqlite").exists():
             idx = Index.open(index)
+            # Settings given for an existing index must be its own: never silently ignored.
+            asked = {key: value for key, value, given in (
+                ("encoder", encoder, encoder is not None), ("ann", ann, ann is not None),
+                ("segments", seg.to_dict() if seg else None, seg is not None),
+                ("local", local_cfg.to_dict() if local_cfg else None, local_cfg is not None),
+                ("objects", obj.to_dict() if obj else None, obj is not None)) if given}
+            diff = settings_differences(idx.snapshot.settings, asked)
+            if diff:
+                _fail(f"the index at {index} was created with other settings ({'; '.join(diff)}); its fields are "
+                      "fixed at creation: index into a new folder to use these settings", 2)
         else:
-            seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
-            obj = None
-            if objects:
-                from .objects.config import ObjectConfig
-
-                extra = {} if object_threshold is None else {"threshold": object_threshold}
-                obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, **extra)
-            idx = Index.create(index, encoder=encoder, ann=ann, segments=seg, objects=obj,
-                               local=_local_config(local, local_scales, local_features, local_image_size))
+            idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER, ann=ann or "auto", segments=seg,
+                               objects=obj, local=local_cfg)
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
                          engine=engine, ray_address=address)
         if refit_local:
@@ -168,23 +184,25 @@ def search_cmd(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
+    if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
+        mode, global_field = "instance", None
     idx = _open_index(index, shard_set_ok=True)
+    options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
+    if dim is not None:
+        options["dim"] = dim
     try:
-        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
-                                                      **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
+        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=bbox or None, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
-        print(json.dumps({"query": text if text is not None else str(image), "mode": mode, "subqueries": subqueries[1:],
-                          "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
-                          "results": [h.as_dict() for h in hits]}))
+        print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
         return
-    if mode in ("single", "exhaustive", "hierarchical"):
-        out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
-                  f"{stats.levels_visited} level(s) visited")
+    if len(response.subqueries) > 1 or response.stats.levels_visited:
+        out.print(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity operations, "
+                  f"{response.stats.levels_visited} level(s) visited")
     table = Table("rank", "score", "id")
     table.add_column("path", overflow="fold")
-    for h in hits:
+    for h in response:
         table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), h.path)
     out.print(table)
 

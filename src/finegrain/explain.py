@@ -29,21 +29,26 @@ Typical use::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .images import ImageSource
-from .local.search import LOCAL_MODES
-from .objects.search import OBJECT_MODES
+from .retrieval.base import Query
 from .search import multivector
 from .search.multivector import MultiVectorConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .index import Index
+    from .retrieval.base import SearchResponse
+    from .retrieval.multivector import MultiVectorParams
+    from .store.snapshot import Snapshot
 
 #: Label of the one "sub-query" of an example-image query.
 IMAGE_QUERY_LABEL = "query image"
 
-__all__ = ["RegionMatch", "SubQueryExplanation", "Explanation", "QueryEmbedding", "embed_query", "explain",
-           "explain_many"]
+__all__ = ["RegionMatch", "SubQueryExplanation", "Explanation", "explain", "explain_many", "explain_global",
+           "explain_segments", "explain_objects"]
 
 
 @dataclass(frozen=True)
@@ -97,109 +102,97 @@ class Explanation:
         return d
 
 
-@dataclass(frozen=True)
-class QueryEmbedding:
-    """A query as the search sees it: the texts (full query first) and their (n, dim) embeddings."""
-
-    texts: tuple[str, ...]
-    vectors: np.ndarray
-    is_image: bool = False
-
-
-def embed_query(index, mode: str = "global", text: str | None = None, image: ImageSource | None = None,
-                bbox: Sequence[float] | None = None, decomposer=None) -> QueryEmbedding:
-    """Embed a query like :meth:`finegrain.Index.search_detailed` does (sub-queries only outside ``global``)."""
-    if (text is None) == (image is None):
-        raise ValueError("give exactly one of text= or image=")
-    if image is not None:
-        return QueryEmbedding((IMAGE_QUERY_LABEL,), index.embed_query(image=image, bbox=bbox)[None, :], True)
-    if mode == "global" or not _has_segments(index):
-        return QueryEmbedding((text,), index.embed_query(text=text)[None, :])
-    index._check_text(text)
-    from .decompose.query import create_decomposer, decompose_query
-
-    texts = decompose_query(text, decomposer or create_decomposer(index.search_config_dict().get("decomposer", "rules")))
-    return QueryEmbedding(tuple(texts), index.encoder.encode_texts(texts))
-
-
-def explain(index, image_id: int, text: str | None = None, image: ImageSource | None = None, mode: str = "global",
-            bbox: Sequence[float] | None = None, decomposer=None, k: int = 10, **options) -> Explanation:
+def explain(index: "Index", image_id: int, text: str | None = None, image: ImageSource | None = None,
+            mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10, **options: Any) -> Explanation:
     """Explain how image ``image_id`` scores for a text or example-image query in ``mode``.
 
-    ``k`` is the search's k and ``options`` override the index's
-    :class:`MultiVectorConfig`, as in :meth:`finegrain.Index.search`. Raises ``KeyError`` for an unknown id and
+    ``k`` is the search's k and ``options`` the search's options, as in
+    :meth:`finegrain.Index.search`. Raises ``KeyError`` for an unknown id and
     ``ValueError`` for a bad mode or query.
     """
-    return explain_many(index, [image_id], text=text, image=image, mode=mode, bbox=bbox, decomposer=decomposer,
-                        k=k, **options)[0]
+    return explain_many(index, [image_id], text=text, image=image, mode=mode, bbox=bbox, k=k, **options)[0]
 
 
-def explain_many(index, image_ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
-                 mode: str = "global", bbox: Sequence[float] | None = None, decomposer=None,
-                 query: QueryEmbedding | None = None, k: int = 10, levels_visited: int | None = None,
-                 **options) -> list[Explanation]:
-    """:func:`explain` for several images of one query (the query is embedded once; or pass ``query``).
+def explain_many(index: "Index", image_ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
+                 mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10,
+                 response: "SearchResponse | None" = None, **options: Any) -> list[Explanation]:
+    """:func:`explain` for several images of one query (the query is embedded once).
 
-    ``k`` is the search's k (the hierarchical search's pruning keeps at least
-    k candidates); ``levels_visited`` (from the search's ``SearchStats``)
-    saves re-running a hierarchical search to learn where it stopped.
+    ``response``: the search's own response, which saves re-running a
+    hierarchical search to learn where it stopped.
     """
-    if mode in OBJECT_MODES:
-        records = [index.get(i) for i in image_ids]
-        return [_explain_objects(index, rec, mode, image, bbox) for rec in records]
-    if mode in LOCAL_MODES:
-        # Local-feature modes: the explanation shows the global score of the whole image only
-        # (individual local matches are not drawn; see docs/service.md).
-        if image is None:
-            raise ValueError(f"search mode {mode!r} takes an image query")
-        return explain_many(index, image_ids, image=image, mode="global", bbox=bbox, query=query, k=k)
-    if mode not in multivector.MODES:
-        raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(multivector.MODES)}")
-    if mode != "global" and not _has_segments(index):
-        raise ValueError(f"search mode {mode!r} needs an index built with segments "
-                         "(finegrain index ... --segments 4,9,16,25,36)")
-    records = [index.get(i) for i in image_ids]  # KeyError for unknown ids, before any work
-    if query is None:
-        query = embed_query(index, mode, text=text, image=image, bbox=bbox, decomposer=decomposer)
-    config = MultiVectorConfig.from_dict({**index.search_config_dict().get("multivector", {}), **options})
-    levels = _visited_levels(index, mode, query, config, k, levels_visited)
+    return index.explain(image_ids, text=text, image=image, mode=mode, bbox=bbox, k=k, response=response, **options)
+
+
+# ------------------------------------------------------------------ per family (called by the retrievers)
+def explain_global(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
+    """The global score of the whole image (modes without regions to show)."""
+    from .retrieval.dense import embed_query
+
+    vector = embed_query(snapshot, query)
+    label = query.text if query.text is not None else IMAGE_QUERY_LABEL
     out = []
-    for rec in records:
-        row = int(np.flatnonzero(index.global_rows.owners == rec.id)[0])
-        global_score = float(index.global_rows.vectors[row] @ query.vectors[0])
-        if not levels:
-            out.append(Explanation(rec.id, mode, global_score, global_score, 1.0, _size(rec), (), (
-                SubQueryExplanation(query.texts[0], True, global_score, None, ()),)))
-            continue
-        out.append(_explain_segments(index, rec, query, mode, levels, global_score, config.weight_global))
+    for image_id in ids:
+        rec = snapshot.records[int(image_id)]
+        score = float(snapshot.global_rows.vectors[int(snapshot.positions([rec.id])[0])] @ vector)
+        out.append(Explanation(rec.id, mode, score, score, 1.0, _size(rec), (), (
+            SubQueryExplanation(label, True, score, None, ()),)))
     return out
 
 
-def _explain_objects(index, rec, mode: str, image: ImageSource | None, bbox) -> Explanation:
-    """Object modes: the stored object that matched the example image best (its box and score)."""
-    if image is None:
-        raise ValueError(f"search mode {mode!r} takes an image query")
+def explain_objects(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
+    """Object modes: the stored object that matched the query best (its box and score)."""
     from .objects.search import explain_match
+    from .retrieval.objects import embed_object_query
 
-    match = explain_match(index, rec.id, image, bbox)
-    whole = next((o["score"] for o in match["objects"] if o["box"] == [0, 0, *_size(rec)]), match["score"])
-    best = RegionMatch("objects", 0, len(match["objects"]), tuple(match["box"]), float(match["score"])) \
-        if match["box"] is not None else None
-    return Explanation(rec.id, mode, float(match["score"]), float(whole), 0.0, _size(rec), (0,), (
-        SubQueryExplanation("example image", True, float(match["score"]), best, (best,) if best else ()),))
+    vector = embed_object_query(snapshot, query)
+    out = []
+    for image_id in ids:
+        rec = snapshot.records[int(image_id)]
+        match = explain_match(snapshot, rec.id, vector)
+        whole = next((o["score"] for o in match["objects"] if o["box"] == [0, 0, *_size(rec)]), match["score"])
+        best = RegionMatch("objects", 0, len(match["objects"]), tuple(match["box"]), float(match["score"])) \
+            if match["box"] is not None else None
+        out.append(Explanation(rec.id, mode, float(match["score"]), float(whole), 0.0, _size(rec), (0,), (
+            SubQueryExplanation("example image" if query.text is None else query.text, True, float(match["score"]),
+                                best, (best,) if best else ()),)))
+    return out
 
 
-def _explain_segments(index, rec, query: QueryEmbedding, mode: str, levels: list[int], global_score: float,
+def explain_segments(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int,
+                     params: "MultiVectorParams", response: "SearchResponse | None" = None) -> list[Explanation]:
+    """Multi-vector modes: per (sub-)query the best segment of every visited level (see the module docstring)."""
+    from .retrieval.multivector import query_vectors, segment_table
+
+    texts, vectors = query_vectors(snapshot, query, params)
+    labels = tuple(texts) if texts else (IMAGE_QUERY_LABEL,)
+    config = params.config()
+    levels = _visited_levels(snapshot, mode, vectors, config, k, response)
+    table = segment_table(snapshot)
+    out = []
+    for image_id in ids:
+        rec = snapshot.records[int(image_id)]
+        pos = int(snapshot.positions([rec.id])[0])
+        global_score = float(snapshot.global_rows.vectors[pos] @ vectors[0])
+        out.append(_explain_segments(snapshot, table, rec, pos, labels, vectors, mode, levels, global_score,
+                                     config.weight_global))
+    return out
+
+
+def _explain_segments(snapshot: "Snapshot", table: multivector.SegmentTable, rec, pos: int, labels: tuple[str, ...],
+                      vectors: np.ndarray, mode: str, levels: list[int], global_score: float,
                       weight: float) -> Explanation:
-    seg = index.fields["segments"]
+    seg = snapshot.field("segments")
     rows = np.flatnonzero(seg.owners == rec.id)
-    sims = np.asarray(seg.vectors[rows], np.float32) @ query.vectors.T  # (S, Q)
+    sims = np.asarray(seg.vectors[rows], np.float32) @ vectors.T  # (S, Q)
     seg_levels = np.asarray(seg.attrs["level"])[rows]
     boxes = np.asarray(seg.attrs["box"], np.float32)[rows]
     width, height = _size(rec)
-    granularity = index.segment_config.levels
+    cfg = snapshot.segment_config
+    assert cfg is not None
+    granularity = cfg.levels
     subqueries = []
-    for j, qtext in enumerate(query.texts):
+    for j, qtext in enumerate(labels):
         per_level = []
         for level in levels:
             at = np.flatnonzero(seg_levels == level)
@@ -216,23 +209,23 @@ def _explain_segments(index, rec, query: QueryEmbedding, mode: str, levels: list
     return Explanation(rec.id, mode, total, global_score, weight, (width, height), tuple(levels), tuple(subqueries))
 
 
-def _visited_levels(index, mode: str, query: QueryEmbedding, config: MultiVectorConfig, k: int,
-                    levels_visited: int | None) -> list[int]:
-    if mode == "global" or not _has_segments(index):
-        return []
-    n_levels = len(index.segment_config.levels)
+def _visited_levels(snapshot: "Snapshot", mode: str, vectors: np.ndarray, config: MultiVectorConfig, k: int,
+                    response: "SearchResponse | None") -> list[int]:
+    from .retrieval.multivector import segment_table
+
+    cfg = snapshot.segment_config
+    assert cfg is not None
+    n_levels = len(cfg.levels)
     if mode == "single":
         return [config.single_level if config.single_level is not None else n_levels // 2]
     if mode == "exhaustive":
         return list(range(n_levels))
-    if levels_visited is None:  # hierarchical: where the search stops depends on the whole collection
-        _, _, stats = multivector.search(mode, index.segment_table, index.global_rows.vectors, query.vectors, k, config)
+    if response is not None:
+        levels_visited = response.stats.levels_visited
+    else:  # hierarchical: where the search stops depends on the whole collection
+        _, _, stats = multivector.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, vectors, k, config)
         levels_visited = stats.levels_visited
     return multivector.schedule(n_levels, config)[:levels_visited]
-
-
-def _has_segments(index) -> bool:
-    return index.segment_config is not None and "segments" in index.fields
 
 
 def _size(rec) -> tuple[int, int]:

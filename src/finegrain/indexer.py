@@ -25,7 +25,6 @@ from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, write_chunk
-from .compress import indexing as _compress
 from .objects.config import ObjectConfig
 from .objects.descriptor import OBJECT_DECODE_SIDE, ObjectInputs, prepare_objects
 from .objects.indexing import PendingObjects
@@ -151,7 +150,7 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
 
 
 class Indexer:
-    """Runs one add/update pass over files for an open, writable :class:`~finegrain.index.Index`."""
+    """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
     def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
         self.index = index
@@ -311,37 +310,10 @@ class _Pending:
         return not (self.images or self.failures or self.touches or self.removals)
 
 
-def commit(index, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence, touches: Sequence[tuple[int, int]],
+def commit(writer, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence, touches: Sequence[tuple[int, int]],
            removals: Sequence[int]) -> int:
-    """Commit encoded images to ``index``: write their chunks, then record everything in one transaction.
-
-    ``fields`` rows are owned by positions in ``images``; they are renumbered
-    to newly reserved image ids here. ``failures`` are items with ``path``,
-    ``error``, ``size`` and ``mtime_ns``; ``touches`` are (image id, new
-    mtime) of files whose content did not change; ``removals`` are image ids
-    replaced by new content. A crash before the transaction leaves only
-    orphan chunk files, swept on the next open.
-    """
-    catalog, root = index.catalog, index.path
-    ids = np.asarray(catalog.reserve_ids(len(images)), dtype=np.int64)
-    projection = _stored_projection(index) if "global" in fields else None
-    if projection is not None:  # a compressed index: the projected rows go in the same commit
-        fields = {**fields, _compress.FIELD: FieldRows(projection.transform(fields["global"].vectors),
-                                                       fields["global"].owners)}
-    chunks = {}
-    for f, rows in fields.items():
-        chunks[f] = (new_chunk_name(), len(rows))
-        write_chunk(root, f, chunks[f][0], FieldRows(rows.vectors, ids[rows.owners], rows.attrs))
-    with catalog.transaction() as tx:
-        tx.remove(list(removals))
-        tx.add_images(ids.tolist(), images)  # before failures: ids were reserved from the sequence
-        for f, (name, n) in chunks.items():
-            tx.add_chunk(name, f, n)
-        for item in failures:
-            tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
-        for image_id, mtime_ns in touches:
-            tx.touch(image_id, mtime_ns)
-    return len(images)
+    """Commit encoded images through ``writer`` (a :class:`~finegrain.store.writer.Writer`); see :meth:`Writer.commit`."""
+    return writer.commit(images, fields, failures, touches, removals)
 
 
 def _same_stat(path: str, rec: ImageRecord) -> bool:
@@ -350,14 +322,3 @@ def _same_stat(path: str, rec: ImageRecord) -> bool:
     except OSError:
         return False
     return st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns
-
-
-def _stored_projection(index):
-    """The projection committed in the catalog now (read under the writer lock, so never stale), or None."""
-    info = index.catalog.get_meta(_compress.META_KEY)
-    if not info:
-        return None
-    cache = getattr(index, "_projection_cache", None)
-    if cache is not None and cache[0] == info["file"]:
-        return cache[1]
-    return _compress.load_index_projection(index.path, info)

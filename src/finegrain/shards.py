@@ -16,7 +16,7 @@ All shards must use the same encoder (scores are then comparable); the
 query text or image is embedded once for ``global`` mode. Multi-node: run
 one Ray actor per shard holding the open :class:`Index` (shards on node-local
 disks), send the query embedding to every actor, and merge the per-shard
-top-k on the driver, exactly as :meth:`ShardedIndex.search_detailed` does
+top-k on the driver, exactly as :meth:`ShardedIndex.search` does
 with threads; see docs/scaling.md.
 """
 
@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from . import retrieval
 from .images import ImageSource
-from .index import Index, SearchResult, _check_k
-from .search.multivector import SearchStats
+from .index import Index
+from .retrieval import SearchResponse, SearchResult, SearchStats
 from .store.catalog import IndexFormatError
 
 MANIFEST = "shards.json"
@@ -39,14 +39,8 @@ FORMAT = "finegrain-shards"
 VERSION = 1
 
 
-@dataclass(frozen=True)
-class ShardResult(SearchResult):
-    """A hit from a shard set: ``id`` is the image id within shard number ``shard``."""
-
-    shard: int = 0
-
-    def as_dict(self) -> dict:
-        return {**super().as_dict(), "shard": self.shard}
+#: A hit from a shard set: ``id`` is the image id within shard number ``shard`` (kept for older imports).
+ShardResult = SearchResult
 
 
 def is_shard_set(path: str | os.PathLike) -> bool:
@@ -122,29 +116,40 @@ class ShardedIndex:
         return any([s.refresh() for s in self.shards])
 
     def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None, **options) -> list[ShardResult]:
-        """Search every shard in parallel; the best ``k`` overall, best first (see :meth:`Index.search`)."""
-        return self.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox, **options)[0]
+               bbox: Sequence[float] | None = None, **options) -> SearchResponse:
+        """Search every shard in parallel; the best ``k`` overall, best first (see :meth:`Index.search`).
 
-    def search_detailed(self, text: str | None = None, image: ImageSource | None = None, k: int = 10,
-                        mode: str = "global", bbox: Sequence[float] | None = None,
-                        **options) -> tuple[list[ShardResult], SearchStats, list[str]]:
-        """Like :meth:`search`, also returning summed work and the (sub-)queries used."""
-        _check_k(k)
+        Every hit names its shard. ``global`` embeds the query once and sends
+        the vector to each shard; the other modes run their whole search on each shard.
+        """
+        k = retrieval.check_k(k)
+        retrieval.get(mode)  # an unknown mode fails before any work
+        query = retrieval.Query(text=text, image=image, bbox=None if bbox is None else tuple(bbox))
         if mode == "global":
-            query = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
-            dim = options.get("dim")  # an SS2D size: each shard applies its own stored projection
-            parts = list(self._pool.map(lambda s: (s.search_embedding(query, k=k, dim=dim), SearchStats(sim_ops=len(s)),
-                                                   [text] if text else []), self.shards))
+            from .retrieval.dense import DenseParams
+
+            dim = DenseParams.from_options(options, mode=mode).dim  # an SS2D size: each shard applies its own projection
+            vector = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
+            parts = list(self._pool.map(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
+                                                                 SearchStats(sim_ops=len(s)), [text] if text else []),
+                                        self.shards))
         else:
-            parts = list(self._pool.map(lambda s: s.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox,
-                                                                    **options), self.shards))
-        merged = sorted(((hit.score, n, hit) for n, (hits, _, _) in enumerate(parts) for hit in hits),
+            parts = list(self._pool.map(lambda s: s.search(text=query.text, image=query.image, k=k, mode=mode,
+                                                           bbox=bbox, **options), self.shards))
+        merged = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part),
                         key=lambda t: (-t[0], t[1], t[2].rank))[:k]
-        results = [ShardResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
-        stats = SearchStats(sim_ops=sum(p[1].sim_ops for p in parts),
-                            levels_visited=max((p[1].levels_visited for p in parts), default=0))
-        return results, stats, parts[0][2]
+        hits = [SearchResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
+        stats = SearchStats(sim_ops=sum(p.stats.sim_ops for p in parts),
+                            levels_visited=max((p.stats.levels_visited for p in parts), default=0))
+        timings = {f"shard{n}_{key}": v for n, p in enumerate(parts) for key, v in p.timings.items()}
+        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings)
+
+    def available_modes(self) -> list[str]:
+        """Modes every shard supports."""
+        common = set(self.shards[0].available_modes())
+        for s in self.shards[1:]:
+            common &= set(s.available_modes())
+        return [m for m in self.shards[0].available_modes() if m in common]
 
     def info(self) -> dict:
         """Per-shard :meth:`Index.info` and totals."""

@@ -127,7 +127,7 @@ def _evaluate(mode: str, config: mv.MultiVectorConfig, table: mv.SegmentTable, g
     """Mean NDCG@10, search ms per query and similarity operations of one configuration."""
     gains, ops, t0 = [], 0, time.perf_counter()
     for q, rel in zip(embedded, relevant):
-        pos, _, stats = mv.search(mode, table, glob, q, 10, config)
+        _, pos, stats = mv.search(mode, table, glob, q, 10, config)
         gains.append(ndcg_at_k_graded(owners[pos].tolist(), rel, 10))
         ops += stats.sim_ops
     ms = (time.perf_counter() - t0) * 1000 / len(embedded)

@@ -69,10 +69,10 @@ def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", enc
     index.search(text="warm up", k=10, mode=mode, **search_options)
     for caption, true_id in zip(ds.captions, target):
         t0 = time.perf_counter()
-        hits, stats, _ = index.search_detailed(text=caption, k=10, mode=mode, **search_options)
+        hits = index.search(text=caption, k=10, mode=mode, **search_options)
         latencies.append((time.perf_counter() - t0) * 1000)
-        sim_ops.append(stats.sim_ops)
-        levels.append(stats.levels_visited)
+        sim_ops.append(hits.stats.sim_ops)
+        levels.append(hits.stats.levels_visited)
         ranked = [h.id for h in hits]
         t2i_rank.append(ranked.index(true_id) if true_id in ranked else np.inf)
     t2i_rank = np.asarray(t2i_rank, dtype=np.float64)

@@ -81,7 +81,10 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
     bench = load_revisitop(data, gnd, distractors, distractor_list)
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
     local_cfg = LocalConfig.from_dict(local) if not isinstance(local, LocalConfig) else local
-    uses_local = mode in LOCAL_MODES or search_options.get("global_field") == "instance"
+    if mode == "global" and search_options.get("global_field") == "instance":  # the instance descriptor's own mode
+        mode = "instance"
+        search_options = {k: v for k, v in search_options.items() if k != "global_field"}
+    uses_local = mode in LOCAL_MODES or mode == "instance"
     if uses_local and local_cfg is None:
         raise ValueError(f"mode {mode!r} needs local features: pass local='cnn' (CLI: --local cnn)")
     index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress, local_cfg)
@@ -99,12 +102,14 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
         latencies.append((time.perf_counter() - t0) * 1000)
         columns.append(full_ranking(np.array([position_of_id[h.id] for h in hits], dtype=np.int64), n_total))
         if searcher is not None:
-            t = searcher.last_timings
+            t = hits.timings
             if "rerank_ms" in t:
                 rerank.append(t["rerank_ms"])
             search_ms.append(t.get("search_ms", 0.0))
             if mode in ("local", "l2g"):
-                q = searcher.last_query
+                q, _ = searcher.query_features(path, box)
+                if search_options.get("query_features"):
+                    q = q[: int(search_options["query_features"])]
                 exact = searcher.exact_top(q)
                 approx = searcher.approx(search_options.get("knn"), search_options.get("nprobe"))
                 _, approx_pos = approx.search(q, recall_k)

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..store.vectors import FieldRows, delete_chunk, new_chunk_name, write_chunk
+from ..store.vectors import FieldRows, new_chunk_name
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..index import Index
+    from ..store.snapshot import Snapshot
+    from ..store.writer import Writer
     from .base import Projection
 
 #: Catalog setting holding the active projection (absent or null: none).
@@ -118,14 +119,16 @@ def project_rows(projection: "Projection", vectors: np.ndarray, show_progress: b
     return out
 
 
-def compress_index(index: "Index", method: str, dim: int | None = None, params: dict[str, Any] | None = None,
-                   show_progress: bool = False) -> dict:
+def compress_index(writer: "Writer", snapshot: "Snapshot", method: str, dim: int | None = None,
+                   params: dict[str, Any] | None = None, show_progress: bool = False) -> dict:
     """Fit ``method`` on the index's original global vectors and make it the index's projection.
 
     Parameters
     ----------
-    index : Index
-        An open index (the writer lock is taken here).
+    writer : Writer
+        The index's writer (holding its lock).
+    snapshot : Snapshot
+        The committed state, read under that lock.
     method : {"pca", "aesvc", "ss2d", "none"}
         Projection to fit; ``"none"`` removes the current projection.
     dim : int
@@ -138,7 +141,7 @@ def compress_index(index: "Index", method: str, dim: int | None = None, params: 
     Returns
     -------
     dict
-        The new ``projection`` setting (also in ``index.info()["projection"]``), or ``{}`` for ``none``.
+        The new ``projection`` setting (also in ``Index.info()["projection"]``), or ``{}`` for ``none``.
     """
     from . import create_projection
 
@@ -146,54 +149,42 @@ def compress_index(index: "Index", method: str, dim: int | None = None, params: 
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
     if method != "none" and (dim is None or isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
         raise ValueError(f"--dim must be a positive integer, got {dim!r}")
-    root = index.path
-    with index._writer():
-        index._load()  # the committed state, read under the lock
-        old_chunks = [name for name, _, _ in index.catalog.chunks(FIELD)]
-        if method == "none":
-            with index.catalog.transaction() as tx:
-                tx.drop_chunks(old_chunks)
-                tx.set_meta(META_KEY, None)
-            _delete_old(root, old_chunks, None)
-            index._load()
-            return {}
-        source = index.fields[SOURCE_FIELD]
-        input_dim = source.vectors.shape[1]
-        if dim > input_dim:
-            raise ValueError(f"--dim {dim} is larger than the index's {input_dim}-dim embeddings")
-        if len(source) < 2:
-            raise ValueError(f"the index holds {len(source)} image(s); compress needs at least 2 to fit on")
-        X = np.asarray(source.vectors, dtype=np.float32)
-        projection = create_projection(method, int(dim), **(params or {}))
-        start = time.perf_counter()
-        _fit(projection, X, show_progress)
-        fit_seconds = time.perf_counter() - start
-        name = f"{new_chunk_name()}-{method}{dim}.safetensors"
-        path = root / PROJECTION_DIR / name
-        projection.save(path)
-        _fsync(path)
-        rows = FieldRows(project_rows(projection, X, show_progress), source.owners)
-        chunk = new_chunk_name()
-        write_chunk(root, FIELD, chunk, rows)
-        info = {
-            "method": method,
-            "dim": int(projection.n_components_),
-            "input_dim": int(input_dim),
-            "source_field": SOURCE_FIELD,
-            "file": name,
-            "fitted_on": int(len(X)),
-            "fit_seconds": round(fit_seconds, 3),
-        }
-        if method == "ss2d":
-            info["dims"] = [int(d) for d in projection.dims_]
-            teacher = projection.teacher
-            info["teacher"] = "input" if teacher is None else getattr(teacher, "method", str(teacher))
-        with index.catalog.transaction() as tx:
-            tx.drop_chunks(old_chunks)
-            tx.add_chunk(chunk, FIELD, len(rows))
-            tx.set_meta(META_KEY, info)
-        _delete_old(root, old_chunks, info)
-    index._load()
+    root = writer.path
+    if method == "none":
+        writer.replace_fields([FIELD], [], {META_KEY: None})
+        sweep_projection_files(root, None)
+        return {}
+    source = snapshot.field(SOURCE_FIELD)
+    input_dim = source.vectors.shape[1]
+    if dim > input_dim:
+        raise ValueError(f"--dim {dim} is larger than the index's {input_dim}-dim embeddings")
+    if len(source) < 2:
+        raise ValueError(f"the index holds {len(source)} image(s); compress needs at least 2 to fit on")
+    X = np.asarray(source.vectors, dtype=np.float32)
+    projection = create_projection(method, int(dim), **(params or {}))
+    start = time.perf_counter()
+    _fit(projection, X, show_progress)
+    fit_seconds = time.perf_counter() - start
+    name = f"{new_chunk_name()}-{method}{dim}.safetensors"
+    path = root / PROJECTION_DIR / name
+    projection.save(path)
+    _fsync(path)
+    chunk = writer.write_rows(FIELD, FieldRows(project_rows(projection, X, show_progress), source.owners))
+    info = {
+        "method": method,
+        "dim": int(projection.n_components_),
+        "input_dim": int(input_dim),
+        "source_field": SOURCE_FIELD,
+        "file": name,
+        "fitted_on": int(len(X)),
+        "fit_seconds": round(fit_seconds, 3),
+    }
+    if method == "ss2d":
+        info["dims"] = [int(d) for d in projection.dims_]
+        teacher = projection.teacher
+        info["teacher"] = "input" if teacher is None else getattr(teacher, "method", str(teacher))
+    writer.replace_fields([FIELD], [chunk], {META_KEY: info})
+    sweep_projection_files(root, info)
     return info
 
 
@@ -208,12 +199,6 @@ def _fit(projection: "Projection", X: np.ndarray, show_progress: bool) -> None:
 
     with Console(stderr=True).status(f"fitting {projection.method} on {len(X)} embeddings ..."):
         projection.fit(X)
-
-
-def _delete_old(root: Path, chunks: list[str], keep: dict | None) -> None:
-    for name in chunks:
-        delete_chunk(root, FIELD, name)
-    sweep_projection_files(root, keep)
 
 
 def sweep_projection_files(root: Path, info: dict | None) -> int:

@@ -36,9 +36,12 @@ generation, like the global ANN structure.
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -46,6 +49,9 @@ from ..progress import progress_bar
 from ..rerank.mds import L2GConfig, l2g_rerank
 from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store.snapshot import Snapshot
 
 LOCAL_MODES = ("global+local", "local", "l2g")
 _L2G_KEYS = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}  # the shortlist size is passed as "shortlist"
@@ -79,12 +85,17 @@ EXACT_RERANK = {"local": 200, "l2g": 0}
 
 
 class LocalSearcher:
-    """Local-feature search over one loaded index state (built by :attr:`finegrain.index.Index.local_searcher`).
+    """Local-feature search over one index snapshot (one per snapshot: :func:`finegrain.retrieval.local.local_searcher`).
+
+    Safe to share between threads: per-call options are arguments, timings
+    are returned, and the cached structures are built once under a lock.
 
     Parameters
     ----------
-    index : finegrain.index.Index
-        An index with local features (``index.local_store`` set).
+    snapshot : finegrain.store.snapshot.Snapshot
+        An index state with local features (``snapshot.local_config`` set).
+    store : LocalStore, optional
+        The index's local-feature extraction (default: one for ``snapshot``).
     knn, nprobe : int
         Defaults of the approximate search (neighbours per query descriptor, IVF lists probed). 512
         neighbours: with 32 the approximate top 100 held only 59% of the exact one on rparis6k-mini
@@ -104,15 +115,20 @@ class LocalSearcher:
         Neighbours stored per database image for the ``l2g`` pairs.
     """
 
-    def __init__(self, index, knn: int = 512, nprobe: int = 16, graph_m: int = 50, dedup: float | None = 0.7,
-                 exact_rerank: int | None = None):
-        self.index = index
-        self.store: LocalStore = index.local_store
+    def __init__(self, snapshot: "Snapshot", store: LocalStore | None = None, knn: int = 512, nprobe: int = 16,
+                 graph_m: int = 50, dedup: float | None = 0.7, exact_rerank: int | None = None):
+        config = snapshot.local_config
+        if config is None:
+            raise ValueError("this index stores no local features; create it with local features "
+                             "(finegrain index ... --local cnn, or Index.create(..., local=\"cnn\"))")
+        self.snapshot = snapshot
+        self.store: LocalStore = store if store is not None else LocalStore(snapshot.path, config)
         self.knn, self.nprobe, self.graph_m = int(knn), int(nprobe), int(graph_m)
         self.dedup = None if dedup is None else float(dedup)
         self.exact_rerank = None if exact_rerank is None else int(exact_rerank)
-        self.ids = np.unique(index.global_rows.owners)  # database position -> image id
-        rows = index.fields.get(LOCAL_FIELD)
+        self.ids = snapshot.ids  # database position -> image id
+        self._lock = threading.Lock()  # builds the cached structures once; serialises the approximate search's knobs
+        rows = snapshot.fields.get(LOCAL_FIELD)
         if rows is None or len(rows) == 0:
             dim = self.store.extractor.dim
             desc, owners = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
@@ -122,12 +138,10 @@ class LocalSearcher:
         offsets = np.searchsorted(owners, np.concatenate([self.ids, [np.iinfo(np.int64).max]]), side="left")
         offsets[-1] = len(owners)
         self.db = LocalDatabase(desc, offsets)
-        self.instance = self._aligned(index.fields.get(INSTANCE_FIELD))
-        self.joint = self._aligned(index.global_rows)
+        self.instance = self._aligned(snapshot.fields.get(INSTANCE_FIELD))
+        self.joint = self._aligned(snapshot.global_rows)
         self._approx: ApproxChamfer | None = None
         self._graph: tuple[np.ndarray, np.ndarray] | None = None
-        self.last_timings: dict[str, float] = {}
-        self.last_query: np.ndarray | None = None
 
     def exact_rerank_for(self, mode: str, value: int | None = None) -> int:
         """Images re-scored exactly after the approximate search of ``mode``: ``value``, else the default."""
@@ -147,63 +161,78 @@ class LocalSearcher:
 
     # ----------------------------------------------------- cached structures
     def _cache(self, name: str) -> Path:
-        return self.index.path / "ann" / f"{name}-{self.index._generation}"
+        return self.snapshot.path / "ann" / f"{name}-{self.snapshot.generation}"
 
     def _dedup_tag(self) -> str:
         """Cache-name part of the near-duplicate threshold (the indexed rows depend on it)."""
         return "" if self.dedup is None else f"-dd{int(round(self.dedup * 1000))}"
 
     def approx(self, knn: int | None = None, nprobe: int | None = None) -> ApproxChamfer:
-        """The approximate searcher (FAISS index over the indexed descriptors, cached on disk per generation)."""
+        """The approximate searcher (FAISS index over the indexed descriptors, cached on disk per generation).
+
+        Its knobs are set to ``knn``/``nprobe`` (or the defaults) for a single-threaded caller such as a
+        benchmark; searches through :meth:`rank` set their own under the searcher's lock.
+        """
+        with self._lock:
+            if self._approx is None:
+                self._approx = self._build_approx()
+            self._approx.knn = int(knn or self.knn)
+            self._approx.nprobe = int(nprobe or self.nprobe)
+            self._approx._set_search_params()
+        return self._approx
+
+    def _build_approx(self) -> ApproxChamfer:
         import faiss
 
-        if self._approx is None:
-            path = self._cache("local" + self._dedup_tag()).with_suffix(".faiss")
-            prebuilt = faiss.read_index(str(path)) if path.exists() else None
+        path = self._cache("local" + self._dedup_tag()).with_suffix(".faiss")
+        prebuilt = None
+        if path.exists():
             try:
-                self._approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                             faiss_index=prebuilt)
-            except ValueError:  # a stale cache file of another size: rebuild
+                prebuilt = faiss.read_index(str(path))
+            except RuntimeError:  # a damaged cache file: rebuild it
                 prebuilt = None
-                self._approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
-            if prebuilt is None and len(self._approx.rows):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                faiss.write_index(self._approx.index, str(tmp))
-                tmp.replace(path)
-        a = self._approx
-        a.knn = int(knn or self.knn)
-        a.nprobe = int(nprobe or self.nprobe)
-        a._set_search_params()
-        return a
+        try:
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
+                                   faiss_index=prebuilt)
+        except ValueError:  # a stale cache file of another size: rebuild
+            prebuilt = None
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
+        if prebuilt is None and len(approx.rows):
+            _write_cache(path, lambda tmp: faiss.write_index(approx.index, str(tmp)))
+        return approx
 
     def graph(self, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Each database image's ``graph_m`` best other images by approximate Chamfer, ``(ids, sims)`` by position."""
-        if self._graph is None:
-            path = self._cache(f"localgraph-k{self.knn}{self._dedup_tag()}").with_suffix(".npz")
-            if path.exists():
+        if self._graph is not None:
+            return self._graph
+        approx = self.approx()
+        with self._lock:
+            if self._graph is None:
+                approx.knn, approx.nprobe = self.knn, self.nprobe
+                approx._set_search_params()
+                self._graph = self._build_graph(approx, show_progress)
+        return self._graph
+
+    def _build_graph(self, approx: ApproxChamfer, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        path = self._cache(f"localgraph-k{self.knn}{self._dedup_tag()}").with_suffix(".npz")
+        if path.exists():
+            try:
                 with np.load(path, allow_pickle=False) as z:
                     if z["ids"].shape == (self.db.n_images, self.graph_m):
-                        self._graph = (z["ids"], z["sims"])
-            if self._graph is None:
-                approx = self.approx(knn=self.knn, nprobe=self.nprobe)
-                n = self.db.n_images
-                ids = np.full((n, self.graph_m), -1, np.int64)
-                sims = np.zeros((n, self.graph_m), np.float32)
-                step = 32
-                with progress_bar(n, "local neighbour lists", show_progress) as bar:
-                    for s in range(0, n, step):
-                        part = np.arange(s, min(n, s + step))
-                        ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
-                        bar.advance(len(part))
-                self._graph = (ids, sims)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                for old in path.parent.glob("localgraph-*.npz"):
-                    old.unlink(missing_ok=True)
-                tmp = path.with_name(path.name + ".tmp.npz")
-                np.savez(tmp, ids=ids, sims=sims)
-                tmp.replace(path)
-        return self._graph
+                        return z["ids"], z["sims"]
+            except (OSError, ValueError, KeyError):  # a damaged cache file: rebuild it
+                pass
+        n = self.db.n_images
+        ids = np.full((n, self.graph_m), -1, np.int64)
+        sims = np.zeros((n, self.graph_m), np.float32)
+        step = 32
+        with progress_bar(n, "local neighbour lists", show_progress) as bar:
+            for s in range(0, n, step):
+                part = np.arange(s, min(n, s + step))
+                ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
+                bar.advance(len(part))
+        _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
+        return ids, sims
 
     def global_matrix(self, field: str) -> np.ndarray:
         if field == "instance" and self.instance is not None:
@@ -211,36 +240,48 @@ class LocalSearcher:
         return self.joint
 
     # ------------------------------------------------------------------ search
+    def query_features(self, image, bbox: Sequence[float] | None, global_field: str = "instance"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """``(q, gq)``: the query's local descriptors and its global vector in ``global_field``'s space."""
+        from ..retrieval.base import Query
+        from ..retrieval.dense import embed_query
+
+        feats, inst = self.store.extract_query(image, bbox)
+        q = np.ascontiguousarray(feats.descriptors, np.float32)
+        G = self.global_matrix(global_field)
+        if G is self.instance and inst is not None:
+            gq = np.asarray(inst, np.float32)
+        else:
+            gq = embed_query(self.snapshot, Query(image=image, bbox=None if bbox is None else tuple(bbox)))
+        return q, gq
+
     def search(self, mode: str, image, bbox: Sequence[float] | None, k: int,
-               **options) -> tuple[np.ndarray, np.ndarray]:
-        """Image ids and scores, best first (at most ``k``); stage timings in :attr:`last_timings` (ms)."""
+               **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Scores and image ids, best first (at most ``k``), and the stage timings (ms)."""
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
         _, opts = split_options(options)  # validates the options before the extraction
         t0 = time.perf_counter()
-        feats, inst = self.store.extract_query(image, bbox)
-        q = np.ascontiguousarray(feats.descriptors, np.float32)
-        field = opts.get("global_field", "instance")
-        G = self.global_matrix(field)
-        if G is self.instance and inst is not None:
-            gq = np.asarray(inst, np.float32)
-        else:
-            gq = self.index.embed_query(image=image, bbox=bbox)
+        q, gq = self.query_features(image, bbox, opts.get("global_field", "instance"))
         extract_ms = (time.perf_counter() - t0) * 1e3
-        order, scores = self.rank(mode, q, gq, **options)
-        self.last_timings = {"extract_ms": extract_ms, **self.last_timings}
-        self.last_timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return self.ids[order[:k]], np.asarray(scores[:k], np.float32)
+        scores, order, timings = self.rank_timed(mode, q, gq, **options)
+        timings = {"extract_ms": extract_ms, **timings, "total_ms": (time.perf_counter() - t0) * 1e3}
+        return np.asarray(scores[:k], np.float32), self.ids[order[:k]], timings
 
     def rank(self, mode: str, q: np.ndarray, gq: np.ndarray, exclude: int | None = None,
              **options) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rank_timed` without the timings."""
+        scores, order, _ = self.rank_timed(mode, q, gq, exclude, **options)
+        return scores, order
+
+    def rank_timed(self, mode: str, q: np.ndarray, gq: np.ndarray, exclude: int | None = None,
+                   **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Rank every database position for query descriptors ``q`` and global query vector ``gq``.
 
         The search of :meth:`search` after feature extraction; ``gq`` lives in
         the space of ``options["global_field"]``. ``exclude``: a database
         position dropped from the ranking (a database image used as a held-out
-        query). Returns ``(positions, scores)``, best first; timings (ms) in
-        :attr:`last_timings`.
+        query). Returns ``(scores, positions, timings in ms)``, best first.
         """
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
@@ -248,7 +289,6 @@ class LocalSearcher:
         q = np.ascontiguousarray(q, np.float32)
         if opts.get("query_features"):
             q = q[: int(opts["query_features"])]
-        self.last_query = q
         G = self.global_matrix(opts.get("global_field", "instance"))
         gq = np.asarray(gq, np.float32)
         gq = gq / max(float(np.linalg.norm(gq)), 1e-12)
@@ -256,8 +296,7 @@ class LocalSearcher:
         timings: dict[str, float] = {}
         n = self.db.n_images
         if n == 0:
-            self.last_timings = timings
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), timings
         keep = np.ones(n, bool)  # positions that may be ranked
         if exclude is not None:
             keep[exclude] = False
@@ -277,8 +316,12 @@ class LocalSearcher:
                 scores = np.concatenate([exact[o], scores[cfg.k:]])
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         else:
-            approx = self.approx(opts.get("knn"), opts.get("nprobe"))
-            all_scores, reached = approx.score_all(q)
+            approx = self.approx()  # built once; the per-call knobs are set under the lock below
+            with self._lock:
+                approx.knn = int(opts.get("knn") or self.knn)
+                approx.nprobe = int(opts.get("nprobe") or self.nprobe)
+                approx._set_search_params()
+                all_scores, reached = approx.score_all(q)
             reached &= keep
             cand = np.flatnonzero(reached)
             cand = cand[np.argsort(-all_scores[cand], kind="stable")]
@@ -303,9 +346,19 @@ class LocalSearcher:
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
                 timings.update({f"rerank_{key}": v for key, v in res.timings.items()})
         timings["rank_ms"] = (time.perf_counter() - t0) * 1e3
-        self.last_timings = timings
-        return order, np.asarray(scores, np.float32)
+        return order, np.asarray(scores, np.float32), timings
 
     def exact_top(self, q: np.ndarray, k: int = 100) -> np.ndarray:
         """Exact Chamfer scores of ``q`` against every database image (for recall checks)."""
         return chamfer_scores(q, self.db)
+
+
+def _write_cache(path: Path, write, suffix: str = "") -> None:
+    """Write a cache file atomically under a name no other writer uses (concurrent first searches race here)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError:  # a read-only or full disk: the structure is still used from memory
+        tmp.unlink(missing_ok=True)

@@ -72,29 +72,29 @@ def field_scores(rows: FieldRows, image_order: np.ndarray, query: np.ndarray) ->
 
 
 def top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions and scores of the ``k`` best finite scores, best first."""
+    """Scores and positions of the ``k`` best finite scores, best first."""
     finite = np.flatnonzero(np.isfinite(scores))
     k = min(k, len(finite))
     if k == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
     sub = scores[finite]
     part = np.argpartition(-sub, k - 1)[:k] if k < len(sub) else np.arange(len(sub))
     order = part[np.argsort(-sub[part], kind="stable")]
-    return finite[order], sub[order].astype(np.float32)
+    return sub[order].astype(np.float32), finite[order]
 
 
-def explain_match(index, image_id: int, image, bbox=None) -> dict:
-    """Which stored object of ``image_id`` matched an image query best (for an explain overlay).
+def explain_match(snapshot, image_id: int, query: np.ndarray) -> dict:
+    """Which stored object of ``image_id`` matched the query vector (in the object space) best.
 
-    Returns ``{"id", "score", "box", "objects"}``: the best object's score
-    and box in pixels of the indexed image, and every object as
-    ``{"box", "score"}`` (row 0 is the whole image), best first.
+    ``snapshot`` is a :class:`~finegrain.store.snapshot.Snapshot`. Returns
+    ``{"id", "score", "box", "objects"}``: the best object's score and box in
+    pixels of the indexed image, and every object as ``{"box", "score"}``
+    (row 0 is the whole image), best first.
     """
-    rec = index.get(image_id)
-    if "objects" not in index.fields:
+    rec = snapshot.records[int(image_id)]
+    if not snapshot.has_field("objects"):
         raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
-    query = index.embed_object_query(image=image, bbox=bbox)
-    rows = index.fields["objects"]
+    rows = snapshot.field("objects")
     mine = np.flatnonzero(rows.owners == int(image_id))
     sims = np.asarray(rows.vectors[mine], np.float32) @ query
     boxes = np.asarray(rows.attrs["box"], np.float32)[mine]

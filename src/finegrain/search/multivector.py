@@ -21,10 +21,11 @@ vector against one stored vector).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..retrieval.base import SearchStats, number
 from ..store.vectors import FieldRows
 
 MODES = ("global", "single", "exhaustive", "hierarchical")
@@ -61,6 +62,19 @@ class MultiVectorConfig:
     stride: int = 1
     skip_levels: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip_levels", tuple(int(v) for v in self.skip_levels))
+        number("weight_global", self.weight_global, 0.0, 1.0)
+        if self.single_level is not None:
+            number("single_level", self.single_level, 0, integer=True)
+        number("T", self.T, 0.0, 1.0)
+        number("alpha", self.alpha, 0.0, 1.0)
+        number("tau", self.tau, -1.0)  # above 1: never stop early
+        number("top_k", self.top_k, 1, integer=True)
+        number("stride", self.stride, 1, integer=True)
+        if any(v < 0 for v in self.skip_levels):
+            raise ValueError(f"skip_levels must be level numbers >= 0, not {self.skip_levels}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -72,20 +86,14 @@ class MultiVectorConfig:
         return cls(**d)
 
 
-@dataclass
-class SearchStats:
-    """What one multi-vector search did."""
-
-    sim_ops: int = 0
-    levels_visited: int = 0
-    candidates_per_level: list[int] = field(default_factory=list)
-
-
 class SegmentTable:
     """Segment vectors grouped by level, then by image (CSR offsets), for fast per-image max.
 
     ``image_order`` gives the image ids in "position" order (the global
-    field's row order); scores come back in that order.
+    field's row order); scores come back in that order. Where a level's rows
+    are already one run in position order (chunks are stored level-major,
+    see :func:`finegrain.store.writer.storage_order`), the table keeps a view
+    of the memory-mapped vectors instead of a copy.
     """
 
     def __init__(self, segments: FieldRows, image_order: np.ndarray, n_levels: int):
@@ -97,7 +105,10 @@ class SegmentTable:
         for level in range(n_levels):
             rows = np.flatnonzero(levels == level)
             rows = rows[np.argsort(owner_pos[rows], kind="stable")]
-            self.vectors.append(np.ascontiguousarray(segments.vectors[rows]))
+            if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+                self.vectors.append(segments.vectors[rows[0]:rows[-1] + 1])  # a view: no copy
+            else:
+                self.vectors.append(np.ascontiguousarray(segments.vectors[rows]))
             self.offsets.append(np.searchsorted(owner_pos[rows], np.arange(self.n_images + 1)))
         self.n_levels = n_levels
 
@@ -160,7 +171,7 @@ def _ranks_in(ranking: np.ndarray, items: np.ndarray, missing: int) -> np.ndarra
 
 def search(mode: str, table: SegmentTable, global_vectors: np.ndarray, queries: np.ndarray, k: int,
            config: MultiVectorConfig) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """Rank images; returns (positions, scores, stats), best first, at most ``k``.
+    """Rank images; returns (scores, positions, stats), best first, at most ``k``.
 
     ``queries`` is (1 + N, dim): the full query first, then sub-queries.
     Positions index ``global_vectors`` (the global field's row order).
@@ -217,7 +228,8 @@ def _hierarchical(table, global_scores, queries, k, config, stats):
 
 
 def _top(positions: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the ``k`` best, best first."""
     k = min(k, len(scores))
     part = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))
     order = part[np.argsort(-scores[part], kind="stable")]
-    return positions[order], scores[order].astype(np.float32)
+    return scores[order].astype(np.float32), positions[order]

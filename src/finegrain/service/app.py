@@ -32,21 +32,17 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Path as PathParam, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from ..explain import explain_many
+from .. import __version__, retrieval
 from ..images import ImageLoadError, load_image_sized
-from ..local.search import LOCAL_MODES
-from ..objects.search import OBJECT_MODES
-from ..search.multivector import MODES
 from .holder import IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
 from .slowclients import BodyTimeout
@@ -54,8 +50,22 @@ from .slowclients import BodyTimeout
 log = logging.getLogger("finegrain.service")
 
 STATIC_DIR = Path(__file__).parent / "static"
-ALL_MODES = MODES + LOCAL_MODES + OBJECT_MODES
-Mode = Literal[ALL_MODES]  # which ones an index supports: Index.available_modes()
+
+
+def _known_mode(mode: str) -> str:
+    retrieval.get(mode)  # ValueError (-> 422) naming the registered modes
+    return mode
+
+
+def _mode_schema(schema: dict) -> None:
+    """The registered modes, read when the schema is generated (so plug-in modes appear too)."""
+    schema["enum"] = retrieval.modes()
+    schema["description"] = "; ".join(f"{m}: {d}" for m, d in retrieval.describe().items()) + \
+        ". GET /api/stats lists the modes this index supports."
+
+
+#: A registered search mode (which ones the open index supports: GET /api/stats).
+Mode = Annotated[str, AfterValidator(_known_mode), Field(json_schema_extra=_mode_schema)]
 
 
 @dataclass(frozen=True)
@@ -88,9 +98,7 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
 class SearchRequest(BaseModel):
     text: str = Field(description="What to find, in words.")
     k: int = Field(10, description="Number of results.")
-    mode: Mode = Field("global", description="global; with a segmented index single, exhaustive, hierarchical; with local features "
-                                              "global+local, local, l2g (image queries); with objects objects, objects-max, "
-                                              "objects-refined (image queries). GET /api/stats lists the index's modes.")
+    mode: Mode = "global"
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
 
 
@@ -335,26 +343,26 @@ def _search(index, request: Request, mode: str, k: int, explain: bool, text=None
     _check_mode(index, mode)
     t0 = time.perf_counter()
     try:
-        hits, stats, queries = index.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox)
-        explained = (explain_many(index, [h.id for h in hits], text=text, image=image, bbox=bbox, mode=mode, k=k,
-                                  levels_visited=stats.levels_visited) if explain and hits else [None] * len(hits))
+        response = index.search(text=text, image=image, k=k, mode=mode, bbox=bbox)
+        explained = (index.explain([h.id for h in response], text=text, image=image, bbox=bbox, mode=mode, k=k,
+                                   response=response) if explain and response.hits else [None] * len(response))
     except ValueError as exc:  # ImageLoadError included
         raise ApiError(400, "bad_query", str(exc)) from None
     took = (time.perf_counter() - t0) * 1000
     root = request.scope.get("root_path", "")
     results = [{"id": h.id, "score": round(h.score, 6), "rank": h.rank, "name": os.path.basename(h.path),
                 "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None}
-               for h, e in zip(hits, explained)]
-    return {"results": results, "mode": mode, "k": k, "subqueries": list(queries[1:]),
-            "stats": {"sim_ops": int(stats.sim_ops), "levels_visited": int(stats.levels_visited),
+               for h, e in zip(response, explained)]
+    return {"results": results, "mode": mode, "k": k, "subqueries": list(response.subqueries[1:]),
+            "stats": {"sim_ops": int(response.stats.sim_ops), "levels_visited": int(response.stats.levels_visited),
                       "took_ms": round(took, 3)},
-            "generation": index._generation}
+            "generation": response.generation}
 
 
 def _explain(index, image_id: int, mode: str, k: int, text=None, image=None, bbox=None) -> dict:
     _check_mode(index, mode)
     try:
-        return explain_many(index, [image_id], text=text, image=image, bbox=bbox, mode=mode, k=k)[0].as_dict()
+        return index.explain([image_id], text=text, image=image, bbox=bbox, mode=mode, k=k)[0].as_dict()
     except KeyError:
         raise ApiError(404, "not_found", f"no indexed image with id {image_id}") from None
     except ValueError as exc:

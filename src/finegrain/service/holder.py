@@ -68,7 +68,7 @@ class IndexHolder:
         self._lock = threading.Lock()  # the current index and the lease counts
         self._reload_lock = threading.Lock()  # one reload (and the probe connection) at a time
         self._db_lock = threading.Lock()  # the current index's catalog connection (stats)
-        self._current = _Loaded(self._attach(Index.open(self.path)))
+        self._current = _Loaded(self._open())
         self._probe = Catalog(self.path)
         self._next_check = time.monotonic() + self.reload_interval
 
@@ -94,18 +94,18 @@ class IndexHolder:
         with self.use() as index, self._db_lock:
             yield index
 
-    def _attach(self, index: Index) -> Index:
-        """Give ``index`` the service's shared, batching encoder (one model load for every re-open)."""
-        name = index.catalog.get_meta("encoder")
+    def _open(self) -> Index:
+        """Open the index with the service's shared, batching encoder (one model load for every re-open)."""
+        with Catalog(self.path) as probe:
+            name = probe.get_meta("encoder")
         if self.encoder is None or name != self._encoder_name:  # (a replaced one may still serve old leases)
             self.encoder = BatchingEncoder(lambda: encoders.create(name), workers=self.text_workers)
             self._encoder_name = name
-        index._encoder = self.encoder  # Index builds its encoder lazily; this one is shared
-        return index
+        return Index.open(self.path, encoder=self.encoder)  # type: ignore[arg-type]
 
     @property
     def generation(self) -> int:
-        return self._current.index._generation
+        return self._current.index.generation
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Re-open the index if its catalog generation changed; returns whether it did.
@@ -128,7 +128,7 @@ class IndexHolder:
                 return False
             old = self._current
             try:
-                new = self._attach(Index.open(self.path))
+                new = self._open()
             except Exception as exc:  # keep serving what we have
                 log.warning("could not re-open the index at %s: %s", self.path, exc)
                 return False
@@ -139,7 +139,7 @@ class IndexHolder:
             if close:
                 old.index.close()
             self.reloads += 1
-            log.info("re-opened the index at %s: generation %d, %d images", self.path, new._generation, len(new))
+            log.info("re-opened the index at %s: generation %d, %d images", self.path, new.generation, len(new))
             return True
         finally:
             self._reload_lock.release()

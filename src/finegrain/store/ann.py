@@ -9,6 +9,8 @@ generation, so opening a large index does not rebuild them.
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import faiss
@@ -30,15 +32,25 @@ class VectorIndex:
             kind = "hnsw" if self.n >= AUTO_ANN_THRESHOLD else "flat"
         self.kind = kind
         if cache_file is not None and cache_file.exists() and kind != "flat":
-            self.faiss = faiss.read_index(str(cache_file))
-            if self.faiss.ntotal == self.n:
-                return
+            try:
+                self.faiss = faiss.read_index(str(cache_file))
+                if self.faiss.ntotal == self.n and self.faiss.d == self.dim:
+                    return
+            except RuntimeError:  # a truncated or damaged cache file: rebuilt below
+                pass
         self.faiss = self._build(vectors, kind)
         if cache_file is not None and kind != "flat":
+            self._save(cache_file)
+
+    def _save(self, cache_file: Path) -> None:
+        """Write the cache under a name no concurrent writer uses, then rename; a read-only disk just skips it."""
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".tmp")
             faiss.write_index(self.faiss, str(tmp))
             tmp.replace(cache_file)
+        except (OSError, RuntimeError):
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _build(vectors: np.ndarray, kind: str) -> faiss.Index:

@@ -108,6 +108,12 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ----------------------------------------------------------------- meta
     def get_meta(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -147,6 +153,18 @@ class Catalog:
         self.db.execute("BEGIN")
         try:
             return self.generation(), self.images("indexed"), self.chunks()
+        finally:
+            self.db.execute("COMMIT")
+
+    def all_meta(self) -> dict:
+        """Every setting, decoded."""
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta").fetchall()}
+
+    def read_state(self) -> tuple[int, list[ImageRecord], list[tuple[str, str, int]], dict]:
+        """Generation, indexed images, chunks and settings, read in one transaction (what a snapshot holds)."""
+        self.db.execute("BEGIN")
+        try:
+            return self.generation(), self.images("indexed"), self.chunks(), self.all_meta()
         finally:
             self.db.execute("COMMIT")
 

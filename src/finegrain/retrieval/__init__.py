@@ -1,0 +1,154 @@
+"""Retrieval: every search mode, behind one registry (timm-style: ``get``, ``modes``, ``register``).
+
+The registry is the only list of modes: :class:`~finegrain.index.Index`,
+:mod:`~finegrain.explain`, shard sets, the HTTP service (its schema and the
+page's mode selector) and the CLI (its help) all read it. Adding a mode
+family is one module with a :class:`Retriever` subclass plus one
+:func:`register` call::
+
+    from finegrain import retrieval
+
+    class MyRetriever(retrieval.Retriever):
+        name = "mine"
+        modes = ("my-mode",)
+        def search(self, snapshot, mode, query, k, params):
+            ...
+            return retrieval.SearchResponse(hits, mode)
+
+    retrieval.register(MyRetriever())
+
+:func:`search` is the one entry point: it validates the mode, the query kind,
+``k`` and the options (before any model runs), then asks the retriever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import (
+    IMAGE,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    TEXT,
+    NoParams,
+    Params,
+    Query,
+    Retriever,
+    SearchResponse,
+    SearchResult,
+    SearchStats,
+    check_k,
+    check_text,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..explain import Explanation
+    from ..store.snapshot import Snapshot
+
+__all__ = ["Query", "SearchResponse", "SearchResult", "SearchStats", "Params", "NoParams", "Retriever", "register",
+           "unregister", "get", "modes", "available", "search", "explain", "check_k", "check_text", "MAX_K",
+           "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve"]
+
+_REGISTRY: dict[str, Retriever] = {}  # mode -> retriever, in registration order
+_LOCK = threading.Lock()
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Register the four built-in families on first use (not as an import side effect of other modules)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    with _LOCK:
+        if _BUILTINS_LOADED:
+            return
+        from .dense import DenseRetriever
+        from .local import LocalRetriever
+        from .multivector import MultiVectorRetriever
+        from .objects import ObjectRetriever
+
+        for retriever in (DenseRetriever(), MultiVectorRetriever(), LocalRetriever(), ObjectRetriever()):
+            for mode in retriever.modes:
+                _REGISTRY.setdefault(mode, retriever)
+        _BUILTINS_LOADED = True
+
+
+def register(retriever: Retriever, replace: bool = False) -> Retriever:
+    """Add a retriever's modes to the registry; a mode name already taken raises unless ``replace``."""
+    _load_builtins()
+    if not retriever.modes:
+        raise ValueError(f"retriever {retriever.name!r} declares no modes")
+    with _LOCK:
+        taken = [m for m in retriever.modes if m in _REGISTRY and _REGISTRY[m] is not retriever]
+        if taken and not replace:
+            raise ValueError(f"search mode(s) {', '.join(taken)} already registered "
+                             f"(by {', '.join(sorted({_REGISTRY[m].name for m in taken}))})")
+        for mode in retriever.modes:
+            _REGISTRY[mode] = retriever
+    return retriever
+
+
+def unregister(retriever: Retriever) -> None:
+    """Remove a retriever's modes (tests, plug-ins being unloaded)."""
+    with _LOCK:
+        for mode in retriever.modes:
+            if _REGISTRY.get(mode) is retriever:
+                del _REGISTRY[mode]
+
+
+def modes() -> list[str]:
+    """Every registered mode, in registration order."""
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def get(mode: str) -> Retriever:
+    """The retriever answering ``mode``; ``ValueError`` naming the known modes otherwise."""
+    _load_builtins()
+    try:
+        return _REGISTRY[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(_REGISTRY)}") from None
+
+
+def available(snapshot: "Snapshot") -> list[str]:
+    """The modes this index state supports (given the fields it stores)."""
+    return [m for m in modes() if _REGISTRY[m].missing(snapshot, m) is None]
+
+
+def describe() -> Mapping[str, str]:
+    """One line per mode (for help texts and the service's schema)."""
+    return {m: _REGISTRY[m].descriptions.get(m, _REGISTRY[m].name) for m in modes()}
+
+
+def resolve(snapshot: "Snapshot", mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
+            ) -> tuple[Retriever, int, Params]:
+    """Validate a search before any work: the mode exists and runs on this index, accepts the query, k and options."""
+    retriever = get(mode)
+    k = check_k(k)
+    if query.kind not in retriever.accepts(mode):
+        raise ValueError(f"search mode {mode!r} takes {' or '.join(sorted(retriever.accepts(mode)))} queries, "
+                         f"not a {query.kind} query")
+    why = retriever.missing(snapshot, mode)
+    if why:
+        raise ValueError(why)
+    return retriever, k, retriever.params(snapshot, mode, options)
+
+
+def search(snapshot: "Snapshot", mode: str, query: Query, k: int = 10,
+           options: Mapping[str, Any] | None = None) -> SearchResponse:
+    """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service."""
+    retriever, k, params = resolve(snapshot, mode, query, k, options)
+    return retriever.search(snapshot, mode, query, k, params)
+
+
+def explain(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int = 10,
+            options: Mapping[str, Any] | None = None, response: SearchResponse | None = None) -> list["Explanation"]:
+    """Why each image of ``ids`` scored as it did for ``query`` in ``mode`` (``KeyError`` for an unknown id)."""
+    retriever, k, params = resolve(snapshot, mode, query, k, options)
+    for i in ids:
+        if not isinstance(i, (int,)) and not hasattr(i, "__index__") or int(i) not in snapshot.records:
+            raise KeyError(f"unknown image id {i!r}")
+    return retriever.explain(snapshot, mode, query, [int(i) for i in ids], k, params, response)

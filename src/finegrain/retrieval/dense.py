@@ -1,0 +1,112 @@
+"""``global``: one joint-space vector per image, FAISS top-k (exact below 200k images, HNSW above).
+
+On an index compressed with ``finegrain compress`` the query is projected
+with the stored projection and scored against the ``compressed`` field;
+``dim`` picks a nested size of an SS2D projection (leading ``dim``
+dimensions, re-normalised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..images import load_image
+from .base import Params, Query, Retriever, SearchResponse, SearchResult, SearchStats, number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store.ann import VectorIndex
+    from ..store.snapshot import Snapshot
+
+
+def embed_query(snapshot: "Snapshot", query: Query) -> np.ndarray:
+    """The (dim,) joint-space embedding of a query (an image query cropped to its box first)."""
+    if query.text is not None:
+        return snapshot.encoder.encode_texts([query.text])[0]
+    img = load_image(query.image)  # type: ignore[arg-type]
+    box = query.clip_box(img.size)
+    if box is not None:
+        img = img.crop(tuple(int(round(v)) for v in box))  # type: ignore[arg-type]
+    return snapshot.encoder.encode_images([img])[0]
+
+
+def hits_from(snapshot: "Snapshot", ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+    """Hits for image ids and scores, best first (ids of -1 dropped)."""
+    return [SearchResult(int(i), snapshot.records[int(i)].path, float(s), r)
+            for r, (i, s) in enumerate((i, s) for i, s in zip(ids, scores) if i >= 0)]
+
+
+@dataclass(frozen=True)
+class DenseParams(Params):
+    """``dim``: a nested size of an SS2D-compressed index (None: the stored size)."""
+
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim is not None:
+            number("dim", self.dim, 1, integer=True)
+
+
+class DenseRetriever(Retriever):
+    name = "dense"
+    modes = ("global",)
+    params_type = DenseParams
+    descriptions: ClassVar[dict[str, str]] = {"global": "one vector per image (every index)"}
+
+    def params(self, snapshot: "Snapshot", mode: str, options: Any) -> Params:
+        from ..compress import indexing as compress_indexing
+
+        p = DenseParams.from_options(options, mode=mode)
+        compress_indexing.check_search_dim(snapshot.projection_info, p.dim)  # a bad dim fails before encoding
+        return p
+
+    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+        assert isinstance(params, DenseParams)
+        vector = embed_query(snapshot, query)
+        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim)
+        return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=len(snapshot)),
+                              [query.text] if query.text else [], generation=snapshot.generation)
+
+
+def search_vectors(snapshot: "Snapshot", queries: np.ndarray, k: int, dim: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty."""
+    from ..compress import indexing as compress_indexing
+
+    nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
+    ann = global_ann(snapshot)
+    projection = snapshot.projection
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if projection is not None:
+        if queries.shape[1] != projection.input_dim_:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match the index's embeddings "
+                             f"({projection.input_dim_}; they are projected to {projection.n_components_})")
+        queries = projection.transform(queries)
+        if nested is not None:
+            queries = compress_indexing.truncate(queries, nested)
+            ann = nested_ann(snapshot, nested)
+    scores, rows = ann.search(queries, k)
+    owners = snapshot.search_rows.owners
+    ids = np.where(rows >= 0, owners[np.maximum(rows, 0)], -1)
+    return scores, ids
+
+
+def global_ann(snapshot: "Snapshot") -> "VectorIndex":
+    """The top-k structure over the rows global search scores (built once per snapshot; cached on disk if ANN)."""
+    from ..store.ann import VectorIndex
+
+    return snapshot.derived("ann:global", lambda: VectorIndex(snapshot.search_rows.vectors,
+                                                              snapshot.settings.get("ann", "auto"),
+                                                              snapshot.cache_file("global")))
+
+
+def nested_ann(snapshot: "Snapshot", dim: int) -> "VectorIndex":
+    """Top-k structure over the leading ``dim`` projected dimensions (one per snapshot and size)."""
+    from ..compress import indexing as compress_indexing
+    from ..store.ann import VectorIndex
+
+    return snapshot.derived(f"ann:nested{dim}", lambda: VectorIndex(
+        compress_indexing.truncate(snapshot.search_rows.vectors, dim), snapshot.settings.get("ann", "auto"),
+        snapshot.cache_file(f"{compress_indexing.FIELD}{dim}")))

@@ -1,0 +1,115 @@
+"""L2G modes over local features: ``instance``, ``global+local``, ``local``, ``l2g`` (image queries).
+
+``instance`` is global search over the stored instance descriptor
+(multi-scale GeM of the local-feature CNN); the other three are described
+in :mod:`finegrain.local.search`, which does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from ..local.search import LocalSearcher, split_options
+from ..rerank.mds import L2GConfig
+from .base import IMAGE_ONLY, Params, Query, Retriever, SearchResponse, SearchStats, number
+from .dense import hits_from
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store.snapshot import Snapshot
+
+__all__ = ["LocalParams", "LocalRetriever", "local_searcher"]
+
+
+@dataclass(frozen=True)
+class LocalParams(Params):
+    """Options of the local modes: the first stage's knobs and the L2G re-ranking (:class:`L2GConfig`, flat keys).
+
+    ``shortlist`` is the number of images re-ranked (L2GConfig's ``k``); the
+    re-ranking keys (``mds_dim``, ``smacof_iter``, ``w``, ...) are given flat,
+    as on the command line.
+    """
+
+    shortlist: int | None = None
+    knn: int | None = None
+    nprobe: int | None = None
+    query_features: int | None = None
+    exact_rerank: int | None = None
+    global_field: str = "instance"
+    rerank: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("shortlist", "knn", "nprobe", "query_features"):
+            value = getattr(self, name)
+            if value is not None:
+                number(name, value, 1, integer=True)
+        if self.exact_rerank is not None:
+            number("exact_rerank", self.exact_rerank, 0, integer=True)
+        if self.global_field not in ("instance", "joint"):
+            raise ValueError("global_field must be 'instance' or 'joint'")
+        L2GConfig(**dict(self.rerank))  # its own checks
+
+    @classmethod
+    def names(cls) -> list[str]:
+        keys = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}
+        return sorted((set(super().names()) - {"rerank"}) | keys)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
+                     mode: str | None = None) -> "LocalParams":
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        try:
+            cfg, rest = split_options(given)  # unknown keys raise, naming the known ones
+        except TypeError as exc:
+            raise ValueError(f"bad search option: {exc}") from None
+        rerank = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(L2GConfig)
+                  if f.name != "k" and f.name in given}
+        return cls(rerank=rerank, **rest)
+
+    def options(self) -> dict[str, Any]:
+        """Flat keyword options for :meth:`LocalSearcher.search` (unset ones left out)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "rerank" and v is not None}
+        return {**d, **dict(self.rerank)}
+
+
+def local_searcher(snapshot: "Snapshot") -> LocalSearcher:
+    """The snapshot's local-feature searcher (built once per snapshot; ``ValueError`` without local features)."""
+    return snapshot.derived("local-searcher", lambda: LocalSearcher(snapshot))
+
+
+class LocalRetriever(Retriever):
+    name = "local"
+    modes = ("instance", "global+local", "local", "l2g")
+    query_kinds: ClassVar[dict[str, frozenset[str]]] = {m: IMAGE_ONLY for m in modes}
+    params_type = LocalParams
+    descriptions: ClassVar[dict[str, str]] = {
+        "instance": "global search over the instance descriptor (index with --local cnn)",
+        "global+local": "global shortlist re-ranked by exact Chamfer similarity (index with --local)",
+        "local": "approximate Chamfer search over local features, verified exactly (index with --local)",
+        "l2g": "L2G: local search, then MDS embeddings fused with the global descriptor (index with --local)",
+    }
+
+    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+        if snapshot.local_config is None:
+            return (f"search mode {mode!r} needs an index with local features; create it with "
+                    "`finegrain index ... --local cnn` (or Index.create(..., local=\"cnn\"))")
+        if mode == "instance" and not snapshot.has_field("instance") and len(snapshot):
+            return (f"search mode {mode!r} needs instance descriptors, which the {snapshot.local_config.extractor!r} "
+                    "local features do not make (use --local cnn)")
+        return None
+
+    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+        assert isinstance(params, LocalParams)
+        searcher = local_searcher(snapshot)
+        image = query.image
+        bbox = query.bbox
+        if bbox is not None:  # decoded once here: the box is clipped to the image like every mode's
+            from ..images import load_image
+
+            image = load_image(image)  # type: ignore[arg-type]
+            bbox = query.clip_box(image.size)
+        ids, scores, timings = searcher.search("global" if mode == "instance" else mode, image, bbox, k,
+                                               **params.options())
+        return SearchResponse(hits_from(snapshot, ids, scores), mode, SearchStats(sim_ops=len(snapshot)), [],
+                              timings, generation=snapshot.generation)

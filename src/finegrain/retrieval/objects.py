@@ -1,0 +1,91 @@
+"""MaO modes over per-object descriptors: ``objects``, ``objects-max``, ``objects-refined`` (docs/mao.md).
+
+``objects`` scores the fused multi-object descriptor of each image,
+``objects-max`` the best of an image's object crops, ``objects-refined`` the
+Stage B descriptor. The object space is the image tower's raw features
+(image queries only) unless the index was built with ``space="joint"``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import numpy as np
+
+from ..images import load_image
+from ..objects import search as object_search
+from .base import Params, Query, Retriever, SearchResponse, SearchStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..explain import Explanation
+    from ..store.snapshot import Snapshot
+
+__all__ = ["ObjectRetriever", "object_table", "embed_object_query"]
+
+
+def object_table(snapshot: "Snapshot") -> object_search.ObjectTable:
+    """Per-object rows grouped by image (one per snapshot)."""
+    return snapshot.derived("object-table", lambda: object_search.ObjectTable(snapshot.field("objects"), snapshot.ids))
+
+
+def embed_object_query(snapshot: "Snapshot", query: Query) -> np.ndarray:
+    """A query vector in the index's object space (image queries; text only with ``space="joint"``)."""
+    from .dense import embed_query
+
+    cfg = snapshot.object_config
+    if cfg is None:
+        raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+    if query.text is not None:
+        if cfg.space != "joint":
+            raise ValueError("the object modes of this index search by example image only: its object "
+                             "descriptors are raw image features (space 'raw'); use mode 'global' for text")
+        return embed_query(snapshot, query)
+    from ..objects.descriptor import embed_query as embed_object
+
+    img = load_image(query.image)  # type: ignore[arg-type]
+    box = query.clip_box(img.size)
+    if box is not None:
+        img = img.crop(tuple(int(round(v)) for v in box))  # type: ignore[arg-type]
+    return embed_object(snapshot.encoder, img, cfg)
+
+
+class ObjectRetriever(Retriever):
+    name = "objects"
+    modes = object_search.OBJECT_MODES
+    descriptions: ClassVar[dict[str, str]] = {
+        "objects": "MaO: one fused descriptor of each image's objects (index with --objects)",
+        "objects-max": "MaO variant: the best single object crop of each image (index with --objects)",
+        "objects-refined": "MaO Stage B refined descriptor (index with --objects --refine-iters N)",
+    }
+
+    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+        cfg = snapshot.object_config
+        if cfg is None:
+            return f"search mode {mode!r} needs an index built with objects (finegrain index ... --objects regions)"
+        if mode == "objects-refined" and not cfg.refine:
+            return ("search mode 'objects-refined' needs an index built with refinement "
+                    "(finegrain index ... --objects regions --refine-iters 80)")
+        return None
+
+    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+        fieldname = object_search.FIELDS[mode]
+        vector = embed_object_query(snapshot, query)
+        texts = [query.text] if query.text else []
+        if not snapshot.has_field(fieldname):  # an empty index
+            return SearchResponse([], mode, SearchStats(), texts, generation=snapshot.generation)
+        if mode == "objects-max":
+            scores, _ = object_table(snapshot).max_scores(vector)
+        else:
+            scores = object_search.field_scores(snapshot.field(fieldname), snapshot.ids, vector)
+        best, positions = object_search.top(scores, k)
+        from .dense import hits_from
+
+        return SearchResponse(hits_from(snapshot, snapshot.ids[positions], best), mode,
+                              SearchStats(sim_ops=len(snapshot.field(fieldname))), texts,
+                              generation=snapshot.generation)
+
+    def explain(self, snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
+                response: SearchResponse | None = None) -> list["Explanation"]:
+        from ..explain import explain_objects
+
+        return explain_objects(snapshot, mode, query, ids)

@@ -1,0 +1,252 @@
+"""An immutable view of an index at one catalog generation: what every search reads.
+
+Opening a snapshot reads catalog rows only (images, chunk list, settings).
+A vector field is read on first use: its chunk files are memory-mapped, and
+when the field is one chunk whose rows are all live (the state after
+``compact``) the mapped arrays are used as they are, so the pages a search
+touches are the only memory it costs. Several chunks, or rows of removed
+images, are gathered into one array (a copy) once per snapshot.
+
+Structures derived from the vectors (segment tables, ANN indexes, the local
+searcher) are built on first use and cached on the snapshot
+(:meth:`Snapshot.derived`), so they can never be mixed with another
+generation's vectors. Positions: image ids sorted ascending are the
+"positions" 0..n-1 every retriever scores in (the ``global`` field's rows
+are stored in that order).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from .catalog import Catalog, ImageRecord, IndexFormatError
+from .vectors import FieldRows, read_chunk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..compress.base import Projection
+    from ..decompose.segments import SegmentConfig
+    from ..encoders.base import Encoder
+    from ..local.store import LocalConfig
+    from ..objects.config import ObjectConfig
+
+T = TypeVar("T")
+
+__all__ = ["Snapshot", "StaleSnapshotError"]
+
+
+class StaleSnapshotError(FileNotFoundError):
+    """A chunk this snapshot lists was deleted by a later compaction: re-open at the new generation."""
+
+
+class Snapshot:
+    """Committed state of an index at one generation (see the module docstring). Build with :meth:`load`."""
+
+    def __init__(self, path: Path, generation: int, records: list[ImageRecord], chunks: list[tuple[str, str, int]],
+                 settings: dict[str, Any], encoder: Callable[[], "Encoder"]):
+        self.path = Path(path)
+        self.generation = int(generation)
+        #: Live (indexed) images by id.
+        self.records: dict[int, ImageRecord] = {r.id: r for r in records}
+        #: Live image ids, ascending: position -> id.
+        self.ids = np.fromiter(sorted(self.records), dtype=np.int64, count=len(self.records))
+        self._chunks: dict[str, list[str]] = {}
+        for name, fieldname, _ in chunks:
+            self._chunks.setdefault(fieldname, []).append(name)
+        #: Every catalog setting (encoder, dim, segments, local, objects, projection, search...).
+        self.settings = dict(settings)
+        self._encoder = encoder
+        self._fields: dict[str, FieldRows] = {}
+        self._derived: dict[str, Any] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"]) -> "Snapshot":
+        """Read the catalog's committed state in one transaction (no vector is read)."""
+        generation, records, chunks, settings = catalog.read_state()
+        return cls(path, generation, records, chunks, settings, encoder)
+
+    # --------------------------------------------------------------- settings
+    @property
+    def encoder(self) -> "Encoder":
+        """The index's encoder (shared by every snapshot of an open index; built on first use)."""
+        return self._encoder()
+
+    @property
+    def encoder_name(self) -> str:
+        return str(self.settings.get("encoder"))
+
+    @property
+    def dim(self) -> int:
+        return int(self.settings["dim"])
+
+    @property
+    def segment_config(self) -> "SegmentConfig | None":
+        from ..decompose.segments import SegmentConfig
+
+        seg = self.settings.get("segments")
+        return SegmentConfig.from_dict(seg) if seg else None
+
+    @property
+    def object_config(self) -> "ObjectConfig | None":
+        from ..objects.config import ObjectConfig
+
+        obj = self.settings.get("objects")
+        return ObjectConfig.from_dict(obj) if obj else None
+
+    @property
+    def local_config(self) -> "LocalConfig | None":
+        from ..local.store import LocalConfig
+
+        return LocalConfig.from_dict(self.settings.get("local"))
+
+    @property
+    def search_settings(self) -> dict:
+        """Saved search settings (``{"multivector": {...}, "decomposer": "rules"}``; ``finegrain tune``)."""
+        return dict(self.settings.get("search") or {})
+
+    @property
+    def projection_info(self) -> dict | None:
+        """The active projection's catalog setting (``finegrain compress``), or None."""
+        from ..compress import indexing as compress_indexing
+
+        return self.settings.get(compress_indexing.META_KEY) or None
+
+    @property
+    def projection(self) -> "Projection | None":
+        """The fitted projection applied to queries of global search, or None."""
+        info = self.projection_info
+        if not info:
+            return None
+        from ..compress import indexing as compress_indexing
+
+        def build() -> "Projection":
+            try:
+                return compress_indexing.load_index_projection(self.path, info)
+            except FileNotFoundError:
+                raise StaleSnapshotError(f"projection file of generation {self.generation} is gone") from None
+            except (OSError, ValueError, KeyError) as exc:
+                raise IndexFormatError(f"index at {self.path} has an unreadable projection: {exc}") from None
+
+        return self.derived("projection", build)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ----------------------------------------------------------------- fields
+    def has_field(self, name: str) -> bool:
+        """Whether the catalog lists chunks of field ``name`` (``global`` always exists)."""
+        return name == "global" or name in self._chunks
+
+    def field_names(self) -> list[str]:
+        return sorted(set(self._chunks) | {"global"})
+
+    def field(self, name: str) -> FieldRows:
+        """Live rows of field ``name`` (memory-mapped when possible); ``KeyError`` if the index has none."""
+        if name in self._fields:
+            return self._fields[name]
+        if not self.has_field(name):
+            raise KeyError(f"the index has no {name!r} field")
+        with self._lock_for("field:" + name):
+            if name not in self._fields:
+                self._fields[name] = self._read_field(name)
+        return self._fields[name]
+
+    @property
+    def fields(self) -> Mapping[str, FieldRows]:
+        """Every field, read on first access (a read-only mapping)."""
+        return _LazyFields(self)
+
+    @property
+    def global_rows(self) -> FieldRows:
+        return self.field("global")
+
+    @property
+    def search_rows(self) -> FieldRows:
+        """Rows global search scores against: the projected ``compressed`` field when compressed, else ``global``."""
+        info = self.projection_info
+        if not info:
+            return self.global_rows
+        from ..compress import indexing as compress_indexing
+
+        rows = self.field(compress_indexing.FIELD)
+        if len(rows) != len(self) or rows.vectors.shape[1] != int(info["dim"]):
+            raise IndexFormatError(f"index at {self.path} is inconsistent: {len(rows)} compressed rows of "
+                                   f"{rows.vectors.shape[1]} dims for {len(self)} images ({info['dim']} dims)")
+        return rows
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions (indices into :attr:`ids`) of image ids that are all live."""
+        return np.searchsorted(self.ids, np.asarray(ids, np.int64))
+
+    def _read_field(self, name: str) -> FieldRows:
+        parts: list[FieldRows] = []
+        for chunk in self._chunks.get(name, []):
+            try:
+                parts.append(read_chunk(self.path, name, chunk))
+            except FileNotFoundError:
+                raise StaleSnapshotError(f"chunk {chunk} of generation {self.generation} was compacted away") from None
+            except (OSError, ValueError) as exc:
+                raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {chunk}: {exc}") from None
+        if name == "global":
+            dim = self.dim
+        else:
+            dim = parts[0].vectors.shape[1] if parts else 0
+        rows = _live_rows(parts, self.ids, dim)
+        if name == "global":
+            if len(rows) != len(self.ids):
+                raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.ids)} images but "
+                                       f"{len(rows)} global vectors")
+            if not np.array_equal(rows.owners, self.ids):  # not in id order (never written so): put it in order
+                rows = rows.select(np.argsort(rows.owners, kind="stable"))
+        return rows
+
+    # ------------------------------------------------------- derived caches
+    def derived(self, key: str, build: Callable[[], T]) -> T:
+        """A structure derived from this snapshot, built once (thread-safe) and cached with it."""
+        if key in self._derived:
+            return self._derived[key]
+        with self._lock_for("derived:" + key):
+            if key not in self._derived:
+                self._derived[key] = build()
+        return self._derived[key]
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def cache_file(self, name: str, suffix: str = ".faiss") -> Path:
+        """Where a derived structure of this generation may be cached on disk (``ann/<name>-<generation><suffix>``)."""
+        return self.path / "ann" / f"{name}-{self.generation}{suffix}"
+
+
+def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int) -> FieldRows:
+    """Rows of live images: the mapped chunk itself when it is the only one and fully live, else a gathered copy."""
+    if len(parts) == 1:
+        live = np.isin(parts[0].owners, ids)
+        if live.all():
+            return parts[0]
+        return parts[0].select(live)
+    return FieldRows.concat([p.select(np.isin(p.owners, ids)) for p in parts], dim)
+
+
+class _LazyFields(Mapping[str, FieldRows]):
+    def __init__(self, snapshot: Snapshot):
+        self._s = snapshot
+
+    def __getitem__(self, name: str) -> FieldRows:
+        return self._s.field(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._s.has_field(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._s.field_names())
+
+    def __len__(self) -> int:
+        return len(self._s.field_names())

@@ -1,0 +1,243 @@
+"""The one mutation path of an index: the writer lock, crash-leftover sweeps, chunk writes, catalog transactions.
+
+Every change to an index (adding images, removing them, compaction, a
+stored projection, refitted local features, saved search settings) goes
+through a :class:`Writer`::
+
+    with Writer.open(path, catalog, encoder) as w:    # IndexLockedError if another process writes
+        w.commit(images, fields, failures, touches, removals)
+
+A commit writes its chunk files first (temp name, fsync, rename), then one
+SQLite transaction records the images, failures and chunks and bumps the
+generation. A crash before the transaction leaves orphan files that no
+catalog row references; readers never look at them and the next writer
+sweeps them. Rows of fields with a ``level`` attribute (segments) are stored
+level-major (by level, then image id) so that readers can map one level as a
+contiguous slice of the file instead of gathering it into memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from .catalog import Catalog, NewImage
+from .vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..compress.base import Projection
+    from ..encoders.base import Encoder
+
+LOCK_FILE = ".lock"
+
+__all__ = ["IndexLockedError", "Writer", "storage_order"]
+
+
+class IndexLockedError(RuntimeError):
+    """Another process is writing to the index."""
+
+
+def storage_order(rows: FieldRows) -> FieldRows:
+    """Rows in the order they are stored: level-major for fields with a ``level`` attribute, else as given."""
+    if "level" not in rows.attrs or len(rows) == 0:
+        return rows
+    order = np.lexsort((rows.owners, np.asarray(rows.attrs["level"])))  # stable: keeps each image's own order
+    if np.array_equal(order, np.arange(len(order))):
+        return rows
+    return rows.select(order)
+
+
+class Writer:
+    """Exclusive write access to one index folder (see the module docstring). Use :meth:`open` as a context manager."""
+
+    def __init__(self, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"] | None = None):
+        self.path = Path(path)
+        self.catalog = catalog
+        self._encoder = encoder
+        self._lock_fh: IO[str] | None = None
+        self._projection: tuple[str, "Projection"] | None = None
+
+    @classmethod
+    def open(cls, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"] | None = None) -> "Writer":
+        """Take the writer lock and sweep what a crashed writer left behind."""
+        writer = cls(path, catalog, encoder)
+        writer._acquire()
+        try:
+            writer.sweep()
+        except BaseException:
+            writer.close()
+            raise
+        return writer
+
+    def close(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _acquire(self) -> None:
+        fh = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the writer's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise IndexLockedError(f"another process is writing to the index at {self.path}") from None
+        self._lock_fh = fh
+
+    @property
+    def encoder(self) -> "Encoder":
+        if self._encoder is None:
+            from .. import encoders
+
+            name = self.catalog.get_meta("encoder")
+            enc = encoders.create(name)
+            self._encoder = lambda: enc
+        return self._encoder()
+
+    # What the indexer reads of the index's configuration (parsed from the committed settings).
+    @property
+    def segment_config(self):  # noqa: ANN201
+        from ..decompose.segments import SegmentConfig
+
+        seg = self.catalog.get_meta("segments")
+        return SegmentConfig.from_dict(seg) if seg else None
+
+    @property
+    def object_config(self):  # noqa: ANN201
+        from ..objects.config import ObjectConfig
+
+        obj = self.catalog.get_meta("objects")
+        return ObjectConfig.from_dict(obj) if obj else None
+
+    @property
+    def local_store(self):  # noqa: ANN201
+        from ..local.store import LocalConfig, LocalStore
+
+        cfg = LocalConfig.from_dict(self.catalog.get_meta("local"))
+        if cfg is None:
+            return None
+        if getattr(self, "_local_store", None) is None:
+            self._local_store = LocalStore(self.path, cfg)
+        return self._local_store
+
+    def settings(self) -> dict[str, Any]:
+        """The committed settings (read now, under the lock: never stale)."""
+        return self.catalog.all_meta()
+
+    # ------------------------------------------------------------- sweeping
+    def sweep(self) -> None:
+        """Delete chunk, projection and ANN-cache files that no committed state references."""
+        from ..compress import indexing as compress_indexing
+
+        committed = {(f, n) for n, f, _ in self.catalog.chunks()}
+        sweep_orphans(self.path, committed)
+        compress_indexing.sweep_projection_files(self.path, self.catalog.get_meta(compress_indexing.META_KEY))
+        generation = self.catalog.generation()
+        ann = self.path / "ann"
+        if ann.exists():
+            for path in ann.glob("*"):
+                if not path.name.split(".")[0].endswith(f"-{generation}"):
+                    path.unlink(missing_ok=True)
+
+    # -------------------------------------------------------------- writing
+    def write_rows(self, fieldname: str, rows: FieldRows) -> tuple[str, str, int]:
+        """Write one chunk file set (not yet committed); returns ``(chunk name, field, rows)``."""
+        name = new_chunk_name()
+        write_chunk(self.path, fieldname, name, storage_order(rows))
+        return name, fieldname, len(rows)
+
+    def commit(self, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence[Any],
+               touches: Sequence[tuple[int, int]], removals: Sequence[int]) -> int:
+        """Commit encoded images: write their chunks, then record everything in one transaction.
+
+        ``fields`` rows are owned by positions in ``images``; they are
+        renumbered to newly reserved image ids here. ``failures`` are items
+        with ``path``, ``error``, ``size`` and ``mtime_ns``; ``touches`` are
+        (image id, new mtime) of files whose content did not change;
+        ``removals`` are image ids replaced by new content. Returns how many images were added.
+        """
+        from ..compress import indexing as compress_indexing
+
+        ids = np.asarray(self.catalog.reserve_ids(len(images)), dtype=np.int64)
+        projection = self.projection() if "global" in fields else None
+        if projection is not None:  # a compressed index: the projected rows go in the same commit
+            g = fields["global"]
+            fields = {**fields, compress_indexing.FIELD: FieldRows(projection.transform(g.vectors), g.owners)}
+        chunks = [self.write_rows(f, FieldRows(rows.vectors, ids[rows.owners], rows.attrs)) for f, rows in fields.items()]
+        with self.catalog.transaction() as tx:
+            tx.remove(list(removals))
+            tx.add_images(ids.tolist(), images)  # before failures: ids were reserved from the sequence
+            for name, f, n in chunks:
+                tx.add_chunk(name, f, n)
+            for item in failures:
+                tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
+            for image_id, mtime_ns in touches:
+                tx.touch(image_id, mtime_ns)
+        return len(images)
+
+    def replace_fields(self, fieldnames: Sequence[str], new_chunks: Sequence[tuple[str, str, int]],
+                       meta: dict[str, Any] | None = None) -> None:
+        """In one transaction: drop every chunk of ``fieldnames``, add ``new_chunks`` (from :meth:`write_rows`), set ``meta``."""
+        old = [(n, f) for n, f, _ in self.catalog.chunks() if f in set(fieldnames)]
+        with self.catalog.transaction() as tx:
+            tx.drop_chunks([n for n, _ in old])
+            for name, f, count in new_chunks:
+                tx.add_chunk(name, f, count)
+            for key, value in (meta or {}).items():
+                tx.set_meta(key, value)
+        for n, f in old:
+            delete_chunk(self.path, f, n)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Change one setting (one committed transaction)."""
+        with self.catalog.transaction() as tx:
+            tx.set_meta(key, value)
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Mark images removed (their rows stay in chunks until :meth:`compact`); unknown or removed ids raise ``KeyError``."""
+        unique = sorted({int(i) for i in ids})
+        live = {r.id for r in self.catalog.images("indexed")}
+        unknown = [i for i in unique if i not in live]
+        if unknown:
+            raise KeyError(f"unknown image ids: {unknown[:10]}")
+        with self.catalog.transaction() as tx:
+            tx.remove(unique)
+        return len(unique)
+
+    def compact(self) -> None:
+        """Rewrite every field as one chunk without removed images (level-major where it applies)."""
+        live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
+        for fieldname in sorted({f for _, f, _ in self.catalog.chunks()}):
+            chunks = [name for name, _, _ in self.catalog.chunks(fieldname)]
+            parts = [read_chunk(self.path, fieldname, n) for n in chunks]
+            merged = FieldRows.concat([p.select(np.isin(p.owners, live)) for p in parts], parts[0].vectors.shape[1])
+            new = self.write_rows(fieldname, merged)
+            with self.catalog.transaction() as tx:
+                tx.drop_chunks(chunks)
+                tx.add_chunk(*new)
+            for old in chunks:
+                delete_chunk(self.path, fieldname, old)
+        with self.catalog.transaction() as tx:
+            tx.purge_removed()
+
+    # ----------------------------------------------------------- projection
+    def projection(self) -> "Projection | None":
+        """The projection committed in the catalog now (read under the lock, so never stale), or None."""
+        from ..compress import indexing as compress_indexing
+
+        info = self.catalog.get_meta(compress_indexing.META_KEY)
+        if not info:
+            return None
+        if self._projection is None or self._projection[0] != info["file"]:
+            self._projection = (info["file"], compress_indexing.load_index_projection(self.path, info))
+        return self._projection[1]
