@@ -5,22 +5,28 @@ same pipeline as :class:`finegrain.indexer.Indexer`, spread over a Ray
 cluster (a local Ray runtime on one machine):
 
 1. the driver walks the inputs and skips unchanged files (as the local engine does);
-2. ``map_batches`` tasks read, hash, decode and decompose (SLIC) the images;
-3. an actor pool holding the encoder embeds each batch and writes it as a
-   *shard* under ``PATH/staging/<run>/``: vector chunks in the index's own
-   ``.npy`` layout, rows owned by positions in the shard, plus a JSON manifest;
-4. the driver merges finished shards, in input order, into the index through
+2. field extractors with learned state (the local-feature whitening) are
+   fitted on the driver, their state saved under the index folder;
+3. ``map_batches`` tasks read, hash and decode the images and run every field
+   extractor's ``prepare`` (:mod:`finegrain.fields`: SLIC segments, object
+   crops, local-feature image regions...);
+4. an actor pool holding the encoder runs every extractor's ``encode`` on each
+   batch and writes it as a *shard* under ``PATH/staging/<run>/``: vector
+   chunks in the index's own ``.npy`` layout, rows owned by positions in the
+   shard, plus a JSON manifest;
+5. the driver merges finished shards, in input order, into the index through
    the same commit step as the local engine (chunks written, then one catalog
    transaction), ``commit_every`` images at a time, and deletes them.
 
-Because shards are merged in input order, image ids come out exactly as the
-local engine assigns them. A killed run leaves only staging files, which the
+Both engines run the same extractor list, so the Ray engine builds every
+field the local one does. Because shards are merged in input order, image ids
+come out exactly as the local engine assigns them. A killed run leaves only staging files, which the
 next run deletes; nothing half-merged is ever visible to readers.
 
 On a multi-node cluster (``--address ray://head:10001`` or ``auto``) the
 index folder must be on storage every node can write (NFS, a mounted bucket),
-because actors write shards under it; the driver then only reads manifests
-and chunk files. Ray is an optional extra: ``pip install 'finegrain[ray]'``.
+because actors write shards under it and workers read fitted extractor state
+from it; the driver then only reads manifests and chunk files. Ray is an optional extra: ``pip install 'finegrain[ray]'``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .indexer import IndexReport, Indexer, _Pending, _Prepared, _prepare, commit
+from .fields import FieldExtractor
+from .indexer import IndexReport, Indexer, Pending, Prepared, commit, prepare_file
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, read_chunk, write_chunk
@@ -76,18 +83,17 @@ class RayIndexer(Indexer):
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         ray = _require_ray()
-        unsupported = [name for name, attr in (("local features (--local)", "local_store"),
-                                                             ("object descriptors (--objects)", "object_config"))
-                       if getattr(self.index, attr, None) is not None]
-        if unsupported:  # refuse instead of building an index silently missing those fields
-            raise RuntimeError(f"the ray engine does not compute {', '.join(unsupported)} yet; "
-                               "index this collection with --engine local")
         t0 = time.perf_counter()
         report, files, known, todo = self.plan(inputs, recursive)
         staging = self.index.path / STAGING_DIR
         shutil.rmtree(staging, ignore_errors=True)  # shards of a killed earlier run
         if not todo:
             return self._finish(report, inputs, files, known, remove_missing, t0)
+
+        extractors = self.extractors()
+        for ex in extractors:
+            if ex.needs_fit:  # on the driver, first: workers read the saved state from the index folder
+                ex.fit(todo, show_progress)
 
         started_here = not ray.is_initialized()
         for name in ("ray", "ray.data"):  # keep Ray's per-run INFO lines out of the CLI's output
@@ -98,7 +104,7 @@ class RayIndexer(Indexer):
         try:
             run_dir = staging / uuid.uuid4().hex
             run_dir.mkdir(parents=True)
-            shards = self._shards(ray, todo, known, run_dir)
+            shards = self._shards(ray, todo, known, run_dir, extractors)
             with progress_bar(len(todo), "indexing (ray)", show_progress) as bar:
                 merger = _Merger(self.index, known, self.commit_every)
                 for shard in shards:
@@ -114,7 +120,8 @@ class RayIndexer(Indexer):
                 ray.shutdown()
         return self._finish(report, inputs, files, known, remove_missing, t0)
 
-    def _shards(self, ray, todo: list[str], known: dict[str, ImageRecord], run_dir: Path):
+    def _shards(self, ray, todo: list[str], known: dict[str, ImageRecord], run_dir: Path,
+                extractors: list[FieldExtractor]):
         """Run the Ray Data pipeline; yields shard folders in input order as they finish."""
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         per_actor = self.cpus_per_actor or max(1, cpus // 2 if cpus > 2 else cpus - 1)
@@ -122,62 +129,57 @@ class RayIndexer(Indexer):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # merge order == input order == local engine's ids
         ctx.enable_progress_bars = False
-        seg = self.index.segment_config
+        encoder = self.index.catalog.get_meta("encoder")
         items = [{"path": p, "known_sha": (known[p].sha256 or "") if p in known and known[p].status == "indexed" else ""}
                  for p in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // self.batch_size))
+        # The extractors travel pickled by Ray (our own objects between our own processes), without heavy state.
         ds = ds.map_batches(_decode_batch, batch_size=self.batch_size, num_cpus=1,
-                            fn_kwargs={"encoder": self.index.catalog.get_meta("encoder"),
-                                       "segments": seg.to_dict() if seg else None})
+                            fn_kwargs={"encoder": encoder, "extractors": extractors})
         ds = ds.map_batches(_ShardWriter, batch_size=self.batch_size, num_cpus=per_actor,
                             compute=ray.data.ActorPoolStrategy(size=actors),
-                            fn_constructor_kwargs={"encoder": self.index.catalog.get_meta("encoder"),
-                                                   "segments": seg.to_dict() if seg else None,
+                            fn_constructor_kwargs={"encoder": encoder, "extractors": extractors,
                                                    "run_dir": str(run_dir), "threads": per_actor})
         for row in ds.iter_rows():
             yield row["shard"]
 
 
-def _decode_batch(batch: dict, encoder: str, segments: dict | None) -> dict:
-    """Ray task: read, hash, decode (and SLIC-decompose) a batch of files -> prepared items."""
+def _decode_batch(batch: dict, encoder: str, extractors: list[FieldExtractor]) -> dict:
+    """Ray task: read, hash and decode a batch of files and run every extractor's ``prepare`` -> prepared items."""
     from . import encoders
-    from .decompose.segments import SegmentConfig
 
     enc = encoders.create(encoder)  # cached per worker process
-    seg = SegmentConfig.from_dict(segments) if segments else None
     out = []
     for path, sha in zip(batch["path"], batch["known_sha"]):
-        known = SimpleNamespace(status="indexed", sha256=str(sha)) if sha else None  # what _prepare reads
-        out.append(_prepare(str(path), enc, known, seg))
+        known = SimpleNamespace(status="indexed", sha256=str(sha)) if sha else None  # what prepare_file reads
+        out.append(prepare_file(str(path), enc, known, extractors))
     return {"item": np.array(out, dtype=object)}
 
 
 class _ShardWriter:
-    """Ray actor: encode prepared items with the index's encoder and write them as one shard."""
+    """Ray actor: run every extractor's ``encode`` on prepared items and write them as one shard."""
 
-    def __init__(self, encoder: str, segments: dict | None, run_dir: str, threads: int):
+    def __init__(self, encoder: str, extractors: list[FieldExtractor], run_dir: str, threads: int):
         import torch
 
         from . import encoders
-        from .decompose.segments import SegmentConfig
 
         torch.set_num_threads(max(1, threads))
         self.encoder = encoders.create(encoder)
-        self.segments = SegmentConfig.from_dict(segments) if segments else None
+        self.extractors = extractors
         self.run_dir = Path(run_dir)
 
     def __call__(self, batch: dict) -> dict:
-        pending = _Pending(self.segments)
+        pending = Pending(self.extractors)
         manifest: dict = {"images": [], "failures": [], "touches": []}
         for item in batch["item"]:
             if item.error is not None:
-                manifest["failures"].append({"path": item.path, "error": item.error, "size": item.size,
-                                             "mtime_ns": item.mtime_ns})
-            elif item.pixels is None:  # same content as the indexed file, new mtime
+                manifest["failures"].append(_failure(item))
+            elif item.payloads is None:  # same content as the indexed file, new mtime
                 manifest["touches"].append({"path": item.path, "mtime_ns": item.mtime_ns})
             else:
                 pending.add(item)
-        pending.encode(self.encoder)
+        manifest["failures"] += [_failure(item) for item in pending.encode(self.encoder)]
         manifest["images"] = [img.__dict__ for img in pending.images]
         shard = self.run_dir / f"{new_chunk_name()}-{uuid.uuid4().hex[:8]}"
         shard.mkdir()
@@ -188,6 +190,10 @@ class _ShardWriter:
             manifest["fields"][field] = name
         (shard / "manifest.json").write_text(json.dumps(manifest))  # last: a shard without it is incomplete
         return {"shard": np.array([str(shard)], dtype=object)}
+
+
+def _failure(item: Prepared) -> dict:
+    return {"path": item.path, "error": item.error, "size": item.size, "mtime_ns": item.mtime_ns}
 
 
 class _ShardResult:
@@ -229,7 +235,7 @@ class _Merger:
             self.fields.setdefault(field, []).append(
                 FieldRows(np.asarray(rows.vectors), rows.owners + offset, rows.attrs))
         for f in manifest["failures"]:
-            self.failures.append(_Prepared(f["path"], f["size"], f["mtime_ns"], error=f["error"]))
+            self.failures.append(Prepared(f["path"], f["size"], f["mtime_ns"], error=f["error"]))
             result.failed.append((f["path"], f["error"]))
         for t in manifest["touches"]:
             self.touches.append((self.known[t["path"]].id, t["mtime_ns"]))
