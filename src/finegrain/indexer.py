@@ -183,6 +183,7 @@ class Indexer:
                     report.failed.append((item.path, item.error))
                     pending.failures.append(item)
                 elif item.payloads is None:  # same content, new mtime
+                    assert rec is not None  # only a known file is compared by content
                     report.unchanged += 1
                     pending.touches.append((rec.id, item.mtime_ns))
                 else:
@@ -190,7 +191,7 @@ class Indexer:
                         item.replaces = rec.id  # content changed: replace the old entry
                     pending.add(item)
                     if len(pending.batch) >= self.batch_size:
-                        report.failed.extend((f.path, f.error) for f in pending.encode(encoder))
+                        report.failed.extend((f.path, f.error or "") for f in pending.encode(encoder))
                 if pending.count() >= self.commit_every:
                     report.indexed += self._commit(pending, report)
                     pending = Pending(extractors)
@@ -223,7 +224,7 @@ class Indexer:
     def _commit(self, pending: "Pending", report: IndexReport) -> int:
         if pending.empty():
             return 0
-        report.failed.extend((f.path, f.error) for f in pending.encode(self.index.encoder))
+        report.failed.extend((f.path, f.error or "") for f in pending.encode(self.index.encoder))
         return commit(self.index, pending.images, pending.field_rows(), pending.failures, pending.touches,
                       pending.removals)
 
@@ -290,7 +291,7 @@ class Pending:
                 it.error = errors[j]
                 failed.append(it)
                 continue
-            self.images.append(NewImage(it.path, it.sha256, it.size, it.mtime_ns, it.width, it.height))
+            self.images.append(NewImage(it.path, it.sha256 or "", it.size, it.mtime_ns, it.width, it.height))
             if it.replaces is not None:
                 self.removals.append(it.replaces)
             for ex in self.extractors:

@@ -26,11 +26,13 @@ next run deletes; nothing half-merged is ever visible to readers.
 On a multi-node cluster (``--address ray://head:10001`` or ``auto``) the
 index folder must be on storage every node can write (NFS, a mounted bucket),
 because actors write shards under it and workers read fitted extractor state
-from it; the driver then only reads manifests and chunk files. Ray is an optional extra: ``pip install 'finegrain[ray]'``.
+from it; the driver then only reads manifests and chunk files. Ray is an
+optional extra: ``pip install 'finegrain[ray]'``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -94,6 +96,8 @@ class RayIndexer(Indexer):
         for ex in extractors:
             if ex.needs_fit:  # on the driver, first: workers read the saved state from the index folder
                 ex.fit(todo, show_progress)
+        # What workers get: copies as pickling makes them (the fit's in-memory caches are not kept here either).
+        extractors = [copy.copy(ex) for ex in extractors]
 
         started_here = not ray.is_initialized()
         for name in ("ray", "ray.data"):  # keep Ray's per-run INFO lines out of the CLI's output
@@ -152,7 +156,7 @@ def _decode_batch(batch: dict, encoder: str, extractors: list[FieldExtractor]) -
     out = []
     for path, sha in zip(batch["path"], batch["known_sha"]):
         known = SimpleNamespace(status="indexed", sha256=str(sha)) if sha else None  # what prepare_file reads
-        out.append(prepare_file(str(path), enc, known, extractors))
+        out.append(prepare_file(str(path), enc, cast(ImageRecord | None, known), extractors))
     return {"item": np.array(out, dtype=object)}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class ObjectsField(FieldExtractor):
             "objects_mean": FieldRows(np.stack([o.mean for o in results]), owners),
         }
         if self.config.refine:
-            out["objects_refined"] = FieldRows(np.stack([o.refined for o in results]), owners)
+            out["objects_refined"] = FieldRows(np.stack([cast(np.ndarray, o.refined) for o in results]), owners)
         return out
 
 
