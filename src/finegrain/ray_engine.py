@@ -20,8 +20,9 @@ cluster (a local Ray runtime on one machine):
 
 Both engines run the same extractor list, so the Ray engine builds every
 field the local one does. Because shards are merged in input order, image ids
-come out exactly as the local engine assigns them. A killed run leaves only staging files, which the
-next run deletes; nothing half-merged is ever visible to readers.
+come out exactly as the local engine assigns them. A killed run leaves only
+staging files, which the next run deletes; nothing half-merged is ever
+visible to readers.
 
 On a multi-node cluster (``--address ray://head:10001`` or ``auto``) the
 index folder must be on storage every node can write (NFS, a mounted bucket),
