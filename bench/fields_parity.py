@@ -38,13 +38,14 @@ def dump(out: Path, work: Path) -> None:
         Image.fromarray(getattr(data, name)()).save(work / "photos" / f"{name}.jpg", quality=90)
     (work / "photos" / "bad.jpg").write_bytes(b"nope")
     configs = {
-        "all_pool": dict(segments=SegmentConfig(levels=(1, 4)), objects=ObjectConfig(max_objects=4, refine_iters=3),
-                         local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707], "max_features": 100},
-                                           fit_images=4)),
-        "crop": dict(segments=SegmentConfig(levels=(2,), embed="crop")),
-        "objects_only": dict(objects=ObjectConfig(max_objects=3)),
+        "all_pool": {"segments": SegmentConfig(levels=(1, 4)),
+                     "objects": ObjectConfig(max_objects=4, refine_iters=3),
+                     "local": LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707], "max_features": 100},
+                                          fit_images=4)},
+        "crop": {"segments": SegmentConfig(levels=(2,), embed="crop")},
+        "objects_only": {"objects": ObjectConfig(max_objects=3)},
     }
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for name, kw in configs.items():
         idx = Index.create(work / name, **kw)
         rep = idx.add([work / "photos"], batch_size=4, commit_every=5)
