@@ -120,7 +120,6 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(target=ids, n=st.integers(1, 4), seed=st.integers(0, 2**16))
     def add(self, n, seed):
-        from finegrain.indexer import commit
         from finegrain.store.catalog import NewImage
         from finegrain.store.vectors import FieldRows
 
@@ -131,7 +130,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.counter += 1
             images.append(NewImage(f"/photos/img{self.counter}.jpg", f"{self.counter:064x}", 10, 1, 4, 3))
         with self.index.writer() as w:
-            commit(w, images, {"global": FieldRows(vecs, np.arange(n))}, [], [], [])
+            w.commit(images, {"global": FieldRows(vecs, np.arange(n))}, [], [], [])
         self.index.refresh()
         new = sorted(set(self.index.records) - set(self.model))
         assert len(new) == n and not (set(new) & self.ever), "ids are fresh, never reused"

@@ -12,6 +12,8 @@ import pytest
 
 from finegrain.decompose.segments import SegmentConfig
 from finegrain.index import Index
+from finegrain.local.store import LocalConfig
+from finegrain.objects.config import ObjectConfig
 from finegrain.shards import ShardedIndex, open_index
 from finegrain.store.catalog import IndexFormatError
 
@@ -27,17 +29,24 @@ def mixed_dir(tmp_path_factory, photos_dir):
 
 
 def test_ray_engine_builds_the_same_index_as_the_local_engine(tmp_path, mixed_dir):
+    """Every field (global, segments, objects with refinement, local features + instance) equal to the local engine."""
     pytest.importorskip("ray.data", reason="the ray engine needs Ray Data: pip install 'finegrain[ray]'")
-    seg = SegmentConfig(levels=(1, 4))
-    local = Index.create(tmp_path / "local", segments=seg)
+    settings = {"segments": SegmentConfig(levels=(1, 4)), "objects": ObjectConfig(max_objects=3, refine_iters=2),
+                # fit on 4 of the 6 photos: the engines must agree on fitted and on not-fitted-on images
+                "local": LocalConfig("cnn", {"image_size": 160, "scales": [1.0, 0.707], "max_features": 60,
+                                             "threads": 1}, fit_images=4)}
+    local = Index.create(tmp_path / "local", **settings)
     local_report = local.add([mixed_dir])
-    ray_index = Index.create(tmp_path / "ray", segments=seg)
+    ray_index = Index.create(tmp_path / "ray", **settings)
     ray_report = ray_index.add([mixed_dir], engine="ray", batch_size=2, commit_every=3)  # several shards, several commits
     assert ray_report.indexed == local_report.indexed == len(local) == 6
-    assert [p for p, _ in ray_report.failed] == [p for p, _ in local_report.failed] == [str(mixed_dir / "not-a-photo.jpg")]
+    assert ray_report.failed == local_report.failed  # same files, same reasons
+    assert [p for p, _ in ray_report.failed] == [str(mixed_dir / "not-a-photo.jpg")]
     assert {i: r.path for i, r in ray_index.records.items()} == {i: r.path for i, r in local.records.items()}
     assert [f["path"] for f in ray_index.info()["failures"]] == [str(mixed_dir / "not-a-photo.jpg")]
-    for field in ("global", "segments"):
+    expected = ["global", "segments", "objects", "objects_mean", "objects_refined", "local", "instance"]
+    assert sorted(ray_index.fields) == sorted(local.fields) == sorted(expected)
+    for field in expected:
         a, b = local.fields[field], ray_index.fields[field]
         np.testing.assert_array_equal(a.owners, b.owners)
         np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)

@@ -14,20 +14,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .decompose.segments import SegmentConfig, Segments, embed_segments, segment_image
+from . import fields as _fields
+from .fields import Decoded, FieldExtractor
 from .images import ImageLoadError, is_image_path, load_image_sized
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
-from .store.vectors import FieldRows, new_chunk_name, write_chunk
-from .objects.config import ObjectConfig
-from .objects.descriptor import OBJECT_DECODE_SIDE, ObjectInputs, prepare_objects
-from .objects.indexing import PendingObjects
+from .store.vectors import FieldRows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store.writer import Writer
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
 
@@ -53,8 +54,9 @@ class IndexReport:
 
 
 @dataclass
-class _Prepared:
-    """A decoded candidate (pixels set) or a failure (error set)."""
+class Prepared:
+    """A decoded candidate (``payloads``: one per field extractor, by key), a file whose content
+    did not change (neither set) or a failure (``error`` set)."""
 
     path: str
     size: int
@@ -62,12 +64,9 @@ class _Prepared:
     sha256: str | None = None
     width: int = 0
     height: int = 0
-    pixels: np.ndarray | None = None
-    segments: "Segments | None" = None  # with a segment config: SLIC segments and their inputs
-    seg_pixels: np.ndarray | None = None  # pool mode: the image prepared at the segment resolution
-    image: "Image.Image | None" = None  # crop mode: the decoded image, to crop segments from
-    objects: "ObjectInputs | None" = None  # with an object config: proposals, crops and masks
+    payloads: dict[str, Any] | None = None
     error: str | None = None
+    replaces: int | None = None  # the indexed image id this file's new content replaces
 
 
 def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
@@ -101,19 +100,22 @@ def printable_path(path: str) -> str:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: SegmentConfig | None = None,
-             object_config: ObjectConfig | None = None) -> _Prepared:
-    """Stat, read, hash and decode one file (runs in a worker thread)."""
+def prepare_file(path: str, encoder, known: ImageRecord | None, extractors: Sequence[FieldExtractor]) -> Prepared:
+    """Stat, read, hash and decode one file, then run every extractor's ``prepare`` (in a worker thread or task).
+
+    The image is decoded once, at the largest draft size any extractor asks
+    for; an extractor that fails on it makes the file one failure, with a reason.
+    """
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # recorded under a printable form: the catalog (and terminals) need UTF-8
-        return _Prepared(printable_path(path), 0, 0, error="file name is not valid UTF-8")
+        return Prepared(printable_path(path), 0, 0, error="file name is not valid UTF-8")
     try:
         st = os.stat(path)  # follows symlinks: a broken or looping link fails here
     except OSError as exc:
         reason = "broken or looping symlink" if os.path.islink(path) else f"cannot stat: {exc.strerror}"
-        return _Prepared(path, 0, 0, error=reason)
-    item = _Prepared(path, st.st_size, st.st_mtime_ns)
+        return Prepared(path, 0, 0, error=reason)
+    item = Prepared(path, st.st_size, st.st_mtime_ns)
     if not os.path.isfile(path):
         item.error = "not a regular file"
     elif st.st_size == 0:
@@ -131,77 +133,72 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
     item.sha256 = hashlib.sha256(data).hexdigest()
     if known is not None and known.status == "indexed" and known.sha256 == item.sha256:
         return item  # content unchanged: no need to decode
+    sides = [s for s in (ex.decode_side(encoder) for ex in extractors) if s is not None]
     try:
-        draft = encoder.image_size if object_config is None else OBJECT_DECODE_SIDE
-        image, (item.width, item.height) = load_image_sized(data, draft_size=draft)
-        item.pixels = encoder.prepare_image(image)
+        image, (item.width, item.height) = load_image_sized(data, draft_size=max(sides) if sides else None)
     except ImageLoadError as exc:
         item.error = str(exc)
         return item
-    if segment_config is not None:
-        item.segments = segment_image(image, segment_config)
-        if segment_config.embed == "pool":
-            item.seg_pixels = encoder.prepare_image(image, segment_config.resolution)
-        else:
-            item.image = image
-    if object_config is not None:
-        item.objects = prepare_objects(image, encoder, object_config)
+    decoded = Decoded(path, data, image, item.width, item.height)
+    payloads: dict[str, Any] = {}
+    for ex in extractors:
+        try:
+            payloads[ex.key] = ex.prepare(decoded, encoder)
+        except Exception as exc:  # noqa: BLE001 - any extractor's failure is one skipped file
+            item.error = f"{ex.label} failed: {exc}"
+            return item
+    item.payloads = payloads
     return item
 
 
 class Indexer:
     """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
-    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
-        self.index = index
+    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
+        self.writer = writer
         self.batch_size = batch_size
         self.commit_every = commit_every
         self.workers = spare_cores(torch.get_num_threads()) if workers is None else workers
+
+    def extractors(self) -> list[FieldExtractor]:
+        """The field extractors of the index's settings (``global`` first), fresh for one run."""
+        return _fields.build(self.writer.catalog.get_meta, self.writer.path)
 
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         t0 = time.perf_counter()
         report, files, known, todo = self.plan(inputs, recursive)
-        obj_config = getattr(self.index, "object_config", None)
-        pending = _Pending(self.index.segment_config, obj_config)
         if not todo:  # nothing to decode: do not even load the model
             return self._finish(report, inputs, files, known, remove_missing, t0)
-        encoder = self.index.encoder
-        seg_config = pending.segment_config
-        local = getattr(self.index, "local_store", None)  # local features (L2G), when the index stores them
-        if local is not None and not local.fitted:
-            local.fit(todo, show_progress)
+        extractors = self.extractors()
+        for ex in extractors:
+            if ex.needs_fit:  # learned state (the local whitening): fitted once, before anything is prepared
+                ex.fit(todo, show_progress)
+        encoder = self.writer.encoder
+        pending = Pending(extractors)
         with progress_bar(len(todo), "indexing", show_progress) as bar:
-            prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config, obj_config), todo,
+            prepared = ordered_map(lambda p: prepare_file(p, encoder, known.get(p), extractors), todo,
                                    self.workers, 2 * self.batch_size)
             for item in prepared:
                 rec = known.get(item.path)
                 if item.error is not None:
                     report.failed.append((item.path, item.error))
                     pending.failures.append(item)
-                elif item.pixels is None:  # same content, new mtime
+                elif item.payloads is None:  # same content, new mtime
+                    assert rec is not None  # only a known file is compared by content
                     report.unchanged += 1
                     pending.touches.append((rec.id, item.mtime_ns))
                 else:
-                    if local is not None:
-                        try:
-                            pending.local.append(local.extract(item.path))
-                        except Exception as exc:  # noqa: BLE001 - any extractor failure is one skipped file
-                            item.error = f"local features failed: {exc}"
-                            report.failed.append((item.path, item.error))
-                            pending.failures.append(item)
-                            bar.advance(1)
-                            continue
                     if rec is not None and rec.status == "indexed":
-                        pending.removals.append(rec.id)  # content changed: replace the old entry
+                        item.replaces = rec.id  # content changed: replace the old entry
                     pending.add(item)
                     if len(pending.batch) >= self.batch_size:
-                        pending.encode(encoder)
-                if len(pending.images) >= self.commit_every:
-                    report.indexed += self._commit(pending)
-                    pending = _Pending(seg_config, obj_config)
+                        report.failed.extend((f.path, f.error or "") for f in pending.encode(encoder))
+                if pending.count() >= self.commit_every:
+                    report.indexed += self._commit(pending, report)
+                    pending = Pending(extractors)
                 bar.advance(1)
-            report.indexed += self._commit(pending)
+            report.indexed += self._commit(pending, report)
         return self._finish(report, inputs, files, known, remove_missing, t0)
 
     def plan(self, inputs: Sequence[str | os.PathLike], recursive: bool = True
@@ -210,7 +207,7 @@ class Indexer:
         report = IndexReport()
         files, problems = collect_files(inputs, recursive)
         report.failed.extend(problems)
-        known = self.index.catalog.live_by_path()
+        known = self.writer.catalog.live_by_path()
         todo: list[str] = []
         for path in files:
             rec = known.get(path)
@@ -226,11 +223,11 @@ class Indexer:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _commit(self, pending: "_Pending") -> int:
+    def _commit(self, pending: "Pending", report: IndexReport) -> int:
         if pending.empty():
             return 0
-        pending.encode(self.index.encoder)
-        return commit(self.index, pending.images, pending.field_rows(), pending.failures, pending.touches,
+        report.failed.extend((f.path, f.error or "") for f in pending.encode(self.writer.encoder))
+        return self.writer.commit(pending.images, pending.field_rows(), pending.failures, pending.touches,
                       pending.removals)
 
     def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
@@ -239,7 +236,7 @@ class Indexer:
                 and any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)]
         if not gone:
             return 0
-        with self.index.catalog.transaction() as tx:
+        with self.writer.catalog.transaction() as tx:
             tx.remove([r.id for r in gone if r.status == "indexed"])
             for rec in gone:
                 if rec.status == "failed":
@@ -247,73 +244,81 @@ class Indexer:
         return sum(r.status == "indexed" for r in gone)
 
 
-class _Pending:
-    """What the next commit will write."""
+class Pending:
+    """What the next commit will write: prepared images are encoded a batch at a time by every extractor."""
 
-    def __init__(self, segment_config: SegmentConfig | None = None, object_config: ObjectConfig | None = None):
-        self.segment_config = segment_config
-        self.objects = PendingObjects(object_config) if object_config is not None else None
-        self.images: list[NewImage] = []
-        self.vectors: list[np.ndarray] = []
-        self.batch: list[np.ndarray] = []
-        self.batch_items: list[_Prepared] = []
-        self.segments: list[tuple[Segments, np.ndarray]] = []  # per image, in order
-        self.failures: list[_Prepared] = []
+    def __init__(self, extractors: Sequence[FieldExtractor]):
+        self.extractors = list(extractors)
+        self.images: list[NewImage] = []  # encoded images, in input order
+        self.results: dict[str, list[Any]] = {ex.key: [] for ex in self.extractors}  # per extractor, per image
+        self.batch: list[Prepared] = []  # prepared, not encoded yet
+        self.failures: list[Prepared] = []
         self.touches: list[tuple[int, int]] = []
         self.removals: list[int] = []
-        self.local: list = []  # per image, in order: (LocalFeatures, instance descriptor or None)
 
-    def add(self, item: _Prepared) -> None:
-        self.images.append(NewImage(item.path, item.sha256, item.size, item.mtime_ns, item.width, item.height))
-        self.batch.append(item.pixels)
-        self.batch_items.append(item)
+    def add(self, item: Prepared) -> None:
+        self.batch.append(item)
 
-    def encode(self, encoder) -> None:
-        if not self.batch:
-            return
-        self.vectors.append(encoder.encode_pixels(np.stack(self.batch)))
-        cfg = self.segment_config
-        if cfg is not None and cfg.embed == "pool":
-            embs = encoder.encode_regions(np.stack([it.seg_pixels for it in self.batch_items]),
-                                          [it.segments.masks for it in self.batch_items])
-            self.segments.extend((it.segments, e) for it, e in zip(self.batch_items, embs))
-        elif cfg is not None:
-            self.segments.extend((it.segments, embed_segments(encoder, it.image, it.segments, cfg))
-                                 for it in self.batch_items)
-        if self.objects is not None:
-            self.objects.encode(encoder, [it.objects for it in self.batch_items])
-        self.batch, self.batch_items = [], []
+    def count(self) -> int:
+        """Images this commit will hold once the batch is encoded."""
+        return len(self.images) + len(self.batch)
+
+    def encode(self, encoder) -> list[Prepared]:
+        """Encode the batch with every extractor; returns the items that failed (now in :attr:`failures`).
+
+        An extractor that fails on the batch is retried one image at a time,
+        so a failure costs only the image that caused it.
+        """
+        items, self.batch = self.batch, []
+        if not items:
+            return []
+        errors: dict[int, str] = {}
+        results: dict[str, list[Any]] = {}
+        for ex in self.extractors:
+            payloads = [it.payloads[ex.key] for it in items]  # type: ignore[index]
+            try:
+                results[ex.key] = _checked(ex, ex.encode(encoder, payloads), len(payloads))
+            except Exception:  # noqa: BLE001 - find the image(s) it fails on
+                results[ex.key] = []
+                for j, payload in enumerate(payloads):
+                    try:
+                        results[ex.key] += _checked(ex, ex.encode(encoder, [payload]), 1)
+                    except Exception as exc:  # noqa: BLE001 - any extractor's failure is one skipped file
+                        results[ex.key].append(None)
+                        errors.setdefault(j, f"{ex.label} failed: {exc}")
+        failed = []
+        for j, it in enumerate(items):
+            it.payloads = None  # decoded pixels are not needed any more
+            if j in errors:
+                it.error = errors[j]
+                failed.append(it)
+                continue
+            self.images.append(NewImage(it.path, it.sha256 or "", it.size, it.mtime_ns, it.width, it.height))
+            if it.replaces is not None:
+                self.removals.append(it.replaces)
+            for ex in self.extractors:
+                self.results[ex.key].append(results[ex.key][j])
+        self.failures.extend(failed)
+        return failed
 
     def field_rows(self) -> dict[str, FieldRows]:
         """Every vector field of the encoded images; rows are owned by the image's position in ``images``."""
         if not self.images:
             return {}
-        fields = {"global": FieldRows(np.concatenate(self.vectors), np.arange(len(self.images)))}
-        if self.segment_config is not None:
-            segs = [s for s, _ in self.segments]
-            fields["segments"] = FieldRows(
-                np.concatenate([e for _, e in self.segments]),
-                np.concatenate([np.full(len(s), i, np.int64) for i, s in enumerate(segs)]),
-                {"level": np.concatenate([s.level for s in segs]),
-                 "box": np.concatenate([s.box for s in segs]),
-                 "area": np.concatenate([s.area for s in segs])},
-            )
-        if self.local:
-            from .local.store import LocalStore
-
-            fields.update(LocalStore.rows(self.local, np.arange(len(self.images))))
-        if self.objects is not None:
-            fields.update(self.objects.fields(list(range(len(self.images)))))
-        return fields
+        owners = np.arange(len(self.images), dtype=np.int64)
+        out: dict[str, FieldRows] = {}
+        for ex in self.extractors:
+            out.update(ex.rows(self.results[ex.key], owners))
+        return out
 
     def empty(self) -> bool:
-        return not (self.images or self.failures or self.touches or self.removals)
+        return not (self.images or self.batch or self.failures or self.touches or self.removals)
 
 
-def commit(writer, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence, touches: Sequence[tuple[int, int]],
-           removals: Sequence[int]) -> int:
-    """Commit encoded images through ``writer`` (a :class:`~finegrain.store.writer.Writer`); see :meth:`Writer.commit`."""
-    return writer.commit(images, fields, failures, touches, removals)
+def _checked(ex: FieldExtractor, results: list, n: int) -> list:
+    if len(results) != n:
+        raise RuntimeError(f"the {ex.key} extractor returned {len(results)} results for {n} images")
+    return list(results)
 
 
 def _same_stat(path: str, rec: ImageRecord) -> bool:

@@ -5,26 +5,35 @@ same pipeline as :class:`finegrain.indexer.Indexer`, spread over a Ray
 cluster (a local Ray runtime on one machine):
 
 1. the driver walks the inputs and skips unchanged files (as the local engine does);
-2. ``map_batches`` tasks read, hash, decode and decompose (SLIC) the images;
-3. an actor pool holding the encoder embeds each batch and writes it as a
-   *shard* under ``PATH/staging/<run>/``: vector chunks in the index's own
-   ``.npy`` layout, rows owned by positions in the shard, plus a JSON manifest;
-4. the driver merges finished shards, in input order, into the index through
+2. field extractors with learned state (the local-feature whitening) are
+   fitted on the driver, their state saved under the index folder;
+3. ``map_batches`` tasks read, hash and decode the images and run every field
+   extractor's ``prepare`` (:mod:`finegrain.fields`: SLIC segments, object
+   crops, local-feature image regions...);
+4. an actor pool holding the encoder runs every extractor's ``encode`` on each
+   batch and writes it as a *shard* under ``PATH/staging/<run>/``: vector
+   chunks in the index's own ``.npy`` layout, rows owned by positions in the
+   shard, plus a JSON manifest;
+5. the driver merges finished shards, in input order, into the index through
    the same commit step as the local engine (chunks written, then one catalog
    transaction), ``commit_every`` images at a time, and deletes them.
 
-Because shards are merged in input order, image ids come out exactly as the
-local engine assigns them. A killed run leaves only staging files, which the
-next run deletes; nothing half-merged is ever visible to readers.
+Both engines run the same extractor list, so the Ray engine builds every
+field the local one does. Because shards are merged in input order, image ids
+come out exactly as the local engine assigns them. A killed run leaves only
+staging files, which the next run deletes; nothing half-merged is ever
+visible to readers.
 
 On a multi-node cluster (``--address ray://head:10001`` or ``auto``) the
 index folder must be on storage every node can write (NFS, a mounted bucket),
-because actors write shards under it; the driver then only reads manifests
-and chunk files. Ray is an optional extra: ``pip install 'finegrain[ray]'``.
+because actors write shards under it and workers read fitted extractor state
+from it; the driver then only reads manifests and chunk files. Ray is an
+optional extra: ``pip install 'finegrain[ray]'``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,14 +42,18 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 
-from .indexer import IndexReport, Indexer, _Pending, _Prepared, _prepare, commit
+from .fields import FieldExtractor
+from .indexer import IndexReport, Indexer, Pending, Prepared, prepare_file
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, read_chunk, write_chunk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store.writer import Writer
 
 STAGING_DIR = "staging"
 
@@ -65,9 +78,9 @@ class RayIndexer(Indexer):
     ``cpus_per_actor`` threads; decode tasks take one CPU each.
     """
 
-    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, address: str | None = None,
+    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, address: str | None = None,
                  num_cpus: int | None = None, actors: int | None = None, cpus_per_actor: int | None = None):
-        super().__init__(index, batch_size=batch_size, commit_every=commit_every, workers=0)
+        super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0)
         self.address = address
         self.num_cpus = num_cpus
         self.actors = actors
@@ -76,18 +89,19 @@ class RayIndexer(Indexer):
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             show_progress: bool = True) -> IndexReport:
         ray = _require_ray()
-        unsupported = [name for name, attr in (("local features (--local)", "local_store"),
-                                                             ("object descriptors (--objects)", "object_config"))
-                       if getattr(self.index, attr, None) is not None]
-        if unsupported:  # refuse instead of building an index silently missing those fields
-            raise RuntimeError(f"the ray engine does not compute {', '.join(unsupported)} yet; "
-                               "index this collection with --engine local")
         t0 = time.perf_counter()
         report, files, known, todo = self.plan(inputs, recursive)
-        staging = self.index.path / STAGING_DIR
+        staging = self.writer.path / STAGING_DIR
         shutil.rmtree(staging, ignore_errors=True)  # shards of a killed earlier run
         if not todo:
             return self._finish(report, inputs, files, known, remove_missing, t0)
+
+        extractors = self.extractors()
+        for ex in extractors:
+            if ex.needs_fit:  # on the driver, first: workers read the saved state from the index folder
+                ex.fit(todo, show_progress)
+        # What workers get: copies as pickling makes them (the fit's in-memory caches are not kept here either).
+        extractors = [copy.copy(ex) for ex in extractors]
 
         started_here = not ray.is_initialized()
         for name in ("ray", "ray.data"):  # keep Ray's per-run INFO lines out of the CLI's output
@@ -98,9 +112,9 @@ class RayIndexer(Indexer):
         try:
             run_dir = staging / uuid.uuid4().hex
             run_dir.mkdir(parents=True)
-            shards = self._shards(ray, todo, known, run_dir)
+            shards = self._shards(ray, todo, known, run_dir, extractors)
             with progress_bar(len(todo), "indexing (ray)", show_progress) as bar:
-                merger = _Merger(self.index, known, self.commit_every)
+                merger = _Merger(self.writer, known, self.commit_every)
                 for shard in shards:
                     done = merger.add(Path(shard))
                     report.failed.extend(done.failed)
@@ -114,7 +128,8 @@ class RayIndexer(Indexer):
                 ray.shutdown()
         return self._finish(report, inputs, files, known, remove_missing, t0)
 
-    def _shards(self, ray, todo: list[str], known: dict[str, ImageRecord], run_dir: Path):
+    def _shards(self, ray, todo: list[str], known: dict[str, ImageRecord], run_dir: Path,
+                extractors: list[FieldExtractor]):
         """Run the Ray Data pipeline; yields shard folders in input order as they finish."""
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         per_actor = self.cpus_per_actor or max(1, cpus // 2 if cpus > 2 else cpus - 1)
@@ -122,62 +137,57 @@ class RayIndexer(Indexer):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # merge order == input order == local engine's ids
         ctx.enable_progress_bars = False
-        seg = self.index.segment_config
+        encoder = self.writer.catalog.get_meta("encoder")
         items = [{"path": p, "known_sha": (known[p].sha256 or "") if p in known and known[p].status == "indexed" else ""}
                  for p in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // self.batch_size))
+        # The extractors travel pickled by Ray (our own objects between our own processes), without heavy state.
         ds = ds.map_batches(_decode_batch, batch_size=self.batch_size, num_cpus=1,
-                            fn_kwargs={"encoder": self.index.catalog.get_meta("encoder"),
-                                       "segments": seg.to_dict() if seg else None})
+                            fn_kwargs={"encoder": encoder, "extractors": extractors})
         ds = ds.map_batches(_ShardWriter, batch_size=self.batch_size, num_cpus=per_actor,
                             compute=ray.data.ActorPoolStrategy(size=actors),
-                            fn_constructor_kwargs={"encoder": self.index.catalog.get_meta("encoder"),
-                                                   "segments": seg.to_dict() if seg else None,
+                            fn_constructor_kwargs={"encoder": encoder, "extractors": extractors,
                                                    "run_dir": str(run_dir), "threads": per_actor})
         for row in ds.iter_rows():
             yield row["shard"]
 
 
-def _decode_batch(batch: dict, encoder: str, segments: dict | None) -> dict:
-    """Ray task: read, hash, decode (and SLIC-decompose) a batch of files -> prepared items."""
+def _decode_batch(batch: dict, encoder: str, extractors: list[FieldExtractor]) -> dict:
+    """Ray task: read, hash and decode a batch of files and run every extractor's ``prepare`` -> prepared items."""
     from . import encoders
-    from .decompose.segments import SegmentConfig
 
     enc = encoders.create(encoder)  # cached per worker process
-    seg = SegmentConfig.from_dict(segments) if segments else None
     out = []
     for path, sha in zip(batch["path"], batch["known_sha"]):
-        known = SimpleNamespace(status="indexed", sha256=str(sha)) if sha else None  # what _prepare reads
-        out.append(_prepare(str(path), enc, known, seg))
+        known = SimpleNamespace(status="indexed", sha256=str(sha)) if sha else None  # what prepare_file reads
+        out.append(prepare_file(str(path), enc, cast(ImageRecord | None, known), extractors))
     return {"item": np.array(out, dtype=object)}
 
 
 class _ShardWriter:
-    """Ray actor: encode prepared items with the index's encoder and write them as one shard."""
+    """Ray actor: run every extractor's ``encode`` on prepared items and write them as one shard."""
 
-    def __init__(self, encoder: str, segments: dict | None, run_dir: str, threads: int):
+    def __init__(self, encoder: str, extractors: list[FieldExtractor], run_dir: str, threads: int):
         import torch
 
         from . import encoders
-        from .decompose.segments import SegmentConfig
 
         torch.set_num_threads(max(1, threads))
         self.encoder = encoders.create(encoder)
-        self.segments = SegmentConfig.from_dict(segments) if segments else None
+        self.extractors = extractors
         self.run_dir = Path(run_dir)
 
     def __call__(self, batch: dict) -> dict:
-        pending = _Pending(self.segments)
+        pending = Pending(self.extractors)
         manifest: dict = {"images": [], "failures": [], "touches": []}
         for item in batch["item"]:
             if item.error is not None:
-                manifest["failures"].append({"path": item.path, "error": item.error, "size": item.size,
-                                             "mtime_ns": item.mtime_ns})
-            elif item.pixels is None:  # same content as the indexed file, new mtime
+                manifest["failures"].append(_failure(item))
+            elif item.payloads is None:  # same content as the indexed file, new mtime
                 manifest["touches"].append({"path": item.path, "mtime_ns": item.mtime_ns})
             else:
                 pending.add(item)
-        pending.encode(self.encoder)
+        manifest["failures"] += [_failure(item) for item in pending.encode(self.encoder)]
         manifest["images"] = [img.__dict__ for img in pending.images]
         shard = self.run_dir / f"{new_chunk_name()}-{uuid.uuid4().hex[:8]}"
         shard.mkdir()
@@ -190,6 +200,10 @@ class _ShardWriter:
         return {"shard": np.array([str(shard)], dtype=object)}
 
 
+def _failure(item: Prepared) -> dict:
+    return {"path": item.path, "error": item.error, "size": item.size, "mtime_ns": item.mtime_ns}
+
+
 class _ShardResult:
     def __init__(self):
         self.files = 0
@@ -200,8 +214,8 @@ class _ShardResult:
 class _Merger:
     """Accumulates shards on the driver and commits them ``commit_every`` images at a time."""
 
-    def __init__(self, index, known: dict[str, ImageRecord], commit_every: int):
-        self.index = index
+    def __init__(self, writer: "Writer", known: dict[str, ImageRecord], commit_every: int):
+        self.writer = writer
         self.known = known
         self.commit_every = commit_every
         self.committed = 0
@@ -229,7 +243,7 @@ class _Merger:
             self.fields.setdefault(field, []).append(
                 FieldRows(np.asarray(rows.vectors), rows.owners + offset, rows.attrs))
         for f in manifest["failures"]:
-            self.failures.append(_Prepared(f["path"], f["size"], f["mtime_ns"], error=f["error"]))
+            self.failures.append(Prepared(f["path"], f["size"], f["mtime_ns"], error=f["error"]))
             result.failed.append((f["path"], f["error"]))
         for t in manifest["touches"]:
             self.touches.append((self.known[t["path"]].id, t["mtime_ns"]))
@@ -244,7 +258,7 @@ class _Merger:
         """Commit what has accumulated (the caller holds the index's writer lock), then drop those shards."""
         if self.images or self.failures or self.touches:
             fields = {f: FieldRows.concat(parts, parts[0].vectors.shape[1]) for f, parts in self.fields.items()}
-            self.committed += commit(self.index, self.images, fields, self.failures, self.touches, self.removals)
+            self.committed += self.writer.commit(self.images, fields, self.failures, self.touches, self.removals)
         for shard in self.shards:
             shutil.rmtree(shard, ignore_errors=True)
         self._reset()

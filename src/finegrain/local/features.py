@@ -225,6 +225,18 @@ class LocalExtractor(ABC):
     def config(self) -> dict[str, Any]:
         """Constructor keywords that recreate this extractor (saved with the fitted state)."""
 
+    def load(self, image: ImageSource, bbox: BBox | None = None) -> Any:
+        """The decoding half of :meth:`extract_raw` (run in decode workers); picklable.
+
+        The default defers all work to :meth:`extract_loaded`; extractors that
+        decode an image region override both so decoding can run apart from the network.
+        """
+        return (image, bbox)
+
+    def extract_loaded(self, loaded: Any) -> RawFeatures:
+        """The rest of :meth:`extract_raw`, on what :meth:`load` returned."""
+        return self.extract_raw(*loaded)
+
     # learned state -------------------------------------------------------
     @property
     def needs_fit(self) -> bool:
@@ -415,11 +427,16 @@ class CNNExtractor(LocalExtractor):
             fmap = self.encoder._feature_map_batch(torch.from_numpy(np.ascontiguousarray(arr[None], np.float32)))
         return fmap[0].float().numpy()
 
+    def load(self, image: ImageSource, bbox: BBox | None = None) -> tuple:
+        return _load_region(image, bbox, int(round(self.image_size * max(self.scales))))
+
     def extract_raw(self, image: ImageSource, bbox: BBox | None = None) -> RawFeatures:
+        return self.extract_loaded(self.load(image, bbox))
+
+    def extract_loaded(self, loaded: tuple) -> RawFeatures:
         from PIL import Image
 
-        longest = int(round(self.image_size * max(self.scales)))
-        base, (ox, oy), factor, full = _load_region(image, bbox, longest)
+        base, (ox, oy), factor, full = loaded
         descs, pos, strength, size, gems = [], [], [], [], []
         for s in self.scales:
             f = s / max(self.scales)  # relative to the largest scale, which ``base`` is at
@@ -538,9 +555,15 @@ class SIFTExtractor(LocalExtractor):
             self._sift = cv2.SIFT_create(nfeatures=self.max_features)
         return self._sift
 
+    def load(self, image: ImageSource, bbox: BBox | None = None) -> tuple:
+        return _load_region(image, bbox, self.image_size)
+
     def extract_raw(self, image: ImageSource, bbox: BBox | None = None) -> RawFeatures:
+        return self.extract_loaded(self.load(image, bbox))
+
+    def extract_loaded(self, loaded: tuple) -> RawFeatures:
         sift = self._detector()
-        crop, (ox, oy), factor, full = _load_region(image, bbox, self.image_size)
+        crop, (ox, oy), factor, full = loaded
         gray = np.asarray(crop.convert("L"), dtype=np.uint8)
         kps, desc = sift.detectAndCompute(gray, None)
         if desc is None or not kps:
@@ -635,11 +658,17 @@ class DISKExtractor(LocalExtractor):
             self._model = model.eval()
         return self._model
 
+    def load(self, image: ImageSource, bbox: BBox | None = None) -> tuple:
+        return _load_region(image, bbox, self.image_size)
+
     def extract_raw(self, image: ImageSource, bbox: BBox | None = None) -> RawFeatures:
+        return self.extract_loaded(self.load(image, bbox))
+
+    def extract_loaded(self, loaded: tuple) -> RawFeatures:
         import torch
 
         net = self._net()
-        crop, (ox, oy), factor, full = _load_region(image, bbox, self.image_size)
+        crop, (ox, oy), factor, full = loaded
         x = torch.from_numpy(np.asarray(crop, np.float32).transpose(2, 0, 1)[None] / 255.0)
         with torch.inference_mode():
             feats = net(x, n=self.max_features, window_size=5, score_threshold=0.0, pad_if_not_divisible=True)[0]

@@ -102,6 +102,8 @@ class LocalStore:
         self.config = config
         self._extractor: lf.LocalExtractor | None = None
         self._raw_cache: dict[str, lf.RawFeatures] = {}
+        #: Files whose raw features the last :meth:`fit` kept (float16): indexed from those rounded values.
+        self.fit_sample: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ state
     @property
@@ -111,7 +113,8 @@ class LocalStore:
     @property
     def extractor(self) -> lf.LocalExtractor:
         """The extractor, with the index's fitted state when there is one."""
-        if self._extractor is None:
+        stale = self._extractor is not None and not self._extractor.fitted and self.state_path.exists()
+        if self._extractor is None or stale:  # stale: fitted since (by an indexing run or another process)
             if self.state_path.exists():
                 self._extractor = lf.load(self.state_path)
             else:
@@ -151,6 +154,7 @@ class LocalStore:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         ex.save(self.state_path)
         self._extractor = ex
+        self.fit_sample = frozenset(self._raw_cache)
         return len(raws)
 
     def reset(self) -> None:
@@ -158,6 +162,7 @@ class LocalStore:
         self.state_path.unlink(missing_ok=True)
         self._extractor = None
         self._raw_cache.clear()
+        self.fit_sample = frozenset()
 
     # ------------------------------------------------------------- extraction
     def extract(self, path: str) -> tuple[lf.LocalFeatures, np.ndarray | None]:
@@ -168,6 +173,26 @@ class LocalStore:
         raw = self._raw_cache.pop(str(path), None)
         if raw is None:
             raw = ex.extract_raw(path)
+        feats = ex.transform(raw)
+        inst = ex.transform_global(raw) if (raw.global_raw is not None and hasattr(ex, "transform_global")) else None
+        return feats, inst
+
+    def load(self, path: str, data: bytes | None = None):
+        """The decoding half of :meth:`extract` (decode workers): None when the fit kept this file's raw features."""
+        if str(path) in self._raw_cache:
+            return None
+        return self.extractor.load(data if data is not None else path)
+
+    def extract_loaded(self, path: str, loaded) -> tuple[lf.LocalFeatures, np.ndarray | None]:
+        """Like :meth:`extract`, from what :meth:`load` returned for ``path``."""
+        ex = self.extractor
+        if not self.fitted:
+            raise RuntimeError("the index's local-feature whitening is not fitted yet")
+        raw = self._raw_cache.pop(str(path), None)
+        if raw is None:
+            raw = ex.extract_raw(path) if loaded is None else ex.extract_loaded(loaded)
+            if str(path) in self.fit_sample:  # as the fit kept it (a worker without the fit's cache)
+                raw.descriptors = raw.descriptors.astype(np.float16)
         feats = ex.transform(raw)
         inst = ex.transform_global(raw) if (raw.global_raw is not None and hasattr(ex, "transform_global")) else None
         return feats, inst

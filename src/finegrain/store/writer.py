@@ -104,32 +104,6 @@ class Writer:
             self._encoder = lambda: enc
         return self._encoder()
 
-    # What the indexer reads of the index's configuration (parsed from the committed settings).
-    @property
-    def segment_config(self):  # noqa: ANN201
-        from ..decompose.segments import SegmentConfig
-
-        seg = self.catalog.get_meta("segments")
-        return SegmentConfig.from_dict(seg) if seg else None
-
-    @property
-    def object_config(self):  # noqa: ANN201
-        from ..objects.config import ObjectConfig
-
-        obj = self.catalog.get_meta("objects")
-        return ObjectConfig.from_dict(obj) if obj else None
-
-    @property
-    def local_store(self):  # noqa: ANN201
-        from ..local.store import LocalConfig, LocalStore
-
-        cfg = LocalConfig.from_dict(self.catalog.get_meta("local"))
-        if cfg is None:
-            return None
-        if getattr(self, "_local_store", None) is None:
-            self._local_store = LocalStore(self.path, cfg)
-        return self._local_store
-
     def settings(self) -> dict[str, Any]:
         """The committed settings (read now, under the lock: never stale)."""
         return self.catalog.all_meta()
