@@ -73,7 +73,7 @@ def evaluate(searcher, queries: np.ndarray, relevant: list[np.ndarray], mode: st
     for p in queries:
         q = searcher.db.image(int(p))[:query_features]
         gq = searcher.global_matrix(options.get("global_field", "instance"))[p]
-        order, _, timings = searcher.rank_timed(mode, q, gq, exclude=int(p), **options)
+        _, order, timings = searcher.rank_timed(mode, q, gq, exclude=int(p), **options)
         ms.append(timings.get("rank_ms", 0.0))
         columns.append(order)
     ranks = np.stack(columns, axis=1)

@@ -471,8 +471,8 @@ def test_rank_from_stored_descriptors_excludes_the_query(local_index, mode):
     extra = {"sg_k": 1, "shortlist": 5, "mds_dim": 4} if mode == "l2g" else {}
     for p in range(0, s.db.n_images, 3):
         q, gq = s.db.image(p), s.global_matrix("instance")[p]
-        included, _ = s.rank(mode, q, gq, **extra)
-        order, scores = s.rank(mode, q, gq, exclude=p, **extra)
+        _, included = s.rank(mode, q, gq, **extra)
+        scores, order = s.rank(mode, q, gq, exclude=p, **extra)
         assert sorted(included.tolist()) == list(range(s.db.n_images))
         assert sorted(order.tolist()) == [i for i in range(s.db.n_images) if i != p] and len(scores) == len(order)
         if mode != "l2g":

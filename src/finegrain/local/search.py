@@ -296,7 +296,7 @@ class LocalSearcher:
         timings: dict[str, float] = {}
         n = self.db.n_images
         if n == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32), timings
+            return np.zeros(0, np.float32), np.zeros(0, np.int64), timings
         keep = np.ones(n, bool)  # positions that may be ranked
         if exclude is not None:
             keep[exclude] = False
@@ -346,7 +346,7 @@ class LocalSearcher:
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
                 timings.update({f"rerank_{key}": v for key, v in res.timings.items()})
         timings["rank_ms"] = (time.perf_counter() - t0) * 1e3
-        return order, np.asarray(scores, np.float32), timings
+        return np.asarray(scores, np.float32), order, timings
 
     def exact_top(self, q: np.ndarray, k: int = 100) -> np.ndarray:
         """Exact Chamfer scores of ``q`` against every database image (for recall checks)."""

@@ -109,7 +109,7 @@ class LocalRetriever(Retriever):
 
             image = load_image(image)  # type: ignore[arg-type]
             bbox = query.clip_box(image.size)
-        ids, scores, timings = searcher.search("global" if mode == "instance" else mode, image, bbox, k,
+        scores, ids, timings = searcher.search("global" if mode == "instance" else mode, image, bbox, k,
                                                **params.options())
         return SearchResponse(hits_from(snapshot, ids, scores), mode, SearchStats(sim_ops=len(snapshot)), [],
                               timings, generation=snapshot.generation)
