@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from finegrain.objects.config import ObjectConfig
-from finegrain.objects.proposals import _iou, propose
+from finegrain.objects.proposals import iou, propose
 
 D = Path(__file__).resolve().parents[2] / "shared/data/needles"
 if not D.exists():
@@ -22,7 +22,7 @@ scenes = [s for s in json.loads((D / "gnd.json").read_text())["scenes"] if s["la
 best, counts, t0 = [], [], time.perf_counter()
 for s in scenes:
     props = propose(Image.open(D / "scenes" / s["image"]).convert("RGB"), cfg)
-    best.append(max([_iou(s["box"], b) for b in props.boxes[1:]] + [0.0]))
+    best.append(max([iou(s["box"], b) for b in props.boxes[1:]] + [0.0]))
     counts.append(len(props) - 1)
 best = np.array(best)
 print(f"{cfg.proposals} max_objects={cfg.max_objects} threshold={cfg.threshold}: IoU>0.5 {np.mean(best > 0.5):.2f}, "

@@ -47,7 +47,7 @@ for i,n in enumerate(names):
     crops=[img]+[crop(img,b) for b in bx]; nprop.append(len(crops))
     pix=np.stack([enc.preprocess(c,size=SIZE) for c in crops])
     with torch.inference_mode():
-        Fm=enc._feature_map_batch(torch.from_numpy(pix))
+        Fm=enc.feature_map_batch(torch.from_numpy(pix))
         Vr=gem(Fm).numpy()
         Vp=enc.project(enc.pool_regions_batch(Fm).numpy()) if hasattr(enc,'pool_regions_batch') else None
     sr=Vr@Qr.T; Sr_max.append(sr.max(0)); m=Vr.mean(0); Sr_mean.append((m/np.linalg.norm(m))@Qr.T)

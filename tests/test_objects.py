@@ -20,7 +20,7 @@ from finegrain.objects.search import ObjectTable
 from finegrain.store.vectors import FieldRows
 
 
-def _iou(a, b) -> float:
+def iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -58,7 +58,7 @@ def test_region_proposals_find_a_pasted_square_and_keep_the_whole_image():
     assert 2 <= len(props) <= 9
     np.testing.assert_allclose(props.boxes[0], [0, 0, 320, 320])
     assert props.scores[0] == 1.0 and props.masks is not None and props.masks[0].all()
-    assert max(_iou(box, b) for b in props.boxes[1:]) > 0.7
+    assert max(iou(box, b) for b in props.boxes[1:]) > 0.7
     nb = props.normalized_boxes()
     assert nb.min() >= 0 and nb.max() <= 1
 
@@ -260,7 +260,7 @@ def test_object_index_end_to_end(tmp_path, scene_dir):
     assert why["score"] == pytest.approx(index.search(image=query, k=1, mode="objects-max")[0].score, abs=1e-5)
     x0, y0, x1, y1 = why["box"]
     truth = {"s1.jpg": (70, 80, 134, 144), "s4.jpg": (160, 140, 224, 204)}[Path(index.get(some_id).path).name]
-    assert _iou((x0, y0, x1, y1), truth) > 0.3  # the overlay points at the pasted face
+    assert iou((x0, y0, x1, y1), truth) > 0.3  # the overlay points at the pasted face
     # Bad input errors.
     with pytest.raises(ValueError, match="example image"):
         index.search(text="a face", mode="objects")

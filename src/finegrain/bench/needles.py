@@ -127,7 +127,7 @@ def _global_raw_rankings(index: Index, data: NeedlesSet, size: int | None = None
         for start in range(0, len(paths), 32):
             pix = np.stack([enc.preprocess(p, size) for p in paths[start:start + 32]])
             with torch.inference_mode():
-                vecs.append(gem(enc._feature_map_batch(torch.from_numpy(pix)).float()).numpy())
+                vecs.append(gem(enc.feature_map_batch(torch.from_numpy(pix)).float()).numpy())
         return l2_normalize(np.concatenate(vecs))
 
     names = [p.name for p in data.scenes]

@@ -49,7 +49,7 @@ class Encoder(ABC):
         """Resize and normalise a loaded RGB image to a (3, S, S) float32 array (S = ``size`` or ``image_size``)."""
 
     @abstractmethod
-    def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, dim) unnormalised embeddings."""
 
     @abstractmethod
@@ -57,7 +57,7 @@ class Encoder(ABC):
         """List of strings -> (B, dim) unnormalised embeddings."""
 
     @abstractmethod
-    def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) spatial features before pooling and projection."""
 
     @abstractmethod
@@ -71,7 +71,7 @@ class Encoder(ABC):
 
     def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
         """Embed a (B, 3, S, S) batch of prepared images as L2-normalised (B, dim) rows."""
-        return l2_normalize(self._run(self._embed_image_batch, torch.from_numpy(np.ascontiguousarray(batch))))
+        return l2_normalize(self._run(self.embed_image_batch, torch.from_numpy(np.ascontiguousarray(batch))))
 
     def encode_images(
         self,
@@ -86,7 +86,7 @@ class Encoder(ABC):
         pass (default: the cores torch leaves free; none on a 2-core machine). Raises :class:`finegrain.images.ImageLoadError` on a bad image;
         the indexer catches it per file, so one bad file never stops a run.
         """
-        out = [self._run(self._embed_image_batch, batch) for batch in
+        out = [self._run(self.embed_image_batch, batch) for batch in
                self.iter_image_batches(images, batch_size, show_progress, num_workers)]
         return l2_normalize(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
 
@@ -112,7 +112,7 @@ class Encoder(ABC):
 
     def feature_maps(self, images: Sequence[ImageSource], size: int | None = None, batch_size: int = 16) -> np.ndarray:
         """Spatial feature maps (n, C, h, w) of the image tower at input side ``size``."""
-        out = [self._run(self._feature_map_batch, batch) for batch in
+        out = [self._run(self.feature_map_batch, batch) for batch in
                self.iter_image_batches(images, batch_size, False, None, size=size)]
         return np.concatenate(out)
 
@@ -136,7 +136,7 @@ class Encoder(ABC):
         """
         out = []
         with torch.inference_mode():
-            fmap = self._feature_map_batch(torch.from_numpy(np.ascontiguousarray(pixels)))
+            fmap = self.feature_map_batch(torch.from_numpy(np.ascontiguousarray(pixels)))
             for b, m in enumerate(masks):
                 if len(m) == 0:
                     out.append(np.zeros((0, self.dim), np.float32))

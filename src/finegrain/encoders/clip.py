@@ -266,7 +266,7 @@ class CLIPEncoder(Encoder):
             )
         return {"interpolate_pos_encoding": True}
 
-    def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) unnormalised image embeddings (CLS token, projected)."""
         batch = batch.to(self.device)
         return _features(self.model.get_image_features(pixel_values=batch, **self._vision_kwargs(batch)))
@@ -279,7 +279,7 @@ class CLIPEncoder(Encoder):
         )
         return _features(out)
 
-    def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H/patch, W/patch): final-layer patch tokens, CLS dropped, no layer norm."""
         batch = batch.to(self.device)
         out = self.model.vision_model(pixel_values=batch, **self._vision_kwargs(batch))

@@ -203,12 +203,12 @@ class EffNetMiniLM(Encoder):
     def prepare_image(self, image, size: int | None = None) -> np.ndarray:
         return pixels_to_array(image, size or self.image_size)
 
-    def _feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
+    def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.contiguous(memory_format=torch.channels_last)
         return self.aligner.image_top(self.trunk(batch)).contiguous()
 
-    def _embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.aligner.image_head(self.aligner.image_pool(self._feature_map_batch(batch)))
+    def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.aligner.image_head(self.aligner.image_pool(self.feature_map_batch(batch)))
 
     def _project_features(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.aligner.image_head(pooled)

@@ -248,7 +248,7 @@ class ApproxChamfer:
         self.index = faiss_index if faiss_index is not None else self._build(index, nlist, hnsw_m, seed)
         if self.index.ntotal != len(self.rows):
             raise ValueError(f"the FAISS index holds {self.index.ntotal} vectors, {len(self.rows)} are indexed")
-        self._set_search_params()
+        self.set_search_params()
 
     def _build(self, kind: str, nlist: int | None, hnsw_m: int, seed: int):
         import faiss
@@ -271,7 +271,7 @@ class ApproxChamfer:
         index.add(x)
         return index
 
-    def _set_search_params(self) -> None:
+    def set_search_params(self) -> None:
         import faiss
 
         inner = faiss.downcast_index(self.index)

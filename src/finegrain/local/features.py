@@ -410,7 +410,7 @@ class CNNExtractor(LocalExtractor):
             if self.threads:
                 torch.set_num_threads(int(self.threads))
             enc = encoders.create(self.encoder_name)
-            if not hasattr(enc, "_feature_map_batch") or enc.name != "effnet-minilm":
+            if not hasattr(enc, "feature_map_batch") or enc.name != "effnet-minilm":
                 raise ValueError(f"the cnn extractor needs a convolutional encoder (effnet-minilm), not {self.encoder_name!r}")
             self._encoder = enc
         return self._encoder
@@ -424,7 +424,7 @@ class CNNExtractor(LocalExtractor):
         arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
         arr = arr * (1.0 / (255.0 * IMAGE_STD)) - IMAGE_MEAN / IMAGE_STD
         with torch.inference_mode():
-            fmap = self.encoder._feature_map_batch(torch.from_numpy(np.ascontiguousarray(arr[None], np.float32)))
+            fmap = self.encoder.feature_map_batch(torch.from_numpy(np.ascontiguousarray(arr[None], np.float32)))
         return fmap[0].float().numpy()
 
     def load(self, image: ImageSource, bbox: BBox | None = None) -> tuple:

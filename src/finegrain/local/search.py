@@ -178,7 +178,7 @@ class LocalSearcher:
                 self._approx = self._build_approx()
             self._approx.knn = int(knn or self.knn)
             self._approx.nprobe = int(nprobe or self.nprobe)
-            self._approx._set_search_params()
+            self._approx.set_search_params()
         return self._approx
 
     def _build_approx(self) -> ApproxChamfer:
@@ -209,7 +209,7 @@ class LocalSearcher:
         with self._lock:
             if self._graph is None:
                 approx.knn, approx.nprobe = self.knn, self.nprobe
-                approx._set_search_params()
+                approx.set_search_params()
                 self._graph = self._build_graph(approx, show_progress)
         return self._graph
 
@@ -320,7 +320,7 @@ class LocalSearcher:
             with self._lock:
                 approx.knn = int(opts.get("knn") or self.knn)
                 approx.nprobe = int(opts.get("nprobe") or self.nprobe)
-                approx._set_search_params()
+                approx.set_search_params()
                 all_scores, reached = approx.score_all(q)
             reached &= keep
             cand = np.flatnonzero(reached)

@@ -112,12 +112,12 @@ def encode_crops(encoder, pixels: np.ndarray, space: str = "raw", batch_size: in
         for start in range(0, len(pixels), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
             if space == "raw":
-                fmap = encoder._feature_map_batch(batch).float()
+                fmap = encoder.feature_map_batch(batch).float()
                 vecs.append(gem(fmap).numpy())
                 if keep_maps:
                     maps.append(fmap)
             else:
-                vecs.append(encoder._embed_image_batch(batch).float().numpy())
+                vecs.append(encoder.embed_image_batch(batch).float().numpy())
     out = l2_normalize(np.concatenate(vecs)) if vecs else np.zeros((0, 0), np.float32)
     return out, maps
 

@@ -123,7 +123,7 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224)
     for cand in cands:
         if len(kept) >= max_objects:
             break
-        if all(_iou(cand[1], k[1]) <= 0.9 for k in kept):
+        if all(iou(cand[1], k[1]) <= 0.9 for k in kept):
             kept.append(cand)
     sx, sy = width / side, height / side
     boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for _, b, _ in kept]
@@ -131,7 +131,7 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224)
     return _with_whole_image(boxes, scores, width, height, [m for _, _, m in kept], side)
 
 
-def _iou(a, b) -> float:
+def iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy

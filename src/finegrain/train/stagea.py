@@ -50,7 +50,7 @@ from ..datasets import load_flickr8k
 from ..images import load_image
 from ..objects.config import ObjectConfig
 from ..objects.descriptor import encode_crops, prepare_objects
-from ..objects.proposals import _iou
+from ..objects.proposals import iou
 from ..progress import progress_bar
 
 SCENE_SIDE = 448
@@ -174,7 +174,7 @@ def _encode_split(enc, pool: list[Path], n: int, rng: np.random.Generator, objec
             boxes.append(comp.box)
             areas.append(comp.area_fraction)
             # diagnostic: can the pipeline see the object at all (best proposal IoU with the pasted box)
-            hits.append(max((_iou(b, comp.box) for b in inputs.proposals.boxes[1:]), default=0.0))
+            hits.append(max((iou(b, comp.box) for b in inputs.proposals.boxes[1:]), default=0.0))
             bar.advance()
     arrays = {"crops": np.concatenate(crops), "offsets": np.asarray(offsets, np.int64),
               "queries": np.stack(queries), "boxes": np.asarray(boxes, np.float32),
