@@ -70,6 +70,10 @@ def _mode_help() -> str:
 MODE_HELP = _mode_help()
 
 
+class _SettingsMismatch(ValueError):
+    """Settings given for an existing index differ from its own (a usage error: exit 2)."""
+
+
 def _open_index(path: Path, shard_set_ok: bool = False):
     """Open an index (or, with ``shard_set_ok``, a shard set too); a clear error instead of a traceback."""
     from .index import Index
@@ -129,8 +133,8 @@ def index_cmd(
                 ("objects", obj.to_dict() if obj else None, obj is not None)) if given}
             diff = settings_differences(idx.snapshot.settings, asked)
             if diff:
-                _fail(f"the index at {index} was created with other settings ({'; '.join(diff)}); its fields are "
-                      "fixed at creation: index into a new folder to use these settings", 2)
+                raise _SettingsMismatch(f"the index at {index} was created with other settings ({'; '.join(diff)}); "
+                                        "its fields are fixed at creation: index into a new folder to use these settings")
         else:
             idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER, ann=ann or "auto", segments=seg,
                                objects=obj, local=local_cfg)
@@ -138,6 +142,8 @@ def index_cmd(
                          engine=engine, ray_address=address)
         if refit_local:
             idx.refit_local(show_progress=not as_json)
+    except _SettingsMismatch as exc:
+        _fail(str(exc), 2)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     if as_json:

@@ -22,6 +22,7 @@ Typical use::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -68,8 +69,11 @@ def _settings(encoder: str, dim: int | None, ann: str, segments: SegmentConfig |
 
 def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     """``key: stored X, asked Y`` for each setting that differs (``dim`` follows the encoder, so it is skipped)."""
-    return [f"{key}: stored {stored.get(key)!r}, asked {value!r}" for key, value in wanted.items()
-            if key != "dim" and stored.get(key) != value]
+    def plain(value: Any) -> Any:  # as stored: JSON (tuples become lists)
+        return json.loads(json.dumps(value))
+
+    return [f"{key}: stored {stored.get(key)!r}, asked {plain(value)!r}" for key, value in wanted.items()
+            if key != "dim" and stored.get(key) != plain(value)]
 
 
 class Index:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..images import load_image
-from .base import Params, Query, Retriever, SearchResponse, SearchResult, SearchStats, number
+from .base import Params, Query, Retriever, SearchResponse, SearchResult, SearchStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.ann import VectorIndex
@@ -45,8 +45,8 @@ class DenseParams(Params):
     dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dim is not None:
-            number("dim", self.dim, 1, integer=True)
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer))):
+            raise ValueError(f"dim must be an integer, got {self.dim!r}")  # its range depends on the index
 
 
 class DenseRetriever(Retriever):
