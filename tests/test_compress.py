@@ -599,6 +599,16 @@ def test_class_map_scores_rankings():
     assert class_map(mixed, labels) < 60
 
 
+def test_bench_fit_projections_aesvc_paper(X):
+    from finegrain.bench.compress import fit_projections
+
+    fitted = fit_projections("aesvc-paper", [4], X, n_steps=5, hidden_sizes=())
+    p, transform = fitted[4]
+    assert isinstance(p, AESVC) and p.loss == "paper" and p.loss_weights_["variance"] == 15.0
+    assert transform(X).shape == (len(X), 4)
+    assert fit_projections("aesvc", [4], X, n_steps=5, hidden_sizes=())[4][0].loss == "finegrain"
+
+
 def test_bench_compress_on_tiny_set(tmp_path, photos_dir):
     from PIL import Image
 

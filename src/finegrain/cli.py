@@ -452,7 +452,7 @@ def bench_compress_cmd(
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
     distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
     distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
-    methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, ss2d."),
+    methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, aesvc-paper (AE-SVC with the paper's loss), ss2d."),
     dims: str = typer.Option("16,32,64,128,256", "--dims", help="Comma-separated output sizes (SS2D: one model, all sizes nested)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write the similarity-distribution and per-dimension-variance PNGs here."),
