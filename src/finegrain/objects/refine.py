@@ -131,8 +131,9 @@ def refine_descriptor(initial: np.ndarray, vectors: np.ndarray, fmaps: torch.Ten
 
 
 def object_grid(masks: np.ndarray, n_obj: int, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """(n_obj, h*w) masks of objects 1..n_obj pooled onto the feature grid."""
-    pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(masks[1:1 + n_obj]))[:, None], size)
+    """(n_obj, h*w) masks of objects 1..n_obj pooled onto the (h, w) feature grid."""
+    grid = (int(size[0]), int(size[1]))
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(masks[1:1 + n_obj]))[:, None], grid)
     return pooled[:, 0].reshape(n_obj, -1)
 
 
