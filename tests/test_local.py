@@ -522,6 +522,17 @@ def test_local_modes_find_the_crops(local_index, mode):
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
 
 
+def test_l2g_paper_variant_through_search(local_index):
+    index, photos = local_index
+    # k 700 by default: the whole (small) candidate list is re-ranked, every query score known to MDS.
+    hits = index.search(image=photos[0], mode="l2g", k=len(index), variant="paper", mds_dim=4, smacof_iter=50, sg_k=1)
+    assert len(hits) == len(index) and len({h.id for h in hits}) == len(index)
+    names = [h.path.rsplit("/", 1)[-1] for h in hits]
+    assert names[0] in {f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"}, names
+    with pytest.raises(ValueError, match="variant"):
+        index.search(image=photos[0], mode="l2g", variant="fire")
+
+
 def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):
     index, photos = local_index
     s = index.local_searcher
