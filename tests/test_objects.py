@@ -420,3 +420,23 @@ def test_cli_index_and_search_with_objects(tmp_path, scene_dir):
     assert len(json.loads(out.output)["results"]) == 3
     out = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--text", "a face", "--mode", "objects"])
     assert out.exit_code == 2 and "example image" in out.output
+
+
+def test_cli_index_with_the_paper_stage_b(tmp_path, scene_dir):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    root, query = scene_dir
+    runner = CliRunner()
+    bad = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "bad"), "--objects", "regions",
+                              "--refine-iters", "2", "--refine-variant", "legrad"])
+    assert bad.exit_code != 0 and "refine_variant must be one of" in bad.output
+    out = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "p"), "--objects", "regions",
+                              "--refine-iters", "2", "--refine-variant", "paper", "--json"])
+    assert out.exit_code == 0, out.output
+    index = Index.open(tmp_path / "p")
+    cfg = index.object_config
+    assert (cfg.refine_variant, cfg.lr, cfg.alpha, cfg.refine_iters) == ("paper", 0.1, 0.03, 2)  # saved with the index
+    assert len(index.fields["objects_refined"]) == 6
+    assert len(index.search(image=query, mode="objects-refined", k=3)) == 3
