@@ -65,12 +65,13 @@ class Projection(TransformerMixin, BaseEstimator):
 
     @property
     def input_dim_(self) -> int:
+        """``n_features_in_`` under the name saved files and the index use (AttributeError until fitted)."""
         return int(self.n_features_in_)
 
     def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
         # float32 in, float32 out; float64 input is converted, as FAISS and the index want float32.
-        if tags.transformer_tags is not None:  # always set by TransformerMixin; the test narrows the type
+        if tags.transformer_tags is not None:  # always set by TransformerMixin; the check is for mypy
             tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
 
