@@ -125,6 +125,49 @@ def test_aesvc_constraint_checks_fail_without_their_loss_term(X, dropped, check)
     assert errors[check] > [0.05, 0.1, 0.1][check], errors
 
 
+def test_constraint_losses_by_hand():
+    from finegrain.compress.aesvc import constraint_losses
+
+    # z has mean (1, 1) and unbiased covariance [[4, -1], [-1, 1]]:
+    # off-diagonal squares 1 + 1 = 2, variance errors (4-1)^2 + (1-1)^2 = 9, squared means 1 + 1 = 2.
+    z = torch.tensor([[1.0, 0.0], [-1.0, 2.0], [3.0, 1.0]])
+    paper = {k: float(v) for k, v in constraint_losses(z, "paper").items()}
+    assert paper == pytest.approx({"covariance": 2.0, "variance": 9.0, "mean": 2.0})
+    finegrain = {k: float(v) for k, v in constraint_losses(z).items()}  # the same sums over k = 2 dimensions
+    assert finegrain == pytest.approx({"covariance": 1.0, "variance": 4.5, "mean": 1.0})
+    with pytest.raises(ValueError, match="loss must be one of"):
+        constraint_losses(z, "vicreg")
+
+
+def test_aesvc_paper_loss_weights_and_terms(X, tmp_path):
+    from finegrain.compress.aesvc import LOSS_WEIGHTS, constraint_losses
+
+    assert LOSS_WEIGHTS["paper"] == {"reconstruction": 25.0, "covariance": 1.0, "variance": 15.0, "mean": 1.0}
+    assert LOSS_WEIGHTS["finegrain"] == {"reconstruction": 25.0, "covariance": 0.1, "variance": 0.1, "mean": 1.0}
+    p = AESVC(n_components=8, hidden_sizes=(), n_steps=20, normalize=False, loss="paper").fit(X)
+    assert p.loss_weights_ == LOSS_WEIGHTS["paper"]
+    # losses_ are the paper's sums over the fitted data's latent (standardised as in training).
+    z = torch.from_numpy(p.transform(X) * 1.0)
+    expected = {k: float(v) for k, v in constraint_losses(z, "paper").items()}
+    assert {k: p.losses_[k] for k in expected} == pytest.approx(expected, rel=1e-4)
+    assert AESVC(8, loss="finegrain", variance_weight=3.0, n_steps=5).fit(X).loss_weights_["variance"] == 3.0
+    assert AESVC(n_components=8, n_steps=5).fit(X).loss_weights_ == LOSS_WEIGHTS["finegrain"]
+    q = load_projection(p.save(tmp_path / "paper.safetensors"))
+    assert q.loss == "paper" and q.loss_weights_ == p.loss_weights_
+    np.testing.assert_array_equal(q.transform(X), p.transform(X))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        AESVC(n_components=8, loss="vicreg").fit(X)
+
+
+def test_aesvc_paper_loss_holds_the_constraints_tighter(X):
+    # The sum form with 25/1/15/1 weighs the constraints k x 10 (covariance) and k x 150 (variance) more.
+    errors = {loss: covariance_errors(small_aesvc(loss=loss, n_steps=300, reconstruction_weight=None,
+                                                  covariance_weight=None, variance_weight=None,
+                                                  mean_weight=None).fit(X).transform(X))
+              for loss in ("finegrain", "paper")}
+    assert errors["paper"][1] < errors["finegrain"][1] and errors["paper"][2] < errors["finegrain"][2], errors
+
+
 def test_aesvc_is_deterministic(X):
     first, again = small_aesvc(n_steps=100).fit(X), small_aesvc(n_steps=100).fit(X)
     np.testing.assert_array_equal(again.transform(X), first.transform(X))
@@ -277,9 +320,9 @@ def test_input_errors(X, cls):
         p.save("never-written.safetensors")
     with pytest.raises(ValueError, match="larger than the input dimension"):
         cls(n_components=DIM + 1).fit(X)
-    with pytest.raises(ValueError, match="at least 2 samples"):
+    with pytest.raises(ValueError, match="1 sample.* minimum of 2 is required"):
         p.fit(X[:1])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D"):
         p.fit(X[0])
     bad = X.copy()
     bad[3, 5] = np.nan
@@ -291,8 +334,46 @@ def test_input_errors(X, cls):
 
 def test_wrong_input_dim_after_fit(X):
     p = PCA(4).fit(X)
-    with pytest.raises(ValueError, match=f"fitted on {DIM}"):
+    with pytest.raises(ValueError, match=f"X has 10 features, but PCA is expecting {DIM} features"):
         p.transform(X[:, :10])
+
+
+# Small training through the constructor parameters, so scikit-learn's full suite runs in seconds.
+@pytest.mark.parametrize("estimator", [
+    PCA(n_components=1),
+    AESVC(n_components=1, hidden_sizes=(8,), n_steps=5),
+    SS2D(n_components=1, hidden_sizes=(8,), n_steps=5, teacher=None),
+    SS2D(n_components=1, hidden_sizes=(), n_steps=5, teacher=AESVC(n_components=1, hidden_sizes=(), n_steps=5)),
+], ids=["pca", "aesvc", "ss2d", "ss2d-aesvc-teacher"])
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")  # array-API checks need SCIPY_ARRAY_API
+def test_sklearn_check_estimator(estimator):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(estimator, on_fail=None)
+    failed = [f"{r['check_name']}: {r['exception']}" for r in results if r["status"] == "failed"]
+    assert not failed, failed
+    assert len([r for r in results if r["status"] == "passed"]) >= 40  # the suite really ran
+
+
+def test_sklearn_conventions_spot_checks(X):
+    p = PCA(4)
+    assert not hasattr(p, "n_features_in_") and not hasattr(p, "input_dim_")
+    p.fit(X.astype(np.float64))
+    assert p.n_features_in_ == p.input_dim_ == DIM
+    assert p.transform(X.astype(np.float64)).dtype == np.float32  # float32 out, as the tags declare
+    assert p.__sklearn_tags__().transformer_tags.preserves_dtype == ["float32"]
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match="Sparse data was passed"):
+        p.transform(scipy.sparse.csr_matrix(X))
+    with pytest.raises(ValueError, match=r"0 feature\(s\)"):
+        PCA(1).fit(X[:, :0])
+    # A failed refit leaves the estimator unfitted, not with the old arrays and a new input size.
+    with pytest.raises(ValueError, match="larger than the input dimension"):
+        p.set_params(n_components=20).fit(X[:, :10])
+    with pytest.raises(NotFittedError, match="not fitted"):
+        p.transform(X)
+    assert clone(p.set_params(n_components=3)).get_params() == p.get_params()
 
 
 def test_pca_needs_enough_samples(X):
@@ -515,6 +596,16 @@ def test_class_map_scores_rankings():
     assert class_map(perfect, labels) == pytest.approx(100.0)
     mixed = perfect[[0, 2, 1, 3, 4]]  # each image's nearest neighbour now has the other label
     assert class_map(mixed, labels) < 60
+
+
+def test_bench_fit_projections_aesvc_paper(X):
+    from finegrain.bench.compress import fit_projections
+
+    fitted = fit_projections("aesvc-paper", [4], X, n_steps=5, hidden_sizes=())
+    p, transform = fitted[4]
+    assert isinstance(p, AESVC) and p.loss == "paper" and p.loss_weights_["variance"] == 15.0
+    assert transform(X).shape == (len(X), 4)
+    assert fit_projections("aesvc", [4], X, n_steps=5, hidden_sizes=())[4][0].loss == "finegrain"
 
 
 def test_bench_compress_on_tiny_set(tmp_path, photos_dir):

@@ -386,6 +386,82 @@ def test_l2g_config_validation():
         mds.L2GConfig(init="pca")
 
 
+def test_l2g_variants_resolve_their_settings():
+    ours, paper = mds.L2GConfig(), mds.L2GConfig(variant="paper")
+    assert (ours.k, ours.w, ours.query_neighbors, ours.fusion) == (100, 0.9, 10, "cosine")
+    assert (paper.k, paper.w, paper.query_neighbors, paper.fusion) == (700, 0.19, None, "average")
+    # An explicit value overrides the variant's; None keeps meaning "all" for query_neighbors.
+    assert mds.L2GConfig(variant="paper", k=50, w=0.5).k == 50 and mds.L2GConfig(variant="paper", w=0.5).w == 0.5
+    assert mds.L2GConfig(query_neighbors=None).query_neighbors is None
+    for bad in ({"variant": "fire"}, {"fusion": "concat"}, {"query_neighbors": 0}, {"query_neighbors": "some"}):
+        with pytest.raises(ValueError):
+            mds.L2GConfig(**bad)
+    # Selectable per search: the option keys of mode l2g pass through to L2GConfig.
+    from finegrain.local.search import split_options
+
+    cfg, _ = split_options({"variant": "paper"})
+    assert (cfg.k, cfg.w, cfg.query_neighbors, cfg.fusion) == (700, 0.19, None, "average")
+    assert split_options({"variant": "paper", "shortlist": 20})[0].k == 20
+
+
+def test_known_query_scores_kept_before_mds():
+    qs = np.array([0.2, 0.9, 0.5, 0.7])
+    np.testing.assert_array_equal(mds.known_query_scores(qs, None), qs)  # paper: every known score
+    np.testing.assert_array_equal(mds.known_query_scores(qs, 2), [np.nan, 0.9, np.nan, 0.7])
+    paper = mds.L2GConfig(variant="paper")
+    D = mds.dissimilarity_matrix(mds.known_query_scores(qs, paper.query_neighbors), np.zeros(0, int),
+                                 np.zeros(0, int), np.zeros(0))
+    np.testing.assert_allclose(D[0, 1:], 1 - qs)  # the query row holds all four, none completed with 1
+
+
+def test_fusion_average_of_vectors_vs_average_of_cosines():
+    rng = np.random.default_rng(0)
+    m, g = rng.standard_normal((5, 3)), rng.standard_normal((5, 8))
+    mc = m - m.mean(0)
+    cos_m = _unit(mc) @ _unit(mc).T
+    cos_g = _unit(g) @ _unit(g).T
+    w = 0.19
+    avg = mds.fuse_average(m, g, w)
+    # The paper's weighted average of the vectors: [w g, (1 - w) m] -> w^2 cos_g + (1 - w)^2 cos_m.
+    np.testing.assert_allclose(avg[:, :8], w * _unit(g), atol=1e-6)
+    np.testing.assert_allclose(avg[:, 8:], (1 - w) * _unit(mc), atol=1e-6)
+    np.testing.assert_allclose(avg @ avg.T, w ** 2 * cos_g + (1 - w) ** 2 * cos_m, atol=1e-5)
+    cos = mds.fuse(m, g, w)  # finegrain: w cos_g + (1 - w) cos_m
+    np.testing.assert_allclose(cos @ cos.T, w * cos_g + (1 - w) * cos_m, atol=1e-5)
+
+
+def test_l2g_paper_variant_runs_with_its_fusion(monkeypatch):
+    rng = np.random.default_rng(1)
+    k = 40
+    shortlist = rng.permutation(100)[:k]
+    qs = np.sort(rng.uniform(0.1, 0.8, k))[::-1]
+    gids, gsims = rng.integers(0, 100, (100, 6)), rng.uniform(0.1, 0.9, (100, 6)).astype(np.float32)
+    glob, gq = _unit(rng.standard_normal((k, 16))), _unit(rng.standard_normal(16))
+    seen = {}
+    real_dissimilarity, real_average = mds.dissimilarity_matrix, mds.fuse_average
+
+    def spy_dissimilarity(q, *args, **kw):
+        seen["query_row"] = np.array(q)
+        return real_dissimilarity(q, *args, **kw)
+
+    def spy_average(*args):
+        seen["fused"] = real_average(*args)
+        return seen["fused"]
+
+    monkeypatch.setattr(mds, "dissimilarity_matrix", spy_dissimilarity)
+    monkeypatch.setattr(mds, "fuse_average", spy_average)
+    cfg = mds.L2GConfig(variant="paper", mds_dim=4, smacof_iter=30)
+    res = mds.l2g_rerank(qs, shortlist, gq, glob, cfg, graph=(gids, gsims))
+    assert sorted(res.ids.tolist()) == sorted(shortlist.tolist())
+    assert not np.isnan(seen["query_row"]).any()  # all k query scores known
+    assert seen["fused"].shape == (k + 1, 16 + 4)
+    np.testing.assert_allclose(np.linalg.norm(seen["fused"], axis=1), np.sqrt(0.19 ** 2 + 0.81 ** 2), atol=1e-5)
+    # The default keeps 10 query scores and does not average vectors.
+    seen.clear()
+    mds.l2g_rerank(qs, shortlist, gq, glob, mds.L2GConfig(mds_dim=4, smacof_iter=30), graph=(gids, gsims))
+    assert int((~np.isnan(seen["query_row"])).sum()) == 10 and "fused" not in seen
+
+
 # --------------------------------------------------------------------------- index integration
 @pytest.fixture(scope="module")
 def local_index(tmp_path_factory, photos_dir):
@@ -444,6 +520,17 @@ def test_local_modes_find_the_crops(local_index, mode):
     assert set(names[:2] if mode != "l2g" else names[:3]) >= crops and names[0] in crops, (mode, names)
     t = hits.timings
     assert t["total_ms"] > 0 and (mode == "local" or t["rerank_ms"] >= 0)
+
+
+def test_l2g_paper_variant_through_search(local_index):
+    index, photos = local_index
+    # k 700 by default: the whole (small) candidate list is re-ranked, every query score known to MDS.
+    hits = index.search(image=photos[0], mode="l2g", k=len(index), variant="paper", mds_dim=4, smacof_iter=50, sg_k=1)
+    assert len(hits) == len(index) and len({h.id for h in hits}) == len(index)
+    names = [h.path.rsplit("/", 1)[-1] for h in hits]
+    assert names[0] in {f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"}, names
+    with pytest.raises(ValueError, match="variant"):
+        index.search(image=photos[0], mode="l2g", variant="fire")
 
 
 def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):

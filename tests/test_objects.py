@@ -193,6 +193,91 @@ def test_refinement_moves_attention_onto_the_masks():
     assert np.array_equal(refine_descriptor(initial, vectors, fmaps, masks, ObjectConfig()), initial)
 
 
+def _one_hot_scene():
+    """Crop 0 the whole image, crops 1 and 2 objects whose only firing channel (1, 2) covers exactly their mask.
+
+    Grad-CAM of any descriptor with positive weight on channel i is then the
+    mask of object i itself (IoU 1, up to the 1e-6 clamp of the feature map).
+    """
+    c = 3
+    fmaps = torch.zeros(3, c, 4, 4)
+    masks = np.zeros((3, 32, 32), np.float32)
+    masks[0] = 1
+    fmaps[0, 0] = 1.0
+    fmaps[1, 1, :, :2] = 1.0
+    masks[1, :, :16] = 1
+    fmaps[2, 2, :2, :] = 1.0
+    masks[2, :16, :] = 1
+    vectors = np.array([[1.0, 0.0, 0.0], [0.0, 0.8, 0.6], [0.0, 0.6, 0.8]], np.float32)
+    return vectors, fmaps, masks
+
+
+def test_stage_b_objective_terms_paper_and_finegrain():
+    from finegrain.objects.refine import object_grid, stage_b_objective
+
+    vectors, fmaps, masks = _one_hot_scene()
+    ops, grid = gradcam_operators(fmaps[1:3]), object_grid(masks, 2, fmaps.shape[-2:])
+    # Fires channel 2 only; its negative channel-0 weight outweighs the clamped (1e-6) channels elsewhere, so
+    # object 2's map is exactly its mask (IoU 1) and object 1's map is all zero (IoU 0).
+    v = torch.tensor([-0.8, 0.0, 0.6])
+    crops = torch.from_numpy(vectors)
+    paper = stage_b_objective(v, crops, ops, grid, ObjectConfig(refine_variant="paper"))
+    torch.testing.assert_close(paper["iou"], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
+    # Paper: IoU summed over objects; anchor = v . (v_1 + v_2) = 0.6 * (0.6 + 0.8) = 0.84 (no whole image).
+    assert float(paper["iou_term"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(paper["anchor"]) == pytest.approx(0.84, abs=1e-6)
+    assert float(paper["objective"]) == pytest.approx(1.0 + 0.03 * 0.84, abs=1e-6)
+    # finegrain: IoU averaged; anchor = v . (v_0 + v_1 + v_2) = -0.8 + 0.84 = 0.04.
+    ours = stage_b_objective(v, crops, ops, grid, ObjectConfig(alpha=0.5))
+    assert float(ours["iou_term"]) == pytest.approx(0.5, abs=1e-6)
+    assert float(ours["anchor"]) == pytest.approx(0.04, abs=1e-6)
+    assert float(ours["objective"]) == pytest.approx(0.5 + 0.5 * 0.04, abs=1e-6)
+    v_both = torch.nn.functional.normalize(torch.tensor([0.0, 1.0, 1.0]), dim=0)  # both objects' maps on their masks
+    assert float(stage_b_objective(v_both, crops, ops, grid, ObjectConfig(refine_variant="paper"))["iou_term"]) \
+        == pytest.approx(2.0, abs=1e-4)
+
+
+def test_stage_b_paper_variant_config_and_start():
+    paper = ObjectConfig(refine_variant="paper", refine_iters=80)
+    assert (paper.alpha, paper.lr, paper.step_size) == (0.03, 0.1, 0.1)
+    assert (ObjectConfig().lr, ObjectConfig(refine_variant="paper", lr=0.01).lr) == (1e-3, 0.01)
+    assert ObjectConfig.from_dict(paper.to_dict()) == paper and paper.to_dict()["refine_variant"] == "paper"
+    # The default variant is not written, so settings stored before the option read the same.
+    assert "refine_variant" not in ObjectConfig().to_dict() and ObjectConfig().to_dict()["lr"] == 1e-3
+    with pytest.raises(ValueError, match="refine_variant"):
+        ObjectConfig(refine_variant="maskinversion")
+    # Start: a negligible step leaves the start in place: the object crops' plain average (paper), the given
+    # descriptor (finegrain).
+    vectors, fmaps, masks = _one_hot_scene()
+    initial = np.array([1.0, 0.0, 0.0], np.float32)
+    tiny = {"refine_iters": 1, "lr": 1e-9}
+    start = vectors[1:].mean(0) / np.linalg.norm(vectors[1:].mean(0))
+    np.testing.assert_allclose(refine_descriptor(initial, vectors, fmaps, masks,
+                                                 ObjectConfig(refine_variant="paper", **tiny)), start, atol=1e-6)
+    np.testing.assert_allclose(refine_descriptor(initial, vectors, fmaps, masks, ObjectConfig(**tiny)), initial,
+                               atol=1e-6)
+
+
+def test_stage_b_paper_variant_raises_the_summed_iou():
+    from finegrain.objects.refine import refinement_gain, stage_b_start
+
+    torch.manual_seed(1)
+    c, n = 32, 4
+    fmaps = torch.rand(n, c, 4, 4) * 0.2 + 0.01
+    masks = np.zeros((n, 32, 32), np.float32)
+    masks[0] = 1
+    for i in range(1, n):  # object i lives in the left half, where channel i fires
+        fmaps[i, i, :, :2] += 2.0
+        masks[i, :, :16] = 1
+    vectors = torch.nn.functional.normalize(gem(fmaps), dim=1).numpy()
+    cfg = ObjectConfig(refine_variant="paper", refine_iters=60)  # the paper's alpha 0.03 and step 0.1
+    start = stage_b_start(vectors[0], vectors, n - 1, cfg)
+    np.testing.assert_allclose(start, vectors[1:].mean(0), atol=1e-7)
+    refined = refine_descriptor(vectors[0], vectors, fmaps, masks, cfg)
+    before, after = refinement_gain(start / np.linalg.norm(start), refined, fmaps, masks, n - 1)
+    assert after > before + 0.05, (before, after)
+
+
 # ------------------------------------------------------------------- search
 def test_object_table_max_matches_brute_force():
     rng = np.random.default_rng(0)
@@ -337,3 +422,23 @@ def test_cli_index_and_search_with_objects(tmp_path, scene_dir):
     assert len(json.loads(out.output)["results"]) == 3
     out = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--text", "a face", "--mode", "objects"])
     assert out.exit_code == 2 and "example image" in out.output
+
+
+def test_cli_index_with_the_paper_stage_b(tmp_path, scene_dir):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    root, query = scene_dir
+    runner = CliRunner()
+    bad = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "bad"), "--objects", "regions",
+                              "--refine-iters", "2", "--refine-variant", "legrad"])
+    assert bad.exit_code != 0 and "refine_variant must be one of" in bad.output
+    out = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "p"), "--objects", "regions",
+                              "--refine-iters", "2", "--refine-variant", "paper", "--json"])
+    assert out.exit_code == 0, out.output
+    index = Index.open(tmp_path / "p")
+    cfg = index.object_config
+    assert (cfg.refine_variant, cfg.lr, cfg.alpha, cfg.refine_iters) == ("paper", 0.1, 0.03, 2)  # saved with the index
+    assert len(index.fields["objects_refined"]) == 6
+    assert len(index.search(image=query, mode="objects-refined", k=3)) == 3

@@ -101,6 +101,7 @@ def index_cmd(
     refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
     objects: Optional[str] = typer.Option(None, help="New index: also store small-object descriptors from these proposals: regions or yolox (enables the objects, objects-max, objects-refined modes; docs/mao.md)."),
     refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
+    refine_variant: str = typer.Option("finegrain", "--refine-variant", help="New index with objects and --refine-iters: Stage B objective, finegrain (default) or paper (MaO's: summed IoU, object-crop anchor, average start, step 0.1; docs/mao.md)."),
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
@@ -121,7 +122,7 @@ def index_cmd(
             from .objects.config import ObjectConfig
 
             extra = {} if object_threshold is None else {"threshold": object_threshold}
-            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, **extra)
+            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if (index / "finegrain.sqlite").exists():
             idx = Index.open(index)
@@ -476,7 +477,7 @@ def bench_compress_cmd(
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
     distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
     distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
-    methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, ss2d."),
+    methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, aesvc-paper (AE-SVC with the paper's loss), ss2d."),
     dims: str = typer.Option("16,32,64,128,256", "--dims", help="Comma-separated output sizes (SS2D: one model, all sizes nested)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write the similarity-distribution and per-dimension-variance PNGs here."),
@@ -524,6 +525,7 @@ def bench_needles_cmd(
     min_crop: int = typer.Option(0, help="Minimum object crop side in pixels (0: tight crops; the paper uses 224)."),
     threshold: Optional[float] = typer.Option(None, help="yolox proposals: detector score threshold (default 0.2, as the paper)."),
     refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
+    refine_variant: str = typer.Option("finegrain", "--refine-variant", help="objects-refined: Stage B objective, finegrain or paper (docs/mao.md)."),
     raw_size: Optional[int] = typer.Option(None, help="global-raw mode: input side for scenes and queries (default: the encoder's, 224)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
@@ -536,7 +538,7 @@ def bench_needles_cmd(
     try:
         result = run_needles(data, mode=mode, proposals=proposals, min_crop=min_crop, refine_iters=refine_iters,
                              encoder=encoder, cache_dir=cache_dir, show_progress=not as_json, raw_size=raw_size,
-                             threshold=threshold)
+                             threshold=threshold, refine_variant=refine_variant)
     except (FileNotFoundError, ValueError, ProposerUnavailable) as exc:
         _fail(str(exc), 2)
     flat = {k: v for k, v in result.items() if k != "map_by_area"}

@@ -37,7 +37,10 @@ from ..eval.metrics import compute_map, recall_at_k, revisitop_map
 from .common import bench_index
 from .revisitop import revisitop_index
 
-METHODS = ("pca", "aesvc", "ss2d")
+METHODS = ("pca", "aesvc", "aesvc-paper", "ss2d")
+DEFAULT_METHODS = ("pca", "aesvc", "ss2d")
+#: Bench method names that are a registered projection with fixed parameters.
+VARIANTS = {"aesvc-paper": ("aesvc", {"loss": "paper"})}
 
 
 def cosine_ranks(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
@@ -67,7 +70,8 @@ def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int =
     """``{dim: (projection, transform)}``: one fit per size, or one (SS)2D fit serving every size.
 
     ``ss2d_teacher``: ``"aesvc"`` (the paper's pipeline) or ``"input"`` (the
-    input's own cosine space).
+    input's own cosine space). ``method`` ``"aesvc-paper"`` is
+    ``AESVC(loss="paper")`` (the paper's loss form and weights).
     """
     from ..compress import create_projection
 
@@ -77,15 +81,16 @@ def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int =
         student = create_projection("ss2d", top, dims=sorted(set(dims)), random_state=seed, teacher=teacher,
                                     **params).fit(X)
         return {d: (student, lambda Z, d=d: student.transform(Z, dim=d)) for d in dims}
+    name, fixed = VARIANTS.get(method, (method, {}))
     out = {}
     for d in dims:
-        p = create_projection(method, d, random_state=seed, **params).fit(X)
+        p = create_projection(name, d, random_state=seed, **fixed, **params).fit(X)
         out[d] = (p, p.transform)
     return out
 
 
 def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,
-                       distractor_list: str | Path | None = None, methods: Sequence[str] = METHODS,
+                       distractor_list: str | Path | None = None, methods: Sequence[str] = DEFAULT_METHODS,
                        dims: Sequence[int] = (16, 32, 64, 128, 256), encoder: str = "effnet-minilm",
                        cache_dir: str | Path | None = None, plots: str | Path | None = None,
                        text_data: str | Path | None = None, text_split: str = "dev", seed: int = 0,

@@ -92,7 +92,8 @@ def needles_map(rankings: list[list[str]], data: NeedlesSet) -> dict:
 
 
 def _index_for(mode: str, data: NeedlesSet, encoder: str, cache: Path, show_progress: bool, proposals: str,
-               min_crop: int, refine_iters: int, threshold: float | None = None) -> tuple[Index, dict]:
+               min_crop: int, refine_iters: int, threshold: float | None = None,
+               refine_variant: str = "finegrain") -> tuple[Index, dict]:
     safe = encoder.replace("/", "_").replace(":", "_")
     if mode in ("global", "global-raw"):
         return bench_index(data.scenes, encoder, cache / f"needles-{safe}-plain", show_progress)
@@ -102,8 +103,11 @@ def _index_for(mode: str, data: NeedlesSet, encoder: str, cache: Path, show_prog
     refine = refine_iters if mode == "objects-refined" else 0
     if mode == "objects-refined" and refine <= 0:
         raise ValueError("mode objects-refined needs --refine-iters > 0")
-    cfg = ObjectConfig(proposals=proposals, min_crop=min_crop, refine_iters=refine)
+    cfg = ObjectConfig(proposals=proposals, min_crop=min_crop, refine_iters=refine,
+                       refine_variant=refine_variant if refine else "finegrain")
     name = f"needles-{safe}-objects-{proposals}-c{min_crop}-r{refine}"
+    if refine and refine_variant != "finegrain":  # its own cached index; the default keeps the old name
+        name += f"-{refine_variant}"
     if threshold is not None and threshold != cfg.threshold:  # a detector score cut other than the default
         cfg = replace(cfg, threshold=threshold)
         name += f"-t{threshold:g}"
@@ -140,14 +144,18 @@ def _global_raw_rankings(index: Index, data: NeedlesSet, size: int | None = None
 
 def run_needles(data: str | Path, mode: str = "objects", proposals: str = "regions", min_crop: int = 0,
                 refine_iters: int = 80, encoder: str = "effnet-minilm", cache_dir: str | Path | None = None,
-                show_progress: bool = True, raw_size: int | None = None, threshold: float | None = None) -> dict:
-    """Run the benchmark in one mode; returns ``map``, ``map_by_area``, ``index_images_per_s`` and details."""
+                show_progress: bool = True, raw_size: int | None = None, threshold: float | None = None,
+                refine_variant: str = "finegrain") -> dict:
+    """Run the benchmark in one mode; returns ``map``, ``map_by_area``, ``index_images_per_s`` and details.
+
+    ``refine_variant``: the Stage B objective of the ``objects-refined`` index (``ObjectConfig.refine_variant``).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown needles mode {mode!r}; available: {', '.join(MODES)}")
     bench = load_needles(data)
     cache = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
     index, stats = _index_for(mode, bench, encoder, cache, show_progress, proposals, min_crop, refine_iters,
-                              threshold)
+                              threshold, refine_variant)
     latencies = []
     if mode == "global-raw":
         rankings, ms = _global_raw_rankings(index, bench, raw_size)

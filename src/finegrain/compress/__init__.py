@@ -1,12 +1,14 @@
 """Compress embeddings to fewer dimensions for faster, smaller search.
 
-Three scikit-learn-style projections with one interface (``fit``,
-``transform``, ``fit_transform``, ``save``, ``load``, ``n_components``,
-``input_dim_``), learned from a collection's embeddings without labels:
+Three scikit-learn estimators (they pass ``check_estimator``) with one
+interface (``fit``, ``transform``, ``fit_transform``, ``save``, ``load``,
+``n_components``, ``n_features_in_`` alias ``input_dim_``), learned from a
+collection's embeddings without labels:
 
 * :class:`PCA`   principal components, optionally whitened (the baseline);
 * :class:`AESVC` an autoencoder whose latent is constrained to be decorrelated,
-  unit-variance and centred (Omama et al., AE-SVC);
+  unit-variance and centred (Omama et al., AE-SVC; ``loss="paper"`` for the
+  paper's loss form and weights);
 * :class:`SS2D`  one student whose leading d dimensions, for several nested d,
   reproduce a teacher's similarity distribution (Omama et al., (SS)2D).
 

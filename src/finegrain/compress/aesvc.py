@@ -14,6 +14,19 @@ reconstruction loss plus three constraints on the latent batch ``z``:
 
 The paper shows these lower the variance of the cosine-similarity distribution
 and argues that this makes retrieval more discriminative.
+
+Two loss forms (``loss``):
+
+* ``"paper"``: the paper's sum form with its reference weights, reconstruction
+  25, covariance (orthogonality) 1, variance 15, mean 1: the squared
+  off-diagonal covariances summed, the squared variance errors summed, the
+  squared means summed.
+* ``"finegrain"`` (default): the same terms normalised per latent dimension
+  (covariance sum / k as in VICReg, the variance and mean terms as means over
+  the k dimensions), weighted 25 / 0.1 / 0.1 / 1. For k latent dimensions the
+  constraint terms weigh 1/(10 k), 1/(150 k) and 1/k of the paper's.
+
+Reconstruction is the mean squared error of the standardised input in both.
 """
 
 from __future__ import annotations
@@ -29,20 +42,36 @@ import torch
 from . import _nn
 from .base import Projection
 
+#: The loss forms and the loss weights each uses when a ``*_weight`` parameter is left at ``None``.
+LOSS_WEIGHTS: dict[str, dict[str, float]] = {
+    "finegrain": {"reconstruction": 25.0, "covariance": 0.1, "variance": 0.1, "mean": 1.0},
+    "paper": {"reconstruction": 25.0, "covariance": 1.0, "variance": 15.0, "mean": 1.0},
+}
 
-def constraint_losses(z: torch.Tensor) -> dict[str, torch.Tensor]:
+
+def constraint_losses(z: torch.Tensor, form: str = "finegrain") -> dict[str, torch.Tensor]:
     """The three latent constraints on a batch ``z`` (B, k), each 0 when satisfied exactly.
 
-    ``covariance``: sum of squared off-diagonal covariances / k (as in VICReg);
-    ``variance``: mean of (variance - 1)^2 per dimension; ``mean``: mean of
-    squared per-dimension means.
+    With C = cov(z) (unbiased, 1/(B-1)) and m = mean(z):
+
+    * ``form="paper"``: ``covariance`` = sum over i != j of C_ij^2;
+      ``variance`` = sum over i of (C_ii - 1)^2; ``mean`` = sum over i of m_i^2.
+    * ``form="finegrain"``: the same sums divided by k (the number of latent dimensions).
     """
+    if form not in LOSS_WEIGHTS:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSS_WEIGHTS))}, got {form!r}")
     b, k = z.shape
     mean = z.mean(dim=0)
     zc = z - mean
     cov = zc.T @ zc / max(b - 1, 1)
     diag = torch.diagonal(cov)
     off_diagonal = cov - torch.diag_embed(diag)
+    if form == "paper":
+        return {
+            "covariance": off_diagonal.pow(2).sum(),
+            "variance": (diag - 1).pow(2).sum(),
+            "mean": mean.pow(2).sum(),
+        }
     return {
         "covariance": off_diagonal.pow(2).sum() / k,
         "variance": (diag - 1).pow(2).mean(),
@@ -75,11 +104,17 @@ class AESVC(Projection):
     hidden_sizes : tuple of int
         Widths of the hidden layers of the encoder (the decoder mirrors them);
         ``()`` makes both linear.
-    reconstruction_weight, covariance_weight, variance_weight, mean_weight : float
-        Loss weights. Reconstruction is the mean squared error of the
-        standardised input (about the fraction of variance left unexplained),
-        so the weights mean the same for any encoder. Defaults: see
-        ``docs/compress.md`` for the ablation they come from.
+    loss : {"finegrain", "paper"}
+        Form of the constraint terms (see :func:`constraint_losses`):
+        ``"paper"`` is AE-SVC as the paper defines it (sum form, reference
+        weights 25/1/15/1); ``"finegrain"`` (default) normalises the terms
+        per latent dimension and weights them 25/0.1/0.1/1.
+    reconstruction_weight, covariance_weight, variance_weight, mean_weight : float or None
+        Loss weights; ``None`` takes the weight of the chosen ``loss`` form
+        (:data:`LOSS_WEIGHTS`). Reconstruction is the mean squared error of
+        the standardised input (about the fraction of variance left
+        unexplained), so the weights mean the same for any encoder. The
+        finegrain defaults: see ``docs/compress.md`` for the ablation they come from.
     n_steps : int or "auto"
         Optimiser steps. ``"auto"`` (default): ``AUTO_EPOCHS`` passes over the
         data, at least ``AUTO_MIN_STEPS`` and at most ``AUTO_MAX_STEPS``. A
@@ -108,7 +143,9 @@ class AESVC(Projection):
     scale_ : float
         Global input scale divided out before the encoder.
     losses_ : dict of str to float
-        Each loss term (unweighted) over the whole fitted data at the end of training.
+        Each loss term (unweighted, in the chosen form) over the whole fitted data at the end of training.
+    loss_weights_ : dict of str to float
+        The weights used (``None`` parameters resolved).
     fit_seconds_ : float
     n_steps_ : int
         Optimiser steps actually taken (resolves ``"auto"``).
@@ -128,10 +165,11 @@ class AESVC(Projection):
         self,
         n_components: int = 128,
         hidden_sizes: tuple[int, ...] = (512,),
-        reconstruction_weight: float = 25.0,
-        covariance_weight: float = 0.1,
-        variance_weight: float = 0.1,
-        mean_weight: float = 1.0,
+        loss: str = "finegrain",
+        reconstruction_weight: float | None = None,
+        covariance_weight: float | None = None,
+        variance_weight: float | None = None,
+        mean_weight: float | None = None,
         n_steps: int | str = "auto",
         batch_size: int = 256,
         learning_rate: float = 3e-3,
@@ -141,6 +179,7 @@ class AESVC(Projection):
     ) -> None:
         self.n_components = n_components
         self.hidden_sizes = hidden_sizes
+        self.loss = loss
         self.reconstruction_weight = reconstruction_weight
         self.covariance_weight = covariance_weight
         self.variance_weight = variance_weight
@@ -181,6 +220,7 @@ class AESVC(Projection):
             self.losses_ = {name: float(v) for name, v in self._losses(encoder, decoder.eval(), data).items()}
         self.fit_seconds_ = time.perf_counter() - start
         self.n_steps_ = steps
+        self.loss_weights_ = weights
         self.encoder_ = encoder
         self.n_components_ = k
 
@@ -192,8 +232,11 @@ class AESVC(Projection):
         return int(self.n_steps)
 
     def _weights(self) -> dict[str, float]:
-        weights = {"reconstruction": self.reconstruction_weight, "covariance": self.covariance_weight,
-                   "variance": self.variance_weight, "mean": self.mean_weight}
+        if self.loss not in LOSS_WEIGHTS:
+            raise ValueError(f"loss must be one of {', '.join(map(repr, LOSS_WEIGHTS))}, got {self.loss!r}")
+        given = {"reconstruction": self.reconstruction_weight, "covariance": self.covariance_weight,
+                 "variance": self.variance_weight, "mean": self.mean_weight}
+        weights = {name: LOSS_WEIGHTS[self.loss][name] if w is None else w for name, w in given.items()}
         for name, w in weights.items():
             if not w >= 0:
                 raise ValueError(f"{name}_weight must be >= 0, got {w!r}")
@@ -201,10 +244,9 @@ class AESVC(Projection):
             raise ValueError("at least one loss weight must be positive")
         return weights
 
-    @staticmethod
-    def _losses(encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(self, encoder: torch.nn.Module, decoder: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = encoder(x)
-        return {"reconstruction": (decoder(z) - x).pow(2).mean(), **constraint_losses(z)}
+        return {"reconstruction": (decoder(z) - x).pow(2).mean(), **constraint_losses(z, self.loss)}
 
     # ------------------------------------------------------------- transform
     def _project(self, X: np.ndarray) -> np.ndarray:
@@ -214,7 +256,7 @@ class AESVC(Projection):
     def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {"mean": self.mean_, **_nn.state_arrays(self.encoder_, "encoder")}
         return arrays, {"scale_": self.scale_, "losses_": self.losses_, "fit_seconds_": self.fit_seconds_,
-                        "n_steps_": self.n_steps_}
+                        "n_steps_": self.n_steps_, "loss_weights_": self.loss_weights_}
 
     def _set_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
         self.mean_ = arrays["mean"]
@@ -222,6 +264,8 @@ class AESVC(Projection):
         self.losses_ = info["losses_"]
         self.fit_seconds_ = info["fit_seconds_"]
         self.n_steps_ = int(info.get("n_steps_", self.n_steps))  # files from before "auto" record only n_steps
+        # Files from before ``loss`` store numeric weights in the parameters, which resolve to the same.
+        self.loss_weights_ = info.get("loss_weights_") or self._weights()
         self.encoder_ = _nn.mlp((self.input_dim_, *_nn.check_hidden_sizes(self.hidden_sizes), self.n_components_))
         _nn.load_arrays(self.encoder_, arrays, "encoder")
         self.encoder_.eval()

@@ -23,7 +23,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.exceptions import NotFittedError
+from sklearn.utils import Tags
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 FORMAT = "finegrain.compress/1"
 
@@ -35,10 +36,18 @@ class Projection(TransformerMixin, BaseEstimator):
     ``random_state`` among their ``__init__`` parameters, and implement
     :meth:`_fit`, :meth:`_project`, :meth:`_get_state` and :meth:`_set_state`.
 
+    Input is validated by scikit-learn's own ``validate_data``, so the
+    estimators pass ``sklearn.utils.estimator_checks.check_estimator``: its
+    messages for sparse, empty, 1-sample and 1-d input, ``n_features_in_``,
+    and the fitted-state check. Output is always float32 (what FAISS takes),
+    whatever the input dtype; the tags say so (``preserves_dtype=["float32"]``).
+
     Attributes
     ----------
-    input_dim_ : int
+    n_features_in_ : int
         Dimension of the rows seen in ``fit``; ``transform`` checks it.
+    input_dim_ : int
+        The same as ``n_features_in_`` (the name used in saved files and by the index).
     n_components_ : int
         Dimension of the rows ``transform`` returns.
     """
@@ -52,10 +61,19 @@ class Projection(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------ public API
     def fit(self, X: np.ndarray, y: Any = None) -> "Projection":
         """Learn the projection from the rows of ``X`` (n_samples, input_dim); ``y`` is ignored."""
-        X = self._check_fit_input(X)
-        self._fit(X)
-        self.input_dim_ = X.shape[1]
-        return self
+        return self._fit_validated(X)
+
+    @property
+    def input_dim_(self) -> int:
+        """``n_features_in_`` under the name saved files and the index use (AttributeError until fitted)."""
+        return int(self.n_features_in_)
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        # float32 in, float32 out; float64 input is converted, as FAISS and the index want float32.
+        if tags.transformer_tags is not None:  # always set by TransformerMixin; the check is for mypy
+            tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Project rows of ``X`` to (n, ``n_components_``) C-contiguous float32, L2-normalised if ``normalize``."""
@@ -111,11 +129,21 @@ class Projection(TransformerMixin, BaseEstimator):
         return self.get_params(deep=False)
 
     # --------------------------------------------------------------- helpers
-    def _check_fit_input(self, X: np.ndarray) -> np.ndarray:
-        X = _as_matrix(X)
-        n, dim = X.shape
-        if n < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 samples to fit, got {n}")
+    def _fit_validated(self, X: Any, *args: Any) -> Projection:
+        """Validate ``X`` (setting ``n_features_in_``) and call ``_fit(X, *args)``; a failed fit leaves it unfitted."""
+        try:
+            X = self._check_fit_input(X)
+            self._fit(X, *args)
+        except BaseException:
+            for name in [v for v in vars(self) if v.endswith("_") and not v.startswith("_")]:
+                delattr(self, name)  # no half-fitted state (old arrays with a new n_features_in_)
+            raise
+        return self
+
+    def _check_fit_input(self, X: Any) -> np.ndarray:
+        # scikit-learn's own validation: its messages for sparse, complex, empty, 1-d and 1-sample input.
+        X = validate_data(self, X, reset=True, dtype=np.float32, order="C", ensure_min_samples=2)
+        dim = X.shape[1]
         k = self.n_components
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"n_components must be a positive integer, got {k!r}")
@@ -124,15 +152,13 @@ class Projection(TransformerMixin, BaseEstimator):
         return X
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "input_dim_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) or load a saved one")
+        check_is_fitted(self, "n_components_",
+                        msg="this %(name)s is not fitted yet; call fit(X) or load a saved one")
 
-    def _check_transform_input(self, X: np.ndarray) -> np.ndarray:
+    def _check_transform_input(self, X: Any) -> np.ndarray:
         self._check_fitted()
-        X = _as_matrix(X, allow_empty=True)
-        if X.shape[1] != self.input_dim_:
-            raise ValueError(f"X has {X.shape[1]} columns but this {type(self).__name__} was fitted on {self.input_dim_}")
-        return X
+        # Zero rows are fine at transform time (an empty batch of queries gives an empty result).
+        return validate_data(self, X, reset=False, dtype=np.float32, order="C", ensure_min_samples=0)
 
     def _finish(self, Z: np.ndarray) -> np.ndarray:
         Z = np.asarray(Z, dtype=np.float32)
@@ -178,7 +204,7 @@ def load_projection(path: str | os.PathLike) -> Projection:
     with safe_open(str(path), framework="numpy") as f:
         arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}  # fresh, aligned copies
     info = json.loads(metadata["fitted"])
-    projection.input_dim_ = int(info.pop("input_dim_"))
+    projection.n_features_in_ = int(info.pop("input_dim_"))
     projection.n_components_ = int(info.pop("n_components_"))
     projection._set_state(arrays, info)
     return projection

@@ -125,10 +125,7 @@ class SS2D(Projection):
     # ------------------------------------------------------------------ fit
     def fit(self, X: np.ndarray, y: Any = None, teacher_embeddings: np.ndarray | None = None) -> "SS2D":
         """Train the student on rows of ``X``; ``teacher_embeddings`` (n, m) overrides ``teacher``."""
-        X = self._check_fit_input(X)
-        self._fit(X, teacher_embeddings)
-        self.input_dim_ = X.shape[1]
-        return self
+        return self._fit_validated(X, teacher_embeddings)
 
     def fit_transform(self, X: np.ndarray, y: Any = None, teacher_embeddings: np.ndarray | None = None,
                       dim: int | None = None) -> np.ndarray:

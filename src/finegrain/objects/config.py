@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, fields
 
 PROPOSERS = ("regions", "yolox")
 SPACES = ("raw", "joint")
+#: Stage B objectives (see finegrain.objects.refine) and the Adam step each uses when ``lr`` is not given.
+REFINE_VARIANTS = ("finegrain", "paper")
+DEFAULT_LR = {"finegrain": 1e-3, "paper": 0.1}
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,22 @@ class ObjectConfig:
     refine_iters:
         Stage B attention-map refinement steps per image (0: off, paper: 80).
     refine_objects:
-        At most this many objects (largest first) enter the refinement.
+        At most this many objects (the first proposals in the proposer's
+        order: most compact regions first for ``regions``, highest score
+        first for ``yolox``) enter the refinement.
+    refine_variant:
+        Stage B objective. ``finegrain`` (default): starts from the
+        ``pool_p`` descriptor, averages the IoU term over objects, anchors to
+        the sum of all crop vectors (whole image included). ``paper``: the
+        MaO paper's objective: starts from the plain average of the object
+        crops, sums the IoU term over objects, anchors to the object crops
+        only (see :mod:`finegrain.objects.refine`).
     alpha:
-        Weight of the refinement's pull towards the initial descriptor (paper: 0.03).
+        Weight of the refinement's pull towards the anchor (paper: 0.03).
     lr:
-        Refinement step size (Adam; the paper's 0.1 destroys the raw 1280-d
-        descriptors, see docs/mao.md).
+        Refinement step size (Adam). ``None``: the variant's, 1e-3 for
+        ``finegrain`` (the paper's 0.1 destroys the raw 1280-d descriptors,
+        see docs/mao.md), 0.1 for ``paper``. Stored resolved.
     seg_side:
         Side of the image copy the ``regions`` proposer segments.
     """
@@ -65,10 +78,15 @@ class ObjectConfig:
     refine_iters: int = 0
     refine_objects: int = 24
     alpha: float = 0.03
-    lr: float = 1e-3
+    lr: float | None = None
     seg_side: int = 224
+    refine_variant: str = "finegrain"
 
     def __post_init__(self) -> None:
+        if self.refine_variant not in REFINE_VARIANTS:
+            raise ValueError(f"refine_variant must be one of {REFINE_VARIANTS}, not {self.refine_variant!r}")
+        if self.lr is None:  # frozen: resolve once, so the stored settings name the step actually used
+            object.__setattr__(self, "lr", DEFAULT_LR[self.refine_variant])
         if self.proposals not in PROPOSERS:
             raise ValueError(f"object proposals must be one of {PROPOSERS}, not {self.proposals!r}")
         if self.space not in SPACES:
@@ -87,7 +105,7 @@ class ObjectConfig:
             raise ValueError("pool_p must be between 1 and 50")
         if int(self.refine_iters) < 0 or int(self.refine_objects) < 0:
             raise ValueError("refine_iters and refine_objects must be >= 0")
-        if float(self.alpha) < 0 or float(self.lr) <= 0:
+        if float(self.alpha) < 0 or float(self.step_size) <= 0:
             raise ValueError("alpha must be >= 0 and lr > 0")
         if not 32 <= int(self.seg_side) <= 1024:
             raise ValueError("seg_side must be between 32 and 1024")
@@ -97,8 +115,18 @@ class ObjectConfig:
         """Whether the index stores Stage B refined descriptors."""
         return self.refine_iters > 0
 
+    @property
+    def step_size(self) -> float:
+        """The refinement's Adam step (``lr`` resolved)."""
+        return float(self.lr if self.lr is not None else DEFAULT_LR[self.refine_variant])
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["refine_variant"] == "finegrain":
+            # The default is not written, so settings saved before the option existed (indexes,
+            # Stage A cache keys) read and compare the same.
+            del d["refine_variant"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ObjectConfig":

