@@ -545,12 +545,14 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback only by default; set an API key before exposing it)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINEGRAIN_API_KEY", help="Require this key on /api (Authorization: Bearer KEY or X-API-Key: KEY)."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests addressed to this name (repeatable; '*' for any). Loopback names and the --host address are always allowed; others get 421 (DNS rebinding)."),
     reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
     torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
     """Serve the search API and the web page (http://HOST:PORT/); see docs/service.md."""
     import ipaddress
+    import os
 
     import torch
     import uvicorn
@@ -559,16 +561,26 @@ def serve_cmd(
     from .service.slowclients import HEADER_TIMEOUT_S, timed_h11_protocol
     from .store.catalog import IndexFormatError
 
+    if api_key is None and os.environ.get("FINEGRAIN_API_KEY") is not None:
+        api_key = os.environ["FINEGRAIN_API_KEY"]  # click reads an empty variable as unset: auth would be off
+    if api_key is not None and not api_key.strip():
+        _fail("the API key is empty (--api-key or FINEGRAIN_API_KEY); give a real key, or unset it to serve "
+              "without one", 2)
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        loopback, wildcard = address.is_loopback, address.is_unspecified
     except ValueError:
-        loopback = False
+        loopback, wildcard = host == "localhost", False
+    allowed = list(allowed_host or []) + ([] if loopback or wildcard else [host])
+    if wildcard and not allowed_host:
+        err.print(f"[yellow]note:[/yellow] bound to {host}: only requests addressed to a loopback name are answered; "
+                  "add --allowed-host NAME for each name or address clients use")
     if not loopback and not api_key:
         err.print(f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach it can search")
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     try:
-        service = create_app(index, api_key=api_key, reload_interval=reload_interval)
+        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed))
     except IndexFormatError as exc:
         _fail(str(exc))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")

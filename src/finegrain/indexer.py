@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .decompose.segments import SegmentConfig, Segments, embed_segments, segment_image
-from .images import ImageLoadError, is_image_path, load_image_sized
+from .images import MAX_FILE_BYTES, ImageLoadError, is_image_path, load_image_sized, read_file_safely, \
+    unsupported_image_reason
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
@@ -30,7 +31,7 @@ from .objects.config import ObjectConfig
 from .objects.descriptor import OBJECT_DECODE_SIDE, ObjectInputs, prepare_objects
 from .objects.indexing import PendingObjects
 
-MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
+__all__ = ["MAX_FILE_BYTES", "IndexReport", "Indexer", "collect_files", "commit", "printable_path"]
 
 
 @dataclass
@@ -86,6 +87,8 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
                     candidate = Path(dirpath) / name
                     if is_image_path(candidate):
                         files.add(str(candidate))
+                    elif (reason := unsupported_image_reason(candidate)) is not None:
+                        problems.append((printable_path(str(candidate)), reason))
         elif path.exists() or path.is_symlink():
             files.add(str(path))
         else:
@@ -123,11 +126,10 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
         item.error = f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"
     if item.error:
         return item
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        item.error = f"cannot read: {exc.strerror}"
+    try:  # the file may have been replaced since the checks above (by a FIFO, say): checked again on the descriptor
+        data = read_file_safely(path)
+    except ImageLoadError as exc:
+        item.error = str(exc)
         return item
     item.sha256 = hashlib.sha256(data).hexdigest()
     if known is not None and known.status == "indexed" and known.sha256 == item.sha256:

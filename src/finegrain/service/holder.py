@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from typing import Iterator
 
 from .. import encoders
 from ..index import Index
-from ..images import ImageLoadError, load_image
+from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
 from ..store.catalog import Catalog
 from .batching import BatchingEncoder
 
@@ -155,16 +156,34 @@ class IndexHolder:
                 self._current.index.close()
 
 
+def decode_slots() -> int:
+    """How many images the service decodes at once: one per core, at most what memory allows.
+
+    A decode of an allowed image can take ``MAX_PIXELS`` x 4 bytes (RGBA) plus
+    the file; a quarter of the machine's memory is given to decoding.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 4 * 2**30
+    return max(1, min(cores, 8, memory // 4 // (MAX_PIXELS * 4 + 2**28)))
+
+
 class ThumbnailCache:
     """JPEG thumbnails of indexed images by id, made from the catalog's stored path, kept in an LRU.
 
     Keyed by (id, content hash): a re-indexed file gets a fresh thumbnail.
+    ``decode_gate`` (shared with the other image decodes of the service)
+    bounds how many images are decoded at once.
     """
 
-    def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85):
+    def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85,
+                 decode_gate: threading.Semaphore | None = None):
         self.size = int(size)
         self.capacity = int(capacity)
         self.quality = int(quality)
+        self.decode_gate = decode_gate or threading.BoundedSemaphore(decode_slots())
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -180,8 +199,8 @@ class ThumbnailCache:
             if data is not None:
                 self._items.move_to_end(key)
                 return data
-        img = load_image(record.path, draft_size=self.size)  # outside the lock: decoding is the slow part
-        img.thumbnail((self.size, self.size))
+        with self.decode_gate:  # outside the cache lock: decoding is the slow part
+            img = load_thumbnail(record.path, self.size)
         buf = io.BytesIO()
         try:
             img.save(buf, "JPEG", quality=self.quality)
