@@ -47,7 +47,7 @@ from ..images import ImageLoadError, load_image_sized
 from ..local.search import LOCAL_MODES
 from ..objects.search import OBJECT_MODES
 from ..search.multivector import MODES
-from .holder import IndexHolder, ThumbnailCache, decode_slots
+from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
 from .hosts import HostCheck
 from .slowclients import BodyTimeout
@@ -196,8 +196,8 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         raise ValueError("the API key is empty; give a real key, or none at all to serve without one")
     limits = limits or ServiceLimits()
     holder = IndexHolder(index_path, reload_interval, text_workers)
-    decode_gate = threading.BoundedSemaphore(decode_slots())  # thumbnails and uploads: bounded decode memory
-    thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache, decode_gate=decode_gate)
+    decoder = DecodePool()  # thumbnails and uploads: a few decodes at once, in a few threads (bounded memory)
+    thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache, decoder=decoder)
     counters = {"requests": 0, "searches": 0}
     counter_lock = threading.Lock()
     started = time.time()
@@ -209,6 +209,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     async def lifespan(app: FastAPI):
         yield
         holder.close()  # after uvicorn has finished the requests in flight
+        decoder.close()
 
     app = FastAPI(title="finegrain", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Fine-grained image search over a finegrain index: by text or by example image, "
@@ -254,8 +255,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         with holder.use() as index:
-            with decode_gate:
-                img = _decode_upload(image, limits, None if bbox else index.encoder.image_size)
+            img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
             return _search(index, request, mode, k, explain, image=img, bbox=bbox)
 
     @api.post("/explain", response_model=Explanation, tags=["search"])
@@ -275,8 +275,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         with holder.use() as index:
-            with decode_gate:
-                img = _decode_upload(image, limits, None if bbox else index.encoder.image_size)
+            img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
             return _explain(index, id, mode, k, image=img, bbox=bbox)
 
     @api.get("/thumbnail/{image_id}", tags=["images"], response_class=Response,

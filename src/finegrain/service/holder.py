@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -170,20 +171,40 @@ def decode_slots() -> int:
     return max(1, min(cores, 8, memory // 4 // (MAX_PIXELS * 4 + 2**28)))
 
 
+class DecodePool:
+    """A few dedicated threads that do all of the service's image decoding.
+
+    Bounds how many images are decoded at once (``decode_slots()``), and
+    keeps the decoding in the same few threads: each thread's malloc arena
+    keeps the memory of its largest decode, so decoding in each of the 40
+    request threads in turn would keep 40 such peaks resident.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or decode_slots()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finegrain-decode")
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on a decode thread; waits for it and returns its result (or raises)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ThumbnailCache:
     """JPEG thumbnails of indexed images by id, made from the catalog's stored path, kept in an LRU.
 
     Keyed by (id, content hash): a re-indexed file gets a fresh thumbnail.
-    ``decode_gate`` (shared with the other image decodes of the service)
-    bounds how many images are decoded at once.
+    Decoding runs on ``decoder`` (shared with the service's other image decodes).
     """
 
     def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85,
-                 decode_gate: threading.Semaphore | None = None):
+                 decoder: DecodePool | None = None):
         self.size = int(size)
         self.capacity = int(capacity)
         self.quality = int(quality)
-        self.decode_gate = decode_gate or threading.BoundedSemaphore(decode_slots())
+        self.decoder = decoder or DecodePool()
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -199,17 +220,19 @@ class ThumbnailCache:
             if data is not None:
                 self._items.move_to_end(key)
                 return data
-        with self.decode_gate:  # outside the cache lock: decoding is the slow part
-            img = load_thumbnail(record.path, self.size)
-        buf = io.BytesIO()
-        try:
-            img.save(buf, "JPEG", quality=self.quality)
-        except OSError as exc:
-            raise ImageLoadError(f"cannot encode thumbnail: {exc}") from None
-        data = buf.getvalue()
+        data = self.decoder.run(self._make, record.path)  # outside the cache lock: decoding is the slow part
         with self._lock:
             self._items[key] = data
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return data
+
+    def _make(self, path: str) -> bytes:
+        img = load_thumbnail(path, self.size)
+        buf = io.BytesIO()
+        try:
+            img.save(buf, "JPEG", quality=self.quality)
+        except OSError as exc:
+            raise ImageLoadError(f"cannot encode thumbnail: {exc}") from None
+        return buf.getvalue()
