@@ -7,7 +7,6 @@ real command line.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,7 +30,7 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 def fg(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, check=False)
 
 
 def _free_port() -> int:
@@ -120,7 +119,7 @@ def test_safe_read_refuses_fifos_devices_folders_and_big_files(tmp_path):
 
 # ------------------------------------------------------------------ #9 loopback serving
 def test_host_header_is_checked_against_dns_rebinding(small_index):
-    root, ids = small_index
+    root, _ = small_index
     app = create_app(root / "index", reload_interval=0, warm=False, allowed_hosts=("search.example.org",))
     with BackgroundServer(app) as base, httpx.Client(base_url=base, timeout=30) as c:
         port = base.rsplit(":", 1)[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["HostCheck", "host_allowed", "parse_host"]
 
