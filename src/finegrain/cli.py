@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,6 +24,34 @@ err = Console(stderr=True)
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
+
+
+def _write_error(exc: BaseException, index: Path) -> str:
+    """One line for a failure while writing to ``index`` (disk full, damaged catalog, I/O error)."""
+    import errno
+    import sqlite3
+
+    def nearly_full() -> bool:  # numpy reports a short write ("1536 requested and 992 written") without errno
+        try:
+            st = os.statvfs(index)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 2**20
+
+    if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and nearly_full())):
+        return (f"no space left on the device of {index} (writing vector files); the index keeps its last "
+                "committed state: free some space and run the command again")
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+        return (f"no space left on the device of {index} (committing the catalog); the index keeps its last "
+                "committed state: free some space and run the command again")
+    if isinstance(exc, sqlite3.IntegrityError):
+        return (f"the index at {index} is damaged: its catalog contradicts itself ({exc}); rebuild the index "
+                "or restore a copy")
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"the index at {index} is damaged or unreadable: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot write to the index at {index}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -124,6 +154,8 @@ def index_cmd(
             idx.refit_local(show_progress=not as_json)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -235,6 +267,8 @@ def compress_cmd(
         info = idx.compress(method, dim, show_progress=not as_json, **params)
     except IndexLockedError as exc:
         _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     except (ValueError, TypeError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -254,18 +288,31 @@ def remove_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
 ) -> None:
     """Remove images from an index by id."""
+    from .index import IndexLockedError
+
     try:
         n = _open_index(index).remove(ids)
     except KeyError as exc:
         _fail(str(exc.args[0]), 2)
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     out.print(f"removed {n} image(s)")
 
 
 @app.command("compact")
 def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")) -> None:
     """Merge vector chunks and drop removed images from disk."""
+    from .index import IndexLockedError
+
     idx = _open_index(index)
-    idx.compact()
+    try:
+        idx.compact()
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
 
 
@@ -552,7 +599,6 @@ def serve_cmd(
 ) -> None:
     """Serve the search API and the web page (http://HOST:PORT/); see docs/service.md."""
     import ipaddress
-    import os
 
     import torch
     import uvicorn
