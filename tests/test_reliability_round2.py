@@ -223,3 +223,47 @@ def test_concurrent_thumbnails_of_large_pngs_keep_memory_bounded(tmp_path, photo
     bound = decode_slots() * 300 + 400
     print(f"peak RSS growth {growth_mb:.0f} MB over {n} concurrent thumbnails (bound {bound} MB)")
     assert growth_mb < bound
+
+
+# ------------------------------------------------------------------ #6 hostile ground-truth pickles
+MINI_GND = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rparis6k-mini" / "gnd_rparis6k-mini.pkl"
+
+
+def _gnd_pickle(folder: Path, imlist) -> Path:
+    import pickle
+
+    folder.mkdir(exist_ok=True)
+    path = folder / "gnd_x.pkl"
+    path.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": [], "gnd": []}, protocol=4))
+    return path
+
+
+def test_hostile_ground_truth_pickles_fail_fast_with_a_clear_error(tmp_path):
+    from finegrain.eval.revisitop import BadGroundTruthError, load_gnd
+
+    laughs: list = ["lol"] * 10
+    for _ in range(8):  # 10^9 strings once expanded; 200 bytes as a pickle
+        laughs = [laughs] * 10
+    looped: list = []
+    looped.append(looped)
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    cases = {"billion laughs": (_gnd_pickle(tmp_path / "a", laughs), "billion laughs"),
+             "self-referential": (_gnd_pickle(tmp_path / "b", looped), "contains itself"),
+             "deeply nested": (_gnd_pickle(tmp_path / "c", deep), "nested more than"),
+             "tuple": (_gnd_pickle(tmp_path / "d", [("a", "b")]), "unexpected pickle opcode TUPLE")}
+    (tmp_path / "e").mkdir()
+    if MINI_GND.is_file():
+        data = MINI_GND.read_bytes()
+        (tmp_path / "e" / "gnd_t.pkl").write_bytes(data[: len(data) // 2])
+        cases["truncated"] = (tmp_path / "e" / "gnd_t.pkl", "not a readable ground-truth file")
+    big = tmp_path / "e" / "gnd_big.pkl"
+    with open(big, "wb") as fh:
+        fh.truncate(65 * 2**20)  # sparse: 65 MiB of zeros
+    cases["oversized"] = (big, "larger than 64 MiB")
+    for what, (path, message) in cases.items():
+        t0 = time.monotonic()
+        with pytest.raises(BadGroundTruthError, match=message):
+            load_gnd(path)
+        assert time.monotonic() - t0 < 10, what
