@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
+import json
 import os
 import shutil
 import sqlite3
@@ -137,3 +137,35 @@ def test_disk_full_during_np_save_or_sqlite_commit(two_folders, small_fs, monkey
         assert len(Index.open(idx)) == 5
         shutil.rmtree(idx)
     assert seen == {"ok", "vectors", "catalog"}, seen
+
+
+# ------------------------------------------------------------------ #8 terminal escapes in file names
+EVIL = "evil\x1b]0;PWNED\x07\x1b[2J[red]x[bold]\u202e.jpg"  # retitle, clear screen, rich markup, RTL override
+EVIL_BAD = "bad\x1b[31m\x9b6n.jpg"  # not an image: reported in the skipped table
+
+
+def _no_controls(text: str) -> None:
+    assert not any(c in text for c in ("\x1b", "\x07", "\x9b", "\u202e")), repr(text[:500])
+
+
+def test_file_names_with_escapes_are_escaped_on_the_terminal_and_exact_in_json(tmp_path, photos_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos_dir / "chelsea.jpg", folder / EVIL)
+    (folder / EVIL_BAD).write_text("not a picture")
+    idx = tmp_path / "index"
+    proc = fg("index", folder, "--index", idx)
+    assert proc.returncode == 0, proc.stderr
+    _no_controls(proc.stdout + proc.stderr)
+    assert "bad\\x1b[31m\\x9b6n.jpg" in proc.stdout.replace("\n", "")
+    proc = fg("info", "--index", idx)
+    _no_controls(proc.stdout)
+    assert "\\x1b" in proc.stdout
+    proc = fg("search", "--index", idx, "--text", "a cat", "-k", "1")
+    _no_controls(proc.stdout)
+    assert "[red]x[bold]" in proc.stdout.replace("\n", "") and "\\x1b]0;PWNED\\x07" in proc.stdout.replace("\n", "")
+    proc = fg("search", "--index", idx, "--text", "a cat", "-k", "1", "--json")
+    _no_controls(proc.stdout)
+    assert json.loads(proc.stdout)["results"][0]["path"] == str(folder / EVIL)
+    info = json.loads(fg("info", "--index", idx, "--json").stdout)
+    assert [f["path"] for f in info["failures"]] == [str(folder / EVIL_BAD)]

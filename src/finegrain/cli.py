@@ -22,7 +22,11 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    from rich.text import Text
+
+    from .terminal import escape_controls
+
+    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)))  # messages can quote file names
     raise typer.Exit(code)
 
 
@@ -132,6 +136,7 @@ def index_cmd(
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
+    from .terminal import safe_text
     from .index import Index, IndexLockedError
     from .store.catalog import IndexFormatError
 
@@ -167,7 +172,7 @@ def index_cmd(
             table.add_column("skipped file", overflow="fold")
             table.add_column("reason")
             for path, reason in report.failed[:50]:
-                table.add_row(path, reason)
+                table.add_row(safe_text(path), safe_text(reason))
             out.print(table)
             if len(report.failed) > 50:
                 out.print(f"... and {len(report.failed) - 50} more (see `finegrain info --json`)")
@@ -197,6 +202,7 @@ def search_cmd(
 ) -> None:
     """Search an index by text or by example image."""
     from .images import ImageLoadError
+    from .terminal import safe_text
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
@@ -212,12 +218,12 @@ def search_cmd(
                           "results": [h.as_dict() for h in hits]}))
         return
     if mode in ("single", "exhaustive", "hierarchical"):
-        out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
-                  f"{stats.levels_visited} level(s) visited")
+        out.print(safe_text(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
+                            f"{stats.levels_visited} level(s) visited"))
     table = Table("rank", "score", "id")
     table.add_column("path", overflow="fold")
     for h in hits:
-        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), h.path)
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), safe_text(h.path))
     out.print(table)
 
 
@@ -227,6 +233,8 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
+    from .terminal import safe_text
+
     info = _open_index(index, shard_set_ok=True).info()
     if as_json:
         print(json.dumps(info))
@@ -234,12 +242,12 @@ def info_cmd(
     table = Table("key", "value", show_header=False)
     for key, value in info.items():
         if key not in ("failures", "per_shard"):
-            table.add_row(key, str(value))
+            table.add_row(key, safe_text(value))
     out.print(table)
     if info.get("failures"):
         ft = Table("skipped file", "reason", title="skipped or failed files", title_justify="left")
         for f in info["failures"]:
-            ft.add_row(f["path"], f["reason"])
+            ft.add_row(safe_text(f["path"]), safe_text(f["reason"]))
         out.print(ft)
 
 
