@@ -129,6 +129,7 @@ def index_cmd(
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
+    commit_every: int = typer.Option(512, "--commit-every", min=1, help="Commit (make durable, visible to searches) every N images: a killed run keeps every finished commit."),
     engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: a Ray cluster to join (auto, ray://host:10001); default a local runtime."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
@@ -154,7 +155,7 @@ def index_cmd(
             idx = Index.create(index, encoder=encoder, ann=ann, segments=seg, objects=obj,
                                local=_local_config(local, local_scales, local_features, local_image_size))
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
-                         engine=engine, ray_address=address)
+                         engine=engine, ray_address=address, commit_every=commit_every)
         if refit_local:
             idx.refit_local(show_progress=not as_json)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -182,12 +183,36 @@ def index_cmd(
             raise typer.Exit(2)
 
 
-@app.command("search")
+def _bbox(values: Optional[List[str]], extra: List[str]) -> Optional[List[float]]:
+    """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
+
+    click gives an option one value, so the three numbers after the first one
+    arrive as extra arguments (the command takes no positional ones).
+    """
+    import math
+    import re
+
+    if extra and len(values or []) != 1:
+        _fail(f"unexpected arguments: {' '.join(extra)}", 2)
+    if not values:
+        return None
+    parts = [p for v in [*values, *extra] for p in re.split(r"[\s,]+", v.strip()) if p]
+    try:
+        box = [float(p) for p in parts]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        _fail(f"--bbox needs four finite numbers x0 y0 x1 y1, got {' '.join(parts)!r}", 2)
+    return box
+
+
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def search_cmd(
+    ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
     text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
-    bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
+    bbox: Optional[List[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("global", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
@@ -206,9 +231,10 @@ def search_cmd(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
+    box = _bbox(bbox, list(ctx.args))
     idx = _open_index(index, shard_set_ok=True)
     try:
-        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
+        hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=box, dim=dim,
                                                       **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)

@@ -18,6 +18,7 @@ Typical use::
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import sqlite3
@@ -30,7 +31,7 @@ import numpy as np
 from . import encoders
 from .images import ImageSource, load_image
 from .indexer import Indexer, IndexReport
-from .store.ann import VectorIndex
+from .store.ann import KINDS as ANN_KINDS, VectorIndex
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
 from .decompose.segments import SegmentConfig
 from .objects import search as object_search
@@ -108,6 +109,8 @@ class Index:
             return cls.open(path)
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not an empty folder")
+        if ann not in ANN_KINDS:  # checked before anything is written: a bad setting must not leave a broken index
+            raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
         enc = encoders.create(encoder)
         local_cfg = LocalConfig.from_dict(local) if not isinstance(local, LocalConfig) else local
         path.mkdir(parents=True, exist_ok=True)
@@ -274,7 +277,7 @@ class Index:
 
     def remove(self, ids: Sequence[int]) -> int:
         """Remove images by id; returns how many were removed."""
-        ids = [int(i) for i in ids]
+        ids = list(dict.fromkeys(int(i) for i in ids))  # an id given twice is removed once
         unknown = [i for i in ids if i not in self.records]
         if unknown:
             raise KeyError(f"unknown image ids: {unknown[:10]}")
@@ -661,7 +664,7 @@ def _check_bbox_inside(bbox: Sequence[float], size: tuple[int, int]) -> None:
     """A query box for the local modes must lie inside the image (a box off the image is a caller bug)."""
     if len(bbox) != 4:
         raise ValueError("bbox needs four numbers: x0 y0 x1 y1")
-    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0, x1, y1 = _finite_bbox(bbox)
     W, H = size
     if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
         raise ValueError(f"bbox {tuple(bbox)} is not inside the {W}x{H} query image (need 0 <= x0 < x1 <= {W}, "
@@ -676,12 +679,19 @@ def _check_k(k) -> None:
 def _check_bbox(bbox: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
     if len(bbox) != 4:
         raise ValueError("bbox needs four numbers: x0 y0 x1 y1")
-    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0, x1, y1 = _finite_bbox(bbox)
     x0, y0 = max(0.0, x0), max(0.0, y0)
     x1, y1 = min(float(size[0]), x1), min(float(size[1]), y1)
     if x1 - x0 < 1 or y1 - y0 < 1:
         raise ValueError(f"bbox {tuple(bbox)} is empty inside a {size[0]}x{size[1]} image")
     return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+
+
+def _finite_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):  # NaN compares false: it silently meant "whole image"
+        raise ValueError(f"bbox {tuple(bbox)} has a value that is not a finite number")
+    return x0, y0, x1, y1
 
 
 def _sweep_ann(root: Path, generation: int) -> None:

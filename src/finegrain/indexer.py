@@ -155,10 +155,12 @@ def _prepare(path: str, encoder, known: ImageRecord | None, segment_config: Segm
 class Indexer:
     """Runs one add/update pass over files for an open, writable :class:`~finegrain.index.Index`."""
 
-    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
+    def __init__(self, index, batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
+                 commit_seconds: float = 60.0):
         self.index = index
         self.batch_size = batch_size
         self.commit_every = commit_every
+        self.commit_seconds = commit_seconds  # also commit this often: a slow run killed early keeps its work
         self.workers = spare_cores(torch.get_num_threads()) if workers is None else workers
 
     def run(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
@@ -174,6 +176,7 @@ class Indexer:
         local = getattr(self.index, "local_store", None)  # local features (L2G), when the index stores them
         if local is not None and not local.fitted:
             local.fit(todo, show_progress)
+        last_commit = time.monotonic()
         with progress_bar(len(todo), "indexing", show_progress) as bar:
             prepared = ordered_map(lambda p: _prepare(p, encoder, known.get(p), seg_config, obj_config), todo,
                                    self.workers, 2 * self.batch_size)
@@ -200,9 +203,11 @@ class Indexer:
                     pending.add(item)
                     if len(pending.batch) >= self.batch_size:
                         pending.encode(encoder)
-                if len(pending.images) >= self.commit_every:
+                if len(pending.images) >= self.commit_every or (
+                        pending.images and time.monotonic() - last_commit >= self.commit_seconds):
                     report.indexed += self._commit(pending)
                     pending = _Pending(seg_config, obj_config)
+                    last_commit = time.monotonic()
                 bar.advance(1)
             report.indexed += self._commit(pending)
         return self._finish(report, inputs, files, known, remove_missing, t0)
