@@ -148,7 +148,7 @@ def load_image_sized(
             img = Image.open(fp)
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
             if draft_size and img.format == "JPEG":
                 scale = min(width, height) / draft_size
                 if scale >= 2:
@@ -198,7 +198,7 @@ def load_thumbnail(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIX
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
             img.thumbnail((size, size))  # in place: draft() for JPEG, then reduce(); keeps the EXIF orientation
             return _to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
