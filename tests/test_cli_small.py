@@ -19,7 +19,7 @@ from PIL import Image
 from finegrain import Index
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reliability_helpers import png_claiming  # noqa: E402
+from reliability_helpers import png_claiming
 
 
 def fg(*args, timeout=300):
