@@ -261,9 +261,9 @@ class Generator:
         rng = self.rng
         junk = os.urandom(rng.randint(1, 4096))
         if rng.random() < 0.5:
-            return b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(junk)).encode() + b"\r\n\r\n" + junk
+            return b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + str(len(junk)).encode() + b"\r\n\r\n" + junk
         if rng.random() < 0.3:
-            return b"GET /" + junk[:200].replace(b" ", b"_") + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            return b"GET /" + junk[:200].replace(b" ", b"_") + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         return junk
 
     def random_http(self) -> bytes:
@@ -359,12 +359,12 @@ def slow_clients(host: str, port: int, n: int) -> list[dict]:
         t0 = time.monotonic()
         try:
             if kind == "trickle":
-                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 for i in range(200):  # one header line every 0.5 s, forever unless the server stops it
                     sock.sendall(b"X-Slow-%d: 1\r\n" % i)
                     time.sleep(0.5)
             elif kind == "body":
-                sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 100\r\n\r\n{\"text\": ")
             data = b""
             while True:
