@@ -267,3 +267,22 @@ def test_hostile_ground_truth_pickles_fail_fast_with_a_clear_error(tmp_path):
         with pytest.raises(BadGroundTruthError, match=message):
             load_gnd(path)
         assert time.monotonic() - t0 < 10, what
+
+
+def test_thumbnails_of_unusual_images_match_the_full_decode(tmp_path, photos_dir):
+    """The reduced-size thumbnail decode gives what decoding fully and shrinking gives (modes, EXIF rotation)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reliability_helpers import make_hostile_folder
+
+    from finegrain.images import load_image, load_thumbnail
+
+    kinds = make_hostile_folder(tmp_path / "h", photos_dir / "astronaut.jpg")
+    for name, kind in kinds.items():
+        if kind != "good":
+            continue
+        full = load_image(tmp_path / "h" / name)
+        full.thumbnail((128, 128))
+        thumb = load_thumbnail(tmp_path / "h" / name, 128)
+        assert thumb.mode == "RGB" and thumb.size == full.size, name
+        diff = np.abs(np.asarray(thumb, np.float32) - np.asarray(full, np.float32)).mean()
+        assert diff < 3, (name, diff)  # measured: at most 0.64 (alpha), 0 for most
