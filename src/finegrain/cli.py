@@ -33,7 +33,6 @@ def _fail(message: str, code: int = 1) -> None:
 def _write_error(exc: BaseException, index: Path) -> str:
     """One line for a failure while writing to ``index`` (disk full, damaged catalog, I/O error)."""
     import errno
-    import sqlite3
 
     def nearly_full() -> bool:  # numpy reports a short write ("1536 requested and 992 written") without errno
         try:
