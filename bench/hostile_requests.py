@@ -17,6 +17,8 @@ threads. The mix (one kind drawn per request):
 * ``long_query``: texts from 500 to 60,000 characters of random Unicode;
 * ``random_bytes``: random bytes (sometimes after a valid request line);
 * ``random_http``: random methods, paths, headers and bodies;
+* ``rebinding``: well-formed requests addressed to a foreign Host, as a
+  DNS-rebinding page would send them (must answer 421 ``bad_host``);
 * ``valid``: well-formed searches, explains, thumbnails (must answer 200);
 * ``slow``: a few clients that stall in the headers or the body (each
   waits for the server's deadline; run on their own threads).
@@ -158,8 +160,8 @@ class Generator:
     """Draws one hostile request (raw bytes) of a random kind."""
 
     KINDS = ["traversal", "oversized", "huge_k", "bad_json", "bad_multipart", "long_query", "random_bytes",
-             "random_http", "valid"]
-    WEIGHTS = [12, 6, 12, 20, 16, 8, 6, 12, 8]
+             "random_http", "valid", "rebinding"]
+    WEIGHTS = [12, 6, 12, 20, 16, 8, 6, 12, 8, 4]
 
     def __init__(self, rng: random.Random, samples: list[bytes]):
         self.rng = rng
@@ -261,9 +263,9 @@ class Generator:
         rng = self.rng
         junk = os.urandom(rng.randint(1, 4096))
         if rng.random() < 0.5:
-            return b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(junk)).encode() + b"\r\n\r\n" + junk
+            return b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + str(len(junk)).encode() + b"\r\n\r\n" + junk
         if rng.random() < 0.3:
-            return b"GET /" + junk[:200].replace(b" ", b"_") + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            return b"GET /" + junk[:200].replace(b" ", b"_") + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         return junk
 
     def random_http(self) -> bytes:
@@ -277,6 +279,12 @@ class Generator:
                 ["application/json", "Bearer " + "k" * 3000, "bytes=0-1", "100-continue", "*/*", "\u00ff", "x" * 8000])
         body = json.dumps(_random_json(rng)).encode() if method in ("POST", "PUT", "PATCH") else b""
         return _request(method, path, body, headers)
+
+    def rebinding(self) -> bytes:
+        host = self.rng.choice(["attacker.example", "attacker.example:8000", "127.0.0.1.nip.io", "localhost.evil.test",
+                                "192.168.0.10", "[fe80::1]:80", "xn--80ak6aa92e.com", "LOCALHOST.evil"])
+        raw = self.valid()
+        return raw.replace(b"Host: 127.0.0.1\r\n", b"Host: " + host.encode() + b"\r\n", 1)
 
     def valid(self) -> bytes:
         rng = self.rng
@@ -359,12 +367,12 @@ def slow_clients(host: str, port: int, n: int) -> list[dict]:
         t0 = time.monotonic()
         try:
             if kind == "trickle":
-                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 for i in range(200):  # one header line every 0.5 s, forever unless the server stops it
                     sock.sendall(b"X-Slow-%d: 1\r\n" % i)
                     time.sleep(0.5)
             elif kind == "body":
-                sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 100\r\n\r\n{\"text\": ")
             data = b""
             while True:
@@ -450,7 +458,7 @@ def run(n: int, threads: int, seed: int, url: str | None = None, work: Path | No
                     statuses[status] += 1
                 bad = (status is None and kind not in ("random_bytes",)) or (status is not None and status >= 500) \
                     or (status is not None and 400 <= status < 500 and not _is_json_body(response, raw.startswith(b"HEAD "))) \
-                    or (kind == "valid" and status != 200)
+                    or (kind == "valid" and status != 200) or (kind == "rebinding" and status != 421)
                 if status is None and kind == "random_bytes" and not error:
                     bad = True
                 if bad and len(failures) < 50:
@@ -492,6 +500,7 @@ def run(n: int, threads: int, seed: int, url: str | None = None, work: Path | No
         "connection_errors_random_bytes": counts["random_bytes"].get("conn_error", 0),
         "non_json_4xx_seen": non_json_4xx,
         "valid_not_200": sum(1 for f in failures if f["kind"] == "valid"),
+        "rebinding_not_421": sum(1 for f in failures if f["kind"] == "rebinding"),
         "slow_clients": slow_results,
         "alive_after": alive == 200,
         "server_tracebacks_logged": tracebacks,

@@ -88,3 +88,14 @@ def test_bench_revisitop_local_modes_on_tiny_set(tiny_revisitop, tmp_path, mode)
         assert result["approx_recall_at_100"] >= 0.9  # exact neighbours here; only the per-image fill is approximate
     with pytest.raises(ValueError, match="needs local features"):
         run_revisitop(tiny_revisitop, cache_dir=tmp_path, show_progress=False, mode=mode)
+
+
+def test_bench_revisitop_on_a_folder_of_symlinks(tiny_revisitop, tmp_path):
+    """A data folder made of symlinks (issue 20, #11): the index stores the link paths, the bench must match them."""
+    linked = tmp_path / "linked"
+    (linked / "jpg").mkdir(parents=True)
+    for f in (tiny_revisitop / "jpg").iterdir():
+        (linked / "jpg" / f.name).symlink_to(f)
+    (linked / "gnd_tiny.json").symlink_to(tiny_revisitop / "gnd_tiny.json")
+    result = run_revisitop(linked, cache_dir=tmp_path / "cache", show_progress=False)
+    assert result["database"] == 12 and result["queries"] == 6 and result["map_medium"] > 50

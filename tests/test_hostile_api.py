@@ -71,7 +71,7 @@ def test_slow_clients_get_a_408_json_error(server, kind):
     t0 = time.monotonic()
     try:
         if kind == "trickle":  # a header line every 0.2 s: would hold the connection forever without a deadline
-            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             for i in range(int(DEADLINE * 5 / 0.2)):
                 try:
                     sock.sendall(b"X-Slow-%d: 1\r\n" % i)
@@ -79,10 +79,10 @@ def test_slow_clients_get_a_408_json_error(server, kind):
                     break
                 time.sleep(0.2)
         elif kind == "stalled_body":
-            sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{\"text\": ")
         elif kind == "slow_body_chunks":  # every chunk within the per-chunk deadline, the whole body not
-            sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n")
             for _ in range(int(DEADLINE * 6 / 0.3)):
                 try:
@@ -100,9 +100,9 @@ def test_slow_clients_get_a_408_json_error(server, kind):
 
 def test_unparsable_http_gets_a_json_400(server):
     host, port = server
-    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header Line\r\n\r\n",
                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello to a plain HTTP port
-                b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+                b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n"):
         status, response, _ = hostile.send(host, port, raw, timeout=10)
         _json_error(response, 400)
 
@@ -143,6 +143,7 @@ def test_random_hostile_mix_short(server):
     rng = random.Random(7)
     gen = hostile.Generator(rng, _samples())
     problems = []
+    kinds = set()
     for _ in range(300):
         kind, raw = gen.draw()
         if kind == "oversized" and b"big.jpg" in raw[:2000]:
@@ -151,9 +152,12 @@ def test_random_hostile_mix_short(server):
         if status is None:
             if kind != "random_bytes":
                 problems.append((kind, error, raw[:120]))
-        elif status >= 500 or (400 <= status < 500 and not hostile._is_json_body(response, raw.startswith(b"HEAD "))):
+        elif status >= 500 or (400 <= status < 500 and not hostile._is_json_body(response, raw.startswith(b"HEAD "))) \
+                or (kind == "rebinding" and status != 421):
             problems.append((kind, status, raw[:120], response[:200]))
+        kinds.add(kind)
     assert problems == []
+    assert "rebinding" in kinds
     assert httpx.get(f"http://{host}:{port}/api/health").status_code == 200
 
 
@@ -186,7 +190,10 @@ def test_serve_binds_loopback_with_deadlines_and_warns_when_exposed(monkeypatch,
     assert result.exit_code == 0, result.output
     assert calls[-1]["host"] == "127.0.0.1" and "warning" not in result.output
     assert calls[-1]["http"].__name__ == "TimedH11Protocol"
-    result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--host", "0.0.0.0"], env={"FINEGRAIN_API_KEY": ""})
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--host", "0.0.0.0"], env={"FINEGRAIN_API_KEY": None})
     assert calls[-1]["host"] == "0.0.0.0" and "without an API key" in " ".join(result.output.split())
+    n_calls = len(calls)  # an empty key is an error, not "no key" (issue 20, #9)
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--host", "0.0.0.0"], env={"FINEGRAIN_API_KEY": ""})
+    assert result.exit_code == 2 and "API key is empty" in " ".join(result.output.split()) and len(calls) == n_calls
     result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--host", "0.0.0.0", "--api-key", "k" * 32])
     assert "without an API key" not in result.output

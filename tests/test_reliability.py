@@ -141,9 +141,7 @@ def test_strict_exits_non_zero_and_rerun_keeps_failures(hostile, hostile_run):
 
 def test_unreadable_file_is_skipped(tmp_path, photos_dir, monkeypatch):
     """A file the process may not read is skipped with 'permission denied' (simulated when running as root)."""
-    import builtins
-
-    from finegrain import indexer
+    from finegrain import images
 
     folder = tmp_path / "p"
     folder.mkdir()
@@ -152,15 +150,17 @@ def test_unreadable_file_is_skipped(tmp_path, photos_dir, monkeypatch):
     shutil.copy(photos_dir / "rocket.jpg", victim)
     victim.chmod(0)
     if IS_ROOT:  # root ignores file modes: make open() fail the way it fails for other users
+        real_open = os.open
+
         def guarded_open(path, *args, **kwargs):
             if os.fspath(path) == str(victim):
                 raise PermissionError(13, "Permission denied", str(path))
-            return builtins.open(path, *args, **kwargs)
+            return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(indexer, "open", guarded_open, raising=False)
+        monkeypatch.setattr(images.os, "open", guarded_open)
     index = Index.create(tmp_path / "index")
     report = index.add([folder])
-    assert report.indexed == 1 and [(p, r) for p, r in report.failed] == [(str(victim), "cannot read: Permission denied")]
+    assert report.indexed == 1 and [(p, r) for p, r in report.failed] == [(str(victim), "permission denied")]
 
 
 # ------------------------------------------------------------------ corrupt indexes through the CLI

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,8 +22,39 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    from rich.text import Text
+
+    from .terminal import escape_controls
+
+    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)))  # messages can quote file names
     raise typer.Exit(code)
+
+
+def _write_error(exc: BaseException, index: Path) -> str:
+    """One line for a failure while writing to ``index`` (disk full, damaged catalog, I/O error)."""
+    import errno
+
+    def nearly_full() -> bool:  # numpy reports a short write ("1536 requested and 992 written") without errno
+        try:
+            st = os.statvfs(index)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 2**20
+
+    if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and nearly_full())):
+        return (f"no space left on the device of {index} (writing vector files); the index keeps its last "
+                "committed state: free some space and run the command again")
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+        return (f"no space left on the device of {index} (committing the catalog); the index keeps its last "
+                "committed state: free some space and run the command again")
+    if isinstance(exc, sqlite3.IntegrityError):
+        return (f"the index at {index} is damaged: its catalog contradicts itself ({exc}); rebuild the index "
+                "or restore a copy")
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"the index at {index} is damaged or unreadable: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot write to the index at {index}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -105,6 +138,7 @@ def index_cmd(
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
+    commit_every: int = typer.Option(512, "--commit-every", min=1, help="Commit (make durable, visible to searches) every N images: a killed run keeps every finished commit."),
     engine: str = typer.Option("local", help="'local' (threads in this process) or 'ray' (Ray Data batch jobs; needs finegrain[ray])."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: a Ray cluster to join (auto, ray://host:10001); default a local runtime."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
@@ -113,6 +147,7 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .terminal import safe_text
     from .store.catalog import IndexFormatError
 
     try:
@@ -140,13 +175,15 @@ def index_cmd(
             idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER, ann=ann or "auto", segments=seg,
                                objects=obj, local=local_cfg)
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
-                         engine=engine, ray_address=address)
+                         engine=engine, ray_address=address, commit_every=commit_every)
         if refit_local:
             idx.refit_local(show_progress=not as_json)
     except _SettingsMismatch as exc:
         _fail(str(exc), 2)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -158,7 +195,7 @@ def index_cmd(
             table.add_column("skipped file", overflow="fold")
             table.add_column("reason")
             for path, reason in report.failed[:50]:
-                table.add_row(path, reason)
+                table.add_row(safe_text(path), safe_text(reason))
             out.print(table)
             if len(report.failed) > 50:
                 out.print(f"... and {len(report.failed) - 50} more (see `finegrain info --json`)")
@@ -168,12 +205,36 @@ def index_cmd(
             raise typer.Exit(2)
 
 
-@app.command("search")
+def _bbox(values: Optional[List[str]], extra: List[str]) -> Optional[List[float]]:
+    """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
+
+    click gives an option one value, so the three numbers after the first one
+    arrive as extra arguments (the command takes no positional ones).
+    """
+    import math
+    import re
+
+    if extra and len(values or []) != 1:
+        _fail(f"unexpected arguments: {' '.join(extra)}", 2)
+    if not values:
+        return None
+    parts = [p for v in [*values, *extra] for p in re.split(r"[\s,]+", v.strip()) if p]
+    try:
+        box = [float(p) for p in parts]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        _fail(f"--bbox needs four finite numbers x0 y0 x1 y1, got {' '.join(parts)!r}", 2)
+    return box
+
+
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def search_cmd(
+    ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
     text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
-    bbox: Optional[List[float]] = typer.Option(None, "--bbox", help="Crop the query image: x0 y0 x1 y1 (repeat 4 times or pass once with 4 values).", show_default=False),
+    bbox: Optional[List[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("global", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
@@ -188,29 +249,31 @@ def search_cmd(
 ) -> None:
     """Search an index by text or by example image."""
     from .images import ImageLoadError
+    from .terminal import safe_text
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
+    box = _bbox(bbox, list(ctx.args))
     idx = _open_index(index, shard_set_ok=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
     try:
-        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=bbox or None, **options)
+        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=box, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
         print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
         return
     if len(response.subqueries) > 1 or response.stats.levels_visited:
-        out.print(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity operations, "
-                  f"{response.stats.levels_visited} level(s) visited")
+        out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
+                            f"operations, {response.stats.levels_visited} level(s) visited"))
     table = Table("rank", "score", "id")
     table.add_column("path", overflow="fold")
     for h in response:
-        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), h.path)
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), safe_text(h.path))
     out.print(table)
 
 
@@ -220,6 +283,8 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
+    from .terminal import safe_text
+
     info = _open_index(index, shard_set_ok=True).info()
     if as_json:
         print(json.dumps(info))
@@ -227,12 +292,12 @@ def info_cmd(
     table = Table("key", "value", show_header=False)
     for key, value in info.items():
         if key not in ("failures", "per_shard"):
-            table.add_row(key, str(value))
+            table.add_row(key, safe_text(value))
     out.print(table)
     if info.get("failures"):
         ft = Table("skipped file", "reason", title="skipped or failed files", title_justify="left")
         for f in info["failures"]:
-            ft.add_row(f["path"], f["reason"])
+            ft.add_row(safe_text(f["path"]), safe_text(f["reason"]))
         out.print(ft)
 
 
@@ -260,6 +325,8 @@ def compress_cmd(
         info = idx.compress(method, dim, show_progress=not as_json, **params)
     except IndexLockedError as exc:
         _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     except (ValueError, TypeError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -279,18 +346,31 @@ def remove_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
 ) -> None:
     """Remove images from an index by id."""
+    from .index import IndexLockedError
+
     try:
         n = _open_index(index).remove(ids)
     except KeyError as exc:
         _fail(str(exc.args[0]), 2)
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     out.print(f"removed {n} image(s)")
 
 
 @app.command("compact")
 def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")) -> None:
     """Merge vector chunks and drop removed images from disk."""
+    from .index import IndexLockedError
+
     idx = _open_index(index)
-    idx.compact()
+    try:
+        idx.compact()
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
     out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
 
 
@@ -571,6 +651,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback only by default; set an API key before exposing it)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINEGRAIN_API_KEY", help="Require this key on /api (Authorization: Bearer KEY or X-API-Key: KEY)."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests addressed to this name (repeatable; '*' for any). Loopback names and the --host address are always allowed; others get 421 (DNS rebinding)."),
     reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
     torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
@@ -585,16 +666,26 @@ def serve_cmd(
     from .service.slowclients import HEADER_TIMEOUT_S, timed_h11_protocol
     from .store.catalog import IndexFormatError
 
+    if api_key is None and os.environ.get("FINEGRAIN_API_KEY") is not None:
+        api_key = os.environ["FINEGRAIN_API_KEY"]  # click reads an empty variable as unset: auth would be off
+    if api_key is not None and not api_key.strip():
+        _fail("the API key is empty (--api-key or FINEGRAIN_API_KEY); give a real key, or unset it to serve "
+              "without one", 2)
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        loopback, wildcard = address.is_loopback, address.is_unspecified
     except ValueError:
-        loopback = False
+        loopback, wildcard = host == "localhost", False
+    allowed = list(allowed_host or []) + ([] if loopback or wildcard else [host])
+    if wildcard and not allowed_host:
+        err.print(f"[yellow]note:[/yellow] bound to {host}: only requests addressed to a loopback name are answered; "
+                  "add --allowed-host NAME for each name or address clients use")
     if not loopback and not api_key:
         err.print(f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach it can search")
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     try:
-        service = create_app(index, api_key=api_key, reload_interval=reload_interval)
+        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed))
     except IndexFormatError as exc:
         _fail(str(exc))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")

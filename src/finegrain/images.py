@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import stat
+import time
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -17,8 +20,31 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Refuse anything that decodes to more pixels than this (decompression bombs).
 MAX_PIXELS = 64_000_000
+# Files larger than this are refused before reading (indexing, thumbnails and query images alike).
+MAX_FILE_BYTES = 256 * 1024 * 1024
+# Seconds a read of one file may take (checked between blocks: a slow network mount, not a hung one).
+READ_TIMEOUT_S = 30.0
+_BLOCK = 4 * 2**20
+
+
+def _optional_suffixes() -> frozenset[str]:
+    """Suffixes of formats this Pillow decodes only when built with the codec."""
+    from PIL import features
+
+    found = set()
+    if features.check("avif"):
+        found.add(".avif")
+    return frozenset(found)
+
+
 # File suffixes treated as images when walking folders.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}) | _optional_suffixes()
+# Image formats finegrain knows but cannot decode: reported as skipped when walking folders, not silently ignored.
+# (Add a suffix to IMAGE_SUFFIXES, and drop it here, once its decoder is installed, e.g. pillow-heif for .heic.)
+UNSUPPORTED_IMAGE_SUFFIXES = frozenset({
+    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".psd",
+    ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
+}) - IMAGE_SUFFIXES
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
 
@@ -27,6 +53,58 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
 
 class ImageLoadError(ValueError):
     """An image could not be read; ``str(err)`` is a one-line reason."""
+
+
+def read_file_safely(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES,
+                     timeout_s: float = READ_TIMEOUT_S) -> bytes:
+    """The bytes of the regular file at ``path``; :class:`ImageLoadError` for anything else.
+
+    The file is opened with ``O_NONBLOCK`` and checked with ``fstat`` on the
+    open descriptor, so a FIFO, socket or device put in place of an image
+    (after any earlier check) is refused at once instead of blocking the
+    thread in ``open()`` or ``read()``. Files over ``max_bytes`` are refused
+    before reading; a read still going after ``timeout_s`` is abandoned.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ImageLoadError("file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError("is a directory") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
+    except OSError as exc:
+        raise ImageLoadError(f"cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageLoadError("is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageLoadError("not a regular file")
+        if st.st_size == 0:
+            raise ImageLoadError("empty file")
+        if st.st_size > max_bytes:
+            raise ImageLoadError(f"file is larger than {max_bytes // 2**20} MiB")
+        deadline = time.monotonic() + timeout_s
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            block = os.read(fd, _BLOCK)
+            if not block:
+                break
+            total += len(block)
+            if total > max_bytes:  # grew while being read
+                raise ImageLoadError(f"file is larger than {max_bytes // 2**20} MiB")
+            parts.append(block)
+            if time.monotonic() > deadline:
+                raise ImageLoadError(f"reading the file took more than {timeout_s:g} s")
+        if not total:
+            raise ImageLoadError("empty file")
+        return b"".join(parts)
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
@@ -45,7 +123,8 @@ def load_image_sized(
     Parameters
     ----------
     source:
-        A path, raw bytes, a binary file object, or an already opened image.
+        A path (read with :func:`read_file_safely`), raw bytes, a binary file
+        object, or an already opened image.
     max_pixels:
         Images whose header declares more pixels are rejected before decoding.
     draft_size:
@@ -60,6 +139,8 @@ def load_image_sized(
     if isinstance(source, Image.Image):
         img = _to_rgb(ImageOps.exif_transpose(source))
         return img, img.size
+    if isinstance(source, (str, os.PathLike)):
+        source = read_file_safely(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with warnings.catch_warnings():
@@ -67,7 +148,7 @@ def load_image_sized(
             img = Image.open(fp)
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
             if draft_size and img.format == "JPEG":
                 scale = min(width, height) / draft_size
                 if scale >= 2:
@@ -88,11 +169,50 @@ def load_image_sized(
     except UnidentifiedImageError:
         raise ImageLoadError("not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"decompression bomb: {exc}") from None
+        raise ImageLoadError(_bomb_message(exc, max_pixels)) from None
     except OSError as exc:
         raise ImageLoadError(f"cannot decode image: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError, RecursionError, TypeError) as exc:
         # Pillow plugins raise a zoo of exception types on hostile input.
+        raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def _bomb_message(exc: Exception, max_pixels: int) -> str:
+    """Pillow's bomb check fired first (its own, larger limit): quote finegrain's limit instead."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return f"decompression bomb: the image declares {size}, more than the limit of {max_pixels:,}"
+
+
+def load_thumbnail(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An upright RGB thumbnail (longer side at most ``size``) of the image file at ``path``.
+
+    Decodes at reduced size where the format allows (JPEG DCT scaling), then
+    shrinks the decoded image in place before any colour or orientation
+    conversion, so a large image costs one decoded copy, not three.
+    """
+    data = read_file_safely(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
+            if img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):  # palette, 1-bit, 16-bit: resized badly or not at all
+                img.load()
+                exif = img.getexif()
+                img = _to_rgb(img)
+                img.info["exif"] = exif.tobytes()  # the conversion drops it; the orientation is applied below
+            img.thumbnail((size, size))  # in place: draft() for JPEG, then reduce(); keeps the EXIF orientation
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(_bomb_message(exc, max_pixels)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, RecursionError, TypeError) as exc:
         raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 
 
@@ -118,3 +238,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def is_image_path(path: Path) -> bool:
     """True if ``path`` has an image file suffix (case-insensitive)."""
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def unsupported_image_reason(path: Path) -> str | None:
+    """Why ``path`` is skipped if its suffix names an image format finegrain cannot decode, else None."""
+    suffix = path.suffix.lower()
+    if suffix not in UNSUPPORTED_IMAGE_SUFFIXES:
+        return None
+    return f"unsupported image format {suffix} (finegrain reads {', '.join(sorted(IMAGE_SUFFIXES))})"

@@ -128,6 +128,8 @@ class Index:
             return index
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not an empty folder")
+        if ann not in ANN_KINDS:  # checked before anything is written: a bad setting must not leave a broken index
+            raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
         enc = encoders.create(encoder)
         path.mkdir(parents=True, exist_ok=True)
         catalog = Catalog(path, create=True)

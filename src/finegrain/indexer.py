@@ -21,7 +21,8 @@ import torch
 
 from . import fields as _fields
 from .fields import Decoded, FieldExtractor
-from .images import ImageLoadError, is_image_path, load_image_sized
+from .images import MAX_FILE_BYTES, ImageLoadError, is_image_path, load_image_sized, read_file_safely, \
+    unsupported_image_reason
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
@@ -30,7 +31,7 @@ from .store.vectors import FieldRows
 if TYPE_CHECKING:  # pragma: no cover
     from .store.writer import Writer
 
-MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are refused before reading
+__all__ = ["MAX_FILE_BYTES", "IndexReport", "Indexer", "collect_files", "printable_path"]
 
 
 @dataclass
@@ -84,6 +85,8 @@ def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -
                     candidate = Path(dirpath) / name
                     if is_image_path(candidate):
                         files.add(str(candidate))
+                    elif (reason := unsupported_image_reason(candidate)) is not None:
+                        problems.append((printable_path(str(candidate)), reason))
         elif path.exists() or path.is_symlink():
             files.add(str(path))
         else:
@@ -124,11 +127,10 @@ def prepare_file(path: str, encoder, known: ImageRecord | None, extractors: Sequ
         item.error = f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"
     if item.error:
         return item
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        item.error = f"cannot read: {exc.strerror}"
+    try:  # the file may have been replaced since the checks above (by a FIFO, say): checked again on the descriptor
+        data = read_file_safely(path)
+    except ImageLoadError as exc:
+        item.error = str(exc)
         return item
     item.sha256 = hashlib.sha256(data).hexdigest()
     if known is not None and known.status == "indexed" and known.sha256 == item.sha256:
@@ -154,10 +156,12 @@ def prepare_file(path: str, encoder, known: ImageRecord | None, extractors: Sequ
 class Indexer:
     """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
-    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, workers: int | None = None):
+    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
+                 commit_seconds: float = 60.0):
         self.writer = writer
         self.batch_size = batch_size
         self.commit_every = commit_every
+        self.commit_seconds = commit_seconds  # also commit this often: a slow run killed early keeps its work
         self.workers = spare_cores(torch.get_num_threads()) if workers is None else workers
 
     def extractors(self) -> list[FieldExtractor]:
@@ -176,6 +180,7 @@ class Indexer:
                 ex.fit(todo, show_progress)
         encoder = self.writer.encoder
         pending = Pending(extractors)
+        last_commit = time.monotonic()
         with progress_bar(len(todo), "indexing", show_progress) as bar:
             prepared = ordered_map(lambda p: prepare_file(p, encoder, known.get(p), extractors), todo,
                                    self.workers, 2 * self.batch_size)
@@ -194,9 +199,11 @@ class Indexer:
                     pending.add(item)
                     if len(pending.batch) >= self.batch_size:
                         report.failed.extend((f.path, f.error or "") for f in pending.encode(encoder))
-                if pending.count() >= self.commit_every:
+                if pending.count() >= self.commit_every or (
+                        pending.count() and time.monotonic() - last_commit >= self.commit_seconds):
                     report.indexed += self._commit(pending, report)
                     pending = Pending(extractors)
+                    last_commit = time.monotonic()
                 bar.advance(1)
             report.indexed += self._commit(pending, report)
         return self._finish(report, inputs, files, known, remove_missing, t0)
@@ -228,7 +235,7 @@ class Indexer:
             return 0
         report.failed.extend((f.path, f.error or "") for f in pending.encode(self.writer.encoder))
         return self.writer.commit(pending.images, pending.field_rows(), pending.failures, pending.touches,
-                      pending.removals)
+                                  pending.removals)
 
     def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
         roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]

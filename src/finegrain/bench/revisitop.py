@@ -9,6 +9,7 @@ against the whole index; the full ranking goes to the revisitop
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import time
 from pathlib import Path
@@ -46,7 +47,9 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
         settings["params"] = {k: v for k, v in settings["params"].items() if k != "threads"}  # runtime only
         name += "-local-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     index, stats = bench_index(images, encoder, cache_dir / name, show_progress, local=local)
+    # The index stores each file as the walk named it (absolute, symlinks kept), not resolved: key by both.
     position = {str(p.resolve()): i for i, p in enumerate(images)}
+    position.update({os.path.abspath(p): i for i, p in enumerate(images)})
     rows = np.array([position.get(index.records[int(i)].path, -1) for i in index.global_rows.owners])
     if (rows < 0).any():
         raise ValueError(f"the bench index {cache_dir / name} holds images that are not part of this benchmark")

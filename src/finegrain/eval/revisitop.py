@@ -27,12 +27,15 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "BadGroundTruthError",
     "RestrictedUnpickler",
     "RevisitopGnd",
     "UnsafePickleError",
@@ -48,8 +51,28 @@ __all__ = [
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset()
 
 
+#: Ground-truth files larger than this are refused unread (the published ones are under 300 KB).
+MAX_GND_BYTES = 64 * 2**20
+#: Pickle opcodes the loader reads at most (the published files have under 40,000).
+MAX_PICKLE_OPS = 5_000_000
+#: Values (containers, strings, numbers) the loaded ground truth may hold, counting each shared reference
+#: every time it is reached: a small pickle that references one list from many places ("billion laughs")
+#: would expand to far more than this when converted.
+MAX_GND_VALUES = 5_000_000
+#: Nesting depth of the ground truth (the real files: dict > list > dict > list).
+MAX_GND_DEPTH = 16
+# Opcodes that build sets or tuples, which the real files never use: a tuple or frozenset can be a dict key
+# or set member, and hashing a deeply shared one takes exponential time inside a single opcode.
+_REFUSED_OPS = frozenset({"EMPTY_SET", "ADDITEMS", "FROZENSET", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2",
+                          "TUPLE3"})
+
+
 class UnsafePickleError(ValueError):
     """Raised when a pickle references a global that is not allow-listed."""
+
+
+class BadGroundTruthError(ValueError):
+    """A ground-truth file that is truncated, oversized, self-referential or otherwise not plain data."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -80,6 +103,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         """
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        self.refuse(module, name)
+
+    @staticmethod
+    def refuse(module: str, name: str) -> NoReturn:
+        """Raise the :class:`UnsafePickleError` for global ``module.name``."""
         raise UnsafePickleError(
             f"refusing to unpickle global {module}.{name}: revisitop ground-truth "
             "files contain only plain lists, dicts, strings and numbers"
@@ -191,14 +219,70 @@ def load_gnd(path: str | Path) -> RevisitopGnd:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".pkl":
-        data = path.read_bytes()
-        raw = RestrictedUnpickler(io.BytesIO(data)).load()
-    elif suffix == ".json":
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    else:
+    if suffix not in (".pkl", ".json"):
         raise ValueError(f"{path}: unsupported ground-truth format {suffix!r} (expected .pkl or .json)")
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_GND_BYTES + 1)
+    if len(data) > MAX_GND_BYTES:
+        raise BadGroundTruthError(f"{path}: larger than {MAX_GND_BYTES // 2**20} MiB; not a ground-truth file")
+    try:
+        if suffix == ".pkl":
+            _scan_pickle(data, path)
+            raw = RestrictedUnpickler(io.BytesIO(data)).load()
+        else:
+            raw = json.loads(data.decode("utf-8"))
+        _check_plain_tree(raw, path)
+    except (UnsafePickleError, BadGroundTruthError):
+        raise
+    except RecursionError:
+        raise BadGroundTruthError(f"{path}: nested too deeply") from None
+    except MemoryError:
+        raise BadGroundTruthError(f"{path}: too large to load") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise BadGroundTruthError(f"{path}: not a readable ground-truth file ({type(exc).__name__}: {exc})") from None
     return _parse(raw, path)
+
+
+def _scan_pickle(data: bytes, source: Path) -> None:
+    """Read the opcodes without running them: refuse globals, sets, tuples, and more than MAX_PICKLE_OPS."""
+    strings: deque[str] = deque(maxlen=2)  # STACK_GLOBAL takes its module and name from the last two strings
+    for count, (op, arg, pos) in enumerate(pickletools.genops(data)):
+        if count >= MAX_PICKLE_OPS:
+            raise BadGroundTruthError(f"{source}: more than {MAX_PICKLE_OPS:,} pickle operations")
+        if op.name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+            module, name = str(arg).split(" ", 1) if op.name != "STACK_GLOBAL" else (tuple(strings) + ("?", "?"))[:2]
+            if (module, name) not in ALLOWED_GLOBALS:
+                RestrictedUnpickler.refuse(module, name)
+        elif op.name in ("PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"):
+            raise UnsafePickleError(f"refusing to unpickle {op.name} at byte {pos}: revisitop ground-truth files "
+                                    "contain only plain lists, dicts, strings and numbers")
+        elif op.name in _REFUSED_OPS:
+            raise BadGroundTruthError(f"{source}: unexpected pickle opcode {op.name} at byte {pos} (ground truth "
+                                      "holds only lists, dicts, strings and numbers)")
+        if isinstance(arg, str):
+            strings.append(arg)
+
+
+def _check_plain_tree(raw: Any, source: Path) -> None:
+    """Walk ``raw`` as the tree it expands to: refuse cycles, depth over MAX_GND_DEPTH, more than MAX_GND_VALUES."""
+    stack: list[tuple[Any, int, frozenset[int]]] = [(raw, 0, frozenset())]
+    seen = 0
+    while stack:
+        value, depth, path = stack.pop()
+        seen += 1
+        if seen > MAX_GND_VALUES:
+            raise BadGroundTruthError(f"{source}: expands to more than {MAX_GND_VALUES:,} values (shared references "
+                                      "repeated: a 'billion laughs' file?)")
+        if isinstance(value, (list, dict)):
+            if id(value) in path:
+                raise BadGroundTruthError(f"{source}: a list or dict contains itself")
+            if depth >= MAX_GND_DEPTH:
+                raise BadGroundTruthError(f"{source}: nested more than {MAX_GND_DEPTH} levels deep")
+            inner = path | {id(value)} if len(value) else path
+            items = list(value.values()) if isinstance(value, dict) else value
+            if len(items) > MAX_GND_VALUES:
+                raise BadGroundTruthError(f"{source}: a container of {len(items):,} values")
+            stack.extend((v, depth + 1, inner) for v in items)
 
 
 def query_image_path(root: str | Path, name: str) -> Path:

@@ -43,8 +43,9 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, retrieval
 from ..images import ImageLoadError, load_image_sized
-from .holder import IndexHolder, ThumbnailCache
+from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
+from .hosts import HostCheck
 from .slowclients import BodyTimeout
 
 log = logging.getLogger("finegrain.service")
@@ -175,14 +176,19 @@ _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}
 
 # ------------------------------------------------------------------ the app
 def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits: ServiceLimits | None = None,
-               reload_interval: float = 1.0, warm: bool = True, text_workers: int | None = None) -> FastAPI:
+               reload_interval: float = 1.0, warm: bool = True, text_workers: int | None = None,
+               allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
     """The service over the index at ``index_path``.
 
     Parameters
     ----------
     api_key:
         If set, every ``/api`` endpoint but ``/api/health`` needs it, as
-        ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+        ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (UTF-8). An empty
+        key is an error, not "no key".
+    allowed_hosts:
+        Host header values answered besides loopback names and addresses
+        (``"*"``: any); other requests get 421 (DNS rebinding, see hosts.py).
     limits:
         Request limits (:class:`ServiceLimits` defaults otherwise).
     reload_interval:
@@ -194,9 +200,12 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         Threads embedding text queries; concurrent requests' queries are
         embedded together in one batch (default: one thread per core).
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; give a real key, or none at all to serve without one")
     limits = limits or ServiceLimits()
     holder = IndexHolder(index_path, reload_interval, text_workers)
-    thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache)
+    decoder = DecodePool()  # thumbnails and uploads: a few decodes at once, in a few threads (bounded memory)
+    thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache, decoder=decoder)
     counters = {"requests": 0, "searches": 0}
     counter_lock = threading.Lock()
     started = time.time()
@@ -208,6 +217,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     async def lifespan(app: FastAPI):
         yield
         holder.close()  # after uvicorn has finished the requests in flight
+        decoder.close()
 
     app = FastAPI(title="finegrain", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Fine-grained image search over a finegrain index: by text or by example image, "
@@ -217,6 +227,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     app.add_middleware(_BodyLimit, limit_for=lambda path: (limits.max_upload_bytes if path.endswith("/image")
                                                            else limits.max_json_bytes))
     app.add_middleware(BodyTimeout, timeout=limits.body_timeout_s)
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)  # added last: runs first
     _install_error_handlers(app)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(_auth(api_key))] if api_key else [], responses=_ERRORS)
@@ -252,7 +263,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         with holder.use() as index:
-            img = _decode_upload(image, limits, None if bbox else index.encoder.image_size)
+            img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
             return _search(index, request, mode, k, explain, image=img, bbox=bbox)
 
     @api.post("/explain", response_model=Explanation, tags=["search"])
@@ -272,7 +283,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         with holder.use() as index:
-            img = _decode_upload(image, limits, None if bbox else index.encoder.image_size)
+            img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
             return _explain(index, id, mode, k, image=img, bbox=bbox)
 
     @api.get("/thumbnail/{image_id}", tags=["images"], response_class=Response,
@@ -440,14 +451,15 @@ def _rss_bytes() -> int | None:
 
 
 def _auth(api_key: str):
-    expected = api_key.encode()
+    expected = api_key.encode("utf-8")
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer API_KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: API_KEY")
 
     def check(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
               key: Optional[str] = Depends(header)) -> None:
         given = key if key is not None else (creds.credentials if creds is not None else None)
-        if given is None or not hmac.compare_digest(given.encode(), expected):
+        # Header values arrive as latin-1 text: back to the bytes the client sent (UTF-8 for a non-ASCII key).
+        if given is None or not hmac.compare_digest(given.encode("latin-1", "replace"), expected):
             raise ApiError(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY' "
                                                 "or 'X-API-Key: KEY')", headers={"WWW-Authenticate": "Bearer"})
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .. import encoders
 from ..index import Index
-from ..images import ImageLoadError, load_image
+from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
 from ..store.catalog import Catalog
 from .batching import BatchingEncoder
 
@@ -155,16 +157,54 @@ class IndexHolder:
                 self._current.index.close()
 
 
+def decode_slots() -> int:
+    """How many images the service decodes at once: one per core, at most what memory allows.
+
+    A decode of an allowed image can take ``MAX_PIXELS`` x 4 bytes (RGBA) plus
+    the file; a quarter of the machine's memory is given to decoding.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 4 * 2**30
+    return max(1, min(cores, 8, memory // 4 // (MAX_PIXELS * 4 + 2**28)))
+
+
+class DecodePool:
+    """A few dedicated threads that do all of the service's image decoding.
+
+    Bounds how many images are decoded at once (``decode_slots()``), and
+    keeps the decoding in the same few threads: each thread's malloc arena
+    keeps the memory of its largest decode, so decoding in each of the 40
+    request threads in turn would keep 40 such peaks resident.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or decode_slots()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="finegrain-decode")
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on a decode thread; waits for it and returns its result (or raises)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ThumbnailCache:
     """JPEG thumbnails of indexed images by id, made from the catalog's stored path, kept in an LRU.
 
     Keyed by (id, content hash): a re-indexed file gets a fresh thumbnail.
+    Decoding runs on ``decoder`` (shared with the service's other image decodes).
     """
 
-    def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85):
+    def __init__(self, size: int = 256, capacity: int = 512, quality: int = 85,
+                 decoder: DecodePool | None = None):
         self.size = int(size)
         self.capacity = int(capacity)
         self.quality = int(quality)
+        self.decoder = decoder or DecodePool()
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -180,17 +220,19 @@ class ThumbnailCache:
             if data is not None:
                 self._items.move_to_end(key)
                 return data
-        img = load_image(record.path, draft_size=self.size)  # outside the lock: decoding is the slow part
-        img.thumbnail((self.size, self.size))
-        buf = io.BytesIO()
-        try:
-            img.save(buf, "JPEG", quality=self.quality)
-        except OSError as exc:
-            raise ImageLoadError(f"cannot encode thumbnail: {exc}") from None
-        data = buf.getvalue()
+        data = self.decoder.run(self._make, record.path)  # outside the cache lock: decoding is the slow part
         with self._lock:
             self._items[key] = data
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return data
+
+    def _make(self, path: str) -> bytes:
+        img = load_thumbnail(path, self.size)
+        buf = io.BytesIO()
+        try:
+            img.save(buf, "JPEG", quality=self.quality)
+        except OSError as exc:
+            raise ImageLoadError(f"cannot encode thumbnail: {exc}") from None
+        return buf.getvalue()
