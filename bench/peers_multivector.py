@@ -51,8 +51,7 @@ def image_multivectors(index: Index) -> list[np.ndarray]:
     for pos, g in enumerate(index.global_rows.vectors):
         parts = [g[None, :]]
         for level in range(table.n_levels):
-            off = table.offsets[level]
-            parts.append(table.vectors[level][off[pos]:off[pos + 1]])
+            parts.append(table.image_rows(level, pos))
         out.append(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32))
     return out
 

@@ -152,7 +152,8 @@ def test_compacted_segments_are_mapped_not_copied(tmp_path, photos_dir):
     levels = np.asarray(seg.attrs["level"])
     assert np.all(np.diff(levels) >= 0)  # stored level-major
     table = index.segment_table
-    for vecs in table.vectors:
+    assert len(table.pieces) == 1
+    for vecs in table.pieces[0].vectors:
         assert np.shares_memory(vecs, seg.vectors)  # each level is a view of the mapped file
     after = {m: [(h.id, round(h.score, 5)) for h in index.search(text="a rocket", mode=m, k=6)]
              for m in index.available_modes()}

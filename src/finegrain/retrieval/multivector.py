@@ -60,7 +60,7 @@ def segment_table(snapshot: "Snapshot") -> mv.SegmentTable:
     """Segments grouped by level and image (views of the mapped chunk when stored level-major); one per snapshot."""
     cfg = snapshot.segment_config
     assert cfg is not None
-    return snapshot.derived("segment-table", lambda: mv.SegmentTable(snapshot.field("segments"), snapshot.ids,
+    return snapshot.derived("segment-table", lambda: mv.SegmentTable(snapshot.field_parts("segments"), snapshot.ids,
                                                                      len(cfg.levels)))
 
 

@@ -86,42 +86,35 @@ class MultiVectorConfig:
         return cls(**d)
 
 
-class SegmentTable:
-    """Segment vectors grouped by level, then by image (CSR offsets), for fast per-image max.
+@dataclass
+class _Piece:
+    """Segments of the images at positions ``start .. stop - 1``, grouped by level then image (CSR offsets)."""
 
-    ``image_order`` gives the image ids in "position" order (the global
-    field's row order); scores come back in that order. Where a level's rows
-    are already one run in position order (chunks are stored level-major,
-    see :func:`finegrain.store.writer.storage_order`), the table keeps a view
-    of the memory-mapped vectors instead of a copy.
-    """
+    start: int
+    stop: int
+    vectors: list[np.ndarray]  # per level: rows in position order (a view of the mapped chunk where possible)
+    offsets: list[np.ndarray]  # per level: (stop - start + 1,) row offsets of each image
 
-    def __init__(self, segments: FieldRows, image_order: np.ndarray, n_levels: int):
-        self.n_images = len(image_order)
-        sorter = np.argsort(image_order)
-        owner_pos = sorter[np.searchsorted(image_order, segments.owners, sorter=sorter)]
-        levels = np.asarray(segments.attrs["level"])
-        self.vectors, self.offsets = [], []
+    @classmethod
+    def build(cls, rows: FieldRows, positions: np.ndarray, start: int, stop: int, n_levels: int) -> "_Piece":
+        levels = np.asarray(rows.attrs["level"])
+        vectors, offsets = [], []
         for level in range(n_levels):
-            rows = np.flatnonzero(levels == level)
-            rows = rows[np.argsort(owner_pos[rows], kind="stable")]
-            if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
-                self.vectors.append(segments.vectors[rows[0]:rows[-1] + 1])  # a view: no copy
+            at = np.flatnonzero(levels == level)
+            at = at[np.argsort(positions[at], kind="stable")]
+            if len(at) and at[-1] - at[0] + 1 == len(at) and np.all(np.diff(at) == 1):
+                vectors.append(rows.vectors[at[0]:at[-1] + 1])  # one run of the file: a view, no copy
             else:
-                self.vectors.append(np.ascontiguousarray(segments.vectors[rows]))
-            self.offsets.append(np.searchsorted(owner_pos[rows], np.arange(self.n_images + 1)))
-        self.n_levels = n_levels
+                vectors.append(np.ascontiguousarray(rows.vectors[at]))
+            offsets.append(np.searchsorted(positions[at], np.arange(start, stop + 1)))
+        return cls(start, stop, vectors, offsets)
 
-    def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        """(n_candidates, n_queries) best segment score per image at ``level``, and the ops spent.
-
-        Images without segments at that level score -inf.
-        """
+    def level_max(self, level: int, queries: np.ndarray, local: np.ndarray | None) -> tuple[np.ndarray, int]:
         off = self.offsets[level]
-        if candidates is None:
+        if local is None:
             starts, counts, vecs = off[:-1], np.diff(off), self.vectors[level]
         else:
-            starts, counts = off[candidates], off[candidates + 1] - off[candidates]
+            starts, counts = off[local], off[local + 1] - off[local]
             rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
             vecs = self.vectors[level][rows]
             starts = np.cumsum(counts) - counts
@@ -131,6 +124,72 @@ class SegmentTable:
             nonempty = counts > 0
             out[nonempty] = np.maximum.reduceat(sims, starts[nonempty], axis=0)
         return out, int(len(vecs) * len(queries))
+
+
+class SegmentTable:
+    """Segment vectors grouped by level, then by image, for fast per-image max.
+
+    ``image_order`` gives the image ids in "position" order (the global
+    field's row order); scores come back in that order. ``segments`` is one
+    :class:`FieldRows` or a list of them (one per stored chunk). Chunks are
+    written level-major and cover consecutive images, so each chunk becomes
+    one *piece* whose per-level arrays are views of the memory-mapped file:
+    no copy of the vectors is made. Rows that do not fit that shape are
+    gathered into one piece (a copy).
+    """
+
+    def __init__(self, segments: FieldRows | list[FieldRows], image_order: np.ndarray, n_levels: int):
+        self.n_images = len(image_order)
+        self.n_levels = n_levels
+        parts = [segments] if isinstance(segments, FieldRows) else [p for p in segments if len(p)]
+        sorter = np.argsort(image_order)
+        positions = [sorter[np.searchsorted(image_order, p.owners, sorter=sorter)] for p in parts]
+        if not _consecutive(positions):
+            dim = parts[0].vectors.shape[1] if parts else 1
+            merged = FieldRows.concat(parts, dim)
+            parts, positions = [merged], [np.concatenate(positions) if positions else np.zeros(0, np.int64)]
+        starts = [0] + [int(p.min()) for p in positions[1:]]
+        stops = starts[1:] + [self.n_images]
+        self.pieces = [_Piece.build(part, pos, a, b, n_levels)
+                       for part, pos, a, b in zip(parts, positions, starts, stops)]
+
+    def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """(n_candidates, n_queries) best segment score per image at ``level``, and the ops spent.
+
+        Images without segments at that level score -inf.
+        """
+        if len(self.pieces) == 1:
+            return self.pieces[0].level_max(level, queries, candidates)
+        n = self.n_images if candidates is None else len(candidates)
+        out = np.full((n, len(queries)), -np.inf, np.float32)
+        ops = 0
+        for piece in self.pieces:
+            if candidates is None:
+                out[piece.start:piece.stop], spent = piece.level_max(level, queries, None)
+            else:
+                mine = (candidates >= piece.start) & (candidates < piece.stop)
+                out[mine], spent = piece.level_max(level, queries, candidates[mine] - piece.start)
+            ops += spent
+        return out, ops
+
+    def image_rows(self, level: int, position: int) -> np.ndarray:
+        """The segment vectors of the image at ``position`` at ``level``."""
+        piece = next(p for p in self.pieces if p.start <= position < p.stop)
+        off = piece.offsets[level]
+        i = position - piece.start
+        return piece.vectors[level][off[i]:off[i + 1]]
+
+
+def _consecutive(positions: list[np.ndarray]) -> bool:
+    """Whether each part's images come after all images of the parts before it (chunks in commit order)."""
+    last = -1
+    for pos in positions:
+        if len(pos) == 0:
+            return False
+        if int(pos.min()) <= last:
+            return False
+        last = int(pos.max())
+    return True
 
 
 def combine(global_scores: np.ndarray, segment_scores: np.ndarray, weight_global: float) -> np.ndarray:

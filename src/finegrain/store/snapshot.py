@@ -157,6 +157,16 @@ class Snapshot:
                 self._fields[name] = self._read_field(name)
         return self._fields[name]
 
+    def field_parts(self, name: str) -> list[FieldRows]:
+        """Live rows of field ``name`` chunk by chunk, in commit order (each one memory-mapped when fully live).
+
+        For structures that can work per chunk (the segment table) instead of on one gathered copy.
+        """
+        if not self.has_field(name):
+            raise KeyError(f"the index has no {name!r} field")
+        return self.derived("parts:" + name, lambda: [_live_rows([p], self.ids, p.vectors.shape[1])
+                                                      for p in self._read_chunks(name)])
+
     @property
     def fields(self) -> Mapping[str, FieldRows]:
         """Every field, read on first access (a read-only mapping)."""
@@ -184,7 +194,7 @@ class Snapshot:
         """Positions (indices into :attr:`ids`) of image ids that are all live."""
         return np.searchsorted(self.ids, np.asarray(ids, np.int64))
 
-    def _read_field(self, name: str) -> FieldRows:
+    def _read_chunks(self, name: str) -> list[FieldRows]:
         parts: list[FieldRows] = []
         for chunk in self._chunks.get(name, []):
             try:
@@ -193,6 +203,10 @@ class Snapshot:
                 raise StaleSnapshotError(f"chunk {chunk} of generation {self.generation} was compacted away") from None
             except (OSError, ValueError) as exc:
                 raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {chunk}: {exc}") from None
+        return parts
+
+    def _read_field(self, name: str) -> FieldRows:
+        parts = self._read_chunks(name)
         if name == "global":
             dim = self.dim
         else:
