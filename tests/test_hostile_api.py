@@ -1,6 +1,6 @@
 """Hostile clients against a real server on loopback: slow clients, unparsable HTTP, odd JSON, a random mix.
 
-bench/hostile_requests.py sends 10,000 of the random mix to ``finegrain
+tools/stress/hostile_requests.py sends 10,000 of the random mix to ``finegrain
 serve``; here a few hundred, plus the cases that need short deadlines.
 """
 
@@ -21,8 +21,7 @@ from finegrain.service import ServiceLimits, create_app
 from finegrain.service.background import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import hostile_requests as hostile  # noqa: E402
+from tools.stress import hostile_requests as hostile  # noqa: E402
 
 DEADLINE = 1.0  # header and body deadlines of the test server (seconds)
 
@@ -136,7 +135,7 @@ def test_odd_json_bodies_get_4xx_not_500(server):
 
 
 def test_random_hostile_mix_short(server):
-    """300 requests of bench/hostile_requests.py's mix: no 5xx, every 4xx is JSON, the server stays up."""
+    """300 requests of tools/stress/hostile_requests.py's mix: no 5xx, every 4xx is JSON, the server stays up."""
     import random
 
     host, port = server

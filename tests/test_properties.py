@@ -1,7 +1,7 @@
 """Property tests (hypothesis, modest example counts): metrics, the store, the image loader, query decomposition.
 
 The rules decomposer's own properties are in tests/test_query_decompose.py;
-bench/fuzz_images.py runs 10,000 generated files through the loader and indexing.
+tools/stress/fuzz_images.py runs 10,000 generated files through the loader and indexing.
 """
 
 from __future__ import annotations

@@ -226,9 +226,8 @@ def test_corrupt_or_newer_index_gives_a_clear_cli_error(tmp_path, photos_dir):
 
 # ------------------------------------------------------------------ crash safety, short form
 def test_sigkilled_index_runs_short(tmp_path, photos_dir):
-    """A few SIGKILLs of `finegrain index` at random moments (bench/crash_test.py does 50+)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import crash_test
+    """A few SIGKILLs of `finegrain index` at random moments (tools/stress/crash_test.py does 50+)."""
+    from tools.stress import crash_test
 
     result = crash_test.run(tmp_path, photos_dir, seeds=[1], kills_per_seed=3, n_images=12, commit_every=2,
                             readers=True, tune=False, compress=False, log=lambda *a: None)

@@ -110,7 +110,7 @@ class LocalSearcher:
         Chamfer similarity (0: none). None: per mode, :data:`EXACT_RERANK` (``local`` 200, ``l2g``
         0). ``local`` is the Chamfer search, so it verifies: R = 200 lifts the recall@100 against
         exact Chamfer from 0.86 to 0.98 (1,000 distractors) for 17 ms. ``l2g`` does not: on the
-        held-out landmark-class protocol (``bench/l2g_heldout.py``) re-scoring lowered its mAP.
+        held-out landmark-class protocol (``experiments/l2g_heldout.py``) re-scoring lowered its mAP.
     graph_m : int
         Neighbours stored per database image for the ``l2g`` pairs.
     """

@@ -102,7 +102,7 @@ class L2GConfig:
         Weight of the global descriptor in the fusion (paper: 0.19); 0 = MDS
         only, 1 = global only. None: the variant's. finegrain's 0.9 (cosine
         fusion): the best of 0.19 .. 1.0 on the
-        held-out landmark-class protocol (``bench/l2g_heldout.py``, 238
+        held-out landmark-class protocol (``experiments/l2g_heldout.py``, 238
         database images as queries, 1,000 distractors), where 0.19 was the
         worst; this CNN-cell MDS embedding carries less than FIRE's.
     missing : float

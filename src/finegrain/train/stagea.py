@@ -27,7 +27,7 @@ seconds. Early stopping uses composites built from a held-out tail of the
 train split (its images are never backgrounds or donors of the training
 composites).
 
-Result (docs/mao.md, "Stage A fine-tuning"; ``bench/mao_stagea.py``): the
+Result (docs/mao.md, "Stage A fine-tuning"; ``experiments/mao_stagea.py``): the
 adapter doubles the held-out composites' ``objects`` MRR but does not help
 on the ``needles`` benchmark (``objects`` within noise, ``objects-max``
 lower), so it is not wired into indexing; this module is kept so the

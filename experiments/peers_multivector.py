@@ -21,7 +21,7 @@ Both quality (NDCG@10, R@1/10) and latency are reported per system.
 
 Usage::
 
-    python bench/peers_multivector.py --index ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm-seg-pool-4_9_16_25_36-320 \
+    python -m experiments.peers_multivector --index ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm-seg-pool-4_9_16_25_36-320 \
         --data ../shared/data/flickr8k --queries 500 --json
 
 The index is the one ``finegrain bench flickr8k --mode exhaustive`` builds.

@@ -7,7 +7,7 @@ head); the query is the landmark crop, encoded the same way. Prints images/s,
 mAP of objects-max (max over crops, whole image included) and of the
 MaO-style averaged descriptor.
 
-Usage: python bench/needles_exploration.py [SIZE=128]
+Usage: python -m experiments.needles_exploration [SIZE=128]
 """
 import json, numpy as np, time, torch, sys
 from pathlib import Path

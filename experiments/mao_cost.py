@@ -5,7 +5,7 @@ proposals (Felzenszwalb regions or YOLOX), crop preparation, crop encoding
 (raw GeM at 128 px, all crops of N images batched 64 at a time as the
 indexer does), the global vector (224 px), and Stage B refinement (80 steps).
 
-Usage: PYTHONPATH=src OMP_NUM_THREADS=1 python bench/mao_cost.py [N=40] [regions|yolox]
+Usage: PYTHONPATH=src OMP_NUM_THREADS=1 python -m experiments.mao_cost [N=40] [regions|yolox]
 """
 import sys
 import time

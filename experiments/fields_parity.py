@@ -6,9 +6,9 @@ segments; objects alone) on scikit-image's sample photos plus one bad file,
 with the code on PYTHONPATH, and dump every field's vectors, owners and
 attributes, the paths and the failures to an .npz; then compare two dumps::
 
-    PYTHONPATH=/path/to/old/src python bench/fields_parity.py dump before.npz /tmp/fields-before
-    PYTHONPATH=src              python bench/fields_parity.py dump after.npz /tmp/fields-after
-    python bench/fields_parity.py compare before.npz after.npz
+    PYTHONPATH=/path/to/old/src python -m experiments.fields_parity dump before.npz /tmp/fields-before
+    PYTHONPATH=src              python -m experiments.fields_parity dump after.npz /tmp/fields-after
+    python -m experiments.fields_parity compare before.npz after.npz
 
 Run on 2026-12-02: main (e2bc31f) against the ``fields`` branch: 42 arrays, all
 bit-identical (about 2 minutes per dump on 2 shared cores).

@@ -1,6 +1,6 @@
 """Indexing throughput of global-only, pool and crop segment indexes on Flickr8k dev images.
 
-Usage: python bench/segment_index_speed.py {global,pool,crop} N_IMAGES [prof]
+Usage: python -m experiments.segment_index_speed {global,pool,crop} N_IMAGES [prof]
 """
 import sys, time, shutil, cProfile, pstats
 from finegrain import Index

@@ -24,9 +24,9 @@ While the writers run, reader threads re-open the index (``Index.open``) and
 refresh a long-lived one (``Index.refresh``) in a loop and check every state
 they see: images and vectors agree, and every commit is all-or-nothing.
 
-    python bench/crash_test.py --seeds 5 --kills-per-seed 10 --json
-    python bench/crash_test.py --seeds 1 --kills-per-seed 3 --images 24     # quick
-    python bench/crash_test.py --kills-per-seed 0 --no-tune --src ../other-tree/src   # compress only, another tree
+    python -m tools.stress.crash_test --seeds 5 --kills-per-seed 10 --json
+    python -m tools.stress.crash_test --seeds 1 --kills-per-seed 3 --images 24     # quick
+    python -m tools.stress.crash_test --kills-per-seed 0 --no-tune --src ../other-tree/src   # compress only, another tree
 
 Prints one JSON object (``--json``) or a summary; exits 1 on any violation.
 """
@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"  # the finegrain sources the writers run (--src: another tree's, e.g. a branch with `compress`)
 
 # The writer: Index.add with every commit journalled before and after (fsync'd), so the checker

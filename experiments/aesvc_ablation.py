@@ -35,7 +35,7 @@ under ``~/.cache/finegrain/bench/``.
 
 Usage::
 
-    python bench/aesvc_ablation.py [--data ../shared/data] [--settings none dev1k all7k] \
+    python -m experiments.aesvc_ablation [--data ../shared/data] [--settings none dev1k all7k] \
         [--dims 32 64 128] [--seeds 0 1 2] [--figures DIR] [--json]
 """
 

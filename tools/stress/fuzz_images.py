@@ -17,8 +17,8 @@ random bytes; names carry an image suffix that may not match the content.
    subprocess: it must exit 0 with no traceback, and count every file as
    indexed or failed.
 
-    python bench/fuzz_images.py --files 10000 --json
-    python bench/fuzz_images.py --files 500            # quick
+    python -m tools.stress.fuzz_images --files 10000 --json
+    python -m tools.stress.fuzz_images --files 500            # quick
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUFFIXES = [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
 
 WORKER = r"""
@@ -234,7 +234,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="Keep the generated files here (default: temporary).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     tmp = tempfile.mkdtemp(prefix="finegrain-fuzz-")
     work = args.work or Path(tmp)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731

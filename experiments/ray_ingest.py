@@ -4,7 +4,7 @@ Builds two fresh indexes of the first N images of a folder (or a list file),
 times both runs, checks that the results are identical (ids, paths, vectors
 within 1e-5) and prints a table and one JSON line.
 
-Usage: python bench/ray_ingest.py IMAGES_DIR [--list FILE] [--n 1000] [--segments 4,9,16]
+Usage: python -m experiments.ray_ingest IMAGES_DIR [--list FILE] [--n 1000] [--segments 4,9,16]
 """
 
 from __future__ import annotations

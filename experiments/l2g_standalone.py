@@ -15,8 +15,8 @@ whitening settings only recompute what changed. Query features are re-extracted 
 each run for the timings.
 
 Usage:
-  python bench/l2g_standalone.py                         # defaults, with 1,000 distractors
-  python bench/l2g_standalone.py --no-distractors --k 100 --mds-dim 16 --w 0.19 --json out.json
+  python -m experiments.l2g_standalone                         # defaults, with 1,000 distractors
+  python -m experiments.l2g_standalone --no-distractors --k 100 --mds-dim 16 --w 0.19 --json out.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from finegrain.datasets import load_revisitop  # noqa: E402
 from finegrain.eval.metrics import revisitop_map  # noqa: E402

@@ -30,7 +30,7 @@ The heads are the product's own modules (``ProjectionHead``, ``TextPool``,
 
 Usage::
 
-    python bench/aligner_ablation.py --data ../shared/data/flickr8k [--cache-dir DIR] [--epochs 20] [--json]
+    python -m experiments.aligner_ablation --data ../shared/data/flickr8k [--cache-dir DIR] [--epochs 20] [--json]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ second half of the run with the first sample after warm-up: file
 descriptors must not grow, and RSS growth over the second half must stay
 under ``--max-rss-growth-mb``.
 
-    python bench/soak.py --minutes 20 --json
+    python -m tools.stress.soak --minutes 20 --json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict:
@@ -261,7 +261,6 @@ def main() -> None:
     parser.add_argument("--max-rss-growth-mb", type=float, default=50.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     tmp = Path(tempfile.mkdtemp(prefix="finegrain-soak-"))
     try:
         result = run(args.minutes, args.clients, args.add_every, args.batch, args.sample_every, tmp,

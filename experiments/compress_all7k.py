@@ -6,7 +6,7 @@ torch thread. Prints one JSON line.
 
 Usage::
 
-    python bench/compress_all7k.py [--data ../shared/data] [--seeds 0 1 2]
+    python -m experiments.compress_all7k [--data ../shared/data] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aesvc_ablation import DEFAULT_CACHE, DEFAULT_DATA, load_data  # noqa: E402
+from experiments.aesvc_ablation import DEFAULT_CACHE, DEFAULT_DATA, load_data  # noqa: E402
 
 from finegrain.bench.compress import class_map  # noqa: E402
 from finegrain.compress import AESVC, PCA, SS2D  # noqa: E402

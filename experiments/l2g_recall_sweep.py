@@ -15,7 +15,7 @@ the same paths first: the cache name hashes them), it reports for each
   ``flock /tmp/finegrain-bench.lock`` on a shared machine).
 
 Usage (from the repository root):
-  OMP_NUM_THREADS=1 python bench/l2g_recall_sweep.py --distractors ../shared/data/flickr8k/images \\
+  OMP_NUM_THREADS=1 python -m experiments.l2g_recall_sweep --distractors ../shared/data/flickr8k/images \\
       --distractor-list ../shared/data/flickr8k/splits/dev.txt --json sweep.json
 """
 
@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from finegrain.bench.revisitop import revisitop_index  # noqa: E402
 from finegrain.datasets import load_revisitop  # noqa: E402

@@ -16,7 +16,7 @@ the same data and ``--local*`` settings (run that first), so the paths must be
 given exactly as there (the cache name hashes them).
 
 Usage (from the repository root):
-  python bench/l2g_heldout.py --distractors ../shared/data/flickr8k/images \\
+  python -m experiments.l2g_heldout --distractors ../shared/data/flickr8k/images \\
       --distractor-list ../shared/data/flickr8k/splits/dev.txt --w 0.19,0.35,0.5,0.7 \\
       --exact-rerank 0,200 --knn 512 --every 2 --json heldout.json
 """
@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from finegrain.bench.revisitop import revisitop_index  # noqa: E402
 from finegrain.datasets import load_revisitop  # noqa: E402

@@ -1,6 +1,6 @@
 """Segment embedding pool vs crop: indexing speed and retrieval quality on the first 200 Flickr8k dev images.
 
-Usage: python bench/himir_pool_vs_crop.py   (writes indexes under ~/.cache/finegrain/cvp-*; prints one JSON line per embed mode)
+Usage: python -m experiments.himir_pool_vs_crop   (writes indexes under ~/.cache/finegrain/cvp-*; prints one JSON line per embed mode)
 """
 import sys, time, shutil, json, numpy as np
 from pathlib import Path

@@ -5,7 +5,7 @@ For every scene: the averaged descriptor, objects-max, and Stage B refined
 descriptors for several step sizes (alpha 0.03, ITERS steps), with the time
 the refinement takes. Prints mAP per variant and refinement s/img.
 
-Usage: PYTHONPATH=src python bench/mao_refine_sweep.py [ITERS=80] [OUT.npz] [LR,ALPHA ...]
+Usage: PYTHONPATH=src python -m experiments.mao_refine_sweep [ITERS=80] [OUT.npz] [LR,ALPHA ...]
 """
 import json
 import sys

@@ -1,6 +1,6 @@
-"""Fusion and cap study for MaO on needles, from the crop vectors saved by bench/mao_refine_sweep.py.
+"""Fusion and cap study for MaO on needles, from the crop vectors saved by experiments/mao_refine_sweep.py.
 
-Usage: python bench/mao_fusion.py /tmp/sweep.npz
+Usage: python -m experiments.mao_fusion /tmp/sweep.npz
 """
 import sys
 import json, numpy as np

@@ -1,7 +1,7 @@
 """Compare HiMIR scoring modes on pre-encoded Flickr8k dev captions over a segmented index.
 
-Usage: python bench/himir_modes.py INDEX N_CAPTIONS MODE[:k=v,...] ...
-Example: python bench/himir_modes.py ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm-seg-pool-4_9_16_25_36-320 1000 global exhaustive "hierarchical:T=0.7"
+Usage: python -m experiments.himir_modes INDEX N_CAPTIONS MODE[:k=v,...] ...
+Example: python -m experiments.himir_modes ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm-seg-pool-4_9_16_25_36-320 1000 global exhaustive "hierarchical:T=0.7"
 """
 import sys, time, numpy as np
 from pathlib import Path

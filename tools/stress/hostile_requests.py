@@ -27,7 +27,7 @@ A response is counted by status class; a "connection error" is a
 connection closed or reset without any response. Goal: zero 5xx and zero
 connection errors, and every 4xx carries a JSON body.
 
-    python bench/hostile_requests.py --requests 10000 --threads 4 --json
+    python -m tools.stress.hostile_requests --requests 10000 --threads 4 --json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TRAVERSAL = ["..%2F..%2F..%2Fetc%2Fpasswd", "../../../etc/passwd", "%2Fetc%2Fpasswd", "..", "%2e%2e%2f%2e%2e",
              "1%00.jpg", "1/../../etc/passwd", "....//....//etc/passwd", "%252e%252e%252f", "9" * 40,
@@ -530,7 +530,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.url and not args.url.startswith(("http://127.", "http://localhost")):
         parser.error("--url must be a loopback address")
-    sys.path.insert(0, str(ROOT / "src"))
     result = run(args.requests, args.threads, args.seed, args.url, slow=args.slow,
                  log=lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.json:

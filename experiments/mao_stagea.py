@@ -10,7 +10,7 @@ p = 5 generalised mean per image (``objects``) or the best crop
 Usage (from the repo root; the composite cache is built on the first run,
 about 0.4 CPU s per composite with one thread):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/mao_stagea.py [--out W.safetensors] [--rank R] [--temperature T]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m experiments.mao_stagea [--out W.safetensors] [--rank R] [--temperature T]
         [--epochs E] [--n-train N] [--seeds 0,1,2] [--json RESULT.json]
 """
 from __future__ import annotations

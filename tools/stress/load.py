@@ -7,9 +7,9 @@ its own keep-alive connection, using distinct Flickr8k captions as queries
 (or generated phrases when the data is absent), then prints one table (and
 JSON with --json). The server's resident memory is sampled every 0.25 s.
 
-    python bench/load.py --index ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm
-    python bench/load.py --index INDEX --requests 2000 --concurrency 8 --mode global --json
-    python bench/load.py --url http://127.0.0.1:8000 --requests 500
+    python -m tools.stress.load --index ~/.cache/finegrain/bench/flickr8k-dev-effnet-minilm
+    python -m tools.stress.load --index INDEX --requests 2000 --concurrency 8 --mode global --json
+    python -m tools.stress.load --url http://127.0.0.1:8000 --requests 500
 
 The load generator runs on the same machine as the server and competes with
 it for the CPU: report the core count with the numbers.
@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-CAPTIONS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "flickr8k" / "captions.tsv"
+CAPTIONS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "flickr8k" / "captions.tsv"
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Default parameters (one torch thread while training). Wrap in
 
 Usage::
 
-    python bench/compress_fit_time.py [--data ../shared/data] [--rows 10000]
+    python -m experiments.compress_fit_time [--data ../shared/data] [--rows 10000]
 """
 
 from __future__ import annotations

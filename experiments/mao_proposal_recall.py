@@ -1,6 +1,6 @@
 """Proposal recall on ../shared/data/needles: share of pasted landmarks one proposal covers at IoU > 0.5 / 0.7.
 
-Usage: PYTHONPATH=src python bench/mao_proposal_recall.py regions|yolox [MAX_OBJECTS=24] [THRESHOLD=0.2]
+Usage: PYTHONPATH=src python -m experiments.mao_proposal_recall regions|yolox [MAX_OBJECTS=24] [THRESHOLD=0.2]
 """
 import json
 import sys
