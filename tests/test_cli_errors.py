@@ -99,10 +99,10 @@ def _fill(mnt: Path, leave: int) -> Path:
 
 def test_disk_full_during_np_save_or_sqlite_commit(two_folders, small_fs, monkeypatch):
     """The disk fills up while `finegrain index` runs: one line, exit 1, and the index keeps its last commit."""
-    from finegrain import indexer
     from finegrain.cli import app
+    from finegrain.store import writer
 
-    real_write_chunk = indexer.write_chunk
+    real_write_chunk = writer.write_chunk
     state: dict = {}
 
     def fill_then_write(*args, **kwargs):  # the disk fills up (another process, say) just before the commit
@@ -110,7 +110,7 @@ def test_disk_full_during_np_save_or_sqlite_commit(two_folders, small_fs, monkey
             state["filler"] = _fill(small_fs, state.pop("leave"))
         return real_write_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(indexer, "write_chunk", fill_then_write)
+    monkeypatch.setattr(writer, "write_chunk", fill_then_write)
     runner = CliRunner()
     seen = set()
     for leave in (0, 4096, 8192, 12288, 16384, 20480, 24576, 32768, 65536):

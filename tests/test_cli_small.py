@@ -150,5 +150,6 @@ def test_commit_clock_commits_a_slow_run(tmp_path, photos_dir):
     from finegrain.indexer import Indexer
 
     index = Index.create(tmp_path / "index")
-    Indexer(index, batch_size=2, commit_every=10**6, commit_seconds=0).run([photos_dir], show_progress=False)
+    with index.writer() as w:
+        Indexer(w, batch_size=2, commit_every=10**6, commit_seconds=0).run([photos_dir], show_progress=False)
     assert len(index.catalog.chunks("global")) == 6  # one commit per image with a zero-second clock

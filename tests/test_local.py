@@ -571,8 +571,8 @@ def test_local_search_errors(local_index, tmp_path, photos_dir):
     from finegrain import Index
 
     index, photos = local_index
-    with pytest.raises(ValueError, match="not inside"):
-        index.search(image=photos[0], mode="l2g", bbox=(0, 0, 10_000, 20))
+    with pytest.raises(ValueError, match="is empty inside the"):  # one box policy: clipped, an error if nothing is left
+        index.search(image=photos[0], mode="l2g", bbox=(10_000, 0, 20_000, 20))
     with pytest.raises(ValueError, match="image query"):
         index.search(text="a cat", mode="local")
     with pytest.raises(ValueError, match="unknown local search option"):
@@ -585,7 +585,7 @@ def test_local_search_errors(local_index, tmp_path, photos_dir):
 
 def test_instance_global_and_refit(local_index):
     index, photos = local_index
-    hits = index.search(image=photos[1], mode="global", global_field="instance", k=2)
+    hits = index.search(image=photos[1], mode="instance", k=2)
     assert {h.path.rsplit("/", 1)[-1] for h in hits} == {f"{photos[1].stem}_a.jpg", f"{photos[1].stem}_b.jpg"}
     before = index.info()["local"]["descriptors"]
     assert index.refit_local() == len(index)
@@ -613,8 +613,8 @@ def test_cli_local_index_and_search(tmp_path, photos_dir):
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["mode"] == "l2g" and len(out["results"]) == 3
     res = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--image", str(photo), "--mode", "local",
-                              "--bbox", "0", "--bbox", "0", "--bbox", "99999", "--bbox", "10"])
-    assert res.exit_code == 2 and "not inside" in res.output
+                              "--bbox", "99990", "--bbox", "0", "--bbox", "99999", "--bbox", "10"])
+    assert res.exit_code == 2 and "is empty inside the" in " ".join(res.output.split())
     res = runner.invoke(app, ["index", str(photos_dir), "--index", str(tmp_path / "j"), "--local", "nope"])
     assert res.exit_code != 0
 

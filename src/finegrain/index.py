@@ -89,7 +89,19 @@ class Index:
         self.catalog = catalog
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
-        self._snapshot = Snapshot.load(self.path, catalog, lambda: self.encoder)
+        self._snapshot = self._load()
+
+    def _load(self, attempts: int = 5) -> Snapshot:
+        """The committed state, its chunk files checked (headers only); retried if a compaction races the check."""
+        for _ in range(attempts):
+            snapshot = Snapshot.load(self.path, self.catalog, lambda: self.encoder)
+            try:
+                snapshot.check_files()
+                return snapshot
+            except StaleSnapshotError:
+                if self.catalog.generation() == snapshot.generation:  # nothing committed meanwhile: really missing
+                    raise IndexFormatError(f"index at {self.path} lists a vector chunk that is missing") from None
+        raise IndexFormatError(f"index at {self.path} keeps changing while being opened; try again")
 
     # ------------------------------------------------------------- lifecycle
     @classmethod
@@ -210,7 +222,7 @@ class Index:
     def refresh(self) -> bool:
         """Load the newest committed state if another process (or this one) committed; returns whether it did."""
         if self.catalog.generation() != self._snapshot.generation:
-            self._snapshot = Snapshot.load(self.path, self.catalog, lambda: self.encoder)
+            self._snapshot = self._load()
             return True
         return False
 

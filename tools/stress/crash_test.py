@@ -56,22 +56,23 @@ SRC = ROOT / "src"  # the finegrain sources the writers run (--src: another tree
 # knows which commits finished, which one was in flight, and which images each held.
 WRITER = r"""
 import json, os, sys
-from finegrain import Index, indexer
+from finegrain import Index
+from finegrain.store.writer import Writer
 index_dir, folder, journal_path, commit_every = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 journal = open(journal_path, "a")
-original = indexer.commit
+original = Writer.commit
 counter = [0]
 def note(entry):
     journal.write(json.dumps(entry) + "\n"); journal.flush(); os.fsync(journal.fileno())
-def journalled(index, images, *args, **kwargs):
+def journalled(writer, images, *args, **kwargs):
     counter[0] += 1
     gid = f"{os.getpid()}-{counter[0]}"
     paths = [im.path for im in images]
     note({"begin": gid, "paths": paths})
-    n = original(index, images, *args, **kwargs)
+    n = original(writer, images, *args, **kwargs)
     note({"done": gid})
     return n
-indexer.commit = journalled
+Writer.commit = journalled
 report = Index.open(index_dir).add([folder], batch_size=2, commit_every=commit_every)
 print(json.dumps(report.as_dict()))
 """

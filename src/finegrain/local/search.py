@@ -40,6 +40,7 @@ import os
 import secrets
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -220,7 +221,7 @@ class LocalSearcher:
                 with np.load(path, allow_pickle=False) as z:
                     if z["ids"].shape == (self.db.n_images, self.graph_m):
                         return z["ids"], z["sims"]
-            except (OSError, ValueError, KeyError):  # a damaged cache file: rebuild it
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged cache file: rebuild it
                 pass
         n = self.db.n_images
         ids = np.full((n, self.graph_m), -1, np.int64)

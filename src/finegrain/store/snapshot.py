@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .catalog import Catalog, ImageRecord, IndexFormatError
-from .vectors import FieldRows, read_chunk
+from .vectors import FieldRows, check_chunk, read_chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..compress.base import Projection
@@ -55,8 +55,10 @@ class Snapshot:
         #: Live image ids, ascending: position -> id.
         self.ids = np.fromiter(sorted(self.records), dtype=np.int64, count=len(self.records))
         self._chunks: dict[str, list[str]] = {}
-        for name, fieldname, _ in chunks:
+        self._rows: dict[str, int] = {}
+        for name, fieldname, n in chunks:
             self._chunks.setdefault(fieldname, []).append(name)
+            self._rows[name] = int(n)
         #: Every catalog setting (encoder, dim, segments, local, objects, projection, search...).
         self.settings = dict(settings)
         self._encoder = encoder
@@ -70,6 +72,20 @@ class Snapshot:
         """Read the catalog's committed state in one transaction (no vector is read)."""
         generation, records, chunks, settings = catalog.read_state()
         return cls(path, generation, records, chunks, settings, encoder)
+
+    def check_files(self) -> None:
+        """Check every listed chunk's headers and sizes against the catalog (no vector is read).
+
+        ``StaleSnapshotError`` if a chunk vanished because a compaction committed meanwhile (re-load and
+        retry), ``IndexFormatError`` naming the first damaged file otherwise.
+        """
+        for fieldname, names in self._chunks.items():
+            for name in names:
+                problem = check_chunk(self.path, fieldname, name, self._rows[name])
+                if problem is not None:
+                    if "is missing" in problem:
+                        raise StaleSnapshotError(problem)
+                    raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {problem}")
 
     # --------------------------------------------------------------- settings
     @property

@@ -105,6 +105,41 @@ def read_chunk(root: Path, fieldname: str, name: str) -> FieldRows:
     return FieldRows(vectors, owners, attrs)
 
 
+def check_chunk(root: Path, fieldname: str, name: str, rows: int) -> str | None:
+    """What is wrong with a committed chunk's files, judged from their headers and sizes only (None: nothing).
+
+    Cheap enough for every open: no vector is read. The vectors must be a 2-D float array and every other
+    file a 1-D or 2-D array, all with ``rows`` rows (the catalog's count), each file exactly as long as its
+    header says.
+    """
+    base = root / VECTORS_DIR / fieldname
+    files = [base / f"{name}.npy", base / f"{name}.owner.npy"]
+    files += [p for p in base.glob(f"{name}.*.npy") if p.name != f"{name}.owner.npy"]
+    for i, path in enumerate(files):
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(fh)
+                offset = fh.tell()
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return f"chunk file {path.name} is missing"
+        except (OSError, ValueError, SyntaxError) as exc:
+            return f"chunk file {path.name} has no valid .npy header ({exc})"
+        if dtype.hasobject:
+            return f"chunk file {path.name} holds Python objects"
+        if i == 0 and (len(shape) != 2 or dtype.kind != "f"):
+            return f"chunk file {path.name} is not a 2-D float array (shape {shape}, dtype {dtype})"
+        if not shape or shape[0] != rows:
+            return f"chunk file {path.name} has {shape[0] if shape else 0} rows, the catalog says {rows}"
+        expected = offset + int(np.prod(shape)) * dtype.itemsize
+        if size != expected:
+            return f"chunk file {path.name} is {size} bytes, its header says {expected}"
+    return None
+
+
 def delete_chunk(root: Path, fieldname: str, name: str) -> None:
     for path in (root / VECTORS_DIR / fieldname).glob(f"{name}.*"):
         path.unlink(missing_ok=True)
