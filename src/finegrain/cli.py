@@ -162,12 +162,15 @@ def search_cmd(
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
 ) -> None:
     """Search an index by text or by example image."""
     from .images import ImageLoadError
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
+    if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
+        _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     idx = _open_index(index, shard_set_ok=True)
     try:
         hits, stats, subqueries = idx.search_detailed(text=text, image=image, k=k, mode=mode, bbox=bbox or None, dim=dim,
@@ -178,6 +181,11 @@ def search_cmd(
         print(json.dumps({"query": text if text is not None else str(image), "mode": mode, "subqueries": subqueries[1:],
                           "sim_ops": stats.sim_ops, "levels_visited": stats.levels_visited,
                           "results": [h.as_dict() for h in hits]}))
+        return
+    if fmt != "table":
+        from .formats import print_hits
+
+        print_hits(hits, fmt)
         return
     if mode in ("single", "exhaustive", "hierarchical"):
         out.print(f"sub-queries: {subqueries[1:]}; {stats.sim_ops} similarity operations, "
@@ -209,6 +217,49 @@ def info_cmd(
         for f in info["failures"]:
             ft.add_row(f["path"], f["reason"])
         out.print(ft)
+
+
+@app.command("export")
+def export_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    out_dir: Path = typer.Option(..., "--out", help="New folder for img_emb/img_emb_N.npy and metadata/metadata_N.parquet (clip-retrieval's layout)."),
+    rows_per_file: int = typer.Option(1_000_000, "--rows-per-file", help="Images per .npy/.parquet pair."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Export embeddings and metadata in clip-retrieval's layout (docs/interop.md)."""
+    from .interop import export_index
+
+    idx = _open_index(index)
+    try:
+        info = export_index(idx, out_dir, rows_per_file=rows_per_file, show_progress=not as_json)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        out.print(f"exported {info['images']} images ({info['dim']}-dim, encoder {info['encoder']}) to {out_dir}")
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="A clip-retrieval embedding folder (img_emb/, metadata/)."),
+    index: Path = typer.Option(..., "--index", help="New index folder (must not exist yet)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="What computed the embeddings: a finegrain encoder (text and image search work) or any other name (vector search only). Default: the exporter's, else external."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a new index from embeddings computed elsewhere (clip-retrieval's layout; docs/interop.md)."""
+    from .interop import import_embeddings
+
+    try:
+        info = import_embeddings(src, index, encoder=encoder, show_progress=not as_json, log=err.print)
+    except (FileExistsError, ValueError) as exc:  # ImportFormatError included
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        searches = "text, image and vector search" if info["text_search"] else "vector search only"
+        out.print(f"imported {info['images']} images ({info['dim']}-dim, encoder {info['encoder']}: {searches}) "
+                  f"into {index}")
 
 
 @app.command("compress")
