@@ -210,10 +210,9 @@ def read_clip_folder(root: str | os.PathLike, batch: int = 65_536) -> ClipFolder
 def resolve_encoder(name: str | None, folder: ClipFolder) -> str:
     """The encoder name to record: ``name``, else the export's, else ``external``; unknown ones as ``external:NAME``."""
     name = name or folder.info.get("encoder") or EXTERNAL
-    family = name.partition(":")[0]
-    if family == EXTERNAL or family not in encoders.list_encoders():
-        return name if family == EXTERNAL else f"{EXTERNAL}:{name}"
-    return name
+    if encoders.is_external(name):
+        return name
+    return name if name.partition(":")[0] in encoders.list_encoders() else f"{EXTERNAL}:{name}"
 
 
 def _check_encoder(name: str, folder: ClipFolder, samples: list[tuple[str, np.ndarray]]) -> None:
@@ -301,7 +300,7 @@ def import_embeddings(src: str | os.PathLike, dest: str | os.PathLike, encoder: 
         raise FileExistsError(f"{dest} exists and is not an empty folder")
     folder = read_clip_folder(src)
     name = resolve_encoder(encoder, folder)
-    if not name.startswith(f"{EXTERNAL}:") and name != EXTERNAL:
+    if not encoders.is_external(name):
         samples = []
         for part in folder.parts:
             paths = pq.read_table(part.meta, columns=[folder.path_column]).column(folder.path_column).to_pylist()
@@ -352,8 +351,8 @@ def import_embeddings(src: str | os.PathLike, dest: str | os.PathLike, encoder: 
         catalog.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if log is not None and name.startswith(EXTERNAL):
+    if log is not None and encoders.is_external(name):
         log(f"encoder {name!r} is not one finegrain can run: the index answers vector queries only")
     return {"index": str(dest), "images": folder.rows, "dim": folder.dim, "encoder": name,
             "files": len(folder.parts), "column": folder.path_column,
-            "text_search": not name.startswith(EXTERNAL)}
+            "text_search": not encoders.is_external(name)}

@@ -74,3 +74,8 @@ def _external(arg: str | None, **kwargs) -> Encoder:
 
 register("external", _external, "embeddings imported with `finegrain import` from a model finegrain cannot run: "
          "vector queries only ('external:<name>')")
+
+
+def is_external(name: str | None) -> bool:
+    """Whether ``name`` stands for imported embeddings finegrain cannot compute (``external[:<model>]``)."""
+    return bool(name) and str(name).partition(":")[0] == "external"
