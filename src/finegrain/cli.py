@@ -262,6 +262,55 @@ def import_cmd(
                   f"into {index}")
 
 
+@app.command("duplicates")
+def duplicates_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    near: Optional[float] = typer.Option(None, "--near", help="Pixel match (0-1) of a near-duplicate (default: calibrated, docs/duplicates.md)."),
+    similar: Optional[float] = typer.Option(None, "--similar", help="Embedding cosine of 'similar' (burst-like) pairs (default: calibrated)."),
+    candidate: Optional[float] = typer.Option(None, "--candidate", help="Embedding cosine a pair needs before its pixels are compared (default: calibrated)."),
+    transforms: str = typer.Option("rot90,rot180,flip", "--transforms", help="Embed images also under these transforms to find rotated/mirrored copies: a comma list of rot90, rot180, flip, flipv, transpose, transverse; 'dihedral' (all) or 'none' (faster)."),
+    as_json: bool = typer.Option(False, "--json", help="Print groups and pairs as JSON."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report with thumbnails here."),
+) -> None:
+    """Group exact copies, near-duplicates (edited, rotated, mirrored copies) and similar shots (docs/duplicates.md)."""
+    from . import duplicates as dup
+
+    try:
+        chosen = dup.parse_transforms(transforms)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    idx = _open_index(index)
+    try:
+        report = dup.find_duplicates(idx, near=dup.NEAR_THRESHOLD if near is None else near,
+                                     similar=dup.SIMILAR_THRESHOLD if similar is None else similar,
+                                     candidate=dup.CANDIDATE_THRESHOLD if candidate is None else candidate,
+                                     transforms=chosen, show_progress=not as_json)
+    except ValueError as exc:  # bad thresholds; an index of imported vectors with transforms
+        _fail(str(exc), 2)
+    if html_out is not None:
+        dup.write_html(report, html_out)
+        err.print(f"report: {html_out}")
+    if report.unreadable:
+        err.print(f"[yellow]warning:[/yellow] {len(report.unreadable)} image file(s) could not be read: "
+                  "compared by embedding only (never 'near')")
+    if as_json:
+        print(json.dumps(report.as_dict()))
+        return
+    counts = report.counts()
+    out.print(f"{report.images} images: {counts['exact']} exact, {counts['near']} near and {counts['similar']} "
+              "similar groups")
+    table = Table("kind", "images", "score")
+    table.add_column("paths", overflow="fold")
+    for group in report.groups[:200]:
+        paths = group["paths"]
+        shown = "\n".join(paths[:4]) + (f"\n... and {len(paths) - 4} more" if len(paths) > 4 else "")
+        table.add_row(group["kind"], str(len(paths)), f"{group['min_score']:.3f}-{group['max_score']:.3f}", shown)
+    if report.groups:
+        out.print(table)
+    if len(report.groups) > 200:
+        out.print(f"... and {len(report.groups) - 200} more groups (--json lists all)")
+
+
 @app.command("compress")
 def compress_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
