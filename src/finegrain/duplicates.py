@@ -41,9 +41,9 @@ from .images import ImageLoadError, load_image
 from .progress import progress_bar
 
 #: Calibrated on Flickr8k train copies (experiments/duplicates/calibrate.py; docs/duplicates.md).
-NEAR_THRESHOLD = 0.90  # pixel-signature match of a near-duplicate
-CANDIDATE_THRESHOLD = 0.60  # embedding cosine below which a pair is never a near-duplicate
-SIMILAR_THRESHOLD = 0.80  # embedding cosine of "similar" (burst-like) pairs
+NEAR_THRESHOLD = 0.911  # pixel-signature match of a near-duplicate
+CANDIDATE_THRESHOLD = 0.45  # embedding cosine below which a pair is never a near-duplicate
+SIMILAR_THRESHOLD = 0.73  # embedding cosine of "similar" (burst-like) pairs
 SIGNATURE_SIDE = 16
 SIGNATURE_CROPS = (1.0, 0.9, 0.8)  # centre crops signed, so a slightly cropped copy still matches
 #: Transforms of a (3, S, S) prepared image; spatial ops commute with the encoders' square resize.
@@ -214,7 +214,8 @@ def score_pairs(index, floor: float, transforms: Sequence[str] = DEFAULT_TRANSFO
 
     def search(queries: np.ndarray, query_rows: np.ndarray) -> None:
         lims, dist, idx = flat.range_search(np.ascontiguousarray(queries, dtype=np.float32), float(floor))
-        q = np.repeat(query_rows, np.diff(lims.astype(np.int64)))
+        counts = np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64)
+        q = np.repeat(query_rows, counts)
         keep = q != idx
         found_q.append(q[keep])
         found_r.append(idx[keep].astype(np.int64))

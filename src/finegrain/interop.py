@@ -301,7 +301,7 @@ def import_embeddings(src: str | os.PathLike, dest: str | os.PathLike, encoder: 
     folder = read_clip_folder(src)
     name = resolve_encoder(encoder, folder)
     if not encoders.is_external(name):
-        samples = []
+        samples: list[tuple[str, np.ndarray]] = []
         for part in folder.parts:
             paths = pq.read_table(part.meta, columns=[folder.path_column]).column(folder.path_column).to_pylist()
             arr = np.load(part.emb, mmap_mode="r", allow_pickle=False)

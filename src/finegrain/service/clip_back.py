@@ -176,7 +176,7 @@ def _check_options(body: KnnRequest, limits) -> tuple[int, int]:
         raise ClipBackError(400, "mclip_unavailable", "use_mclip is not available: finegrain embeds text with the "
                                                       "index's own encoder; send use_mclip false")
     score, weight = body.aesthetic_score, body.aesthetic_weight
-    if _given(score) and not (str(score).isdigit() and 0 <= int(score) <= 9):
+    if _given(score) and not (str(score).isdigit() and 0 <= int(str(score)) <= 9):
         raise ClipBackError(400, "bad_option", "aesthetic_score must be an integer from 0 to 9 (it is ignored)")
     if _given(weight):
         try:
