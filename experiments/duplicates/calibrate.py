@@ -262,7 +262,7 @@ def main() -> None:
     ax.axvline(similar, color="tab:blue", ls="--", lw=1, label=f"similar: embedding >= {similar}")
     ax.set_xlabel("embedding cosine (best of identity, rot90, rot180, mirror)")
     ax.set_ylabel("pixel match (16x16 signatures, 8 transforms, crops)")
-    ax.set_title("Flickr8k dev copies: pairs above cosine 0.5")
+    ax.set_title(f"Flickr8k dev copies: pairs above embedding cosine {FLOOR}")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(args.out / "dev_scores.png", dpi=110)

@@ -165,7 +165,8 @@ def image_signatures(index, transforms: Sequence[str], batch: int = 32, show_pro
                 out[t].append(encoder.encode_pixels(np.stack([np.ascontiguousarray(fn(p)) for p in pending])))
         pending.clear()
 
-    side = encoder.image_size if encoder is not None else 4 * SIGNATURE_SIDE
+    # The same decode with or without transforms: the pixel threshold was calibrated on 224-pixel decodes.
+    side = encoder.image_size if encoder is not None else 224
     with progress_bar(len(rows), "checking pixels, rotations and mirrors", show_progress) as bar:
         for pos, owner in enumerate(rows.owners.tolist()):
             try:
