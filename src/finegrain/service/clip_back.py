@@ -119,17 +119,20 @@ def clip_back_router(api_key: str | None = None) -> APIRouter:
         _check_name(request, body.indice_name)
         if len(body.ids) > MAX_METADATA_IDS:
             raise ClipBackError(400, "too_many_ids", f"at most {MAX_METADATA_IDS} ids per request")
-        with request.app.state.holder.use() as index:
-            unknown = [i for i in body.ids if i not in index.records]
-            if unknown:
-                raise ClipBackError(404, "not_found", f"no indexed image with id(s) {unknown[:10]}")
-            return JSONResponse([{"id": i, "metadata": _metadata(request, i, index.records[i].path)}
-                                 for i in body.ids])
+        return JSONResponse(await run_in_threadpool(_metadata_of, request, body.ids))
 
     return router
 
 
 # ------------------------------------------------------------------ helpers
+def _metadata_of(request: Request, ids: list[int]) -> list[dict]:
+    with request.app.state.holder.use() as index:  # may re-open the index: not on the event loop
+        unknown = [i for i in ids if i not in index.records]
+        if unknown:
+            raise ClipBackError(404, "not_found", f"no indexed image with id(s) {unknown[:10]}")
+        return [{"id": i, "metadata": _metadata(request, i, index.records[i].path)} for i in ids]
+
+
 def _name(request: Request) -> str:
     return request.app.state.holder.path.name or "index"
 
