@@ -60,6 +60,7 @@ DEFAULT_TRANSFORMS = ("rot90", "rot180", "flip")
 #: Every non-identity element of the dihedral group up to inverses (rot270 is rot90's inverse).
 DIHEDRAL = tuple(TRANSFORMS)
 KINDS = ("exact", "near", "similar")
+CANDIDATE_KNN = 20  # near candidates below the similar threshold: among each image's 20 nearest only
 
 
 def parse_transforms(text: str) -> tuple[str, ...]:
@@ -190,11 +191,14 @@ def image_signatures(index, transforms: Sequence[str], batch: int = 32, show_pro
 
 
 def score_pairs(index, floor: float, transforms: Sequence[str] = DEFAULT_TRANSFORMS, show_progress: bool = False,
-                signatures: Signatures | None = None) -> Pairs:
+                signatures: Signatures | None = None, knn: int = 0, knn_floor: float | None = None) -> Pairs:
     """Every pair of images whose best embedding cosine (identity or a transform) is at least ``floor``.
 
     FAISS range search of the index's global vectors against themselves, and
     of each transformed embedding against them; then each pair's pixel match.
+    With ``knn`` and a lower ``knn_floor``, pairs scoring between the two are
+    added too, but only among each image's ``knn`` nearest neighbours (a
+    low floor over a whole collection would return a share of all n^2/2 pairs).
     ``signatures`` reuses an :func:`image_signatures` result (computed with ``transforms``).
     """
     import faiss
@@ -214,13 +218,22 @@ def score_pairs(index, floor: float, transforms: Sequence[str] = DEFAULT_TRANSFO
     found_q, found_r, found_s = [], [], []
 
     def search(queries: np.ndarray, query_rows: np.ndarray) -> None:
-        lims, dist, idx = flat.range_search(np.ascontiguousarray(queries, dtype=np.float32), float(floor))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        lims, dist, idx = flat.range_search(queries, float(floor))
         counts = np.diff(np.asarray(lims, dtype=np.int64)).astype(np.int64)
         q = np.repeat(query_rows, counts)
         keep = q != idx
         found_q.append(q[keep])
         found_r.append(idx[keep].astype(np.int64))
         found_s.append(dist[keep])
+        if knn > 0 and knn_floor is not None and knn_floor < floor:
+            dist, idx = flat.search(queries, min(knn + 1, n))
+            q = np.repeat(query_rows, idx.shape[1])
+            dist, idx = dist.ravel(), idx.ravel()
+            keep = (idx >= 0) & (q != idx) & (dist >= knn_floor) & (dist < floor)
+            found_q.append(q[keep])
+            found_r.append(idx[keep].astype(np.int64))
+            found_s.append(dist[keep])
 
     search(vectors, np.arange(n))
     for t in transforms:
@@ -282,7 +295,8 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def find_duplicates(index, near: float = NEAR_THRESHOLD, similar: float = SIMILAR_THRESHOLD,
                     candidate: float = CANDIDATE_THRESHOLD, transforms: Sequence[str] = DEFAULT_TRANSFORMS,
-                    show_progress: bool = False, pairs: Pairs | None = None) -> DuplicateReport:
+                    show_progress: bool = False, pairs: Pairs | None = None, knn: int = CANDIDATE_KNN,
+                    signatures: Signatures | None = None) -> DuplicateReport:
     """Group ``index``'s images into exact, near and similar groups (see the module docstring).
 
     A pair is *exact* when the files have the same SHA-256, *near* when its
@@ -291,18 +305,19 @@ def find_duplicates(index, near: float = NEAR_THRESHOLD, similar: float = SIMILA
     at least ``similar`` otherwise. A group of one kind is a connected
     component of the pairs of that kind or stronger, reported when it has a
     pair of that kind (so an exact pair that also has a rotated copy shows as
-    an exact group and a near group). ``pairs`` reuses a :func:`score_pairs`
-    result computed with a floor of at most ``min(candidate, similar)``.
+    an exact group and a near group). Pairs below ``similar`` are near
+    candidates only among each image's ``knn`` nearest neighbours (per
+    transform). ``pairs`` reuses a :func:`score_pairs` result (all its pairs
+    are considered), ``signatures`` an :func:`image_signatures` one.
     """
     for name, value in (("near", near), ("similar", similar), ("candidate", candidate)):
         if not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
             raise ValueError(f"the {name} threshold must be a number between -1 and 1, not {value!r}")
     transforms = tuple(transforms)
-    floor = min(candidate, similar)
     if pairs is None:
-        pairs = score_pairs(index, floor, transforms, show_progress)
-    else:
-        pairs = pairs.select(pairs.score >= floor)
+        pairs = score_pairs(index, similar, transforms, show_progress, signatures=signatures, knn=knn,
+                            knn_floor=candidate)
+    pairs = pairs.select(pairs.score >= min(candidate, similar))
     records = index.records
     ids = sorted(records)
     pos = {image_id: i for i, image_id in enumerate(ids)}
@@ -315,6 +330,8 @@ def find_duplicates(index, near: float = NEAR_THRESHOLD, similar: float = SIMILA
     exact = [(g[i], g[i + 1]) for g in by_hash.values() for i in range(len(g) - 1)]
     with np.errstate(invalid="ignore"):  # NaN pixel match (unreadable file): never near
         is_near = (pairs.score >= candidate) & (pairs.pixel >= near)
+    keep = is_near | (pairs.score >= similar)  # the rest is never reported (exact pairs come from the hashes)
+    pairs, is_near = pairs.select(keep), is_near[keep]
     pair_rows = []
     for a, b, ident, score, pixel, n in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.identity.tolist(),
                                             pairs.score.tolist(), pairs.pixel.tolist(), is_near.tolist()):
