@@ -246,6 +246,7 @@ def search_cmd(
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
 ) -> None:
     """Search an index by text or by example image."""
     from .images import ImageLoadError
@@ -253,6 +254,8 @@ def search_cmd(
 
     if (text is None) == (image is None):
         _fail("give exactly one of --text or --image", 2)
+    if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
+        _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
     box = _bbox(bbox, list(ctx.args))
@@ -266,6 +269,11 @@ def search_cmd(
         _fail(str(exc), 2)
     if as_json:
         print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
+        return
+    if fmt != "table":
+        from .formats import print_hits
+
+        print_hits(response.hits, fmt)
         return
     if len(response.subqueries) > 1 or response.stats.levels_visited:
         out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
@@ -299,6 +307,98 @@ def info_cmd(
         for f in info["failures"]:
             ft.add_row(safe_text(f["path"]), safe_text(f["reason"]))
         out.print(ft)
+
+
+@app.command("export")
+def export_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    out_dir: Path = typer.Option(..., "--out", help="New folder for img_emb/img_emb_N.npy and metadata/metadata_N.parquet (clip-retrieval's layout)."),
+    rows_per_file: int = typer.Option(1_000_000, "--rows-per-file", help="Images per .npy/.parquet pair."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Export embeddings and metadata in clip-retrieval's layout (docs/interop.md)."""
+    from .interop import export_index
+
+    idx = _open_index(index)
+    try:
+        info = export_index(idx, out_dir, rows_per_file=rows_per_file, show_progress=not as_json)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        out.print(f"exported {info['images']} images ({info['dim']}-dim, encoder {info['encoder']}) to {out_dir}")
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="A clip-retrieval embedding folder (img_emb/, metadata/)."),
+    index: Path = typer.Option(..., "--index", help="New index folder (must not exist yet)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="What computed the embeddings: a finegrain encoder (text and image search work) or any other name (vector search only). Default: the exporter's, else external."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a new index from embeddings computed elsewhere (clip-retrieval's layout; docs/interop.md)."""
+    from .interop import import_embeddings
+
+    try:
+        info = import_embeddings(src, index, encoder=encoder, show_progress=not as_json, log=err.print)
+    except (FileExistsError, ValueError) as exc:  # ImportFormatError included
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        searches = "text, image and vector search" if info["text_search"] else "vector search only"
+        out.print(f"imported {info['images']} images ({info['dim']}-dim, encoder {info['encoder']}: {searches}) "
+                  f"into {index}")
+
+
+@app.command("duplicates")
+def duplicates_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    near: Optional[float] = typer.Option(None, "--near", help="Pixel match (0-1) of a near-duplicate (default: calibrated, docs/duplicates.md)."),
+    similar: Optional[float] = typer.Option(None, "--similar", help="Embedding cosine of 'similar' (burst-like) pairs (default: calibrated)."),
+    candidate: Optional[float] = typer.Option(None, "--candidate", help="Embedding cosine a pair needs before its pixels are compared (default: calibrated)."),
+    transforms: str = typer.Option("rot90,rot180,flip", "--transforms", help="Embed images also under these transforms to find rotated/mirrored copies: a comma list of rot90, rot180, flip, flipv, transpose, transverse; 'dihedral' (all) or 'none' (faster)."),
+    as_json: bool = typer.Option(False, "--json", help="Print groups and pairs as JSON."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report with thumbnails here."),
+) -> None:
+    """Group exact copies, near-duplicates (edited, rotated, mirrored copies) and similar shots (docs/duplicates.md)."""
+    from . import duplicates as dup
+
+    try:
+        chosen = dup.parse_transforms(transforms)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    idx = _open_index(index)
+    try:
+        report = dup.find_duplicates(idx, near=dup.NEAR_THRESHOLD if near is None else near,
+                                     similar=dup.SIMILAR_THRESHOLD if similar is None else similar,
+                                     candidate=dup.CANDIDATE_THRESHOLD if candidate is None else candidate,
+                                     transforms=chosen, show_progress=not as_json)
+    except ValueError as exc:  # bad thresholds; an index of imported vectors with transforms
+        _fail(str(exc), 2)
+    if html_out is not None:
+        dup.write_html(report, html_out)
+        err.print(f"report: {html_out}")
+    if report.unreadable:
+        err.print(f"[yellow]warning:[/yellow] {len(report.unreadable)} image file(s) could not be read: "
+                  "compared by embedding only (never 'near')")
+    if as_json:
+        print(json.dumps(report.as_dict()))
+        return
+    counts = report.counts()
+    out.print(f"{report.images} images: {counts['exact']} exact, {counts['near']} near and {counts['similar']} "
+              "similar groups")
+    table = Table("kind", "images", "score")
+    table.add_column("paths", overflow="fold")
+    for group in report.groups[:200]:
+        paths = group["paths"]
+        shown = "\n".join(paths[:4]) + (f"\n... and {len(paths) - 4} more" if len(paths) > 4 else "")
+        table.add_row(group["kind"], str(len(paths)), f"{group['min_score']:.3f}-{group['max_score']:.3f}", shown)
+    if report.groups:
+        out.print(table)
+    if len(report.groups) > 200:
+        out.print(f"... and {len(report.groups) - 200} more groups (--json lists all)")
 
 
 @app.command("compress")

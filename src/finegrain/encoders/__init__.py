@@ -63,3 +63,19 @@ register("effnet-minilm", _effnet_minilm,
          "bundled offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with trained alignment heads "
          "(optional ':PATH' to other aligner weights)")
 register("clip", _clip, "CLIP through transformers' CLIPModel: 'clip:<hub id in local cache or folder>'")
+
+
+def _external(arg: str | None, **kwargs) -> Encoder:
+    # Imported embeddings (finegrain import) of a model finegrain cannot run: a clear error, not a KeyError.
+    raise ValueError(f"this index holds embeddings imported from elsewhere (encoder {arg or 'unknown'!r}), which "
+                     "finegrain cannot compute: it answers vector queries only (Index.search_vectors, the "
+                     "service's embedding_input); to search by text or image, import with a matching --encoder")
+
+
+register("external", _external, "embeddings imported with `finegrain import` from a model finegrain cannot run: "
+         "vector queries only ('external:<name>')")
+
+
+def is_external(name: str | None) -> bool:
+    """Whether ``name`` stands for imported embeddings finegrain cannot compute (``external[:<model>]``)."""
+    return bool(name) and str(name).partition(":")[0] == "external"

@@ -41,8 +41,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from .. import __version__, retrieval
+from .. import __version__, encoders, retrieval
 from ..images import ImageLoadError, load_image_sized
+from .clip_back import LARGE_BODY_PATHS, clip_back_router
 from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
 from .hosts import HostCheck
@@ -211,7 +212,8 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     started = time.time()
     if warm:
         with holder.use() as index:
-            index.embed_query(text="warm up")  # also settles the tokenizer's padding state before threads share it
+            if not encoders.is_external(index.catalog.get_meta("encoder")):  # imported vectors: nothing to load
+                index.embed_query(text="warm up")  # also settles the tokenizer's padding state before threads share it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -225,7 +227,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     app.state.holder = holder
     app.state.limits = limits
     app.add_middleware(_BodyLimit, limit_for=lambda path: (limits.max_upload_bytes if path.endswith("/image")
-                                                           else limits.max_json_bytes))
+                                                           or path in LARGE_BODY_PATHS else limits.max_json_bytes))
     app.add_middleware(BodyTimeout, timeout=limits.body_timeout_s)
     app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)  # added last: runs first
     _install_error_handlers(app)
@@ -335,6 +337,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
             return {"reloaded": changed, "generation": holder.generation, "images": len(index)}
 
     app.include_router(api)
+    app.include_router(clip_back_router(api_key))  # clip-retrieval's /knn-service, /metadata, /indices-list
 
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     page_headers = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
