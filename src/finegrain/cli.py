@@ -7,7 +7,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -121,7 +121,7 @@ def _open_index(path: Path, shard_set_ok: bool = False):
 
 @app.command("index")
 def index_cmd(
-    inputs: List[Path] = typer.Argument(..., help="Image files or folders (walked recursively)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders (walked recursively)."),
     index: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
     encoder: Optional[str] = typer.Option(None, help="Encoder for a new index (see `finegrain encoders`; default effnet-minilm)."),
     ann: Optional[str] = typer.Option(None, help="Top-k structure for a new index: auto (default), flat, hnsw, ivf."),
@@ -147,8 +147,8 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
-    from .terminal import safe_text
     from .store.catalog import IndexFormatError
+    from .terminal import safe_text
 
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
@@ -205,7 +205,7 @@ def index_cmd(
             raise typer.Exit(2)
 
 
-def _bbox(values: Optional[List[str]], extra: List[str]) -> Optional[List[float]]:
+def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]]:
     """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
 
     click gives an option one value, so the three numbers after the first one
@@ -234,7 +234,7 @@ def search_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
     text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
     image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
-    bbox: Optional[List[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
+    bbox: Optional[list[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("global", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
@@ -442,7 +442,7 @@ def compress_cmd(
 
 @app.command("remove")
 def remove_cmd(
-    ids: List[int] = typer.Argument(..., help="Image ids to remove."),
+    ids: list[int] = typer.Argument(..., help="Image ids to remove."),
     index: Path = typer.Option(..., "--index", help="Index folder."),
 ) -> None:
     """Remove images from an index by id."""
@@ -476,7 +476,7 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
 
 @app.command("shards")
 def shards_cmd(
-    members: List[Path] = typer.Argument(..., help="Existing index folders, one per shard."),
+    members: list[Path] = typer.Argument(..., help="Existing index folders, one per shard."),
     out_path: Path = typer.Option(..., "--out", help="Folder for the shard-set manifest (shards.json)."),
 ) -> None:
     """Group indexes into a shard set: `search --index OUT` then searches them in parallel, top-k merged."""
@@ -751,7 +751,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback only by default; set an API key before exposing it)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINEGRAIN_API_KEY", help="Require this key on /api (Authorization: Bearer KEY or X-API-Key: KEY)."),
-    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests addressed to this name (repeatable; '*' for any). Loopback names and the --host address are always allowed; others get 421 (DNS rebinding)."),
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Also answer requests addressed to this name (repeatable; '*' for any). Loopback names and the --host address are always allowed; others get 421 (DNS rebinding)."),
     reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
     torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),

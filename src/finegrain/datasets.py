@@ -62,7 +62,7 @@ class RevisitopSet:
     the ground truth uses); distractors come after them and are never relevant.
     """
 
-    gnd: "RevisitopGnd"
+    gnd: RevisitopGnd
     db_paths: list[Path]
     query_paths: list[Path]
     query_boxes: list[list[float] | None]

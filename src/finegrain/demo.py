@@ -7,7 +7,6 @@ and ``<out>/results.html`` (every query with its ranked thumbnails).
 from __future__ import annotations
 
 import html
-import shutil
 import time
 from pathlib import Path
 

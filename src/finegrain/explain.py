@@ -28,8 +28,9 @@ Typical use::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class Explanation:
         return d
 
 
-def explain(index: "Index", image_id: int, text: str | None = None, image: ImageSource | None = None,
+def explain(index: Index, image_id: int, text: str | None = None, image: ImageSource | None = None,
             mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10, **options: Any) -> Explanation:
     """Explain how image ``image_id`` scores for a text or example-image query in ``mode``.
 
@@ -113,9 +114,9 @@ def explain(index: "Index", image_id: int, text: str | None = None, image: Image
     return explain_many(index, [image_id], text=text, image=image, mode=mode, bbox=bbox, k=k, **options)[0]
 
 
-def explain_many(index: "Index", image_ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
+def explain_many(index: Index, image_ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
                  mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10,
-                 response: "SearchResponse | None" = None, **options: Any) -> list[Explanation]:
+                 response: SearchResponse | None = None, **options: Any) -> list[Explanation]:
     """:func:`explain` for several images of one query (the query is embedded once).
 
     ``response``: the search's own response, which saves re-running a
@@ -125,7 +126,7 @@ def explain_many(index: "Index", image_ids: Sequence[int], text: str | None = No
 
 
 # ------------------------------------------------------------------ per family (called by the retrievers)
-def explain_global(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
+def explain_global(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
     """The global score of the whole image (modes without regions to show)."""
     from .retrieval.dense import embed_query
 
@@ -140,7 +141,7 @@ def explain_global(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[
     return out
 
 
-def explain_objects(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
+def explain_objects(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int]) -> list[Explanation]:
     """Object modes: the stored object that matched the query best (its box and score)."""
     from .objects.search import explain_match
     from .retrieval.objects import embed_object_query
@@ -159,8 +160,8 @@ def explain_objects(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence
     return out
 
 
-def explain_segments(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int,
-                     params: "MultiVectorParams", response: "SearchResponse | None" = None) -> list[Explanation]:
+def explain_segments(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int,
+                     params: MultiVectorParams, response: SearchResponse | None = None) -> list[Explanation]:
     """Multi-vector modes: per (sub-)query the best segment of every visited level (see the module docstring)."""
     from .retrieval.multivector import query_vectors, segment_table
 
@@ -179,7 +180,7 @@ def explain_segments(snapshot: "Snapshot", mode: str, query: Query, ids: Sequenc
     return out
 
 
-def _explain_segments(snapshot: "Snapshot", table: multivector.SegmentTable, rec, pos: int, labels: tuple[str, ...],
+def _explain_segments(snapshot: Snapshot, table: multivector.SegmentTable, rec, pos: int, labels: tuple[str, ...],
                       vectors: np.ndarray, mode: str, levels: list[int], global_score: float,
                       weight: float) -> Explanation:
     seg = snapshot.field("segments")
@@ -209,8 +210,8 @@ def _explain_segments(snapshot: "Snapshot", table: multivector.SegmentTable, rec
     return Explanation(rec.id, mode, total, global_score, weight, (width, height), tuple(levels), tuple(subqueries))
 
 
-def _visited_levels(snapshot: "Snapshot", mode: str, vectors: np.ndarray, config: MultiVectorConfig, k: int,
-                    response: "SearchResponse | None") -> list[int]:
+def _visited_levels(snapshot: Snapshot, mode: str, vectors: np.ndarray, config: MultiVectorConfig, k: int,
+                    response: SearchResponse | None) -> list[int]:
     from .retrieval.multivector import segment_table
 
     cfg = snapshot.segment_config

@@ -27,10 +27,10 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,8 +41,8 @@ from .indexer import Indexer, IndexReport
 from .local.store import LocalConfig
 from .objects.config import ObjectConfig
 from .retrieval import MAX_K, MAX_QUERY_CHARS, Query, SearchResponse, SearchResult, SearchStats
-from .store.ann import KINDS as ANN_KINDS
 from .store.ann import AUTO_ANN_THRESHOLD
+from .store.ann import KINDS as ANN_KINDS
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
 from .store.snapshot import Snapshot, StaleSnapshotError
 from .store.vectors import FieldRows
@@ -107,7 +107,7 @@ class Index:
     @classmethod
     def create(cls, path: str | os.PathLike, encoder: str = DEFAULT_ENCODER, ann: str = "auto",
                segments: SegmentConfig | None = None, exist_ok: bool = False,
-               local: "LocalConfig | str | dict | None" = None, objects: "ObjectConfig | str | None" = None) -> "Index":
+               local: LocalConfig | str | dict | None = None, objects: ObjectConfig | str | None = None) -> Index:
         """Create an empty index at ``path`` for ``encoder`` (a registry name).
 
         With ``segments`` the index also stores multi-granularity SLIC segment
@@ -165,7 +165,7 @@ class Index:
         return cls(path, catalog, enc)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, encoder: encoders.Encoder | None = None) -> "Index":
+    def open(cls, path: str | os.PathLike, encoder: encoders.Encoder | None = None) -> Index:
         """Open an existing index (read access; writing methods take the writer lock)."""
         path = Path(path)
         if not path.is_dir():
@@ -194,7 +194,7 @@ class Index:
     def close(self) -> None:
         self.catalog.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -387,7 +387,7 @@ class Index:
 
     def explain(self, ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
                 mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10,
-                response: SearchResponse | None = None, **options: Any) -> list["Explanation"]:
+                response: SearchResponse | None = None, **options: Any) -> list[Explanation]:
         """Why each image of ``ids`` scored as it did for this query (see :mod:`finegrain.explain`)."""
         query = _query(text, image, bbox)
         return self._with_fresh_snapshot(lambda snap: retrieval.explain(snap, mode, query, ids, k, options, response))
@@ -431,19 +431,19 @@ class Index:
 
     # Derived structures of the current state (for benchmarks, tune and tests).
     @property
-    def segment_table(self) -> "SegmentTable":
+    def segment_table(self) -> SegmentTable:
         from .retrieval.multivector import segment_table
 
         return segment_table(self._snapshot)
 
     @property
-    def object_table(self) -> "ObjectTable":
+    def object_table(self) -> ObjectTable:
         from .retrieval.objects import object_table
 
         return object_table(self._snapshot)
 
     @property
-    def local_searcher(self) -> "LocalSearcher":
+    def local_searcher(self) -> LocalSearcher:
         """The current state's local-feature searcher; ValueError without local features."""
         from .retrieval.local import local_searcher
 

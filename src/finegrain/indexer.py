@@ -12,17 +12,24 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import fields as _fields
 from .fields import Decoded, FieldExtractor
-from .images import MAX_FILE_BYTES, ImageLoadError, is_image_path, load_image_sized, read_file_safely, \
-    unsupported_image_reason
+from .images import (
+    MAX_FILE_BYTES,
+    ImageLoadError,
+    is_image_path,
+    load_image_sized,
+    read_file_safely,
+    unsupported_image_reason,
+)
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
@@ -156,7 +163,7 @@ def prepare_file(path: str, encoder, known: ImageRecord | None, extractors: Sequ
 class Indexer:
     """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
-    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
+    def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
                  commit_seconds: float = 60.0):
         self.writer = writer
         self.batch_size = batch_size
@@ -230,7 +237,7 @@ class Indexer:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _commit(self, pending: "Pending", report: IndexReport) -> int:
+    def _commit(self, pending: Pending, report: IndexReport) -> int:
         if pending.empty():
             return 0
         report.failed.extend((f.path, f.error or "") for f in pending.encode(self.writer.encoder))

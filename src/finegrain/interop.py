@@ -287,8 +287,8 @@ def import_embeddings(src: str | os.PathLike, dest: str | os.PathLike, encoder: 
     """
     _, pq = _need_pyarrow()
     from .store.catalog import Catalog, NewImage
-    from .store.writer import Writer
     from .store.vectors import FieldRows
+    from .store.writer import Writer
 
     if batch < 1:
         raise ValueError("batch must be at least 1")

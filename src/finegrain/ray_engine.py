@@ -40,14 +40,15 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from .fields import FieldExtractor
-from .indexer import IndexReport, Indexer, Pending, Prepared, prepare_file
+from .indexer import Indexer, IndexReport, Pending, Prepared, prepare_file
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
 from .store.vectors import FieldRows, new_chunk_name, read_chunk, write_chunk
@@ -78,7 +79,7 @@ class RayIndexer(Indexer):
     ``cpus_per_actor`` threads; decode tasks take one CPU each.
     """
 
-    def __init__(self, writer: "Writer", batch_size: int = 32, commit_every: int = 512, address: str | None = None,
+    def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, address: str | None = None,
                  num_cpus: int | None = None, actors: int | None = None, cpus_per_actor: int | None = None):
         super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0)
         self.address = address
@@ -214,7 +215,7 @@ class _ShardResult:
 class _Merger:
     """Accumulates shards on the driver and commits them ``commit_every`` images at a time."""
 
-    def __init__(self, writer: "Writer", known: dict[str, ImageRecord], commit_every: int):
+    def __init__(self, writer: Writer, known: dict[str, ImageRecord], commit_every: int):
         self.writer = writer
         self.known = known
         self.commit_every = commit_every

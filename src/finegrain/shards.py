@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from . import retrieval
 from .images import ImageSource
@@ -61,7 +61,7 @@ class ShardedIndex:
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
 
     @classmethod
-    def create(cls, path: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> "ShardedIndex":
+    def create(cls, path: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> ShardedIndex:
         """Write a shard-set manifest at ``path`` listing existing indexes (stored relative to ``path``)."""
         path = Path(path)
         if not shards:
@@ -78,7 +78,7 @@ class ShardedIndex:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ShardedIndex":
+    def open(cls, path: str | os.PathLike) -> ShardedIndex:
         """Open every shard listed in ``path/shards.json``."""
         path = Path(path)
         try:
@@ -102,7 +102,7 @@ class ShardedIndex:
         for s in self.shards:
             s.close()
 
-    def __enter__(self) -> "ShardedIndex":
+    def __enter__(self) -> ShardedIndex:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -158,6 +158,6 @@ class ShardedIndex:
                 "encoder": self.shards[0].catalog.get_meta("encoder"), "per_shard": infos}
 
 
-def open_index(path: str | os.PathLike) -> "Index | ShardedIndex":
+def open_index(path: str | os.PathLike) -> Index | ShardedIndex:
     """Open an index or a shard set, whichever ``path`` holds."""
     return ShardedIndex.open(path) if is_shard_set(path) else Index.open(path)

@@ -27,8 +27,8 @@ one joint space), reporting caption -> image Recall@1/5/10.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets import load_flickr8k
-from ..eval.metrics import ndcg_at_k, recall_at_k
 from ..decompose.segments import SegmentConfig
+from ..eval.metrics import ndcg_at_k, recall_at_k
 from ..index import Index
 from ..report import ReportData, single_relevant_pr
 from .common import bench_index

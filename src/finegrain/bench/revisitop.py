@@ -9,8 +9,8 @@ against the whole index; the full ranking goes to the revisitop
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,10 +19,10 @@ import numpy as np
 from ..datasets import RevisitopSet, load_revisitop
 from ..eval.metrics import revisitop_map, revisitop_protocols
 from ..index import Index
-from ..report import ReportData, revisitop_pr
 from ..local.chamfer import recall_at_k
 from ..local.search import LOCAL_MODES
 from ..local.store import LocalConfig
+from ..report import ReportData, revisitop_pr
 from .common import bench_index
 
 

@@ -62,7 +62,7 @@ def list_projections() -> dict[str, str]:
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in _methods().items()}
 
 
-def create_projection(method: str, dim: int, **params: Any) -> "Projection":
+def create_projection(method: str, dim: int, **params: Any) -> Projection:
     """An unfitted projection of kind ``method`` with output dimension ``dim``.
 
     ``params`` go to the class's constructor; an unknown name raises

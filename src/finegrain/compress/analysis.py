@@ -15,9 +15,9 @@ Both are measured on L2-normalised rows, the space search actually scores in.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

@@ -59,7 +59,7 @@ class Projection(TransformerMixin, BaseEstimator):
     normalize: bool
 
     # ------------------------------------------------------------ public API
-    def fit(self, X: np.ndarray, y: Any = None) -> "Projection":
+    def fit(self, X: np.ndarray, y: Any = None) -> Projection:
         """Learn the projection from the rows of ``X`` (n_samples, input_dim); ``y`` is ignored."""
         return self._fit_validated(X)
 
@@ -100,7 +100,7 @@ class Projection(TransformerMixin, BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Projection":
+    def load(cls, path: str | os.PathLike) -> Projection:
         """Read a projection written by :meth:`save`; on a subclass, the file must hold that method."""
         projection = load_projection(path)
         if not isinstance(projection, cls):

@@ -60,7 +60,7 @@ def projection_path(root: Path, info: dict) -> Path:
     return root / PROJECTION_DIR / name
 
 
-def load_index_projection(root: Path, info: dict) -> "Projection":
+def load_index_projection(root: Path, info: dict) -> Projection:
     """Read the projection the catalog setting ``info`` points to (``FileNotFoundError`` if absent)."""
     from .base import load_projection
 
@@ -106,7 +106,7 @@ def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def project_rows(projection: "Projection", vectors: np.ndarray, show_progress: bool = False) -> np.ndarray:
+def project_rows(projection: Projection, vectors: np.ndarray, show_progress: bool = False) -> np.ndarray:
     """``projection.transform`` in batches (bounded memory for memory-mapped inputs), full stored size."""
     from ..progress import progress_bar
 
@@ -119,7 +119,7 @@ def project_rows(projection: "Projection", vectors: np.ndarray, show_progress: b
     return out
 
 
-def compress_index(writer: "Writer", snapshot: "Snapshot", method: str, dim: int | None = None,
+def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | None = None,
                    params: dict[str, Any] | None = None, show_progress: bool = False) -> dict:
     """Fit ``method`` on the index's original global vectors and make it the index's projection.
 
@@ -188,7 +188,7 @@ def compress_index(writer: "Writer", snapshot: "Snapshot", method: str, dim: int
     return info
 
 
-def _fit(projection: "Projection", X: np.ndarray, show_progress: bool) -> None:
+def _fit(projection: Projection, X: np.ndarray, show_progress: bool) -> None:
     """Fit, with a rich spinner on a terminal (training has a fixed step count, a few seconds to a minute)."""
     import sys
 

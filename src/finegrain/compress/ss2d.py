@@ -17,12 +17,12 @@ time the teacher is not needed.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from sklearn.base import clone
 
 from . import _nn
@@ -123,7 +123,7 @@ class SS2D(Projection):
         self.n_threads = n_threads
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: np.ndarray, y: Any = None, teacher_embeddings: np.ndarray | None = None) -> "SS2D":
+    def fit(self, X: np.ndarray, y: Any = None, teacher_embeddings: np.ndarray | None = None) -> SS2D:
         """Train the student on rows of ``X``; ``teacher_embeddings`` (n, m) overrides ``teacher``."""
         return self._fit_validated(X, teacher_embeddings)
 

@@ -59,7 +59,7 @@ class SegmentConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SegmentConfig":
+    def from_dict(cls, d: dict) -> SegmentConfig:
         return cls(**{**d, "levels": tuple(d["levels"])})
 
 

@@ -7,7 +7,7 @@ listing what exists.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Encoder, l2_normalize
 

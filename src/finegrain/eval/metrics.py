@@ -6,7 +6,7 @@ Ranks are 0-based throughout (rank 0 = the first result), as returned by
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

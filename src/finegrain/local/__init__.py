@@ -8,8 +8,18 @@
 """
 
 from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, chamfer_similarity, knn_graph, recall_at_k
-from .features import (CNNExtractor, DISKExtractor, LocalExtractor, LocalFeatures, PCAWhitening, RawFeatures,
-                       SIFTExtractor, create, list_extractors, load)
+from .features import (
+                       CNNExtractor,
+                       DISKExtractor,
+                       LocalExtractor,
+                       LocalFeatures,
+                       PCAWhitening,
+                       RawFeatures,
+                       SIFTExtractor,
+                       create,
+                       list_extractors,
+                       load,
+)
 
 __all__ = [
     "ApproxChamfer", "CNNExtractor", "DISKExtractor", "LocalDatabase", "LocalExtractor", "LocalFeatures",

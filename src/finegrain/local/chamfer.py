@@ -48,8 +48,8 @@ descriptor is what the aggregation already does (only the best hit per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class LocalDatabase:
         self.owners = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.offsets))
 
     @classmethod
-    def from_features(cls, features: Sequence) -> "LocalDatabase":
+    def from_features(cls, features: Sequence) -> LocalDatabase:
         """From one (n_i, d) array (or :class:`LocalFeatures`) per image, in image order."""
         arrays = [_as_desc(f) for f in features]
         dim = next((a.shape[1] for a in arrays if a.ndim == 2 and a.shape[1]), 128)

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class LocalFeatures:
     def __len__(self) -> int:
         return len(self.descriptors)
 
-    def top(self, n: int) -> "LocalFeatures":
+    def top(self, n: int) -> LocalFeatures:
         """The ``n`` strongest features (they are stored strongest first)."""
         return LocalFeatures(self.descriptors[:n], self.positions[:n], self.strengths[:n], self.scales[:n], self.image_size)
 
@@ -118,7 +119,7 @@ class RawFeatures:
     def __len__(self) -> int:
         return len(self.descriptors)
 
-    def top(self, n: int) -> "RawFeatures":
+    def top(self, n: int) -> RawFeatures:
         """The ``n`` strongest candidates (they are stored strongest first)."""
         return RawFeatures(self.descriptors[:n], self.positions[:n], self.strengths[:n], self.scales[:n],
                            self.image_size, self.global_raw)
@@ -151,7 +152,7 @@ class PCAWhitening:
         self.power = power
         self.shrinkage = shrinkage
 
-    def fit(self, X: np.ndarray) -> "PCAWhitening":
+    def fit(self, X: np.ndarray) -> PCAWhitening:
         X = _l2n(X).astype(np.float64)
         if len(X) < 2:
             raise ValueError("PCAWhitening needs at least 2 samples")
@@ -187,7 +188,7 @@ class PCAWhitening:
         return {f"{prefix}.mean": self.mean_, f"{prefix}.components": self.components_,
                 f"{prefix}.explained_variance": self.explained_variance_}
 
-    def set_state(self, arrays: dict[str, np.ndarray], prefix: str) -> "PCAWhitening":
+    def set_state(self, arrays: dict[str, np.ndarray], prefix: str) -> PCAWhitening:
         self.mean_ = np.asarray(arrays[f"{prefix}.mean"], np.float32)
         self.components_ = np.ascontiguousarray(arrays[f"{prefix}.components"], np.float32)
         self.explained_variance_ = np.asarray(arrays[f"{prefix}.explained_variance"], np.float32)
@@ -247,7 +248,7 @@ class LocalExtractor(ABC):
     def fitted(self) -> bool:
         return True
 
-    def fit(self, raws: Sequence[RawFeatures], seed: int = 0) -> "LocalExtractor":
+    def fit(self, raws: Sequence[RawFeatures], seed: int = 0) -> LocalExtractor:
         """Learn the projection from raw features of a collection (no-op when there is none)."""
         return self
 
@@ -477,7 +478,7 @@ class CNNExtractor(LocalExtractor):
     def fitted(self) -> bool:
         return self.local_whitening.fitted and (self.global_whitening.fitted or not self.global_whiten)
 
-    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> "CNNExtractor":
+    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> CNNExtractor:
         """Learn the local PCA-whitening (a sample of every image's descriptors) and, with ``global_whiten``,
         the global whitening (one multi-scale GeM vector per image), from the same collection pass."""
         raws = list(raws)
@@ -587,7 +588,7 @@ class SIFTExtractor(LocalExtractor):
     def fitted(self) -> bool:
         return (not self.whiten) or self.whitening.fitted
 
-    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> "SIFTExtractor":
+    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> SIFTExtractor:
         if self.whiten:
             self.whitening.fit(_sample_rows(list(raws), per_image, max_samples, seed))
         return self

@@ -41,8 +41,9 @@ import secrets
 import threading
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class LocalSearcher:
         Neighbours stored per database image for the ``l2g`` pairs.
     """
 
-    def __init__(self, snapshot: "Snapshot", store: LocalStore | None = None, knn: int = 512, nprobe: int = 16,
+    def __init__(self, snapshot: Snapshot, store: LocalStore | None = None, knn: int = 512, nprobe: int = 16,
                  graph_m: int = 50, dedup: float | None = 0.7, exact_rerank: int | None = None):
         config = snapshot.local_config
         if config is None:

@@ -29,9 +29,10 @@ which is worth doing when the first batch was small or unlike what came later.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class LocalConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | str | None) -> "LocalConfig | None":
+    def from_dict(cls, d: dict | str | None) -> LocalConfig | None:
         if d is None:
             return None
         if isinstance(d, str):

@@ -129,7 +129,7 @@ class ObjectConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ObjectConfig":
+    def from_dict(cls, d: dict) -> ObjectConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -113,7 +113,7 @@ def get(mode: str) -> Retriever:
         raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(_REGISTRY)}") from None
 
 
-def available(snapshot: "Snapshot") -> list[str]:
+def available(snapshot: Snapshot) -> list[str]:
     """The modes this index state supports (given the fields it stores)."""
     return [m for m in modes() if _REGISTRY[m].missing(snapshot, m) is None]
 
@@ -123,7 +123,7 @@ def describe() -> Mapping[str, str]:
     return {m: _REGISTRY[m].descriptions.get(m, _REGISTRY[m].name) for m in modes()}
 
 
-def resolve(snapshot: "Snapshot", mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
+def resolve(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
             ) -> tuple[Retriever, int, Params]:
     """Validate a search before any work: the mode exists and runs on this index, accepts the query, k and options."""
     retriever = get(mode)
@@ -137,15 +137,15 @@ def resolve(snapshot: "Snapshot", mode: str, query: Query, k: Any, options: Mapp
     return retriever, k, retriever.params(snapshot, mode, options)
 
 
-def search(snapshot: "Snapshot", mode: str, query: Query, k: int = 10,
+def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
            options: Mapping[str, Any] | None = None) -> SearchResponse:
     """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service."""
     retriever, k, params = resolve(snapshot, mode, query, k, options)
     return retriever.search(snapshot, mode, query, k, params)
 
 
-def explain(snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int = 10,
-            options: Mapping[str, Any] | None = None, response: SearchResponse | None = None) -> list["Explanation"]:
+def explain(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int = 10,
+            options: Mapping[str, Any] | None = None, response: SearchResponse | None = None) -> list[Explanation]:
     """Why each image of ``ids`` scored as it did for ``query`` in ``mode`` (``KeyError`` for an unknown id)."""
     retriever, k, params = resolve(snapshot, mode, query, k, options)
     for i in ids:

@@ -263,20 +263,20 @@ class Retriever(ABC):
     def accepts(self, mode: str) -> frozenset[str]:
         return self.query_kinds.get(mode, BOTH)
 
-    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+    def missing(self, snapshot: Snapshot, mode: str) -> str | None:
         """Why ``mode`` cannot run on ``snapshot`` (what the index lacks and how to add it), or None."""
         return None
 
-    def params(self, snapshot: "Snapshot", mode: str, options: Mapping[str, Any] | None) -> Params:
+    def params(self, snapshot: Snapshot, mode: str, options: Mapping[str, Any] | None) -> Params:
         """Validated parameters: the index's saved settings overridden by ``options``."""
         return self.params_type.from_options(options, mode=mode)
 
     @abstractmethod
-    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         """Rank the snapshot's images for ``query``; at most ``k`` hits, best first."""
 
-    def explain(self, snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
-                response: SearchResponse | None = None) -> list["Explanation"]:
+    def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
+                response: SearchResponse | None = None) -> list[Explanation]:
         """Why each of ``ids`` scored as it did (default: the global score of the whole image)."""
         from ..explain import explain_global
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
 
 
-def embed_query(snapshot: "Snapshot", query: Query) -> np.ndarray:
+def embed_query(snapshot: Snapshot, query: Query) -> np.ndarray:
     """The (dim,) joint-space embedding of a query (an image query cropped to its box first)."""
     if query.text is not None:
         return snapshot.encoder.encode_texts([query.text])[0]
@@ -32,7 +32,7 @@ def embed_query(snapshot: "Snapshot", query: Query) -> np.ndarray:
     return snapshot.encoder.encode_images([img])[0]
 
 
-def hits_from(snapshot: "Snapshot", ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+def hits_from(snapshot: Snapshot, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
     """Hits for image ids and scores, best first (ids of -1 dropped)."""
     return [SearchResult(int(i), snapshot.records[int(i)].path, float(s), r)
             for r, (i, s) in enumerate((i, s) for i, s in zip(ids, scores) if i >= 0)]
@@ -55,14 +55,14 @@ class DenseRetriever(Retriever):
     params_type = DenseParams
     descriptions: ClassVar[dict[str, str]] = {"global": "one vector per image (every index)"}
 
-    def params(self, snapshot: "Snapshot", mode: str, options: Any) -> Params:
+    def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         from ..compress import indexing as compress_indexing
 
         p = DenseParams.from_options(options, mode=mode)
         compress_indexing.check_search_dim(snapshot.projection_info, p.dim)  # a bad dim fails before encoding
         return p
 
-    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         assert isinstance(params, DenseParams)
         vector = embed_query(snapshot, query)
         scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim)
@@ -70,7 +70,7 @@ class DenseRetriever(Retriever):
                               [query.text] if query.text else [], generation=snapshot.generation)
 
 
-def search_vectors(snapshot: "Snapshot", queries: np.ndarray, k: int, dim: int | None = None
+def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty."""
     from ..compress import indexing as compress_indexing
@@ -93,7 +93,7 @@ def search_vectors(snapshot: "Snapshot", queries: np.ndarray, k: int, dim: int |
     return scores, ids
 
 
-def global_ann(snapshot: "Snapshot") -> "VectorIndex":
+def global_ann(snapshot: Snapshot) -> VectorIndex:
     """The top-k structure over the rows global search scores (built once per snapshot; cached on disk if ANN)."""
     from ..store.ann import VectorIndex
 
@@ -102,7 +102,7 @@ def global_ann(snapshot: "Snapshot") -> "VectorIndex":
                                                               snapshot.cache_file("global")))
 
 
-def nested_ann(snapshot: "Snapshot", dim: int) -> "VectorIndex":
+def nested_ann(snapshot: Snapshot, dim: int) -> VectorIndex:
     """Top-k structure over the leading ``dim`` projected dimensions (one per snapshot and size)."""
     from ..compress import indexing as compress_indexing
     from ..store.ann import VectorIndex

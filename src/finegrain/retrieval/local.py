@@ -8,8 +8,9 @@ in :mod:`finegrain.local.search`, which does the work.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..local.search import LocalSearcher, split_options
 from ..rerank.mds import L2GConfig
@@ -57,7 +58,7 @@ class LocalParams(Params):
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
-                     mode: str | None = None) -> "LocalParams":
+                     mode: str | None = None) -> LocalParams:
         given = {k: v for k, v in (options or {}).items() if v is not None}
         try:
             cfg, rest = split_options(given)  # unknown keys raise, naming the known ones
@@ -73,7 +74,7 @@ class LocalParams(Params):
         return {**d, **dict(self.rerank)}
 
 
-def local_searcher(snapshot: "Snapshot") -> LocalSearcher:
+def local_searcher(snapshot: Snapshot) -> LocalSearcher:
     """The snapshot's local-feature searcher (built once per snapshot; ``ValueError`` without local features)."""
     return snapshot.derived("local-searcher", lambda: LocalSearcher(snapshot))
 
@@ -90,7 +91,7 @@ class LocalRetriever(Retriever):
         "l2g": "L2G: local search, then MDS embeddings fused with the global descriptor (index with --local)",
     }
 
-    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+    def missing(self, snapshot: Snapshot, mode: str) -> str | None:
         if snapshot.local_config is None:
             return (f"search mode {mode!r} needs an index with local features; create it with "
                     "`finegrain index ... --local cnn` (or Index.create(..., local=\"cnn\"))")
@@ -99,7 +100,7 @@ class LocalRetriever(Retriever):
                     "local features do not make (use --local cnn)")
         return None
 
-    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         assert isinstance(params, LocalParams)
         searcher = local_searcher(snapshot)
         image = query.image

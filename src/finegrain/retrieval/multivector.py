@@ -10,8 +10,9 @@ options override them for that call only.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class MultiVectorParams(Params):
         return mv.MultiVectorConfig.from_dict(d)
 
 
-def segment_table(snapshot: "Snapshot") -> mv.SegmentTable:
+def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
     """Segments grouped by level and image (views of the mapped chunk when stored level-major); one per snapshot."""
     cfg = snapshot.segment_config
     assert cfg is not None
@@ -64,7 +65,7 @@ def segment_table(snapshot: "Snapshot") -> mv.SegmentTable:
                                                                      len(cfg.levels)))
 
 
-def query_vectors(snapshot: "Snapshot", query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
+def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
     """The query's texts (full query first, then sub-queries; empty for an image) and their (n, dim) embeddings."""
     if query.text is None:
         return [], embed_query(snapshot, query)[None, :]
@@ -85,13 +86,13 @@ class MultiVectorRetriever(Retriever):
         "hierarchical": "HiMIR scheduler: levels coarse to fine with pruning and early exit (index with --segments)",
     }
 
-    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+    def missing(self, snapshot: Snapshot, mode: str) -> str | None:
         if snapshot.segment_config is None or not snapshot.has_field("segments"):
             return (f"search mode {mode!r} needs an index built with segments "
                     "(finegrain index ... --segments 4,9,16,25,36)")
         return None
 
-    def params(self, snapshot: "Snapshot", mode: str, options: Any) -> Params:
+    def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         saved = snapshot.search_settings
         defaults = {**saved.get("multivector", {}), "decomposer": saved.get("decomposer", "rules")}
         p = MultiVectorParams.from_options(options, defaults, mode=mode)
@@ -101,7 +102,7 @@ class MultiVectorRetriever(Retriever):
             raise ValueError(f"single_level must be from 0 to {n_levels - 1} for this index, not {p.single_level}")
         return p
 
-    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)
         texts, queries = query_vectors(snapshot, query, params)
         scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries, k,
@@ -109,8 +110,8 @@ class MultiVectorRetriever(Retriever):
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,
                               generation=snapshot.generation)
 
-    def explain(self, snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
-                response: SearchResponse | None = None) -> list["Explanation"]:
+    def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
+                response: SearchResponse | None = None) -> list[Explanation]:
         from ..explain import explain_segments
 
         assert isinstance(params, MultiVectorParams)

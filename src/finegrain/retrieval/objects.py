@@ -8,7 +8,8 @@ Stage B descriptor. The object space is the image tower's raw features
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -23,12 +24,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ObjectRetriever", "object_table", "embed_object_query"]
 
 
-def object_table(snapshot: "Snapshot") -> object_search.ObjectTable:
+def object_table(snapshot: Snapshot) -> object_search.ObjectTable:
     """Per-object rows grouped by image (one per snapshot)."""
     return snapshot.derived("object-table", lambda: object_search.ObjectTable(snapshot.field("objects"), snapshot.ids))
 
 
-def embed_object_query(snapshot: "Snapshot", query: Query) -> np.ndarray:
+def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
     """A query vector in the index's object space (image queries; text only with ``space="joint"``)."""
     from .dense import embed_query
 
@@ -58,7 +59,7 @@ class ObjectRetriever(Retriever):
         "objects-refined": "MaO Stage B refined descriptor (index with --objects --refine-iters N)",
     }
 
-    def missing(self, snapshot: "Snapshot", mode: str) -> str | None:
+    def missing(self, snapshot: Snapshot, mode: str) -> str | None:
         cfg = snapshot.object_config
         if cfg is None:
             return f"search mode {mode!r} needs an index built with objects (finegrain index ... --objects regions)"
@@ -67,7 +68,7 @@ class ObjectRetriever(Retriever):
                     "(finegrain index ... --objects regions --refine-iters 80)")
         return None
 
-    def search(self, snapshot: "Snapshot", mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         fieldname = object_search.FIELDS[mode]
         vector = embed_object_query(snapshot, query)
         texts = [query.text] if query.text else []
@@ -84,8 +85,8 @@ class ObjectRetriever(Retriever):
                               SearchStats(sim_ops=len(snapshot.field(fieldname))), texts,
                               generation=snapshot.generation)
 
-    def explain(self, snapshot: "Snapshot", mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
-                response: SearchResponse | None = None) -> list["Explanation"]:
+    def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
+                response: SearchResponse | None = None) -> list[Explanation]:
         from ..explain import explain_objects
 
         return explain_objects(snapshot, mode, query, ids)

@@ -79,7 +79,7 @@ class MultiVectorConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "MultiVectorConfig":
+    def from_dict(cls, d: dict | None) -> MultiVectorConfig:
         d = dict(d or {})
         if "skip_levels" in d:
             d["skip_levels"] = tuple(d["skip_levels"])
@@ -96,7 +96,7 @@ class _Piece:
     offsets: list[np.ndarray]  # per level: (stop - start + 1,) row offsets of each image
 
     @classmethod
-    def build(cls, rows: FieldRows, positions: np.ndarray, start: int, stop: int, n_levels: int) -> "_Piece":
+    def build(cls, rows: FieldRows, positions: np.ndarray, start: int, stop: int, n_levels: int) -> _Piece:
         levels = np.asarray(rows.attrs["level"])
         vectors, offsets = [], []
         for level in range(n_levels):

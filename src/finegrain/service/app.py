@@ -32,9 +32,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Path as PathParam, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -44,8 +45,8 @@ from starlette.exceptions import HTTPException
 from .. import __version__, encoders, retrieval
 from ..images import ImageLoadError, load_image_sized
 from .clip_back import LARGE_BODY_PATHS, clip_back_router
-from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hardening import StaticFilesNoRange
+from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hosts import HostCheck
 from .slowclients import BodyTimeout
 
@@ -123,7 +124,7 @@ class SubQuery(BaseModel):
     text: str
     full_query: bool
     score: float = Field(description="Best region score over the visited levels (global score if none).")
-    best: Optional[Region]
+    best: Region | None
     levels: list[Region]
 
 
@@ -144,7 +145,7 @@ class Hit(BaseModel):
     rank: int
     name: str = Field(description="File name (no folders).")
     thumbnail: str = Field(description="URL of the thumbnail.")
-    explanation: Optional[Explanation] = None
+    explanation: Explanation | None = None
 
 
 class SearchStatsModel(BaseModel):
@@ -258,7 +259,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     @api.post("/search/image", response_model=SearchResponse, tags=["search"])
     def search_image(request: Request, image: UploadFile = File(description="The example image."),
                      k: int = Form(10), mode: Mode = Form("global"),
-                     box: Optional[str] = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
+                     box: str | None = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
                      explain: bool = Form(False)) -> dict:
         """Search by an example image (optionally a box of it)."""
         count(True)
@@ -279,7 +280,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
 
     @api.post("/explain/image", response_model=Explanation, tags=["search"])
     def explain_image(image: UploadFile = File(), id: int = Form(), mode: Mode = Form("global"),  # noqa: A002
-                      box: Optional[str] = Form(None), k: int = Form(10)) -> dict:
+                      box: str | None = Form(None), k: int = Form(10)) -> dict:
         """Why image ``id`` matches an example-image query."""
         count()
         k = _check_k(k, limits)
@@ -458,8 +459,8 @@ def _auth(api_key: str):
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer API_KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: API_KEY")
 
-    def check(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
-              key: Optional[str] = Depends(header)) -> None:
+    def check(creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+              key: str | None = Depends(header)) -> None:
         given = key if key is not None else (creds.credentials if creds is not None else None)
         # Header values arrive as latin-1 text: back to the bytes the client sent (UTF-8 for a non-ASCII key).
         if given is None or not hmac.compare_digest(given.encode("latin-1", "replace"), expected):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

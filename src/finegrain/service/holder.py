@@ -20,14 +20,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .. import encoders
-from ..index import Index
 from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
+from ..index import Index
 from ..store.catalog import Catalog
 from .batching import BatchingEncoder
 

@@ -115,7 +115,7 @@ class BodyTimeout:
             left = min(self.timeout, deadline - time.monotonic())
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise _RequestTimeout(self.timeout) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True

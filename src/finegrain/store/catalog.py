@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 FORMAT_VERSION = 1
 CATALOG_NAME = "finegrain.sqlite"
@@ -108,7 +108,7 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,7 +173,7 @@ class Catalog:
         return {status: n for status, n in rows}
 
     # --------------------------------------------------------------- writes
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         return _Transaction(self)
 
     def reserve_ids(self, n: int) -> list[int]:
@@ -190,7 +190,7 @@ class _Transaction:
         self.c = catalog
         self.db = catalog.db
 
-    def __enter__(self) -> "_Transaction":
+    def __enter__(self) -> _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
         return self
 

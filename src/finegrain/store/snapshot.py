@@ -47,7 +47,7 @@ class Snapshot:
     """Committed state of an index at one generation (see the module docstring). Build with :meth:`load`."""
 
     def __init__(self, path: Path, generation: int, records: list[ImageRecord], chunks: list[tuple[str, str, int]],
-                 settings: dict[str, Any], encoder: Callable[[], "Encoder"]):
+                 settings: dict[str, Any], encoder: Callable[[], Encoder]):
         self.path = Path(path)
         self.generation = int(generation)
         #: Live (indexed) images by id.
@@ -68,7 +68,7 @@ class Snapshot:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"]) -> "Snapshot":
+    def load(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder]) -> Snapshot:
         """Read the catalog's committed state in one transaction (no vector is read)."""
         generation, records, chunks, settings = catalog.read_state()
         return cls(path, generation, records, chunks, settings, encoder)
@@ -89,7 +89,7 @@ class Snapshot:
 
     # --------------------------------------------------------------- settings
     @property
-    def encoder(self) -> "Encoder":
+    def encoder(self) -> Encoder:
         """The index's encoder (shared by every snapshot of an open index; built on first use)."""
         return self._encoder()
 
@@ -102,21 +102,21 @@ class Snapshot:
         return int(self.settings["dim"])
 
     @property
-    def segment_config(self) -> "SegmentConfig | None":
+    def segment_config(self) -> SegmentConfig | None:
         from ..decompose.segments import SegmentConfig
 
         seg = self.settings.get("segments")
         return SegmentConfig.from_dict(seg) if seg else None
 
     @property
-    def object_config(self) -> "ObjectConfig | None":
+    def object_config(self) -> ObjectConfig | None:
         from ..objects.config import ObjectConfig
 
         obj = self.settings.get("objects")
         return ObjectConfig.from_dict(obj) if obj else None
 
     @property
-    def local_config(self) -> "LocalConfig | None":
+    def local_config(self) -> LocalConfig | None:
         from ..local.store import LocalConfig
 
         return LocalConfig.from_dict(self.settings.get("local"))
@@ -134,14 +134,14 @@ class Snapshot:
         return self.settings.get(compress_indexing.META_KEY) or None
 
     @property
-    def projection(self) -> "Projection | None":
+    def projection(self) -> Projection | None:
         """The fitted projection applied to queries of global search, or None."""
         info = self.projection_info
         if not info:
             return None
         from ..compress import indexing as compress_indexing
 
-        def build() -> "Projection":
+        def build() -> Projection:
             try:
                 return compress_indexing.load_index_projection(self.path, info)
             except FileNotFoundError:

@@ -48,11 +48,11 @@ class FieldRows:
     def __len__(self) -> int:
         return len(self.owners)
 
-    def select(self, keep: np.ndarray) -> "FieldRows":
+    def select(self, keep: np.ndarray) -> FieldRows:
         return FieldRows(self.vectors[keep], self.owners[keep], {k: v[keep] for k, v in self.attrs.items()})
 
     @staticmethod
-    def concat(parts: list["FieldRows"], dim: int) -> "FieldRows":
+    def concat(parts: list[FieldRows], dim: int) -> FieldRows:
         if not parts:
             return FieldRows(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
         names = set(parts[0].attrs)

@@ -54,15 +54,15 @@ def storage_order(rows: FieldRows) -> FieldRows:
 class Writer:
     """Exclusive write access to one index folder (see the module docstring). Use :meth:`open` as a context manager."""
 
-    def __init__(self, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"] | None = None):
+    def __init__(self, path: Path, catalog: Catalog, encoder: Callable[[], Encoder] | None = None):
         self.path = Path(path)
         self.catalog = catalog
         self._encoder = encoder
         self._lock_fh: IO[str] | None = None
-        self._projection: tuple[str, "Projection"] | None = None
+        self._projection: tuple[str, Projection] | None = None
 
     @classmethod
-    def open(cls, path: Path, catalog: Catalog, encoder: Callable[[], "Encoder"] | None = None) -> "Writer":
+    def open(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder] | None = None) -> Writer:
         """Take the writer lock and sweep what a crashed writer left behind."""
         writer = cls(path, catalog, encoder)
         writer._acquire()
@@ -79,7 +79,7 @@ class Writer:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,7 +95,7 @@ class Writer:
         self._lock_fh = fh
 
     @property
-    def encoder(self) -> "Encoder":
+    def encoder(self) -> Encoder:
         if self._encoder is None:
             from .. import encoders
 
@@ -205,7 +205,7 @@ class Writer:
             tx.purge_removed()
 
     # ----------------------------------------------------------- projection
-    def projection(self) -> "Projection | None":
+    def projection(self) -> Projection | None:
         """The projection committed in the catalog now (read under the lock, so never stale), or None."""
         from ..compress import indexing as compress_indexing
 
