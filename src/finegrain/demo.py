@@ -47,7 +47,7 @@ def run_demo(out: Path, console: Console | None = None, k: int = 5) -> dict:
     """Run the demo end to end; returns the queries and their results."""
     console = console or Console()
     out = Path(out)
-    images = write_sample_photos(out / "images")
+    write_sample_photos(out / "images")
     index_dir = out / "index"
     if index_dir.exists():
         remove_index(index_dir)

@@ -14,7 +14,7 @@ import stat
 import time
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -48,7 +48,7 @@ UNSUPPORTED_IMAGE_SUFFIXES = frozenset({
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
 
-ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
+ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
 
 
 class ImageLoadError(ValueError):

@@ -144,7 +144,7 @@ def read_clip_folder(root: str | os.PathLike, batch: int = 65_536) -> ClipFolder
     dim = None
     path_column = None
     seen: set[str] = set()
-    for number, emb in found:
+    for _number, emb in found:
         suffix = emb.name[len("img_emb_"):-len(".npy")]
         meta = meta_dir / f"metadata_{suffix}.parquet"
         if not meta.is_file():

@@ -93,7 +93,7 @@ class FieldExtractor(ABC):
         """Whether :meth:`fit` must run before this run's :meth:`prepare` (e.g. no fitted state yet)."""
         return False
 
-    def fit(self, paths: Sequence[str], show_progress: bool = False) -> None:
+    def fit(self, paths: Sequence[str], show_progress: bool = False) -> None:  # noqa: B027 # optional hook
         """Learn this extractor's state from ``paths`` (the files about to be indexed) and save it."""
 
     # the three steps -------------------------------------------------------

@@ -281,11 +281,11 @@ class ApproxChamfer:
             inner.hnsw.efSearch = max(self.ef_search, self.knn)
 
     def neighbours(self, query) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` for every query descriptor: (|Q|, knn) similarities and database rows (-1: none)."""
+        """``(D, ids)`` for every query descriptor: (|Q|, knn) similarities and database rows (-1: none)."""
         q = _as_desc(query)
         k = min(self.knn, max(1, len(self.rows)))
-        D, I = self.index.search(q, k)
-        return D, np.where(I >= 0, self.rows[np.maximum(I, 0)], -1)
+        D, ids = self.index.search(q, k)
+        return D, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
 
     def matches(self, query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every (query descriptor, database descriptor) match found: ``(qi, rows, kernel sims, fill (|Q|,))``.
@@ -295,21 +295,21 @@ class ApproxChamfer:
         """
         q = _as_desc(query)
         if self.knn == 0:
-            lims, D, I = self.index.range_search(q, float(self.threshold))
+            lims, D, ids = self.index.range_search(q, float(self.threshold))
             qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-            return qi, self.rows[I.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
-        D, I = self.neighbours(q)
+            return qi, self.rows[ids.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
+        D, ids = self.neighbours(q)
         D = match_kernel(D, self.threshold)
-        valid = I >= 0
+        valid = ids >= 0
         if self.threshold is not None:
             valid &= D > 0  # matches below the threshold count nothing
         if self.fill == "kth":
-            full = (I >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
+            full = (ids >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
             fill = np.where(full, D[:, -1], 0.0).astype(np.float32)
         else:
             fill = np.zeros(len(q), np.float32)
         qi = np.nonzero(valid)[0]
-        return qi, I[valid], D[valid], fill
+        return qi, ids[valid], D[valid], fill
 
     def score_all(self, query) -> tuple[np.ndarray, np.ndarray]:
         """Approximate Chamfer score of every database image, and whether the image was reached at all.

@@ -255,7 +255,7 @@ class LocalExtractor(ABC):
     def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:  # noqa: B027 # optional hook
         pass
 
     def transform(self, raw: RawFeatures) -> LocalFeatures:

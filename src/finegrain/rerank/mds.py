@@ -333,7 +333,7 @@ def smacof_numpy(D: np.ndarray, init: np.ndarray, max_iter: int = 300, eps: floa
     old = None
     it = 0
     stress = float("nan")
-    for it in range(max_iter):
+    for it in range(max_iter):  # noqa: B007 # the count is returned after the loop
         dist[dist == 0] = 1e-5
         ratio = D / dist
         B = -ratio
