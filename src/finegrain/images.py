@@ -195,7 +195,7 @@ def load_thumbnail(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIX
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
                 raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")

@@ -109,5 +109,5 @@ def run(module: nn.Module, X: np.ndarray, mean: np.ndarray, scale: float, batch_
             x = torch.from_numpy((X[start:start + batch_size] - mean) / np.float32(scale))
             out.append(module(x).numpy())
     if not out:
-        return np.zeros((0, module[-1].out_features), np.float32)
+        return np.zeros((0, module[-1].out_features), np.float32)  # type: ignore[index, arg-type]
     return np.concatenate(out)

@@ -193,7 +193,9 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
 
 def load_projection(path: str | os.PathLike) -> Projection:
     """Read any saved projection, choosing the class by the method name stored in the file."""
-    from . import METHODS  # the registry lives in the package, beside the classes it names
+    from . import METHODS as _registry  # the registry lives in the package, beside the classes it names
+
+    METHODS: dict[str, type[Projection]] = _registry
 
     metadata = read_header(path)
     method = metadata["method"]

@@ -14,6 +14,7 @@ image tower itself.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -88,7 +89,7 @@ def segment_image(image: Image.Image, config: SegmentConfig) -> Segments:
     from skimage.segmentation import slic
 
     s = config.slic_size
-    small = np.asarray(image.convert("RGB").resize((s, s), Image.BILINEAR))
+    small = np.asarray(image.convert("RGB").resize((s, s), Image.Resampling.BILINEAR))
     levels, boxes, areas, masks = [], [], [], []
     for li, n in enumerate(config.levels):
         if n == 1:
@@ -119,5 +120,5 @@ def embed_segments(encoder, image: Image.Image, segments: Segments, config: Segm
         if pixels is None:
             pixels = encoder.prepare_image(image, config.resolution)
         return encoder.encode_regions(pixels[None], [segments.masks])[0]
-    crops = [encoder.prepare_image(image.crop(tuple(int(v) for v in b))) for b in segments.pixel_boxes(*image.size)]
+    crops = [encoder.prepare_image(image.crop(cast(tuple[int, int, int, int], tuple(int(v) for v in b)))) for b in segments.pixel_boxes(*image.size)]
     return encoder.encode_pixels(np.stack(crops)) if crops else np.zeros((0, encoder.dim), np.float32)

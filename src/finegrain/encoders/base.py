@@ -141,15 +141,16 @@ class Encoder(ABC):
                 if len(m) == 0:
                     out.append(np.zeros((0, self.dim), np.float32))
                     continue
-                grid = F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(m, np.float32))[:, None], fmap.shape[-2:])[:, 0]
+                masks_t = torch.from_numpy(np.asarray(m, np.float32))[:, None]
+                grid = F.adaptive_avg_pool2d(masks_t, fmap.shape[-2:])[:, 0]  # type: ignore[arg-type]
                 pooled = self.pool_regions(fmap[b], grid)
                 out.append(l2_normalize(self._project_features(pooled).float().numpy()))
         return out
 
     def project(self, pooled: np.ndarray) -> np.ndarray:
         """Project pooled feature-map vectors (n, C) into the joint space, L2-normalised."""
-        pooled = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
-        return l2_normalize(self._run(self._project_features, pooled))
+        x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+        return l2_normalize(self._run(self._project_features, x))
 
     # --------------------------------------------------------------- helpers
     def iter_image_batches(

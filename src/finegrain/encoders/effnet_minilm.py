@@ -226,7 +226,7 @@ def pixels_to_array(img, size: int) -> np.ndarray:
     from PIL import Image
 
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
     return (arr * (1.0 / (255.0 * IMAGE_STD)) - IMAGE_MEAN / IMAGE_STD).astype(np.float32, copy=False)
 

@@ -11,24 +11,24 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def recall_at_k(ranks: Sequence[float], k: int) -> float:
+def recall_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:
     """Fraction of queries whose (best) relevant item has 0-based rank < ``k``."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if ranks.size == 0:
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size == 0:
         raise ValueError("no queries")
-    return float(np.mean(ranks < k))
+    return float(np.mean(r < k))
 
 
-def ndcg_at_k(ranks: Sequence[float], k: int = 10) -> float:
+def ndcg_at_k(ranks: Sequence[float] | np.ndarray, k: int = 10) -> float:
     """Mean NDCG@k for queries with exactly one relevant item at 0-based ``ranks``.
 
     With one relevant item the ideal DCG is 1, so NDCG = 1/log2(rank+2) if
     the item is in the top k (1-based rank r: 1/log2(r+1)), else 0.
     """
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if ranks.size == 0:
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size == 0:
         raise ValueError("no queries")
-    gains = np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+    gains = np.where(r < k, 1.0 / np.log2(np.minimum(r, k) + 2.0), 0.0)
     return float(gains.mean())
 
 

@@ -126,7 +126,7 @@ def chamfer_similarity(query, target, threshold: float | None = None) -> float:
     return float(match_kernel((q @ t.T).max(axis=1), threshold).mean())
 
 
-def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | None = None, block_rows: int = 65536,
+def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray | None = None, block_rows: int = 65536,
                    threshold: float | None = None) -> np.ndarray:
     """Exact Chamfer similarity of ``query`` to each database image (or to ``images`` only, in that order).
 
@@ -255,12 +255,13 @@ class ApproxChamfer:
 
         d = self.db.dim
         x = self.db.descriptors if len(self.rows) == len(self.db.descriptors) else self.db.descriptors[self.rows]
+        index: faiss.Index
         if kind == "flat" or len(x) < 10_000:
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 80
-        else:
+            hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = 80
+            index = hnsw
             if nlist is None:
                 nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(x)))))
             nlist = max(1, min(nlist, len(x) // 39))
@@ -295,6 +296,7 @@ class ApproxChamfer:
         """
         q = _as_desc(query)
         if self.knn == 0:
+            assert self.threshold is not None  # checked in __init__: knn=0 needs a threshold
             lims, D, ids = self.index.range_search(q, float(self.threshold))
             qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
             return qi, self.rows[ids.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
@@ -356,7 +358,7 @@ class ApproxChamfer:
         return out_scores, out_ids
 
 
-def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | None = None,
+def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.ndarray | None = None,
               max_query_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each database image's ``m`` best other images by approximate Chamfer (the image itself as query).
 
@@ -383,7 +385,7 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | None
     return ids, sims
 
 
-def recall_at_k(approx_ids: Sequence[int], exact_scores: np.ndarray, k: int = 100) -> float:
+def recall_at_k(approx_ids: Sequence[int] | np.ndarray, exact_scores: np.ndarray, k: int = 100) -> float:
     """Fraction of the exact top-``k`` images (by ``exact_scores``) found in ``approx_ids[:k]``.
 
     Images whose exact score is 0 or less (nothing matched above the

@@ -330,7 +330,7 @@ def _load_region(image: ImageSource, bbox: BBox | None, longest: int):
     cw, ch = img.size
     tw, th = max(1, int(round(cw / to_loaded * scale))), max(1, int(round(ch / to_loaded * scale)))
     if (tw, th) != (cw, ch):
-        img = img.resize((tw, th), Image.BILINEAR, reducing_gap=3.0)
+        img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return img, (ox, oy), 1.0 / scale, (W, H)
 
 
@@ -443,7 +443,7 @@ class CNNExtractor(LocalExtractor):
             f = s / max(self.scales)  # relative to the largest scale, which ``base`` is at
             w = max(32, int(round(base.size[0] * f / 32)) * 32)
             h = max(32, int(round(base.size[1] * f / 32)) * 32)
-            fmap = self._feature_map(base.resize((w, h), Image.BILINEAR, reducing_gap=3.0))  # (C, gh, gw)
+            fmap = self._feature_map(base.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0))  # (C, gh, gw)
             C, gh, gw = fmap.shape
             x = fmap.reshape(C, -1).T  # (gh*gw, C), row-major cells
             gems.append(_l2n(np.power(np.maximum(x, 1e-6), self.gem_p).mean(0) ** (1.0 / self.gem_p)))

@@ -19,6 +19,7 @@ vector of the same space, see :func:`embed_query`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def prepare_objects(image: Image.Image, encoder, config: ObjectConfig, proposals
     crops = [encoder.prepare_image(image, config.crop_size)]
     masks = [np.ones((MASK_RES, MASK_RES), np.float32)]
     for i, win in enumerate(windows, start=1):
-        crops.append(encoder.prepare_image(image.crop(tuple(int(round(v)) for v in win)), config.crop_size))
+        crops.append(encoder.prepare_image(image.crop(cast(tuple[int, int, int, int], tuple(int(round(v)) for v in win))), config.crop_size))
         masks.append(_mask_in_window(props, i, win))
     return ObjectInputs(props, np.stack(crops), np.stack(masks))
 
@@ -138,6 +139,7 @@ def encode_objects(encoder, items: list[ObjectInputs], config: ObjectConfig) -> 
         if config.refine:
             from .refine import refine_descriptor
 
+            assert fmaps is not None  # config.refine kept the feature maps of every crop
             refined = refine_descriptor(mean, v, fmaps[start:start + n], it.masks, config)
         out.append(ObjectVectors(v, it.proposals.normalized_boxes(), it.proposals.scores, mean, refined))
         start += n

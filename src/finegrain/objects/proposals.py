@@ -99,7 +99,7 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224)
     from skimage.segmentation import felzenszwalb
 
     width, height = image.size
-    small = np.asarray(image.resize((side, side), Image.BILINEAR))
+    small = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR))
     min_size = max(4, side * side // 400)
     cands: list[tuple[float, tuple[int, int, int, int], np.ndarray]] = []
     for scale in FELZENSZWALB_SCALES:
@@ -183,7 +183,7 @@ class YoloxDetector:
         r = min(self.size / width, self.size / height)
         nw, nh = max(1, int(round(width * r))), max(1, int(round(height * r)))
         canvas = np.full((self.size, self.size, 3), YOLOX_PAD_VALUE, np.float32)
-        canvas[:nh, :nw] = np.asarray(image.convert("RGB").resize((nw, nh), Image.BILINEAR), np.float32)
+        canvas[:nh, :nw] = np.asarray(image.convert("RGB").resize((nw, nh), Image.Resampling.BILINEAR), np.float32)
         blob = canvas[:, :, ::-1].transpose(2, 0, 1)[None].copy()  # RGB -> BGR, 0-255, NCHW
         with self._lock:
             out = self.session.run(None, {self.input_name: blob})[0][0]

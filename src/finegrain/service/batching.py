@@ -88,6 +88,7 @@ class BatchingEncoder:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        assert job.result is not None  # _run sets either result or error before done
         return job.result
 
     def close(self) -> None:
@@ -104,7 +105,8 @@ class BatchingEncoder:
                     self._cond.wait()
                 if not self._queue:
                     return
-                jobs, n = [], 0
+                jobs: list[_Job] = []
+                n = 0
                 while self._queue and (not jobs or n + len(self._queue[0].texts) <= self.max_batch):
                     job = self._queue.popleft()
                     jobs.append(job)

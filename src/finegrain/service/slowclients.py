@@ -48,7 +48,7 @@ def timed_h11_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type[H11Prot
 
         _header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_header_timer()
 

@@ -55,18 +55,21 @@ class VectorIndex:
     @staticmethod
     def _build(vectors: np.ndarray, kind: str) -> faiss.Index:
         n, dim = vectors.shape
+        index: faiss.Index
         if kind == "flat" or n == 0:
             index = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 128
+            hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = 80
+            hnsw.hnsw.efSearch = 128
+            index = hnsw
         else:  # ivf
             nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
             quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(vectors)
-            index.nprobe = max(1, nlist // 16)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.train(vectors)
+            ivf.nprobe = max(1, nlist // 16)
+            index = ivf
         index.add(vectors)
         return index
 
