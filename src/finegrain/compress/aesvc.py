@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -211,7 +211,7 @@ class AESVC(Projection):
 
             def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
                 terms = self._losses(encoder, decoder, data[idx])
-                return sum(weights[name] * value for name, value in terms.items())
+                return cast(torch.Tensor, sum(weights[name] * value for name, value in terms.items()))
 
             _nn.train([*encoder.parameters(), *decoder.parameters()], loss_of_batch, n, self.batch_size, steps,
                       self.learning_rate, generator)

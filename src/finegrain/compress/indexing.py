@@ -154,6 +154,7 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
         writer.replace_fields([FIELD], [], {META_KEY: None})
         sweep_projection_files(root, None)
         return {}
+    assert dim is not None  # checked above for every method but none
     source = snapshot.field(SOURCE_FIELD)
     input_dim = source.vectors.shape[1]
     if dim > input_dim:

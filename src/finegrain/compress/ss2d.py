@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -137,10 +137,10 @@ class SS2D(Projection):
         dims = self._check_dims()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature!r}")
-        target = self._teacher_output(X, teacher_embeddings)
+        teacher = self._teacher_output(X, teacher_embeddings)
         self.mean_, self.scale_ = _nn.standardizer(X)
         data = torch.from_numpy((X - self.mean_) / np.float32(self.scale_))
-        target = torch.from_numpy(target)
+        target = torch.from_numpy(teacher)
         start = time.perf_counter()
         with _nn.seeded(self.random_state, self.n_threads) as generator:
             student = _nn.mlp((X.shape[1], *hidden, dims[-1]))
@@ -148,7 +148,7 @@ class SS2D(Projection):
             def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
                 out, t = student(data[idx]), target[idx]
                 # Every nested size shares the leading dimensions, so each loss shapes them all.
-                return sum(similarity_kl(out[:, :d], t, self.temperature) for d in dims) / len(dims)
+                return cast(torch.Tensor, sum(similarity_kl(out[:, :d], t, self.temperature) for d in dims) / len(dims))
 
             _nn.train(student.parameters(), loss_of_batch, len(X), self.batch_size, self.n_steps, self.learning_rate,
                       generator)

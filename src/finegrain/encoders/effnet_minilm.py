@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def load_efficientnet_lite0() -> nn.Module:
 class ImageTrunk(nn.Module):
     """Frozen part of EfficientNet-Lite0: stem and blocks 0..14 -> (B, 192, S/32, S/32)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: Any):  # an efficientnet_lite_pytorch EfficientNet: its submodules are untyped
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[:TRUNK_BLOCKS])
@@ -70,7 +71,7 @@ class ImageTrunk(nn.Module):
 class ImageTop(nn.Module):
     """Fine-tuned top of EfficientNet-Lite0: block 15 and the 1x1 head conv -> (B, 1280, h, w)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: Any):  # an efficientnet_lite_pytorch EfficientNet: its submodules are untyped
         super().__init__()
         self.block = net._blocks[TRUNK_BLOCKS]
         self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)
@@ -193,8 +194,8 @@ class EffNetMiniLM(Encoder):
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
         self.aligner.load_state_dict(state)
         # channels-last lets oneDNN run the depthwise convolutions much faster on CPU (~1.6x here).
-        self.trunk.to(memory_format=torch.channels_last)
-        self.aligner.image_top.to(memory_format=torch.channels_last)
+        self.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.aligner.image_top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.dim = int(self.config["dim"])
         self.tokenizer, self.text_model = load_minilm()
 

@@ -443,7 +443,7 @@ def known_query_scores(query_sims: np.ndarray, query_neighbors: int | str | None
 def _l2g_rerank(query_sims, shortlist, global_query, global_shortlist, config, graph, pairs) -> L2GResult:
     t0 = time.perf_counter()
     shortlist = np.asarray(shortlist, np.int64)
-    timings = {}
+    timings: dict[str, float] = {}
     if pairs is None:
         if graph is None:
             a = b = np.zeros(0, np.int64)

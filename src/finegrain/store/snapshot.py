@@ -18,7 +18,7 @@ are stored in that order).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -206,7 +206,7 @@ class Snapshot:
                                    f"{rows.vectors.shape[1]} dims for {len(self)} images ({info['dim']} dims)")
         return rows
 
-    def positions(self, ids: np.ndarray) -> np.ndarray:
+    def positions(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Positions (indices into :attr:`ids`) of image ids that are all live."""
         return np.searchsorted(self.ids, np.asarray(ids, np.int64))
 
