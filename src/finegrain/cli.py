@@ -7,7 +7,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -156,7 +156,7 @@ def index_cmd(
         if objects:
             from .objects.config import ObjectConfig
 
-            extra = {} if object_threshold is None else {"threshold": object_threshold}
+            extra: dict[str, Any] = {} if object_threshold is None else {"threshold": object_threshold}
             obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if (index / "finegrain.sqlite").exists():
@@ -416,7 +416,7 @@ def compress_cmd(
     if method != "none" and dim is None:
         _fail("--dim is required (the output size)", 2)
     idx = _open_index(index)
-    params = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
+    params: dict[str, Any] = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
     if teacher not in ("aesvc", "input"):
         _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
     if method == "ss2d":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -16,6 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .index import Index, remove_index
+
+if TYPE_CHECKING:
+    from .retrieval import SearchResponse
 
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
                  "immunohistochemistry", "moon", "page", "retina", "clock", "brick", "grass", "gravel",
@@ -57,7 +62,7 @@ def run_demo(out: Path, console: Console | None = None, k: int = 5) -> dict:
     console.print(f"indexed {report.indexed} sample photos in {time.perf_counter() - t0:.1f}s "
                   f"(model load included) -> {index_dir}")
 
-    results: list[tuple[str, list]] = []
+    results: list[tuple[str, SearchResponse]] = []
     for text in TEXT_QUERIES:
         results.append((f"text: {text}", index.search(text=text, k=k)))
     name, box = IMAGE_QUERY
@@ -74,7 +79,7 @@ def run_demo(out: Path, console: Console | None = None, k: int = 5) -> dict:
     return {"indexed": report.indexed, "queries": [(t, [h.as_dict() for h in hits]) for t, hits in results]}
 
 
-def render_html(results: list[tuple[str, list]], base: Path) -> str:
+def render_html(results: Sequence[tuple[str, Sequence[Any]]], base: Path) -> str:
     """A self-contained page: one row of thumbnails per query (paths relative to the page)."""
     rows = []
     for title, hits in results:

@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from . import retrieval
 from .images import ImageSource
@@ -124,7 +125,8 @@ class ShardedIndex:
         """
         k = retrieval.check_k(k)
         retrieval.get(mode)  # an unknown mode fails before any work
-        query = retrieval.Query(text=text, image=image, bbox=None if bbox is None else tuple(bbox))
+        box = None if bbox is None else cast(tuple[float, float, float, float], tuple(bbox))
+        query = retrieval.Query(text=text, image=image, bbox=box)
         if mode == "global":
             from .retrieval.dense import DenseParams
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from ..datasets import load_flickr8k, load_revisitop
 from ..eval.metrics import compute_map, recall_at_k, revisitop_map
 from .common import bench_index
 from .revisitop import revisitop_index
+
+if TYPE_CHECKING:
+    from ..compress import SS2D
 
 METHODS = ("pca", "aesvc", "aesvc-paper", "ss2d")
 DEFAULT_METHODS = ("pca", "aesvc", "ss2d")
@@ -50,7 +54,7 @@ def cosine_ranks(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
     return np.argsort(-(db @ q.T), axis=0, kind="stable")
 
 
-def class_map(database: np.ndarray, labels: Sequence[str], n_labelled: int | None = None) -> float:
+def class_map(database: np.ndarray, labels: Sequence[str] | np.ndarray, n_labelled: int | None = None) -> float:
     """mAP (percent) of each labelled database row as a query against all other rows, relevant = same label.
 
     ``database`` holds the ``len(labels)`` labelled rows first, then
@@ -78,8 +82,9 @@ def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int =
     if method == "ss2d":
         top = max(dims)
         teacher = None if ss2d_teacher == "input" else ss2d_teacher
-        student = create_projection("ss2d", top, dims=sorted(set(dims)), random_state=seed, teacher=teacher,
-                                    **params).fit(X)
+        unfitted = create_projection("ss2d", top, dims=sorted(set(dims)), random_state=seed, teacher=teacher,
+                                     **params)
+        student = cast("SS2D", unfitted).fit(X)
         return {d: (student, lambda Z, d=d: student.transform(Z, dim=d)) for d in dims}
     name, fixed = VARIANTS.get(method, (method, {}))
     out = {}
@@ -211,7 +216,7 @@ def text_check(data: str | Path, split: str, methods: Sequence[str], dims: Seque
     rows = [row_of_path.get(str(p.resolve()), row_of_path.get(str(p.absolute()))) for p in paths]
     if any(r is None for r in rows):
         raise ValueError(f"{sum(r is None for r in rows)} images of the {split} split could not be indexed")
-    images = np.asarray(index.global_rows.vectors)[rows]
+    images = np.asarray(index.global_rows.vectors)[cast(list[int], rows)]  # no None: checked above
     texts = index.encoder.encode_texts(ds.captions, batch_size=256)
     target = np.asarray(ds.caption_image)
 

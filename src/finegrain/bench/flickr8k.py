@@ -65,7 +65,7 @@ def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", enc
 
     # Text -> image, one query at a time (latency includes text encoding). Every
     # reported metric looks at the top 10 only, so that is what is retrieved.
-    latencies, t2i_rank, sim_ops, levels = [], [], [], []
+    latencies, t2i_ranks, sim_ops, levels = [], [], [], []
     index.search(text="warm up", k=10, mode=mode, **search_options)
     for caption, true_id in zip(ds.captions, target):
         t0 = time.perf_counter()
@@ -74,8 +74,8 @@ def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", enc
         sim_ops.append(hits.stats.sim_ops)
         levels.append(hits.stats.levels_visited)
         ranked = [h.id for h in hits]
-        t2i_rank.append(ranked.index(true_id) if true_id in ranked else np.inf)
-    t2i_rank = np.asarray(t2i_rank, dtype=np.float64)
+        t2i_ranks.append(ranked.index(true_id) if true_id in ranked else np.inf)
+    t2i_rank = np.asarray(t2i_ranks, dtype=np.float64)
 
     # Image -> text: each indexed image against all captions of the split.
     text_emb = index.encoder.encode_texts(ds.captions, batch_size=256)

@@ -64,7 +64,7 @@ def load_needles(data: str | Path) -> NeedlesSet:
     return NeedlesSet(scenes, queries, relevant, area)
 
 
-def average_precision(ranked: list[str], relevant: set[str], ignore: set[str] = frozenset()) -> float:
+def average_precision(ranked: list[str], relevant: set[str], ignore: set[str] | frozenset[str] = frozenset()) -> float:
     """Non-interpolated AP of a full ranking (names), skipping ``ignore`` names; 0 if nothing is relevant."""
     hits, total, rank = 0, 0.0, 0
     for name in ranked:

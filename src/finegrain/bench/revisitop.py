@@ -95,6 +95,7 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
     n_total = len(bench.db_paths) + len(bench.distractor_paths)
     searcher = index.local_searcher if uses_local else None
     if mode == "l2g":
+        assert searcher is not None  # l2g is one of LOCAL_MODES
         searcher.graph(show_progress=show_progress)  # query-independent, built once per index state
 
     index.search(image=bench.query_paths[0], k=1, mode=mode, **search_options)  # warm-up

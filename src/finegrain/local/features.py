@@ -44,7 +44,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -484,7 +484,7 @@ class CNNExtractor(LocalExtractor):
         raws = list(raws)
         self.local_whitening.fit(self._prepare(_sample_rows(raws, per_image, max_samples, seed)))
         if self.global_whiten:
-            self.global_whitening.fit(np.stack([r.global_raw for r in raws]))
+            self.global_whitening.fit(np.stack([cast(np.ndarray, r.global_raw) for r in raws]))
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -509,7 +509,7 @@ class CNNExtractor(LocalExtractor):
 
         ``d`` is ``global_dim`` with ``global_whiten``, else C (1280 for ``effnet-minilm``).
         """
-        g = raw.global_raw if isinstance(raw, RawFeatures) else np.asarray(raw, np.float32)
+        g = cast(np.ndarray, raw.global_raw) if isinstance(raw, RawFeatures) else np.asarray(raw, np.float32)
         g2 = g[None] if g.ndim == 1 else g
         out = self.global_whitening.transform(g2) if self.global_whiten else _l2n(g2)
         return out[0] if g.ndim == 1 else out

@@ -43,7 +43,7 @@ import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -239,7 +239,7 @@ class LocalSearcher:
     def global_matrix(self, field: str) -> np.ndarray:
         if field == "instance" and self.instance is not None:
             return self.instance
-        return self.joint
+        return cast(np.ndarray, self.joint)  # None only when the index holds no global rows
 
     # ------------------------------------------------------------------ search
     def query_features(self, image, bbox: Sequence[float] | None, global_field: str = "instance"
@@ -254,7 +254,8 @@ class LocalSearcher:
         if G is self.instance and inst is not None:
             gq = np.asarray(inst, np.float32)
         else:
-            gq = embed_query(self.snapshot, Query(image=image, bbox=None if bbox is None else tuple(bbox)))
+            box = None if bbox is None else cast(tuple[float, float, float, float], tuple(bbox))
+            gq = embed_query(self.snapshot, Query(image=image, bbox=box))
         return q, gq
 
     def search(self, mode: str, image, bbox: Sequence[float] | None, k: int,

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -225,5 +225,5 @@ class LocalStore:
              "strength": np.concatenate([np.asarray(f.strengths, np.float32) for f, _ in items]).astype(np.float16)},
         )
         if all(g is not None for _, g in items):
-            out[INSTANCE_FIELD] = FieldRows(np.stack([g for _, g in items]).astype(np.float16), np.asarray(ids, np.int64))
+            out[INSTANCE_FIELD] = FieldRows(np.stack([cast(np.ndarray, g) for _, g in items]).astype(np.float16), np.asarray(ids, np.int64))
         return out

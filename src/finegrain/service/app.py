@@ -32,7 +32,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi import Path as PathParam
@@ -173,7 +173,7 @@ class ErrorBody(BaseModel):
     message: str
 
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}
 
 
 # ------------------------------------------------------------------ the app
@@ -315,6 +315,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         modes = index.available_modes()
         info.pop("path", None)
         failures = info.pop("failures", [])
+        assert holder.encoder is not None  # set when the holder first opened the index
         return {
             **info,
             "failures": len(failures),

@@ -60,7 +60,7 @@ class IndexHolder:
         :class:`~finegrain.service.batching.BatchingEncoder`); default one per core.
     """
 
-    def __init__(self, path: str | Path, reload_interval: float = 1.0, text_workers: int | None = None):
+    def __init__(self, path: str | os.PathLike, reload_interval: float = 1.0, text_workers: int | None = None):
         self.path = Path(path)
         self.reload_interval = float(reload_interval)
         self.text_workers = text_workers

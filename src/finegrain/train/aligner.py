@@ -139,13 +139,14 @@ def evaluate(model: Aligner, cache: dict, split: str = "dev") -> dict:
     """Text->image and image->text recall on a cached split (original view only)."""
     model.eval()
     with torch.no_grad():
-        img = torch.cat([model.image_embed(torch.from_numpy(np.asarray(cache[f"{split}_orig"][i:i + 256], np.float32)))
-                         for i in range(0, len(cache[f"{split}_orig"]), 256)])
+        img_t = torch.cat([
+            model.image_embed(torch.from_numpy(np.asarray(cache[f"{split}_orig"][i:i + 256], np.float32)))
+            for i in range(0, len(cache[f"{split}_orig"]), 256)])
         tok, msk = cache[f"{split}_tokens"], cache[f"{split}_mask"]
-        txt = torch.cat([model.text_embed(torch.from_numpy(np.asarray(tok[i:i + 512], np.float32)),
-                                          torch.from_numpy(np.asarray(msk[i:i + 512], np.int64)))
-                         for i in range(0, len(tok), 512)])
-    img, txt = F.normalize(img, dim=-1).numpy(), F.normalize(txt, dim=-1).numpy()
+        txt_t = torch.cat([model.text_embed(torch.from_numpy(np.asarray(tok[i:i + 512], np.float32)),
+                                            torch.from_numpy(np.asarray(msk[i:i + 512], np.int64)))
+                           for i in range(0, len(tok), 512)])
+    img, txt = F.normalize(img_t, dim=-1).numpy(), F.normalize(txt_t, dim=-1).numpy()
     cap_img = np.asarray(cache["manifest"]["caption_image"][split])
     sims = txt @ img.T
     t2i_rank = (sims > sims[np.arange(len(txt)), cap_img][:, None]).sum(1)  # 0-based rank of the true image
@@ -234,6 +235,7 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    assert best_state is not None  # the first epoch's score (>= 0) beats the initial -1
     # Stored as float16 (half the size); loaded back as float32.
     save_file({k: v.half() if v.is_floating_point() else v for k, v in best_state.items()}, str(out))
     model.load_state_dict(best_state)

@@ -176,7 +176,7 @@ def _encode_split(enc, pool: list[Path], n: int, rng: np.random.Generator, objec
             # diagnostic: can the pipeline see the object at all (best proposal IoU with the pasted box)
             hits.append(max((iou(b, comp.box) for b in inputs.proposals.boxes[1:]), default=0.0))
             bar.advance()
-    arrays = {"crops": np.concatenate(crops), "offsets": np.asarray(offsets, np.int64),
+    arrays: dict[str, np.ndarray] = {"crops": np.concatenate(crops), "offsets": np.asarray(offsets, np.int64),
               "queries": np.stack(queries), "boxes": np.asarray(boxes, np.float32),
               "areas": np.asarray(areas, np.float32), "best_iou": np.asarray(hits, np.float32)}
     for name, arr in arrays.items():
