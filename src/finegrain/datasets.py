@@ -37,7 +37,8 @@ def load_flickr8k(root: str | Path, split: str) -> CaptionSplit:
     split_file = root / "splits" / f"{split}.txt"
     if not split_file.exists():
         have = sorted(p.stem for p in (root / "splits").glob("*.txt"))
-        raise FileNotFoundError(f"no split '{split}' in {root} (expected {split_file}; available: {', '.join(have) or 'none'})")
+        raise FileNotFoundError(f"no split '{split}' in {root} "
+                                f"(expected {split_file}; available: {', '.join(have) or 'none'})")
     images = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     position = {name: i for i, name in enumerate(images)}
     captions: list[str] = []
@@ -91,7 +92,8 @@ def load_revisitop(data: str | Path, gnd_file: str | Path | None = None, distrac
     queries = [query_image_path(data, name) for name in gnd.qimlist]
     missing = [p for p in db + queries if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of the ground truth are missing from {data / 'jpg'}, e.g. {missing[0]}")
+        raise FileNotFoundError(f"{len(missing)} images of the ground truth are missing from {data / 'jpg'}, "
+                                f"e.g. {missing[0]}")
     extra: list[Path] = []
     if distractors is not None:
         root = Path(distractors)

@@ -66,7 +66,8 @@ def run_demo(out: Path, console: Console | None = None, k: int = 5) -> dict:
     for text in TEXT_QUERIES:
         results.append((f"text: {text}", index.search(text=text, k=k)))
     name, box = IMAGE_QUERY
-    results.append((f"image: {name}.png cropped to {box}", index.search(image=out / "images" / f"{name}.png", bbox=box, k=k)))
+    results.append((f"image: {name}.png cropped to {box}",
+                    index.search(image=out / "images" / f"{name}.png", bbox=box, k=k)))
 
     for title, hits in results:
         table = Table("rank", "score", "image", title=title, title_justify="left")

@@ -224,7 +224,8 @@ def _visited_levels(snapshot: Snapshot, mode: str, vectors: np.ndarray, config: 
     if response is not None:
         levels_visited = response.stats.levels_visited
     else:  # hierarchical: where the search stops depends on the whole collection
-        _, _, stats = multivector.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, vectors, k, config)
+        _, _, stats = multivector.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, vectors, k,
+                                         config)
         levels_visited = stats.levels_visited
     return multivector.schedule(n_levels, config)[:levels_visited]
 

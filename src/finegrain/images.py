@@ -199,7 +199,8 @@ def load_thumbnail(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIX
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
                 raise ImageLoadError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
-            if img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):  # palette, 1-bit, 16-bit: resized badly or not at all
+            # palette, 1-bit, 16-bit: resized badly or not at all
+            if img.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
                 img.load()
                 exif = img.getexif()
                 img = _to_rgb(img)

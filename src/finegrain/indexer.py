@@ -77,14 +77,19 @@ class Prepared:
     replaces: int | None = None  # the indexed image id this file's new content replaces
 
 
-def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files under ``inputs`` (folders walked, files taken as given), sorted, plus walk errors."""
     files: set[str] = set()
     problems: list[tuple[str, str]] = []
+
+    def on_error(e: OSError) -> None:
+        problems.append((printable_path(str(e.filename)), f"cannot list folder: {e.strerror}"))
+
     for item in inputs:
         path = Path(os.path.abspath(item))
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=False, onerror=lambda e: problems.append((printable_path(str(e.filename)), f"cannot list folder: {e.strerror}"))):
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False, onerror=on_error):
                 dirnames.sort()
                 if not recursive:
                     dirnames.clear()

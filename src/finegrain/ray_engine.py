@@ -139,7 +139,8 @@ class RayIndexer(Indexer):
         ctx.execution_options.preserve_order = True  # merge order == input order == local engine's ids
         ctx.enable_progress_bars = False
         encoder = self.writer.catalog.get_meta("encoder")
-        items = [{"path": p, "known_sha": (known[p].sha256 or "") if p in known and known[p].status == "indexed" else ""}
+        items = [{"path": p,
+                  "known_sha": (known[p].sha256 or "") if p in known and known[p].status == "indexed" else ""}
                  for p in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // self.batch_size))
         # The extractors travel pickled by Ray (our own objects between our own processes), without heavy state.

@@ -110,7 +110,8 @@ def write_report(path: str | Path, title: str, metrics: dict, data: ReportData |
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by finegrain."
              + (f" Command: <code>{html.escape(command)}</code>" if command else "") + "</p>",
-             "<h2>Metrics</h2>", _table([{"metric": k, "value": v} for k, v in metrics.items() if not isinstance(v, (dict, list))])]
+             "<h2>Metrics</h2>",
+             _table([{"metric": k, "value": v} for k, v in metrics.items() if not isinstance(v, (dict, list))])]
     for caption, rows in data.tables.items():
         parts += [f"<h2>{html.escape(caption)}</h2>", _table(rows)]
     if figures:

@@ -57,7 +57,8 @@ class ShardedIndex:
         self.shards = shards
         encoders = {s.catalog.get_meta("encoder") for s in shards}
         if len(encoders) != 1:
-            raise IndexFormatError(f"the shards of {path} use different encoders ({', '.join(sorted(map(str, encoders)))}); "
+            raise IndexFormatError(f"the shards of {path} use different encoders "
+                                   f"({', '.join(sorted(map(str, encoders)))}); "
                                    "their scores cannot be merged")
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1)))
 
@@ -130,7 +131,8 @@ class ShardedIndex:
         if mode == "global":
             from .retrieval.dense import DenseParams
 
-            dim = DenseParams.from_options(options, mode=mode).dim  # an SS2D size: each shard applies its own projection
+            # an SS2D size: each shard applies its own projection
+            dim = DenseParams.from_options(options, mode=mode).dim
             vector = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
             parts = list(self._pool.map(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
                                                                  SearchStats(sim_ops=len(s)), [text] if text else []),

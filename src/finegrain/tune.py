@@ -108,7 +108,8 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
         "chosen_ndcg10": chosen.ndcg10,
         "chosen_ms_per_query": chosen.ms_per_query,
         "chosen_sim_ops": chosen.sim_ops,
-        "exhaustive": {"ndcg10": exhaustive.ndcg10, "ms_per_query": exhaustive.ms_per_query, "sim_ops": exhaustive.sim_ops},
+        "exhaustive": {"ndcg10": exhaustive.ndcg10, "ms_per_query": exhaustive.ms_per_query,
+                       "sim_ops": exhaustive.sim_ops},
         "trials": [{**t.config.to_dict(), "ndcg10": t.ndcg10, "ms_per_query": t.ms_per_query, "sim_ops": t.sim_ops}
                    for t in trials],
     }
@@ -177,7 +178,8 @@ def plot_pareto(trials: list[Trial], chosen: Trial, exhaustive: Trial, path: Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.scatter([t.ms_per_query for t in trials], [t.ndcg10 for t in trials], s=14, alpha=0.6, label="hierarchical trials")
+    ax.scatter([t.ms_per_query for t in trials], [t.ndcg10 for t in trials], s=14, alpha=0.6,
+               label="hierarchical trials")
     ax.scatter([exhaustive.ms_per_query], [exhaustive.ndcg10], marker="s", color="grey", label="exhaustive")
     ax.scatter([chosen.ms_per_query], [chosen.ndcg10], marker="*", s=180, color="crimson", label="chosen")
     ax.set_xlabel("search latency per query (ms, query encoding excluded)")

@@ -65,7 +65,8 @@ def full_ranking(order: np.ndarray, n_total: int) -> np.ndarray:
 
 def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,
                   distractor_list: str | Path | None = None, mode: str = "global", encoder: str = "effnet-minilm",
-                  cache_dir: str | Path | None = None, show_progress: bool = True, local: LocalConfig | str | None = None,
+                  cache_dir: str | Path | None = None, show_progress: bool = True,
+                  local: LocalConfig | str | None = None,
                   recall_k: int = 100, report: ReportData | None = None, **search_options) -> dict:
     """Run the benchmark; mAPs and mP@k in percent, query latency in ms (image encoding included).
 

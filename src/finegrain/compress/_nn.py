@@ -96,7 +96,8 @@ def state_arrays(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
 
 
 def load_arrays(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str) -> None:
-    state = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(prefix + ".")}
+    state = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v))
+             for k, v in arrays.items() if k.startswith(prefix + ".")}
     module.load_state_dict(state)
 
 

@@ -88,7 +88,8 @@ def plot_distributions(
     import matplotlib.pyplot as plt
 
     X = _as_matrix(X)
-    rows = np.random.default_rng(random_state).permutation(len(X))[:max_samples] if len(X) > max_samples else slice(None)
+    rows = (np.random.default_rng(random_state).permutation(len(X))[:max_samples] if len(X) > max_samples
+            else slice(None))
     spaces = {"input": X[rows]}
     for name, p in projections.items():
         Z = p.transform(X[rows]) if isinstance(p, Projection) else _as_matrix(p)[rows]

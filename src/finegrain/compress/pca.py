@@ -55,11 +55,13 @@ class PCA(Projection):
 
     def _fit(self, X: np.ndarray) -> None:
         if self.n_components > len(X):
-            raise ValueError(f"PCA with n_components={self.n_components} needs at least that many samples, got {len(X)}")
+            raise ValueError(f"PCA with n_components={self.n_components} needs at least that many samples, "
+                             f"got {len(X)}")
         # float64: float32 loses the small components' directions. With many more rows than
         # columns the eigendecomposition of the covariance is exact and much faster than a full SVD.
         solver = "covariance_eigh" if len(X) >= 2 * X.shape[1] and _HAS_COVARIANCE_EIGH else "full"
-        pca = _SklearnPCA(n_components=self.n_components, whiten=self.whiten, svd_solver=solver).fit(X.astype(np.float64))
+        pca = _SklearnPCA(n_components=self.n_components, whiten=self.whiten,
+                          svd_solver=solver).fit(X.astype(np.float64))
         self.mean_ = np.ascontiguousarray(pca.mean_, dtype=np.float32)
         self.components_ = np.ascontiguousarray(pca.components_, dtype=np.float32)
         self.explained_variance_ = np.ascontiguousarray(pca.explained_variance_, dtype=np.float32)

@@ -226,7 +226,8 @@ class SS2D(Projection):
     # ------------------------------------------------------------- save/load
     def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {"mean": self.mean_, **_nn.state_arrays(self.student_, "student")}
-        info = {"scale_": self.scale_, "dims_": list(self.dims_), "losses_": self.losses_, "fit_seconds_": self.fit_seconds_}
+        info = {"scale_": self.scale_, "dims_": list(self.dims_), "losses_": self.losses_,
+                "fit_seconds_": self.fit_seconds_}
         return arrays, info
 
     def _set_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:

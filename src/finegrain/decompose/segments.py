@@ -120,5 +120,6 @@ def embed_segments(encoder, image: Image.Image, segments: Segments, config: Segm
         if pixels is None:
             pixels = encoder.prepare_image(image, config.resolution)
         return encoder.encode_regions(pixels[None], [segments.masks])[0]
-    crops = [encoder.prepare_image(image.crop(cast(tuple[int, int, int, int], tuple(int(v) for v in b)))) for b in segments.pixel_boxes(*image.size)]
+    crops = [encoder.prepare_image(image.crop(cast(tuple[int, int, int, int], tuple(int(v) for v in b))))
+             for b in segments.pixel_boxes(*image.size)]
     return encoder.encode_pixels(np.stack(crops)) if crops else np.zeros((0, encoder.dim), np.float32)

@@ -83,7 +83,8 @@ class Encoder(ABC):
         """Embed images (paths, bytes or PIL images) as (n, dim) L2-normalised float32.
 
         Decoding runs in ``num_workers`` threads overlapped with the forward
-        pass (default: the cores torch leaves free; none on a 2-core machine). Raises :class:`finegrain.images.ImageLoadError` on a bad image;
+        pass (default: the cores torch leaves free; none on a 2-core machine).
+        Raises :class:`finegrain.images.ImageLoadError` on a bad image;
         the indexer catches it per file, so one bad file never stops a run.
         """
         out = [self._run(self.embed_image_batch, batch) for batch in

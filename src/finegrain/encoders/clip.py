@@ -221,7 +221,8 @@ class CLIPEncoder(Encoder):
         except (OSError, ValueError) as exc:
             raise ModelWeightsMissing(
                 _missing_message(model, str(self.folder), self.hub_id,
-                                 f"transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                                 f"transformers could not load it ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
             ) from exc
         self.device = torch.device(device)
         self.model = clip.float().eval().to(self.device)
@@ -236,7 +237,8 @@ class CLIPEncoder(Encoder):
         self.mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
         self.std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
         self.resample = pre["resample"]
-        self._can_interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.vision_model.forward).parameters
+        vision_forward = inspect.signature(self.model.vision_model.forward)
+        self._can_interpolate = "interpolate_pos_encoding" in vision_forward.parameters
 
     # hooks ------------------------------------------------------------------
     def prepare_image(self, image: Image.Image, size: int | None = None) -> np.ndarray:

@@ -48,7 +48,8 @@ def load_efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     # Note: never call net.set_swish(): it would replace Lite's ReLU6 activations with swish.
     return net.eval()
 
@@ -109,7 +110,8 @@ class ProjectionHead(nn.Module):
         self.mlp = None
         if hidden > 0:  # hidden == 0: a plain linear head
             self.mlp = nn.Sequential(
-                nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+                nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                nn.Linear(hidden, out_dim),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

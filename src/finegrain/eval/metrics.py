@@ -57,7 +57,8 @@ def average_precision_revisitop(positions: np.ndarray, n_relevant: int) -> float
     return float(ap)
 
 
-def compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def compute_map(ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = ()
+                ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Revisited Oxford/Paris mAP, exactly as the revisitop reference ``compute_map``.
 
     Parameters

@@ -55,9 +55,11 @@ class SegmentsField(FieldExtractor):
         if not payloads:
             return []
         if self.config.embed == "pool":
-            embs = encoder.encode_regions(np.stack([cast(np.ndarray, p.pixels) for p in payloads]), [p.segments.masks for p in payloads])
+            embs = encoder.encode_regions(np.stack([cast(np.ndarray, p.pixels) for p in payloads]),
+                                          [p.segments.masks for p in payloads])
             return [(p.segments, e) for p, e in zip(payloads, embs, strict=True)]
-        return [(p.segments, embed_segments(encoder, cast(Image.Image, p.image), p.segments, self.config)) for p in payloads]
+        return [(p.segments, embed_segments(encoder, cast(Image.Image, p.image), p.segments, self.config))
+                for p in payloads]
 
     def rows(self, results: list[tuple[Segments, np.ndarray]], owners: np.ndarray) -> dict[str, FieldRows]:
         if not results:

@@ -97,7 +97,8 @@ class LocalFeatures:
 
     def top(self, n: int) -> LocalFeatures:
         """The ``n`` strongest features (they are stored strongest first)."""
-        return LocalFeatures(self.descriptors[:n], self.positions[:n], self.strengths[:n], self.scales[:n], self.image_size)
+        return LocalFeatures(self.descriptors[:n], self.positions[:n], self.strengths[:n], self.scales[:n],
+                             self.image_size)
 
 
 @dataclass
@@ -321,7 +322,8 @@ def _load_region(image: ImageSource, bbox: BBox | None, longest: int):
         y1, y2 = sorted((min(max(y1, 0.0), H), min(max(y2, 0.0), H)))
         if x2 - x1 < 2 or y2 - y1 < 2:
             raise ValueError(f"bbox {tuple(bbox)} is empty inside a {W}x{H} image")
-        box = (int(round(x1 * to_loaded)), int(round(y1 * to_loaded)), int(round(x2 * to_loaded)), int(round(y2 * to_loaded)))
+        box = (int(round(x1 * to_loaded)), int(round(y1 * to_loaded)),
+               int(round(x2 * to_loaded)), int(round(y2 * to_loaded)))
         img = img.crop(box)
         ox, oy = box[0] / to_loaded, box[1] / to_loaded
     else:
@@ -398,7 +400,8 @@ class CNNExtractor(LocalExtractor):
                 "max_features": self.max_features, "dim": self.dim, "raw_power": self.raw_power,
                 "whiten_power": self.local_whitening.power, "whiten_shrinkage": self.local_whitening.shrinkage,
                 "gem_p": self.gem_p, "global_whiten": self.global_whiten, "global_dim": self.global_dim,
-                "global_power": self.global_whitening.power, "global_shrinkage": self.global_whitening.shrinkage, "threads": self.threads}
+                "global_power": self.global_whitening.power, "global_shrinkage": self.global_whitening.shrinkage,
+                "threads": self.threads}
 
     # network -------------------------------------------------------------
     @property
@@ -412,7 +415,8 @@ class CNNExtractor(LocalExtractor):
                 torch.set_num_threads(int(self.threads))
             enc = encoders.create(self.encoder_name)
             if not hasattr(enc, "feature_map_batch") or enc.name != "effnet-minilm":
-                raise ValueError(f"the cnn extractor needs a convolutional encoder (effnet-minilm), not {self.encoder_name!r}")
+                raise ValueError("the cnn extractor needs a convolutional encoder (effnet-minilm), "
+                                 f"not {self.encoder_name!r}")
             self._encoder = enc
         return self._encoder
 
@@ -478,7 +482,8 @@ class CNNExtractor(LocalExtractor):
     def fitted(self) -> bool:
         return self.local_whitening.fitted and (self.global_whitening.fitted or not self.global_whiten)
 
-    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> CNNExtractor:
+    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000
+            ) -> CNNExtractor:
         """Learn the local PCA-whitening (a sample of every image's descriptors) and, with ``global_whiten``,
         the global whitening (one multi-scale GeM vector per image), from the same collection pass."""
         raws = list(raws)
@@ -501,8 +506,8 @@ class CNNExtractor(LocalExtractor):
             self.global_whitening.set_state(arrays, "global")
 
     def transform(self, raw: RawFeatures) -> LocalFeatures:
-        return LocalFeatures(self.local_whitening.transform(self._prepare(raw.descriptors)), raw.positions, raw.strengths,
-                             raw.scales, raw.image_size)
+        return LocalFeatures(self.local_whitening.transform(self._prepare(raw.descriptors)), raw.positions,
+                             raw.strengths, raw.scales, raw.image_size)
 
     def transform_global(self, raw: RawFeatures | np.ndarray) -> np.ndarray:
         """Global descriptor(s): one raw GeM vector (C,) -> (d,), or (n, C) -> (n, d); L2-normalised.
@@ -588,7 +593,8 @@ class SIFTExtractor(LocalExtractor):
     def fitted(self) -> bool:
         return (not self.whiten) or self.whitening.fitted
 
-    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000) -> SIFTExtractor:
+    def fit(self, raws: Sequence[RawFeatures], seed: int = 0, per_image: int = 200, max_samples: int = 200_000
+            ) -> SIFTExtractor:
         if self.whiten:
             self.whitening.fit(_sample_rows(list(raws), per_image, max_samples, seed))
         return self
@@ -601,7 +607,10 @@ class SIFTExtractor(LocalExtractor):
             self.whitening.set_state(arrays, "local")
 
     def transform(self, raw: RawFeatures) -> LocalFeatures:
-        d = self.whitening.transform(raw.descriptors) if (self.whiten and len(raw.descriptors)) else _l2n(raw.descriptors)
+        if self.whiten and len(raw.descriptors):
+            d = self.whitening.transform(raw.descriptors)
+        else:
+            d = _l2n(raw.descriptors)
         return LocalFeatures(d, raw.positions, raw.strengths, raw.scales, raw.image_size)
 
 

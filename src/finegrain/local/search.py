@@ -87,7 +87,8 @@ EXACT_RERANK = {"local": 200, "l2g": 0}
 
 
 class LocalSearcher:
-    """Local-feature search over one index snapshot (one per snapshot: :func:`finegrain.retrieval.local.local_searcher`).
+    """Local-feature search over one index snapshot
+    (one per snapshot: :func:`finegrain.retrieval.local.local_searcher`).
 
     Safe to share between threads: per-call options are arguments, timings
     are returned, and the cached structures are built once under a lock.

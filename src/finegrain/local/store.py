@@ -225,5 +225,6 @@ class LocalStore:
              "strength": np.concatenate([np.asarray(f.strengths, np.float32) for f, _ in items]).astype(np.float16)},
         )
         if all(g is not None for _, g in items):
-            out[INSTANCE_FIELD] = FieldRows(np.stack([cast(np.ndarray, g) for _, g in items]).astype(np.float16), np.asarray(ids, np.int64))
+            out[INSTANCE_FIELD] = FieldRows(np.stack([cast(np.ndarray, g) for _, g in items]).astype(np.float16),
+                                            np.asarray(ids, np.int64))
         return out

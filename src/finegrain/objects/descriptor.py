@@ -66,7 +66,8 @@ def crop_windows(boxes: np.ndarray, pad: float, min_crop: int) -> np.ndarray:
     return np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], axis=1)
 
 
-def prepare_objects(image: Image.Image, encoder, config: ObjectConfig, proposals: Proposals | None = None) -> ObjectInputs:
+def prepare_objects(image: Image.Image, encoder, config: ObjectConfig, proposals: Proposals | None = None
+                    ) -> ObjectInputs:
     """Proposals (unless given), crops and masks of one image, ready for :func:`encode_objects`."""
     image = image.convert("RGB")
     props = proposals if proposals is not None else propose(image, config)
@@ -75,7 +76,8 @@ def prepare_objects(image: Image.Image, encoder, config: ObjectConfig, proposals
     crops = [encoder.prepare_image(image, config.crop_size)]
     masks = [np.ones((MASK_RES, MASK_RES), np.float32)]
     for i, win in enumerate(windows, start=1):
-        crops.append(encoder.prepare_image(image.crop(cast(tuple[int, int, int, int], tuple(int(round(v)) for v in win))), config.crop_size))
+        box = cast(tuple[int, int, int, int], tuple(int(round(v)) for v in win))
+        crops.append(encoder.prepare_image(image.crop(box), config.crop_size))
         masks.append(_mask_in_window(props, i, win))
     return ObjectInputs(props, np.stack(crops), np.stack(masks))
 

@@ -67,7 +67,8 @@ class Proposals:
 
     def normalized_boxes(self) -> np.ndarray:
         """Boxes divided by the image size (values in [0, 1])."""
-        return (self.boxes / np.array([self.width, self.height, self.width, self.height], np.float32)).astype(np.float32)
+        size = np.array([self.width, self.height, self.width, self.height], np.float32)
+        return (self.boxes / size).astype(np.float32)
 
 
 def propose(image: Image.Image, config: ObjectConfig) -> Proposals:

@@ -101,7 +101,8 @@ def explain_match(snapshot, image_id: int, query: np.ndarray) -> dict:
     sims = np.asarray(rows.vectors[mine], np.float32) @ query
     boxes = np.asarray(rows.attrs["box"], np.float32)[mine]
     scale = np.array([rec.width or 0, rec.height or 0] * 2, np.float32)
-    objs: list[dict[str, Any]] = [{"box": [int(round(float(v))) for v in b * scale], "score": float(s)} for b, s in zip(boxes, sims)]
+    objs: list[dict[str, Any]] = [{"box": [int(round(float(v))) for v in b * scale], "score": float(s)}
+                                  for b, s in zip(boxes, sims)]
     objs.sort(key=lambda o: -o["score"])
     best = objs[0] if objs else {"box": None, "score": float("-inf")}
     return {"id": int(image_id), "score": best["score"], "box": best["box"], "objects": objs}

@@ -7,7 +7,8 @@ After a local (Chamfer) search returns the top ``k`` images for a query:
    constant number per point: the query's ``query_neighbors`` best search
    scores; between shortlist images the pairs in each image's stored local
    neighbour list (its top-``m`` images by Chamfer similarity, computed once
-   at indexing time, :func:`finegrain.local.chamfer.knn_graph`). Optionally (``pairs="online"``) the pairs are instead chosen
+   at indexing time, :func:`finegrain.local.chamfer.knn_graph`). Optionally (``pairs="online"``)
+   the pairs are instead chosen
    by the global descriptor and measured at query time on truncated
    descriptor sets (:func:`online_pairs`).
 2. **Dissimilarities** ``d = 1 - s`` (after an optional floor: similarities
@@ -321,7 +322,8 @@ def _distances(X: np.ndarray) -> np.ndarray:
     return np.sqrt(d2)
 
 
-def smacof_numpy(D: np.ndarray, init: np.ndarray, max_iter: int = 300, eps: float = 1e-6) -> tuple[np.ndarray, float, int]:
+def smacof_numpy(D: np.ndarray, init: np.ndarray, max_iter: int = 300, eps: float = 1e-6
+                 ) -> tuple[np.ndarray, float, int]:
     """Metric SMACOF exactly as scikit-learn's ``_smacof_single`` (uniform weights), in plain numpy.
 
     Returns ``(X, raw stress, iterations)``.
@@ -348,7 +350,8 @@ def smacof_numpy(D: np.ndarray, init: np.ndarray, max_iter: int = 300, eps: floa
 
 
 def fuse(mds: np.ndarray, global_: np.ndarray, w: float) -> np.ndarray:
-    """``[sqrt(w) * l2n(global), sqrt(1 - w) * l2n(mds - mean)]``: unit rows whose inner products mix the two cosines."""
+    """``[sqrt(w) * l2n(global), sqrt(1 - w) * l2n(mds - mean)]``:
+    unit rows whose inner products mix the two cosines."""
     m = np.asarray(mds, np.float64)
     m = m - m.mean(axis=0, keepdims=True)
     m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)

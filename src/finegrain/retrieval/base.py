@@ -242,7 +242,8 @@ def number(name: str, value: Any, lo: float | None = None, hi: float | None = No
     if bad_lo or bad_hi:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}, "
+        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo}, "
+                         f"{'inf' if hi is None else hi}{right}, "
                          f"not {value!r}")
 
 

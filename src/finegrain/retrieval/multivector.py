@@ -29,7 +29,8 @@ __all__ = ["MultiVectorParams", "MultiVectorRetriever", "segment_table", "query_
 
 @dataclass(frozen=True)
 class MultiVectorParams(Params):
-    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs plus the text decomposer (``rules``, ``llm``)."""
+    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs
+    plus the text decomposer (``rules``, ``llm``)."""
 
     weight_global: float = 0.5
     single_level: int | None = None

@@ -153,7 +153,8 @@ class SegmentTable:
         self.pieces = [_Piece.build(part, pos, a, b, n_levels)
                        for part, pos, a, b in zip(parts, positions, starts, stops)]
 
-    def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, int]:
         """(n_candidates, n_queries) best segment score per image at ``level``, and the ops spent.
 
         Images without segments at that level score -inf.

@@ -137,7 +137,8 @@ class BodyTimeout:
                 return None
             body = json.dumps({"error": exc.code, "message": exc.detail}).encode()
             await send({"type": "http.response.start", "status": 408,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
                                     (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
             return None

@@ -144,7 +144,8 @@ class Catalog:
 
     def chunks(self, field: str | None = None) -> list[tuple[str, str, int]]:
         sql = "SELECT name, field, rows FROM chunks"
-        rows = self.db.execute(sql + (" WHERE field = ? ORDER BY created, name" if field else " ORDER BY created, name"),
+        rows = self.db.execute(sql + (" WHERE field = ? ORDER BY created, name" if field
+                                      else " ORDER BY created, name"),
                                (field,) if field else ()).fetchall()
         return [tuple(r) for r in rows]
 
@@ -214,7 +215,8 @@ class _Transaction:
 
     def add_failure(self, path: str, error: str, size: int | None = None, mtime_ns: int | None = None) -> None:
         self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (path,))
-        self.db.execute("INSERT INTO images(path, size, mtime_ns, status, error, updated) VALUES (?, ?, ?, 'failed', ?, ?)",
+        self.db.execute("INSERT INTO images(path, size, mtime_ns, status, error, updated) "
+                        "VALUES (?, ?, ?, 'failed', ?, ?)",
                         (path, size, mtime_ns, error, time.time()))
 
     def clear_failure(self, path: str) -> None:

@@ -147,7 +147,8 @@ class Writer:
         if projection is not None:  # a compressed index: the projected rows go in the same commit
             g = fields["global"]
             fields = {**fields, compress_indexing.FIELD: FieldRows(projection.transform(g.vectors), g.owners)}
-        chunks = [self.write_rows(f, FieldRows(rows.vectors, ids[rows.owners], rows.attrs)) for f, rows in fields.items()]
+        chunks = [self.write_rows(f, FieldRows(rows.vectors, ids[rows.owners], rows.attrs))
+                  for f, rows in fields.items()]
         with self.catalog.transaction() as tx:
             tx.remove(list(removals))
             tx.add_images(ids.tolist(), images)  # before failures: ids were reserved from the sequence
@@ -161,7 +162,8 @@ class Writer:
 
     def replace_fields(self, fieldnames: Sequence[str], new_chunks: Sequence[tuple[str, str, int]],
                        meta: dict[str, Any] | None = None) -> None:
-        """In one transaction: drop every chunk of ``fieldnames``, add ``new_chunks`` (from :meth:`write_rows`), set ``meta``."""
+        """In one transaction: drop every chunk of ``fieldnames``, add ``new_chunks`` (from :meth:`write_rows`),
+        set ``meta``."""
         old = [(n, f) for n, f, _ in self.catalog.chunks() if f in set(fieldnames)]
         with self.catalog.transaction() as tx:
             tx.drop_chunks([n for n, _ in old])
@@ -178,7 +180,8 @@ class Writer:
             tx.set_meta(key, value)
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Mark images removed (their rows stay in chunks until :meth:`compact`); unknown or removed ids raise ``KeyError``."""
+        """Mark images removed (their rows stay in chunks until :meth:`compact`);
+        unknown or removed ids raise ``KeyError``."""
         unique = sorted({int(i) for i in ids})
         live = {r.id for r in self.catalog.images("indexed")}
         unknown = [i for i in unique if i not in live]

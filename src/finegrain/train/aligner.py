@@ -99,8 +99,9 @@ def _cache_images(splits, cache_dir: Path, show_progress: bool) -> None:
     trunk = ImageTrunk(load_efficientnet_lite0()).eval()
     for name, split in splits.items():
         paths = split.image_paths()
+        shape = (len(paths), 192, IMAGE_SIZE // 32, IMAGE_SIZE // 32)
         arrays = {v: np.lib.format.open_memmap(cache_dir / f"{name}-{v}.npy.tmp", mode="w+", dtype=np.float16,
-                                               shape=(len(paths), 192, IMAGE_SIZE // 32, IMAGE_SIZE // 32)) for v in VIEWS}
+                                               shape=shape) for v in VIEWS}
         with progress_bar(len(paths), f"tower features ({name})", show_progress) as bar:
             for start in range(0, len(paths), 64):
                 batch = np.stack([pixels_to_array(load_image(p), IMAGE_SIZE) for p in paths[start:start + 64]])

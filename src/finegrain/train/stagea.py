@@ -184,7 +184,8 @@ def _encode_split(enc, pool: list[Path], n: int, rng: np.random.Generator, objec
 
 
 def load_split(cache_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """One cached split: ``crops`` (sum N_i, D), ``offsets`` (n + 1), ``queries`` (n, D), ``boxes``, ``areas``, ``best_iou``."""
+    """One cached split: ``crops`` (sum N_i, D), ``offsets`` (n + 1), ``queries`` (n, D),
+    ``boxes``, ``areas``, ``best_iou``."""
     cache_dir = Path(cache_dir)
     return {name: np.load(cache_dir / f"{split}-{name}.npy", mmap_mode="r")
             for name in ("crops", "offsets", "queries", "boxes", "areas", "best_iou")}
