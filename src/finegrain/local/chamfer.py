@@ -262,6 +262,7 @@ class ApproxChamfer:
             hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efConstruction = 80
             index = hnsw
+        else:
             if nlist is None:
                 nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(x)))))
             nlist = max(1, min(nlist, len(x) // 39))
