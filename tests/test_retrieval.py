@@ -292,3 +292,58 @@ def test_a_damaged_ann_cache_is_rebuilt(tmp_path, photos_dir):
     again = Index.open(index.path)
     assert [h.id for h in again.search(text="a cat", k=6)] == expected
     assert again.info()["ann"] == "hnsw"
+
+
+def test_a_replaced_index_is_picked_up_by_the_server(tmp_path, photos_dir):
+    """Delete a served index and build a new one at the same path: /api/reload sees it (issue 20, item 3)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    names = sorted(photos_dir.iterdir())
+    for folder, part in ((first, names[:2]), (second, names[2:])):
+        folder.mkdir()
+        for p in part:
+            shutil.copy(p, folder)
+    Index.create(tmp_path / "idx").add([first])
+    with BackgroundServer(create_app(tmp_path / "idx", warm=False, reload_interval=0)) as base, \
+            httpx.Client(base_url=base, timeout=60) as c:
+        assert c.get("/api/stats").json()["images"] == 2
+        shutil.rmtree(tmp_path / "idx")
+        Index.create(tmp_path / "idx").add([second])  # generation 1 again, like the one it replaced
+        assert c.post("/api/reload").json()["reloaded"] is True
+        assert c.get("/api/stats").json()["images"] == 4
+        names_now = {h["name"] for h in c.post("/api/search", json={"text": "a cat", "k": 4}).json()["results"]}
+        assert names_now == {p.name for p in names[2:]}
+
+
+def test_concurrent_creates_never_mix_settings(tmp_path):
+    """Two creators of one new index with different fields: one wins, the other gets a clear error, and the
+    settings are one creator's, whole (issue 20, item 4)."""
+    import threading
+
+    from finegrain.index import IndexLockedError
+
+    target = tmp_path / "race"
+    outcomes: list = []
+    barrier = threading.Barrier(2)
+
+    def create(kwargs: dict) -> None:
+        barrier.wait()
+        try:
+            Index.create(target, exist_ok=True, **kwargs).close()
+            outcomes.append(("ok", kwargs))
+        except (ValueError, IndexLockedError, FileExistsError) as exc:
+            outcomes.append(("error", str(exc)))
+
+    threads = [threading.Thread(target=create, args=(kw,)) for kw in ({"local": "cnn"},
+                                                                      {"segments": SegmentConfig(levels=(1, 4))})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [kw for status, kw in outcomes if status == "ok"]
+    assert len(outcomes) == 2 and len(winners) >= 1, outcomes
+    settings = Index.open(target).snapshot.settings
+    if len(winners) == 1:
+        wanted = winners[0]
+        assert (settings["local"] is not None) == ("local" in wanted)
+        assert (settings["segments"] is not None) == ("segments" in wanted)
+        assert any(status == "error" for status, _ in outcomes)

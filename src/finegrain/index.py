@@ -132,13 +132,14 @@ class Index:
         local_cfg = local if isinstance(local, LocalConfig) else LocalConfig.from_dict(local)
         wanted = _settings(encoder, None, ann, segments, local_cfg, objects)
         path = Path(path)
-        if (path / "finegrain.sqlite").exists():
+        started = (path / "finegrain.sqlite").exists()
+        if started and _has_settings(path):
             if not exist_ok:
                 raise FileExistsError(f"an index already exists at {path}")
             index = cls.open(path)
             index._check_settings(wanted)
             return index
-        if path.exists() and any(path.iterdir()):
+        if not started and path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not an empty folder")
         if ann not in ANN_KINDS:  # checked before anything is written: a bad setting must not leave a broken index
             raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
@@ -158,6 +159,8 @@ class Index:
                     if diff:
                         raise ValueError(f"the index at {path} was just created by another process with other "
                                          f"settings: {'; '.join(diff)}")
+                    if not exist_ok:
+                        raise FileExistsError(f"an index already exists at {path}")
                 del w
         except BaseException:
             catalog.close()
@@ -174,7 +177,8 @@ class Index:
         try:
             index = cls(path, catalog, encoder)
             if index._snapshot.settings.get("encoder") is None:
-                raise IndexFormatError(f"index at {path} has no settings (its creation was interrupted)")
+                raise IndexFormatError(f"index at {path} has no settings: its creation was interrupted or is "
+                                       "still running (Index.create / finegrain index on it completes it)")
             return index
         except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:  # damaged tables or settings
             catalog.close()
@@ -511,6 +515,15 @@ class Index:
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
         }
+
+
+def _has_settings(path: Path) -> bool:
+    """Whether the catalog at ``path`` holds an index's settings (a creation can be interrupted before them)."""
+    try:
+        with Catalog(path) as catalog:
+            return catalog.get_meta("encoder") is not None
+    except IndexFormatError:  # not even a format version yet (a creator is starting), or damaged: create says which
+        return False
 
 
 def _query(text: str | None, image: ImageSource | None, bbox: Sequence[float] | None) -> Query:

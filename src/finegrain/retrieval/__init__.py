@@ -128,8 +128,10 @@ def resolve(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mappin
     """Validate a search before any work: the mode exists and runs on this index, accepts the query, k and options."""
     retriever = get(mode)
     k = check_k(k)
-    if query.kind not in retriever.accepts(mode):
-        raise ValueError(f"search mode {mode!r} takes {' or '.join(sorted(retriever.accepts(mode)))} queries, "
+    accepted = retriever.accepts(mode)
+    if query.kind not in accepted:
+        what = {IMAGE: "an image query (image=..., optional bbox)", TEXT: "a text query (text=...)"}
+        raise ValueError(f"search mode {mode!r} takes {' or '.join(what[k] for k in sorted(accepted))}, "
                          f"not a {query.kind} query")
     why = retriever.missing(snapshot, mode)
     if why:

@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import encoders
 from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
 from ..index import Index
-from ..store.catalog import Catalog
+from ..store.catalog import CATALOG_NAME, Catalog
 from .batching import BatchingEncoder
 
 log = logging.getLogger("finegrain.service")
@@ -72,6 +72,7 @@ class IndexHolder:
         self._db_lock = threading.Lock()  # the current index's catalog connection (stats)
         self._current = _Loaded(self._open())
         self._probe = Catalog(self.path)
+        self._catalog_file = _file_id(self.path)  # a replaced index (deleted and rebuilt) is a new file
         self._next_check = time.monotonic() + self.reload_interval
 
     @contextmanager
@@ -123,7 +124,11 @@ class IndexHolder:
         try:
             self._next_check = time.monotonic() + self.reload_interval
             try:
-                if self._probe.generation() == self.generation:
+                file_id = _file_id(self.path)
+                if file_id != self._catalog_file:  # deleted and built anew: its generation restarted at 1
+                    self._probe.close()
+                    self._probe = Catalog(self.path)
+                elif self._probe.generation() == self.generation:
                     return False
             except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished: keep serving what is loaded
                 log.warning("could not read the generation of the index at %s: %s", self.path, exc)
@@ -136,6 +141,7 @@ class IndexHolder:
                 return False
             with self._lock:
                 self._current = _Loaded(new)
+                self._catalog_file = file_id
                 old.retired = True
                 close = old.users == 0
             if close:
@@ -190,6 +196,12 @@ class DecodePool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """(device, inode) of an index's catalog file: changes when the index is replaced by a new one."""
+    st = os.stat(Path(path) / CATALOG_NAME)
+    return st.st_dev, st.st_ino
 
 
 class ThumbnailCache:
