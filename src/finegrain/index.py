@@ -522,8 +522,8 @@ def _has_settings(path: Path) -> bool:
     try:
         with Catalog(path) as catalog:
             return catalog.get_meta("encoder") is not None
-    except IndexFormatError:  # not even a format version yet (a creator is starting), or damaged: create says which
-        return False
+    except IndexFormatError as exc:  # an index all the same (damaged, newer), unless a creator is only starting
+        return "has no format version" not in str(exc)
 
 
 def _query(text: str | None, image: ImageSource | None, bbox: Sequence[float] | None) -> Query:
