@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from finegrain import Index, retrieval
+from finegrain import Index, fields, retrieval
 from finegrain.cli import app as cli_app
 from finegrain.decompose.segments import SegmentConfig
+from finegrain.fields import FieldExtractor
 from finegrain.retrieval import Params, Query, Retriever, SearchResponse, SearchStats
 from finegrain.retrieval.base import number
 from finegrain.retrieval.dense import hits_from
@@ -212,21 +213,48 @@ class BrightnessRetriever(Retriever):
                               generation=snapshot.generation)
 
 
+class BrightnessField(FieldExtractor):
+    """A toy field: each image's mean brightness (a one-number vector), computed at indexing time."""
+
+    key = "toy_brightness"
+    label = "toy brightness"
+
+    @classmethod
+    def from_config(cls, config, root: Path) -> "BrightnessField":
+        return cls()
+
+    def config_dict(self) -> dict:
+        return {}
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("brightness",)
+
+    def prepare(self, decoded, encoder) -> float:
+        return float(np.asarray(decoded.image.convert("L"), np.float32).mean() / 255)
+
+    def encode(self, encoder, payloads: list[float]) -> list[float]:
+        return payloads
+
+    def rows(self, results: list[float], owners: np.ndarray) -> dict[str, FieldRows]:
+        return {"brightness": FieldRows(np.asarray(results, np.float32)[:, None], owners)} if results else {}
+
+
 @pytest.fixture()
 def toy_index(tmp_path, photos_dir):
-    """An index with an extra ``brightness`` field committed through the writer (the one mutation path)."""
-    from PIL import Image
-
-    index = Index.create(tmp_path / "toy")
-    index.add([photos_dir])
-    ids = sorted(index.records)
-    bright = np.array([[np.asarray(Image.open(index.records[i].path).convert("L"), np.float32).mean() / 255]
-                       for i in ids], np.float32)
-    with index.writer() as w:
-        w.replace_fields(["brightness"], [w.write_rows("brightness", FieldRows(bright, np.asarray(ids)))])
+    """An index whose extra ``brightness`` field a toy extractor, registered from this file, fills at indexing."""
+    fields.register(BrightnessField)
     retriever = retrieval.register(BrightnessRetriever())
-    yield index, dict(zip(ids, bright[:, 0]))
-    retrieval.unregister(retriever)
+    try:
+        index = Index.create(tmp_path / "toy")
+        with index.writer() as w:
+            w.set_meta(BrightnessField.key, {})  # the setting that turns the toy field on for this index
+        index.add([photos_dir])
+        rows = index.fields["brightness"]
+        yield index, dict(zip(rows.owners.tolist(), rows.vectors[:, 0].tolist()))
+    finally:
+        retrieval.unregister(retriever)
+        fields.unregister(BrightnessField.key)
 
 
 def test_a_toy_mode_plugs_into_api_cli_and_service(toy_index, photos_dir):
