@@ -28,34 +28,24 @@ __all__ = ["MultiVectorParams", "MultiVectorRetriever", "segment_table", "query_
 
 
 @dataclass(frozen=True)
-class MultiVectorParams(Params):
-    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs
-    plus the text decomposer (``rules``, ``llm``)."""
+class MultiVectorParams(mv.MultiVectorConfig, Params):
+    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs (validated by it)
+    plus the text decomposer: a spec (``rules``, ``llm:<url>#<model>``) or a ``QueryDecomposer``."""
 
-    weight_global: float = 0.5
-    single_level: int | None = None
-    T: float = 0.5
-    alpha: float = 0.8
-    tau: float = 0.9
-    top_k: int = 10
-    stride: int = 1
-    skip_levels: tuple[int, ...] = ()
-    decomposer: Any = "rules"  # a spec ("rules", "llm:<url>#<model>") or a QueryDecomposer
+    decomposer: Any = "rules"
 
     def __post_init__(self) -> None:
         from ..decompose.query import QueryDecomposer, create_decomposer
 
-        object.__setattr__(self, "skip_levels", tuple(self.skip_levels))
-        self.config()  # MultiVectorConfig validates the ranges
+        super().__post_init__()  # the knobs' ranges
         if isinstance(self.decomposer, str):
             create_decomposer(self.decomposer)  # a bad spec fails now, with the valid forms
         elif not isinstance(self.decomposer, QueryDecomposer):
             raise ValueError(f"decomposer must be a spec string or a QueryDecomposer, not {self.decomposer!r}")
 
     def config(self) -> mv.MultiVectorConfig:
-        d = dataclasses.asdict(self)
-        d.pop("decomposer")
-        return mv.MultiVectorConfig.from_dict(d)
+        """The scoring knobs alone."""
+        return mv.MultiVectorConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(mv.MultiVectorConfig)})
 
 
 def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
