@@ -349,6 +349,9 @@ def test_concurrent_creates_never_mix_settings(tmp_path):
 
     from finegrain.index import IndexLockedError
 
+    from finegrain import encoders
+
+    encoders.create("effnet-minilm")  # imported once first: two threads' first `import transformers` can race
     target = tmp_path / "race"
     outcomes: list = []
     barrier = threading.Barrier(2)

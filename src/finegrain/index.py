@@ -523,7 +523,7 @@ def _has_settings(path: Path) -> bool:
         with Catalog(path) as catalog:
             return catalog.get_meta("encoder") is not None
     except IndexFormatError as exc:  # an index all the same (damaged, newer), unless a creator is only starting
-        return "has no format version" not in str(exc)
+        return not any(s in str(exc) for s in ("has no format version", "no such table"))
 
 
 def _query(text: str | None, image: ImageSource | None, bbox: Sequence[float] | None) -> Query:
