@@ -232,21 +232,21 @@ def _check_caches(root: Path, generation: int, report: Report) -> None:
     ann = Path(root) / ANN_DIR
     if not ann.is_dir():
         return
-    for path in sorted(ann.iterdir()):
-        if path.name.startswith(".") or not path.name.split(".")[0].endswith(f"-{generation}"):
+    for cache in sorted(ann.iterdir()):
+        if cache.name.startswith(".") or not cache.name.split(".")[0].endswith(f"-{generation}"):
             continue
         report.caches += 1
         try:
-            if path.suffix == ".faiss":
-                faiss.read_index(str(path))
-            elif path.suffix in (".npz", ".npy"):
-                loaded = np.load(path, allow_pickle=False)
+            if cache.suffix == ".faiss":
+                faiss.read_index(str(cache))
+            elif cache.suffix in (".npz", ".npy"):
+                loaded = np.load(cache, allow_pickle=False)
                 if hasattr(loaded, "files"):
                     for key in loaded.files:
                         loaded[key]
         except (RuntimeError, OSError, ValueError, EOFError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            report.problems.append(Problem(f"cache file {ANN_DIR}/{path.name} is unreadable ({first[:120]})",
+            report.problems.append(Problem(f"cache file {ANN_DIR}/{cache.name} is unreadable ({first[:120]})",
                                            kind="cache"))
 
 
@@ -370,9 +370,9 @@ def repair_index(path: str | Path, drop_damaged: bool = False) -> tuple[Report, 
     ann = root / ANN_DIR
     with Catalog(root) as catalog, Writer.open(root, catalog) as writer:
         del writer
-        caches = [p for p in ann.iterdir() if p.is_file()] if ann.is_dir() else []
-        for p in caches:
-            p.unlink(missing_ok=True)
+        caches = [c for c in ann.iterdir() if c.is_file()] if ann.is_dir() else []
+        for cache in caches:
+            cache.unlink(missing_ok=True)
         if caches:
             result.done.append(f"deleted {len(caches)} cached search structure(s) under {ANN_DIR}/ "
                                "(rebuilt on the next search)")

@@ -110,7 +110,7 @@ def write_chunk(root: Path, fieldname: str, name: str, rows: FieldRows) -> dict[
         array = np.ascontiguousarray(arrays[key])
         with open(tmp, "wb") as fh:
             hashing = _HashingFile(fh)
-            np.save(hashing, array, allow_pickle=False)  # type: ignore[arg-type]
+            np.save(hashing, array, allow_pickle=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
