@@ -237,3 +237,23 @@ def test_old_index_without_checksum_columns_opens_and_migrates(idx, photos_dir):
 
 def test_check_on_a_non_index_gives_one_line(tmp_path):
     assert "no finegrain index" in _one_line(cli("check", "--index", tmp_path / "nothing"))
+
+
+def test_server_refuses_recorded_damage_with_a_json_error(idx):
+    """A running server, reloaded after `finegrain check` records damage, answers 503 `index_damaged`."""
+    import httpx
+
+    from finegrain.service import create_app
+    from finegrain.service.background import BackgroundServer
+
+    coffee, chelsea = _target(idx)
+    with BackgroundServer(create_app(idx, reload_interval=0)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post("/api/search", json={"text": "a cat", "k": 2}).status_code == 200
+        damage.bit_flip(idx, coffee, chelsea)
+        report = integrity.check_index(idx)
+        assert report.recorded and len(report.damaged_chunks) == 1
+        client.post("/api/reload")
+        response = client.post("/api/search", json={"text": "a cat", "k": 2})
+        assert response.status_code == 503, response.text
+        body = response.json()
+        assert body["error"] == "index_damaged" and "finegrain check" in body["message"]
