@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -221,7 +222,14 @@ def measure_in_child(path: Path, modes: Sequence[str], queries: Sequence[str], k
     out = ctx.Queue()
     proc = ctx.Process(target=_measure_child, args=(str(path), list(modes), list(queries), k, out))
     proc.start()
-    status, payload = out.get()
+    while True:  # a child that dies without answering (killed, out of memory) must not hang the bench
+        try:
+            status, payload = out.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"measuring {path} failed: the measuring process exited with code "
+                                   f"{proc.exitcode}") from None
     proc.join()
     if status != "ok":
         raise RuntimeError(f"measuring {path} failed: {payload}")
