@@ -199,6 +199,44 @@ def test_watch_follows_real_file_operations(tmp_path, pictures, poll):
     assert generations == sorted(generations)
 
 
+def test_failures_of_deleted_files_do_not_linger(tmp_path, pictures, monkeypatch):
+    """A bad file's failure row goes when the file goes; a file deleted while being committed is not a failure."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    index = Index.create(tmp_path / "index")
+    watcher = Watcher(index, [folder], settle=0.0)
+    try:
+        bad = folder / "bad.jpg"
+        bad.write_bytes(b"not an image at all")
+        watcher.changes.touch(str(bad))
+        assert watcher.commit() is None  # first look: size noted
+        commit = watcher.commit()
+        assert commit is not None and commit.failed == [(str(bad), "not a recognised image format")]
+        assert [r.path for r in index.failures()] == [str(bad)]
+        bad.unlink()
+        watcher.changes.touch(str(bad))
+        commit = watcher.commit()
+        assert commit is not None and not commit.failed and index.failures() == []
+
+        brief = folder / "brief.jpg"
+        brief.write_bytes(pictures["coins"])
+        watcher.changes.touch(str(brief))
+        assert watcher.commit() is None
+        take = watcher.changes.take
+
+        def take_then_delete(*args, **kwargs):  # the file disappears after it settled, before it is read
+            ready, gone = take(*args, **kwargs)
+            brief.unlink()
+            return ready, gone
+
+        monkeypatch.setattr(watcher.changes, "take", take_then_delete)
+        commit = watcher.commit()
+        assert commit is not None and commit.failed == [] and commit.indexed == 0
+        assert index.failures() == [] and len(index) == 0
+    finally:
+        index.close()
+
+
 def test_python_api_rejects_bad_settings(tmp_path):
     index = Index.create(tmp_path / "index")
     try:

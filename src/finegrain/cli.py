@@ -765,15 +765,17 @@ def watch_cmd(
 
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .store.catalog import IndexFormatError
+    from .terminal import escape_controls
     from .watch import WatchCommit, Watcher, install_stop_signals
 
     def log(commit: WatchCommit) -> None:
         if as_json:
             print(json.dumps(commit.as_dict()), flush=True)
         else:
-            err.print(f"{time.strftime('%H:%M:%S')} {commit.line()}", markup=False, highlight=False)
+            err.print(f"{time.strftime('%H:%M:%S')} {commit.line()}", markup=False, highlight=False, soft_wrap=True)
             for path, reason in commit.failed[:20]:
-                err.print(f"  skipped {path}: {reason}", markup=False, highlight=False)
+                err.print(f"  skipped {escape_controls(path)}: {escape_controls(reason)}", markup=False, highlight=False,
+                          soft_wrap=True)
 
     stop = threading.Event()
     install_stop_signals(stop)  # before the model loads: a Ctrl-C during start-up still ends cleanly
@@ -788,8 +790,8 @@ def watch_cmd(
         watcher = Watcher(idx, folders, poll=poll, interval=interval, quiet=quiet, settle=settle,
                           max_batch=max_batch, max_wait=max_wait, log=log)
         if not as_json:
-            err.print(f"watching {', '.join(map(str, watcher.roots))} ({'polling' if poll else 'file-system events'}); "
-                      "Ctrl-C to stop", markup=False, highlight=False)
+            err.print(f"watching {', '.join(map(escape_controls, watcher.roots))} ({'polling' if poll else 'file-system events'}); "
+                      "Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True)
         watcher.run(stop, scan=not no_scan)
     except _SettingsMismatch as exc:
         _fail(str(exc), 2)
@@ -800,7 +802,7 @@ def watch_cmd(
     if not as_json:
         left = len(watcher.changes)
         err.print("stopped" + (f"; {left} files still changing are left to the next start's scan" if left else ""),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

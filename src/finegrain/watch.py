@@ -272,6 +272,7 @@ class Watcher:
         try:
             removed = self._remove(gone)
             report = self.index.add(ready, batch_size=self.batch_size) if ready else IndexReport()
+            self._forget_vanished(report)
         except IndexLockedError:  # another writer (finegrain index): try again shortly
             for path in ready + gone:
                 self.changes.touch(path)
@@ -283,14 +284,30 @@ class Watcher:
         return commit
 
     def _remove(self, gone: Sequence[str]) -> int:
-        """Remove the indexed images at (or, for a folder, under) the vanished paths."""
+        """Remove the indexed images at (or, for a folder, under) the vanished paths, and their failure rows."""
         if not gone:
             return 0
         self.index.refresh()
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
         exact = set(gone)
         ids = [r.id for r in self.index.records.values() if r.path in exact or r.path.startswith(prefixes)]
+        failed = [r.path for r in self.index.failures() if r.path in exact or r.path.startswith(prefixes)]
+        self._clear_failures(failed)
         return self.index.remove(ids) if ids else 0
+
+    def _forget_vanished(self, report: IndexReport) -> None:
+        """Files deleted between settling and reading are gone, not failures (their own event removes the rest)."""
+        vanished = [p for p, _ in report.failed if not os.path.lexists(p)]
+        if vanished:
+            self._clear_failures(vanished)
+            report.failed = [(p, r) for p, r in report.failed if os.path.lexists(p)]
+
+    def _clear_failures(self, paths: Sequence[str]) -> None:
+        if not paths:
+            return
+        with self.index.writer() as writer, writer.catalog.transaction() as tx:
+            for path in paths:
+                tx.clear_failure(path)
 
     def _done(self, report: IndexReport, removed: int, t0: float, kind: str) -> WatchCommit:
         return WatchCommit(indexed=report.indexed, removed=removed + report.removed, unchanged=report.unchanged,
@@ -300,6 +317,7 @@ class Watcher:
     # --------------------------------------------------------------- loop
     def run(self, stop: threading.Event, scan: bool = True, tick: float = 0.2) -> None:
         """Watch until ``stop`` is set; then commit what has settled and return."""
+        self.index.encoder  # noqa: B018 - load the model now: the first commit is not slow, a missing one fails here
         with self.observing():
             if scan:
                 self.log(self.scan())
