@@ -777,6 +777,9 @@ def watch_cmd(
                 err.print(f"  skipped {escape_controls(path)}: {escape_controls(reason)}", markup=False, highlight=False,
                           soft_wrap=True)
 
+    for folder in folders:  # before an index is created for nothing
+        if not folder.is_dir():
+            _fail(f"cannot watch {folder}: not a folder")
     stop = threading.Event()
     install_stop_signals(stop)  # before the model loads: a Ctrl-C during start-up still ends cleanly
     try:

@@ -11,11 +11,13 @@ Flow::
       -> Index.remove (paths that vanished) and Index.add (files that settled),
          both through the index's writer: one log line per commit.
 
-Start-up runs one ``Index.add(roots, remove_missing=True)`` scan *after* the
-observer is started, so a watch that was killed (even by SIGKILL: every commit
-is atomic, see ``store/writer.py``) catches up on what changed while it was
-down, and nothing that changes during the scan is missed. SIGINT/SIGTERM stop
-the loop between commits; the files that have settled are committed first.
+Start-up runs a catch-up scan *after* the observer is started (vanished
+files removed, new and changed ones added ``max_batch`` at a time, like
+``finegrain index --remove-missing``), so a watch that was killed (even by
+SIGKILL: every commit is atomic, see ``store/writer.py``) catches up on what
+changed while it was down, and nothing that changes during the scan is
+missed. SIGINT/SIGTERM stop the loop (and the scan) between commits; the
+files that have settled are committed first.
 A served index (``finegrain serve``) sees each commit as a new catalog
 generation and re-opens it.
 """
@@ -34,7 +36,7 @@ from typing import Any
 
 from .images import is_image_path
 from .index import Index, IndexLockedError
-from .indexer import IndexReport, collect_files
+from .indexer import IndexReport, collect_files, printable_path
 
 Stat = tuple[int, int]  # (size, mtime_ns)
 
@@ -153,6 +155,11 @@ class ChangeSet:
         return ready, gone
 
 
+def _unchanged(path: str, rec: Any) -> bool:
+    """Whether the indexed ``rec`` still matches the file at ``path`` by size and mtime (the indexer's quick test)."""
+    return rec is not None and _stat(path) == (rec.size, rec.mtime_ns)
+
+
 def _stat(path: str) -> Stat | None:
     try:
         st = os.stat(path)
@@ -248,11 +255,37 @@ class Watcher:
             observer.join(timeout=10)
 
     # ------------------------------------------------------------ commits
-    def scan(self) -> WatchCommit:
-        """Catch up with the roots: add what is new or changed, remove what vanished (one ``Index.add``)."""
+    def scan(self, stop: threading.Event | None = None) -> Iterator[WatchCommit]:
+        """Catch up with the roots: remove what vanished, then add what is new or changed, ``max_batch`` at a time.
+
+        Yields one :class:`WatchCommit` per commit (at least one). ``stop`` is
+        checked between commits, so a first scan of a large tree can be
+        stopped (what was committed is kept; the next scan goes on from there).
+        """
         t0 = time.perf_counter()
-        report = self.index.add(self.roots, remove_missing=True, batch_size=self.batch_size)
-        return self._done(report, 0, t0, "scan")
+        files, problems = collect_files(self.roots)
+        found = set(files) | {printable_path(f) for f in files}  # failures of odd names carry the printable form
+        under = tuple(r.rstrip(os.sep) + os.sep for r in self.roots)
+        self.index.refresh()
+        known = {r.path: r for r in self.index.records.values()}
+        gone = [p for p in known if p.startswith(under) and p not in found]
+        gone += [r.path for r in self.index.failures() if r.path.startswith(under) and r.path not in found]
+        removed = self._remove(gone)
+        todo = [f for f in files if not _unchanged(f, known.get(f))]
+        first = IndexReport(failed=list(problems))
+        if not todo:
+            yield self._done(first, removed, t0, "scan")
+            return
+        for start in range(0, len(todo), self.max_batch):
+            if stop is not None and stop.is_set():
+                return
+            report = self.index.add(todo[start:start + self.max_batch], batch_size=self.batch_size)
+            self._forget_vanished(report)
+            if start == 0:
+                report.failed = first.failed + report.failed
+            report.unchanged += (len(files) - len(todo)) if start == 0 else 0
+            yield self._done(report, removed if start == 0 else 0, t0, "scan")
+            t0 = time.perf_counter()
 
     def due(self) -> bool:
         """Whether pending changes should be looked at now (quiet, a full batch, or waited too long)."""
@@ -318,9 +351,12 @@ class Watcher:
     def run(self, stop: threading.Event, scan: bool = True, tick: float = 0.2) -> None:
         """Watch until ``stop`` is set; then commit what has settled and return."""
         self.index.encoder  # noqa: B018 - load the model now: the first commit is not slow, a missing one fails here
+        if stop.is_set():
+            return
         with self.observing():
             if scan:
-                self.log(self.scan())
+                for commit in self.scan(stop):
+                    self.log(commit)
             while not stop.wait(tick):
                 if self.due():
                     self.commit()
