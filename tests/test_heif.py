@@ -158,3 +158,37 @@ def test_index_and_search_heic(tmp_path, photos_dir):
 def fg(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, check=False, env={**os.environ, "COLUMNS": "400"})
+
+
+def test_service_takes_heic_uploads_and_serves_upright_thumbnails(tmp_path, photos_dir):
+    import io
+
+    import httpx
+
+    from finegrain.service import create_app
+    from finegrain.service.background import BackgroundServer
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    for name in ("coffee", "coins"):
+        Image.open(photos_dir / f"{name}.jpg").convert("RGB").save(folder / f"{name}.heic")
+    rocket = Image.open(photos_dir / "rocket.jpg").convert("RGB")  # 640x427, stored on its side plus a turn
+    save_rotated_tag(rocket.rotate(90, expand=True), folder / "rocket.heic", 6)
+    index = Index.create(tmp_path / "index")
+    assert index.add([folder]).indexed == 3
+    ids = {Path(r.path).stem: r.id for r in index.records.values()}
+    index.close()
+    query = io.BytesIO()
+    rocket.crop((100, 0, 500, 427)).save(query, format="HEIF")
+    with BackgroundServer(create_app(tmp_path / "index", reload_interval=0)) as base, \
+            httpx.Client(base_url=base, timeout=60) as client:
+        body = client.post("/api/search/image", files={"image": ("q.heic", query.getvalue(), "image/heif")},
+                           data={"k": "3"})
+        assert body.status_code == 200, body.text
+        assert body.json()["results"][0]["id"] == ids["rocket"]
+        thumb = client.get(f"/api/thumbnail/{ids['rocket']}")
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        w, h = Image.open(io.BytesIO(thumb.content)).size
+        assert w > h  # upright: landscape, like the original photo
+        bad = client.post("/api/search/image", files={"image": ("q.heic", query.getvalue()[:300], "image/heif")})
+        assert bad.status_code == 400 and "truncated or corrupt HEIF" in bad.text
