@@ -50,6 +50,14 @@ def catalog(idx: Path) -> dict[str, str]:
         index.close()
 
 
+def ids(idx: Path) -> dict[str, int]:
+    index = Index.open(idx)
+    try:
+        return {r.path: r.id for r in index.records.values()}
+    finally:
+        index.close()
+
+
 def failures(idx: Path) -> dict[str, str]:
     index = Index.open(idx)
     try:
@@ -169,13 +177,17 @@ def test_watch_follows_real_file_operations(tmp_path, pictures, poll):
         wait_for(lambda: catalog(idx).get(f"{root}/coffee.jpg") == sha(pictures["coins"]), 60, "the modified file")
         assert len(catalog(idx)) == 3
 
+        before = ids(idx)
         os.rename(folder / "rocket.jpg", folder / "2024" / "rocket-moved.jpg")  # move
         wait_for(lambda: f"{root}/2024/rocket-moved.jpg" in catalog(idx), 60, "the moved file")
         assert f"{root}/rocket.jpg" not in catalog(idx) and len(catalog(idx)) == 3
+        assert ids(idx)[f"{root}/2024/rocket-moved.jpg"] == before[f"{root}/rocket.jpg"]  # vectors kept, not encoded
 
         shutil.move(str(folder / "2024"), str(folder / "2025"))  # a whole folder moved
         wait_for(lambda: sorted(catalog(idx)) == [f"{root}/2025/chelsea.jpg", f"{root}/2025/rocket-moved.jpg",
                                                    f"{root}/coffee.jpg"], 60, "the moved folder")
+        assert ids(idx)[f"{root}/2025/chelsea.jpg"] == before[f"{root}/2024/chelsea.jpg"]
+        assert ids(idx)[f"{root}/2025/rocket-moved.jpg"] == before[f"{root}/rocket.jpg"]
 
         os.remove(folder / "coffee.jpg")  # delete
         wait_for(lambda: f"{root}/coffee.jpg" not in catalog(idx), 60, "the deleted file")
@@ -194,7 +206,8 @@ def test_watch_follows_real_file_operations(tmp_path, pictures, poll):
         wait_for(lambda: sorted(catalog(idx)) == [f"{root}/arriving.jpg"], 60, "the deleted folder")
     assert not failures(idx), failures(idx)
     assert not [c.failed for c in run.all if c.failed]  # no half-written file was ever tried
-    assert len(run.all) >= 8 and all(c.indexed or c.removed or c.failed for c in run.all)  # one line per real commit
+    assert len(run.all) >= 8 and all(c.indexed or c.moved or c.removed or c.failed for c in run.all)
+    assert sum(c.moved for c in run.all) == 3 and sum(c.indexed for c in run.all) == 5  # 3 moved, not re-encoded
     generations = [c.generation for c in run.all]
     assert generations == sorted(generations)
 
@@ -262,6 +275,33 @@ def test_startup_scan_commits_in_batches_and_can_be_stopped_between_them(tmp_pat
         assert [c.indexed for c in commits] == [2, 1] and commits[0].unchanged == 2
         assert sorted(Path(r.path).stem for r in index.records.values()) == sorted(names)
         assert [c.as_dict()["indexed"] for c in watcher.scan()] == [0]  # nothing left: one line, nothing committed
+    finally:
+        index.close()
+
+
+def test_writer_move_keeps_vectors_swaps_and_replaces(tmp_path, pictures):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("coffee", "rocket", "coins"):
+        (folder / f"{name}.jpg").write_bytes(pictures[name])
+    index = Index.create(tmp_path / "index")
+    try:
+        index.add([folder])
+        by_name = {Path(r.path).stem: r.id for r in index.records.values()}
+        gen = index.generation
+        with index.writer() as writer:  # coffee and rocket trade names; coins moves onto rocket's old name too
+            assert writer.move([(by_name["coffee"], str(folder / "rocket.jpg"), 1),
+                                (by_name["rocket"], str(folder / "coffee.jpg"), 2)]) == 2
+        assert index.generation == gen + 1
+        assert index.get(by_name["coffee"]).path == str(folder / "rocket.jpg")
+        with index.writer() as writer:
+            writer.move([(by_name["coins"], str(folder / "rocket.jpg"), 3)])
+        assert {r.path: r.id for r in index.records.values()} == {str(folder / "rocket.jpg"): by_name["coins"],
+                                                                 str(folder / "coffee.jpg"): by_name["rocket"]}
+        hits = index.search(image=folder / "coins.jpg", k=1)  # the vectors went with the id
+        assert hits.hits[0].id == by_name["coins"] and hits.hits[0].path == str(folder / "rocket.jpg")
+        with pytest.raises(KeyError, match="unknown image ids"), index.writer() as writer:
+            writer.move([(by_name["coffee"], str(folder / "x.jpg"), 4)])  # removed above: not live
     finally:
         index.close()
 

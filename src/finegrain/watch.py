@@ -8,8 +8,10 @@ Flow::
          ``settle`` seconds (files still being copied in wait)
       -> batch: committed after ``quiet`` seconds without events, or once
          ``max_batch`` files are ready, or when the oldest change waited ``max_wait``
-      -> Index.remove (paths that vanished) and Index.add (files that settled),
-         both through the index's writer: one log line per commit.
+      -> Writer.move (a settled file with the content of an indexed image at a
+         vanished path: renamed or moved, vectors kept), Index.remove (paths
+         that vanished) and Index.add (other files that settled), all through
+         the index's writer: one log line per commit.
 
 Start-up runs a catch-up scan *after* the observer is started (vanished
 files removed, new and changed ones added ``max_batch`` at a time, like
@@ -24,6 +26,7 @@ generation and re-opens it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .images import is_image_path
+from .images import ImageLoadError, is_image_path, read_file_safely
 from .index import Index, IndexLockedError
 from .indexer import IndexReport, collect_files, printable_path
 
@@ -46,7 +49,7 @@ class WatchCommit:
     """What one commit of the watch changed (one log line)."""
 
     indexed: int = 0
-    replaced: int = 0
+    moved: int = 0  # moved or renamed: vectors kept, path updated
     removed: int = 0
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -56,14 +59,15 @@ class WatchCommit:
     kind: str = "commit"  # "scan" for the start-up catch-up
 
     def as_dict(self) -> dict[str, Any]:
-        return {"event": self.kind, "indexed": self.indexed, "removed": self.removed, "unchanged": self.unchanged,
+        return {"event": self.kind, "indexed": self.indexed, "moved": self.moved, "removed": self.removed,
+                "unchanged": self.unchanged,
                 "failed": len(self.failed), "failures": [{"path": p, "reason": r} for p, r in self.failed],
                 "generation": self.generation, "images": self.images, "seconds": round(self.seconds, 3)}
 
     def line(self) -> str:
-        return (f"{self.kind}: indexed {self.indexed}, removed {self.removed}, failed {len(self.failed)}, "
-                f"unchanged {self.unchanged} in {self.seconds:.1f}s; generation {self.generation}, "
-                f"{self.images} images")
+        return (f"{self.kind}: indexed {self.indexed}, moved {self.moved}, removed {self.removed}, "
+                f"failed {len(self.failed)}, unchanged {self.unchanged} in {self.seconds:.1f}s; "
+                f"generation {self.generation}, {self.images} images")
 
 
 @dataclass
@@ -302,7 +306,14 @@ class Watcher:
         if not ready and not gone:
             return None
         t0 = time.perf_counter()
+        moved = 0
         try:
+            moves = self._find_moves(gone, ready)
+            if moves:
+                with self.index.writer() as writer:
+                    moved = writer.move(moves)
+                arrived = {path for _, path, _ in moves}
+                ready = [p for p in ready if p not in arrived]
             removed = self._remove(gone)
             report = self.index.add(ready, batch_size=self.batch_size) if ready else IndexReport()
             self._forget_vanished(report)
@@ -312,9 +323,42 @@ class Watcher:
             self._retry_at = self.changes.clock() + max(self.quiet, 1.0)
             return None
         commit = self._done(report, removed, t0, "commit")
-        if commit.indexed or commit.removed or commit.failed:  # files that came back unchanged commit nothing
+        commit.moved = moved
+        if commit.indexed or commit.moved or commit.removed or commit.failed:  # unchanged files commit nothing
             self.log(commit)
         return commit
+
+    def _find_moves(self, gone: Sequence[str], ready: Sequence[str]) -> list[tuple[int, str, int]]:
+        """(image id, new path, mtime) for each ready file whose content is an indexed image at a vanished path.
+
+        A move or rename then keeps the image's vectors (and id) instead of
+        being encoded again: candidates match by size first, then SHA-256.
+        """
+        if not gone or not ready:
+            return []
+        self.index.refresh()
+        prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
+        exact = set(gone)
+        candidates: dict[int, list[Any]] = {}
+        for rec in self.index.records.values():
+            if (rec.path in exact or rec.path.startswith(prefixes)) and rec.sha256 and rec.size is not None:
+                candidates.setdefault(rec.size, []).append(rec)
+        moves: list[tuple[int, str, int]] = []
+        taken: set[int] = set()
+        for path in ready:
+            st = _stat(path)
+            if st is None or st[0] not in candidates:
+                continue
+            try:
+                digest = hashlib.sha256(read_file_safely(path)).hexdigest()
+            except ImageLoadError:
+                continue
+            for rec in candidates[st[0]]:
+                if rec.id not in taken and rec.sha256 == digest:
+                    moves.append((rec.id, path, st[1]))
+                    taken.add(rec.id)
+                    break
+        return moves
 
     def _remove(self, gone: Sequence[str]) -> int:
         """Remove the indexed images at (or, for a folder, under) the vanished paths, and their failure rows."""
