@@ -796,6 +796,69 @@ def demo_cmd(
     run_demo(out_dir, console=out)
 
 
+@app.command("watch")
+def watch_cmd(
+    folders: list[Path] = typer.Argument(..., help="Folders to watch (recursively)."),
+    index: Path = typer.Option(..., "--index", help="Index folder (created with default settings if missing)."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder for a new index (default effnet-minilm)."),
+    poll: bool = typer.Option(False, "--poll", help="Poll the folders (stat every --interval seconds) instead of file-system events: for network mounts (NFS, SMB) that send none."),
+    interval: float = typer.Option(1.0, min=0.05, help="With --poll: seconds between two scans of the folders."),
+    quiet: float = typer.Option(2.0, min=0.0, help="Commit after this many seconds without file events."),
+    settle: float = typer.Option(1.0, min=0.0, help="Index a file once its size and mtime held still this long (files being copied wait)."),
+    max_batch: int = typer.Option(256, "--max-batch", min=1, help="Commit as soon as this many files are ready, even while events continue."),
+    max_wait: float = typer.Option(30.0, "--max-wait", min=0.0, help="Commit what is ready once a change waited this long, even while events continue."),
+    no_scan: bool = typer.Option(False, "--no-scan", help="Skip the start-up scan that catches up with changes made while no watch ran."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per commit on stdout (instead of a log line on stderr)."),
+) -> None:
+    """Keep an index current as image files are added, changed, moved or deleted (until Ctrl-C or SIGTERM)."""
+    import threading
+    import time
+
+    from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .store.catalog import IndexFormatError
+    from .terminal import escape_controls
+    from .watch import WatchCommit, Watcher, install_stop_signals
+
+    def log(commit: WatchCommit) -> None:
+        if as_json:
+            print(json.dumps(commit.as_dict()), flush=True)
+        else:
+            err.print(f"{time.strftime('%H:%M:%S')} {commit.line()}", markup=False, highlight=False, soft_wrap=True)
+            for path, reason in commit.failed[:20]:
+                err.print(f"  skipped {escape_controls(path)}: {escape_controls(reason)}", markup=False, highlight=False,
+                          soft_wrap=True)
+
+    for folder in folders:  # before an index is created for nothing
+        if not folder.is_dir():
+            _fail(f"cannot watch {folder}: not a folder")
+    stop = threading.Event()
+    install_stop_signals(stop)  # before the model loads: a Ctrl-C during start-up still ends cleanly
+    try:
+        if (index / "finegrain.sqlite").exists():
+            idx = Index.open(index)
+            diff = settings_differences(idx.snapshot.settings, {"encoder": encoder} if encoder else {})
+            if diff:
+                raise _SettingsMismatch(f"the index at {index} was created with another encoder ({'; '.join(diff)})")
+        else:
+            idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER)
+        watcher = Watcher(idx, folders, poll=poll, interval=interval, quiet=quiet, settle=settle,
+                          max_batch=max_batch, max_wait=max_wait, log=log)
+        if not as_json:
+            err.print(f"watching {', '.join(map(escape_controls, watcher.roots))} ({'polling' if poll else 'file-system events'}); "
+                      "Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True)
+        watcher.run(stop, scan=not no_scan)
+    except _SettingsMismatch as exc:
+        _fail(str(exc), 2)
+    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    if not as_json:
+        left = len(watcher.changes)
+        err.print("stopped" + (f"; {left} files still changing are left to the next start's scan" if left else ""),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("serve")
 def serve_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
