@@ -193,10 +193,16 @@ def test_modes_that_cannot_combine_say_which_can(local, photos_dir):
 
 
 # ------------------------------------------------------------------ auto
-def test_policy_rows():
+def test_policy_rows(photos_dir):
     assert set(POLICY) == {"text", "image", "object", "combined"} and all(r[-1] == "global" for r in POLICY.values())
     everything = retrieval.modes()
     assert choose(everything, Query(text="x")) == "hierarchical"
+    # an index with local features and objects: a small box is an object query, a whole image goes to l2g
+    chelsea = photos_dir / "chelsea.jpg"
+    assert choose(everything, Query(image=chelsea, bbox=(0, 0, 100, 100))) == "objects-max"
+    assert choose(everything, Query(image=chelsea, bbox=(0, 0, 300, 300))) == "l2g"
+    assert choose(everything, Query(image=chelsea)) == "l2g"
+    assert choose(["auto", "global", "objects", "objects-max"], Query(image=chelsea)) == "objects-max"
     assert choose(["auto", "global"], Query(text="x")) == "global"
     assert choose(everything, Query(text="x", terms=(Term(-1, text="y"),))) == "global"
 
@@ -224,7 +230,9 @@ def test_box_fraction_decides_object_queries(photos_dir):
     ("seg", {"query": '"a cat" - "a rocket"'}, "global"),
     ("objects", {"text": "a cat"}, "global"),
     ("objects", {"image": "coffee.jpg", "bbox": (100, 50, 200, 150)}, "objects-max"),
-    ("objects", {"image": "coffee.jpg", "bbox": (0, 0, 380, 300)}, "global"),
+    ("objects", {"image": "coffee.jpg", "bbox": (0, 0, 380, 300)}, "objects-max"),
+    ("objects", {"image": "coffee.jpg"}, "objects-max"),
+    ("objects", {"image": "coffee.jpg", "negative_image": "chelsea.jpg"}, "global"),
     ("local", {"image": "coffee.jpg"}, "l2g"),
     ("local", {"image": "coffee.jpg", "bbox": (100, 50, 200, 150)}, "l2g"),
     ("local", {"text": "a cat"}, "global"),
@@ -232,7 +240,7 @@ def test_box_fraction_decides_object_queries(photos_dir):
 ])
 def test_auto_picks_the_mode_for_the_layout_and_the_query(request, photos_dir, layout, query, expected):
     index: Index = request.getfixturevalue(layout)
-    query = {k: (photos_dir / v if k == "image" else v) for k, v in query.items()}
+    query = {k: (photos_dir / v if k in ("image", "negative_image") else v) for k, v in query.items()}
     response = index.search(k=3, **query)  # auto is the default
     assert (response.mode, response.requested_mode) == (expected, "auto")
     assert response.as_dict()["mode"] == expected and response.as_dict()["requested_mode"] == "auto"
@@ -249,6 +257,8 @@ def test_auto_picks_the_mode_for_the_layout_and_the_query(request, photos_dir, l
         args += ["--bbox", ",".join(str(v) for v in query["bbox"])]
     if "negative" in query:
         args += ["--not", query["negative"]]
+    if "negative_image" in query:
+        args += ["--not-image", query["negative_image"]]
     if "query" in query:
         args += [query["query"]]
     code, output = cli(*args)
@@ -279,11 +289,13 @@ def test_auto_through_the_service(seg, objects, photos_dir):
         r = c.post("/api/search/image", files=upload, data={"k": "3", "text": "a cup", "negative": ["a cat"]})
         assert r.status_code == 200 and r.json()["mode"] == "global", r.text
         for bad, message in [({"query": '"a beach'}, "unbalanced quote"), ({"query": '- "x"'}, "positive term"),
-                             ({"text": "x", "query": "y"}, "exactly one of text"), ({}, "exactly one of text"),
                              ({"query": '2:"a" + abc:"b"'}, "is not a number"), ({"text": "x", "negative": [" "]},
                                                                                  "empty")]:
             r = c.post("/api/search", json=bad)
             assert r.status_code == 400 and message in r.json()["message"], (bad, r.text)
+        for bad in ({"text": "x", "query": "y"}, {}):  # the schema's own check
+            r = c.post("/api/search", json=bad)
+            assert r.status_code == 422 and "exactly one of text" in r.json()["message"], (bad, r.text)
     with BackgroundServer(create_app(objects.path, warm=False, reload_interval=0)) as base, \
             httpx.Client(base_url=base, timeout=60) as c:
         assert c.get("/api/stats").json()["modes"] == ["auto", "global", "objects", "objects-max"]

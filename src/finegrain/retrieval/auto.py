@@ -17,9 +17,8 @@ docs/queries.md. The response says which mode ran (``mode``) and that
 
 from __future__ import annotations
 
-import io
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, cast
 
 from .base import Params, Query, Retriever, SearchResponse
 
@@ -37,7 +36,7 @@ SMALL_BOX = 0.1
 POLICY: Mapping[str, tuple[str, ...]] = {
     "text": ("hierarchical", "global"),
     "object": ("objects-max", "l2g", "global"),
-    "image": ("l2g", "global"),
+    "image": ("l2g", "objects-max", "global"),
     "combined": ("global",),
 }
 
@@ -49,14 +48,15 @@ def box_fraction(query: Query) -> float | None:
     from ..images import load_image_sized
 
     source = query.image
-    if isinstance(source, io.IOBase) or hasattr(source, "read"):
-        if not (hasattr(source, "seekable") and source.seekable()):
+    if hasattr(source, "read"):  # a file object: read for the size, then rewound for the search
+        stream = cast(BinaryIO, source)
+        if not (hasattr(stream, "seekable") and stream.seekable()):
             return None
-        pos = source.tell()
+        pos = stream.tell()
         try:
-            _, size = load_image_sized(source, draft_size=64)  # type: ignore[arg-type]
+            _, size = load_image_sized(stream, draft_size=64)
         finally:
-            source.seek(pos)
+            stream.seek(pos)
     else:
         _, size = load_image_sized(source, draft_size=64)  # a JPEG is decoded at 1/8 scale: only its size matters
     x0, y0, x1, y1 = query.clip_box(size)  # type: ignore[misc]
@@ -90,7 +90,8 @@ class AutoRetriever(Retriever):
     combines_terms = True
     descriptions: ClassVar[dict[str, str]] = {
         AUTO: "the default: picks the mode for the query and the index (text: hierarchical where segments exist; "
-              "image: l2g where local features exist; small box: objects-max where objects exist; else global)"}
+              "image: l2g where local features exist, else objects-max where objects exist, small boxes "
+              "objects-max first; else global)"}
 
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         from . import search

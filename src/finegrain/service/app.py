@@ -39,7 +39,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
@@ -105,6 +105,12 @@ class SearchRequest(BaseModel):
     negative: list[str] = Field([], description="Texts to move away from (negative terms).")
     k: int = Field(10, description="Number of results.")
     mode: Mode = Field("auto", description="auto (the default) picks the mode for the query and the index.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if (self.text is None) == (self.query is None):
+            raise ValueError("give exactly one of text (taken literally) or query (an expression)")
+        return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
 
 
@@ -374,8 +380,6 @@ def _build(text, image, bbox, negative, query=None) -> retrieval.Query:
 
 def _text_query(text: str | None, query: str | None, negative: list[str], limits: ServiceLimits) -> retrieval.Query:
     """The query of ``POST /api/search``: literal ``text`` or an expression ``query``, and negative texts."""
-    if (text is None) == (query is None):
-        raise ApiError(400, "bad_query", "give exactly one of text (taken literally) or query (an expression)")
     for t in [text if text is not None else query, *negative]:
         _check_text(t, limits)  # type: ignore[arg-type]
     if query is not None:
