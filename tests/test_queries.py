@@ -203,6 +203,10 @@ def test_policy_rows(photos_dir):
     assert choose(everything, Query(image=chelsea, bbox=(0, 0, 300, 300))) == "l2g"
     assert choose(everything, Query(image=chelsea)) == "l2g"
     assert choose(["auto", "global", "objects", "objects-max"], Query(image=chelsea)) == "objects-max"
+    # where the box's size changes nothing, the image is not read for it (here it does not even exist)
+    assert choose(["auto", "global"], Query(image=photos_dir / "missing.jpg", bbox=(0, 0, 5, 5))) == "global"
+    with pytest.raises(ValueError, match="file not found"):
+        choose(everything, Query(image=photos_dir / "missing.jpg", bbox=(0, 0, 5, 5)))
     assert choose(["auto", "global"], Query(text="x")) == "global"
     assert choose(everything, Query(text="x", terms=(Term(-1, text="y"),))) == "global"
 

@@ -209,7 +209,7 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
 
     click gives an option one value, so the three numbers after the first one
-    arrive as extra arguments (the command takes no positional ones).
+    arrive as extra arguments (see _bbox_and_terms for the query words among them).
     """
     import math
     import re
@@ -254,7 +254,8 @@ def _bbox_and_terms(values: Optional[list[str]], extra: list[str]) -> tuple[Opti
     return _bbox(values, spilled), extra
 
 
-@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [QUERY]...")
 def search_cmd(
     ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),

@@ -75,10 +75,12 @@ def query_class(query: Query) -> str:
 
 def choose(available: Collection[str], query: Query) -> str:
     """The mode ``auto`` runs for ``query`` on an index supporting ``available`` modes."""
-    for mode in POLICY[query_class(query)]:
-        if mode in available:
-            return mode
-    return "global"
+    def first(row: str) -> str:
+        return next((m for m in POLICY[row] if m in available), "global")
+
+    if query.bbox is not None and not query.combined and first("object") == first("image"):
+        return first("image")  # the box's size changes nothing here: the image is not read for it
+    return first(query_class(query))
 
 
 class AutoRetriever(Retriever):
