@@ -76,7 +76,8 @@ def _assert_error(response: httpx.Response, status: int, code: str | None = None
 def test_health_stats_and_openapi(client):
     assert client.get("/api/health").json() == {"status": "ok", "images": len(FIRST)}
     stats = client.get("/api/stats").json()
-    assert stats["images"] == len(FIRST) and stats["modes"] == ["auto", "global", "single", "exhaustive", "hierarchical"]
+    assert stats["images"] == len(FIRST)
+    assert stats["modes"] == ["auto", "global", "single", "exhaustive", "hierarchical"]
     assert stats["segments"]["levels"] == [4, 9, 16] and stats["limits"]["max_k"] == 50
     assert "path" not in stats and stats["failures"] == 0  # no server paths are published
     schema = client.get("/openapi.json").json()
