@@ -209,7 +209,7 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
 
     click gives an option one value, so the three numbers after the first one
-    arrive as extra arguments (the command takes no positional ones).
+    arrive as extra arguments (see _bbox_and_terms for the query words among them).
     """
     import math
     import re
@@ -228,15 +228,44 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     return box
 
 
-@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _bbox_and_terms(values: Optional[list[str]], extra: list[str]) -> tuple[Optional[list[float]], list[str]]:
+    """Split the extra arguments into --bbox's spilled numbers and the query expression's words.
+
+    With ``--bbox X0 Y0 X1 Y1`` the first run of numbers among the extra
+    arguments belongs to the box; every other one is a word of the expression.
+    """
+    def numeric(v: str) -> bool:
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+
+    options = [v for v in extra if v.startswith("--") or (len(v) > 1 and v[0] == "-" and v[1].isalpha())]
+    if options:
+        _fail(f"unexpected arguments: {' '.join(options)} (no such option)", 2)
+    spilled: list[str] = []
+    if values is not None and len(values) == 1 and not any(c in values[0] for c in ", \t"):
+        start = next((i for i, v in enumerate(extra) if numeric(v)), len(extra))
+        end = start
+        while end < len(extra) and numeric(extra[end]):
+            end += 1
+        spilled, extra = extra[start:end], extra[:start] + extra[end:]
+    return _bbox(values, spilled), extra
+
+
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [QUERY]...")
 def search_cmd(
     ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
-    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
+    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find (taken literally; see QUERY for arithmetic)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one (with --text or QUERY: one query of both)."),
+    negative: Optional[list[str]] = typer.Option(None, "--not", help="Move away from this text (repeatable).", show_default=False),
+    negative_image: Optional[list[Path]] = typer.Option(None, "--not-image", help="Move away from images like this one (repeatable).", show_default=False),
     bbox: Optional[list[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help=MODE_HELP),
+    mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
@@ -248,33 +277,42 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
 ) -> None:
-    """Search an index by text or by example image."""
+    """Search an index by text, by example image, or both: [QUERY]... is an expression such as
+    '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
+    picks the mode for the query and the index."""
     from .images import ImageLoadError
+    from .retrieval.terms import build_query
     from .terminal import safe_text
 
-    if (text is None) == (image is None):
-        _fail("give exactly one of --text or --image", 2)
+    box, tokens = _bbox_and_terms(bbox, list(ctx.args))
+    if text is None and image is None and not tokens:
+        _fail("give exactly one of --text or --image, or a query expression", 2)
     if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
-    box = _bbox(bbox, list(ctx.args))
+    try:
+        query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     idx = _open_index(index, shard_set_ok=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
     try:
-        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=box, **options)
+        response = idx.search(query=query, k=k, mode=mode, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
-        print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
+        print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return
     if fmt != "table":
         from .formats import print_hits
 
         print_hits(response.hits, fmt)
         return
+    if response.requested_mode:
+        out.print(safe_text(f"mode: {response.mode} (picked by {response.requested_mode})"))
     if len(response.subqueries) > 1 or response.stats.levels_visited:
         out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
                             f"operations, {response.stats.levels_visited} level(s) visited"))
