@@ -97,13 +97,17 @@ def test_known_but_unsupported_image_files_are_reported(tmp_path, photos_dir):
     folder = tmp_path / "mixed"
     folder.mkdir()
     shutil.copy(photos_dir / "coins.jpg", folder)
-    for name in ("phone.heic", "PHONE2.HEIF", "web.jxl", "raw.dng", "notes.txt"):
+    for name in ("web.jxl", "raw.dng", "scan.JP2", "notes.txt"):
         (folder / name).write_bytes(b"\0" * 64)
     index = Index.create(tmp_path / "index")
     report = index.add([folder])
     failed = {Path(p).name: reason for p, reason in report.failed}
-    assert report.indexed == 1 and set(failed) == {"phone.heic", "PHONE2.HEIF", "web.jxl", "raw.dng"}
-    assert failed["phone.heic"].startswith("unsupported image format .heic")
+    assert report.indexed == 1 and set(failed) == {"web.jxl", "raw.dng", "scan.JP2"}
+    assert failed["web.jxl"].startswith("unsupported image format .jxl")
+    # HEIC is decoded (pillow-heif, a core dependency): a non-image .heic is a decode failure, not "unsupported"
+    (folder / "phone.heic").write_bytes(b"\0" * 64)
+    failed = {Path(p).name: reason for p, reason in index.add([folder]).failed}
+    assert failed["phone.heic"] == "not a recognised image format"
     if ".avif" in IMAGE_SUFFIXES:  # this Pillow decodes AVIF: a real one is indexed
         Image.open(photos_dir / "coffee.jpg").save(folder / "coffee.avif")
         assert index.add([folder]).indexed == 1

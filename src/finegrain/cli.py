@@ -223,7 +223,7 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
 
     click gives an option one value, so the three numbers after the first one
-    arrive as extra arguments (the command takes no positional ones).
+    arrive as extra arguments (see _bbox_and_terms for the query words among them).
     """
     import math
     import re
@@ -242,15 +242,44 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     return box
 
 
-@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _bbox_and_terms(values: Optional[list[str]], extra: list[str]) -> tuple[Optional[list[float]], list[str]]:
+    """Split the extra arguments into --bbox's spilled numbers and the query expression's words.
+
+    With ``--bbox X0 Y0 X1 Y1`` the first run of numbers among the extra
+    arguments belongs to the box; every other one is a word of the expression.
+    """
+    def numeric(v: str) -> bool:
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+
+    options = [v for v in extra if v.startswith("--") or (len(v) > 1 and v[0] == "-" and v[1].isalpha())]
+    if options:
+        _fail(f"unexpected arguments: {' '.join(options)} (no such option)", 2)
+    spilled: list[str] = []
+    if values is not None and len(values) == 1 and not any(c in values[0] for c in ", \t"):
+        start = next((i for i, v in enumerate(extra) if numeric(v)), len(extra))
+        end = start
+        while end < len(extra) and numeric(extra[end]):
+            end += 1
+        spilled, extra = extra[start:end], extra[:start] + extra[end:]
+    return _bbox(values, spilled), extra
+
+
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [QUERY]...")
 def search_cmd(
     ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
-    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
+    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find (taken literally; see QUERY for arithmetic)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one (with --text or QUERY: one query of both)."),
+    negative: Optional[list[str]] = typer.Option(None, "--not", help="Move away from this text (repeatable).", show_default=False),
+    negative_image: Optional[list[Path]] = typer.Option(None, "--not-image", help="Move away from images like this one (repeatable).", show_default=False),
     bbox: Optional[list[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help=MODE_HELP),
+    mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
@@ -262,36 +291,45 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
 ) -> None:
-    """Search an index by text or by example image."""
+    """Search an index by text, by example image, or both: [QUERY]... is an expression such as
+    '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
+    picks the mode for the query and the index."""
     from .images import ImageLoadError
+    from .retrieval.terms import build_query
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
 
-    if (text is None) == (image is None):
-        _fail("give exactly one of --text or --image", 2)
+    box, tokens = _bbox_and_terms(bbox, list(ctx.args))
+    if text is None and image is None and not tokens:
+        _fail("give exactly one of --text or --image, or a query expression", 2)
     if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
-    box = _bbox(bbox, list(ctx.args))
+    try:
+        query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     idx = _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
     try:
-        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=box, **options)
+        response = idx.search(query=query, k=k, mode=mode, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     except IndexFormatError as exc:  # a chunk found damaged (on first read, or recorded by `finegrain check`)
         _fail(str(exc))
     if as_json:
-        print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
+        print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return
     if fmt != "table":
         from .formats import print_hits
 
         print_hits(response.hits, fmt)
         return
+    if response.requested_mode:
+        out.print(safe_text(f"mode: {response.mode} (picked by {response.requested_mode})"))
     if len(response.subqueries) > 1 or response.stats.levels_visited:
         out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
                             f"operations, {response.stats.levels_visited} level(s) visited"))
@@ -714,6 +752,57 @@ def bench_compress_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("scale")
+def bench_scale_cmd(
+    data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
+    split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
+    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Comma-separated modes: global, single, exhaustive, hierarchical."),
+    queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
+    noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
+    seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
+    ann: str = typer.Option("auto", help="ANN setting of the synthetic indexes (auto, flat, hnsw, ivf)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild synthetic indexes even when cached."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench and synthetic indexes are kept."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line, one per (size, system, mode)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables, log-log growth plot) here."),
+) -> None:
+    """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
+    import tempfile
+
+    from .bench.scale import flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
+    from .report import ReportData
+
+    size_list = _int_list(sizes)
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    try:
+        texts = flickr8k_queries(data, split, queries, seed)
+        if source is None:
+            source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
+        rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
+                         rebuild=rebuild, show_progress=not as_json, log=err.print)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 2)
+    table = Table("images", "mode", "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
+                  title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
+    for r in rows:
+        agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
+        table.add_row(f"{r['images']:,}", r["mode"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
+                      f"{r['rss_mb']:.0f}", f"{r['disk_bytes_per_image'] / 1024:.1f}", f"{r['build_s']:.0f}")
+    Console(stderr=True).print(table) if as_json or not sys.stdout.isatty() else out.print(table)
+    if report is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            details = ReportData(tables={"Per size and mode": rows, "Growth (smallest to largest size)": growth(rows)})
+            if len(size_list) > 1:
+                details.images["p50 latency against images (log-log)"] = plot_growth(rows, Path(tmp) / "growth.png")
+            _write_report(report, "finegrain bench scale", {"sizes": sizes, "modes": modes, "noise": noise,
+                                                            "queries": queries}, details)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+
+
 @bench_app.command("needles")
 def bench_needles_cmd(
     data: Path = typer.Option(..., "--data", help="Needles folder: scenes/, queries/, gnd.json."),
@@ -760,6 +849,69 @@ def demo_cmd(
     from .demo import run_demo
 
     run_demo(out_dir, console=out)
+
+
+@app.command("watch")
+def watch_cmd(
+    folders: list[Path] = typer.Argument(..., help="Folders to watch (recursively)."),
+    index: Path = typer.Option(..., "--index", help="Index folder (created with default settings if missing)."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder for a new index (default effnet-minilm)."),
+    poll: bool = typer.Option(False, "--poll", help="Poll the folders (stat every --interval seconds) instead of file-system events: for network mounts (NFS, SMB) that send none."),
+    interval: float = typer.Option(1.0, min=0.05, help="With --poll: seconds between two scans of the folders."),
+    quiet: float = typer.Option(2.0, min=0.0, help="Commit after this many seconds without file events."),
+    settle: float = typer.Option(1.0, min=0.0, help="Index a file once its size and mtime held still this long (files being copied wait)."),
+    max_batch: int = typer.Option(256, "--max-batch", min=1, help="Commit as soon as this many files are ready, even while events continue."),
+    max_wait: float = typer.Option(30.0, "--max-wait", min=0.0, help="Commit what is ready once a change waited this long, even while events continue."),
+    no_scan: bool = typer.Option(False, "--no-scan", help="Skip the start-up scan that catches up with changes made while no watch ran."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per commit on stdout (instead of a log line on stderr)."),
+) -> None:
+    """Keep an index current as image files are added, changed, moved or deleted (until Ctrl-C or SIGTERM)."""
+    import threading
+    import time
+
+    from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .store.catalog import IndexFormatError
+    from .terminal import escape_controls
+    from .watch import WatchCommit, Watcher, install_stop_signals
+
+    def log(commit: WatchCommit) -> None:
+        if as_json:
+            print(json.dumps(commit.as_dict()), flush=True)
+        else:
+            err.print(f"{time.strftime('%H:%M:%S')} {commit.line()}", markup=False, highlight=False, soft_wrap=True)
+            for path, reason in commit.failed[:20]:
+                err.print(f"  skipped {escape_controls(path)}: {escape_controls(reason)}", markup=False, highlight=False,
+                          soft_wrap=True)
+
+    for folder in folders:  # before an index is created for nothing
+        if not folder.is_dir():
+            _fail(f"cannot watch {folder}: not a folder")
+    stop = threading.Event()
+    install_stop_signals(stop)  # before the model loads: a Ctrl-C during start-up still ends cleanly
+    try:
+        if (index / "finegrain.sqlite").exists():
+            idx = Index.open(index)
+            diff = settings_differences(idx.snapshot.settings, {"encoder": encoder} if encoder else {})
+            if diff:
+                raise _SettingsMismatch(f"the index at {index} was created with another encoder ({'; '.join(diff)})")
+        else:
+            idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER)
+        watcher = Watcher(idx, folders, poll=poll, interval=interval, quiet=quiet, settle=settle,
+                          max_batch=max_batch, max_wait=max_wait, log=log)
+        if not as_json:
+            err.print(f"watching {', '.join(map(escape_controls, watcher.roots))} ({'polling' if poll else 'file-system events'}); "
+                      "Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True)
+        watcher.run(stop, scan=not no_scan)
+    except _SettingsMismatch as exc:
+        _fail(str(exc), 2)
+    except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    if not as_json:
+        left = len(watcher.changes)
+        err.print("stopped" + (f"; {left} files still changing are left to the next start's scan" if left else ""),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

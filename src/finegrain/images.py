@@ -27,12 +27,35 @@ READ_TIMEOUT_S = 30.0
 _BLOCK = 4 * 2**20
 
 
+# HEIF brands (ISO-BMFF ``ftyp`` major brand) of HEIC/HEIF/AVIF files: a file that starts with one of them
+# but does not open is a damaged HEIF, not "an unknown format".
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1",
+                          b"avif", b"avis"})
+
+
+def _register_heif() -> frozenset[str]:
+    """Register pillow-heif's HEIF decoder with Pillow (once, at import); the suffixes it adds.
+
+    Without pillow-heif installed, ``.heic`` files stay reported as unsupported.
+    libheif applies the HEIF transforms (``irot``/``imir``) while decoding and
+    pillow-heif then sets the EXIF orientation to 1, so ``exif_transpose`` below
+    does not rotate a second time. Thumbnails, depth and auxiliary images stored
+    in the file are not decoded (never used; they cost memory per open).
+    """
+    try:
+        import pillow_heif
+    except ImportError:
+        return frozenset()
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    return frozenset({".heic", ".heif", ".hif"})
+
+
 def _optional_suffixes() -> frozenset[str]:
-    """Suffixes of formats this Pillow decodes only when built with the codec."""
+    """Suffixes of formats decoded only when the codec is installed (Pillow's AVIF build, pillow-heif)."""
     from PIL import features
 
-    found = set()
-    if features.check("avif"):
+    found = set(_register_heif())
+    if features.check("avif"):  # Pillow >= 11.2 built with libavif
         found.add(".avif")
     return frozenset(found)
 
@@ -40,7 +63,7 @@ def _optional_suffixes() -> frozenset[str]:
 # File suffixes treated as images when walking folders.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}) | _optional_suffixes()
 # Image formats finegrain knows but cannot decode: reported as skipped when walking folders, not silently ignored.
-# (Add a suffix to IMAGE_SUFFIXES, and drop it here, once its decoder is installed, e.g. pillow-heif for .heic.)
+# (.heic/.heif/.avif move to IMAGE_SUFFIXES when pillow-heif and Pillow's AVIF codec are installed.)
 UNSUPPORTED_IMAGE_SUFFIXES = frozenset({
     ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".psd",
     ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
@@ -167,14 +190,28 @@ def load_image_sized(
     except PermissionError:
         raise ImageLoadError("permission denied") from None
     except UnidentifiedImageError:
-        raise ImageLoadError("not a recognised image format") from None
+        raise ImageLoadError(_unidentified_reason(source)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(_bomb_message(exc, max_pixels)) from None
     except OSError as exc:
-        raise ImageLoadError(f"cannot decode image: {exc}") from None
+        raise ImageLoadError(f"cannot decode image: {_one_line(exc)}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError, RecursionError, TypeError) as exc:
         # Pillow plugins raise a zoo of exception types on hostile input.
-        raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (libheif's end with newlines)."""
+    return " ".join(str(exc).split())
+
+
+def _unidentified_reason(source: object) -> str:
+    """Why Pillow could not identify ``source``: a damaged HEIF/AVIF file is named as such."""
+    head = source[:12] if isinstance(source, (bytes, bytearray)) else b""
+    if head[4:8] == b"ftyp" and bytes(head[8:12]) in _HEIF_BRANDS:
+        brand = bytes(head[8:12]).decode("ascii")
+        return f"cannot decode image: truncated or corrupt HEIF/AVIF file (brand {brand!r})"
+    return "not a recognised image format"
 
 
 def _bomb_message(exc: Exception, max_pixels: int) -> str:
@@ -210,11 +247,11 @@ def load_thumbnail(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIX
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError("not a recognised image format") from None
+        raise ImageLoadError(_unidentified_reason(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(_bomb_message(exc, max_pixels)) from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, RecursionError, TypeError) as exc:
-        raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise ImageLoadError(f"cannot decode image: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -27,7 +27,6 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import cast
 
 from . import retrieval
 from .images import ImageSource
@@ -117,36 +116,44 @@ class ShardedIndex:
         """Pick up images added to any shard since opening; True if something changed."""
         return any([s.refresh() for s in self.shards])
 
-    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None, **options) -> SearchResponse:
+    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "auto",
+               bbox: Sequence[float] | None = None, *, negative=None, negative_image=None, terms=(), query=None,
+               **options) -> SearchResponse:
         """Search every shard in parallel; the best ``k`` overall, best first (see :meth:`Index.search`).
 
         Every hit names its shard. ``global`` embeds the query once and sends
         the vector to each shard; the other modes run their whole search on each shard.
+        ``auto`` picks one mode for all shards from the modes they all support.
         """
+        from .retrieval.auto import AUTO, choose
+        from .retrieval.terms import build_query
+
         k = retrieval.check_k(k)
         retrieval.get(mode)  # an unknown mode fails before any work
-        box = None if bbox is None else cast(tuple[float, float, float, float], tuple(bbox))
-        query = retrieval.Query(text=text, image=image, bbox=box)
+        query = build_query(text, image, bbox, negative, negative_image, terms, query)
+        requested = mode
+        if mode == AUTO:
+            mode = choose(self.available_modes(), query)
         if mode == "global":
             from .retrieval.dense import DenseParams
 
             # an SS2D size: each shard applies its own projection
             dim = DenseParams.from_options(options, mode=mode).dim
-            vector = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
+            vector = self.shards[0].embed_query(query=query)  # embedded once for all shards
+            texts = [query.text] if query.text else []
             parts = list(self._pool.map(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
-                                                                 SearchStats(sim_ops=len(s)), [text] if text else []),
+                                                                 SearchStats(sim_ops=len(s)), texts),
                                         self.shards))
         else:
-            parts = list(self._pool.map(lambda s: s.search(text=query.text, image=query.image, k=k, mode=mode,
-                                                           bbox=bbox, **options), self.shards))
+            parts = list(self._pool.map(lambda s: s.search(query=query, k=k, mode=mode, **options), self.shards))
         merged = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part),
                         key=lambda t: (-t[0], t[1], t[2].rank))[:k]
         hits = [SearchResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
         stats = SearchStats(sim_ops=sum(p.stats.sim_ops for p in parts),
                             levels_visited=max((p.stats.levels_visited for p in parts), default=0))
         timings = {f"shard{n}_{key}": v for n, p in enumerate(parts) for key, v in p.timings.items()}
-        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings)
+        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings,
+                              requested_mode=requested if requested != mode else None)
 
     def available_modes(self) -> list[str]:
         """Modes every shard supports."""

@@ -1,4 +1,4 @@
-"""Encoder registry: ``create("effnet-minilm")``, ``create("clip:openai/clip-vit-base-patch32")``.
+"""Encoder registry: ``create("effnet-minilm")``, ``create("clip:openai/clip-vit-base-patch32")``, ``"siglip:<dir>"``.
 
 A name is ``family`` or ``family:argument``. Families are registered
 explicitly below (no import side effects); unknown names raise ``KeyError``
@@ -59,10 +59,20 @@ def _clip(arg: str | None, **kwargs) -> Encoder:
     return CLIPEncoder(model=arg, **kwargs)
 
 
+def _siglip(arg: str | None, **kwargs) -> Encoder:
+    if not arg:
+        raise KeyError("name a SigLIP model: siglip:<hub id or folder>, e.g. siglip:google/siglip-base-patch16-224")
+    from .siglip import SiglipEncoder
+
+    return SiglipEncoder(model=arg, **kwargs)
+
+
 register("effnet-minilm", _effnet_minilm,
          "bundled offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with trained alignment heads "
          "(optional ':PATH' to other aligner weights)")
 register("clip", _clip, "CLIP through transformers' CLIPModel: 'clip:<hub id in local cache or folder>'")
+register("siglip", _siglip, "SigLIP (and fixed-size SigLIP 2) through transformers' SiglipModel: "
+         "'siglip:<hub id in local cache or folder>'")
 
 
 def _external(arg: str | None, **kwargs) -> Encoder:

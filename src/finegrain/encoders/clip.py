@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +84,35 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _missing_message(model: str, where: str, hub_id: str | None, problem: str) -> str:
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between the Hugging Face dual encoders finegrain loads offline (CLIP, SigLIP)."""
+
+    label: str  # "CLIP"
+    prefix: str  # registry family: "clip"
+    example: str  # a hub id for the how-to-supply message
+    model_class: str  # transformers classes named in the message
+    tokenizer_class: str
+    tokenizer_files: tuple[tuple[str, ...], ...]  # any one of these sets of files is a tokenizer
+    tokenizer_names: str  # how the message names them
+
+
+CLIP = ModelFamily("CLIP", "clip", "openai/clip-vit-base-patch32", "CLIPModel", "CLIPTokenizer",
+                   (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                   "tokenizer.json, or vocab.json and merges.txt")
+
+
+def missing_message(model: str, where: str, hub_id: str | None, problem: str, family: ModelFamily = CLIP) -> str:
     """One paragraph: what was looked for, where, and how to supply it."""
-    example = hub_id or "openai/clip-vit-base-patch32"
+    example = hub_id or family.example
     return (
-        f"CLIP model {model!r} is not available locally: {problem} (looked in {where}). "
+        f"{family.label} model {model!r} is not available locally: {problem} (looked in {where}). "
         "finegrain never downloads weights. To supply them, on a machine with internet run "
         f"`huggingface-cli download {example}` and copy its Hugging Face cache folder "
         "(~/.cache/huggingface) to this machine, pointing HF_HOME (or HF_HUB_CACHE) at it; "
-        "or save a folder with `CLIPModel.from_pretrained(...).save_pretrained(folder)` plus "
-        "`CLIPTokenizer.from_pretrained(...).save_pretrained(folder)` (and optionally the "
-        f"preprocessor_config.json), copy it here and use `clip:/that/folder`."
+        f"or save a folder with `{family.model_class}.from_pretrained(...).save_pretrained(folder)` plus "
+        f"`{family.tokenizer_class}.from_pretrained(...).save_pretrained(folder)` (and optionally the "
+        f"preprocessor_config.json), copy it here and use `{family.prefix}:/that/folder`."
     )
 
 
@@ -108,7 +127,8 @@ def _snapshot_folder(repo_dir: Path) -> Path | None:
     return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
 
 
-def resolve_model_folder(model: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+def resolve_model_folder(model: str, cache_dir: str | os.PathLike | None = None,
+                         family: ModelFamily = CLIP) -> tuple[Path, str | None]:
     """Find the local folder holding ``model`` (alias, hub id or folder path).
 
     Parameters
@@ -131,13 +151,13 @@ def resolve_model_folder(model: str, cache_dir: str | os.PathLike | None = None)
     ModelWeightsMissing
         If the folder, the cached repo or any required file is missing.
     """
-    spec = ALIASES.get(model, model)
+    spec = ALIASES.get(model, model) if family is CLIP else model
     hub_id: str | None = None
     folder = Path(spec).expanduser()
     if folder.is_dir():
         where = str(folder)
     elif _looks_like_path(spec):
-        raise ModelWeightsMissing(_missing_message(model, str(folder), None, "the folder does not exist"))
+        raise ModelWeightsMissing(missing_message(model, str(folder), None, "the folder does not exist", family))
     else:
         hub_id = spec
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_hf_cache_dir()
@@ -145,23 +165,24 @@ def resolve_model_folder(model: str, cache_dir: str | os.PathLike | None = None)
         where = f"the Hugging Face cache {cache}"
         snap = _snapshot_folder(repo_dir) if repo_dir.is_dir() else None
         if snap is None:
-            raise ModelWeightsMissing(_missing_message(model, where, hub_id, f"hub id {hub_id!r} is not in the cache"))
+            raise ModelWeightsMissing(missing_message(model, where, hub_id, f"hub id {hub_id!r} is not in the cache",
+                                                       family))
         folder, where = snap, f"{where} ({snap})"
     problems = []
     if not (folder / "config.json").is_file():
         problems.append("config.json is missing")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         problems.append("no weights file (model.safetensors or pytorch_model.bin) was found")
-    if not ((folder / "tokenizer.json").is_file() or
-            ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
-        problems.append("no tokenizer files (tokenizer.json, or vocab.json and merges.txt) were found")
+    if not any(all((folder / f).is_file() for f in files) for files in family.tokenizer_files):
+        problems.append(f"no tokenizer files ({family.tokenizer_names}) were found")
     if problems:
-        raise ModelWeightsMissing(_missing_message(model, where, hub_id, "; ".join(problems)))
+        raise ModelWeightsMissing(missing_message(model, where, hub_id, "; ".join(problems), family))
     return folder, hub_id
 
 
-def read_preprocessor_config(folder: Path) -> dict[str, Any]:
-    """Mean, std and resample filter from ``preprocessor_config.json``, with CLIP defaults."""
+def read_preprocessor_config(folder: Path, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                             resample: int = CLIP_RESAMPLE) -> dict[str, Any]:
+    """Mean, std and resample filter from ``preprocessor_config.json``; the defaults (CLIP's) where it says nothing."""
     cfg: dict[str, Any] = {}
     path = folder / "preprocessor_config.json"
     if path.is_file():
@@ -169,17 +190,15 @@ def read_preprocessor_config(folder: Path) -> dict[str, Any]:
             cfg = json.loads(path.read_text())
         except (OSError, ValueError):
             cfg = {}
-    mean = cfg.get("image_mean") or CLIP_MEAN
-    std = cfg.get("image_std") or CLIP_STD
-    resample = cfg.get("resample", CLIP_RESAMPLE)
+    found = cfg.get("resample", resample)
     return {
-        "mean": tuple(float(v) for v in mean),
-        "std": tuple(float(v) for v in std),
-        "resample": int(resample) if isinstance(resample, int) else CLIP_RESAMPLE,
+        "mean": tuple(float(v) for v in (cfg.get("image_mean") or mean)),
+        "std": tuple(float(v) for v in (cfg.get("image_std") or std)),
+        "resample": int(found) if isinstance(found, int) else resample,
     }
 
 
-def _features(out: Any) -> torch.Tensor:
+def features(out: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor (transformers 4) or an output object (transformers 5)."""
     if isinstance(out, torch.Tensor):
         return out
@@ -220,7 +239,7 @@ class CLIPEncoder(Encoder):
             tokenizer = CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelWeightsMissing(
-                _missing_message(model, str(self.folder), self.hub_id,
+                missing_message(model, str(self.folder), self.hub_id,
                                  f"transformers could not load it ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})")
             ) from exc
@@ -271,7 +290,7 @@ class CLIPEncoder(Encoder):
     def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) unnormalised image embeddings (CLS token, projected)."""
         batch = batch.to(self.device)
-        return _features(self.model.get_image_features(pixel_values=batch, **self._vision_kwargs(batch)))
+        return features(self.model.get_image_features(pixel_values=batch, **self._vision_kwargs(batch)))
 
     def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
         """Strings -> (B, dim) unnormalised text embeddings; truncated at the model's context length."""
@@ -279,7 +298,7 @@ class CLIPEncoder(Encoder):
         out = self.model.get_text_features(
             input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
         )
-        return _features(out)
+        return features(out)
 
     def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H/patch, W/patch): final-layer patch tokens, CLS dropped, no layer norm."""

@@ -22,7 +22,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def embed_query(snapshot: Snapshot, query: Query) -> np.ndarray:
-    """The (dim,) joint-space embedding of a query (an image query cropped to its box first)."""
+    """The (dim,) joint-space embedding of a query (an image query cropped to its box first).
+
+    A combined query is the weighted sum of its normalised terms, re-normalised (:mod:`.terms`).
+    """
+    if query.combined:
+        from .terms import embed_terms
+
+        return embed_terms(query, snapshot.encoder.encode_texts, lambda q: embed_query(snapshot, q))
     if query.text is not None:
         return snapshot.encoder.encode_texts([query.text])[0]
     img = load_image(query.image)  # type: ignore[arg-type]
@@ -52,6 +59,7 @@ class DenseParams(Params):
 class DenseRetriever(Retriever):
     name = "dense"
     modes = ("global",)
+    combines_terms = True
     params_type = DenseParams
     descriptions: ClassVar[dict[str, str]] = {"global": "one vector per image (every index)"}
 

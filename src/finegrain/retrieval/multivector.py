@@ -57,7 +57,10 @@ def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
 
 
 def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
-    """The query's texts (full query first, then sub-queries; empty for an image) and their (n, dim) embeddings."""
+    """The query's texts (full query first, then sub-queries; empty for an image) and their (n, dim) embeddings.
+
+    A combined query is one vector, its terms' weighted sum (like an image query; no decomposition).
+    """
     if query.text is None:
         return [], embed_query(snapshot, query)[None, :]
     from ..decompose.query import create_decomposer, decompose_query
@@ -70,6 +73,7 @@ def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -
 class MultiVectorRetriever(Retriever):
     name = "multivector"
     modes = ("single", "exhaustive", "hierarchical")
+    combines_terms = True
     params_type = MultiVectorParams
     descriptions: ClassVar[dict[str, str]] = {
         "single": "HiMIR 1+N: global + one segment level (index with --segments)",

@@ -36,6 +36,11 @@ def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
     cfg = snapshot.object_config
     if cfg is None:
         raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+    if query.combined:  # each term in the object space, summed by weight (text terms only in the joint space)
+        from .terms import combine
+
+        return combine(np.stack([embed_object_query(snapshot, t.query()) for t in query.terms]),
+                       [t.weight for t in query.terms])
     if query.text is not None:
         if cfg.space != "joint":
             raise ValueError("the object modes of this index search by example image only: its object "
@@ -53,6 +58,7 @@ def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
 class ObjectRetriever(Retriever):
     name = "objects"
     modes = object_search.OBJECT_MODES
+    combines_terms = True
     descriptions: ClassVar[dict[str, str]] = {
         "objects": "MaO: one fused descriptor of each image's objects (index with --objects)",
         "objects-max": "MaO variant: the best single object crop of each image (index with --objects)",

@@ -322,6 +322,12 @@ class _Transaction:
     def clear_failure(self, path: str) -> None:
         self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (path,))
 
+    def move(self, image_id: int, path: str, mtime_ns: int) -> None:
+        """An indexed image's file was moved or renamed: same content, same vectors, a new path."""
+        self.db.execute("DELETE FROM images WHERE path = ? AND status = 'failed'", (path,))
+        self.db.execute("UPDATE images SET path = ?, mtime_ns = ?, updated = ? WHERE id = ? AND status = 'indexed'",
+                        (path, mtime_ns, time.time(), image_id))
+
     def touch(self, image_id: int, mtime_ns: int) -> None:
         """Record a new mtime for an image whose content hash did not change."""
         self.db.execute("UPDATE images SET mtime_ns = ? WHERE id = ?", (mtime_ns, image_id))

@@ -221,6 +221,24 @@ class Writer:
             tx.remove(unique)
         return len(unique)
 
+    def move(self, moves: Sequence[tuple[int, str, int]]) -> int:
+        """Give indexed images new paths, ``(image id, new path, new mtime_ns)``, in one transaction (files moved
+        or renamed, content unchanged: the vectors stay). An image already live at a new path is removed first."""
+        if not moves:
+            return 0
+        live = {r.path: r.id for r in self.catalog.images("indexed")}
+        unknown = [i for i, _, _ in moves if i not in live.values()]
+        if unknown:
+            raise KeyError(f"unknown image ids: {unknown[:10]}")
+        moved = {int(i) for i, _, _ in moves}
+        with self.catalog.transaction() as tx:
+            tx.remove([live[p] for _, p, _ in moves if p in live and live[p] not in moved])
+            for image_id, _, mtime_ns in moves:  # via a placeholder path: images may trade places
+                tx.move(int(image_id), f"\0moving/{int(image_id)}", int(mtime_ns))
+            for image_id, path, mtime_ns in moves:
+                tx.move(int(image_id), path, int(mtime_ns))
+        return len(moves)
+
     def compact(self) -> None:
         """Rewrite every field as one chunk without removed images (level-major where it applies)."""
         live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
