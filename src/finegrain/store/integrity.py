@@ -167,6 +167,8 @@ def _check_chunk_fully(root: Path, catalog: Catalog, fieldname: str, name: str, 
     """Check one chunk; returns (its owners if they can be trusted, whether it is damaged)."""
     expected = expected_files(checksum)
     header = check_chunk(root, fieldname, name, rows, expected)
+    if header is not None and header.endswith("is missing"):
+        raise FileNotFoundError(header)  # the caller tells a compaction meanwhile from damage
     if header is not None:
         owners = _trusted_owners(root, fieldname, name, expected)
         report.problems.append(Problem(header, name, fieldname, None if owners is None else owners.tolist()))
@@ -279,6 +281,10 @@ def check_index(path: str | Path, record: bool = True) -> Report:
             try:
                 owners, damaged = _check_chunk_fully(root, catalog, fieldname, name, rows, checksum, known, report)
             except FileNotFoundError as exc:
+                if catalog.generation() != generation:  # compacted away while checking: not damage
+                    report.notes.append(f"chunk {name} was replaced while being checked (the index changed): "
+                                        "run `finegrain check` again")
+                    continue
                 report.problems.append(Problem(f"chunk {name} of field {fieldname}: a file is missing ({exc})",
                                                name, fieldname, None))
                 owners, damaged = None, True
