@@ -140,10 +140,22 @@ def resolve(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mappin
 
 
 def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
-           options: Mapping[str, Any] | None = None) -> SearchResponse:
-    """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service."""
+           options: Mapping[str, Any] | None = None, *, filters: Any = None, threshold: float | None = None,
+           offset: int = 0, sort: str = "score") -> SearchResponse:
+    """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service.
+
+    ``filters`` (a :class:`~finegrain.retrieval.filters.Filters` or a mapping of its fields) restricts the
+    images ranked; ``threshold`` drops hits scoring below it; ``sort`` (``score``, ``date``, ``-date``) and
+    ``offset`` order and page the hits (see :mod:`finegrain.retrieval.filters`).
+    """
+    from . import filters as filtering
+
     retriever, k, params = resolve(snapshot, mode, query, k, options)
-    return retriever.search(snapshot, mode, query, k, params)
+    flt = filtering.Filters.from_options(filters)
+    threshold, offset, sort = filtering.check_page(k, threshold, offset, sort)
+    if filtering.plain(flt, threshold, offset, sort):
+        return retriever.search(snapshot, mode, query, k, params)
+    return filtering.run(retriever, snapshot, mode, query, k, params, flt, threshold, offset, sort)
 
 
 def explain(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int = 10,

@@ -82,3 +82,20 @@ class VectorIndex:
         if k <= 0:
             raise ValueError("k must be positive")
         return self.faiss.search(queries, k)
+
+    def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over the given rows only (FAISS ID selector: exact for flat, filtered HNSW/IVF otherwise).
+
+        A filtered ANN search can return fewer than ``k`` rows when the allowed
+        rows are rare; callers needing exactness then score the rows themselves.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+        params: faiss.SearchParameters
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(128, int(k)))
+        elif self.kind == "ivf":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.faiss.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return self.faiss.search(queries, int(k), params=params)
