@@ -295,6 +295,14 @@ def test_cli_api_and_service_give_the_same_page(full_index, library):
                                         "filters": filters})
         assert r.status_code == 200, r.text
         service_hits = r.json()["results"]
+        by_image = c.post("/api/search/image", files={"image": (library / "home" / "chelsea.jpg").read_bytes()},
+                          data={"k": "3", "filters": json.dumps({"orientation": "landscape"})})
+        assert by_image.status_code == 200, by_image.text
+        assert [h["id"] for h in by_image.json()["results"]] == \
+            [h.id for h in full_index.search(image=library / "home" / "chelsea.jpg", k=3,
+                                             filters={"orientation": "landscape"})]
+        assert c.post("/api/search/image", files={"image": (library / "home" / "chelsea.jpg").read_bytes()},
+                      data={"filters": "[1, 2]"}).status_code == 400
         bad = c.post("/api/search", json={"text": "a photo", "filters": {"orientation": "diagonal"}})
         assert bad.status_code == 400 and "orientation must be one of" in bad.json()["message"]
         assert c.post("/api/search", json={"text": "a photo", "sort": "name"}).status_code == 400

@@ -249,7 +249,7 @@ def iso(seconds: float) -> str:
     """Stored wall-clock seconds as an ISO string (``2023-06-01T14:30:00``)."""
     if not math.isfinite(seconds):
         return ""
-    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat()
+    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 @dataclass
