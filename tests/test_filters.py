@@ -336,3 +336,50 @@ def test_shard_set_filters_like_one_index(tmp_path, library):
         assert [h.path for h in many] == [h.path for h in one]
         assert [h.rank for h in many] == [h.rank for h in one] and [h.taken for h in many] == [h.taken for h in one]
         np.testing.assert_allclose([h.score for h in many], [h.score for h in one], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_ann_search_over_selected_rows(kind):
+    from finegrain.store.ann import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = np.sort(rng.choice(3000, 400, replace=False))
+    queries = vectors[:5]
+    scores, found = VectorIndex(vectors, kind).search_rows(queries, 10, rows)
+    assert np.isin(found[found >= 0], rows).all()
+    if kind == "flat":  # exact over the rows
+        exact = np.argsort(-(queries @ vectors[rows].T), axis=1)[:, :10]
+        np.testing.assert_array_equal(found, rows[exact])
+
+
+def test_global_mode_through_the_id_selector(full_index, monkeypatch):
+    from finegrain.retrieval import dense
+
+    monkeypatch.setattr(dense, "EXACT_ALLOWED_ROWS", 0)  # what a large allowed set takes: FAISS with a selector
+    everything = full_index.search(text="a rocket", k=len(PHOTOS))
+    allowed = [h.id for h in everything][2:]
+    got = full_index.search(text="a rocket", k=5, filters={"ids": allowed})
+    assert [h.id for h in got] == allowed[:5]
+
+
+def test_a_plugin_mode_without_filter_support_is_filtered_too(full_index):
+    from finegrain import retrieval
+    from finegrain.retrieval.dense import hits_from
+
+    class ByIdRetriever(retrieval.Retriever):
+        name = "by-id"
+        modes = ("by-id",)
+
+        def search(self, snapshot, mode, query, k, params):
+            ids = snapshot.ids[::-1][:k]
+            return retrieval.SearchResponse(hits_from(snapshot, ids, ids.astype(np.float32)), mode)
+
+    plugin = retrieval.register(ByIdRetriever())
+    try:
+        ids = sorted(full_index.records)
+        got = full_index.search(text="x", mode="by-id", k=3, filters={"ids": ids[:5]}, offset=1)
+        assert [h.id for h in got] == ids[:5][::-1][1:4] and [h.rank for h in got] == [1, 2, 3]
+    finally:
+        retrieval.unregister(plugin)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -90,12 +91,12 @@ class VectorIndex:
         rows are rare; callers needing exactness then score the rows themselves.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
-        params: faiss.SearchParameters
+        fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
+        selector = fs.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(128, int(k)))
+            params = fs.SearchParametersHNSW(sel=selector, efSearch=max(128, int(k)))
         elif self.kind == "ivf":
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.faiss.nprobe)
+            params = fs.SearchParametersIVF(sel=selector, nprobe=getattr(self.faiss, "nprobe", 1))
         else:
-            params = faiss.SearchParameters(sel=selector)
-        return self.faiss.search(queries, int(k), params=params)
+            params = fs.SearchParameters(sel=selector)
+        return self.faiss.search(queries, int(k), params=params)  # selector must live until here
