@@ -254,6 +254,22 @@ def _bbox_and_terms(values: Optional[list[str]], extra: list[str]) -> tuple[Opti
     return _bbox(values, spilled), extra
 
 
+def _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
+             min_height, max_height, ids) -> dict:
+    """The search filters given on the command line (validated by ``Filters``; None values are "not given")."""
+    if path_prefix:  # paths are stored absolute; keep a trailing separator ("only inside this folder")
+        path_prefix = os.path.abspath(path_prefix) + (os.sep if path_prefix.endswith(os.sep) else "")
+    id_list = None
+    if ids is not None:
+        try:
+            id_list = [int(p) for p in ids.replace(",", " ").split()]
+        except ValueError:
+            _fail(f"--ids must be image ids separated by commas, got {ids!r}", 2)
+    return {"path_prefix": path_prefix, "glob": glob, "taken_after": taken_after, "taken_before": taken_before,
+            "make": make, "model": model, "orientation": orientation, "min_width": min_width, "max_width": max_width,
+            "min_height": min_height, "max_height": max_height, "ids": id_list}
+
+
 @app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              options_metavar="[OPTIONS] [QUERY]...")
 def search_cmd(
@@ -276,6 +292,21 @@ def search_cmd(
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
+    path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="Filter: only files whose path starts with this (a relative path is made absolute; docs/filters.md).", rich_help_panel="Filters"),
+    glob: Optional[str] = typer.Option(None, "--glob", help="Filter: shell pattern, case-insensitive; matches the file name, or the whole path if it has a '/'.", rich_help_panel="Filters"),
+    taken_after: Optional[str] = typer.Option(None, "--taken-after", help="Filter: captured at or after this ISO date/time (EXIF date, else file mtime), e.g. 2023-06-01.", rich_help_panel="Filters"),
+    taken_before: Optional[str] = typer.Option(None, "--taken-before", help="Filter: captured before this ISO date/time (exclusive).", rich_help_panel="Filters"),
+    make: Optional[str] = typer.Option(None, "--make", help="Filter: camera make contains this (case-insensitive).", rich_help_panel="Filters"),
+    model: Optional[str] = typer.Option(None, "--model", help="Filter: camera model contains this (case-insensitive).", rich_help_panel="Filters"),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="Filter: landscape, portrait or square.", rich_help_panel="Filters"),
+    min_width: Optional[int] = typer.Option(None, "--min-width", help="Filter: at least this many pixels wide.", rich_help_panel="Filters"),
+    max_width: Optional[int] = typer.Option(None, "--max-width", help="Filter: at most this many pixels wide.", rich_help_panel="Filters"),
+    min_height: Optional[int] = typer.Option(None, "--min-height", help="Filter: at least this many pixels high.", rich_help_panel="Filters"),
+    max_height: Optional[int] = typer.Option(None, "--max-height", help="Filter: at most this many pixels high.", rich_help_panel="Filters"),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Filter: only these image ids, comma-separated.", rich_help_panel="Filters"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Drop results scoring below this.", rich_help_panel="Filters"),
+    offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
+    sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
 ) -> None:
     """Search an index by text, by example image, or both: [QUERY]... is an expression such as
     '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
@@ -299,8 +330,11 @@ def search_cmd(
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
+    filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
+                       min_height, max_height, ids)
     try:
-        response = idx.search(query=query, k=k, mode=mode, **options)
+        response = idx.search(query=query, k=k, mode=mode, filters=filters, threshold=threshold, offset=offset,
+                              sort=sort, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -317,9 +351,14 @@ def search_cmd(
         out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
                             f"operations, {response.stats.levels_visited} level(s) visited"))
     table = Table("rank", "score", "id")
+    if sort != "score":
+        table.add_column("taken")
     table.add_column("path", overflow="fold")
     for h in response:
-        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), safe_text(h.path))
+        dated = [h.taken or ""] if sort != "score" else []
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), *dated, safe_text(h.path))
+    if response.allowed is not None:
+        out.print(f"{response.allowed} image(s) pass the filters")
     out.print(table)
 
 

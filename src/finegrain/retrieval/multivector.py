@@ -97,11 +97,15 @@ class MultiVectorRetriever(Retriever):
             raise ValueError(f"single_level must be from 0 to {n_levels - 1} for this index, not {p.single_level}")
         return p
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)
         texts, queries = query_vectors(snapshot, query, params)
+        candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
         scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries, k,
-                                             params.config())
+                                             params.config(), candidates)
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,
                               generation=snapshot.generation)
 
