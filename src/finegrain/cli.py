@@ -736,6 +736,57 @@ def bench_compress_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("scale")
+def bench_scale_cmd(
+    data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
+    split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
+    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Comma-separated modes: global, single, exhaustive, hierarchical."),
+    queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
+    noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
+    seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
+    ann: str = typer.Option("auto", help="ANN setting of the synthetic indexes (auto, flat, hnsw, ivf)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild synthetic indexes even when cached."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench and synthetic indexes are kept."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line, one per (size, system, mode)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables, log-log growth plot) here."),
+) -> None:
+    """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
+    import tempfile
+
+    from .bench.scale import flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
+    from .report import ReportData
+
+    size_list = _int_list(sizes)
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    try:
+        texts = flickr8k_queries(data, split, queries, seed)
+        if source is None:
+            source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
+        rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
+                         rebuild=rebuild, show_progress=not as_json, log=err.print)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 2)
+    table = Table("images", "mode", "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
+                  title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
+    for r in rows:
+        agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
+        table.add_row(f"{r['images']:,}", r["mode"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
+                      f"{r['rss_mb']:.0f}", f"{r['disk_bytes_per_image'] / 1024:.1f}", f"{r['build_s']:.0f}")
+    Console(stderr=True).print(table) if as_json or not sys.stdout.isatty() else out.print(table)
+    if report is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            details = ReportData(tables={"Per size and mode": rows, "Growth (smallest to largest size)": growth(rows)})
+            if len(size_list) > 1:
+                details.images["p50 latency against images (log-log)"] = plot_growth(rows, Path(tmp) / "growth.png")
+            _write_report(report, "finegrain bench scale", {"sizes": sizes, "modes": modes, "noise": noise,
+                                                            "queries": queries}, details)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+
+
 @bench_app.command("needles")
 def bench_needles_cmd(
     data: Path = typer.Option(..., "--data", help="Needles folder: scenes/, queries/, gnd.json."),

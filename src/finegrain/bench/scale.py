@@ -1,0 +1,347 @@
+"""``finegrain bench scale``: how latency, agreement with exact search, memory and disk grow with the collection.
+
+Synthetic indexes of 10^4 .. 10^6 images are written through the real
+writer (the same chunk files and catalog as ``finegrain index``), with
+vectors drawn from a *source* index of real photos: each synthetic image
+copies one source image's vectors (its global vector and every segment
+vector, with the segment levels, boxes and areas) and adds independent
+Gaussian noise to each vector before re-normalising. ``noise`` is the
+noise's norm relative to the unit vector, so a copy has cosine about
+``1 / sqrt(1 + noise**2)`` to its source (0.89 at the default 0.5). Score
+distributions therefore look like real ones, but copies of one source
+stay closer to one another than different real photos would: the docs
+say so next to every table.
+
+Each size is measured in a fresh process (so its RSS is its own): text
+queries (captions of the source split) one at a time through
+``Index.search``, as users send them (query encoding included), and the
+top-10 of each mode compared with the exact reference of its family:
+``global`` against brute-force inner products over the stored vectors,
+the multi-vector modes against ``exhaustive`` (every segment of every
+image scored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..store.catalog import NewImage
+from ..store.vectors import FieldRows
+
+#: The exact reference each mode's top-10 is compared with (None: the mode is its own reference).
+REFERENCE = {"global": "global-exact", "single": None, "exhaustive": None, "hierarchical": "exhaustive"}
+DEFAULT_MODES = ("global", "hierarchical", "exhaustive")
+BUILD_BATCH = 2_000
+
+
+@dataclass
+class Source:
+    """Real vectors that synthetic images are drawn from (one entry per source image)."""
+
+    encoder: str
+    segments: Any  # SegmentConfig | None
+    globals: np.ndarray  # (n, d) float32
+    sizes: np.ndarray  # (n, 2) width, height
+    seg_rows: list[FieldRows] | None  # per source image, its segment rows (owners 0)
+
+    @classmethod
+    def from_index(cls, path: str | os.PathLike) -> Source:
+        from ..index import Index
+
+        with Index.open(path) as index:
+            snap = index.snapshot
+            g = snap.field("global")
+            ids = np.asarray(g.owners)
+            if len(ids) == 0:
+                raise ValueError(f"the source index at {path} holds no images")
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            globals_ = np.asarray(g.vectors[order], dtype=np.float32)
+            sizes = np.array([(snap.records[int(i)].width or 0, snap.records[int(i)].height or 0) for i in ids])
+            seg_rows = None
+            if snap.has_field("segments"):
+                s = snap.field("segments")
+                owners = np.asarray(s.owners)
+                by_owner = np.argsort(owners, kind="stable")
+                starts = np.searchsorted(owners[by_owner], ids, side="left")
+                ends = np.searchsorted(owners[by_owner], ids, side="right")
+                seg_rows = []
+                for a, b in zip(starts, ends):
+                    sel = by_owner[a:b]
+                    rows = FieldRows(np.asarray(s.vectors[sel], dtype=np.float32), np.zeros(len(sel), np.int64),
+                                     {k: np.asarray(v[sel]) for k, v in s.attrs.items()})
+                    seg_rows.append(rows)
+            return cls(snap.encoder_name, snap.segment_config, globals_, sizes, seg_rows)
+
+
+def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.ndarray:
+    """Unit vectors plus Gaussian noise of norm about ``noise``, re-normalised."""
+    d = vectors.shape[1]
+    out = vectors + rng.standard_normal(vectors.shape, dtype=np.float32) * np.float32(noise / math.sqrt(d))
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32, copy=False)
+
+
+def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, seed: int = 0, ann: str = "auto",
+                    with_segments: bool = True, progress: Callable[[int], None] | None = None) -> float:
+    """Write a ``size``-image synthetic index at ``path`` through the writer; returns the build seconds."""
+    from ..index import Index
+
+    t0 = time.perf_counter()
+    segments = source.segments if with_segments and source.seg_rows is not None else None
+    index = Index.create(path, encoder=source.encoder, ann=ann, segments=segments)
+    rng = np.random.default_rng(seed)
+    try:
+        with index.writer() as w:
+            for start in range(0, size, BUILD_BATCH):
+                n = min(BUILD_BATCH, size - start)
+                pick = rng.integers(0, len(source.globals), n)
+                images = [NewImage(path=f"/synthetic/{size}/{start + j:07d}.jpg",
+                                   sha256=hashlib.sha256(f"{size}/{start + j}".encode()).hexdigest(), size=0,
+                                   mtime_ns=0, width=int(source.sizes[s][0]), height=int(source.sizes[s][1]))
+                          for j, s in enumerate(pick)]
+                fields = {"global": FieldRows(_noisy(rng, source.globals[pick], noise), np.arange(n))}
+                if segments is not None:
+                    assert source.seg_rows is not None
+                    parts = [source.seg_rows[s] for s in pick]
+                    rows = FieldRows.concat([FieldRows(p.vectors, np.full(len(p), j, np.int64), p.attrs)
+                                             for j, p in enumerate(parts)], source.globals.shape[1])
+                    fields["segments"] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
+                w.commit(images, fields, [], [], [])
+                if progress is not None:
+                    progress(n)
+    finally:
+        index.close()
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or peak resident set (``VmHWM``) in MiB (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10) -> list[dict]:
+    """Latency and top-``k`` agreement of each mode on one index (run in a fresh process for honest RSS)."""
+    from ..index import Index
+
+    rss_base = _rss_mb()
+    index = Index.open(path)
+    index.embed_query(text=queries[0])  # loads the model: RSS after this is the baseline the index adds to
+    rss_model = _rss_mb()
+    top: dict[str, list[list[int]]] = {}
+    rows: list[dict[str, Any]] = []
+    for mode in _with_references(modes):
+        if mode == "global-exact":
+            top[mode] = _exact_global(index, queries, k)
+            continue
+        index.search(text=queries[0], k=k, mode=mode)  # warm-up: builds derived structures (ANN, segment table)
+        latencies, ranked, sim_ops = [], [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            hits = index.search(text=q, k=k, mode=mode)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            ranked.append([h.id for h in hits])
+            sim_ops.append(hits.stats.sim_ops)
+        top[mode] = ranked
+        if mode in modes:
+            rows.append({"mode": mode, "p50_ms": float(np.percentile(latencies, 50)),
+                         "p95_ms": float(np.percentile(latencies, 95)),
+                         "sim_ops_per_query": float(np.mean(sim_ops))})
+    for row in rows:
+        ref = REFERENCE.get(row["mode"])
+        row["reference"] = ref or row["mode"]
+        row["agreement_at_10"] = (None if ref is None else
+                                  float(np.mean([len(set(a[:k]) & set(b[:k])) / max(1, min(k, len(b)))
+                                                 for a, b in zip(top[row["mode"]], top[ref])])))
+    rows.sort(key=lambda r: list(modes).index(r["mode"]))  # as asked, not as run
+    peak = _rss_mb("VmHWM")
+    for row in rows:
+        row.update(rss_mb=peak, rss_model_mb=rss_model, rss_base_mb=rss_base)
+    index.close()
+    return rows
+
+
+def _with_references(modes: Sequence[str]) -> list[str]:
+    """The modes to run: their exact references first (so the reference's structures are warm too)."""
+    refs = [REFERENCE[m] for m in modes if REFERENCE.get(m)]
+    return list(dict.fromkeys([r for r in refs if r is not None] + list(modes)))
+
+
+def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]:
+    """Brute-force top-``k`` over the stored global rows, in blocks (the mapped file is never copied whole)."""
+    rows = index.snapshot.search_rows
+    q = np.stack([index.embed_query(text=t) for t in queries]).astype(np.float32)
+    projection = index.projection
+    if projection is not None:
+        q = projection.transform(q)
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    block = 65_536
+    for start in range(0, len(rows), block):
+        s = q @ np.asarray(rows.vectors[start:start + block], dtype=np.float32).T
+        i = np.broadcast_to(rows.owners[start:start + block], s.shape)
+        best_s = np.concatenate([best_s, s], axis=1)
+        best_i = np.concatenate([best_i, i], axis=1)
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, keep, 1)
+        best_i = np.take_along_axis(best_i, keep, 1)
+    return best_i.tolist()
+
+
+def _measure_child(path: str, modes: list[str], queries: list[str], k: int, out: Any) -> None:
+    try:
+        out.put(("ok", measure(path, modes, queries, k)))
+    except BaseException as exc:  # reported by the parent as one line
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure_in_child(path: Path, modes: Sequence[str], queries: Sequence[str], k: int = 10) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_measure_child, args=(str(path), list(modes), list(queries), k, out))
+    proc.start()
+    while True:  # a child that dies without answering (killed, out of memory) must not hang the bench
+        try:
+            status, payload = out.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"measuring {path} failed: the measuring process exited with code "
+                                   f"{proc.exitcode}") from None
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"measuring {path} failed: {payload}")
+    return payload
+
+
+def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: str | os.PathLike,
+              queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
+              ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
+              log: Callable[[str], None] = print, isolate: bool = True) -> list[dict]:
+    """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
+
+    ``isolate`` measures each size in a fresh process, so that ``rss_mb`` is that size's own peak;
+    without it (quicker, for tests) RSS figures include everything this process holds.
+    """
+    from ..progress import progress_bar
+
+    unknown = [m for m in modes if m not in REFERENCE]
+    if unknown:
+        raise ValueError(f"bench scale does not know mode(s) {', '.join(unknown)}; choose from {', '.join(REFERENCE)}")
+    if not queries:
+        raise ValueError("bench scale needs at least one query")
+    source = Source.from_index(source_index)
+    segmented = any(m != "global" for m in modes)
+    if segmented and source.seg_rows is None:
+        raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
+    key = hashlib.sha256(json.dumps([str(Path(source_index).resolve()), noise, seed, ann, segmented,
+                                     len(source.globals)]).encode()).hexdigest()[:10]
+    results = []
+    for size in sizes:
+        if size < 1:
+            raise ValueError(f"sizes must be positive, not {size}")
+        path = Path(cache_dir) / f"scale-{size}-{key}"
+        done = path / "BUILD.json"
+        if rebuild or not done.exists():
+            if path.exists():
+                from ..index import remove_index
+
+                remove_index(path)
+            with progress_bar(size, f"building {size:,} synthetic images", enabled=show_progress) as bar:
+                build_s = build_synthetic(path, source, size, noise, seed, ann, segmented, bar.advance)
+            done.write_text(json.dumps({"build_s": build_s, "images": size}))
+        build_s = json.loads(done.read_text())["build_s"]
+        disk = dir_bytes(path)
+        log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; measuring")
+        measured = measure_in_child(path, modes, queries, k) if isolate else measure(str(path), modes, queries, k)
+        for row in measured:
+            results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
+                            "build_s": build_s, "queries": len(queries), "noise": noise})
+    return results
+
+
+def growth(rows: Sequence[dict]) -> list[dict]:
+    """Per mode: how p50 grows from the smallest to the largest size (ratio of images vs ratio of p50)."""
+    out = []
+    for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode), key=lambda r: r["images"])
+        if len(mine) < 2:
+            continue
+        a, b = mine[0], mine[-1]
+        out.append({"system": system, "mode": mode, "from": a["images"], "to": b["images"],
+                    "images_x": b["images"] / a["images"], "p50_x": b["p50_ms"] / max(a["p50_ms"], 1e-9),
+                    "exponent": math.log(b["p50_ms"] / max(a["p50_ms"], 1e-9)) / math.log(b["images"] / a["images"])})
+    return out
+
+
+def plot_growth(rows: Sequence[dict], path: Path) -> Path:
+    """Log-log plot of p50 latency against images, one line per (system, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
+    for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode), key=lambda r: r["images"])
+        label = mode if system == "finegrain" else f"{system} {mode}"
+        ax.plot([r["images"] for r in mine], [r["p50_ms"] for r in mine], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images")
+    ax.set_ylabel("p50 latency (ms)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+
+def flickr8k_queries(data: str | Path, split: str = "dev", n_queries: int = 50, seed: int = 0) -> list[str]:
+    """``n_queries`` captions of a Flickr8k ``split``, drawn with ``seed`` (the bench's text queries)."""
+    from ..datasets import load_flickr8k
+
+    captions = load_flickr8k(data, split).captions
+    picked = np.random.default_rng(seed).choice(len(captions), size=min(n_queries, len(captions)), replace=False)
+    return [captions[int(i)] for i in picked]
+
+
+def flickr8k_source(data: str | Path, split: str = "dev", encoder: str = "effnet-minilm",
+                    cache_dir: str | os.PathLike | None = None, segments: Any = None,
+                    show_progress: bool = True) -> Path:
+    """The segmented Flickr8k bench index of ``split`` (the one ``bench flickr8k`` builds and reuses)."""
+    from ..datasets import load_flickr8k
+    from ..decompose.segments import SegmentConfig
+    from .common import bench_index
+
+    segments = segments or SegmentConfig()
+    cache = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
+    safe_encoder = encoder.replace("/", "_").replace(":", "_")
+    name = (f"flickr8k-{split}-{safe_encoder}-seg-{segments.embed}-{'_'.join(map(str, segments.levels))}"
+            f"-{segments.resolution}")
+    index, _ = bench_index(load_flickr8k(data, split).image_paths(), encoder, cache / name, show_progress, segments)
+    index.close()
+    return cache / name

@@ -1,0 +1,118 @@
+"""`finegrain bench scale`: synthetic indexes written through the real writer, measured in a fresh process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from finegrain.bench.scale import Source, build_synthetic, growth, plot_growth, run_scale
+from finegrain.cli import app
+from finegrain.decompose.segments import SegmentConfig
+from finegrain.index import Index
+from finegrain.store.catalog import NewImage
+from finegrain.store.vectors import FieldRows
+
+QUERIES = ["a dog runs on the grass", "two children play in the water", "a man rides a bike"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def source_index(tmp_path_factory):
+    """A 12-image index with random unit vectors: global plus 1+4 segments per image (levels 0 and 1)."""
+    path = tmp_path_factory.mktemp("scale") / "source"
+    seg = SegmentConfig(levels=(4,))
+    index = Index.create(path, segments=seg)
+    rng = np.random.default_rng(1)
+    n, d = 12, index.encoder.dim
+    images = [NewImage(f"/src/{i}.jpg", f"{i:064x}", 1, 1, 64, 48) for i in range(n)]
+    per = 5
+    levels = np.tile(np.array([0, 1, 1, 1, 1]), n)
+    segs = FieldRows(_unit(rng.standard_normal((n * per, d))), np.repeat(np.arange(n), per),
+                     {"level": levels, "box": np.zeros((n * per, 4), np.float32),
+                      "area": np.full(n * per, 0.25, np.float32)})
+    with index.writer() as w:
+        w.commit(images, {"global": FieldRows(_unit(rng.standard_normal((n, d))), np.arange(n)), "segments": segs},
+                 [], [], [])
+    index.close()
+    return path
+
+
+def test_source_keeps_every_images_segments(source_index):
+    src = Source.from_index(source_index)
+    assert src.globals.shape[0] == 12 and src.seg_rows is not None
+    assert [len(r) for r in src.seg_rows] == [5] * 12
+    assert np.array_equal(src.seg_rows[3].attrs["level"], [0, 1, 1, 1, 1])
+    assert tuple(src.sizes[0]) == (64, 48)
+
+
+def test_synthetic_index_is_a_real_index(source_index, tmp_path):
+    src = Source.from_index(source_index)
+    build_synthetic(tmp_path / "syn", src, 250, noise=0.5, seed=3)
+    with Index.open(tmp_path / "syn") as index:
+        assert len(index) == 250
+        g = index.snapshot.field("global")
+        assert np.allclose(np.linalg.norm(g.vectors, axis=1), 1, atol=1e-5)
+        # every copy is near its source (cosine about 1/sqrt(1.25)) and not equal to it
+        best = (np.asarray(g.vectors) @ src.globals.T).max(axis=1)
+        assert 0.8 < float(np.median(best)) < 0.97
+        assert len(index.snapshot.field("segments")) == 250 * 5
+        assert index.search(text="a dog", k=5, mode="hierarchical").hits
+
+
+def test_run_scale_rows_and_agreement(source_index, tmp_path):
+    rows = run_scale(source_index, [60, 240], tmp_path / "cache", QUERIES,
+                     modes=("global", "hierarchical", "exhaustive"),
+                     show_progress=False, log=lambda _: None, isolate=False)
+    assert [(r["images"], r["mode"]) for r in rows] == [(60, "global"), (60, "hierarchical"), (60, "exhaustive"),
+                                                       (240, "global"), (240, "hierarchical"), (240, "exhaustive")]
+    for r in rows:
+        assert r["system"] == "finegrain" and r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"]
+        assert r["rss_mb"] >= r["rss_base_mb"] > 0 and r["disk_bytes_per_image"] > 0 and r["build_s"] > 0
+    by = {(r["images"], r["mode"]): r for r in rows}
+    # below the ANN threshold global search is exact: FAISS must agree with brute force
+    assert by[(240, "global")]["agreement_at_10"] == 1.0
+    assert 0.0 <= by[(240, "hierarchical")]["agreement_at_10"] <= 1.0
+    assert by[(240, "exhaustive")]["agreement_at_10"] is None  # the reference itself
+    assert {g["mode"] for g in growth(rows)} == {"global", "hierarchical", "exhaustive"}
+    png = plot_growth(rows, tmp_path / "growth.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run with segmented modes reuses the built index
+    again = run_scale(source_index, [60], tmp_path / "cache", QUERIES[:1], modes=("exhaustive",), show_progress=False,
+                      log=lambda _: None, isolate=False)
+    assert again[0]["build_s"] == by[(60, "global")]["build_s"]
+
+
+def test_bad_arguments(source_index, tmp_path):
+    with pytest.raises(ValueError, match="does not know mode"):
+        run_scale(source_index, [10], tmp_path, QUERIES, modes=("l2g",), show_progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        run_scale(source_index, [0], tmp_path, QUERIES, modes=("global",), show_progress=False)
+    with pytest.raises(ValueError, match="at least one query"):
+        run_scale(source_index, [10], tmp_path, [], modes=("global",), show_progress=False)
+
+
+def test_cli_json_lines(source_index, tiny_flickr, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "scale", "--data", str(tiny_flickr), "--source", str(source_index),
+                                      "--sizes", "40", "--modes", "global", "--queries", "2",
+                                      "--cache-dir", str(tmp_path / "cache"), "--json",
+                                      "--report", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [r["images"] for r in lines] == [40]  # measured in a child process: its own RSS
+    for key in ("images", "system", "mode", "p50_ms", "p95_ms", "agreement_at_10", "rss_mb",
+                "disk_bytes_per_image", "build_s"):
+        assert key in lines[0]
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<table") >= 2
+
+
+def test_cli_bad_mode_is_one_line(source_index, tiny_flickr, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "scale", "--data", str(tiny_flickr), "--source", str(source_index),
+                                      "--sizes", "40", "--modes", "objects", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "does not know mode" in result.output
