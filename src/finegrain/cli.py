@@ -736,13 +736,19 @@ def bench_compress_cmd(
         print(json.dumps(result))
 
 
+def _mode_list(text: str) -> list[str]:
+    """Modes of ``bench scale``: ';'-separated when any has options (which use ','), else ','-separated."""
+    parts = text.split(";") if ";" in text or ":" in text else text.split(",")
+    return [m.strip() for m in parts if m.strip()]
+
+
 @bench_app.command("scale")
 def bench_scale_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
     sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
-    modes: str = typer.Option("global,hierarchical,exhaustive", help="Comma-separated modes: global, single, exhaustive, hierarchical."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
     seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
@@ -755,11 +761,13 @@ def bench_scale_cmd(
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
 
+    from rich.table import Column
+
     from .bench.scale import flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
     from .report import ReportData
 
     size_list = _int_list(sizes)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    mode_list = _mode_list(modes)
     try:
         texts = flickr8k_queries(data, split, queries, seed)
         if source is None:
@@ -768,7 +776,7 @@ def bench_scale_cmd(
                          rebuild=rebuild, show_progress=not as_json, log=err.print)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
-    table = Table("images", "mode", "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
+    table = Table("images", Column("mode", no_wrap=True), "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
                   title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
     for r in rows:
         agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
