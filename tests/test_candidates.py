@@ -73,3 +73,21 @@ def test_bad_candidates_are_refused(index):
     for bad in (-1, 2.5, "many"):
         with pytest.raises(ValueError, match="candidates"):
             index.search(text="a cat", mode="hierarchical", candidates=bad)
+
+
+def test_cli_candidates(index):
+    import json
+
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    run = CliRunner().invoke
+    ok = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "exhaustive",
+                   "--candidates", "79", "--json"])
+    assert ok.exit_code == 0, ok.output
+    full = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "exhaustive", "--json"])
+    assert [r["id"] for r in json.loads(ok.stdout)["results"]] == [r["id"] for r in json.loads(full.stdout)["results"]]
+    bad = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "hierarchical",
+                    "--candidates", "-1"])
+    assert bad.exit_code != 0 and "candidates" in bad.output and "Traceback" not in bad.output

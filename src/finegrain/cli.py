@@ -254,6 +254,7 @@ def search_cmd(
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("global", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -294,6 +295,8 @@ def search_cmd(
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
+    if candidates is not None:
+        options["candidates"] = candidates
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:
