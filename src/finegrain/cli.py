@@ -283,6 +283,7 @@ def search_cmd(
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -330,6 +331,8 @@ def search_cmd(
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
     if dim is not None:
         options["dim"] = dim
+    if candidates is not None:
+        options["candidates"] = candidates
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:
@@ -774,13 +777,19 @@ def bench_compress_cmd(
         print(json.dumps(result))
 
 
+def _mode_list(text: str) -> list[str]:
+    """Modes of ``bench scale``: ';'-separated when any has options (which use ','), else ','-separated."""
+    parts = text.split(";") if ";" in text or ":" in text else text.split(",")
+    return [m.strip() for m in parts if m.strip()]
+
+
 @bench_app.command("scale")
 def bench_scale_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
     sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
-    modes: str = typer.Option("global,hierarchical,exhaustive", help="Comma-separated modes: global, single, exhaustive, hierarchical."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
     seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
@@ -793,11 +802,13 @@ def bench_scale_cmd(
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
 
+    from rich.table import Column
+
     from .bench.scale import flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
     from .report import ReportData
 
     size_list = _int_list(sizes)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    mode_list = _mode_list(modes)
     try:
         texts = flickr8k_queries(data, split, queries, seed)
         if source is None:
@@ -806,7 +817,7 @@ def bench_scale_cmd(
                          rebuild=rebuild, show_progress=not as_json, log=err.print)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
-    table = Table("images", "mode", "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
+    table = Table("images", Column("mode", no_wrap=True), "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
                   title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
     for r in rows:
         agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
