@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import encoders, retrieval
+from . import encoders, exif, retrieval
 from .decompose.segments import SegmentConfig
 from .images import ImageSource
 from .indexer import Indexer, IndexReport
@@ -42,6 +42,7 @@ from .local.store import LocalConfig
 from .objects.config import ObjectConfig
 from .retrieval import MAX_K, MAX_QUERY_CHARS, Query, SearchResponse, SearchResult, SearchStats, Term
 from .retrieval.terms import build_query
+from .store import meta as photo_meta
 from .store.ann import AUTO_ANN_THRESHOLD
 from .store.ann import KINDS as ANN_KINDS
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
@@ -310,6 +311,7 @@ class Index:
 
                 indexer = RayIndexer(w, batch_size, commit_every, address=ray_address)
             report = indexer.run(inputs, recursive, remove_missing, show_progress)
+            exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed
             if len(self.catalog.chunks("global")) > 32:
                 w.compact()
         return report
@@ -383,7 +385,8 @@ class Index:
     def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "auto",
                bbox: Sequence[float] | None = None, *, negative: str | Sequence[str] | None = None,
                negative_image: ImageSource | Sequence[ImageSource] | None = None, terms: Sequence[Term] = (),
-               query: Query | str | None = None, **options: Any) -> SearchResponse:
+               query: Query | str | None = None, filters: Any = None, threshold: float | None = None,
+               offset: int = 0, sort: str = "score", **options: Any) -> SearchResponse:
         """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` box).
 
         Combined queries (docs/queries.md): ``text`` and ``image`` together,
@@ -400,9 +403,14 @@ class Index:
         ``shortlist``/``w`` for ``l2g``); an unknown one raises ``ValueError``
         naming the known ones. Returns a :class:`SearchResponse`: the hits,
         best first (iterate it like a list), plus stats, sub-queries and timings.
+        ``filters`` (a ``retrieval.filters.Filters`` or a dict of its fields: ``path_prefix``, ``glob``,
+        ``taken_after``, ``taken_before``, ``make``, ``model``, ``orientation``, ``min_width``...,
+        ``ids``) restricts the images ranked; ``threshold``, ``offset`` and ``sort`` (``score``,
+        ``date``, ``-date``) shape the hits (docs/filters.md).
         """
         q = build_query(text, image, bbox, negative, negative_image, terms, query)
-        return self._with_fresh_snapshot(lambda snap: retrieval.search(snap, mode, q, k, options))
+        return self._with_fresh_snapshot(lambda snap: retrieval.search(
+            snap, mode, q, k, options, filters=filters, threshold=threshold, offset=offset, sort=sort))
 
     def explain(self, ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
                 mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10,
@@ -533,6 +541,7 @@ class Index:
             "damaged_chunks": len(snap.damage()),
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
+            "capture_dates": photo_meta.counts(self.catalog.db),  # exif / mtime / missing (backfilled by `index`)
         }
 
 

@@ -168,13 +168,24 @@ def _resolve_auto(snapshot: Snapshot, mode: str, query: Query, k: Any, options: 
 
 
 def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
-           options: Mapping[str, Any] | None = None) -> SearchResponse:
+           options: Mapping[str, Any] | None = None, *, filters: Any = None, threshold: float | None = None,
+           offset: int = 0, sort: str = "score") -> SearchResponse:
     """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service.
 
     ``auto`` runs the mode its policy picks; the response's ``mode`` names it and ``requested_mode`` is ``"auto"``.
+    ``filters`` (a :class:`~finegrain.retrieval.filters.Filters` or a mapping of its fields) restricts the
+    images ranked; ``threshold`` drops hits scoring below it; ``sort`` (``score``, ``date``, ``-date``) and
+    ``offset`` order and page the hits (see :mod:`finegrain.retrieval.filters`).
     """
+    from . import filters as filtering
+
     ran, retriever, k, params = _resolve_auto(snapshot, mode, query, k, options)
-    response = retriever.search(snapshot, ran, query, k, params)
+    flt = filtering.Filters.from_options(filters)
+    threshold, offset, sort = filtering.check_page(k, threshold, offset, sort)
+    if filtering.plain(flt, threshold, offset, sort):
+        response = retriever.search(snapshot, ran, query, k, params)
+    else:
+        response = filtering.run(retriever, snapshot, ran, query, k, params, flt, threshold, offset, sort)
     if ran != mode:
         response.requested_mode = mode
     return response

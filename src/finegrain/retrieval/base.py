@@ -236,11 +236,14 @@ class SearchResult:
     score: float
     rank: int
     shard: int | None = None
+    taken: str | None = None  # capture date (ISO wall clock), set when results are sorted by date
 
     def as_dict(self) -> dict:
         d: dict[str, Any] = {"id": self.id, "path": self.path, "score": round(self.score, 6), "rank": self.rank}
         if self.shard is not None:
             d["shard"] = self.shard
+        if self.taken is not None:
+            d["taken"] = self.taken
         return d
 
 
@@ -270,6 +273,7 @@ class SearchResponse(Sequence[SearchResult]):
     generation: int = -1
     partial: list[str] = field(default_factory=list)
     requested_mode: str | None = None  # "auto" when the mode was picked for the query (``mode`` is what ran)
+    allowed: int | None = None  # images the filters allowed (None: no filter)
 
     @overload
     def __getitem__(self, i: int) -> SearchResult: ...
@@ -291,6 +295,7 @@ class SearchResponse(Sequence[SearchResult]):
         return {"mode": self.mode, **picked, "subqueries": list(self.subqueries[1:]),
                 "sim_ops": int(self.stats.sim_ops), "levels_visited": int(self.stats.levels_visited),
                 "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+                **({} if self.allowed is None else {"allowed": self.allowed}),
                 "results": [h.as_dict() for h in self.hits]}
 
 
@@ -369,6 +374,9 @@ class Retriever(ABC):
     descriptions: ClassVar[Mapping[str, str]] = {}
     #: Whether its modes take combined queries (weighted terms, negatives; :class:`Query` ``terms``).
     combines_terms: ClassVar[bool] = False
+    #: Whether ``search`` takes ``allowed=`` (a boolean mask over snapshot positions) and ranks only those
+    #: images (retrieval/filters.py); a family without it is searched in full and its hits filtered.
+    filterable: ClassVar[bool] = False
 
     def accepts(self, mode: str) -> frozenset[str]:
         return self.query_kinds.get(mode, BOTH)

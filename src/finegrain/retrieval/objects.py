@@ -74,7 +74,10 @@ class ObjectRetriever(Retriever):
                     "(finegrain index ... --objects regions --refine-iters 80)")
         return None
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         fieldname = object_search.FIELDS[mode]
         vector = embed_object_query(snapshot, query)
         texts = [query.text] if query.text else []
@@ -84,6 +87,8 @@ class ObjectRetriever(Retriever):
             scores, _ = object_table(snapshot).max_scores(vector)
         else:
             scores = object_search.field_scores(snapshot.field(fieldname), snapshot.ids, vector)
+        if allowed is not None:  # images outside the filters never enter the top-k selection
+            scores = np.where(allowed, scores, -np.inf)
         best, positions = object_search.top(scores, k)
         from .dense import hits_from
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import json
 import logging
 import math
 import os
@@ -112,6 +113,12 @@ class SearchRequest(BaseModel):
             raise ValueError("give exactly one of text (taken literally) or query (an expression)")
         return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
+    filters: dict[str, Any] | None = Field(None, description=(
+        "Restrict the images ranked (docs/filters.md): path_prefix, glob, taken_after, taken_before (ISO dates), "
+        "make, model, orientation (landscape|portrait|square), min_width, max_width, min_height, max_height, ids."))
+    threshold: float | None = Field(None, description="Drop results scoring below this.")
+    offset: int = Field(0, description="Skip this many results (pagination).")
+    sort: str = Field("score", description="score (best first), date (oldest first) or -date (newest first).")
 
 
 class ExplainRequest(BaseModel):
@@ -155,6 +162,7 @@ class Hit(BaseModel):
     name: str = Field(description="File name (no folders).")
     thumbnail: str = Field(description="URL of the thumbnail.")
     explanation: Explanation | None = None
+    taken: str | None = Field(None, description="Capture date (EXIF, else file mtime), when sorted by date.")
 
 
 class SearchStatsModel(BaseModel):
@@ -171,6 +179,8 @@ class SearchResponse(BaseModel):
     subqueries: list[str] = Field(description="Sub-queries used besides the full query (multi-vector modes).")
     stats: SearchStatsModel
     generation: int = Field(description="Index generation searched.")
+    offset: int = Field(0, description="Results skipped before these (pagination).")
+    allowed: int | None = Field(None, description="Images the filters allowed (absent without filters).")
 
 
 class Health(BaseModel):
@@ -263,8 +273,9 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         count(True)
         query = _text_query(body.text, body.query, body.negative, limits)
         k = _check_k(body.k, limits)
+        shape = {"filters": body.filters, "threshold": body.threshold, "offset": body.offset, "sort": body.sort}
         with holder.use() as index:
-            return _search(index, request, body.mode, k, body.explain, query=query)
+            return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
 
     @api.post("/search/image", response_model=SearchResponse, tags=["search"])
     def search_image(request: Request, image: UploadFile = File(description="The example image."),
@@ -272,16 +283,19 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
                      box: str | None = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
                      explain: bool = Form(False),
                      text: str | None = Form(None, description="Words to add to the example (one query of both)."),
-                     negative: list[str] = Form([], description="Texts to move away from (repeatable).")) -> dict:
-        """Search by an example image (optionally a box of it, words added, negative texts)."""
+                     negative: list[str] = Form([], description="Texts to move away from (repeatable)."),
+                     filters: str | None = Form(None, description="Filters as a JSON object (see POST /api/search)."),
+                     threshold: float | None = Form(None), offset: int = Form(0), sort: str = Form("score")) -> dict:
+        """Search by an example image (optionally a box of it, words added, negative texts, filters)."""
         count(True)
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         for t in ([text] if text is not None else []) + list(negative):
             _check_text(t, limits)
+        shape = {"filters": _parse_filters(filters), "threshold": threshold, "offset": offset, "sort": sort}
         with holder.use() as index:
             img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
-            return _search(index, request, mode, k, explain, query=_build(text, img, bbox, negative))
+            return _search(index, request, mode, k, explain, query=_build(text, img, bbox, negative), shape=shape)
 
     @api.post("/explain", response_model=Explanation, tags=["search"])
     def explain_text(body: ExplainRequest) -> dict:
@@ -393,11 +407,26 @@ def _text_query(text: str | None, query: str | None, negative: list[str], limits
     return _build(text, None, None, negative)
 
 
-def _search(index, request: Request, mode: str, k: int, explain: bool, query: retrieval.Query) -> dict:
+def _parse_filters(text: str | None) -> dict | None:
+    """The ``filters`` form field of an image search: a JSON object, else 400."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ApiError(400, "bad_query", "filters must be a JSON object such as {\"glob\": \"*.jpg\"}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "bad_query", "filters must be a JSON object such as {\"glob\": \"*.jpg\"}")
+    return value
+
+
+def _search(index, request: Request, mode: str, k: int, explain: bool, query: retrieval.Query,
+            shape: dict | None = None) -> dict:
     _check_mode(index, mode)
     t0 = time.perf_counter()
+    shape = shape or {}
     try:
-        response = index.search(query=query, k=k, mode=mode)
+        response = index.search(query=query, k=k, mode=mode, **shape)
         explained = (index.explain([h.id for h in response], query=query, mode=mode, k=k,
                                    response=response) if explain and response.hits else [None] * len(response))
     except ValueError as exc:  # ImageLoadError included
@@ -405,13 +434,15 @@ def _search(index, request: Request, mode: str, k: int, explain: bool, query: re
     took = (time.perf_counter() - t0) * 1000
     root = request.scope.get("root_path", "")
     results = [{"id": h.id, "score": round(h.score, 6), "rank": h.rank, "name": os.path.basename(h.path),
-                "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None}
+                "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None,
+                "taken": h.taken}
                for h, e in zip(response, explained)]
     return {"results": results, "mode": response.mode, "requested_mode": response.requested_mode, "k": k,
             "subqueries": list(response.subqueries[1:]),
             "stats": {"sim_ops": int(response.stats.sim_ops), "levels_visited": int(response.stats.levels_visited),
                       "took_ms": round(took, 3)},
-            "generation": response.generation}
+            "generation": response.generation, "offset": int(shape.get("offset") or 0),
+            "allowed": response.allowed}
 
 
 def _explain(index, image_id: int, mode: str, k: int, text=None, image=None, bbox=None) -> dict:
