@@ -86,11 +86,31 @@ def _local_config(local: Optional[str], scales: Optional[str], features: Optiona
         raise typer.BadParameter(str(exc)) from None
 
 
-def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None) -> dict:
+def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None,
+                          variant=None) -> dict:
     """Search options of the local-feature modes given on the command line (unset ones left out)."""
     opts = {"shortlist": shortlist, "mds_dim": mds_dim, "smacof_iter": smacof_iter, "w": w, "knn": knn,
-            "global_field": global_field, "exact_rerank": exact_rerank}
+            "global_field": global_field, "exact_rerank": exact_rerank, "variant": variant}
     return {key: v for key, v in opts.items() if v is not None}
+
+
+#: ``--variant`` of the search and bench commands: which L2G re-ranking (``L2GConfig.variant``, docs/l2g.md).
+L2G_VARIANT_HELP = ("l2g: finegrain (default: cosine fusion, w 0.9, k 100, the query's 10 best scores) or paper "
+                    "(as published: weighted vector average, w 0.19, k 700, every known query score); "
+                    "--w/--shortlist still override it.")
+
+
+def _l2g_variant(variant: Optional[str], mode: str) -> Optional[str]:
+    """Check ``--variant`` (a one-line usage error rather than a traceback or a silently ignored flag)."""
+    from .rerank.mds import VARIANTS
+
+    if variant is None:
+        return None
+    if variant not in VARIANTS:
+        _fail(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}", 2)
+    if mode != "l2g":
+        _fail(f"--variant selects the L2G re-ranking: it needs --mode l2g, not {mode!r}", 2)
+    return variant
 
 
 LOCAL_HELP = "New index: also store local features with this extractor (cnn, sift, disk) for the global+local, local and l2g modes."
@@ -244,6 +264,7 @@ def search_cmd(
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
@@ -260,7 +281,8 @@ def search_cmd(
         mode, global_field = "instance", None
     box = _bbox(bbox, list(ctx.args))
     idx = _open_index(index, shard_set_ok=True)
-    options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
+    options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
+                                    _l2g_variant(variant, mode))
     if dim is not None:
         options["dim"] = dim
     try:
@@ -404,7 +426,7 @@ def duplicates_cmd(
 @app.command("compress")
 def compress_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
-    method: str = typer.Option(..., "--method", help="pca, aesvc or ss2d; none removes the projection."),
+    method: str = typer.Option(..., "--method", help="pca, aesvc, aesvc-paper (AE-SVC with the paper's loss form and weights, docs/compress.md) or ss2d; none removes the projection."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
     teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
@@ -416,7 +438,15 @@ def compress_cmd(
     if method != "none" and dim is None:
         _fail("--dim is required (the output size)", 2)
     idx = _open_index(index)
-    params: dict[str, Any] = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
+    from .compress.indexing import METHODS
+
+    if method not in (*METHODS, "aesvc-paper"):
+        _fail(f"unknown compression method {method!r}; choose one of pca, aesvc, aesvc-paper, ss2d, none", 2)
+    params: dict[str, Any] = {}
+    if method == "aesvc-paper":  # the name bench compress uses for AESVC(loss="paper")
+        method, params["loss"] = "aesvc", "paper"
+    if steps is not None and method in ("aesvc", "ss2d"):
+        params["n_steps"] = steps
     if teacher not in ("aesvc", "input"):
         _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
     if method == "ss2d":
@@ -615,6 +645,7 @@ def bench_revisitop_cmd(
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
@@ -631,7 +662,8 @@ def bench_revisitop_cmd(
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
                                show_progress=not as_json, report=details,
                                local=_local_config(local, local_scales, local_features, local_image_size),
-                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
+                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
+                                                       _l2g_variant(variant, mode)))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"
