@@ -98,3 +98,27 @@ def test_compress_aesvc_paper(tmp_path, tiny_flickr):
     assert json.loads(res.output.strip().splitlines()[-1])["projection"]["loss"] == "finegrain"
     res = runner.invoke(app, [*base, "--method", "aesvc-fire"])
     assert res.exit_code == 2 and "aesvc-paper" in res.output and "Traceback" not in res.output
+
+
+def test_service_image_search_variant(local_index_path, photos_dir, seen_configs):
+    import httpx
+
+    from finegrain.service import create_app
+    from finegrain.service.background import BackgroundServer
+
+    photo = sorted(photos_dir.iterdir())[2]
+
+    def post(client, **data):
+        return client.post("/api/search/image", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                           data={"k": "3", "mode": "l2g", **data})
+
+    with BackgroundServer(create_app(local_index_path, reload_interval=0)) as base, \
+            httpx.Client(base_url=base, timeout=120) as client:
+        res = post(client, variant="paper")
+        assert res.status_code == 200, res.text
+        assert res.json()["mode"] == "l2g" and seen_configs[-1].variant == "paper"
+        assert post(client).status_code == 200 and seen_configs[-1].variant == "finegrain"
+        res = post(client, variant="fire")
+        assert res.status_code == 400 and res.json()["error"] == "bad_query" and "finegrain, paper" in res.text
+        res = post(client, variant="paper", mode="global")
+        assert res.status_code == 400 and "needs mode l2g" in res.text

@@ -260,14 +260,17 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     def search_image(request: Request, image: UploadFile = File(description="The example image."),
                      k: int = Form(10), mode: Mode = Form("global"),
                      box: str | None = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
-                     explain: bool = Form(False)) -> dict:
+                     explain: bool = Form(False),
+                     variant: str | None = Form(None, description="l2g: finegrain (default) or paper (docs/l2g.md).")
+                     ) -> dict:
         """Search by an example image (optionally a box of it)."""
         count(True)
         k = _check_k(k, limits)
         bbox = _parse_box(box)
+        options = _l2g_options(mode, variant)
         with holder.use() as index:
             img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
-            return _search(index, request, mode, k, explain, image=img, bbox=bbox)
+            return _search(index, request, mode, k, explain, image=img, bbox=bbox, **options)
 
     @api.post("/explain", response_model=Explanation, tags=["search"])
     def explain_text(body: ExplainRequest) -> dict:
@@ -355,11 +358,25 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
 
 
 # ------------------------------------------------------------------ helpers
-def _search(index, request: Request, mode: str, k: int, explain: bool, text=None, image=None, bbox=None) -> dict:
+def _l2g_options(mode: str, variant: str | None) -> dict[str, str]:
+    """The ``variant`` form field of an image search as a search option (400 when it does not apply)."""
+    from ..rerank.mds import VARIANTS
+
+    if variant is None:
+        return {}
+    if variant not in VARIANTS:
+        raise ApiError(400, "bad_query", f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if mode != "l2g":
+        raise ApiError(400, "bad_query", f"variant selects the L2G re-ranking: it needs mode l2g, not {mode!r}")
+    return {"variant": variant}
+
+
+def _search(index, request: Request, mode: str, k: int, explain: bool, text=None, image=None, bbox=None,
+            **options) -> dict:
     _check_mode(index, mode)
     t0 = time.perf_counter()
     try:
-        response = index.search(text=text, image=image, k=k, mode=mode, bbox=bbox)
+        response = index.search(text=text, image=image, k=k, mode=mode, bbox=bbox, **options)
         explained = (index.explain([h.id for h in response], text=text, image=image, bbox=bbox, mode=mode, k=k,
                                    response=response) if explain and response.hits else [None] * len(response))
     except ValueError as exc:  # ImageLoadError included
