@@ -122,3 +122,25 @@ def test_service_image_search_variant(local_index_path, photos_dir, seen_configs
         assert res.status_code == 400 and res.json()["error"] == "bad_query" and "finegrain, paper" in res.text
         res = post(client, variant="paper", mode="global")
         assert res.status_code == 400 and "needs mode l2g" in res.text
+
+
+def test_index_objects_refine_variant(tmp_path, photos_dir):
+    from finegrain import Index
+
+    photos = sorted(photos_dir.iterdir())[:2]
+    base = ["index", *map(str, photos), "--index", str(tmp_path / "o"), "--json"]
+    res = runner.invoke(app, [*base, "--refine-variant", "paper"])  # no objects: nothing to refine
+    assert res.exit_code == 2 and "needs --objects and --refine-iters" in " ".join(res.output.split())
+    res = runner.invoke(app, [*base, "--objects", "regions", "--refine-variant", "paper"])  # no refinement steps
+    assert res.exit_code == 2 and "needs --objects and --refine-iters" in " ".join(res.output.split())
+    res = runner.invoke(app, [*base, "--objects", "regions", "--refine-iters", "2", "--refine-variant", "fire"])
+    assert res.exit_code == 2 and "--refine-variant must be one of finegrain, paper" in " ".join(res.output.split())
+    assert not (tmp_path / "o").exists()
+    res = runner.invoke(app, [*base, "--objects", "regions", "--refine-iters", "2", "--refine-variant", "paper"])
+    assert res.exit_code == 0, res.output
+    config = Index.open(tmp_path / "o").object_config
+    assert (config.refine_variant, config.refine_iters, config.step_size) == ("paper", 2, 0.1)
+    res = runner.invoke(app, ["search", "--index", str(tmp_path / "o"), "--image", str(photos[0]), "--mode",
+                              "objects-refined", "-k", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["results"][0]["path"].endswith(photos[0].name)

@@ -167,8 +167,14 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .objects.config import REFINE_VARIANTS
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
+
+    if refine_variant not in REFINE_VARIANTS:
+        _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
+    if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
+        _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
 
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
