@@ -532,25 +532,35 @@ def tune_cmd(
     queries: Path = typer.Option(..., "--queries", help="Queries with answers: Flickr8k captions.tsv, text<TAB>image TSV, or JSONL."),
     latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms", help="Most accurate configuration within this per-query search latency."),
     sample: int = typer.Option(200, help="Queries sampled from the file."),
+    tune_on: Optional[Path] = typer.Option(None, "--tune-on", help="Choose on this segmented index (e.g. of Flickr8k train images; same encoder and segments) and save the choice into --index, so the data that is reported did not choose (docs/himir.md)."),
+    query_images: Optional[Path] = typer.Option(None, "--query-images", help="Only queries whose relevant images are all named in this list, one per line (e.g. flickr8k/splits/train.txt, or one half of dev)."),
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode for this index, and save them in it."""
-    from .tune import load_queries, tune
+    from .tune import load_names, load_queries, restrict_queries, tune
 
     idx = _open_index(index)
-    if "segments" not in idx.fields:
-        _fail("tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36)", 2)
+    chooser = _open_index(tune_on) if tune_on is not None else idx
+    for name, i in ((index, idx), (tune_on, chooser)):
+        if "segments" not in i.fields:
+            _fail(f"tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36): {name}", 2)
     try:
-        result = tune(idx, load_queries(queries), sample=sample, latency_budget_ms=latency_budget_ms,
-                      plot=plot or index / "tune.png")
+        query_list = load_queries(queries)
+        source = queries.name
+        if query_images is not None:
+            query_list = restrict_queries(query_list, load_names(query_images))
+            source += f" (answers in {query_images.name})"
+        result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
+                      plot=plot or index / "tune.png", target=idx, query_source=source)
     except (ValueError, OSError) as exc:
         _fail(str(exc), 2)
     if report is not None:
         from .report import ReportData
 
-        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot")}
+        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot", "chosen_on")}
+        summary["chosen_on"] = json.dumps(result["chosen_on"])
         summary.update({f"chosen_{k}": str(v) if isinstance(v, (list, tuple)) else v for k, v in result["chosen"].items()})
         summary.update({f"exhaustive_{k}": v for k, v in result["exhaustive"].items()})
         details = ReportData(images={"accuracy vs latency (chosen point marked)": Path(result["plot"])},
@@ -565,7 +575,8 @@ def tune_cmd(
               f"skip_levels={list(c['skip_levels']) or 'none'} (profiled: {result['profiled_skip_levels'] or 'none'}): NDCG@10 "
               f"{result['chosen_ndcg10']:.4f}, {result['chosen_ms_per_query']:.2f} ms, {result['chosen_sim_ops']:.0f} ops/query "
               f"(exhaustive {e['ndcg10']:.4f}, {e['ms_per_query']:.2f} ms, {e['sim_ops']:.0f} ops); "
-              f"saved in the index; plot {result['plot']}")
+              f"saved in the index; chosen on {tune_on or 'this index'} with {result['queries']} queries; "
+              f"plot {result['plot']}")
 
 
 @app.command("encoders")
