@@ -53,11 +53,11 @@ def test_cli_tune_on_train_saves_into_dev(split_indexes, tiny_flickr, tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])
     assert result["queries"] == 12
-    assert result["chosen_on"] == {"index": str(train), "images": 18, "queries": 12,
+    assert result["chosen_on"] == {"index": str(train.resolve()), "images": 18, "queries": 12,
                                    "query_source": "captions.tsv (answers in train.txt)"}
     saved = Index.open(dev).search_config_dict()  # the reported index holds the choice and what made it
     assert mv.MultiVectorConfig.from_dict(saved["multivector"]) == mv.MultiVectorConfig.from_dict(result["chosen"])
-    assert saved["tuned"]["chosen_on"]["index"] == str(train)
+    assert saved["tuned"]["chosen_on"]["index"] == str(train.resolve())
     assert "multivector" not in Index.open(train).search_config_dict()  # the chooser is left as it was
 
 

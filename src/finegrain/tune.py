@@ -147,7 +147,7 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     result = {
         "queries": len(usable),
         # What chose the settings, kept with them: report only on data that is not this.
-        "chosen_on": {"index": str(index.path), "images": len(index), "queries": len(usable),
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(usable),
                       "query_source": query_source},
         "profiled_skip_levels": list(skip),
         "chosen": chosen.config.to_dict(),
