@@ -116,3 +116,12 @@ def test_cli_bad_mode_is_one_line(source_index, tiny_flickr, tmp_path):
     result = CliRunner().invoke(app, ["bench", "scale", "--data", str(tiny_flickr), "--source", str(source_index),
                                       "--sizes", "40", "--modes", "objects", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 2 and "does not know mode" in result.output
+
+
+def test_mode_labels_carry_options():
+    from finegrain.bench.scale import parse_mode
+
+    assert parse_mode("hierarchical:candidates=500,T=0.6") == ("hierarchical", {"candidates": 500, "T": 0.6})
+    assert parse_mode("global") == ("global", {})
+    with pytest.raises(ValueError, match="name=value"):
+        parse_mode("hierarchical:candidates")

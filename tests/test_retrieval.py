@@ -43,12 +43,12 @@ def test_registry_lists_every_family():
                  "objects", "objects-max", "objects-refined"):
         assert mode in modes
     assert retrieval.get("l2g").name == "local" and retrieval.get("hierarchical").name == "multivector"
-    with pytest.raises(ValueError, match="unknown search mode 'nope'; available: global, "):
+    with pytest.raises(ValueError, match="unknown search mode 'nope'; available: auto, global, "):
         retrieval.get("nope")
 
 
 def test_available_modes_follow_the_fields(seg_index):
-    assert seg_index.available_modes() == ["global", "single", "exhaustive", "hierarchical"]
+    assert seg_index.available_modes() == ["auto", "global", "single", "exhaustive", "hierarchical"]
     with pytest.raises(ValueError, match="needs an index with local features"):
         seg_index.search(image=seg_index.records[1].path, mode="l2g")
     with pytest.raises(ValueError, match="needs an index built with objects"):
@@ -86,7 +86,7 @@ def test_local_and_object_options_are_validated_too():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "give exactly one of text= or image="),
-    ({"text": "a", "image": "x.jpg"}, "give exactly one of text= or image="),
+    ({"text": "a", "image": "x.jpg", "terms": (1,)}, "terms must be Term objects"),  # text+image: combined query
     ({"text": "   "}, "the text query is empty"),
     ({"text": "a cat", "bbox": (0, 0, 5, 5)}, "bbox applies to image queries only"),
     ({"image": "x.jpg", "bbox": (0, 0, 5)}, "bbox needs four numbers"),
@@ -112,7 +112,9 @@ def test_one_bbox_policy_for_every_mode(seg_index, photos_dir):
 def test_every_mode_answers_one_response_type(seg_index):
     for mode in seg_index.available_modes():
         r = seg_index.search(text="a cat on a rug", mode=mode, k=3)
-        assert isinstance(r, SearchResponse) and r.mode == mode and len(r) == 3 and r.generation == seg_index.generation
+        ran = "hierarchical" if mode == "auto" else mode  # auto says which mode ran
+        assert isinstance(r, SearchResponse) and r.mode == ran and len(r) == 3 and r.generation == seg_index.generation
+        assert r.requested_mode == (mode if mode == "auto" else None)
         assert [h.rank for h in r] == [0, 1, 2] and r[0] is r.hits[0]
         assert r.subqueries[0] == "a cat on a rug"
         assert json.loads(json.dumps(r.as_dict()))["results"][0]["id"] == r[0].id

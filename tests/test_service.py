@@ -76,7 +76,8 @@ def _assert_error(response: httpx.Response, status: int, code: str | None = None
 def test_health_stats_and_openapi(client):
     assert client.get("/api/health").json() == {"status": "ok", "images": len(FIRST)}
     stats = client.get("/api/stats").json()
-    assert stats["images"] == len(FIRST) and stats["modes"] == ["global", "single", "exhaustive", "hierarchical"]
+    assert stats["images"] == len(FIRST)
+    assert stats["modes"] == ["auto", "global", "single", "exhaustive", "hierarchical"]
     assert stats["segments"]["levels"] == [4, 9, 16] and stats["limits"]["max_k"] == 50
     assert "path" not in stats and stats["failures"] == 0  # no server paths are published
     schema = client.get("/openapi.json").json()
@@ -90,7 +91,7 @@ def test_health_stats_and_openapi(client):
 
 def test_text_search_matches_the_library_and_thumbnails_are_served(client, library):
     body = client.post("/api/search", json={"text": "a cat", "k": 3, "mode": "global"}).json()
-    expected = library.search(text="a cat", k=3)
+    expected = library.search(text="a cat", k=3, mode="global")
     assert [r["id"] for r in body["results"]] == [h.id for h in expected]
     assert [r["score"] for r in body["results"]] == pytest.approx([h.score for h in expected], abs=1e-5)
     assert body["results"][0]["name"] == "chelsea.jpg" and body["subqueries"] == []
@@ -298,7 +299,7 @@ def test_explain_on_a_global_only_index(tmp_path, photos_dir):
     with BackgroundServer(create_app(tmp_path / "g", warm=False)) as base:
         r = httpx.post(f"{base}/api/search", json={"text": "a cat", "mode": "single"})
         _assert_error(r, 400, "mode_unavailable")
-        assert httpx.get(f"{base}/api/stats").json()["modes"] == ["global"]
+        assert httpx.get(f"{base}/api/stats").json()["modes"] == ["auto", "global"]
 
 
 def test_serve_command_refuses_a_missing_index(tmp_path):
@@ -361,12 +362,12 @@ def test_object_modes_are_served_and_explained(tmp_path, photos_dir):
 
     index = Index.create(tmp_path / "o", objects=ObjectConfig(max_objects=4))
     index.add([photos_dir / "chelsea.jpg", photos_dir / "coffee.jpg", photos_dir / "rocket.jpg"])
-    assert index.available_modes() == ["global", "objects", "objects-max"]
+    assert index.available_modes() == ["auto", "global", "objects", "objects-max"]
     crop = Image.open(photos_dir / "coffee.jpg").convert("RGB").crop((100, 50, 300, 250))
     buf = io.BytesIO()
     crop.save(buf, format="JPEG")
     with BackgroundServer(create_app(tmp_path / "o", warm=False)) as base:
-        assert httpx.get(f"{base}/api/stats").json()["modes"] == ["global", "objects", "objects-max"]
+        assert httpx.get(f"{base}/api/stats").json()["modes"] == ["auto", "global", "objects", "objects-max"]
         r = httpx.post(f"{base}/api/search/image", files={"image": ("q.jpg", buf.getvalue(), "image/jpeg")},
                        data={"mode": "objects-max", "k": "3", "explain": "true"}, timeout=60)
         assert r.status_code == 200, r.text

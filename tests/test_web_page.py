@@ -68,13 +68,13 @@ def page(browser, url):
 
 def test_text_search_results_and_overlay(page, tmp_path):
     expect(page.locator("#index-info")).to_contain_text("6 images")
-    assert page.locator("#mode").input_value() == "hierarchical"  # the index has segments
+    assert page.locator("#mode").input_value() == "auto"  # the default: it picks hierarchical (the index has segments)
     page.fill("#k", "4")
     page.fill("#query", "a cat next to a cup of coffee")
     page.press("#query", "Enter")
     cards = page.locator(".result")
     expect(cards).to_have_count(4, timeout=30_000)
-    expect(page.locator("#status")).to_contain_text("sub-queries: a cat | a cup of coffee")
+    expect(page.locator("#status")).to_contain_text("auto \u2192 hierarchical; sub-queries: a cat | a cup of coffee")
     scores = [float(s) for s in page.locator(".result .score").all_inner_texts()]
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     assert page.locator(".result .name").first.inner_text().endswith("chelsea.jpg")

@@ -235,7 +235,7 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     """--bbox as four numbers: ``--bbox 40 30 200 180``, four ``--bbox`` options, or ``--bbox 40,30,200,180``.
 
     click gives an option one value, so the three numbers after the first one
-    arrive as extra arguments (the command takes no positional ones).
+    arrive as extra arguments (see _bbox_and_terms for the query words among them).
     """
     import math
     import re
@@ -254,16 +254,62 @@ def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]
     return box
 
 
-@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _bbox_and_terms(values: Optional[list[str]], extra: list[str]) -> tuple[Optional[list[float]], list[str]]:
+    """Split the extra arguments into --bbox's spilled numbers and the query expression's words.
+
+    With ``--bbox X0 Y0 X1 Y1`` the first run of numbers among the extra
+    arguments belongs to the box; every other one is a word of the expression.
+    """
+    def numeric(v: str) -> bool:
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+
+    options = [v for v in extra if v.startswith("--") or (len(v) > 1 and v[0] == "-" and v[1].isalpha())]
+    if options:
+        _fail(f"unexpected arguments: {' '.join(options)} (no such option)", 2)
+    spilled: list[str] = []
+    if values is not None and len(values) == 1 and not any(c in values[0] for c in ", \t"):
+        start = next((i for i, v in enumerate(extra) if numeric(v)), len(extra))
+        end = start
+        while end < len(extra) and numeric(extra[end]):
+            end += 1
+        spilled, extra = extra[start:end], extra[:start] + extra[end:]
+    return _bbox(values, spilled), extra
+
+
+def _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
+             min_height, max_height, ids) -> dict:
+    """The search filters given on the command line (validated by ``Filters``; None values are "not given")."""
+    if path_prefix:  # paths are stored absolute; keep a trailing separator ("only inside this folder")
+        path_prefix = os.path.abspath(path_prefix) + (os.sep if path_prefix.endswith(os.sep) else "")
+    id_list = None
+    if ids is not None:
+        try:
+            id_list = [int(p) for p in ids.replace(",", " ").split()]
+        except ValueError:
+            _fail(f"--ids must be image ids separated by commas, got {ids!r}", 2)
+    return {"path_prefix": path_prefix, "glob": glob, "taken_after": taken_after, "taken_before": taken_before,
+            "make": make, "model": model, "orientation": orientation, "min_width": min_width, "max_width": max_width,
+            "min_height": min_height, "max_height": max_height, "ids": id_list}
+
+
+@app.command("search", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [QUERY]...")
 def search_cmd(
     ctx: typer.Context,
     index: Path = typer.Option(..., "--index", help="Index folder, or a shard set (see `finegrain shards`)."),
-    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one."),
+    text: Optional[str] = typer.Option(None, "--text", help="Describe what to find (taken literally; see QUERY for arithmetic)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Find images like this one (with --text or QUERY: one query of both)."),
+    negative: Optional[list[str]] = typer.Option(None, "--not", help="Move away from this text (repeatable).", show_default=False),
+    negative_image: Optional[list[Path]] = typer.Option(None, "--not-image", help="Move away from images like this one (repeatable).", show_default=False),
     bbox: Optional[list[str]] = typer.Option(None, "--bbox", help="Crop the query image: --bbox X0 Y0 X1 Y1 (or four --bbox options, or X0,Y0,X1,Y1).", show_default=False),
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    mode: str = typer.Option("global", help=MODE_HELP),
+    mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -274,42 +320,76 @@ def search_cmd(
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
+    path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="Filter: only files whose path starts with this (a relative path is made absolute; docs/filters.md).", rich_help_panel="Filters"),
+    glob: Optional[str] = typer.Option(None, "--glob", help="Filter: shell pattern, case-insensitive; matches the file name, or the whole path if it has a '/'.", rich_help_panel="Filters"),
+    taken_after: Optional[str] = typer.Option(None, "--taken-after", help="Filter: captured at or after this ISO date/time (EXIF date, else file mtime), e.g. 2023-06-01.", rich_help_panel="Filters"),
+    taken_before: Optional[str] = typer.Option(None, "--taken-before", help="Filter: captured before this ISO date/time (exclusive).", rich_help_panel="Filters"),
+    make: Optional[str] = typer.Option(None, "--make", help="Filter: camera make contains this (case-insensitive).", rich_help_panel="Filters"),
+    model: Optional[str] = typer.Option(None, "--model", help="Filter: camera model contains this (case-insensitive).", rich_help_panel="Filters"),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="Filter: landscape, portrait or square.", rich_help_panel="Filters"),
+    min_width: Optional[int] = typer.Option(None, "--min-width", help="Filter: at least this many pixels wide.", rich_help_panel="Filters"),
+    max_width: Optional[int] = typer.Option(None, "--max-width", help="Filter: at most this many pixels wide.", rich_help_panel="Filters"),
+    min_height: Optional[int] = typer.Option(None, "--min-height", help="Filter: at least this many pixels high.", rich_help_panel="Filters"),
+    max_height: Optional[int] = typer.Option(None, "--max-height", help="Filter: at most this many pixels high.", rich_help_panel="Filters"),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Filter: only these image ids, comma-separated.", rich_help_panel="Filters"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Drop results scoring below this.", rich_help_panel="Filters"),
+    offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
+    sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
 ) -> None:
-    """Search an index by text or by example image."""
+    """Search an index by text, by example image, or both: [QUERY]... is an expression such as
+    '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
+    picks the mode for the query and the index."""
     from .images import ImageLoadError
+    from .retrieval.terms import build_query
     from .terminal import safe_text
 
-    if (text is None) == (image is None):
-        _fail("give exactly one of --text or --image", 2)
+    box, tokens = _bbox_and_terms(bbox, list(ctx.args))
+    if text is None and image is None and not tokens:
+        _fail("give exactly one of --text or --image, or a query expression", 2)
     if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
-    box = _bbox(bbox, list(ctx.args))
+    try:
+        query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     idx = _open_index(index, shard_set_ok=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:
         options["dim"] = dim
+    if candidates is not None:
+        options["candidates"] = candidates
+    filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
+                       min_height, max_height, ids)
     try:
-        response = idx.search(text=text, image=image, k=k, mode=mode, bbox=box, **options)
+        response = idx.search(query=query, k=k, mode=mode, filters=filters, threshold=threshold, offset=offset,
+                              sort=sort, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
     if as_json:
-        print(json.dumps({"query": text if text is not None else str(image), **response.as_dict()}))
+        print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return
     if fmt != "table":
         from .formats import print_hits
 
         print_hits(response.hits, fmt)
         return
+    if response.requested_mode:
+        out.print(safe_text(f"mode: {response.mode} (picked by {response.requested_mode})"))
     if len(response.subqueries) > 1 or response.stats.levels_visited:
         out.print(safe_text(f"sub-queries: {response.subqueries[1:]}; {response.stats.sim_ops} similarity "
                             f"operations, {response.stats.levels_visited} level(s) visited"))
     table = Table("rank", "score", "id")
+    if sort != "score":
+        table.add_column("taken")
     table.add_column("path", overflow="fold")
     for h in response:
-        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), safe_text(h.path))
+        dated = [h.taken or ""] if sort != "score" else []
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", str(h.id), *dated, safe_text(h.path))
+    if response.allowed is not None:
+        out.print(f"{response.allowed} image(s) pass the filters")
     out.print(table)
 
 
@@ -746,13 +826,19 @@ def bench_compress_cmd(
         print(json.dumps(result))
 
 
+def _mode_list(text: str) -> list[str]:
+    """Modes of ``bench scale``: ';'-separated when any has options (which use ','), else ','-separated."""
+    parts = text.split(";") if ";" in text or ":" in text else text.split(",")
+    return [m.strip() for m in parts if m.strip()]
+
+
 @bench_app.command("scale")
 def bench_scale_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
     sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
-    modes: str = typer.Option("global,hierarchical,exhaustive", help="Comma-separated modes: global, single, exhaustive, hierarchical."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
     seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
@@ -765,11 +851,13 @@ def bench_scale_cmd(
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
 
+    from rich.table import Column
+
     from .bench.scale import flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
     from .report import ReportData
 
     size_list = _int_list(sizes)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    mode_list = _mode_list(modes)
     try:
         texts = flickr8k_queries(data, split, queries, seed)
         if source is None:
@@ -778,7 +866,7 @@ def bench_scale_cmd(
                          rebuild=rebuild, show_progress=not as_json, log=err.print)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
-    table = Table("images", "mode", "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
+    table = Table("images", Column("mode", no_wrap=True), "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
                   title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
     for r in rows:
         agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"

@@ -131,7 +131,7 @@ def explain_global(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[in
     from .retrieval.dense import embed_query
 
     vector = embed_query(snapshot, query)
-    label = query.text if query.text is not None else IMAGE_QUERY_LABEL
+    label = query.text if query.text is not None else query.describe() if query.combined else IMAGE_QUERY_LABEL
     out = []
     for image_id in ids:
         rec = snapshot.records[int(image_id)]
@@ -155,7 +155,8 @@ def explain_objects(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[i
         best = RegionMatch("objects", 0, len(match["objects"]), tuple(match["box"]), float(match["score"])) \
             if match["box"] is not None else None
         out.append(Explanation(rec.id, mode, float(match["score"]), float(whole), 0.0, _size(rec), (0,), (
-            SubQueryExplanation("example image" if query.text is None else query.text, True, float(match["score"]),
+            SubQueryExplanation(query.text if query.text is not None else query.describe() if query.combined
+                                else "example image", True, float(match["score"]),
                                 best, (best,) if best else ()),)))
     return out
 
@@ -166,7 +167,7 @@ def explain_segments(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[
     from .retrieval.multivector import query_vectors, segment_table
 
     texts, vectors = query_vectors(snapshot, query, params)
-    labels = tuple(texts) if texts else (IMAGE_QUERY_LABEL,)
+    labels = tuple(texts) if texts else (query.describe(),) if query.combined else (IMAGE_QUERY_LABEL,)
     config = params.config()
     levels = _visited_levels(snapshot, mode, vectors, config, k, response)
     table = segment_table(snapshot)

@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import encoders, retrieval
+from . import encoders, exif, retrieval
 from .decompose.segments import SegmentConfig
 from .images import ImageSource
 from .indexer import Indexer, IndexReport
 from .local.store import LocalConfig
 from .objects.config import ObjectConfig
-from .retrieval import MAX_K, MAX_QUERY_CHARS, Query, SearchResponse, SearchResult, SearchStats
+from .retrieval import MAX_K, MAX_QUERY_CHARS, Query, SearchResponse, SearchResult, SearchStats, Term
+from .retrieval.terms import build_query
+from .store import meta as photo_meta
 from .store.ann import AUTO_ANN_THRESHOLD
 from .store.ann import KINDS as ANN_KINDS
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
@@ -304,6 +306,7 @@ class Index:
 
                 indexer = RayIndexer(w, batch_size, commit_every, address=ray_address)
             report = indexer.run(inputs, recursive, remove_missing, show_progress)
+            exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed
             if len(self.catalog.chunks("global")) > 32:
                 w.compact()
         return report
@@ -374,27 +377,43 @@ class Index:
         """The search modes this index supports, given what it stores (segments, local features, objects)."""
         return retrieval.available(self._snapshot)
 
-    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None, **options: Any) -> SearchResponse:
+    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "auto",
+               bbox: Sequence[float] | None = None, *, negative: str | Sequence[str] | None = None,
+               negative_image: ImageSource | Sequence[ImageSource] | None = None, terms: Sequence[Term] = (),
+               query: Query | str | None = None, filters: Any = None, threshold: float | None = None,
+               offset: int = 0, sort: str = "score", **options: Any) -> SearchResponse:
         """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` box).
 
-        ``mode`` is any registered mode the index supports
+        Combined queries (docs/queries.md): ``text`` and ``image`` together,
+        ``negative`` texts and ``negative_image`` examples to move away from,
+        weighted ``terms``, or ``query``, an expression such as
+        ``'"a beach" + "sunset" - "people"'`` (or a :class:`Query`).
+
+        ``mode`` is ``"auto"`` (the default: the mode picked for the query
+        and the index; the response's ``mode`` says which ran) or any
+        registered mode the index supports
         (:meth:`available_modes`; ``finegrain.retrieval.modes()`` lists all).
         ``options`` are the mode's parameters (for example ``dim`` for
         ``global`` on an SS2D index, ``T``/``tau`` for ``hierarchical``,
         ``shortlist``/``w`` for ``l2g``); an unknown one raises ``ValueError``
         naming the known ones. Returns a :class:`SearchResponse`: the hits,
         best first (iterate it like a list), plus stats, sub-queries and timings.
+        ``filters`` (a ``retrieval.filters.Filters`` or a dict of its fields: ``path_prefix``, ``glob``,
+        ``taken_after``, ``taken_before``, ``make``, ``model``, ``orientation``, ``min_width``...,
+        ``ids``) restricts the images ranked; ``threshold``, ``offset`` and ``sort`` (``score``,
+        ``date``, ``-date``) shape the hits (docs/filters.md).
         """
-        query = _query(text, image, bbox)
-        return self._with_fresh_snapshot(lambda snap: retrieval.search(snap, mode, query, k, options))
+        q = build_query(text, image, bbox, negative, negative_image, terms, query)
+        return self._with_fresh_snapshot(lambda snap: retrieval.search(
+            snap, mode, q, k, options, filters=filters, threshold=threshold, offset=offset, sort=sort))
 
     def explain(self, ids: Sequence[int], text: str | None = None, image: ImageSource | None = None,
                 mode: str = "global", bbox: Sequence[float] | None = None, k: int = 10,
-                response: SearchResponse | None = None, **options: Any) -> list[Explanation]:
+                response: SearchResponse | None = None, *, query: Query | str | None = None,
+                **options: Any) -> list[Explanation]:
         """Why each image of ``ids`` scored as it did for this query (see :mod:`finegrain.explain`)."""
-        query = _query(text, image, bbox)
-        return self._with_fresh_snapshot(lambda snap: retrieval.explain(snap, mode, query, ids, k, options, response))
+        q = _query(text, image, bbox) if query is None else build_query(text, image, bbox, query=query)
+        return self._with_fresh_snapshot(lambda snap: retrieval.explain(snap, mode, q, ids, k, options, response))
 
     def _with_fresh_snapshot(self, run):  # noqa: ANN001, ANN202
         """Run ``run(snapshot)``; if a compaction deleted the snapshot's chunks meanwhile, retry on the new state."""
@@ -408,11 +427,12 @@ class Index:
         raise IndexFormatError(f"index at {self.path} keeps changing under this search; try again")
 
     def embed_query(self, text: str | None = None, image: ImageSource | None = None,
-                    bbox: Sequence[float] | None = None) -> np.ndarray:
-        """The (dim,) joint-space embedding of a text or image query."""
+                    bbox: Sequence[float] | None = None, *, query: Query | str | None = None) -> np.ndarray:
+        """The (dim,) joint-space embedding of a text or image query (or of a combined ``query``)."""
         from .retrieval.dense import embed_query
 
-        return embed_query(self._snapshot, _query(text, image, bbox))
+        q = _query(text, image, bbox) if query is None else build_query(text, image, bbox, query=query)
+        return embed_query(self._snapshot, q)
 
     def search_vectors(self, queries: np.ndarray, k: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """FAISS-style batch search of the global field: (scores, image ids), -1 where empty.
@@ -514,6 +534,7 @@ class Index:
             "generation": snap.generation,
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
+            "capture_dates": photo_meta.counts(self.catalog.db),  # exif / mtime / missing (backfilled by `index`)
         }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import fields as _fields
+from .exif import read_meta
 from .fields import Decoded, FieldExtractor
 from .images import (
     MAX_FILE_BYTES,
@@ -75,6 +76,7 @@ class Prepared:
     payloads: dict[str, Any] | None = None
     error: str | None = None
     replaces: int | None = None  # the indexed image id this file's new content replaces
+    meta: dict[str, Any] | None = None  # capture date, camera, EXIF orientation (finegrain.exif.read_meta)
 
 
 def collect_files(inputs: Iterable[str | os.PathLike], recursive: bool = True
@@ -154,6 +156,7 @@ def prepare_file(path: str, encoder, known: ImageRecord | None, extractors: Sequ
         item.error = str(exc)
         return item
     decoded = Decoded(path, data, image, item.width, item.height)
+    item.meta = read_meta(data, st.st_mtime_ns)  # the header of the bytes already read: no second file read
     payloads: dict[str, Any] = {}
     for ex in extractors:
         try:
@@ -312,7 +315,7 @@ class Pending:
                 it.error = errors[j]
                 failed.append(it)
                 continue
-            self.images.append(NewImage(it.path, it.sha256 or "", it.size, it.mtime_ns, it.width, it.height))
+            self.images.append(NewImage(it.path, it.sha256 or "", it.size, it.mtime_ns, it.width, it.height, it.meta))
             if it.replaces is not None:
                 self.removals.append(it.replaces)
             for ex in self.extractors:

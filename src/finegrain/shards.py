@@ -26,8 +26,8 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 from . import retrieval
 from .images import ImageSource
@@ -117,36 +117,83 @@ class ShardedIndex:
         """Pick up images added to any shard since opening; True if something changed."""
         return any([s.refresh() for s in self.shards])
 
-    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "global",
-               bbox: Sequence[float] | None = None, **options) -> SearchResponse:
+    def search(self, text: str | None = None, image: ImageSource | None = None, k: int = 10, mode: str = "auto",
+               bbox: Sequence[float] | None = None, *, negative=None, negative_image=None, terms=(), query=None,
+               filters=None, threshold: float | None = None, offset: int = 0, sort: str = "score",
+               **options) -> SearchResponse:
         """Search every shard in parallel; the best ``k`` overall, best first (see :meth:`Index.search`).
 
         Every hit names its shard. ``global`` embeds the query once and sends
         the vector to each shard; the other modes run their whole search on each shard.
+        ``auto`` picks one mode for all shards from the modes they all support.
+        ``filters``, ``threshold``, ``offset`` and ``sort`` apply to the merged ranking as on one index
+        (each shard returns its best ``offset + k``, or its date-sort set, and the union is ordered and paged).
         """
+        from .retrieval import filters as filtering
+        from .retrieval.auto import AUTO, choose
+        from .retrieval.terms import build_query
+
         k = retrieval.check_k(k)
         retrieval.get(mode)  # an unknown mode fails before any work
-        box = None if bbox is None else cast(tuple[float, float, float, float], tuple(bbox))
-        query = retrieval.Query(text=text, image=image, bbox=box)
+        query = build_query(text, image, bbox, negative, negative_image, terms, query)
+        requested = mode
+        if mode == AUTO:
+            mode = choose(self.available_modes(), query)
+        flt = filtering.Filters.from_options(filters)
+        threshold, offset, sort = filtering.check_page(k, threshold, offset, sort)
+        if not filtering.plain(flt, threshold, offset, sort):
+            shaped = self._search_shaped(query, k, mode, flt, threshold, offset, sort, options)
+            shaped.requested_mode = requested if requested != mode else None
+            return shaped
         if mode == "global":
             from .retrieval.dense import DenseParams
 
             # an SS2D size: each shard applies its own projection
             dim = DenseParams.from_options(options, mode=mode).dim
-            vector = self.shards[0].embed_query(text=text, image=image, bbox=bbox)  # embedded once for all shards
+            vector = self.shards[0].embed_query(query=query)  # embedded once for all shards
+            texts = [query.text] if query.text else []
             parts = list(self._pool.map(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
-                                                                 SearchStats(sim_ops=len(s)), [text] if text else []),
+                                                                 SearchStats(sim_ops=len(s)), texts),
                                         self.shards))
         else:
-            parts = list(self._pool.map(lambda s: s.search(text=query.text, image=query.image, k=k, mode=mode,
-                                                           bbox=bbox, **options), self.shards))
+            parts = list(self._pool.map(lambda s: s.search(query=query, k=k, mode=mode, **options), self.shards))
         merged = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part),
                         key=lambda t: (-t[0], t[1], t[2].rank))[:k]
         hits = [SearchResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
         stats = SearchStats(sim_ops=sum(p.stats.sim_ops for p in parts),
                             levels_visited=max((p.stats.levels_visited for p in parts), default=0))
         timings = {f"shard{n}_{key}": v for n, p in enumerate(parts) for key, v in p.timings.items()}
-        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings)
+        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings,
+                              requested_mode=requested if requested != mode else None)
+
+    def _search_shaped(self, query: retrieval.Query, k: int, mode: str, flt, threshold: float | None,
+                       offset: int, sort: str, options: dict) -> SearchResponse:
+        """Filters/threshold/pagination/date order over the shards: the same page as one index holding them all."""
+        from .retrieval import filters as filtering
+
+        depth = offset + k if sort == "score" else filtering.DATE_SORT_DEPTH
+        parts = list(self._pool.map(lambda s: s.search(query=query, k=depth, mode=mode, filters=flt,
+                                                       threshold=threshold, sort=sort, **options), self.shards))
+        # The best `depth` by score over all shards (what one index would keep), then the requested order.
+        pool = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part),
+                      key=lambda t: (-t[0], t[1], t[2].rank))[:depth]
+        if sort != "score":
+            sign = -1 if sort == "-date" else 1
+
+            def when(hit: SearchResult) -> tuple:
+                if hit.taken is None:
+                    return (1, 0.0)
+                return (0, sign * datetime.fromisoformat(hit.taken).replace(tzinfo=UTC).timestamp())
+
+            pool.sort(key=lambda t: (when(t[2]), -t[0], t[1]))
+        page = pool[offset:offset + k]
+        hits = [SearchResult(hit.id, hit.path, hit.score, offset + r, shard=n, taken=hit.taken)
+                for r, (_, n, hit) in enumerate(page)]
+        stats = SearchStats(sim_ops=sum(p.stats.sim_ops for p in parts),
+                            levels_visited=max((p.stats.levels_visited for p in parts), default=0))
+        timings = {f"shard{n}_{key}": v for n, p in enumerate(parts) for key, v in p.timings.items()}
+        allowed = None if flt.empty else sum(p.allowed or 0 for p in parts)
+        return SearchResponse(hits, mode, stats, parts[0].subqueries, timings, allowed=allowed)
 
     def available_modes(self) -> list[str]:
         """Modes every shard supports."""

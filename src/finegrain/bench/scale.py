@@ -41,7 +41,25 @@ from ..store.catalog import NewImage
 from ..store.vectors import FieldRows
 
 #: The exact reference each mode's top-10 is compared with (None: the mode is its own reference).
-REFERENCE = {"global": "global-exact", "single": None, "exhaustive": None, "hierarchical": "exhaustive"}
+#: Multi-vector modes are compared with ``exhaustive`` over every image (no candidate stage).
+EXACT_MULTIVECTOR = "exhaustive:candidates=0"
+REFERENCE = {"global": "global-exact", "single": None, "exhaustive": EXACT_MULTIVECTOR,
+             "hierarchical": EXACT_MULTIVECTOR}
+
+
+def parse_mode(label: str) -> tuple[str, dict[str, Any]]:
+    """``"hierarchical:candidates=2000,T=0.5"`` -> (``"hierarchical"``, options); numbers parsed as numbers."""
+    mode, _, spec = label.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad mode option {item!r} in {label!r}: expected name=value")
+        try:
+            options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return mode.strip(), options
 DEFAULT_MODES = ("global", "hierarchical", "exhaustive")
 BUILD_BATCH = 2_000
 
@@ -156,11 +174,12 @@ def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10
         if mode == "global-exact":
             top[mode] = _exact_global(index, queries, k)
             continue
-        index.search(text=queries[0], k=k, mode=mode)  # warm-up: builds derived structures (ANN, segment table)
+        base, options = parse_mode(mode)
+        index.search(text=queries[0], k=k, mode=base, **options)  # warm-up: builds ANN, segment table
         latencies, ranked, sim_ops = [], [], []
         for q in queries:
             t0 = time.perf_counter()
-            hits = index.search(text=q, k=k, mode=mode)
+            hits = index.search(text=q, k=k, mode=base, **options)
             latencies.append((time.perf_counter() - t0) * 1000)
             ranked.append([h.id for h in hits])
             sim_ops.append(hits.stats.sim_ops)
@@ -170,7 +189,9 @@ def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10
                          "p95_ms": float(np.percentile(latencies, 95)),
                          "sim_ops_per_query": float(np.mean(sim_ops))})
     for row in rows:
-        ref = REFERENCE.get(row["mode"])
+        ref = REFERENCE.get(parse_mode(row["mode"])[0])
+        if ref == row["mode"]:
+            ref = None
         row["reference"] = ref or row["mode"]
         row["agreement_at_10"] = (None if ref is None else
                                   float(np.mean([len(set(a[:k]) & set(b[:k])) / max(1, min(k, len(b)))
@@ -185,7 +206,7 @@ def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10
 
 def _with_references(modes: Sequence[str]) -> list[str]:
     """The modes to run: their exact references first (so the reference's structures are warm too)."""
-    refs = [REFERENCE[m] for m in modes if REFERENCE.get(m)]
+    refs = [REFERENCE[parse_mode(m)[0]] for m in modes if REFERENCE.get(parse_mode(m)[0])]
     return list(dict.fromkeys([r for r in refs if r is not None] + list(modes)))
 
 
@@ -247,13 +268,13 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     """
     from ..progress import progress_bar
 
-    unknown = [m for m in modes if m not in REFERENCE]
+    unknown = [m for m in modes if parse_mode(m)[0] not in REFERENCE]
     if unknown:
         raise ValueError(f"bench scale does not know mode(s) {', '.join(unknown)}; choose from {', '.join(REFERENCE)}")
     if not queries:
         raise ValueError("bench scale needs at least one query")
     source = Source.from_index(source_index)
-    segmented = any(m != "global" for m in modes)
+    segmented = any(parse_mode(m)[0] != "global" for m in modes)
     if segmented and source.seg_rows is None:
         raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
     key = hashlib.sha256(json.dumps([str(Path(source_index).resolve()), noise, seed, ann, segmented,

@@ -82,6 +82,9 @@ def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
     return cfg, rest
 
 
+#: Filtered ``local``/``l2g`` searches allowing at most this many images score them exactly (no approximation).
+EXACT_ALLOWED = 1000
+
 #: Default exact re-score depth per mode (``LocalSearcher(exact_rerank=None)``); see its docstring.
 EXACT_RERANK = {"local": 200, "l2g": 0}
 
@@ -259,33 +262,41 @@ class LocalSearcher:
             gq = embed_query(self.snapshot, Query(image=image, bbox=box))
         return q, gq
 
-    def search(self, mode: str, image, bbox: Sequence[float] | None, k: int,
+    def search(self, mode: str, image, bbox: Sequence[float] | None, k: int, allowed: np.ndarray | None = None,
                **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """Scores and image ids, best first (at most ``k``), and the stage timings (ms)."""
+        """Scores and image ids, best first (at most ``k``), and the stage timings (ms).
+
+        ``allowed``: boolean mask over database positions; only those images are ranked (filters).
+        """
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
         _, opts = split_options(options)  # validates the options before the extraction
         t0 = time.perf_counter()
         q, gq = self.query_features(image, bbox, opts.get("global_field", "instance"))
         extract_ms = (time.perf_counter() - t0) * 1e3
-        scores, order, timings = self.rank_timed(mode, q, gq, **options)
+        scores, order, timings = self.rank_timed(mode, q, gq, allowed=allowed, **options)
         timings = {"extract_ms": extract_ms, **timings, "total_ms": (time.perf_counter() - t0) * 1e3}
         return np.asarray(scores[:k], np.float32), self.ids[order[:k]], timings
 
     def rank(self, mode: str, q: np.ndarray, gq: np.ndarray, exclude: int | None = None,
-             **options) -> tuple[np.ndarray, np.ndarray]:
+             allowed: np.ndarray | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`rank_timed` without the timings."""
-        scores, order, _ = self.rank_timed(mode, q, gq, exclude, **options)
+        scores, order, _ = self.rank_timed(mode, q, gq, exclude, allowed, **options)
         return scores, order
 
     def rank_timed(self, mode: str, q: np.ndarray, gq: np.ndarray, exclude: int | None = None,
-                   **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                   allowed: np.ndarray | None = None, **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Rank every database position for query descriptors ``q`` and global query vector ``gq``.
 
         The search of :meth:`search` after feature extraction; ``gq`` lives in
         the space of ``options["global_field"]``. ``exclude``: a database
         position dropped from the ranking (a database image used as a held-out
-        query). Returns ``(scores, positions, timings in ms)``, best first.
+        query). ``allowed``: a boolean mask of the positions that may be ranked
+        (filters); the others never enter the first stage's candidates, and
+        when at most :data:`EXACT_ALLOWED` are allowed, ``local`` and ``l2g``
+        score them all with the exact Chamfer similarity instead of the
+        approximate search (whose neighbours could miss most of a small set).
+        Returns ``(scores, positions, timings in ms)``, best first.
         """
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
@@ -301,7 +312,7 @@ class LocalSearcher:
         n = self.db.n_images
         if n == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64), timings
-        keep = np.ones(n, bool)  # positions that may be ranked
+        keep = np.ones(n, bool) if allowed is None else np.array(allowed, bool)  # positions that may be ranked
         if exclude is not None:
             keep[exclude] = False
 
@@ -320,16 +331,24 @@ class LocalSearcher:
                 scores = np.concatenate([exact[o], scores[cfg.k:]])
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         else:
-            approx = self.approx()  # built once; the per-call knobs are set under the lock below
-            with self._lock:
-                approx.knn = int(opts.get("knn") or self.knn)
-                approx.nprobe = int(opts.get("nprobe") or self.nprobe)
-                approx.set_search_params()
-                all_scores, reached = approx.score_all(q)
-            reached &= keep
-            cand = np.flatnonzero(reached)
-            cand = cand[np.argsort(-all_scores[cand], kind="stable")]
             R = self.exact_rerank_for(mode, opts.get("exact_rerank"))
+            if allowed is not None and np.count_nonzero(keep) <= EXACT_ALLOWED:
+                # A small filtered set: exact Chamfer over all of it (cheaper and better than the approximation).
+                all_scores = np.zeros(n, np.float32)
+                cand = np.flatnonzero(keep)
+                all_scores[cand] = chamfer_scores(q, self.db, cand)
+                cand = cand[np.argsort(-all_scores[cand], kind="stable")]
+                reached, R = keep.copy(), 0
+            else:
+                approx = self.approx()  # built once; the per-call knobs are set under the lock below
+                with self._lock:
+                    approx.knn = int(opts.get("knn") or self.knn)
+                    approx.nprobe = int(opts.get("nprobe") or self.nprobe)
+                    approx.set_search_params()
+                    all_scores, reached = approx.score_all(q)
+                reached &= keep
+                cand = np.flatnonzero(reached)
+                cand = cand[np.argsort(-all_scores[cand], kind="stable")]
             if R > 0 and len(cand):  # verification: the approximate top R re-scored with the exact Chamfer
                 head = cand[:R]
                 exact = chamfer_scores(q, self.db, head)

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .auto import AUTO
 from .base import (
     IMAGE,
     MAX_K,
@@ -39,6 +40,7 @@ from .base import (
     SearchResponse,
     SearchResult,
     SearchStats,
+    Term,
     check_k,
     check_text,
 )
@@ -49,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Query", "SearchResponse", "SearchResult", "SearchStats", "Params", "NoParams", "Retriever", "register",
            "unregister", "get", "modes", "available", "search", "explain", "check_k", "check_text", "MAX_K",
-           "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve"]
+           "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve", "resolve_mode", "AUTO", "Term"]
 
 _REGISTRY: dict[str, Retriever] = {}  # mode -> retriever, in registration order
 _LOCK = threading.Lock()
@@ -64,12 +66,14 @@ def _load_builtins() -> None:
     with _LOCK:
         if _BUILTINS_LOADED:
             return
+        from .auto import AutoRetriever
         from .dense import DenseRetriever
         from .local import LocalRetriever
         from .multivector import MultiVectorRetriever
         from .objects import ObjectRetriever
 
-        for retriever in (DenseRetriever(), MultiVectorRetriever(), LocalRetriever(), ObjectRetriever()):
+        for retriever in (AutoRetriever(), DenseRetriever(), MultiVectorRetriever(), LocalRetriever(),
+                          ObjectRetriever()):
             for mode in retriever.modes:
                 _REGISTRY.setdefault(mode, retriever)
         _BUILTINS_LOADED = True
@@ -123,33 +127,74 @@ def describe() -> Mapping[str, str]:
     return {m: _REGISTRY[m].descriptions.get(m, _REGISTRY[m].name) for m in modes()}
 
 
+def resolve_mode(snapshot: Snapshot, mode: str, query: Query) -> str:
+    """The mode that runs: ``mode`` itself, or for ``auto`` the one its policy picks (:mod:`.auto`)."""
+    if mode != AUTO:
+        return mode
+    from .auto import choose
+
+    return choose(available(snapshot), query)
+
+
 def resolve(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
             ) -> tuple[Retriever, int, Params]:
     """Validate a search before any work: the mode exists and runs on this index, accepts the query, k and options."""
     retriever = get(mode)
     k = check_k(k)
     accepted = retriever.accepts(mode)
-    if query.kind not in accepted:
+    if not query.kinds <= accepted:
         what = {IMAGE: "an image query (image=..., optional bbox)", TEXT: "a text query (text=...)"}
         raise ValueError(f"search mode {mode!r} takes {' or '.join(what[k] for k in sorted(accepted))}, "
                          f"not a {query.kind} query")
+    if query.combined and not retriever.combines_terms:
+        able = [m for m in modes() if _REGISTRY[m].combines_terms]
+        raise ValueError(f"search mode {mode!r} takes one plain query and cannot combine terms (several terms, "
+                         f"weights, text with an image, negatives); modes that can: {', '.join(able)}")
     why = retriever.missing(snapshot, mode)
     if why:
         raise ValueError(why)
     return retriever, k, retriever.params(snapshot, mode, options)
 
 
+def _resolve_auto(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
+                  ) -> tuple[str, Retriever, int, Params]:
+    ran = resolve_mode(snapshot, mode, query)
+    try:
+        return (ran, *resolve(snapshot, ran, query, k, options))
+    except ValueError as exc:
+        if ran == mode:
+            raise
+        raise ValueError(f"{exc} (mode 'auto' picked {ran!r} for this query; choose another mode)") from None
+
+
 def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
-           options: Mapping[str, Any] | None = None) -> SearchResponse:
-    """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service."""
-    retriever, k, params = resolve(snapshot, mode, query, k, options)
-    return retriever.search(snapshot, mode, query, k, params)
+           options: Mapping[str, Any] | None = None, *, filters: Any = None, threshold: float | None = None,
+           offset: int = 0, sort: str = "score") -> SearchResponse:
+    """Search ``snapshot`` in ``mode``: the one entry point behind ``Index.search``, the CLI and the service.
+
+    ``auto`` runs the mode its policy picks; the response's ``mode`` names it and ``requested_mode`` is ``"auto"``.
+    ``filters`` (a :class:`~finegrain.retrieval.filters.Filters` or a mapping of its fields) restricts the
+    images ranked; ``threshold`` drops hits scoring below it; ``sort`` (``score``, ``date``, ``-date``) and
+    ``offset`` order and page the hits (see :mod:`finegrain.retrieval.filters`).
+    """
+    from . import filters as filtering
+
+    ran, retriever, k, params = _resolve_auto(snapshot, mode, query, k, options)
+    flt = filtering.Filters.from_options(filters)
+    threshold, offset, sort = filtering.check_page(k, threshold, offset, sort)
+    if filtering.plain(flt, threshold, offset, sort):
+        response = retriever.search(snapshot, ran, query, k, params)
+    else:
+        response = filtering.run(retriever, snapshot, ran, query, k, params, flt, threshold, offset, sort)
+    if ran != mode:
+        response.requested_mode = mode
+    return response
 
 
 def explain(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int = 10,
             options: Mapping[str, Any] | None = None, response: SearchResponse | None = None) -> list[Explanation]:
     """Why each image of ``ids`` scored as it did for ``query`` in ``mode`` (``KeyError`` for an unknown id)."""
-    retriever, k, params = resolve(snapshot, mode, query, k, options)
+    mode, retriever, k, params = _resolve_auto(snapshot, mode, query, k, options)
     for i in ids:
         if not isinstance(i, (int,)) and not hasattr(i, "__index__") or int(i) not in snapshot.records:
             raise KeyError(f"unknown image id {i!r}")

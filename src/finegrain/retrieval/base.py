@@ -67,20 +67,70 @@ def check_text(text: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Query:
-    """What to search for: a ``text`` or an example ``image`` (path, bytes or PIL image), never both.
+class Term:
+    """One weighted part of a combined query: a ``text`` or an example ``image`` (optional ``bbox``), never both.
 
-    ``bbox`` (x0, y0, x1, y1 in pixels of the upright query image) restricts
-    an image query to a box. One policy for every mode: four finite numbers
-    with x0 < x1 and y0 < y1, clipped to the image when it is decoded
-    (:meth:`clip_box`); a box that misses the image is an error.
+    ``weight`` is any finite non-zero number; a negative weight pushes results
+    away from the term (``Query.parse('"a beach" - "people"')``).
     """
 
+    weight: float
     text: str | None = None
     image: ImageSource | None = None
     bbox: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                and not hasattr(self.weight, "__float__"):
+            raise ValueError(f"a term's weight must be a number, not {self.weight!r}")
+        weight = float(self.weight)
+        if not math.isfinite(weight) or weight == 0:
+            raise ValueError(f"a term's weight must be a finite non-zero number, not {self.weight!r}")
+        object.__setattr__(self, "weight", weight)
+        if (self.text is None) == (self.image is None):
+            raise ValueError("a term is exactly one of text= or image=")
+        q = Query(text=self.text, image=self.image, bbox=self.bbox)  # the single-query checks (text, box)
+        object.__setattr__(self, "bbox", q.bbox)
+
+    @property
+    def kind(self) -> str:
+        return TEXT if self.text is not None else IMAGE
+
+    def query(self) -> Query:
+        """This term alone, as a plain query (what each mode embeds)."""
+        return Query(text=self.text, image=self.image, bbox=self.bbox)
+
+    def describe(self) -> str:
+        what = self.text if self.text is not None else "@" + self.query().describe()
+        return f"{self.weight:g}:{what}"
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to search for: a ``text``, an example ``image`` (path, bytes or PIL image), or weighted ``terms``.
+
+    ``bbox`` (x0, y0, x1, y1 in pixels of the upright query image) restricts
+    an image query to a box. One policy for every mode: four finite numbers
+    with x0 < x1 and y0 < y1, clipped to the image when it is decoded
+    (:meth:`clip_box`); a box that misses the image is an error.
+
+    A *combined* query has several :class:`Term` s (``"a beach" + "sunset" -
+    "people"``, ``2:"red car"``, text plus an example image, negatives):
+    ``Query(text=..., image=..., terms=(Term(-1, text="people"),))`` or
+    :meth:`parse`. It keeps every part in ``terms`` (``text``, ``image`` and
+    ``bbox`` become None; the box goes with the image's term); a query that
+    comes down to one positive term is the plain query of that term.
+    """
+
+    text: str | None = None
+    image: ImageSource | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    terms: tuple[Term, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.terms or (self.text is not None and self.image is not None):
+            self._combine()
+            return
         if (self.text is None) == (self.image is None):
             raise ValueError("give exactly one of text= or image=")
         if self.text is not None:
@@ -100,9 +150,62 @@ class Query:
                 raise ValueError(f"bbox {box} is empty: need x0 < x1 and y0 < y1")
             object.__setattr__(self, "bbox", box)
 
+    def _combine(self) -> None:
+        """Move text/image (weight 1) into ``terms``; one positive term left alone becomes a plain query."""
+        terms = list(self.terms)
+        if not all(isinstance(t, Term) for t in terms):
+            raise ValueError("terms must be Term objects (Term(weight, text=...) or Term(weight, image=...))")
+        if self.bbox is not None and self.image is None:
+            raise ValueError("bbox applies to image queries only")
+        head = []
+        if self.text is not None:
+            head.append(Term(1.0, text=self.text))
+        if self.image is not None:
+            head.append(Term(1.0, image=self.image, bbox=self.bbox))
+        terms = head + terms
+        if not any(t.weight > 0 for t in terms):
+            raise ValueError("a query needs at least one positive term (only negative ones were given)")
+        if len(terms) == 1:  # e.g. Query.parse('2:"red car"'): the weight of a lone term changes nothing
+            t = terms[0]
+            object.__setattr__(self, "terms", ())
+            object.__setattr__(self, "text", t.text)
+            object.__setattr__(self, "image", t.image)
+            object.__setattr__(self, "bbox", t.bbox)
+            self.__post_init__()
+            return
+        object.__setattr__(self, "terms", tuple(terms))
+        object.__setattr__(self, "text", None)
+        object.__setattr__(self, "image", None)
+        object.__setattr__(self, "bbox", None)
+
+    @classmethod
+    def parse(cls, expression: str, images: bool = True) -> Query:
+        """A query from the text syntax ``"a beach" + "sunset" - "people"``, ``2:"red car"``, ``@photo.jpg``.
+
+        See :mod:`finegrain.retrieval.terms`; ``images=False`` reads ``@`` as text.
+        """
+        from .terms import parse
+
+        return cls(terms=tuple(parse(expression, images=images)))
+
+    @property
+    def combined(self) -> bool:
+        """Whether this query has several weighted terms."""
+        return bool(self.terms)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The kinds of its parts: ``{"text"}``, ``{"image"}`` or both."""
+        if self.terms:
+            return frozenset(t.kind for t in self.terms)
+        return frozenset({self.kind})
+
     @property
     def kind(self) -> str:
-        """``"text"`` or ``"image"``."""
+        """``"text"``, ``"image"``, or ``"text+image"`` for a combined query with both."""
+        if self.terms:
+            kinds = {t.kind for t in self.terms}
+            return kinds.pop() if len(kinds) == 1 else f"{TEXT}+{IMAGE}"
         return TEXT if self.text is not None else IMAGE
 
     def clip_box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
@@ -117,6 +220,8 @@ class Query:
         return x0, y0, x1, y1
 
     def describe(self) -> str:
+        if self.terms:
+            return " ".join(t.describe() for t in self.terms)
         if self.text is not None:
             return self.text
         return str(self.image) if isinstance(self.image, (str, os.PathLike)) else "image"
@@ -131,11 +236,14 @@ class SearchResult:
     score: float
     rank: int
     shard: int | None = None
+    taken: str | None = None  # capture date (ISO wall clock), set when results are sorted by date
 
     def as_dict(self) -> dict:
         d: dict[str, Any] = {"id": self.id, "path": self.path, "score": round(self.score, 6), "rank": self.rank}
         if self.shard is not None:
             d["shard"] = self.shard
+        if self.taken is not None:
+            d["taken"] = self.taken
         return d
 
 
@@ -164,6 +272,8 @@ class SearchResponse(Sequence[SearchResult]):
     timings: dict[str, float] = field(default_factory=dict)
     generation: int = -1
     partial: list[str] = field(default_factory=list)
+    requested_mode: str | None = None  # "auto" when the mode was picked for the query (``mode`` is what ran)
+    allowed: int | None = None  # images the filters allowed (None: no filter)
 
     @overload
     def __getitem__(self, i: int) -> SearchResult: ...
@@ -181,9 +291,11 @@ class SearchResponse(Sequence[SearchResult]):
         return iter(self.hits)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "subqueries": list(self.subqueries[1:]), "sim_ops": int(self.stats.sim_ops),
-                "levels_visited": int(self.stats.levels_visited),
+        picked = {} if self.requested_mode is None else {"requested_mode": self.requested_mode}
+        return {"mode": self.mode, **picked, "subqueries": list(self.subqueries[1:]),
+                "sim_ops": int(self.stats.sim_ops), "levels_visited": int(self.stats.levels_visited),
                 "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+                **({} if self.allowed is None else {"allowed": self.allowed}),
                 "results": [h.as_dict() for h in self.hits]}
 
 
@@ -260,6 +372,11 @@ class Retriever(ABC):
     params_type: ClassVar[type[Params]] = NoParams
     #: One line per mode for help texts.
     descriptions: ClassVar[Mapping[str, str]] = {}
+    #: Whether its modes take combined queries (weighted terms, negatives; :class:`Query` ``terms``).
+    combines_terms: ClassVar[bool] = False
+    #: Whether ``search`` takes ``allowed=`` (a boolean mask over snapshot positions) and ranks only those
+    #: images (retrieval/filters.py); a family without it is searched in full and its hits filtered.
+    filterable: ClassVar[bool] = False
 
     def accepts(self, mode: str) -> frozenset[str]:
         return self.query_kinds.get(mode, BOTH)

@@ -22,7 +22,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def embed_query(snapshot: Snapshot, query: Query) -> np.ndarray:
-    """The (dim,) joint-space embedding of a query (an image query cropped to its box first)."""
+    """The (dim,) joint-space embedding of a query (an image query cropped to its box first).
+
+    A combined query is the weighted sum of its normalised terms, re-normalised (:mod:`.terms`).
+    """
+    if query.combined:
+        from .terms import embed_terms
+
+        return embed_terms(query, snapshot.encoder.encode_texts, lambda q: embed_query(snapshot, q))
     if query.text is not None:
         return snapshot.encoder.encode_texts([query.text])[0]
     img = load_image(query.image)  # type: ignore[arg-type]
@@ -52,6 +59,7 @@ class DenseParams(Params):
 class DenseRetriever(Retriever):
     name = "dense"
     modes = ("global",)
+    combines_terms = True
     params_type = DenseParams
     descriptions: ClassVar[dict[str, str]] = {"global": "one vector per image (every index)"}
 
@@ -62,17 +70,28 @@ class DenseRetriever(Retriever):
         compress_indexing.check_search_dim(snapshot.projection_info, p.dim)  # a bad dim fails before encoding
         return p
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, DenseParams)
         vector = embed_query(snapshot, query)
-        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim)
-        return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=len(snapshot)),
+        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed)
+        ops = len(snapshot) if allowed is None else int(allowed.sum())
+        return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=ops),
                               [query.text] if query.text else [], generation=snapshot.generation)
 
 
-def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty."""
+#: Allowed rows up to this many are scored exactly with numpy (cheap, and exact even on an ANN index).
+EXACT_ALLOWED_ROWS = 20_000
+
+
+def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None,
+                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty.
+
+    ``allowed``: a boolean mask over snapshot positions; only those images are ranked (filters).
+    """
     from ..compress import indexing as compress_indexing
 
     nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
@@ -87,8 +106,11 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
         if nested is not None:
             queries = compress_indexing.truncate(queries, nested)
             ann = nested_ann(snapshot, nested)
-    scores, rows = ann.search(queries, k)
     owners = snapshot.search_rows.owners
+    if allowed is not None:
+        scores, rows = _search_allowed(snapshot, ann, queries, k, nested, allowed)
+    else:
+        scores, rows = ann.search(queries, k)
     ids = np.where(rows >= 0, owners[np.maximum(rows, 0)], -1)
     return scores, ids
 
@@ -110,3 +132,32 @@ def nested_ann(snapshot: Snapshot, dim: int) -> VectorIndex:
     return snapshot.derived(f"ann:nested{dim}", lambda: VectorIndex(
         compress_indexing.truncate(snapshot.search_rows.vectors, dim), snapshot.settings.get("ann", "auto"),
         snapshot.cache_file(f"{compress_indexing.FIELD}{dim}")))
+
+
+def _search_allowed(snapshot: Snapshot, ann: VectorIndex, queries: np.ndarray, k: int, nested: int | None,
+                    allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over the search rows whose images are allowed: exact below EXACT_ALLOWED_ROWS, else an ID selector."""
+    from ..compress import indexing as compress_indexing
+
+    owners = snapshot.search_rows.owners
+    rows = np.flatnonzero(allowed[np.searchsorted(snapshot.ids, owners)])
+    want = min(int(k), len(rows))
+    if len(rows) > EXACT_ALLOWED_ROWS:
+        scores, found = ann.search_rows(queries, k, rows)
+        if bool(((found >= 0).sum(axis=1) >= want).all()):
+            return scores, found
+    # Few allowed rows (or a filtered ANN search that came back short): score them all exactly.
+    vectors = np.asarray(snapshot.search_rows.vectors[rows], np.float32)
+    if nested is not None:
+        vectors = compress_indexing.truncate(vectors, nested)
+    sims = queries @ vectors.T
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    found = np.full((len(queries), k), -1, np.int64)
+    if want:
+        part = np.argpartition(-sims, want - 1, axis=1)[:, :want] if want < len(rows) else \
+            np.tile(np.arange(len(rows)), (len(queries), 1))
+        top = np.take_along_axis(sims, part, 1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        scores[:, :want] = np.take_along_axis(top, order, 1)
+        found[:, :want] = rows[np.take_along_axis(part, order, 1)]
+    return scores, found

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from ..local.search import LocalSearcher, split_options
 from ..rerank.mds import L2GConfig
 from .base import IMAGE_ONLY, Params, Query, Retriever, SearchResponse, SearchStats, number
@@ -100,7 +102,10 @@ class LocalRetriever(Retriever):
                     "local features do not make (use --local cnn)")
         return None
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, LocalParams)
         searcher = local_searcher(snapshot)
         image = query.image
@@ -110,7 +115,8 @@ class LocalRetriever(Retriever):
 
             image = load_image(image)  # type: ignore[arg-type]
             bbox = query.clip_box(image.size)
-        scores, ids, timings = searcher.search("global" if mode == "instance" else mode, image, bbox, k,
+        scores, ids, timings = searcher.search("global" if mode == "instance" else mode, image, bbox, k, allowed,
                                                **params.options())
-        return SearchResponse(hits_from(snapshot, ids, scores), mode, SearchStats(sim_ops=len(snapshot)), [],
+        ops = len(snapshot) if allowed is None else int(allowed.sum())
+        return SearchResponse(hits_from(snapshot, ids, scores), mode, SearchStats(sim_ops=ops), [],
                               timings, generation=snapshot.generation)

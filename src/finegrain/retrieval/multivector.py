@@ -10,6 +10,7 @@ options override them for that call only.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..search import multivector as mv
-from .base import Params, Query, Retriever, SearchResponse
-from .dense import embed_query, hits_from
+from .base import Params, Query, Retriever, SearchResponse, number
+from .dense import embed_query, hits_from, search_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..explain import Explanation
@@ -29,15 +30,20 @@ __all__ = ["MultiVectorParams", "MultiVectorRetriever", "segment_table", "query_
 
 @dataclass(frozen=True)
 class MultiVectorParams(mv.MultiVectorConfig, Params):
-    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs (validated by it)
-    plus the text decomposer: a spec (``rules``, ``llm:<url>#<model>``) or a ``QueryDecomposer``."""
+    """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs (validated by it),
+    the text decomposer (a spec: ``rules``, ``llm:<url>#<model>``, or a ``QueryDecomposer``), and
+    ``candidates``: how many images the candidate stage passes to the segment scoring (see
+    :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`)."""
 
     decomposer: Any = "rules"
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
         from ..decompose.query import QueryDecomposer, create_decomposer
 
         super().__post_init__()  # the knobs' ranges
+        if self.candidates is not None:
+            number("candidates", self.candidates, 0, integer=True)
         if isinstance(self.decomposer, str):
             create_decomposer(self.decomposer)  # a bad spec fails now, with the valid forms
         elif not isinstance(self.decomposer, QueryDecomposer):
@@ -57,7 +63,10 @@ def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
 
 
 def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
-    """The query's texts (full query first, then sub-queries; empty for an image) and their (n, dim) embeddings."""
+    """The query's texts (full query first, then sub-queries; empty for an image) and their (n, dim) embeddings.
+
+    A combined query is one vector, its terms' weighted sum (like an image query; no decomposition).
+    """
     if query.text is None:
         return [], embed_query(snapshot, query)[None, :]
     from ..decompose.query import create_decomposer, decompose_query
@@ -67,9 +76,32 @@ def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -
     return texts, snapshot.encoder.encode_texts(texts)
 
 
+#: Below this many images the multi-vector modes score every image (exact); above it, :data:`AUTO_CANDIDATES`.
+AUTO_EXACT_UP_TO = 20_000
+AUTO_CANDIDATES = 2_000
+
+
+def auto_candidates(n_images: int) -> int:
+    """The default candidate count: 0 (every image, exact) for small indexes, else :data:`AUTO_CANDIDATES`."""
+    return 0 if n_images <= AUTO_EXACT_UP_TO else AUTO_CANDIDATES
+
+
+def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int) -> np.ndarray:
+    """The candidate stage: ascending positions of the union of each query vector's top-``n`` global hits.
+
+    Every query vector (the full query and each sub-query) takes its own top ``n`` from the global
+    field's top-k structure (FAISS: exact below 200k images, HNSW above), so an image that only a
+    sub-query finds is still scored on its segments. The scheduler then runs on these images only.
+    """
+    _, ids = search_vectors(snapshot, queries, n)
+    ids = np.unique(ids[ids >= 0])
+    return np.sort(snapshot.positions(ids))
+
+
 class MultiVectorRetriever(Retriever):
     name = "multivector"
     modes = ("single", "exhaustive", "hierarchical")
+    combines_terms = True
     params_type = MultiVectorParams
     descriptions: ClassVar[dict[str, str]] = {
         "single": "HiMIR 1+N: global + one segment level (index with --segments)",
@@ -93,13 +125,23 @@ class MultiVectorRetriever(Retriever):
             raise ValueError(f"single_level must be from 0 to {n_levels - 1} for this index, not {p.single_level}")
         return p
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)
         texts, queries = query_vectors(snapshot, query, params)
+        candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
+        n_candidates = auto_candidates(len(snapshot)) if params.candidates is None else params.candidates
+        timings = {}
+        if candidates is None and 0 < n_candidates < len(snapshot):
+            t0 = time.perf_counter()
+            candidates = candidate_positions(snapshot, queries, n_candidates)
+            timings["candidates_ms"] = (time.perf_counter() - t0) * 1000
         scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries, k,
-                                             params.config())
+                                             params.config(), candidates)
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,
-                              generation=snapshot.generation)
+                              timings=timings, generation=snapshot.generation)
 
     def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
                 response: SearchResponse | None = None) -> list[Explanation]:

@@ -36,6 +36,11 @@ def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
     cfg = snapshot.object_config
     if cfg is None:
         raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
+    if query.combined:  # each term in the object space, summed by weight (text terms only in the joint space)
+        from .terms import combine
+
+        return combine(np.stack([embed_object_query(snapshot, t.query()) for t in query.terms]),
+                       [t.weight for t in query.terms])
     if query.text is not None:
         if cfg.space != "joint":
             raise ValueError("the object modes of this index search by example image only: its object "
@@ -53,6 +58,7 @@ def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
 class ObjectRetriever(Retriever):
     name = "objects"
     modes = object_search.OBJECT_MODES
+    combines_terms = True
     descriptions: ClassVar[dict[str, str]] = {
         "objects": "MaO: one fused descriptor of each image's objects (index with --objects)",
         "objects-max": "MaO variant: the best single object crop of each image (index with --objects)",
@@ -68,7 +74,10 @@ class ObjectRetriever(Retriever):
                     "(finegrain index ... --objects regions --refine-iters 80)")
         return None
 
-    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
+    filterable = True
+
+    def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
+               allowed: np.ndarray | None = None) -> SearchResponse:
         fieldname = object_search.FIELDS[mode]
         vector = embed_object_query(snapshot, query)
         texts = [query.text] if query.text else []
@@ -78,6 +87,8 @@ class ObjectRetriever(Retriever):
             scores, _ = object_table(snapshot).max_scores(vector)
         else:
             scores = object_search.field_scores(snapshot.field(fieldname), snapshot.ids, vector)
+        if allowed is not None:  # images outside the filters never enter the top-k selection
+            scores = np.where(allowed, scores, -np.inf)
         best, positions = object_search.top(scores, k)
         from .dense import hits_from
 

@@ -230,38 +230,47 @@ def _ranks_in(ranking: np.ndarray, items: np.ndarray, missing: int) -> np.ndarra
 
 
 def search(mode: str, table: SegmentTable, global_vectors: np.ndarray, queries: np.ndarray, k: int,
-           config: MultiVectorConfig) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           config: MultiVectorConfig, candidates: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Rank images; returns (scores, positions, stats), best first, at most ``k``.
 
     ``queries`` is (1 + N, dim): the full query first, then sub-queries.
     Positions index ``global_vectors`` (the global field's row order).
+    ``candidates``: ascending positions, the only images scored (filters); None: all.
     """
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r}; available: {', '.join(MODES)}")
     stats = SearchStats()
     n = len(global_vectors)
-    global_scores = global_vectors @ queries[0]
-    stats.sim_ops += n
-    if mode == "global" or n == 0:
-        return _top(np.arange(n), global_scores, k) + (stats,)
+    if candidates is None:
+        positions = np.arange(n)
+        global_scores = global_vectors @ queries[0]
+    else:
+        positions = np.asarray(candidates, np.int64)
+        global_scores = np.asarray(global_vectors[positions], np.float32) @ queries[0]
+    m = len(positions)
+    stats.sim_ops += m
+    if mode == "global" or m == 0:
+        return _top(positions, global_scores, k) + (stats,)
+    subset = None if m == n else positions
     if mode in ("single", "exhaustive"):
         if mode == "single":
             levels = [config.single_level if config.single_level is not None else table.n_levels // 2]
         else:
             levels = list(range(table.n_levels))
-        best = np.full((n, len(queries)), -np.inf, np.float32)
+        best = np.full((m, len(queries)), -np.inf, np.float32)
         for level in levels:
-            scores, ops = table.level_max(level, queries)
+            scores, ops = table.level_max(level, queries, subset)
             best = np.maximum(best, scores)
             stats.sim_ops += ops
-            stats.candidates_per_level.append(n)
+            stats.candidates_per_level.append(m)
         stats.levels_visited = len(levels)
-        return _top(np.arange(n), combine(global_scores, best, config.weight_global), k) + (stats,)
-    return _hierarchical(table, global_scores, queries, k, config, stats)
+        return _top(positions, combine(global_scores, best, config.weight_global), k) + (stats,)
+    return _hierarchical(table, positions, global_scores, queries, k, config, stats)
 
 
-def _hierarchical(table, global_scores, queries, k, config, stats):
-    candidates = np.arange(len(global_scores))
+def _hierarchical(table, candidates, global_scores, queries, k, config, stats):
+    # global_scores is aligned with candidates (ascending positions); both shrink together as levels prune.
     best = np.full((len(candidates), len(queries)), -np.inf, np.float32)  # aligned with candidates
     drop, previous = config.T, None
     combined = global_scores
@@ -272,7 +281,7 @@ def _hierarchical(table, global_scores, queries, k, config, stats):
         stats.levels_visited += 1
         stats.candidates_per_level.append(len(candidates))
         best = np.maximum(best, scores)
-        combined = combine(global_scores[candidates], best, config.weight_global)
+        combined = combine(global_scores, best, config.weight_global)
         order = np.argsort(-combined, kind="stable")
         top = candidates[order[:config.top_k]]
         if previous is not None and topk_tau(previous, top) >= config.tau:
@@ -283,6 +292,7 @@ def _hierarchical(table, global_scores, queries, k, config, stats):
         # level's gather reads memory in runs instead of jumping around.
         keep_idx = np.sort(order[:keep])
         candidates, best, combined = candidates[keep_idx], best[keep_idx], combined[keep_idx]
+        global_scores = global_scores[keep_idx]
         drop *= config.alpha
     return _top(candidates, combined, k) + (stats,)
 

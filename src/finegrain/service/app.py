@@ -5,8 +5,8 @@ with a 4xx status, and never carry a traceback):
 
 =========================  =====================================================================
 ``GET /api/health``        ``{"status": "ok", "images": N}`` (never needs the API key)
-``POST /api/search``       ``{"text", "k", "mode", "explain"}`` -> ``{"results": [{"id", "score", "thumbnail", ...}]}``
-``POST /api/search/image`` multipart: ``image`` (file), ``k``, ``mode``, ``box`` ("x0,y0,x1,y1"), ``explain``
+``POST /api/search``       ``{"text" | "query", "negative", "k", "mode", "explain"}`` -> ``{"results": [...], "mode"}``
+``POST /api/search/image`` multipart: ``image`` (file), ``text``, ``negative``, ``k``, ``mode``, ``box``, ``explain``
 ``POST /api/explain``      ``{"text", "id", "mode", "k"}`` -> per sub-query the regions that scored
 ``POST /api/explain/image`` multipart: ``image``, ``id``, ``mode``, ``box``, ``k``
 ``GET /api/thumbnail/{id}`` JPEG thumbnail of an indexed image (by id; never by path)
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import json
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
@@ -99,10 +100,25 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
 
 # ------------------------------------------------------------------ schemas
 class SearchRequest(BaseModel):
-    text: str = Field(description="What to find, in words.")
+    text: str | None = Field(None, description="What to find, in words (taken literally).")
+    query: str | None = Field(None, description='Instead of text: an expression such as "a beach" + "sunset" - '
+                                                '"people" or 2:"red car" (docs/queries.md).')
+    negative: list[str] = Field([], description="Texts to move away from (negative terms).")
     k: int = Field(10, description="Number of results.")
-    mode: Mode = "global"
+    mode: Mode = Field("auto", description="auto (the default) picks the mode for the query and the index.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if (self.text is None) == (self.query is None):
+            raise ValueError("give exactly one of text (taken literally) or query (an expression)")
+        return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
+    filters: dict[str, Any] | None = Field(None, description=(
+        "Restrict the images ranked (docs/filters.md): path_prefix, glob, taken_after, taken_before (ISO dates), "
+        "make, model, orientation (landscape|portrait|square), min_width, max_width, min_height, max_height, ids."))
+    threshold: float | None = Field(None, description="Drop results scoring below this.")
+    offset: int = Field(0, description="Skip this many results (pagination).")
+    sort: str = Field("score", description="score (best first), date (oldest first) or -date (newest first).")
 
 
 class ExplainRequest(BaseModel):
@@ -146,6 +162,7 @@ class Hit(BaseModel):
     name: str = Field(description="File name (no folders).")
     thumbnail: str = Field(description="URL of the thumbnail.")
     explanation: Explanation | None = None
+    taken: str | None = Field(None, description="Capture date (EXIF, else file mtime), when sorted by date.")
 
 
 class SearchStatsModel(BaseModel):
@@ -156,11 +173,14 @@ class SearchStatsModel(BaseModel):
 
 class SearchResponse(BaseModel):
     results: list[Hit]
-    mode: str
+    mode: str = Field(description="The mode that ran.")
+    requested_mode: str | None = Field(None, description='"auto" when auto picked the mode that ran.')
     k: int
     subqueries: list[str] = Field(description="Sub-queries used besides the full query (multi-vector modes).")
     stats: SearchStatsModel
     generation: int = Field(description="Index generation searched.")
+    offset: int = Field(0, description="Results skipped before these (pagination).")
+    allowed: int | None = Field(None, description="Images the filters allowed (absent without filters).")
 
 
 class Health(BaseModel):
@@ -251,26 +271,34 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     def search_text(body: SearchRequest, request: Request) -> dict:
         """Search by text."""
         count(True)
-        text = _check_text(body.text, limits)
+        query = _text_query(body.text, body.query, body.negative, limits)
         k = _check_k(body.k, limits)
+        shape = {"filters": body.filters, "threshold": body.threshold, "offset": body.offset, "sort": body.sort}
         with holder.use() as index:
-            return _search(index, request, body.mode, k, body.explain, text=text)
+            return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
 
     @api.post("/search/image", response_model=SearchResponse, tags=["search"])
     def search_image(request: Request, image: UploadFile = File(description="The example image."),
-                     k: int = Form(10), mode: Mode = Form("global"),
+                     k: int = Form(10), mode: Mode = Form("auto"),
                      box: str | None = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
                      explain: bool = Form(False),
+                     text: str | None = Form(None, description="Words to add to the example (one query of both)."),
+                     negative: list[str] = Form([], description="Texts to move away from (repeatable)."),
+                     filters: str | None = Form(None, description="Filters as a JSON object (see POST /api/search)."),
+                     threshold: float | None = Form(None), offset: int = Form(0), sort: str = Form("score"),
                      variant: str | None = Form(None, description="l2g: finegrain (default) or paper (docs/l2g.md).")
                      ) -> dict:
-        """Search by an example image (optionally a box of it)."""
+        """Search by an example image (optionally a box of it, words added, negative texts, filters)."""
         count(True)
         k = _check_k(k, limits)
         bbox = _parse_box(box)
-        options = _l2g_options(mode, variant)
+        for t in ([text] if text is not None else []) + list(negative):
+            _check_text(t, limits)
+        shape = {"filters": _parse_filters(filters), "threshold": threshold, "offset": offset, "sort": sort,
+                 **_l2g_options(mode, variant)}
         with holder.use() as index:
             img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
-            return _search(index, request, mode, k, explain, image=img, bbox=bbox, **options)
+            return _search(index, request, mode, k, explain, query=_build(text, img, bbox, negative), shape=shape)
 
     @api.post("/explain", response_model=Explanation, tags=["search"])
     def explain_text(body: ExplainRequest) -> dict:
@@ -323,7 +351,7 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
             **info,
             "failures": len(failures),
             "modes": modes,
-            "default_mode": "hierarchical" if "hierarchical" in modes else "global",
+            "default_mode": "auto",
             "segments": {"levels": list(seg.levels), "embed": seg.embed} if seg else None,
             "limits": asdict(limits),
             "server": {"version": __version__, "uptime_s": round(time.time() - started, 1),
@@ -358,6 +386,30 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
 
 
 # ------------------------------------------------------------------ helpers
+def _build(text, image, bbox, negative, query=None) -> retrieval.Query:
+    from ..retrieval.terms import build_query
+
+    try:
+        return build_query(text, image, bbox, negative or None, query=query)
+    except ValueError as exc:
+        raise ApiError(400, "bad_query", str(exc)) from None
+
+
+def _text_query(text: str | None, query: str | None, negative: list[str], limits: ServiceLimits) -> retrieval.Query:
+    """The query of ``POST /api/search``: literal ``text`` or an expression ``query``, and negative texts."""
+    for t in [text if text is not None else query, *negative]:
+        _check_text(t, limits)  # type: ignore[arg-type]
+    if query is not None:
+        from ..retrieval.terms import parse
+
+        try:  # the service reads no paths: @ is a plain character here
+            parsed = retrieval.Query(terms=tuple(parse(query, images=False)))
+        except ValueError as exc:
+            raise ApiError(400, "bad_query", str(exc)) from None
+        return _build(None, None, None, negative, parsed)
+    return _build(text, None, None, negative)
+
+
 def _l2g_options(mode: str, variant: str | None) -> dict[str, str]:
     """The ``variant`` form field of an image search as a search option (400 when it does not apply)."""
     from ..rerank.mds import VARIANTS
@@ -371,25 +423,42 @@ def _l2g_options(mode: str, variant: str | None) -> dict[str, str]:
     return {"variant": variant}
 
 
-def _search(index, request: Request, mode: str, k: int, explain: bool, text=None, image=None, bbox=None,
-            **options) -> dict:
+def _parse_filters(text: str | None) -> dict | None:
+    """The ``filters`` form field of an image search: a JSON object, else 400."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ApiError(400, "bad_query", "filters must be a JSON object such as {\"glob\": \"*.jpg\"}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "bad_query", "filters must be a JSON object such as {\"glob\": \"*.jpg\"}")
+    return value
+
+
+def _search(index, request: Request, mode: str, k: int, explain: bool, query: retrieval.Query,
+            shape: dict | None = None) -> dict:
     _check_mode(index, mode)
     t0 = time.perf_counter()
+    shape = shape or {}
     try:
-        response = index.search(text=text, image=image, k=k, mode=mode, bbox=bbox, **options)
-        explained = (index.explain([h.id for h in response], text=text, image=image, bbox=bbox, mode=mode, k=k,
+        response = index.search(query=query, k=k, mode=mode, **shape)
+        explained = (index.explain([h.id for h in response], query=query, mode=mode, k=k,
                                    response=response) if explain and response.hits else [None] * len(response))
     except ValueError as exc:  # ImageLoadError included
         raise ApiError(400, "bad_query", str(exc)) from None
     took = (time.perf_counter() - t0) * 1000
     root = request.scope.get("root_path", "")
     results = [{"id": h.id, "score": round(h.score, 6), "rank": h.rank, "name": os.path.basename(h.path),
-                "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None}
+                "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None,
+                "taken": h.taken}
                for h, e in zip(response, explained)]
-    return {"results": results, "mode": mode, "k": k, "subqueries": list(response.subqueries[1:]),
+    return {"results": results, "mode": response.mode, "requested_mode": response.requested_mode, "k": k,
+            "subqueries": list(response.subqueries[1:]),
             "stats": {"sim_ops": int(response.stats.sim_ops), "levels_visited": int(response.stats.levels_visited),
                       "took_ms": round(took, 3)},
-            "generation": response.generation}
+            "generation": response.generation, "offset": int(shape.get("offset") or 0),
+            "allowed": response.allowed}
 
 
 def _explain(index, image_id: int, mode: str, k: int, text=None, image=None, bbox=None) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -82,3 +83,20 @@ class VectorIndex:
         if k <= 0:
             raise ValueError("k must be positive")
         return self.faiss.search(queries, k)
+
+    def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over the given rows only (FAISS ID selector: exact for flat, filtered HNSW/IVF otherwise).
+
+        A filtered ANN search can return fewer than ``k`` rows when the allowed
+        rows are rare; callers needing exactness then score the rows themselves.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
+        selector = fs.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+        if self.kind == "hnsw":
+            params = fs.SearchParametersHNSW(sel=selector, efSearch=max(128, int(k)))
+        elif self.kind == "ivf":
+            params = fs.SearchParametersIVF(sel=selector, nprobe=getattr(self.faiss, "nprobe", 1))
+        else:
+            params = fs.SearchParameters(sel=selector)
+        return self.faiss.search(queries, int(k), params=params)  # selector must live until here

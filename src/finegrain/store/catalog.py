@@ -77,6 +77,7 @@ class NewImage:
     mtime_ns: int
     width: int
     height: int
+    meta: dict | None = None  # photo metadata (store/meta.py's columns), JSON-safe for the Ray engine's manifests
 
 
 class Catalog:

@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import meta as meta_table
 from .catalog import Catalog, NewImage
 from .vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
 
@@ -67,6 +68,7 @@ class Writer:
         writer = cls(path, catalog, encoder)
         writer._acquire()
         try:
+            meta_table.ensure_table(catalog.db)  # indexes made before the photo-metadata table get it here
             writer.sweep()
         except BaseException:
             writer.close()
@@ -158,7 +160,15 @@ class Writer:
                 tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
             for image_id, mtime_ns in touches:
                 tx.touch(image_id, mtime_ns)
+            meta_table.insert(tx.db, [(i, im.meta) for i, im in zip(ids.tolist(), images) if im.meta is not None])
         return len(images)
+
+    def add_image_meta(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> int:
+        """Record photo metadata of already indexed images (the backfill; see :mod:`finegrain.exif`)."""
+        if not rows:
+            return 0
+        with self.catalog.transaction() as tx:
+            return meta_table.insert(tx.db, rows)
 
     def replace_fields(self, fieldnames: Sequence[str], new_chunks: Sequence[tuple[str, str, int]],
                        meta: dict[str, Any] | None = None) -> None:
@@ -224,6 +234,7 @@ class Writer:
                 delete_chunk(self.path, fieldname, old)
         with self.catalog.transaction() as tx:
             tx.purge_removed()
+            tx.db.execute(f"DELETE FROM {meta_table.TABLE} WHERE id NOT IN (SELECT id FROM images)")
 
     # ----------------------------------------------------------- projection
     def projection(self) -> Projection | None:

@@ -96,7 +96,7 @@
     results.replaceChildren();
     results.dataset.explained = data.explained ? "1" : "0";
     const subs = data.subqueries.length ? "; sub-queries: " + data.subqueries.join(" | ") : "";
-    setStatus(data.results.length + " results in " + Math.round(data.stats.took_ms) + " ms (" + data.mode + subs + ")");
+    setStatus(data.results.length + " results in " + Math.round(data.stats.took_ms) + " ms (" + (data.requested_mode ? data.requested_mode + " \u2192 " : "") + data.mode + subs + ")");
     renderLegend(data, q);
     if (!data.results.length) {
       const p = document.createElement("p");

@@ -1,0 +1,93 @@
+"""The multi-vector candidate stage: a global top-n per query vector, then the segment scoring on those only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finegrain.decompose.segments import SegmentConfig
+from finegrain.index import Index
+from finegrain.retrieval import Query
+from finegrain.retrieval import multivector as mvr
+from finegrain.store.catalog import NewImage
+from finegrain.store.vectors import FieldRows
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    """80 images with random unit vectors: a global vector and 1 + 4 segments each."""
+    path = tmp_path_factory.mktemp("cand") / "idx"
+    idx = Index.create(path, segments=SegmentConfig(levels=(4,)))
+    rng = np.random.default_rng(7)
+    n, d, per = 80, idx.encoder.dim, 5
+    images = [NewImage(f"/c/{i}.jpg", f"{i:064x}", 1, 1, 32, 32) for i in range(n)]
+    segs = FieldRows(_unit(rng.standard_normal((n * per, d))), np.repeat(np.arange(n), per),
+                     {"level": np.tile(np.array([0, 1, 1, 1, 1]), n), "box": np.zeros((n * per, 4), np.float32),
+                      "area": np.full(n * per, 0.25, np.float32)})
+    with idx.writer() as w:
+        w.commit(images, {"global": FieldRows(_unit(rng.standard_normal((n, d))), np.arange(n)), "segments": segs},
+                 [], [], [])
+    idx.refresh()
+    yield idx
+    idx.close()
+
+
+def test_small_indexes_are_exact_by_default():
+    assert mvr.auto_candidates(mvr.AUTO_EXACT_UP_TO) == 0
+    assert mvr.auto_candidates(mvr.AUTO_EXACT_UP_TO + 1) == mvr.AUTO_CANDIDATES
+
+
+def test_candidates_are_the_union_of_each_query_vectors_global_top(index):
+    snap = index.snapshot
+    q = _unit(np.random.default_rng(1).standard_normal((3, index.encoder.dim)))
+    got = mvr.candidate_positions(snap, q, 6)
+    g = np.asarray(snap.global_rows.vectors)
+    want = np.unique(np.concatenate([np.argsort(-(g @ v), kind="stable")[:6] for v in q]))
+    assert np.array_equal(got, want) and 6 <= len(got) <= 18
+
+
+@pytest.mark.parametrize("mode", ["exhaustive", "hierarchical", "single"])
+def test_a_stage_as_large_as_the_index_changes_nothing(index, mode):
+    text = "a dog on a red sofa next to a window"
+    exact = index.search(text=text, k=10, mode=mode)
+    staged = index.search(text=text, k=10, mode=mode, candidates=79)
+    assert [h.id for h in staged] == [h.id for h in exact]
+    assert "candidates_ms" in staged.timings and "candidates_ms" not in exact.timings
+
+
+def test_hits_come_from_the_candidates_only(index):
+    text = "two children play in the water"
+    snap = index.snapshot
+    _, queries = mvr.query_vectors(snap, Query(text=text), mvr.MultiVectorParams())
+    allowed = set(snap.ids[mvr.candidate_positions(snap, queries, 3)].tolist())
+    hits = index.search(text=text, k=10, mode="exhaustive", candidates=3)
+    assert {h.id for h in hits} <= allowed and len(hits) == min(10, len(allowed))
+    assert hits.stats.candidates_per_level[0] == len(allowed)
+
+
+def test_bad_candidates_are_refused(index):
+    for bad in (-1, 2.5, "many"):
+        with pytest.raises(ValueError, match="candidates"):
+            index.search(text="a cat", mode="hierarchical", candidates=bad)
+
+
+def test_cli_candidates(index):
+    import json
+
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    run = CliRunner().invoke
+    ok = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "exhaustive",
+                   "--candidates", "79", "--json"])
+    assert ok.exit_code == 0, ok.output
+    full = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "exhaustive", "--json"])
+    assert [r["id"] for r in json.loads(ok.stdout)["results"]] == [r["id"] for r in json.loads(full.stdout)["results"]]
+    bad = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "hierarchical",
+                    "--candidates", "-1"])
+    assert bad.exit_code != 0 and "candidates" in bad.output and "Traceback" not in bad.output
