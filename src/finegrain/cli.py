@@ -86,11 +86,31 @@ def _local_config(local: Optional[str], scales: Optional[str], features: Optiona
         raise typer.BadParameter(str(exc)) from None
 
 
-def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None) -> dict:
+def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None,
+                          variant=None) -> dict:
     """Search options of the local-feature modes given on the command line (unset ones left out)."""
     opts = {"shortlist": shortlist, "mds_dim": mds_dim, "smacof_iter": smacof_iter, "w": w, "knn": knn,
-            "global_field": global_field, "exact_rerank": exact_rerank}
+            "global_field": global_field, "exact_rerank": exact_rerank, "variant": variant}
     return {key: v for key, v in opts.items() if v is not None}
+
+
+#: ``--variant`` of the search and bench commands: which L2G re-ranking (``L2GConfig.variant``, docs/l2g.md).
+L2G_VARIANT_HELP = ("l2g: finegrain (default: cosine fusion, w 0.9, k 100, the query's 10 best scores) or paper "
+                    "(as published: weighted vector average, w 0.19, k 700, every known query score); "
+                    "--w/--shortlist still override it.")
+
+
+def _l2g_variant(variant: Optional[str], mode: str) -> Optional[str]:
+    """Check ``--variant`` (a one-line usage error rather than a traceback or a silently ignored flag)."""
+    from .rerank.mds import VARIANTS
+
+    if variant is None:
+        return None
+    if variant not in VARIANTS:
+        _fail(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}", 2)
+    if mode != "l2g":
+        _fail(f"--variant selects the L2G re-ranking: it needs --mode l2g, not {mode!r}", 2)
+    return variant
 
 
 LOCAL_HELP = "New index: also store local features with this extractor (cnn, sift, disk) for the global+local, local and l2g modes."
@@ -161,8 +181,14 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .objects.config import REFINE_VARIANTS
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
+
+    if refine_variant not in REFINE_VARIANTS:
+        _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
+    if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
+        _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
 
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
@@ -304,6 +330,7 @@ def search_cmd(
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
@@ -343,7 +370,8 @@ def search_cmd(
     except ValueError as exc:
         _fail(str(exc), 2)
     idx = _open_index(index, shard_set_ok=True, note_read_only=True)
-    options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank)
+    options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
+                                    _l2g_variant(variant, mode))
     if dim is not None:
         options["dim"] = dim
     if candidates is not None:
@@ -501,7 +529,7 @@ def duplicates_cmd(
 @app.command("compress")
 def compress_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
-    method: str = typer.Option(..., "--method", help="pca, aesvc or ss2d; none removes the projection."),
+    method: str = typer.Option(..., "--method", help="pca, aesvc, aesvc-paper (AE-SVC with the paper's loss form and weights, docs/compress.md) or ss2d; none removes the projection."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
     teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
@@ -513,7 +541,15 @@ def compress_cmd(
     if method != "none" and dim is None:
         _fail("--dim is required (the output size)", 2)
     idx = _open_index(index)
-    params: dict[str, Any] = {"n_steps": steps} if steps is not None and method in ("aesvc", "ss2d") else {}
+    from .compress.indexing import METHODS
+
+    if method not in (*METHODS, "aesvc-paper"):
+        _fail(f"unknown compression method {method!r}; choose one of pca, aesvc, aesvc-paper, ss2d, none", 2)
+    params: dict[str, Any] = {}
+    if method == "aesvc-paper":  # the name bench compress uses for AESVC(loss="paper")
+        method, params["loss"] = "aesvc", "paper"
+    if steps is not None and method in ("aesvc", "ss2d"):
+        params["n_steps"] = steps
     if teacher not in ("aesvc", "input"):
         _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
     if method == "ss2d":
@@ -593,25 +629,35 @@ def tune_cmd(
     queries: Path = typer.Option(..., "--queries", help="Queries with answers: Flickr8k captions.tsv, text<TAB>image TSV, or JSONL."),
     latency_budget_ms: Optional[float] = typer.Option(None, "--latency-budget-ms", help="Most accurate configuration within this per-query search latency."),
     sample: int = typer.Option(200, help="Queries sampled from the file."),
+    tune_on: Optional[Path] = typer.Option(None, "--tune-on", help="Choose on this segmented index (e.g. of Flickr8k train images; same encoder and segments) and save the choice into --index, so the data that is reported did not choose (docs/himir.md)."),
+    query_images: Optional[Path] = typer.Option(None, "--query-images", help="Only queries whose relevant images are all named in this list, one per line (e.g. flickr8k/splits/train.txt, or one half of dev)."),
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode for this index, and save them in it."""
-    from .tune import load_queries, tune
+    from .tune import load_names, load_queries, restrict_queries, tune
 
     idx = _open_index(index)
-    if "segments" not in idx.fields:
-        _fail("tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36)", 2)
+    chooser = _open_index(tune_on) if tune_on is not None else idx
+    for name, i in ((index, idx), (tune_on, chooser)):
+        if "segments" not in i.fields:
+            _fail(f"tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36): {name}", 2)
     try:
-        result = tune(idx, load_queries(queries), sample=sample, latency_budget_ms=latency_budget_ms,
-                      plot=plot or index / "tune.png")
+        query_list = load_queries(queries)
+        source = queries.name
+        if query_images is not None:
+            query_list = restrict_queries(query_list, load_names(query_images))
+            source += f" (answers in {query_images.name})"
+        result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
+                      plot=plot or index / "tune.png", target=idx, query_source=source)
     except (ValueError, OSError) as exc:
         _fail(str(exc), 2)
     if report is not None:
         from .report import ReportData
 
-        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot")}
+        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot", "chosen_on")}
+        summary["chosen_on"] = json.dumps(result["chosen_on"])
         summary.update({f"chosen_{k}": str(v) if isinstance(v, (list, tuple)) else v for k, v in result["chosen"].items()})
         summary.update({f"exhaustive_{k}": v for k, v in result["exhaustive"].items()})
         details = ReportData(images={"accuracy vs latency (chosen point marked)": Path(result["plot"])},
@@ -626,7 +672,8 @@ def tune_cmd(
               f"skip_levels={list(c['skip_levels']) or 'none'} (profiled: {result['profiled_skip_levels'] or 'none'}): NDCG@10 "
               f"{result['chosen_ndcg10']:.4f}, {result['chosen_ms_per_query']:.2f} ms, {result['chosen_sim_ops']:.0f} ops/query "
               f"(exhaustive {e['ndcg10']:.4f}, {e['ms_per_query']:.2f} ms, {e['sim_ops']:.0f} ops); "
-              f"saved in the index; plot {result['plot']}")
+              f"saved in the index; chosen on {tune_on or 'this index'} with {result['queries']} queries; "
+              f"plot {result['plot']}")
 
 
 @app.command("encoders")
@@ -712,6 +759,7 @@ def bench_revisitop_cmd(
     w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
@@ -728,7 +776,8 @@ def bench_revisitop_cmd(
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
                                show_progress=not as_json, report=details,
                                local=_local_config(local, local_scales, local_features, local_image_size),
-                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank))
+                               **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
+                                                       _l2g_variant(variant, mode)))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"

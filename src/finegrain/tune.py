@@ -15,6 +15,14 @@ levels become ``skip_levels``.
 Choice: with a latency budget, the most accurate configuration within it;
 without one, the fastest configuration whose NDCG@10 is within ``slack``
 (0.005) of the best.
+
+Held-out protocol (issue 17): the data that chooses must not be the data
+reported. ``tune(..., target=other)`` runs the grid on ``index`` (for example a
+segmented index of Flickr8k *train* images, queried with their own captions)
+and saves the choice into ``other`` (the dev index that is then reported);
+:func:`restrict_queries` keeps only queries whose answers are in a name list
+(``splits/train.txt``, or one half of dev). What chose is saved with the
+settings (``tuned.chosen_on``).
 """
 
 from __future__ import annotations
@@ -67,9 +75,44 @@ def load_queries(path: str | Path) -> list[tuple[str, set[str]]]:
     return [(r[0], {Path(r[1]).name}) for r in rows if len(r) >= 2]
 
 
+def load_names(path: str | Path) -> set[str]:
+    """Image base names, one per line (a split list such as Flickr8k's ``splits/train.txt``); blank lines skipped."""
+    names = {Path(line.strip()).name for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()}
+    if not names:
+        raise ValueError(f"{path} names no images")
+    return names
+
+
+def restrict_queries(queries: list[tuple[str, set[str]]], names: set[str]) -> list[tuple[str, set[str]]]:
+    """The queries whose relevant images are all in ``names`` (the others' answers belong to the reported data)."""
+    kept = [(text, rel) for text, rel in queries if rel and rel <= names]
+    if not kept:
+        raise ValueError("no query has all its relevant images in the given image list")
+    return kept
+
+
+def check_transferable(source: Index, target: Index) -> None:
+    """Settings chosen on ``source`` apply to ``target`` only with the same encoder and segment levels."""
+    for key in ("encoder", "segments"):
+        a, b = source.snapshot.settings.get(key), target.snapshot.settings.get(key)
+        if a != b:
+            raise ValueError(f"the tuning index and the target index differ in {key} ({a!r} against {b!r}): "
+                             "settings chosen on one do not apply to the other")
+
+
 def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, latency_budget_ms: float | None = None,
-         slack: float = 0.005, seed: int = 0, plot: str | Path | None = None, save: bool = True) -> dict:
-    """Run the grid search; returns the chosen configuration, all trials and the exhaustive reference."""
+         slack: float = 0.005, seed: int = 0, plot: str | Path | None = None, save: bool = True,
+         target: Index | None = None, query_source: str | None = None) -> dict:
+    """Run the grid search; returns the chosen configuration, all trials and the exhaustive reference.
+
+    The grid runs on ``index`` (its images, the queries answered in it); the
+    choice is saved into ``target`` (default: ``index`` itself), whose saved
+    scoring settings (``w``, decomposer) the trials use. ``query_source``
+    names where the queries came from, saved with the choice.
+    """
+    target = index if target is None else target
+    if target is not index:
+        check_transferable(index, target)
     by_name: dict[str, int] = {}
     for r in index.records.values():
         by_name.setdefault(Path(r.path).name, r.id)
@@ -82,10 +125,10 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
 
     from .decompose.query import create_decomposer, decompose_query
 
-    decomposer = create_decomposer(index.search_config_dict().get("decomposer", "rules"))
+    decomposer = create_decomposer(target.search_config_dict().get("decomposer", "rules"))
     embedded = [index.encoder.encode_texts(decompose_query(t, decomposer)) for t, _ in usable]
     table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
-    base = mv.MultiVectorConfig.from_dict(index.search_config_dict().get("multivector", {}))
+    base = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
 
     relevant = [rel for _, rel in usable]
 
@@ -103,6 +146,9 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     chosen = choose(trials, latency_budget_ms, slack)
     result = {
         "queries": len(usable),
+        # What chose the settings, kept with them: report only on data that is not this.
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(usable),
+                      "query_source": query_source},
         "profiled_skip_levels": list(skip),
         "chosen": chosen.config.to_dict(),
         "chosen_ndcg10": chosen.ndcg10,
@@ -117,9 +163,9 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
         plot_pareto(trials, chosen, exhaustive, Path(plot))
         result["plot"] = str(plot)
     if save:
-        index.save_search_config({**index.search_config_dict(), "multivector": chosen.config.to_dict(),
-                                  "tuned": {k: result[k] for k in ("queries", "chosen_ndcg10", "chosen_ms_per_query",
-                                                                    "chosen_sim_ops", "exhaustive")}})
+        target.save_search_config({**target.search_config_dict(), "multivector": chosen.config.to_dict(),
+                                   "tuned": {k: result[k] for k in ("queries", "chosen_ndcg10", "chosen_ms_per_query",
+                                                                     "chosen_sim_ops", "exhaustive", "chosen_on")}})
     return result
 
 

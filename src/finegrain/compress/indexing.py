@@ -180,6 +180,8 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
         "fitted_on": int(len(X)),
         "fit_seconds": round(fit_seconds, 3),
     }
+    if method == "aesvc":  # which loss form trained it (AESVC's ``loss``: finegrain's or the paper's)
+        info["loss"] = str(getattr(projection, "loss", "finegrain"))
     if method == "ss2d":
         info["dims"] = [int(d) for d in projection.dims_]
         teacher = projection.teacher

@@ -285,14 +285,17 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
                      text: str | None = Form(None, description="Words to add to the example (one query of both)."),
                      negative: list[str] = Form([], description="Texts to move away from (repeatable)."),
                      filters: str | None = Form(None, description="Filters as a JSON object (see POST /api/search)."),
-                     threshold: float | None = Form(None), offset: int = Form(0), sort: str = Form("score")) -> dict:
+                     threshold: float | None = Form(None), offset: int = Form(0), sort: str = Form("score"),
+                     variant: str | None = Form(None, description="l2g: finegrain (default) or paper (docs/l2g.md).")
+                     ) -> dict:
         """Search by an example image (optionally a box of it, words added, negative texts, filters)."""
         count(True)
         k = _check_k(k, limits)
         bbox = _parse_box(box)
         for t in ([text] if text is not None else []) + list(negative):
             _check_text(t, limits)
-        shape = {"filters": _parse_filters(filters), "threshold": threshold, "offset": offset, "sort": sort}
+        shape = {"filters": _parse_filters(filters), "threshold": threshold, "offset": offset, "sort": sort,
+                 **_l2g_options(mode, variant)}
         with holder.use() as index:
             img = decoder.run(_decode_upload, image, limits, None if bbox else index.encoder.image_size)
             return _search(index, request, mode, k, explain, query=_build(text, img, bbox, negative), shape=shape)
@@ -405,6 +408,19 @@ def _text_query(text: str | None, query: str | None, negative: list[str], limits
             raise ApiError(400, "bad_query", str(exc)) from None
         return _build(None, None, None, negative, parsed)
     return _build(text, None, None, negative)
+
+
+def _l2g_options(mode: str, variant: str | None) -> dict[str, str]:
+    """The ``variant`` form field of an image search as a search option (400 when it does not apply)."""
+    from ..rerank.mds import VARIANTS
+
+    if variant is None:
+        return {}
+    if variant not in VARIANTS:
+        raise ApiError(400, "bad_query", f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if mode != "l2g":
+        raise ApiError(400, "bad_query", f"variant selects the L2G re-ranking: it needs mode l2g, not {mode!r}")
+    return {"variant": variant}
 
 
 def _parse_filters(text: str | None) -> dict | None:
