@@ -127,16 +127,30 @@ class _SettingsMismatch(ValueError):
     """Settings given for an existing index differ from its own (a usage error: exit 2)."""
 
 
-def _open_index(path: Path, shard_set_ok: bool = False):
+def _open_index(path: Path, shard_set_ok: bool = False, note_read_only: bool = False):
     """Open an index (or, with ``shard_set_ok``, a shard set too); a clear error instead of a traceback."""
     from .index import Index
     from .shards import open_index
     from .store.catalog import IndexFormatError
 
     try:
-        return open_index(path) if shard_set_ok else Index.open(path)
+        index = open_index(path) if shard_set_ok else Index.open(path)
     except IndexFormatError as exc:
         _fail(str(exc))
+    if note_read_only:
+        _read_only_note(path, getattr(index, "read_only", None))
+    return index
+
+
+def _read_only_note(path: Path, reason: Optional[str]) -> None:
+    """One line on stderr when an index could only be opened read-only (searching works, writing does not)."""
+    if reason:
+        from rich.text import Text
+
+        from .terminal import escape_controls
+
+        err.print(Text.assemble(("note:", "yellow"), " ", escape_controls(
+            f"the index at {path} is open read-only ({reason}): searching works, writes are disabled")))
 
 
 @app.command("index")
@@ -341,6 +355,7 @@ def search_cmd(
     picks the mode for the query and the index."""
     from .images import ImageLoadError
     from .retrieval.terms import build_query
+    from .store.catalog import IndexFormatError
     from .terminal import safe_text
 
     box, tokens = _bbox_and_terms(bbox, list(ctx.args))
@@ -354,7 +369,7 @@ def search_cmd(
         query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
     except ValueError as exc:
         _fail(str(exc), 2)
-    idx = _open_index(index, shard_set_ok=True)
+    idx = _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:
@@ -368,6 +383,8 @@ def search_cmd(
                               sort=sort, **options)
     except (ValueError, ImageLoadError) as exc:
         _fail(str(exc), 2)
+    except IndexFormatError as exc:  # a chunk found damaged (on first read, or recorded by `finegrain check`)
+        _fail(str(exc))
     if as_json:
         print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return
@@ -401,7 +418,7 @@ def info_cmd(
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
     from .terminal import safe_text
 
-    info = _open_index(index, shard_set_ok=True).info()
+    info = _open_index(index, shard_set_ok=True, note_read_only=True).info()
     if as_json:
         print(json.dumps(info))
         return
@@ -1039,9 +1056,80 @@ def serve_cmd(
         service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed))
     except IndexFormatError as exc:
         _fail(str(exc))
+    _read_only_note(index, _catalog_read_only(index))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
     uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,
                 timeout_graceful_shutdown=5, http=timed_h11_protocol(HEADER_TIMEOUT_S))
+
+
+def _catalog_read_only(index: Path) -> Optional[str]:
+    """Why the index's catalog opens read-only, or None (a shard set, or anything unreadable: not this note's job)."""
+    from .store.catalog import Catalog, IndexFormatError
+
+    try:
+        with Catalog(index) as catalog:
+            return catalog.read_only
+    except (IndexFormatError, OSError):
+        return None
+
+
+@app.command("check")
+def check_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    repair: bool = typer.Option(False, "--repair", help="Rebuild what can be rebuilt (cached search structures, damage marks, checksums of chunks written by older versions) and say what cannot."),
+    drop_damaged: bool = typer.Option(False, "--drop-damaged", help="With --repair: remove the images whose vectors are in damaged chunks (a `finegrain index` re-run re-adds them)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify an index fully: every byte against its checksum, every owner id, NaN/inf, cached structures.
+
+    One line per problem; exit 0 when clean, 1 when damaged (or when --repair left something unrepaired).
+    Damage found is recorded in the index, so searches refuse the damaged chunks until repaired.
+    """
+    from .index import IndexLockedError
+    from .store import integrity
+    from .store.catalog import IndexFormatError
+    from .terminal import escape_controls
+
+    if drop_damaged and not repair:
+        _fail("--drop-damaged goes with --repair", 2)
+    result = None
+    try:
+        if repair:
+            report, result = integrity.repair_index(index, drop_damaged=drop_damaged)
+        else:
+            report = integrity.check_index(index)
+    except IndexFormatError as exc:
+        _fail(str(exc))
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    if as_json:
+        doc = report.as_dict()
+        if result is not None:
+            doc["repair"] = {"done": result.done, "cannot": result.cannot, "removed": result.removed}
+        print(json.dumps(doc))
+    else:
+        for p in report.problems:
+            print(escape_controls(f"damaged: {p.message}"))
+        for note in report.notes:
+            print(escape_controls(f"note: {note}"))
+        if report.problems and report.recorded and result is None:
+            print("note: the damage is recorded in the index: searches refuse the damaged chunks until "
+                  "`finegrain check --repair` deals with them")
+        if result is not None:
+            for line in result.done:
+                print(escape_controls(f"repaired: {line}"))
+            for line in result.cannot:
+                print(escape_controls(f"cannot repair: {line}"))
+        state = "damaged index" if report.problems else "ok"
+        print(f"{state}: {report.chunks} chunk(s), {report.verified} verified against their checksums, "
+              f"{len(report.unverified)} unverified (no checksum: written before checksums; --repair records them), "
+              f"{report.files} file(s), {report.bytes} bytes, {report.caches} cache file(s), "
+              f"{len(report.problems)} problem(s)")
+    if result is not None:
+        raise typer.Exit(1 if result.cannot else 0)
+    raise typer.Exit(1 if report.problems else 0)
 
 
 def main() -> None:  # console-script entry point

@@ -225,6 +225,11 @@ class Index:
     def generation(self) -> int:
         return self._snapshot.generation
 
+    @property
+    def read_only(self) -> str | None:
+        """Why this index was opened read-only (a read-only folder, a full disk): writes are disabled; else None."""
+        return self.catalog.read_only
+
     def refresh(self) -> bool:
         """Load the newest committed state if another process (or this one) committed; returns whether it did."""
         if self.catalog.generation() != self._snapshot.generation:
@@ -532,6 +537,8 @@ class Index:
             "objects": snap.settings.get("objects"),
             "modes": self.available_modes(),
             "generation": snap.generation,
+            "read_only": self.read_only,
+            "damaged_chunks": len(snap.damage()),
             "bytes_on_disk": _dir_size(self.path),
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
             "capture_dates": photo_meta.counts(self.catalog.db),  # exif / mtime / missing (backfilled by `index`)

@@ -19,6 +19,16 @@ Phases (each in a separate process that is killed with SIGKILL):
 * ``compress``: ``finegrain compress --method pca`` when this tree has that
   command (else reported as skipped); same checks, plus the stored
   projection is either absent or complete.
+* ``compact`` (``--compact-kills``): ``finegrain compact`` on a segmented
+  index of one-image commits with every fifth image removed; the live images
+  and their vectors must be unchanged after every kill.
+* ``ray`` (``--ray-kills``): the index phase with ``engine="ray"``: Ray
+  workers write shard chunks, and the driver's merge step commits them
+  through the writer; the same journal and checks.
+
+After every kill, when the tree has ``finegrain.store.integrity``, the full
+``finegrain check`` runs on the index too (every byte against its checksum,
+every owner, NaN/inf): a half-written chunk a commit lists is a violation.
 
 While the writers run, reader threads re-open the index (``Index.open``) and
 refresh a long-lived one (``Index.refresh``) in a loop and check every state
@@ -27,6 +37,8 @@ they see: images and vectors agree, and every commit is all-or-nothing.
     python -m tools.stress.crash_test --seeds 5 --kills-per-seed 10 --json
     python -m tools.stress.crash_test --seeds 1 --kills-per-seed 3 --images 24     # quick
     python -m tools.stress.crash_test --kills-per-seed 0 --no-tune --src ../other-tree/src   # compress only, another tree
+    python -m tools.stress.crash_test --seeds 3 --kills-per-seed 20 --no-tune --compress-kills 15 \
+        --compact-kills 20 --ray-kills 5 --json                                              # issue 20's 100 kills
 
 Prints one JSON object (``--json``) or a summary; exits 1 on any violation.
 """
@@ -59,6 +71,7 @@ import json, os, sys
 from finegrain import Index
 from finegrain.store.writer import Writer
 index_dir, folder, journal_path, commit_every = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+engine = sys.argv[5] if len(sys.argv) > 5 else "local"
 journal = open(journal_path, "a")
 original = Writer.commit
 counter = [0]
@@ -73,7 +86,7 @@ def journalled(writer, images, *args, **kwargs):
     note({"done": gid})
     return n
 Writer.commit = journalled
-report = Index.open(index_dir).add([folder], batch_size=2, commit_every=commit_every)
+report = Index.open(index_dir).add([folder], batch_size=2, commit_every=commit_every, engine=engine)
 print(json.dumps(report.as_dict()))
 """
 
@@ -143,6 +156,7 @@ def check_state(index, groups: dict[str, dict] | None, reference: dict[str, np.n
             problems.append(f"finished commit {gid} lost {len(g['paths']) - have} of {len(g['paths'])} images")
         elif 0 < have < len(g["paths"]):
             problems.append(f"commit {gid} is partial: {have} of {len(g['paths'])} images")
+    problems += integrity_problems(index.path)
     if reference is not None and not problems:
         row_of = {int(o): i for i, o in enumerate(owners)}
         for rec in index.records.values():
@@ -152,6 +166,17 @@ def check_state(index, groups: dict[str, dict] | None, reference: dict[str, np.n
                 problems.append(f"vector of {os.path.basename(rec.path)} differs from the reference (cos {cos:.4f})")
                 break
     return problems
+
+
+def integrity_problems(index_dir: Path) -> list[str]:
+    """What `finegrain check` finds in the committed state (every byte against its checksum, owners, NaN), if
+    this tree has it: a half-written chunk that a commit lists would show here."""
+    try:
+        from finegrain.store import integrity
+    except ImportError:
+        return []
+    report = integrity.check_index(index_dir, record=False)
+    return [f"finegrain check: {p.message}" for p in report.problems if p.kind != "cache"]
 
 
 class Readers:
@@ -261,7 +286,7 @@ def _kill_after(proc: subprocess.Popen, rng: random.Random, journal: Path | None
 
 
 def index_phase(work: Path, photos_dir: Path, seed: int, kills: int, n_images: int, commit_every: int | None,
-                readers: bool, log: Callable) -> dict:
+                readers: bool, log: Callable, engine: str = "local") -> dict:
     """Kill ``Index.add`` ``kills`` times (starting fresh indexes as needed); check after every kill."""
     from finegrain import Index
 
@@ -273,7 +298,8 @@ def index_phase(work: Path, photos_dir: Path, seed: int, kills: int, n_images: i
     reference = {r.path: np.asarray(ref_index.global_rows.vectors[i])
                  for i, r in enumerate(ref_index.records[int(o)] for o in ref_index.global_rows.owners)}
     ref_index.close()
-    out = {"seed": seed, "kills": 0, "finished_before_kill": 0, "rounds": 0, "violations": [], "reader_checks": 0,
+    out = {"seed": seed, "engine": engine, "kills": 0, "finished_before_kill": 0, "rounds": 0, "violations": [],
+           "reader_checks": 0,
            "reader_violations": [], "reader_errors": [], "kill_points": []}
     round_no = 0
     while out["kills"] < kills:
@@ -286,8 +312,9 @@ def index_phase(work: Path, photos_dir: Path, seed: int, kills: int, n_images: i
             with Index.open(index_dir) as index:
                 before = len(index)
             commits_left = -(-(n_images - before) // every)
-            expected = 0.2 * (n_images - before) + 0.5
-            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(index_dir), str(folder), str(journal), str(every)],
+            expected = 0.2 * (n_images - before) + (15.0 if engine == "ray" else 0.5)  # Ray starts its runtime
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(index_dir), str(folder), str(journal),
+                                     str(every), engine],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
             want_kill = out["kills"] < kills
             rd = Readers(index_dir, journal) if readers else None
@@ -359,10 +386,14 @@ def settings_phase(work: Path, photos_dir: Path, command: str, kills: int, seed:
                                for i, f in enumerate(files)))
     master = work / f"{command}-master"
     index = Index.create(master, segments=SegmentConfig(levels=(4, 9)))
-    index.add([folder], batch_size=8)
+    if command == "compact":  # many chunks per field, and removed images for the compaction to drop
+        index.add([folder], batch_size=2, commit_every=1)
+        index.remove(sorted(index.records)[::5])
+    else:
+        index.add([folder], batch_size=8)
     index.close()
     args = {"tune": ["--queries", str(queries), "--sample", "24", "--json"],
-            "compress": ["--method", "pca", "--dim", "16", "--json"]}[command]
+            "compress": ["--method", "pca", "--dim", "16", "--json"], "compact": []}[command]
 
     def run(index_dir: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "finegrain.cli", command, "--index", str(index_dir), *args],
@@ -395,11 +426,12 @@ def settings_phase(work: Path, photos_dir: Path, command: str, kills: int, seed:
 
     def consistent(index) -> list[str]:
         problems = []
-        if snapshot(index) != base_state and command == "tune":
+        if snapshot(index) != base_state and command in ("tune", "compact"):
             problems.append("images or vectors changed")
         elif sorted(index.records) != base_state[0]:
             problems.append("image ids changed")
         problems += _settings_problems(settings(index), base_settings, final_settings, index.path)
+        problems += integrity_problems(index.path)
         return problems
 
     target = work / f"{command}-victim"
@@ -464,15 +496,21 @@ def _settings_problems(now: dict, before: dict, after: dict, index_dir: Path) ->
 
 def run(work: Path, photos_dir: Path, seeds: list[int], kills_per_seed: int, n_images: int = 40,
         commit_every: int | None = None, readers: bool = True, tune: bool = True, compress: bool = True,
-        settings_kills: int = 5, log: Callable = print) -> dict:
+        settings_kills: int = 5, log: Callable = print, compact_kills: int = 0, compress_kills: int | None = None,
+        ray_kills: int = 0) -> dict:
     """All phases; returns totals (``kills``, ``violations``, ``reader_checks``, ``reader_violations``) and per-phase detail."""
     t0 = time.monotonic()
     phases = [index_phase(work, photos_dir, s, kills_per_seed, n_images, commit_every, readers, log) for s in seeds
               if kills_per_seed]
+    if ray_kills:  # the Ray engine: workers write shard chunks, the driver's merge step commits them
+        phases.append(index_phase(work, photos_dir, 1000, ray_kills, n_images, commit_every, readers, log, "ray"))
     if tune and settings_kills:
         phases.append(settings_phase(work, photos_dir, "tune", settings_kills, 100, readers, log))
-    if compress and settings_kills:
-        phases.append(settings_phase(work, photos_dir, "compress", settings_kills, 200, readers, log))
+    compress_kills = settings_kills if compress_kills is None else compress_kills
+    if compress and compress_kills:
+        phases.append(settings_phase(work, photos_dir, "compress", compress_kills, 200, readers, log))
+    if compact_kills:
+        phases.append(settings_phase(work, photos_dir, "compact", compact_kills, 300, readers, log))
     return {
         "kills": sum(p["kills"] for p in phases),
         "index_kills": sum(p["kills"] for p in phases if "seed" in p),
@@ -510,6 +548,11 @@ def main() -> None:
     parser.add_argument("--kills-per-seed", type=int, default=10)
     parser.add_argument("--images", type=int, default=40, help="Generated photos per seed.")
     parser.add_argument("--settings-kills", type=int, default=5, help="Kills of tune and of compress.")
+    parser.add_argument("--compress-kills", type=int, default=None, help="Kills of compress (default: --settings-kills).")
+    parser.add_argument("--compact-kills", type=int, default=0, help="Kills of `finegrain compact` on an index of "
+                        "one-image chunks with removed images.")
+    parser.add_argument("--ray-kills", type=int, default=0, help="Kills of `Index.add(engine='ray')` (its merge step "
+                        "commits the workers' shards).")
     parser.add_argument("--no-readers", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one, deleted).")
     parser.add_argument("--no-tune", action="store_true")
@@ -527,7 +570,8 @@ def main() -> None:
         photos = _photos(work / "sources")
         result = run(work, photos, list(range(args.seeds)), args.kills_per_seed, args.images, None,
                      not args.no_readers, tune=not args.no_tune, compress=not args.no_compress,
-                     settings_kills=args.settings_kills,
+                     settings_kills=args.settings_kills, compact_kills=args.compact_kills,
+                     compress_kills=args.compress_kills, ray_kills=args.ray_kills,
                      log=(lambda *a: print(*a, file=sys.stderr, flush=True)))
     for p in result["phases"]:
         p.pop("kill_points", None)

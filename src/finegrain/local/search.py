@@ -378,10 +378,13 @@ class LocalSearcher:
 
 def _write_cache(path: Path, write, suffix: str = "") -> None:
     """Write a cache file atomically under a name no other writer uses (concurrent first searches race here)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         tmp.replace(path)
-    except OSError:  # a read-only or full disk: the structure is still used from memory
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError):  # a read-only or full disk (FAISS raises RuntimeError): kept in memory only
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -574,6 +574,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details) or "invalid request"
         return JSONResponse({"error": "invalid_request", "message": message, "details": details}, status_code=422)
 
+    from ..store.catalog import IndexFormatError
+
+    @app.exception_handler(IndexFormatError)
+    async def index_damaged(request: Request, exc: IndexFormatError) -> JSONResponse:
+        # a damaged chunk (found on first read, or recorded by `finegrain check`): refused, never a ranking
+        return JSONResponse({"error": "index_damaged", "message": str(exc)}, status_code=503)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)

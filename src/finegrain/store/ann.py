@@ -17,6 +17,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .catalog import IndexFormatError
+
 AUTO_ANN_THRESHOLD = 200_000
 KINDS = ("auto", "flat", "hnsw", "ivf")
 
@@ -39,6 +41,10 @@ class VectorIndex:
                     return
             except RuntimeError:  # a truncated or damaged cache file: rebuilt below
                 pass
+        if not np.isfinite(vectors).all():  # FAISS silently drops NaN rows and ranks inf first: never a ranking
+            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+            raise IndexFormatError(f"{len(bad)} stored vector(s) hold NaN or inf (rows {bad[:5].tolist()}): the "
+                                   "index is damaged; run `finegrain check --index INDEX` for the images affected")
         self.faiss = self._build(vectors, kind)
         if cache_file is not None and kind != "flat":
             self._save(cache_file)
@@ -50,8 +56,11 @@ class VectorIndex:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             faiss.write_index(self.faiss, str(tmp))
             tmp.replace(cache_file)
-        except (OSError, RuntimeError):
-            tmp.unlink(missing_ok=True)
+        except (OSError, RuntimeError):  # kept in memory only
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only file system may say so even for a file that is not there
+                pass
 
     @staticmethod
     def _build(vectors: np.ndarray, kind: str) -> faiss.Index:

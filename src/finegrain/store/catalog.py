@@ -10,8 +10,10 @@ files no transaction references are swept by the next writer.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +50,50 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
+#: Nullable columns of the chunks table added by ``Catalog.ensure_integrity_columns`` (see store/integrity.py).
+INTEGRITY_COLUMNS = ("checksum", "damaged")
+_READ_ONLY_ERRORS = ("unable to open database file", "readonly database", "disk I/O error", "database or disk is full")
+
+
 class IndexFormatError(RuntimeError):
     """The index folder is missing, corrupt, or written by a newer finegrain."""
+
+
+def _read_only_reason(path: Path) -> str | None:
+    """Why the catalog at ``path`` cannot be written (checked before opening), or None."""
+    folder = path.parent
+    if not os.access(folder, os.W_OK) or not os.access(path, os.W_OK):
+        return f"{folder} is not writable"
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only file system"
+    return None
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection: ``mode=ro`` when SQLite can use the WAL files, else ``immutable=1``.
+
+    ``immutable`` reads the catalog file alone; it is only used when the WAL index cannot be opened, and a
+    catalog whose last writer died leaves committed pages in ``-wal`` that such a read would not see, so a
+    non-empty ``-wal`` file makes the open fail with a clear error instead.
+    """
+    uri = "file:" + urllib.parse.quote(str(path.resolve()))
+    try:
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise IndexFormatError(f"index catalog {path} cannot be opened read-only: its folder is not writable and "
+                               f"{wal.name} holds commits not yet merged into the catalog (open it once where "
+                               "the folder is writable)")
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=30, isolation_level=None,
+                           check_same_thread=False)
 
 
 @dataclass(frozen=True)
@@ -85,12 +129,27 @@ class Catalog:
 
     def __init__(self, root: Path, create: bool = False):
         self.path = Path(root) / CATALOG_NAME
+        #: Why this catalog was opened read-only (a read-only folder, a full disk), or None when writable.
+        self.read_only: str | None = None
         if not create and not self.path.exists():
             raise IndexFormatError(f"no finegrain index at {root} (missing {CATALOG_NAME})")
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            if not create:
+                self.read_only = _read_only_reason(self.path)
+            if self.read_only is None:
+                try:
+                    self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=FULL")
+                except sqlite3.OperationalError as exc:
+                    # WAL needs its -wal/-shm files next to the catalog: a read-only mount or a full disk
+                    # refuses them; reading still works through a read-only open.
+                    if create or not any(s in str(exc) for s in _READ_ONLY_ERRORS):
+                        raise
+                    self.db.close()
+                    self.read_only = f"the catalog cannot be opened for writing ({exc})"
+            if self.read_only is not None:
+                self.db = _open_read_only(self.path)
             if create:
                 self.db.executescript(_SCHEMA)
             version = self.get_meta("format_version")
@@ -170,6 +229,47 @@ class Catalog:
         finally:
             self.db.execute("COMMIT")
 
+    # ------------------------------------------------------------- integrity
+    def chunk_columns(self) -> set[str]:
+        """Columns of the chunks table (``checksum``/``damaged`` exist once a writer of this version migrated it)."""
+        return {row[1] for row in self.db.execute("PRAGMA table_info(chunks)").fetchall()}
+
+    def ensure_integrity_columns(self) -> None:
+        """Add the nullable ``checksum`` and ``damaged`` columns to the chunks table (a writer's migration).
+
+        Older finegrain versions read and write the table as before (they name their columns); the chunks
+        they add have no checksum, which means "unverified", not damaged. The format version is unchanged.
+        """
+        missing = [c for c in INTEGRITY_COLUMNS if c not in self.chunk_columns()]
+        if missing:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for column in INTEGRITY_COLUMNS:
+                    if column not in self.chunk_columns():
+                        self.db.execute(f"ALTER TABLE chunks ADD COLUMN {column} TEXT")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def chunk_marks(self) -> dict[str, tuple[str | None, str | None]]:
+        """``{chunk name: (checksum JSON or None, damage found by finegrain check or None)}``."""
+        if not set(INTEGRITY_COLUMNS) <= self.chunk_columns():
+            return {}
+        rows = self.db.execute("SELECT name, checksum, damaged FROM chunks").fetchall()
+        return {name: (checksum, damaged) for name, checksum, damaged in rows}
+
+    def max_image_id(self) -> int:
+        """The largest image id ever given (no chunk row can be owned by a larger one)."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        top = self.db.execute("SELECT MAX(id) FROM images").fetchone()
+        return max(int(row[0]) if row else 0, int(top[0] or 0))
+
+    def known_ids(self) -> set[int]:
+        """Ids of images that can own chunk rows: indexed, and removed but not yet compacted away."""
+        rows = self.db.execute("SELECT id FROM images WHERE status IN ('indexed', 'removed')").fetchall()
+        return {int(r[0]) for r in rows}
+
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall()
         return {status: n for status, n in rows}
@@ -237,9 +337,20 @@ class _Transaction:
         self.db.executemany("UPDATE images SET status = 'removed', updated = ? WHERE id = ? AND status = 'indexed'",
                             [(time.time(), int(i)) for i in image_ids])
 
-    def add_chunk(self, name: str, field: str, rows: int) -> None:
-        self.db.execute("INSERT INTO chunks(name, field, rows, created) VALUES (?, ?, ?, ?)",
-                        (name, field, rows, time.time()))
+    def add_chunk(self, name: str, field: str, rows: int, checksum: str | None = None) -> None:
+        if checksum is None:  # the statement every version writes (no checksum: unverified)
+            self.db.execute("INSERT INTO chunks(name, field, rows, created) VALUES (?, ?, ?, ?)",
+                            (name, field, rows, time.time()))
+        else:
+            self.db.execute("INSERT INTO chunks(name, field, rows, created, checksum) VALUES (?, ?, ?, ?, ?)",
+                            (name, field, rows, time.time(), checksum))
+
+    def set_checksum(self, name: str, checksum: str) -> None:
+        self.db.execute("UPDATE chunks SET checksum = ? WHERE name = ?", (checksum, name))
+
+    def mark_damaged(self, name: str, reason: str | None) -> None:
+        """Record (or, with None, clear) damage that ``finegrain check`` found in a chunk: searches refuse it."""
+        self.db.execute("UPDATE chunks SET damaged = ? WHERE name = ?", (reason, name))
 
     def drop_chunks(self, names: Iterable[str]) -> None:
         self.db.executemany("DELETE FROM chunks WHERE name = ?", [(n,) for n in names])

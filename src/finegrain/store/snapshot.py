@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from . import integrity
 from .catalog import Catalog, ImageRecord, IndexFormatError
 from .vectors import FieldRows, check_chunk, read_chunk
 
@@ -47,7 +48,8 @@ class Snapshot:
     """Committed state of an index at one generation (see the module docstring). Build with :meth:`load`."""
 
     def __init__(self, path: Path, generation: int, records: list[ImageRecord], chunks: list[tuple[str, str, int]],
-                 settings: dict[str, Any], encoder: Callable[[], Encoder]):
+                 settings: dict[str, Any], encoder: Callable[[], Encoder],
+                 marks: Mapping[str, tuple[str | None, str | None]] | None = None, max_id: int | None = None):
         self.path = Path(path)
         self.generation = int(generation)
         #: Live (indexed) images by id.
@@ -62,6 +64,9 @@ class Snapshot:
         #: Every catalog setting (encoder, dim, segments, local, objects, projection, search...).
         self.settings = dict(settings)
         self._encoder = encoder
+        #: Per chunk: (checksum record JSON or None when unverified, damage recorded by ``finegrain check``).
+        self._marks = dict(marks or {})
+        self._max_id = max_id  # no chunk row may be owned by a larger image id
         self._fields: dict[str, FieldRows] = {}
         self._derived: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -71,7 +76,8 @@ class Snapshot:
     def load(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder]) -> Snapshot:
         """Read the catalog's committed state in one transaction (no vector is read)."""
         generation, records, chunks, settings = catalog.read_state()
-        return cls(path, generation, records, chunks, settings, encoder)
+        # Read after the state: a chunk committed meanwhile is not listed, and its mark is simply unused.
+        return cls(path, generation, records, chunks, settings, encoder, catalog.chunk_marks(), catalog.max_image_id())
 
     def check_files(self) -> None:
         """Check every listed chunk's headers and sizes against the catalog (no vector is read).
@@ -81,11 +87,38 @@ class Snapshot:
         """
         for fieldname, names in self._chunks.items():
             for name in names:
-                problem = check_chunk(self.path, fieldname, name, self._rows[name])
+                problem = check_chunk(self.path, fieldname, name, self._rows[name],
+                                      integrity.expected_files(self._marks.get(name, (None, None))[0]))
                 if problem is not None:
                     if "is missing" in problem:
                         raise StaleSnapshotError(problem)
-                    raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {problem}")
+                    raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {problem}; "
+                                           "run `finegrain check` for a full report")
+        for fieldname in integrity.ONE_ROW_FIELDS:  # small (8 bytes an image): their owners are read now
+            owners = []
+            for name in self._chunks.get(fieldname, []):
+                try:
+                    owners.append(integrity.read_owners(self.path, fieldname, name))
+                except FileNotFoundError:
+                    raise StaleSnapshotError(f"chunk {name} of generation {self.generation} is missing") from None
+                except ValueError as exc:
+                    raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {exc}") from None
+                self._check_owners(fieldname, name, owners[-1])
+            problem = integrity.duplicate_owners(fieldname, owners)
+            if problem is not None:
+                raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {problem}; "
+                                       "run `finegrain check` for a full report")
+
+    def _check_owners(self, fieldname: str, name: str, owners: np.ndarray) -> None:
+        """Refuse a chunk whose owner ids are not image ids the catalog ever gave (a changed owner file)."""
+        problem = integrity.owner_range_problem(fieldname, name, owners, self._max_id)
+        if problem is not None:
+            raise IndexFormatError(f"index at {self.path} has a damaged vector chunk: {problem}; "
+                                   "run `finegrain check` for a full report")
+
+    def damage(self) -> dict[str, str]:
+        """Chunks ``finegrain check`` recorded as damaged, with the reason (searches needing them are refused)."""
+        return {name: reason for name, (_, reason) in self._marks.items() if reason and name in self._rows}
 
     # --------------------------------------------------------------- settings
     @property
@@ -213,12 +246,19 @@ class Snapshot:
     def _read_chunks(self, name: str) -> list[FieldRows]:
         parts: list[FieldRows] = []
         for chunk in self._chunks.get(name, []):
+            damage = self._marks.get(chunk, (None, None))[1]
+            if damage:  # found by `finegrain check` (a flipped bit, NaN): never searched until repaired
+                raise IndexFormatError(f"index at {self.path}: vector chunk {chunk} of field {name} is damaged "
+                                       f"({damage}); searches that need it are refused: run `finegrain check "
+                                       "--index INDEX --repair` to see what can be done")
             try:
-                parts.append(read_chunk(self.path, name, chunk))
+                part = read_chunk(self.path, name, chunk)
             except FileNotFoundError:
                 raise StaleSnapshotError(f"chunk {chunk} of generation {self.generation} was compacted away") from None
             except (OSError, ValueError) as exc:
                 raise IndexFormatError(f"index at {self.path} has an unreadable vector chunk {chunk}: {exc}") from None
+            self._check_owners(name, chunk, part.owners)
+            parts.append(part)
         return parts
 
     def _read_field(self, name: str) -> FieldRows:

@@ -15,15 +15,21 @@ catalog lists it (see :mod:`finegrain.store.catalog`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 VECTORS_DIR = "vectors"
+#: What a vector file may hold: native float32, or float16 for compact fields (``<f4``/``<f2`` on x86/ARM).
+VECTOR_DTYPES = (np.dtype(np.float32).str, np.dtype(np.float16).str)
+OWNER_DTYPE = np.dtype(np.int64).str
+DIGEST_SIZE = 16  # BLAKE2b-128 per file: damage detection, not an authentication code
 
 
 @dataclass
@@ -75,21 +81,62 @@ def _chunk_files(root: Path, fieldname: str, name: str, attrs: list[str]) -> dic
     return files
 
 
-def write_chunk(root: Path, fieldname: str, name: str, rows: FieldRows) -> None:
-    """Write a chunk's files atomically (temp file, fsync, rename)."""
+class _HashingFile:
+    """A write-only file object that hashes what passes through it (numpy then writes in blocks, not ``tofile``)."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh = fh
+        self.hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.fh.write(data)
+
+
+def write_chunk(root: Path, fieldname: str, name: str, rows: FieldRows) -> dict[str, dict[str, Any]]:
+    """Write a chunk's files atomically (temp file, fsync, rename).
+
+    Returns what each file holds, ``{"vectors" | "owner" | attr: {"blake2b", "dtype", "shape"}}``: the
+    checksum record the writer stores in the catalog with the chunk (computed while writing, no re-read).
+    """
     if not fieldname.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"bad field name {fieldname!r}")
     files = _chunk_files(root, fieldname, name, sorted(rows.attrs))
     files["vectors"].parent.mkdir(parents=True, exist_ok=True)
     arrays = {"vectors": rows.vectors, "owner": rows.owners, **rows.attrs}
+    record: dict[str, dict[str, Any]] = {}
     for key, path in files.items():
         tmp = path.with_name(path.name + ".tmp")
+        array = np.ascontiguousarray(arrays[key])
         with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            hashing = _HashingFile(fh)
+            np.save(hashing, array, allow_pickle=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        record[key] = {"blake2b": hashing.hash.hexdigest(), "dtype": array.dtype.str, "shape": list(array.shape)}
     _fsync_dir(files["vectors"].parent)
+    return record
+
+
+def chunk_file_keys(root: Path, fieldname: str, name: str) -> dict[str, Path]:
+    """The files of a committed chunk on disk, keyed like :func:`write_chunk`'s record."""
+    base = root / VECTORS_DIR / fieldname
+    files = {"vectors": base / f"{name}.npy", "owner": base / f"{name}.owner.npy"}
+    for path in sorted(base.glob(f"{name}.*.npy")):
+        attr = path.name[len(name) + 1:-4]
+        if attr != "owner":
+            files[attr] = path
+    return files
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b of a whole file, read in blocks (what :func:`write_chunk` recorded)."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_chunk(root: Path, fieldname: str, name: str) -> FieldRows:
@@ -105,16 +152,24 @@ def read_chunk(root: Path, fieldname: str, name: str) -> FieldRows:
     return FieldRows(vectors, owners, attrs)
 
 
-def check_chunk(root: Path, fieldname: str, name: str, rows: int) -> str | None:
+def check_chunk(root: Path, fieldname: str, name: str, rows: int,
+                committed: dict[str, dict[str, Any]] | None = None) -> str | None:
     """What is wrong with a committed chunk's files, judged from their headers and sizes only (None: nothing).
 
-    Cheap enough for every open: no vector is read. The vectors must be a 2-D float array and every other
-    file a 1-D or 2-D array, all with ``rows`` rows (the catalog's count), each file exactly as long as its
-    header says.
+    Cheap enough for every open: no vector is read. The vectors must be a 2-D little-endian float32 or
+    float16 array and the owners a 1-D int64 array, every other file a 1-D or 2-D array, all with ``rows``
+    rows (the catalog's count), each file exactly as long as its header says. With ``committed`` (the
+    checksum record stored at commit) the set of files, each dtype and each shape must be the recorded ones.
     """
     base = root / VECTORS_DIR / fieldname
     files = [base / f"{name}.npy", base / f"{name}.owner.npy"]
     files += [p for p in base.glob(f"{name}.*.npy") if p.name != f"{name}.owner.npy"]
+    if committed is not None and files[0].exists() and files[1].exists():  # else "is missing" below (maybe stale)
+        keys = set(chunk_file_keys(root, fieldname, name))
+        if keys != set(committed):
+            gone, extra = sorted(set(committed) - keys), sorted(keys - set(committed))
+            return (f"chunk {name} of field {fieldname} does not have the files it was committed with "
+                    f"(missing: {', '.join(gone) or 'none'}; unexpected: {', '.join(extra) or 'none'})")
     for i, path in enumerate(files):
         try:
             with open(path, "rb") as fh:
@@ -130,8 +185,16 @@ def check_chunk(root: Path, fieldname: str, name: str, rows: int) -> str | None:
             return f"chunk file {path.name} has no valid .npy header ({exc})"
         if dtype.hasobject:
             return f"chunk file {path.name} holds Python objects"
-        if i == 0 and (len(shape) != 2 or dtype.kind != "f"):
-            return f"chunk file {path.name} is not a 2-D float array (shape {shape}, dtype {dtype})"
+        if i == 0 and (len(shape) != 2 or dtype.str not in VECTOR_DTYPES):
+            return f"chunk file {path.name} is not a 2-D float32/float16 array (shape {shape}, dtype {dtype.str})"
+        if i == 1 and (len(shape) != 1 or dtype.str != OWNER_DTYPE):
+            return f"chunk file {path.name} is not a 1-D int64 owner array (shape {shape}, dtype {dtype.str})"
+        if committed is not None:
+            key = "vectors" if i == 0 else "owner" if i == 1 else path.name[len(name) + 1:-4]
+            want = committed.get(key, {})
+            if want.get("dtype") != dtype.str or list(want.get("shape", [])) != list(shape):
+                return (f"chunk file {path.name} has dtype {dtype.str} and shape {tuple(shape)}, committed as "
+                        f"{want.get('dtype')} {tuple(want.get('shape', []))}")
         if not shape or shape[0] != rows:
             return f"chunk file {path.name} has {shape[0] if shape else 0} rows, the catalog says {rows}"
         expected = offset + int(np.prod(shape)) * dtype.itemsize

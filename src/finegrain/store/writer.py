@@ -18,7 +18,9 @@ contiguous slice of the file instead of gathering it into memory.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -35,11 +37,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOCK_FILE = ".lock"
 
-__all__ = ["IndexLockedError", "Writer", "storage_order"]
+__all__ = ["IndexLockedError", "IndexReadOnlyError", "Writer", "checksum_json", "storage_order"]
 
 
 class IndexLockedError(RuntimeError):
     """Another process is writing to the index."""
+
+
+class IndexReadOnlyError(IndexLockedError):
+    """The index is open read-only (a read-only folder or a full disk): writes are disabled.
+
+    A kind of :class:`IndexLockedError` (no write can happen now), so every handler of that one reports it.
+    """
+
+
+def checksum_json(record: dict[str, dict[str, Any]]) -> str:
+    """The catalog's ``chunks.checksum`` value: BLAKE2b, dtype and shape of each file (see store/integrity.py)."""
+    return json.dumps({"v": 1, "files": record}, sort_keys=True)
 
 
 def storage_order(rows: FieldRows) -> FieldRows:
@@ -61,13 +75,18 @@ class Writer:
         self._encoder = encoder
         self._lock_fh: IO[str] | None = None
         self._projection: tuple[str, Projection] | None = None
+        self._records: dict[str, str] = {}  # chunk name -> checksum record (JSON) of chunks written, not committed
 
     @classmethod
     def open(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder] | None = None) -> Writer:
         """Take the writer lock and sweep what a crashed writer left behind."""
+        if catalog.read_only is not None:
+            raise IndexReadOnlyError(f"the index at {path} is open read-only ({catalog.read_only}): writes are "
+                                     "disabled")
         writer = cls(path, catalog, encoder)
         writer._acquire()
         try:
+            catalog.ensure_integrity_columns()
             meta_table.ensure_table(catalog.db)  # indexes made before the photo-metadata table get it here
             writer.sweep()
         except BaseException:
@@ -88,7 +107,13 @@ class Writer:
         self.close()
 
     def _acquire(self) -> None:
-        fh = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the writer's lifetime
+        try:
+            fh = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the writer's lifetime
+        except OSError as exc:  # a read-only folder (a root-owned mount, a snapshot): reading still works
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise IndexReadOnlyError(f"the index at {self.path} is read-only ({exc.strerror}): writes are "
+                                         "disabled") from None
+            raise
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,8 +154,13 @@ class Writer:
     def write_rows(self, fieldname: str, rows: FieldRows) -> tuple[str, str, int]:
         """Write one chunk file set (not yet committed); returns ``(chunk name, field, rows)``."""
         name = new_chunk_name()
-        write_chunk(self.path, fieldname, name, storage_order(rows))
+        record = write_chunk(self.path, fieldname, name, storage_order(rows))
+        self._records[name] = checksum_json(record)
         return name, fieldname, len(rows)
+
+    def checksum_of(self, name: str) -> str | None:
+        """The checksum record of a chunk this writer wrote (stored in the catalog when it is committed)."""
+        return self._records.pop(name, None)
 
     def commit(self, images: list[NewImage], fields: dict[str, FieldRows], failures: Sequence[Any],
                touches: Sequence[tuple[int, int]], removals: Sequence[int]) -> int:
@@ -155,7 +185,7 @@ class Writer:
             tx.remove(list(removals))
             tx.add_images(ids.tolist(), images)  # before failures: ids were reserved from the sequence
             for name, f, n in chunks:
-                tx.add_chunk(name, f, n)
+                tx.add_chunk(name, f, n, self.checksum_of(name))
             for item in failures:
                 tx.add_failure(item.path, item.error, item.size, item.mtime_ns)
             for image_id, mtime_ns in touches:
@@ -178,7 +208,7 @@ class Writer:
         with self.catalog.transaction() as tx:
             tx.drop_chunks([n for n, _ in old])
             for name, f, count in new_chunks:
-                tx.add_chunk(name, f, count)
+                tx.add_chunk(name, f, count, self.checksum_of(name))
             for key, value in (meta or {}).items():
                 tx.set_meta(key, value)
         for n, f in old:
@@ -229,7 +259,7 @@ class Writer:
             new = self.write_rows(fieldname, merged)
             with self.catalog.transaction() as tx:
                 tx.drop_chunks(chunks)
-                tx.add_chunk(*new)
+                tx.add_chunk(*new, self.checksum_of(new[0]))
             for old in chunks:
                 delete_chunk(self.path, fieldname, old)
         with self.catalog.transaction() as tx:
