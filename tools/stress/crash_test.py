@@ -25,6 +25,10 @@ Phases (each in a separate process that is killed with SIGKILL):
 * ``ray`` (``--ray-kills``): the index phase with ``engine="ray"``: Ray
   workers write shard chunks, and the driver's merge step commits them
   through the writer; the same journal and checks.
+* ``watch`` (``--watch-kills``): the index phase run by ``finegrain watch``
+  (polling observer): half the files are there at start (its start-up scan),
+  the other half arrive one by one while it runs (its event commits); the
+  same journal and checks, and the finished index holds every file.
 
 After every kill, when the tree has ``finegrain.store.integrity``, the full
 ``finegrain check`` runs on the index too (every byte against its checksum,
@@ -86,8 +90,32 @@ def journalled(writer, images, *args, **kwargs):
     note({"done": gid})
     return n
 Writer.commit = journalled
-report = Index.open(index_dir).add([folder], batch_size=2, commit_every=commit_every, engine=engine)
-print(json.dumps(report.as_dict()))
+if engine == "watch":  # `finegrain watch`: start-up scan, then files arriving one by one from the staging folder
+    import threading, time
+    from finegrain.watch import Watcher
+    staging = folder + ".incoming"
+    index = Index.open(index_dir)
+    before = len(index)
+    stop = threading.Event()
+    def feed():
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            time.sleep(0.05)
+        total = len(os.listdir(folder))
+        with Index.open(index_dir) as counter_index:
+            while not stop.is_set():
+                counter_index.refresh()
+                if len(counter_index) >= total:
+                    stop.set()
+                time.sleep(0.1)
+    threading.Thread(target=feed, daemon=True).start()
+    Watcher(index, [folder], poll=True, interval=0.1, quiet=0.2, settle=0.1, max_batch=commit_every,
+            batch_size=2).run(stop)
+    index.refresh()
+    print(json.dumps({"indexed": len(index) - before, "unchanged": before}))
+else:
+    report = Index.open(index_dir).add([folder], batch_size=2, commit_every=commit_every, engine=engine)
+    print(json.dumps(report.as_dict()))
 """
 
 
@@ -308,11 +336,16 @@ def index_phase(work: Path, photos_dir: Path, seed: int, kills: int, n_images: i
         index_dir = work / f"index-{seed}-{round_no}"
         journal = work / f"journal-{seed}-{round_no}.jsonl"
         Index.create(index_dir).close()
+        if engine == "watch":  # half the files arrive while the watch runs
+            incoming = Path(str(folder) + ".incoming")
+            incoming.mkdir(exist_ok=True)
+            for f in files[len(files) // 2:]:
+                os.replace(f, incoming / Path(f).name)
         while True:
             with Index.open(index_dir) as index:
                 before = len(index)
             commits_left = -(-(n_images - before) // every)
-            expected = 0.2 * (n_images - before) + (15.0 if engine == "ray" else 0.5)  # Ray starts its runtime
+            expected = 0.2 * (n_images - before) + {"ray": 15.0, "watch": 3.0}.get(engine, 0.5)  # start-up
             proc = subprocess.Popen([sys.executable, "-c", WRITER, str(index_dir), str(folder), str(journal),
                                      str(every), engine],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), text=True)
@@ -497,13 +530,15 @@ def _settings_problems(now: dict, before: dict, after: dict, index_dir: Path) ->
 def run(work: Path, photos_dir: Path, seeds: list[int], kills_per_seed: int, n_images: int = 40,
         commit_every: int | None = None, readers: bool = True, tune: bool = True, compress: bool = True,
         settings_kills: int = 5, log: Callable = print, compact_kills: int = 0, compress_kills: int | None = None,
-        ray_kills: int = 0) -> dict:
+        ray_kills: int = 0, watch_kills: int = 0) -> dict:
     """All phases; returns totals (``kills``, ``violations``, ``reader_checks``, ``reader_violations``) and per-phase detail."""
     t0 = time.monotonic()
     phases = [index_phase(work, photos_dir, s, kills_per_seed, n_images, commit_every, readers, log) for s in seeds
               if kills_per_seed]
     if ray_kills:  # the Ray engine: workers write shard chunks, the driver's merge step commits them
         phases.append(index_phase(work, photos_dir, 1000, ray_kills, n_images, commit_every, readers, log, "ray"))
+    if watch_kills:  # `finegrain watch`: its start-up scan and its event commits
+        phases.append(index_phase(work, photos_dir, 2000, watch_kills, n_images, commit_every, readers, log, "watch"))
     if tune and settings_kills:
         phases.append(settings_phase(work, photos_dir, "tune", settings_kills, 100, readers, log))
     compress_kills = settings_kills if compress_kills is None else compress_kills
@@ -553,6 +588,8 @@ def main() -> None:
                         "one-image chunks with removed images.")
     parser.add_argument("--ray-kills", type=int, default=0, help="Kills of `Index.add(engine='ray')` (its merge step "
                         "commits the workers' shards).")
+    parser.add_argument("--watch-kills", type=int, default=0, help="Kills of `finegrain watch` (start-up scan and "
+                        "commits of files arriving while it runs).")
     parser.add_argument("--no-readers", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one, deleted).")
     parser.add_argument("--no-tune", action="store_true")
@@ -571,7 +608,7 @@ def main() -> None:
         result = run(work, photos, list(range(args.seeds)), args.kills_per_seed, args.images, None,
                      not args.no_readers, tune=not args.no_tune, compress=not args.no_compress,
                      settings_kills=args.settings_kills, compact_kills=args.compact_kills,
-                     compress_kills=args.compress_kills, ray_kills=args.ray_kills,
+                     compress_kills=args.compress_kills, ray_kills=args.ray_kills, watch_kills=args.watch_kills,
                      log=(lambda *a: print(*a, file=sys.stderr, flush=True)))
     for p in result["phases"]:
         p.pop("kill_points", None)
