@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .catalog import Catalog, IndexFormatError
-from .vectors import VECTORS_DIR, check_chunk, chunk_file_keys, delete_chunk, file_digest
+from .vectors import VECTORS_DIR, check_chunk, chunk_file_keys, delete_chunk, file_digest, load_npy
 
 #: Fields holding exactly one row per live image (their owners are checked on every open).
 ONE_ROW_FIELDS = ("global", "compressed")
@@ -62,7 +62,7 @@ def read_owners(root: Path, fieldname: str, name: str) -> np.ndarray:
     """A committed chunk's owner ids (FileNotFoundError when compacted away, ValueError when unreadable)."""
     path = Path(root) / VECTORS_DIR / fieldname / f"{name}.owner.npy"
     try:
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.int64)
+        return np.asarray(load_npy(path), dtype=np.int64)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError) as exc:
@@ -139,7 +139,7 @@ class Report:
 
 def _non_finite_rows(path: Path, block: int = 1 << 16) -> np.ndarray:
     """Row indices of a float array file holding NaN or inf (scanned in blocks of the memory map)."""
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    arr = load_npy(path, mmap=True)
     if arr.dtype.kind != "f" or arr.size == 0:
         return np.zeros(0, np.int64)
     bad: list[np.ndarray] = []
@@ -301,7 +301,7 @@ def check_index(path: str | Path, record: bool = True) -> Report:
                 if not checksum:
                     report.adoptable.append(name)
                 try:
-                    head = np.load(root / VECTORS_DIR / fieldname / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                    head = load_npy(root / VECTORS_DIR / fieldname / f"{name}.npy", mmap=True)
                     dims.setdefault(fieldname, set()).add(int(head.shape[1]))
                 except (OSError, ValueError):
                     pass
@@ -435,6 +435,6 @@ def _checksum_of_files(root: Path, fieldname: str, name: str) -> str:
 
     record = {}
     for key, path in chunk_file_keys(root, fieldname, name).items():
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path, mmap=True)
         record[key] = {"blake2b": file_digest(path), "dtype": arr.dtype.str, "shape": list(arr.shape)}
     return checksum_json(record)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,16 +140,31 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST-to-object conversion keeps its
+# recursion depth in per-interpreter state: two threads parsing at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython gh-106905; seen once in the crash test's reader
+# threads). Readers and the service open chunks from several threads, so header parsing is serialised.
+NPY_LOCK = threading.Lock()
+
+
+def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of one .npy file without pickle, memory-mapped (``mmap``) or read; header parsed under
+    :data:`NPY_LOCK`."""
+    with NPY_LOCK:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return arr if mmap else np.array(arr)
+
+
 def read_chunk(root: Path, fieldname: str, name: str) -> FieldRows:
     """Memory-map a committed chunk (no pickle: ``allow_pickle=False``)."""
     base = root / VECTORS_DIR / fieldname
-    vectors = np.load(base / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    owners = np.load(base / f"{name}.owner.npy", allow_pickle=False)
+    vectors = load_npy(base / f"{name}.npy", mmap=True)
+    owners = load_npy(base / f"{name}.owner.npy")
     attrs = {}
     for path in base.glob(f"{name}.*.npy"):
         attr = path.name[len(name) + 1:-4]
         if attr != "owner":
-            attrs[attr] = np.load(path, allow_pickle=False)
+            attrs[attr] = load_npy(path)
     return FieldRows(vectors, owners, attrs)
 
 
@@ -172,7 +188,7 @@ def check_chunk(root: Path, fieldname: str, name: str, rows: int,
                     f"(missing: {', '.join(gone) or 'none'}; unexpected: {', '.join(extra) or 'none'})")
     for i, path in enumerate(files):
         try:
-            with open(path, "rb") as fh:
+            with open(path, "rb") as fh, NPY_LOCK:
                 version = np.lib.format.read_magic(fh)
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                else np.lib.format.read_array_header_2_0)
