@@ -78,7 +78,9 @@ def test_run_scale_rows_and_agreement(source_index, tmp_path):
     # below the ANN threshold global search is exact: FAISS must agree with brute force
     assert by[(240, "global")]["agreement_at_10"] == 1.0
     assert 0.0 <= by[(240, "hierarchical")]["agreement_at_10"] <= 1.0
-    assert by[(240, "exhaustive")]["agreement_at_10"] is None  # the reference itself
+    # exhaustive is exact at this size (no candidate stage): it must equal the reference, every image scored
+    assert by[(240, "exhaustive")]["agreement_at_10"] == 1.0
+    assert by[(240, "exhaustive")]["reference"] == "exhaustive:candidates=0"
     assert {g["mode"] for g in growth(rows)} == {"global", "hierarchical", "exhaustive"}
     png = plot_growth(rows, tmp_path / "growth.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

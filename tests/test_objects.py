@@ -433,7 +433,7 @@ def test_cli_index_with_the_paper_stage_b(tmp_path, scene_dir):
     runner = CliRunner()
     bad = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "bad"), "--objects", "regions",
                               "--refine-iters", "2", "--refine-variant", "legrad"])
-    assert bad.exit_code != 0 and "refine_variant must be one of" in bad.output
+    assert bad.exit_code != 0 and "refine-variant must be one of" in bad.output
     out = runner.invoke(app, ["index", str(root / "scenes"), "--index", str(tmp_path / "p"), "--objects", "regions",
                               "--refine-iters", "2", "--refine-variant", "paper", "--json"])
     assert out.exit_code == 0, out.output
