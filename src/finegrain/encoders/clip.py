@@ -56,6 +56,16 @@ WEIGHT_FILES = (
 )
 
 
+
+def squash_normalise(image: Image.Image, size: int, resample: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """An RGB image squash-resized to ``size`` x ``size`` and normalised: (3, size, size) float32 (CLIP, SigLIP)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling(resample), reducing_gap=3.0)
+    arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
+    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
 class ModelWeightsMissing(FileNotFoundError):
     """The requested model is not available locally; ``str(err)`` says how to supply it."""
 
@@ -268,13 +278,7 @@ class CLIPEncoder(Encoder):
         np.ndarray
             (3, size, size) float32.
         """
-        size = int(size or self.image_size)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling(self.resample), reducing_gap=3.0)
-        arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
-        return np.ascontiguousarray((arr - self.mean) / self.std, dtype=np.float32)
+        return squash_normalise(image, int(size or self.image_size), self.resample, self.mean, self.std)
 
     def _vision_kwargs(self, batch: torch.Tensor) -> dict[str, Any]:
         height, width = batch.shape[-2:]

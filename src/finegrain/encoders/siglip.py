@@ -49,6 +49,7 @@ from .clip import (
     missing_message,
     read_preprocessor_config,
     resolve_model_folder,
+    squash_normalise,
 )
 
 SIGLIP = ModelFamily("SigLIP", "siglip", "google/siglip-base-patch16-224", "SiglipModel", "AutoTokenizer",
@@ -147,13 +148,7 @@ class SiglipEncoder(Encoder):
         np.ndarray
             (3, size, size) float32.
         """
-        size = int(size or self.image_size)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling(self.resample), reducing_gap=3.0)
-        arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
-        return np.ascontiguousarray((arr - self.mean) / self.std, dtype=np.float32)
+        return squash_normalise(image, int(size or self.image_size), self.resample, self.mean, self.std)
 
     def vision_kwargs(self, batch: torch.Tensor) -> dict[str, Any]:
         """``interpolate_pos_encoding`` for inputs other than the trained size."""
