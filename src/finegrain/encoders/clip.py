@@ -66,6 +66,17 @@ def squash_normalise(image: Image.Image, size: int, resample: int, mean: np.ndar
     arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
+
+def interpolation_kwargs(batch: torch.Tensor, image_size: int, can_interpolate: bool, family: str) -> dict[str, Any]:
+    """``interpolate_pos_encoding`` for a vision tower fed another size than it was trained at (CLIP, SigLIP)."""
+    height, width = batch.shape[-2:]
+    if (height, width) == (image_size, image_size):
+        return {}
+    if not can_interpolate:
+        raise ValueError(f"this transformers version cannot interpolate {family} position embeddings; "
+                         f"use size={image_size} (got {height}x{width})")
+    return {"interpolate_pos_encoding": True}
+
 class ModelWeightsMissing(FileNotFoundError):
     """The requested model is not available locally; ``str(err)`` says how to supply it."""
 
@@ -281,15 +292,7 @@ class CLIPEncoder(Encoder):
         return squash_normalise(image, int(size or self.image_size), self.resample, self.mean, self.std)
 
     def _vision_kwargs(self, batch: torch.Tensor) -> dict[str, Any]:
-        height, width = batch.shape[-2:]
-        if (height, width) == (self.image_size, self.image_size):
-            return {}
-        if not self._can_interpolate:
-            raise ValueError(
-                f"this transformers version cannot interpolate CLIP position embeddings; "
-                f"use size={self.image_size} (got {height}x{width})"
-            )
-        return {"interpolate_pos_encoding": True}
+        return interpolation_kwargs(batch, self.image_size, self._can_interpolate, "CLIP")
 
     def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) unnormalised image embeddings (CLS token, projected)."""

@@ -46,6 +46,7 @@ from .clip import (
     ModelFamily,
     ModelWeightsMissing,
     features,
+    interpolation_kwargs,
     missing_message,
     read_preprocessor_config,
     resolve_model_folder,
@@ -152,13 +153,7 @@ class SiglipEncoder(Encoder):
 
     def vision_kwargs(self, batch: torch.Tensor) -> dict[str, Any]:
         """``interpolate_pos_encoding`` for inputs other than the trained size."""
-        height, width = batch.shape[-2:]
-        if (height, width) == (self.image_size, self.image_size):
-            return {}
-        if not self.can_interpolate:
-            raise ValueError(f"this transformers version cannot interpolate SigLIP position embeddings; "
-                             f"use size={self.image_size} (got {height}x{width})")
-        return {"interpolate_pos_encoding": True}
+        return interpolation_kwargs(batch, self.image_size, self.can_interpolate, "SigLIP")
 
     def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) unnormalised image embeddings (attention-pooled patch tokens)."""
