@@ -8,6 +8,14 @@ from ..decompose.segments import SegmentConfig
 from ..index import Index
 
 
+def flickr8k_index_name(split: str, encoder: str, segments: SegmentConfig | None = None) -> str:
+    """The cache folder name of a Flickr8k bench index (shared by ``bench flickr8k``, ``compress`` and ``scale``)."""
+    name = f"flickr8k-{split}-{encoder.replace('/', '_').replace(':', '_')}"
+    if segments is not None:
+        name += f"-seg-{segments.embed}-{'_'.join(map(str, segments.levels))}-{segments.resolution}"
+    return name
+
+
 def bench_index(images: list[Path], encoder: str, index_dir: Path, show_progress: bool,
                 segments: SegmentConfig | None = None, local=None, objects=None) -> tuple[Index, dict]:
     """Open the cached bench index for these images (building or updating it first).

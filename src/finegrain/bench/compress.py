@@ -35,7 +35,7 @@ import numpy as np
 
 from ..datasets import load_flickr8k, load_revisitop
 from ..eval.metrics import compute_map, recall_at_k, revisitop_map
-from .common import bench_index
+from .common import bench_index, flickr8k_index_name
 from .revisitop import revisitop_index
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def text_check(data: str | Path, split: str, methods: Sequence[str], dims: Seque
     log = log or (lambda message: None)
     ds = load_flickr8k(data, split)
     paths = ds.image_paths()
-    name = f"flickr8k-{split}-{encoder.replace('/', '_').replace(':', '_')}"  # shared with `bench flickr8k`
+    name = flickr8k_index_name(split, encoder)  # shared with `bench flickr8k`
     index, _ = bench_index(paths, encoder, cache_dir / name, show_progress)
     row_of_path = {index.records[int(i)].path: r for r, i in enumerate(index.global_rows.owners)}
     rows = [row_of_path.get(str(p.resolve()), row_of_path.get(str(p.absolute()))) for p in paths]

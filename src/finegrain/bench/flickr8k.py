@@ -19,7 +19,7 @@ from ..decompose.segments import SegmentConfig
 from ..eval.metrics import ndcg_at_k, recall_at_k
 from ..index import Index
 from ..report import ReportData, single_relevant_pr
-from .common import bench_index
+from .common import bench_index, flickr8k_index_name
 
 TOWER_SAMPLE = 128
 
@@ -50,12 +50,9 @@ def run_flickr8k(data: str | Path, split: str = "dev", mode: str = "global", enc
     ds = load_flickr8k(data, split)
     paths = ds.image_paths()
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
-    safe_encoder = encoder.replace("/", "_").replace(":", "_")
-    name = f"flickr8k-{split}-{safe_encoder}"
     if mode != "global":
         segments = segments or SegmentConfig()
-    if segments is not None:
-        name += f"-seg-{segments.embed}-{'_'.join(map(str, segments.levels))}-{segments.resolution}"
+    name = flickr8k_index_name(split, encoder, segments)
     index, index_stats = bench_index(paths, encoder, cache_dir / name, show_progress, segments)
     id_of_path = {rec.path: rec.id for rec in index.records.values()}
     image_ids = np.array([id_of_path.get(str(p.resolve()), id_of_path.get(str(p.absolute()), -1)) for p in paths])

@@ -356,13 +356,11 @@ def flickr8k_source(data: str | Path, split: str = "dev", encoder: str = "effnet
     """The segmented Flickr8k bench index of ``split`` (the one ``bench flickr8k`` builds and reuses)."""
     from ..datasets import load_flickr8k
     from ..decompose.segments import SegmentConfig
-    from .common import bench_index
+    from .common import bench_index, flickr8k_index_name
 
     segments = segments or SegmentConfig()
     cache = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
-    safe_encoder = encoder.replace("/", "_").replace(":", "_")
-    name = (f"flickr8k-{split}-{safe_encoder}-seg-{segments.embed}-{'_'.join(map(str, segments.levels))}"
-            f"-{segments.resolution}")
+    name = flickr8k_index_name(split, encoder, segments)
     index, _ = bench_index(load_flickr8k(data, split).image_paths(), encoder, cache / name, show_progress, segments)
     index.close()
     return cache / name
