@@ -26,7 +26,8 @@ def _fail(message: str, code: int = 1) -> None:
 
     from .terminal import escape_controls
 
-    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)))  # messages can quote file names
+    # soft_wrap: one line in logs and pipes (the terminal wraps it for the eye); messages can quote file names
+    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -150,7 +151,7 @@ def _read_only_note(path: Path, reason: Optional[str]) -> None:
         from .terminal import escape_controls
 
         err.print(Text.assemble(("note:", "yellow"), " ", escape_controls(
-            f"the index at {path} is open read-only ({reason}): searching works, writes are disabled")))
+            f"the index at {path} is open read-only ({reason}): searching works, writes are disabled")), soft_wrap=True)
 
 
 @app.command("index")
