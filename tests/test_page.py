@@ -272,8 +272,10 @@ def _overlaps(a: dict, b: dict, slack: float = 0.5) -> bool:
 
 
 def _inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
-    return (outer["x"] - slack <= inner["x"] and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack
-            and outer["y"] - slack <= inner["y"] and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack)
+    x, y = outer["x"] - slack, outer["y"] - slack
+    right, bottom = outer["x"] + outer["width"] + slack, outer["y"] + outer["height"] + slack
+    return x <= inner["x"] and inner["x"] + inner["width"] <= right and y <= inner["y"] \
+        and inner["y"] + inner["height"] <= bottom
 
 
 def _look(page, tmp_path: Path, state: str, must_see: list[str]) -> None:

@@ -5,7 +5,7 @@ with a 4xx status, and never carry a traceback):
 
 =========================  =====================================================================
 ``GET /api/health``        ``{"status": "ok", "images": N}`` (never needs the API key)
-``POST /api/search``       ``{"text" | "query" | "like", "negative", "k", "mode", "explain"}`` -> ``{"results": [...], "mode"}``
+``POST /api/search``       ``{"text" | "query" | "like", "negative", "k", "mode", "explain"}`` -> ``{"results"}``
 ``POST /api/search/image`` multipart: ``image`` (file), ``text``, ``negative``, ``k``, ``mode``, ``box``, ``explain``
 ``POST /api/explain``      ``{"text", "id", "mode", "k"}`` -> per sub-query the regions that scored
 ``POST /api/explain/image`` multipart: ``image``, ``id``, ``mode``, ``box``, ``k``

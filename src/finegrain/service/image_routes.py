@@ -72,10 +72,10 @@ def full_image(path: str, max_side: int) -> tuple[bytes, str]:
         raise ImageLoadError(f"not an image any more: {type(exc).__name__}") from None
     if fmt in WEB_FORMATS:
         return data, WEB_FORMATS[fmt]
-    img = load_thumbnail(path, max_side)  # upright RGB, decoded at reduced size where the format allows
+    upright = load_thumbnail(path, max_side)  # upright RGB, decoded at reduced size where the format allows
     buf = io.BytesIO()
     try:
-        img.save(buf, "JPEG", quality=90)
+        upright.save(buf, "JPEG", quality=90)
     except OSError as exc:
         raise ImageLoadError(f"cannot encode the image: {exc}") from None
     return buf.getvalue(), "image/jpeg"

@@ -84,6 +84,7 @@
     kInput.value = s.k;
     threshold.value = s.threshold;
     sort.value = s.sort;
+    updateFilterCount(s);
     FILTERS.forEach((f) => {
       const input = $("f-" + f);
       if (input.tagName === "SELECT" && s[f] && ![...input.options].some((o) => o.value === s[f])) {
@@ -109,6 +110,11 @@
   }
 
   function isExpression(s) { return s.literal !== "1" && EXPRESSION.test(s.q); }
+
+  function updateFilterCount(s) {
+    const n = activeFilters(s).length + (s.threshold !== "" ? 1 : 0);
+    $("filter-count").textContent = n ? "(" + n + " in use)" : "";
+  }
 
   function updateBadge() { badge.hidden = !(query.value && !literal.checked && EXPRESSION.test(query.value)); }
 
@@ -165,6 +171,7 @@
     } catch (err) {
       if (mine !== seq) return;
       current = { state: s, file: file, data: null };
+      updateFilterCount(s);
       results.replaceChildren();
       pager.hidden = true;
       setStatus(err.message, true);
@@ -214,6 +221,7 @@
       (data.requested_mode ? data.requested_mode + " \u2192 " : "") + data.mode + subs + ")" + passed);
     renderLegend(data, s, byFile);
     renderPager(data, s);
+    updateFilterCount(s);
     if (!data.results.length) { results.append(emptyState(data, s)); return; }
     for (const hit of data.results) results.append(card(hit));
   }
@@ -243,7 +251,7 @@
     } else {
       if (filters.length) {
         reasons.append(el("li", "", data.allowed + " image" + (data.allowed === 1 ? "" : "s") + " pass the filters (" +
-          filters.join(", ") + "), but none of them is on this page."));
+          filters.join(", ") + ")."));
       }
       if (s.threshold !== "") {
         reasons.append(el("li", "", "The minimum score " + s.threshold + " drops every result scoring below it: " +
@@ -253,7 +261,7 @@
         reasons.append(el("li", "", "This page starts after result " + offset + ", past the last match: go back " +
           "to the first page."));
       }
-      if (!reasons.children.length) reasons.append(el("li", "", "Nothing matched: try other words or another mode."));
+      if (s.threshold === "" && offset === 0) reasons.append(el("li", "", "Nothing matched: try other words or another mode."));
     }
     box.append(reasons);
     const actions = el("div", "empty-actions");
