@@ -281,7 +281,9 @@ def _inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
 def _look(page, tmp_path: Path, state: str, must_see: list[str]) -> None:
     """A person's look at one state: a screenshot, the elements that matter visible in the viewport,
     the result cards' parts inside their cards and clear of each other and of the overlay, no clipped text."""
-    screen = {"x": 0, "y": 0, **VIEWPORT}
+    screen = {"x": 0, "y": 0, **page.viewport_size}
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), \
+        f"{state}: the page scrolls sideways"
     for selector in must_see:
         loc = page.locator(selector).first
         expect(loc).to_be_visible()
@@ -526,3 +528,21 @@ def test_cli_api_service_and_page_give_the_same_page(page, index, index_path, li
     assert [h["id"] for h in json.loads(cli.output)["results"]] == api
     assert [h["id"] for h in service.json()["results"]] == api
     assert _card_ids(page) == api and _names(page) == [names[i] for i in api]
+
+
+def test_a_narrow_window(browser, url, tmp_path, index):
+    """A phone-sized window: the same states stay inside the screen, nothing overlaps or is cut."""
+    context = browser.new_context(viewport={"width": 400, "height": 800})
+    page = context.new_page()
+    page.base = url  # type: ignore[attr-defined]
+    try:
+        _open(page, {"q": "a cat next to a cup of coffee", "k": "4"})
+        _wait_results(page)
+        assert page.locator(".result").count() == 4
+        _wait_images(page)
+        _look(page, tmp_path, "narrow-results", ["#query", "#search-button", ".result", "#filters"])
+        page.locator(".result").first.locator(".info").click()
+        expect(page.locator("#details[data-ready='1']")).to_be_visible(timeout=30_000)
+        _look(page, tmp_path, "narrow-details", ["#details", "#details-close", "#details-list"])
+    finally:
+        context.close()
