@@ -350,6 +350,7 @@ def search_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Drop results scoring below this.", rich_help_panel="Filters"),
     offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
     sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
+    like: Optional[int] = typer.Option(None, "--like", help="More like this: the id of an indexed image as the example (instead of --text, --image or QUERY)."),
 ) -> None:
     """Search an index by text, by example image, or both: [QUERY]... is an expression such as
     '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
@@ -360,17 +361,31 @@ def search_cmd(
     from .terminal import safe_text
 
     box, tokens = _bbox_and_terms(bbox, list(ctx.args))
-    if text is None and image is None and not tokens:
+    if like is not None and (text is not None or image is not None or tokens):
+        _fail("--like names the example image by id: give it instead of --text, --image or a query", 2)
+    if text is None and image is None and not tokens and like is None:
         _fail("give exactly one of --text or --image, or a query expression", 2)
     if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
+    idx: Any = None
+    if like is not None:  # the indexed image's stored path is the example (as Index.search(like=) does)
+        from .index import Index
+
+        idx = _open_index(index, shard_set_ok=True, note_read_only=True)
+        if not isinstance(idx, Index):
+            _fail("--like takes an image id of one index, not of a shard set", 2)
+        try:
+            image = Path(idx.like_path(like))
+        except ValueError as exc:
+            _fail(str(exc), 2)
     try:
         query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
     except ValueError as exc:
         _fail(str(exc), 2)
-    idx = _open_index(index, shard_set_ok=True, note_read_only=True)
+    if idx is None:
+        idx = _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:
