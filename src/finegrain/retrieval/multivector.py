@@ -136,6 +136,7 @@ class MultiVectorRetriever(Retriever):
         n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
         n_candidates = auto_candidates(n_allowed) if params.candidates is None else params.candidates
         timings = {}
+        candidates: np.ndarray | None
         if 0 < n_candidates < n_allowed:  # filters first, then the candidate stage among what they allow
             t0 = time.perf_counter()
             candidates = candidate_positions(snapshot, queries, n_candidates, allowed)
