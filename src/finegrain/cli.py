@@ -142,6 +142,21 @@ def _open_index(path: Path, shard_set_ok: bool = False, note_read_only: bool = F
     return index
 
 
+def _open_ray_set(path: Path, address: Optional[str]):
+    """A shard set served by Ray actors for this command (docs/scaling.md); a clear error instead of a traceback."""
+    from .shards import is_shard_set
+    from .store.catalog import IndexFormatError
+
+    if not is_shard_set(path):
+        _fail(f"{path} is not a shard set; --ray searches a shard set (see `finegrain shards`)", 2)
+    try:
+        from .distributed import RayShardSet
+
+        return RayShardSet(path, address=address)
+    except (IndexFormatError, RuntimeError, ConnectionError) as exc:
+        _fail(str(exc))
+
+
 def _read_only_note(path: Path, reason: Optional[str]) -> None:
     """One line on stderr when an index could only be opened read-only (searching works, writing does not)."""
     if reason:
@@ -349,6 +364,8 @@ def search_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Drop results scoring below this.", rich_help_panel="Filters"),
     offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
     sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
+    ray: bool = typer.Option(False, "--ray", help="Shard set: search it with Ray actors per shard (docs/scaling.md)."),
+    ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
 ) -> None:
     """Search an index by text, by example image, or both: [QUERY]... is an expression such as
     '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
@@ -369,7 +386,7 @@ def search_cmd(
         query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
     except ValueError as exc:
         _fail(str(exc), 2)
-    idx = _open_index(index, shard_set_ok=True, note_read_only=True)
+    idx = _open_ray_set(index, ray_address) if ray else _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:
@@ -1023,8 +1040,11 @@ def serve_cmd(
     reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
     torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    ray: bool = typer.Option(False, "--ray", help="Shard set: serve it with Ray actors (one or more per shard) instead of threads; docs/scaling.md."),
+    ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: actors per shard (throughput, failover)."),
 ) -> None:
-    """Serve the search API and the web page (http://HOST:PORT/); see docs/service.md."""
+    """Serve the search API and the web page (http://HOST:PORT/) over an index or a shard set; see docs/service.md."""
     import ipaddress
 
     import torch
@@ -1053,9 +1073,12 @@ def serve_cmd(
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     try:
-        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed))
+        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed),
+                             ray=ray, ray_address=ray_address, replicas=replicas)
     except IndexFormatError as exc:
         _fail(str(exc))
+    except (ValueError, RuntimeError) as exc:  # --ray on a single index; Ray missing or its cluster unreachable
+        _fail(str(exc), 2 if isinstance(exc, ValueError) else 1)
     _read_only_note(index, _catalog_read_only(index))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
     uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,
