@@ -402,6 +402,11 @@ def search_cmd(
         _fail(str(exc), 2)
     except IndexFormatError as exc:  # a chunk found damaged (on first read, or recorded by `finegrain check`)
         _fail(str(exc))
+    except RuntimeError as exc:  # a Ray shard set with every shard down (ShardUnavailable)
+        _fail(str(exc))
+    if response.partial:  # never a silent short answer
+        err.print(f"warning: partial results: no answer from shard(s) {', '.join(response.partial)}",
+                  markup=False, highlight=False)
     if as_json:
         print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return

@@ -335,8 +335,12 @@ class RayShardSet(ShardedIndex):
                 if self._front_encoder is None:
                     from . import encoders
 
-                    self._front_encoder = encoders.create(self._encoder_name(self.shards[0]))
+                    self._front_encoder = encoders.create(self.encoder_name)
         return self._front_encoder
+
+    @encoder.setter
+    def encoder(self, encoder) -> None:
+        self._front_encoder = encoder
 
     def embed_query(self, query: retrieval.Query) -> np.ndarray:
         from .retrieval.dense import embed_query
@@ -413,7 +417,15 @@ class RayShardSet(ShardedIndex):
             log.info("shard %s: replica replaced on node %s", shard.name, new.node[:12])
 
     def info(self) -> dict:
-        info = super().info()
+        """As :meth:`ShardedIndex.info`; a shard with no live replica is listed by what the front end knows."""
+        infos = []
+        for shard in cast(list[RemoteShard], self.shards):
+            try:
+                infos.append(shard.info())
+            except ShardUnavailable as exc:
+                infos.append({"path": str(shard.path), "images": len(shard), "unavailable": str(exc)})
+        info = {"shards": len(infos), "images": len(self), "members": [str(s.path) for s in self.shards],
+                "encoder": self.encoder_name, "per_shard": infos}
         info["replicas"] = self.replicas
         info["per_shard_status"] = self.status()
         return info

@@ -13,11 +13,10 @@ its own thread for the top ``k``, and the union is re-ranked by score. A
 result names its shard, since image ids are per shard.
 
 All shards must use the same encoder (scores are then comparable); the
-query text or image is embedded once for ``global`` mode. Multi-node: run
-one Ray actor per shard holding the open :class:`Index` (shards on node-local
-disks), send the query embedding to every actor, and merge the per-shard
-top-k on the driver, exactly as :meth:`ShardedIndex.search` does
-with threads; see docs/scaling.md.
+query text or image is embedded once for ``global`` mode. Multi-node:
+:class:`finegrain.distributed.RayShardSet` runs the same search and merge with
+Ray actors (replicas, failover; a shard with no live replica leaves the
+answer ``partial``); see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -75,6 +74,11 @@ class ShardedIndex:
         """The encoder a shard's vectors come from (a remote shard, see distributed.py, knows it without a catalog)."""
         name = getattr(shard, "encoder_name", None)
         return str(name if name is not None else shard.catalog.get_meta("encoder"))
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder every shard's vectors come from."""
+        return self._encoder_name(self.shards[0])
 
     def shard_names(self) -> list[str]:
         """Each shard's name as the manifest lists it (a path relative to the set), in shard order."""

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
 from ..images import ImageLoadError, load_image_sized
+from ..shards import ShardedIndex
 from .clip_back import LARGE_BODY_PATHS, clip_back_router
 from .hardening import StaticFilesNoRange
 from .holder import DecodePool, IndexHolder, ThumbnailCache
@@ -202,7 +203,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for sta
 
 
 # ------------------------------------------------------------------ the app
-def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits: ServiceLimits | None = None,
+def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None = None,
+               limits: ServiceLimits | None = None,
                reload_interval: float = 1.0, warm: bool = True, text_workers: int | None = None,
                allowed_hosts: tuple[str, ...] = (), ray: bool = False, ray_address: str | None = None,
                replicas: int = 1) -> FastAPI:
@@ -236,11 +238,16 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     limits = limits or ServiceLimits()
     from ..shards import is_shard_set
 
-    if ray and not is_shard_set(index_path):
+    if ray and not isinstance(index_path, ShardedIndex) and not is_shard_set(index_path):
         raise ValueError(f"{index_path} is not a shard set; serving on Ray needs one (finegrain shards)")
-    holder: IndexHolder | SetHolder = (
-        SetHolder(index_path, reload_interval, text_workers, ray=ray, ray_address=ray_address, replicas=replicas)
-        if is_shard_set(index_path) else IndexHolder(index_path, reload_interval, text_workers))
+    holder: IndexHolder | SetHolder
+    if isinstance(index_path, ShardedIndex):  # an open set (say a RayShardSet): served as it is, refreshed in place
+        holder = SetHolder(index_path.path, reload_interval, text_workers, backend=index_path)
+    elif is_shard_set(index_path):
+        holder = SetHolder(index_path, reload_interval, text_workers, ray=ray, ray_address=ray_address,
+                           replicas=replicas)
+    else:
+        holder = IndexHolder(index_path, reload_interval, text_workers)
     decoder = DecodePool()  # thumbnails and uploads: a few decodes at once, in a few threads (bounded memory)
     thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache, decoder=decoder)
     counters = {"requests": 0, "searches": 0}
@@ -345,8 +352,9 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         count()
         with holder.use() as index:
             try:
-                data = thumbs.get(index.shard(shard) if isinstance(index, ServedSet) and shard is not None
-                                  else index, image_id)
+                # a shard set's image is looked up in its shard (anything with the index's get(id))
+                target: Any = index.shard(shard) if isinstance(index, ServedSet) and shard is not None else index
+                data = thumbs.get(target, image_id)
             except KeyError:
                 raise ApiError(404, "not_found", f"no indexed image with id {image_id}") from None
             except ImageLoadError as exc:
@@ -593,7 +601,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details) or "invalid request"
         return JSONResponse({"error": "invalid_request", "message": message, "details": details}, status_code=422)
 
+    from ..shards import ShardUnavailable
     from ..store.catalog import IndexFormatError
+
+    @app.exception_handler(ShardUnavailable)
+    async def shards_down(request: Request, exc: ShardUnavailable) -> JSONResponse:
+        # every shard of a set is down (one shard down gives a partial answer, not this)
+        return JSONResponse({"error": "shards_unavailable", "message": str(exc)}, status_code=503)
 
     @app.exception_handler(IndexFormatError)
     async def index_damaged(request: Request, exc: IndexFormatError) -> JSONResponse:

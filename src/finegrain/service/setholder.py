@@ -105,12 +105,17 @@ class ServedSet:
 
 
 class _Lease:
-    __slots__ = ("served", "users", "retired")
+    __slots__ = ("served", "users", "retired", "owned")
 
-    def __init__(self, served: ServedSet):
+    def __init__(self, served: ServedSet, owned: bool = True):
         self.served = served
         self.users = 0
         self.retired = False
+        self.owned = owned  # opened by the holder (closed by it); a set handed in stays open, with its encoder
+
+    def close(self) -> None:
+        if self.owned:
+            self.served.backend.close()
 
 
 class SetHolder:
@@ -119,30 +124,40 @@ class SetHolder:
 
     def __init__(self, path: str | os.PathLike, reload_interval: float = 1.0, text_workers: int | None = None,
                  ray: bool = False, ray_address: str | None = None, replicas: int = 1,
-                 cpus_per_replica: float = 1.0):
+                 cpus_per_replica: float = 1.0, backend: ShardedIndex | None = None):
         self.path = Path(path)
         self.reload_interval = float(reload_interval)
         self.reloads = 0
-        self.ray = ray
-        names = read_manifest(self.path)
-        with Catalog(self.path / names[0]) as probe:
-            name = str(probe.get_meta("encoder"))
-        self._encoder_name = name
-        self.encoder: BatchingEncoder | None = BatchingEncoder(lambda: encoders.create(name), workers=text_workers)
+        self.ray = ray or (backend is not None and type(backend) is not ShardedIndex)  # refreshed in place
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._db_lock = threading.Lock()
         self._probes: dict[Path, Catalog] = {}
-        if ray:
+        self._signature: object = None
+        owned = backend is None
+        if backend is None and ray:
             from ..distributed import RayShardSet
 
-            backend: ShardedIndex = RayShardSet(self.path, address=ray_address, replicas=replicas,
-                                                cpus_per_replica=cpus_per_replica, encoder=self.encoder)
-            self._signature: object = None
+            backend = RayShardSet(self.path, address=ray_address, replicas=replicas,
+                                  cpus_per_replica=cpus_per_replica)
+        if backend is not None:  # the encoder's name from the set itself (a Ray front end may not see shard files)
+            name = backend.encoder_name
         else:
+            with Catalog(self.path / read_manifest(self.path)[0]) as probe:
+                name = str(probe.get_meta("encoder"))
+        self._encoder_name = name
+        self.encoder: BatchingEncoder | None = BatchingEncoder(lambda: encoders.create(name), workers=text_workers)
+        if backend is None:
             self._signature = self._local_signature()
             backend = ShardedIndex.open(self.path, encoder=self.encoder)
-        self._current = _Lease(ServedSet(backend, self.encoder, name))
+        elif not self.ray:
+            self._signature = self._local_signature()
+        else:
+            from ..distributed import RayShardSet
+
+            if owned and isinstance(backend, RayShardSet):
+                backend.encoder = self.encoder  # global queries embedded by the service's batching encoder
+        self._current = _Lease(ServedSet(backend, self.encoder, name), owned)
         self._next_check = time.monotonic() + self.reload_interval
 
     @contextmanager
@@ -158,7 +173,7 @@ class SetHolder:
                 lease.users -= 1
                 close = lease.retired and lease.users == 0
             if close:
-                lease.served.backend.close()
+                lease.close()
 
     @contextmanager
     def catalog_access(self) -> Iterator[ServedSet]:
@@ -209,7 +224,7 @@ class SetHolder:
                 old.retired = True
                 close = old.users == 0
             if close:
-                old.served.backend.close()
+                old.close()
             self.reloads += 1
             log.info("re-opened the shard set at %s: %d shards, %d images", self.path, len(backend.shards),
                      len(backend))
@@ -226,4 +241,4 @@ class SetHolder:
         with self._lock:
             self._current.retired = True
             if self._current.users == 0:
-                self._current.served.backend.close()
+                self._current.close()
