@@ -381,12 +381,15 @@ class RayShardSet(ShardedIndex):
                 added = self._start(names[len(known):], first=len(known))
                 self.shards = self.shards + cast(list[Index], added)  # one assignment: searches see old or new
                 changed = True
-            for shard in cast(list[RemoteShard], self.shards):
+            shards = cast(list[RemoteShard], self.shards)
+            # every live replica reloads at once; then their answers are collected
+            calls = [[(r, r.handle.refresh.remote()) for r in shard.replicas if r.alive] for shard in shards]
+            for shard, pending in zip(shards, calls):
                 before = shard.generation
                 states = []
-                for replica in [r for r in shard.replicas if r.alive]:
+                for replica, ref in pending:
                     try:
-                        states.append(self.ray.get(replica.handle.refresh.remote(), timeout=self.timeout))
+                        states.append(self.ray.get(ref, timeout=self.timeout))
                     except self.ray.exceptions.RayError as exc:
                         shard._down(replica, exc)
                 if states:
