@@ -4,7 +4,6 @@ failover under load, partial answers, shards added while serving."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,13 +16,13 @@ import pytest
 from shardset_helpers import SETTINGS, build, make_set
 
 from finegrain.index import Index
-from finegrain.shards import MANIFEST
+from finegrain.shards import read_manifest, register
 
 ray = pytest.importorskip("ray", reason="distributed shard sets need Ray: pip install 'finegrain[ray]'")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from finegrain.distributed import RayShardSet  # noqa: E402
+from finegrain.distributed import RayShardSet, index_shards  # noqa: E402
 from finegrain.service import create_app  # noqa: E402
 from finegrain.service.background import BackgroundServer  # noqa: E402
 
@@ -46,7 +45,7 @@ def world(tmp_path_factory, photos_dir):
     with Index.open(extra) as index:
         index.add([root / "chelsea-again.jpg"], show_progress=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE})
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=4, object_store_memory=STORE) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     sset = RayShardSet(make_set(root, shards), replicas=2, cpus_per_replica=0.5, timeout=60)
@@ -153,9 +152,7 @@ def test_service_on_ray_adds_a_shard_and_reports_a_shard_down(world):
         health = c.get("/api/health").json()
         assert health["status"] == "ok" and [s["state"] for s in health["shards"]] == ["up", "up"]
         # a new shard registered in the set's manifest is served without a restart
-        manifest = json.loads((sset.path / MANIFEST).read_text())
-        manifest["shards"].append(os.path.relpath(world["extra"], sset.path))
-        (sset.path / MANIFEST).write_text(json.dumps(manifest))
+        register(sset.path, [world["extra"]])
         assert c.post("/api/reload").json()["reloaded"] is True
         health = c.get("/api/health").json()
         assert health["images"] == 7 and len(health["shards"]) == 3
@@ -179,6 +176,24 @@ def test_service_on_ray_adds_a_shard_and_reports_a_shard_down(world):
         assert c.post("/api/reload").status_code == 200  # heals shard 1 (new actors on its holders)
         health = c.get("/api/health").json()
         assert [s["state"] for s in health["shards"]] == ["up", "up", "up"]
+
+
+def test_ingestion_across_nodes_registers_new_shards(world, tmp_path):
+    """`finegrain index --engine ray --into-set`: new shards built by tasks on the nodes, registered, then served."""
+    sset, photos = world["set"], world["photos"]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in photos[:2]:
+        shutil.copy(p, folder / f"new-{p.name}")
+    before = read_manifest(sset.path)
+    reports = index_shards(sset.path, [folder], images_per_shard=1)
+    assert sorted(r["indexed"] for r in reports) == [1, 1]
+    assert len({r["node"] for r in reports}) == 2  # one shard built on each worker node
+    assert read_manifest(sset.path) == before + ["shard-0000", "shard-0001"]
+    assert sset.refresh() is True and len(sset.shards) == len(before) + 2
+    assert all(s["state"] == "up" for s in sset.status())
+    hits = sset.search(image=str(photos[0]), k=2, mode="global")
+    assert {h.path for h in hits} == {str(photos[0]), str(folder / f"new-{photos[0].name}")}
 
 
 def test_a_node_removed_under_load_fails_no_request(world):

@@ -16,7 +16,8 @@ from shardset_helpers import EXACT_MODES, build, make_set, queries
 from finegrain.index import Index
 from finegrain.service import create_app
 from finegrain.service.background import BackgroundServer
-from finegrain.shards import MANIFEST, ShardedIndex
+from finegrain.shards import ShardedIndex, register
+from finegrain.store.catalog import IndexFormatError
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +69,8 @@ def test_service_serves_a_shard_set(built, tmp_path):
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["images"] == 3
         assert [s["name"] for s in health["shards"]] == [os.path.relpath(shards[0], sset)]
-        # add the second shard to the manifest: picked up without a restart
-        manifest = json.loads((sset / MANIFEST).read_text())
-        manifest["shards"].append(str(shards[1].resolve()))
-        (sset / MANIFEST).write_text(json.dumps(manifest))
+        # register the second shard in the set: picked up without a restart
+        register(sset, [shards[1]])
         health = client.get("/api/health").json()
         assert health["images"] == 6 and [s["state"] for s in health["shards"]] == ["up", "up"]
         for mode in ("global", "hierarchical", "exhaustive"):
@@ -99,6 +98,22 @@ def test_service_serves_a_shard_set(built, tmp_path):
             shutil.copy(photos[0], tmp_path / "extra.jpg")
             first.add([tmp_path / "extra.jpg"], show_progress=False)
         assert client.get("/api/health").json()["images"] == 7
+
+
+def test_register_refuses_duplicates_and_other_encoders(built, tmp_path):
+    root, _, _, shards = built
+    sset = make_set(tmp_path, shards[:1])
+    with pytest.raises(ValueError, match="already a shard"):
+        register(sset, [shards[0]])
+    other = Index.create(tmp_path / "other")
+    other.catalog.set_meta("encoder", "clip:somewhere")
+    other.close()
+    with pytest.raises(IndexFormatError, match="cannot be merged"):
+        register(sset, [tmp_path / "other"])
+    cli = [sys.executable, "-m", "finegrain.cli", "shards", "--add", str(shards[1]), "--out", str(sset)]
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((sset / "shards.json").read_text())["shards"] == [os.path.relpath(s, sset) for s in shards]
 
 
 def test_cli_serve_refuses_ray_on_a_single_index(built):

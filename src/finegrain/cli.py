@@ -192,6 +192,8 @@ def index_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: a Ray cluster to join (auto, ray://host:10001); default a local runtime."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    into_set: bool = typer.Option(False, "--into-set", help="With --engine ray: --index is a shard set (made if missing); write new shards of it, one per Ray node (or --shard-images each), each built on its node and registered when done (docs/scaling.md)."),
+    shard_images: Optional[int] = typer.Option(None, "--shard-images", min=1, help="With --into-set: images per new shard (default: one shard per node)."),
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
@@ -205,6 +207,8 @@ def index_cmd(
     if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
         _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
 
+    if into_set and engine != "ray":
+        _fail("--into-set builds shards on Ray nodes: give --engine ray (and --address for a cluster)", 2)
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
@@ -214,6 +218,11 @@ def index_cmd(
             extra: dict[str, Any] = {} if object_threshold is None else {"threshold": object_threshold}
             obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
+        if into_set:
+            _index_into_set(index, inputs, address, shard_images, batch_size, commit_every, as_json, strict,
+                            {"encoder": encoder or DEFAULT_ENCODER, "ann": ann or "auto", "segments": seg,
+                             "objects": obj, "local": local_cfg})
+            return
         if (index / "finegrain.sqlite").exists():
             idx = Index.open(index)
             # Settings given for an existing index must be its own: never silently ignored.
@@ -258,6 +267,32 @@ def index_cmd(
         err.print(f"[yellow]warning:[/yellow] {len(report.failed)} file(s) skipped")
         if strict:
             raise typer.Exit(2)
+
+
+def _index_into_set(set_path: Path, inputs: list[Path], address: Optional[str], shard_images: Optional[int],
+                    batch_size: int, commit_every: int, as_json: bool, strict: bool, create: dict) -> None:
+    """`finegrain index --engine ray --into-set`: new shards built on the cluster's nodes, registered in the set."""
+    from .distributed import index_shards
+    from .shards import is_shard_set
+
+    reports = index_shards(set_path, inputs, address=address, images_per_shard=shard_images,
+                           create=None if is_shard_set(set_path) else create, batch_size=batch_size,
+                           commit_every=commit_every, show_progress=not as_json)
+    if as_json:
+        print(json.dumps({"shards": reports}))
+    lost = [r for r in reports if r.get("error")]
+    failed = sum(r.get("failed", 0) + len(r.get("failures", [])) * (r.get("path") is None) for r in reports)
+    if not as_json:
+        for r in reports:
+            if r.get("path") and not r.get("error"):
+                out.print(f"shard {r['path']}: indexed {r['indexed']}, failed {r['failed']}, {r['images']} images")
+    for r in lost:
+        err.print(f"error: shard {r['path']} was not finished ({r['error']}); re-run the same command with "
+                  f"`finegrain index FILES --index {r['path']}` and `finegrain shards --add`", markup=False)
+    if lost:
+        raise typer.Exit(1)
+    if failed and strict:
+        raise typer.Exit(2)
 
 
 def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]]:
@@ -633,13 +668,18 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
 def shards_cmd(
     members: list[Path] = typer.Argument(..., help="Existing index folders, one per shard."),
     out_path: Path = typer.Option(..., "--out", help="Folder for the shard-set manifest (shards.json)."),
+    add: bool = typer.Option(False, "--add", help="Append the indexes to the existing set at --out (a service serving it picks them up on its next reload)."),
 ) -> None:
     """Group indexes into a shard set: `search --index OUT` then searches them in parallel, top-k merged."""
-    from .shards import ShardedIndex
+    from .shards import ShardedIndex, register
     from .store.catalog import IndexFormatError
 
     try:
-        sharded = ShardedIndex.create(out_path, members)
+        if add:
+            register(out_path, members)
+            sharded = ShardedIndex.open(out_path)
+        else:
+            sharded = ShardedIndex.create(out_path, members)
     except (IndexFormatError, FileExistsError, ValueError) as exc:
         _fail(str(exc), 2)
     out.print(f"shard set {out_path}: {len(sharded.shards)} shards, {len(sharded)} images")

@@ -71,7 +71,9 @@ class ShardServer:
             torch.set_num_threads(max(1, threads))
         except ImportError:  # pragma: no cover - torch comes with finegrain
             pass
+        self.path = path
         self.index = Index.open(path)
+        self.file = _file_id(path)
 
     def state(self) -> dict:
         import ray
@@ -80,10 +82,16 @@ class ShardServer:
         return {"generation": self.index.generation, "images": len(self.index),
                 "modes": self.index.available_modes(), "encoder": str(self.index.catalog.get_meta("encoder")),
                 "segments": None if seg is None else {"levels": list(seg.levels), "embed": seg.embed},
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                "file": list(self.file), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def refresh(self) -> dict:
-        self.index.refresh()
+        """Load committed changes; a shard rebuilt in place (a new catalog file) is opened anew."""
+        file = _file_id(self.path)
+        if file != self.file:
+            self.index = Index.open(self.path)  # searches running on the old one finish on it
+            self.file = file
+        else:
+            self.index.refresh()
         return self.state()
 
     def search(self, query: retrieval.Query, k: int, mode: str, options: dict) -> retrieval.SearchResponse:
@@ -100,6 +108,12 @@ class ShardServer:
 
     def info(self) -> dict:
         return self.index.info()
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    """(device, inode) of an index's catalog: changes when the index is deleted and built anew."""
+    st = os.stat(os.path.join(path, CATALOG_NAME))
+    return st.st_dev, st.st_ino
 
 
 def _readable(paths: list[str]) -> list[bool]:
@@ -385,7 +399,7 @@ class RayShardSet(ShardedIndex):
             # every live replica reloads at once; then their answers are collected
             calls = [[(r, r.handle.refresh.remote()) for r in shard.replicas if r.alive] for shard in shards]
             for shard, pending in zip(shards, calls):
-                before = shard.generation
+                before = (shard.generation, shard.state.get("file"))
                 states = []
                 for replica, ref in pending:
                     try:
@@ -394,7 +408,7 @@ class RayShardSet(ShardedIndex):
                         shard._down(replica, exc)
                 if states:
                     shard.state = states[0]
-                    changed |= shard.generation != before
+                    changed |= (shard.generation, shard.state.get("file")) != before
                 self._heal(shard)
             return changed
 
@@ -441,3 +455,133 @@ class RayShardSet(ShardedIndex):
     def _stop_ray(self) -> None:
         if self._started_ray and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+# ------------------------------------------------------------------ ingestion across nodes
+def create_options(settings: dict) -> dict:
+    """:meth:`Index.create` keyword arguments that make an index with these stored settings (a shard's twin)."""
+    from .decompose.segments import SegmentConfig
+    from .local.store import LocalConfig
+    from .objects.config import ObjectConfig
+
+    return {"encoder": settings["encoder"], "ann": settings.get("ann") or "auto",
+            "segments": SegmentConfig.from_dict(settings["segments"]) if settings.get("segments") else None,
+            "local": LocalConfig.from_dict(settings.get("local")),
+            "objects": ObjectConfig.from_dict(settings["objects"]) if settings.get("objects") else None}
+
+
+def _index_shard(path: str, files: list[str], create: dict, state: str | None, batch_size: int,
+                 commit_every: int) -> dict:
+    """Ray task, on the node that will hold the shard: create it, index ``files`` with the local engine."""
+    import ray
+
+    from .local.store import STATE_FILE
+
+    index = Index.create(path, **create, exist_ok=True)  # a re-run resumes: committed files are skipped
+    try:
+        if state is not None and not (Path(path) / STATE_FILE).exists():
+            # learned state shared by every shard (else their local descriptors are not comparable)
+            (Path(path) / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+            Path(path, STATE_FILE).write_bytes(Path(state).read_bytes())
+            index.close()
+            index = Index.open(path)
+        report = index.add(files, batch_size=batch_size, commit_every=commit_every, show_progress=False)
+        return {"path": path, "node": ray.get_runtime_context().get_node_id(), "images": len(index),
+                **report.as_dict()}
+    finally:
+        index.close()
+
+
+def index_shards(set_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, address: str | None = None,
+                 images_per_shard: int | None = None, create: dict | None = None, batch_size: int = 32,
+                 commit_every: int = 512, cpus_per_task: float = 1.0, show_progress: bool = False) -> list[dict]:
+    """Index ``inputs`` into new shards of the set at ``set_path``, built on the cluster's nodes.
+
+    The files (walked on the driver) are split into one shard per live node, or ``images_per_shard`` each;
+    each shard is created under the set folder and indexed by a Ray task pinned to a node, with the local
+    engine (the shard's own catalog is its commit point: a lost task leaves a shard that a re-run resumes).
+    Every finished shard is registered in the set's manifest at once (the set is created with the first
+    one), so a service serving the set picks it up on its next reload. ``create``: :meth:`Index.create`
+    options for the new shards (default: those of the set's first shard, whose learned local-feature state
+    every new shard also gets). Returns one report per shard (path, node, images, indexed, failures...).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .indexer import collect_files
+    from .local.store import STATE_FILE
+    from .shards import ShardedIndex, is_shard_set, register
+
+    ray = require_ray()
+    set_path = Path(set_path)
+    files, problems = collect_files(inputs)
+    if not files:
+        raise ValueError("no image files found in the inputs")
+    started = not ray.is_initialized()
+    if started:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        state: str | None = None
+        names: list[str] = []
+        if is_shard_set(set_path):
+            names = read_manifest(set_path)
+            with Index.open(set_path / names[0]) as first:
+                create = create if create is not None else create_options(first.snapshot.settings)
+                if (first.path / STATE_FILE).exists():
+                    state = str((first.path / STATE_FILE).resolve())
+        if create is None:
+            raise ValueError(f"{set_path} is not a shard set yet: give the new shards' settings")
+        nodes = sorted(n["NodeID"] for n in ray.nodes()
+                       if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= cpus_per_task)
+        if not nodes:
+            raise RuntimeError(f"no live Ray node has {cpus_per_task} CPU for an indexing task")
+        if images_per_shard:
+            chunks = [files[i:i + images_per_shard] for i in range(0, len(files), images_per_shard)]
+        else:
+            chunks = [list(c) for c in np.array_split(np.array(files, dtype=object), min(len(nodes), len(files)))]
+        taken = {os.path.basename(os.path.normpath(n)) for n in names}
+        numbers = (n for n in itertools.count() if f"shard-{n:04d}" not in taken)
+        paths = [set_path / f"shard-{next(numbers):04d}" for _ in chunks]
+        set_path.mkdir(parents=True, exist_ok=True)
+        task = ray.remote(_index_shard)
+        first_local = create.get("local") is not None and state is None
+        reports: list[dict] = []
+
+        def launch(i: int, learned: str | None):
+            return task.options(num_cpus=cpus_per_task, max_retries=0, scheduling_strategy=(
+                NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))).remote(
+                str(paths[i]), chunks[i], create, learned, batch_size, commit_every)
+
+        def finish(i: int, ref) -> None:
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                reports.append({"path": str(paths[i]), "error": str(exc).splitlines()[0] if str(exc) else
+                                type(exc).__name__, "files": len(chunks[i])})
+                return
+            if is_shard_set(set_path):
+                register(set_path, [paths[i]], verify=False)  # built and checked on its node
+            else:
+                ShardedIndex.create(set_path, [paths[i]]).close()
+            reports.append(report)
+            if show_progress:
+                log.warning("shard %s: %d images indexed on node %s", paths[i].name, report["indexed"],
+                            report["node"][:12])
+
+        pending: dict = {}
+        start = 0
+        if first_local:  # the first shard fits the local-feature whitening; the others reuse its state
+            finish(0, launch(0, None))
+            state = str(paths[0] / STATE_FILE) if (paths[0] / STATE_FILE).exists() else None
+            start = 1
+        for i in range(start, len(chunks)):
+            pending[launch(i, state)] = i
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            finish(pending.pop(done[0]), done[0])
+        if problems:
+            reports.append({"path": None, "failures": [{"path": p, "reason": r} for p, r in problems]})
+        return reports
+    finally:
+        if started:
+            ray.shutdown()

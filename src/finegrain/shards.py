@@ -274,6 +274,46 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
     return list(names)
 
 
+def register(path: str | os.PathLike, members: Sequence[str | os.PathLike], verify: bool = True) -> list[str]:
+    """Append existing indexes to the shard set at ``path`` (the manifest is the set's commit point).
+
+    Each new member must open and use the set's encoder; one already listed is refused. The manifest is
+    rewritten under an exclusive lock (concurrent registrations from several ingestion jobs queue) and
+    replaced atomically, so a service serving the set sees the old list or the new one, and picks the new
+    shards up on its next reload. Returns the manifest's names after the change. ``verify=False`` skips
+    opening the members here (shards built and checked on other nodes' disks, see distributed.py).
+    """
+    import fcntl
+
+    path = Path(path)
+    with open(path / (MANIFEST + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        names = read_manifest(path)
+        listed = {os.path.realpath(path / n) for n in names}
+        encoder = None
+        if verify:
+            with Index.open(path / names[0]) as first:
+                encoder = first.catalog.get_meta("encoder")
+        for member in members:
+            if os.path.realpath(member) in listed:
+                raise ValueError(f"{member} is already a shard of {path}")
+            if verify:
+                _check_member(member, encoder, path)
+            names.append(os.path.relpath(os.path.abspath(member), os.path.abspath(path)))
+            listed.add(os.path.realpath(member))
+        tmp = path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "shards": names}, indent=1))
+        tmp.replace(path / MANIFEST)
+    return names
+
+
+def _check_member(member: str | os.PathLike, encoder, path: Path) -> None:
+    with Index.open(member) as index:  # fails on a missing or damaged index
+        if index.catalog.get_meta("encoder") != encoder:
+            raise IndexFormatError(f"{member} uses encoder {index.catalog.get_meta('encoder')}, the shards "
+                                   f"of {path} use {encoder}; their scores cannot be merged")
+
+
 def open_index(path: str | os.PathLike) -> Index | ShardedIndex:
     """Open an index or a shard set, whichever ``path`` holds."""
     return ShardedIndex.open(path) if is_shard_set(path) else Index.open(path)

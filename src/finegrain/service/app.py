@@ -282,7 +282,7 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
             counters["requests"] += 1
             counters["searches"] += int(search)
 
-    @app.get("/api/health", response_model=Health, tags=["service"])
+    @app.get("/api/health", response_model=Health, response_model_exclude_none=True, tags=["service"])
     def health() -> dict:
         """Liveness and the number of indexed images."""
         count()
