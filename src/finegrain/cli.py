@@ -1122,7 +1122,7 @@ def serve_cmd(
                              ray=ray, ray_address=ray_address, replicas=replicas)
     except IndexFormatError as exc:
         _fail(str(exc))
-    except (ValueError, RuntimeError) as exc:  # --ray on a single index; Ray missing or its cluster unreachable
+    except (ValueError, RuntimeError, ConnectionError) as exc:  # --ray on an index; no Ray, or no cluster there
         _fail(str(exc), 2 if isinstance(exc, ValueError) else 1)
     _read_only_note(index, _catalog_read_only(index))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
