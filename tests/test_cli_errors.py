@@ -15,13 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from finegrain import Index
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def fg(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "COLUMNS": "400"})
+    return fg_in_process(*args)  # in-process: the same command-line code without an interpreter start
 
 
 def _one_line_error(proc, code: int = 1) -> str:

@@ -20,11 +20,11 @@ from finegrain import Index
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reliability_helpers import png_claiming
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 
 def fg(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "COLUMNS": "400"})
+    return fg_in_process(*args)  # in-process: the same command-line code without an interpreter start
 
 
 @pytest.fixture(scope="module")

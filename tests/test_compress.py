@@ -24,6 +24,7 @@ from finegrain.compress import (
     load_projection,
 )
 from finegrain.compress.analysis import plot_distributions, summarize
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 DIM = 48
 
@@ -563,9 +564,7 @@ def test_cli_compress_search_dim_info(small_index):
     path = index.path
     index.close()
 
-    def fg(*args):
-        return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                              timeout=600)
+    fg = fg_in_process  # the same command-line code without an interpreter start
 
     proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--teacher", "input", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ from PIL import Image
 
 from finegrain import Index
 from finegrain.duplicates import find_duplicates, parse_transforms, pixel_scores, pixel_signature, write_html
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 EDITED = {  # original -> the edit its copy gets
     "coffee": "jpeg30", "astronaut": "rot90", "rocket": "mirror", "camera": "half", "coins": "crop90",
@@ -102,9 +103,7 @@ def test_pixel_signatures_match_edited_copies_not_shifted_views():
 
 
 def test_cli_json_html_and_errors(index_path, folder, tmp_path):
-    def fg(*args):
-        return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], check=False, capture_output=True,
-                              text=True, timeout=600)
+    fg = fg_in_process  # the same command-line code without an interpreter start
 
     proc = fg("duplicates", "--index", index_path, "--json", "--html", tmp_path / "dups.html")
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ from PIL import Image
 
 from finegrain import Index
 from finegrain.images import IMAGE_SUFFIXES, ImageLoadError, load_image, load_image_sized, load_thumbnail
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif is a core dependency; install it")
 HAS_AVIF = ".avif" in IMAGE_SUFFIXES
@@ -156,8 +157,7 @@ def test_index_and_search_heic(tmp_path, photos_dir):
 
 
 def fg(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "COLUMNS": "400"})
+    return fg_in_process(*args)  # in-process: the same command-line code without an interpreter start
 
 
 def test_service_takes_heic_uploads_and_serves_upright_thumbnails(tmp_path, photos_dir):

@@ -15,11 +15,11 @@ import pytest
 
 from finegrain import Index, interop
 from finegrain.interop import ImportFormatError, export_index, import_embeddings
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 
 def fg(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], check=False, capture_output=True, text=True,
-                          timeout=600)
+    proc = fg_in_process(*args)  # in-process: the same command-line code without an interpreter start
     if check and proc.returncode != 0:
         raise AssertionError(f"finegrain {args} exited {proc.returncode}: {proc.stderr}")
     return proc

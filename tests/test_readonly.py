@@ -20,14 +20,14 @@ import pytest
 from finegrain import Index
 from finegrain.service import create_app
 from finegrain.service.background import BackgroundServer
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "coins.jpg", "rocket.jpg"]
 
 
 def fg(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, env={**os.environ, "COLUMNS": "400"})
+    return fg_in_process(*args)  # in-process: the same command-line code without an interpreter start
 
 
 @pytest.fixture(scope="module")

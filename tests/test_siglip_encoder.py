@@ -17,6 +17,7 @@ from PIL import Image
 from finegrain import Index, encoders
 from finegrain.encoders.clip import ModelWeightsMissing
 from finegrain.encoders.siglip import SiglipEncoder
+from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
 
 DIM = 32
 IMAGE_SIZE = 32
@@ -230,6 +231,5 @@ def test_index_and_search_end_to_end(tmp_path, tiny_folder, photos_dir):
 
 
 def fg(*args, timeout=300):
-    env = {**os.environ, "COLUMNS": "400", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "finegrain", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+    # in-process: the same command-line code without an interpreter start
+    return fg_in_process(*args, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})

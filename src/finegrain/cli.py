@@ -26,7 +26,8 @@ def _fail(message: str, code: int = 1) -> None:
 
     from .terminal import escape_controls
 
-    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)))  # messages can quote file names
+    # soft_wrap: one line in logs and pipes (the terminal wraps it for the eye); messages can quote file names
+    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -165,7 +166,7 @@ def _read_only_note(path: Path, reason: Optional[str]) -> None:
         from .terminal import escape_controls
 
         err.print(Text.assemble(("note:", "yellow"), " ", escape_controls(
-            f"the index at {path} is open read-only ({reason}): searching works, writes are disabled")))
+            f"the index at {path} is open read-only ({reason}): searching works, writes are disabled")), soft_wrap=True)
 
 
 @app.command("index")
@@ -399,6 +400,7 @@ def search_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Drop results scoring below this.", rich_help_panel="Filters"),
     offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
     sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
+    like: Optional[int] = typer.Option(None, "--like", help="More like this: the id of an indexed image as the example (instead of --text, --image or QUERY)."),
     ray: bool = typer.Option(False, "--ray", help="Shard set: search it with Ray actors per shard (docs/scaling.md)."),
     ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
 ) -> None:
@@ -411,17 +413,31 @@ def search_cmd(
     from .terminal import safe_text
 
     box, tokens = _bbox_and_terms(bbox, list(ctx.args))
-    if text is None and image is None and not tokens:
+    if like is not None and (text is not None or image is not None or tokens):
+        _fail("--like names the example image by id: give it instead of --text, --image or a query", 2)
+    if text is None and image is None and not tokens and like is None:
         _fail("give exactly one of --text or --image, or a query expression", 2)
     if fmt not in ("table", "jsonl", "paths") or (as_json and fmt != "table"):
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
+    idx: Any = None
+    if like is not None:  # the indexed image's stored path is the example (as Index.search(like=) does)
+        from .index import Index
+
+        idx = _open_index(index, shard_set_ok=True, note_read_only=True)
+        if not isinstance(idx, Index):
+            _fail("--like takes an image id of one index, not of a shard set", 2)
+        try:
+            image = Path(idx.like_path(like))
+        except ValueError as exc:
+            _fail(str(exc), 2)
     try:
         query = build_query(text, image, box, negative, negative_image, query=" ".join(tokens) if tokens else None)
     except ValueError as exc:
         _fail(str(exc), 2)
-    idx = _open_ray_set(index, ray_address) if ray else _open_index(index, shard_set_ok=True, note_read_only=True)
+    if idx is None:
+        idx = _open_ray_set(index, ray_address) if ray else _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:

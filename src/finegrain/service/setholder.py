@@ -101,7 +101,11 @@ class ServedSet:
         return self.backend.shards[n]
 
     def get(self, image_id: int):
+        """Ids are per shard: the id-only image endpoints answer 404 on a set (thumbnails take ``?shard=N``)."""
         raise KeyError("a shard set needs the shard of an image (thumbnail?shard=N)")
+
+    def like_path(self, like: int) -> str:
+        raise ValueError("more like an image id is not available on a shard set (ids are per shard)")
 
 
 class _Lease:

@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 
-__all__ = ["TABLE", "COLUMNS", "ensure_table", "has_table", "insert", "lacking", "load", "counts",
+__all__ = ["TABLE", "COLUMNS", "ensure_table", "has_table", "insert", "lacking", "load", "row", "counts",
            "wall_clock_seconds", "mtime_wall_clock"]
 
 
@@ -93,3 +93,11 @@ def wall_clock_seconds(dt: datetime) -> float:
 def mtime_wall_clock(mtime_ns: int) -> float:
     """A file mtime as ``taken``: the local wall-clock reading of that instant, stored like an EXIF date."""
     return wall_clock_seconds(datetime.fromtimestamp(mtime_ns / 1e9))
+
+
+def row(db: sqlite3.Connection, image_id: int) -> dict[str, Any] | None:
+    """One image's row as ``{taken, taken_source, make, model, orientation}`` (None without a row or table)."""
+    if not has_table(db):
+        return None
+    found = db.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE id = ?", (int(image_id),)).fetchone()
+    return None if found is None else dict(zip(COLUMNS, found))

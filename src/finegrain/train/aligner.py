@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..datasets import load_flickr8k
 from ..encoders.effnet_minilm import (
+    TEXT_MAX_TOKENS,
     Aligner,
     ImageTrunk,
     load_efficientnet_lite0,
@@ -119,7 +120,7 @@ def _cache_texts(splits, cache_dir: Path, show_progress: bool) -> None:
     tokenizer, model = load_minilm()
     for name, split in splits.items():
         texts = split.captions
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"]]
+        lengths = tokenizer(texts, TEXT_MAX_TOKENS)[1].sum(1).tolist()
         width = max(lengths)
         tokens = np.zeros((len(texts), width, 384), np.float16)
         mask = np.zeros((len(texts), width), np.uint8)

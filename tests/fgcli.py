@@ -1,0 +1,29 @@
+"""The `finegrain` command run in-process, answering like ``subprocess.run(..., capture_output=True, text=True)``.
+
+The command line is parsed and run by the same click/typer code as ``python -m finegrain``; only the
+interpreter start and model loading are shared between calls (about 5 s each). Tests that need a real
+process (signals, kills, a fresh interpreter) keep using ``subprocess``. An exception escaping the
+command is written to ``stderr`` as the traceback a real process would print, so a test asserting
+``"Traceback" not in stderr`` can still fail.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import traceback
+
+from typer.testing import CliRunner
+
+
+def fg(*args: object, env: dict[str, str] | None = None, **_ignored: object) -> subprocess.CompletedProcess[str]:
+    """Run ``finegrain ARGS`` in this process (``COLUMNS=400`` like the subprocess helpers)."""
+    from finegrain.cli import app
+
+    argv = [str(a) for a in args]
+    result = CliRunner().invoke(app, argv, env={"COLUMNS": "400", **(env or {})}, catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        exc = result.exception
+        stderr += "Traceback (most recent call last):\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return subprocess.CompletedProcess(["finegrain", *argv], result.exit_code, result.stdout, stderr)
