@@ -90,6 +90,10 @@ def test_service_serves_a_shard_set(built, tmp_path):
         thumb = client.get(hit["thumbnail"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         assert client.get(f"/api/thumbnail/{hit['id']}?shard=7").status_code == 404
+        # id-only endpoints cannot tell shards apart: a clear 404, never a 500
+        assert client.get(f"/api/images/{hit['id']}").status_code == 404
+        assert client.post("/api/search", json={"like": hit["id"], "k": 2}).status_code == 404
+        assert client.post("/api/explain", json={"text": "a cat", "id": hit["id"]}).status_code == 400
         stats = client.get("/api/stats").json()
         assert stats["images"] == 6 and "hierarchical" in stats["modes"] and len(stats["shard_status"]) == 2
         assert client.get("/").status_code == 200  # the page
