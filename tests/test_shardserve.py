@@ -90,9 +90,21 @@ def test_service_serves_a_shard_set(built, tmp_path):
         thumb = client.get(hit["thumbnail"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         assert client.get(f"/api/thumbnail/{hit['id']}?shard=7").status_code == 404
-        # id-only endpoints cannot tell shards apart: a clear 404, never a 500
+        # id-only endpoints cannot tell shards apart: a clear 404, never a 500; with the hit's shard they work
         assert client.get(f"/api/images/{hit['id']}").status_code == 404
         assert client.post("/api/search", json={"like": hit["id"], "k": 2}).status_code == 404
+        for other in body["results"][:2]:
+            where = f"?shard={other['shard']}"
+            details = client.get(f"/api/images/{other['id']}{where}").json()
+            assert details["name"] == other["name"] and details["file"].endswith(where)
+            full = client.get(details["file"])
+            assert full.status_code == 200 and full.content == open(details["path"], "rb").read()
+            like = client.post("/api/search", json={"like": other["id"], "like_shard": other["shard"], "k": 2,
+                                                    "mode": "global"}).json()
+            assert like["results"][0]["name"] == other["name"]  # the image itself first, from its own shard
+            assert like["results"][0]["shard"] == other["shard"]
+        assert client.get(f"/api/images/{hit['id']}?shard=9").status_code == 404
+        assert client.post("/api/search", json={"text": "a cat", "like_shard": 0}).status_code == 422
         assert client.post("/api/explain", json={"text": "a cat", "id": hit["id"]}).status_code == 400
         stats = client.get("/api/stats").json()
         assert stats["images"] == 6 and "hierarchical" in stats["modes"] and len(stats["shard_status"]) == 2

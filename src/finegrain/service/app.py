@@ -51,7 +51,7 @@ from .clip_back import LARGE_BODY_PATHS, clip_back_router
 from .hardening import StaticFilesNoRange
 from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hosts import HostCheck
-from .image_routes import image_router
+from .image_routes import image_router, shard_of
 from .setholder import ServedSet, SetHolder
 from .slowclients import BodyTimeout
 
@@ -110,6 +110,8 @@ class SearchRequest(BaseModel):
                                                 '"people" or 2:"red car" (docs/queries.md).')
     like: int | None = Field(None, ge=0, description="Instead of text or query: more like this indexed image "
                                                       "(its id; its file is the example image).")
+    like_shard: int | None = Field(None, ge=0, description="Shard sets: the shard of the `like` image (a hit's "
+                                                            "`shard`; ids are per shard).")
     negative: list[str] = Field([], description="Texts to move away from (negative terms).")
     k: int = Field(10, description="Number of results.")
     mode: Mode = Field("auto", description="auto (the default) picks the mode for the query and the index.")
@@ -119,6 +121,8 @@ class SearchRequest(BaseModel):
         if sum(v is not None for v in (self.text, self.query, self.like)) != 1:
             raise ValueError("give exactly one of text (taken literally), query (an expression) or like (an "
                              "indexed image's id)")
+        if self.like_shard is not None and self.like is None:
+            raise ValueError("like_shard goes with like (the shard of that image)")
         return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
     filters: dict[str, Any] | None = Field(None, description=(
@@ -305,8 +309,9 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
         shape = {"filters": body.filters, "threshold": body.threshold, "offset": body.offset, "sort": body.sort}
         if body.like is not None:
             with holder.use() as index:
+                source = index if body.like_shard is None else shard_of(index, body.like_shard, ApiError)
                 return _search(index, request, body.mode, k, body.explain, shape=shape,
-                               query=_like_query(index, body.like, body.negative, limits, decoder))
+                               query=_like_query(source, body.like, body.negative, limits, decoder))
         query = _text_query(body.text, body.query, body.negative, limits)
         with holder.use() as index:
             return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
