@@ -312,8 +312,8 @@ class Index:
                 indexer = RayIndexer(w, batch_size, commit_every, address=ray_address)
             report = indexer.run(inputs, recursive, remove_missing, show_progress)
             exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed
-            if len(self.catalog.chunks("global")) > 32:
-                w.compact()
+            if len(self.catalog.chunks("global")) > 32:  # commits pile up: merge the small chunks only
+                w.merge_small()
         return report
 
     def remove(self, ids: Sequence[int]) -> int:

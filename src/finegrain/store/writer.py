@@ -266,6 +266,33 @@ class Writer:
             tx.purge_removed()
             tx.db.execute(f"DELETE FROM {meta_table.TABLE} WHERE id NOT IN (SELECT id FROM images)")
 
+    def merge_small(self, keep: int = 16) -> int:
+        """Tiered compaction: in each field with more than ``keep`` chunks, merge the smallest into one.
+
+        What ``Index.add`` runs when commits pile up: its cost is the rows of the merged chunks, not the
+        whole index (a full :meth:`compact` rewrites everything). Rows of removed images in the merged
+        chunks are dropped; the catalog keeps their records until a full compaction purges them.
+        Returns how many chunks were merged away.
+        """
+        live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
+        merged_away = 0
+        for fieldname in sorted({f for _, f, _ in self.catalog.chunks()}):
+            chunks = self.catalog.chunks(fieldname)
+            if len(chunks) <= keep:
+                continue
+            smallest = [name for name, _, _ in sorted(chunks, key=lambda c: (c[2], c[0]))[:len(chunks) - keep + 1]]
+            parts = [read_chunk(self.path, fieldname, n) for n in smallest]
+            merged = FieldRows.concat([p.select(np.isin(p.owners, live)) for p in parts], parts[0].vectors.shape[1])
+            new = self.write_rows(fieldname, merged) if len(merged) else None
+            with self.catalog.transaction() as tx:
+                tx.drop_chunks(smallest)
+                if new is not None:
+                    tx.add_chunk(*new, self.checksum_of(new[0]))
+            for old in smallest:
+                delete_chunk(self.path, fieldname, old)
+            merged_away += len(smallest) - (new is not None)
+        return merged_away
+
     # ----------------------------------------------------------- projection
     def projection(self) -> Projection | None:
         """The projection committed in the catalog now (read under the lock, so never stale), or None."""
