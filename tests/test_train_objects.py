@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fgcli import fg
+
 from finegrain.index import Index
 from finegrain.objects.adapter import ADAPTER_FILE, AdapterError, apply_adapter, file_digest, read_adapter
 from finegrain.objects.config import ObjectConfig
