@@ -73,6 +73,12 @@ def test_train_objects_on_own_photos_writes_an_adapter_and_its_summary(trained, 
     assert summary["val_after"] == {k: round(summary["history"][summary["chosen_epoch"]][k], 4)
                                     for k in summary["val_after"]}
     assert summary["source"]["kind"] == "images" and summary["select"] == "objects-max"
+    # The paired gain is the MRR difference, per mode; the default rule reads it.
+    for mode in ("objects", "objects_max"):
+        gain = summary["val_after"][f"{mode}_mrr"] - summary["val_before"][f"{mode}_mrr"]
+        assert summary["val_gain"][mode]["gain"] == pytest.approx(gain, abs=2e-3)
+    wins = summary["val_gain"]["objects_max"]["gain"] > 2 * summary["val_gain"]["objects_max"]["se"]
+    assert summary["validation_wins"] == (wins and summary["val_gain"]["objects"]["gain"] >= 0)
 
 
 def test_an_index_with_the_adapter_stores_adapted_vectors_and_adapts_queries(indexes, adapter_file, photos_dir):

@@ -103,6 +103,27 @@ def split_pool(paths: list[Path], holdout: int, where: str) -> tuple[list[Path],
     return paths[:-n], paths[-n:]
 
 
+def paired_gain(model, split: dict, config: stagea.StageAConfig) -> dict:
+    """Per mode: mean gain in reciprocal rank (adapter - identity) over the validation composites, and its SE."""
+    import torch
+
+    x, m, q = stagea.padded(split, config.max_crops)
+    out = {}
+    ranks = {}
+    for label, mdl in (("identity", None), ("adapter", model)):
+        with torch.no_grad():
+            c = x if mdl is None else mdl(x) * m[..., None]
+            qq = q if mdl is None else mdl(q)
+            fused = qq @ stagea.fuse_torch(c, m, config.pool_p).T
+            best = torch.einsum("qd,nkd->qnk", qq, c).masked_fill(m[None] == 0, -2).amax(-1)
+        for mode, s in (("objects", fused), ("objects_max", best)):
+            ranks[label, mode] = 1.0 / (1.0 + (s > s.diagonal()[:, None]).sum(1).double().numpy())
+    for mode in ("objects", "objects_max"):
+        d = ranks["adapter", mode] - ranks["identity", mode]
+        out[mode] = {"gain": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4)}
+    return out
+
+
 def _plain(value):
     """JSON-safe: floats rounded, NaN (epoch 0 has no loss) as null."""
     if isinstance(value, float):
@@ -158,6 +179,8 @@ def train_objects(out: Path, config: TrainObjectsConfig, cache_dir: Path, data: 
     history = info["history"]
     before, after = history[0], history[info["best_epoch"]]
 
+    paired = paired_gain(model, arrays["val"], sa)
+
     def metrics(h: dict) -> dict:
         return {k: round(float(h[k]), 4) for k in ("objects_mrr", "objects_r1", "objects_max_mrr", "objects_max_r1")}
 
@@ -167,7 +190,12 @@ def train_objects(out: Path, config: TrainObjectsConfig, cache_dir: Path, data: 
         "train_images": len(train_imgs), "val_images": [str(p) for p in val_imgs],
         "select": config.select, "epochs_run": len(history) - 1, "chosen_epoch": info["best_epoch"],
         "identity": info["best_epoch"] == 0,
-        "val_before": metrics(before), "val_after": metrics(after),
+        "val_before": metrics(before), "val_after": metrics(after), "val_gain": paired,
+        # The protocol's rule for using an adapter by default: a gain on the validation composites
+        # (training images only) in objects-max, the mode auto uses, beyond twice its paired standard
+        # error, and no loss in objects.
+        "validation_wins": bool(paired["objects_max"]["gain"] > 2 * paired["objects_max"]["se"]
+                                and paired["objects"]["gain"] >= 0),
         "history": [{k: _plain(v) for k, v in h.items()} for h in history],
     }
     meta = {k: summary[k] for k in ("source", "encoder", "objects", "train", "composites", "select",

@@ -30,8 +30,9 @@ composites).
 Result (docs/mao.md, "Stage A fine-tuning"; ``experiments/mao_stagea.py``): the
 adapter doubles the held-out composites' ``objects`` MRR but does not help
 on the ``needles`` benchmark (``objects`` within noise, ``objects-max``
-lower), so it is not wired into indexing; this module is kept so the
-experiment can be rerun.
+lower). It is in the product as an opt-in (``finegrain train-objects``,
+:mod:`finegrain.train.objects`; ``finegrain index --object-adapter``), not as
+the default.
 """
 
 from __future__ import annotations
