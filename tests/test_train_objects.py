@@ -191,3 +191,15 @@ def test_object_config_adapter_setting_is_checked():
         ObjectConfig(adapter="0" * 64, refine_iters=5)
     assert ObjectConfig(adapter="0" * 64).to_dict()["adapter"] == "0" * 64
     assert ObjectConfig.from_dict(ObjectConfig().to_dict()) == ObjectConfig()
+
+
+def test_index_source_reads_the_index_photos_and_settings_without_its_adapter(indexes, photos_dir):
+    from finegrain.train.objects import index_images, split_pool
+
+    paths, encoder, cfg = index_images(indexes[1])
+    assert [p.name for p in paths] == sorted(p.name for p in photos_dir.iterdir())
+    assert encoder == "effnet-minilm" and cfg == ObjectConfig()  # composites are encoded without the old adapter
+    train, val = split_pool(paths, 0, "here")
+    assert len(val) == 2 and train + val == paths
+    with pytest.raises(ValueError, match="too few images: 3 in here"):
+        split_pool(paths[:3], 0, "here")
