@@ -34,6 +34,10 @@ from ..objects.adapter import file_digest
 from ..objects.config import ObjectConfig
 from . import stagea
 
+#: The protocol's rule for using an adapter by default (docs/mao.md): on the validation composites
+#: (training images only), objects-max MRR (the mode auto uses) up by at least MIN_GAIN and by more than
+#: twice its paired standard error, and objects MRR not lower.
+MIN_GAIN = 0.01
 MIN_IMAGES = 4  # two photos for each side: a composite's background and donor are different photos
 SELECT = {"objects": "objects", "objects-max": "objects_max"}
 
@@ -103,6 +107,12 @@ def split_pool(paths: list[Path], holdout: int, where: str) -> tuple[list[Path],
     return paths[:-n], paths[-n:]
 
 
+def validation_wins(paired: dict) -> bool:
+    """The default rule (see :data:`MIN_GAIN`) on :func:`paired_gain`'s unrounded output."""
+    best = paired["objects_max"]
+    return bool(best["gain"] >= MIN_GAIN and best["gain"] > 2 * best["se"] and paired["objects"]["gain"] >= 0)
+
+
 def paired_gain(model, split: dict, config: stagea.StageAConfig) -> dict:
     """Per mode: mean gain in reciprocal rank (adapter - identity) over the validation composites, and its SE."""
     import torch
@@ -120,7 +130,7 @@ def paired_gain(model, split: dict, config: stagea.StageAConfig) -> dict:
             ranks[label, mode] = 1.0 / (1.0 + (s > s.diagonal()[:, None]).sum(1).double().numpy())
     for mode in ("objects", "objects_max"):
         d = ranks["adapter", mode] - ranks["identity", mode]
-        out[mode] = {"gain": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4)}
+        out[mode] = {"gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
     return out
 
 
@@ -190,12 +200,9 @@ def train_objects(out: Path, config: TrainObjectsConfig, cache_dir: Path, data: 
         "train_images": len(train_imgs), "val_images": [str(p) for p in val_imgs],
         "select": config.select, "epochs_run": len(history) - 1, "chosen_epoch": info["best_epoch"],
         "identity": info["best_epoch"] == 0,
-        "val_before": metrics(before), "val_after": metrics(after), "val_gain": paired,
-        # The protocol's rule for using an adapter by default: a gain on the validation composites
-        # (training images only) in objects-max, the mode auto uses, beyond twice its paired standard
-        # error, and no loss in objects.
-        "validation_wins": bool(paired["objects_max"]["gain"] > 2 * paired["objects_max"]["se"]
-                                and paired["objects"]["gain"] >= 0),
+        "val_before": metrics(before), "val_after": metrics(after),
+        "val_gain": {mode: {k: round(v, 4) for k, v in g.items()} for mode, g in paired.items()},
+        "validation_wins": validation_wins(paired),
         "history": [{k: _plain(v) for k, v in h.items()} for h in history],
     }
     meta = {k: summary[k] for k in ("source", "encoder", "objects", "train", "composites", "select",
