@@ -186,6 +186,7 @@ def test_train_objects_option_and_data_errors(photos_dir, tmp_path):
         ([], "exactly one of"),
         (["--images", photos_dir, "--holdout", "5"], "--holdout must leave"),
         (["--images", photos_dir, "--rank", "-1"], "--rank"),
+        (["--images", photos_dir, "--encoder", "nope"], "unknown encoder 'nope'"),
     ]
     for args, message in cases:
         r = fg("train-objects", "--out", out, "--cache-dir", tmp_path / "c", *args)

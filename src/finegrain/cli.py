@@ -795,6 +795,8 @@ def train_objects_cmd(
                                 show_progress=progress and not as_json, log=err.print)
     except (FileNotFoundError, ValueError, ImageLoadError, AdapterError) as exc:
         _fail(str(exc), 2)
+    except KeyError as exc:  # an unknown encoder name
+        _fail(str(exc.args[0]) if exc.args else "unknown encoder", 2)
     except OSError as exc:
         _fail(f"cannot train the object adapter: {exc}")
     if as_json:
