@@ -17,8 +17,11 @@ from typer.testing import CliRunner
 
 def fg(*args: object, env: dict[str, str] | None = None, **_ignored: object) -> subprocess.CompletedProcess[str]:
     """Run ``finegrain ARGS`` in this process (``COLUMNS=400`` like the subprocess helpers)."""
-    from finegrain.cli import app
+    from finegrain import cli
 
+    for console in (cli.out, cli.err):  # made at import, before COLUMNS below was set
+        console.width = 400
+    app = cli.app
     argv = [str(a) for a in args]
     result = CliRunner().invoke(app, argv, env={"COLUMNS": "400", **(env or {})}, catch_exceptions=True)
     stderr = result.stderr

@@ -91,3 +91,21 @@ def test_cli_candidates(index):
     bad = run(app, ["search", "--index", str(index.path), "--text", "a red car", "--mode", "hierarchical",
                     "--candidates", "-1"])
     assert bad.exit_code != 0 and "candidates" in bad.output and "Traceback" not in bad.output
+
+
+def test_filters_then_the_stage_among_the_allowed_images(index):
+    text = "a man rides a bike down a hill"
+    snap = index.snapshot
+    kept = [int(i) for i in snap.ids if int(i) % 2 == 0]  # 40 of the 80 images
+    mask = np.isin(snap.ids, kept)
+    _, queries = mvr.query_vectors(snap, Query(text=text), mvr.MultiVectorParams())
+    pool = set(snap.ids[mvr.candidate_positions(snap, queries, 4, mask)].tolist())
+    assert pool <= set(kept) and 4 <= len(pool)
+    hits = index.search(text=text, k=10, mode="exhaustive", candidates=4, filters={"ids": kept})
+    assert "candidates_ms" in hits.timings  # the stage ran under the filter (it used to be switched off)
+    assert {h.id for h in hits} <= pool and len(hits) == min(10, len(pool))
+    # a stage no smaller than what the filter allows is no stage: exact over the allowed images
+    exact = index.search(text=text, k=10, mode="exhaustive", filters={"ids": kept}, candidates=0)
+    wide = index.search(text=text, k=10, mode="exhaustive", filters={"ids": kept}, candidates=40)
+    assert [h.id for h in wide] == [h.id for h in exact] and "candidates_ms" not in wide.timings
+    assert {h.id for h in exact} <= set(kept)

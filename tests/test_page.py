@@ -125,6 +125,8 @@ def test_image_details_say_where_the_file_is_and_what_exif_says(client, index, l
     rocket = client.get(f"/api/images/{ids['rocket']}").json()  # no EXIF date: the file's mtime, said so
     assert rocket["taken_source"] == "mtime" and rocket["taken"] and rocket["make"] is None
     assert client.get(f"/api/images/{ids['camera']}").json()["orientation"] == "square"
+    r = client.get(f"/api/images/{ids['camera']}?shard=0")  # one index, not a shard set
+    assert r.status_code == 400 and "shard sets only" in r.json()["message"]
     for bad, status in (("999999", 404), ("-1", 422), ("abc", 422)):
         r = client.get(f"/api/images/{bad}")
         assert r.status_code == status and r.json()["error"] in ("not_found", "invalid_request"), r.text

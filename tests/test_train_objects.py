@@ -158,6 +158,9 @@ def test_bad_adapter_files_give_one_line_errors(photos_dir, tmp_path, adapter_fi
         assert not (tmp_path / "idx").exists()
     r = fg("index", photos_dir, "--index", tmp_path / "idx", "--object-adapter", adapter_file)
     assert r.returncode == 2 and "needs --objects" in r.stderr
+    r = fg("index", photos_dir, "--index", tmp_path / "set", "--objects", "regions", "--object-adapter", adapter_file,
+           "--engine", "ray", "--into-set")
+    assert r.returncode == 2 and "--into-set" in r.stderr and not (tmp_path / "set").exists()
 
 
 def test_a_changed_adapter_copy_in_the_index_is_refused(indexes, photos_dir, tmp_path):

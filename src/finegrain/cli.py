@@ -143,6 +143,21 @@ def _open_index(path: Path, shard_set_ok: bool = False, note_read_only: bool = F
     return index
 
 
+def _open_ray_set(path: Path, address: Optional[str]):
+    """A shard set served by Ray actors for this command (docs/scaling.md); a clear error instead of a traceback."""
+    from .shards import is_shard_set
+    from .store.catalog import IndexFormatError
+
+    if not is_shard_set(path):
+        _fail(f"{path} is not a shard set; --ray searches a shard set (see `finegrain shards`)", 2)
+    try:
+        from .distributed import RayShardSet
+
+        return RayShardSet(path, address=address)
+    except (IndexFormatError, RuntimeError, ConnectionError) as exc:
+        _fail(str(exc))
+
+
 def _read_only_note(path: Path, reason: Optional[str]) -> None:
     """One line on stderr when an index could only be opened read-only (searching works, writing does not)."""
     if reason:
@@ -179,6 +194,8 @@ def index_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: a Ray cluster to join (auto, ray://host:10001); default a local runtime."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file was skipped or failed."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    into_set: bool = typer.Option(False, "--into-set", help="With --engine ray: --index is a shard set (made if missing); write new shards of it, one per Ray node (or --shard-images each), each built on its node and registered when done (docs/scaling.md)."),
+    shard_images: Optional[int] = typer.Option(None, "--shard-images", min=1, help="With --into-set: images per new shard (default: one shard per node)."),
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
@@ -195,6 +212,10 @@ def index_cmd(
         _fail("--object-adapter adapts the object descriptors: it needs --objects regions (or yolox)", 2)
     adapter_digest = _check_object_adapter(object_adapter, encoder, index) if object_adapter is not None else None
 
+    if into_set and object_adapter is not None:  # the new shards would record the adapter without its copy
+        _fail("--object-adapter does not work with --into-set yet: index each shard with --object-adapter instead", 2)
+    if into_set and engine != "ray":
+        _fail("--into-set builds shards on Ray nodes: give --engine ray (and --address for a cluster)", 2)
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
@@ -206,6 +227,11 @@ def index_cmd(
                 extra["adapter"] = adapter_digest
             obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
+        if into_set:
+            _index_into_set(index, inputs, address, shard_images, batch_size, commit_every, as_json, strict,
+                            {"encoder": encoder or DEFAULT_ENCODER, "ann": ann or "auto", "segments": seg,
+                             "objects": obj, "local": local_cfg})
+            return
         if (index / "finegrain.sqlite").exists():
             idx = Index.open(index)
             # Settings given for an existing index must be its own: never silently ignored.
@@ -277,6 +303,32 @@ def _check_object_adapter(path: Path, encoder: Optional[str], index: Path) -> st
     if wanted and wanted != (encoder or DEFAULT_ENCODER):
         _fail(f"the object adapter {path} was trained for encoder {wanted!r}, not {encoder or DEFAULT_ENCODER!r}", 2)
     return file_digest(path)
+
+
+def _index_into_set(set_path: Path, inputs: list[Path], address: Optional[str], shard_images: Optional[int],
+                    batch_size: int, commit_every: int, as_json: bool, strict: bool, create: dict) -> None:
+    """`finegrain index --engine ray --into-set`: new shards built on the cluster's nodes, registered in the set."""
+    from .distributed import index_shards
+    from .shards import is_shard_set
+
+    reports = index_shards(set_path, inputs, address=address, images_per_shard=shard_images,
+                           create=None if is_shard_set(set_path) else create, batch_size=batch_size,
+                           commit_every=commit_every, show_progress=not as_json)
+    if as_json:
+        print(json.dumps({"shards": reports}))
+    lost = [r for r in reports if r.get("error")]
+    failed = sum(r.get("failed", 0) + len(r.get("failures", [])) * (r.get("path") is None) for r in reports)
+    if not as_json:
+        for r in reports:
+            if r.get("path") and not r.get("error"):
+                out.print(f"shard {r['path']}: indexed {r['indexed']}, failed {r['failed']}, {r['images']} images")
+    for r in lost:
+        err.print(f"error: shard {r['path']} was not finished ({r['error']}); re-run the same command with "
+                  f"`finegrain index FILES --index {r['path']}` and `finegrain shards --add`", markup=False)
+    if lost:
+        raise typer.Exit(1)
+    if failed and strict:
+        raise typer.Exit(2)
 
 
 def _bbox(values: Optional[list[str]], extra: list[str]) -> Optional[list[float]]:
@@ -384,6 +436,8 @@ def search_cmd(
     offset: int = typer.Option(0, "--offset", help="Skip this many results (pagination).", rich_help_panel="Filters"),
     sort: str = typer.Option("score", "--sort", help="score (best first), date (oldest first) or -date (newest first).", rich_help_panel="Filters"),
     like: Optional[int] = typer.Option(None, "--like", help="More like this: the id of an indexed image as the example (instead of --text, --image or QUERY)."),
+    ray: bool = typer.Option(False, "--ray", help="Shard set: search it with Ray actors per shard (docs/scaling.md)."),
+    ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
 ) -> None:
     """Search an index by text, by example image, or both: [QUERY]... is an expression such as
     '"a beach" + "sunset" - "people"', 2:"red car" or @photo.jpg (docs/queries.md). The default mode, auto,
@@ -418,7 +472,7 @@ def search_cmd(
     except ValueError as exc:
         _fail(str(exc), 2)
     if idx is None:
-        idx = _open_index(index, shard_set_ok=True, note_read_only=True)
+        idx = _open_ray_set(index, ray_address) if ray else _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                     _l2g_variant(variant, mode))
     if dim is not None:
@@ -434,6 +488,11 @@ def search_cmd(
         _fail(str(exc), 2)
     except IndexFormatError as exc:  # a chunk found damaged (on first read, or recorded by `finegrain check`)
         _fail(str(exc))
+    except RuntimeError as exc:  # a Ray shard set with every shard down (ShardUnavailable)
+        _fail(str(exc))
+    if response.partial:  # never a silent short answer
+        err.print(f"warning: partial results: no answer from shard(s) {', '.join(response.partial)}",
+                  markup=False, highlight=False)
     if as_json:
         print(json.dumps({"query": query.describe(), **response.as_dict()}))
         return
@@ -660,13 +719,18 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
 def shards_cmd(
     members: list[Path] = typer.Argument(..., help="Existing index folders, one per shard."),
     out_path: Path = typer.Option(..., "--out", help="Folder for the shard-set manifest (shards.json)."),
+    add: bool = typer.Option(False, "--add", help="Append the indexes to the existing set at --out (a service serving it picks them up on its next reload)."),
 ) -> None:
     """Group indexes into a shard set: `search --index OUT` then searches them in parallel, top-k merged."""
-    from .shards import ShardedIndex
+    from .shards import ShardedIndex, register
     from .store.catalog import IndexFormatError
 
     try:
-        sharded = ShardedIndex.create(out_path, members)
+        if add:
+            register(out_path, members)
+            sharded = ShardedIndex.open(out_path)
+        else:
+            sharded = ShardedIndex.create(out_path, members)
     except (IndexFormatError, FileExistsError, ValueError) as exc:
         _fail(str(exc), 2)
     out.print(f"shard set {out_path}: {len(sharded.shards)} shards, {len(sharded)} images")
@@ -1124,8 +1188,11 @@ def serve_cmd(
     reload_interval: float = typer.Option(1.0, help="Seconds between checks for images added by `finegrain index` (re-opened without a restart)."),
     torch_threads: int = typer.Option(1, help="torch threads per search (searches run in parallel threads; 1 suits small queries)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    ray: bool = typer.Option(False, "--ray", help="Shard set: serve it with Ray actors (one or more per shard) instead of threads; docs/scaling.md."),
+    ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: actors per shard (throughput, failover)."),
 ) -> None:
-    """Serve the search API and the web page (http://HOST:PORT/); see docs/service.md."""
+    """Serve the search API and the web page (http://HOST:PORT/) over an index or a shard set; see docs/service.md."""
     import ipaddress
 
     import torch
@@ -1154,9 +1221,12 @@ def serve_cmd(
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     try:
-        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed))
+        service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed),
+                             ray=ray, ray_address=ray_address, replicas=replicas)
     except IndexFormatError as exc:
         _fail(str(exc))
+    except (ValueError, RuntimeError, ConnectionError) as exc:  # --ray on an index; no Ray, or no cluster there
+        _fail(str(exc), 2 if isinstance(exc, ValueError) else 1)
     _read_only_note(index, _catalog_read_only(index))
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
     uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,

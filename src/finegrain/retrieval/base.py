@@ -296,6 +296,7 @@ class SearchResponse(Sequence[SearchResult]):
                 "sim_ops": int(self.stats.sim_ops), "levels_visited": int(self.stats.levels_visited),
                 "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
                 **({} if self.allowed is None else {"allowed": self.allowed}),
+                **({"partial": list(self.partial)} if self.partial else {}),
                 "results": [h.as_dict() for h in self.hits]}
 
 

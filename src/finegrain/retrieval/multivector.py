@@ -86,14 +86,16 @@ def auto_candidates(n_images: int) -> int:
     return 0 if n_images <= AUTO_EXACT_UP_TO else AUTO_CANDIDATES
 
 
-def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int) -> np.ndarray:
+def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int,
+                        allowed: np.ndarray | None = None) -> np.ndarray:
     """The candidate stage: ascending positions of the union of each query vector's top-``n`` global hits.
 
     Every query vector (the full query and each sub-query) takes its own top ``n`` from the global
     field's top-k structure (FAISS: exact below 200k images, HNSW above), so an image that only a
     sub-query finds is still scored on its segments. The scheduler then runs on these images only.
+    ``allowed`` (filters): a boolean mask over positions; candidates are drawn from those images only.
     """
-    _, ids = search_vectors(snapshot, queries, n)
+    _, ids = search_vectors(snapshot, queries, n, allowed=allowed)
     ids = np.unique(ids[ids >= 0])
     return np.sort(snapshot.positions(ids))
 
@@ -131,13 +133,16 @@ class MultiVectorRetriever(Retriever):
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)
         texts, queries = query_vectors(snapshot, query, params)
-        candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
-        n_candidates = auto_candidates(len(snapshot)) if params.candidates is None else params.candidates
+        n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
+        n_candidates = auto_candidates(n_allowed) if params.candidates is None else params.candidates
         timings = {}
-        if candidates is None and 0 < n_candidates < len(snapshot):
+        candidates: np.ndarray | None
+        if 0 < n_candidates < n_allowed:  # filters first, then the candidate stage among what they allow
             t0 = time.perf_counter()
-            candidates = candidate_positions(snapshot, queries, n_candidates)
+            candidates = candidate_positions(snapshot, queries, n_candidates, allowed)
             timings["candidates_ms"] = (time.perf_counter() - t0) * 1000
+        else:
+            candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
         scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries, k,
                                              params.config(), candidates)
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -46,11 +46,13 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
 from ..images import ImageLoadError, load_image, load_image_sized
+from ..shards import ShardedIndex
 from .clip_back import LARGE_BODY_PATHS, clip_back_router
 from .hardening import StaticFilesNoRange
 from .holder import DecodePool, IndexHolder, ThumbnailCache
 from .hosts import HostCheck
-from .image_routes import image_router
+from .image_routes import image_router, shard_of
+from .setholder import ServedSet, SetHolder
 from .slowclients import BodyTimeout
 
 log = logging.getLogger("finegrain.service")
@@ -108,6 +110,8 @@ class SearchRequest(BaseModel):
                                                 '"people" or 2:"red car" (docs/queries.md).')
     like: int | None = Field(None, ge=0, description="Instead of text or query: more like this indexed image "
                                                       "(its id; its file is the example image).")
+    like_shard: int | None = Field(None, ge=0, description="Shard sets: the shard of the `like` image (a hit's "
+                                                            "`shard`; ids are per shard).")
     negative: list[str] = Field([], description="Texts to move away from (negative terms).")
     k: int = Field(10, description="Number of results.")
     mode: Mode = Field("auto", description="auto (the default) picks the mode for the query and the index.")
@@ -117,6 +121,8 @@ class SearchRequest(BaseModel):
         if sum(v is not None for v in (self.text, self.query, self.like)) != 1:
             raise ValueError("give exactly one of text (taken literally), query (an expression) or like (an "
                              "indexed image's id)")
+        if self.like_shard is not None and self.like is None:
+            raise ValueError("like_shard goes with like (the shard of that image)")
         return self
     explain: bool = Field(False, description="Also explain each result (regions per sub-query).")
     filters: dict[str, Any] | None = Field(None, description=(
@@ -169,6 +175,7 @@ class Hit(BaseModel):
     thumbnail: str = Field(description="URL of the thumbnail.")
     explanation: Explanation | None = None
     taken: str | None = Field(None, description="Capture date (EXIF, else file mtime), when sorted by date.")
+    shard: int | None = Field(None, description="Shard sets: the shard holding the image (ids are per shard).")
 
 
 class SearchStatsModel(BaseModel):
@@ -187,11 +194,14 @@ class SearchResponse(BaseModel):
     generation: int = Field(description="Index generation searched.")
     offset: int = Field(0, description="Results skipped before these (pagination).")
     allowed: int | None = Field(None, description="Images the filters allowed (absent without filters).")
+    partial: bool = Field(False, description="Shard sets: true when some shard could not answer (see missing).")
+    missing: list[str] = Field([], description="Shard sets: the shards whose hits are absent from this answer.")
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok, or degraded when a shard of a shard set has replicas down.")
     images: int
+    shards: list[dict[str, Any]] | None = Field(None, description="Shard sets: per shard name, state, images.")
 
 
 class ErrorBody(BaseModel):
@@ -203,9 +213,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for sta
 
 
 # ------------------------------------------------------------------ the app
-def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits: ServiceLimits | None = None,
+def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None = None,
+               limits: ServiceLimits | None = None,
                reload_interval: float = 1.0, warm: bool = True, text_workers: int | None = None,
-               allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+               allowed_hosts: tuple[str, ...] = (), ray: bool = False, ray_address: str | None = None,
+               replicas: int = 1) -> FastAPI:
     """The service over the index at ``index_path``.
 
     Parameters
@@ -227,11 +239,25 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
     text_workers:
         Threads embedding text queries; concurrent requests' queries are
         embedded together in one batch (default: one thread per core).
+    ray, ray_address, replicas:
+        ``index_path`` may be a shard set (``finegrain shards``): served with threads, or with ``ray`` by
+        ``replicas`` Ray actors per shard on the cluster at ``ray_address`` (see service/setholder.py).
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; give a real key, or none at all to serve without one")
     limits = limits or ServiceLimits()
-    holder = IndexHolder(index_path, reload_interval, text_workers)
+    from ..shards import is_shard_set
+
+    if ray and not isinstance(index_path, ShardedIndex) and not is_shard_set(index_path):
+        raise ValueError(f"{index_path} is not a shard set; serving on Ray needs one (finegrain shards)")
+    holder: IndexHolder | SetHolder
+    if isinstance(index_path, ShardedIndex):  # an open set (say a RayShardSet): served as it is, refreshed in place
+        holder = SetHolder(index_path.path, reload_interval, text_workers, backend=index_path)
+    elif is_shard_set(index_path):
+        holder = SetHolder(index_path, reload_interval, text_workers, ray=ray, ray_address=ray_address,
+                           replicas=replicas)
+    else:
+        holder = IndexHolder(index_path, reload_interval, text_workers)
     decoder = DecodePool()  # thumbnails and uploads: a few decodes at once, in a few threads (bounded memory)
     thumbs = ThumbnailCache(limits.thumbnail_size, limits.thumbnail_cache, decoder=decoder)
     counters = {"requests": 0, "searches": 0}
@@ -266,12 +292,14 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
             counters["requests"] += 1
             counters["searches"] += int(search)
 
-    @app.get("/api/health", response_model=Health, tags=["service"])
+    @app.get("/api/health", response_model=Health, response_model_exclude_none=True, tags=["service"])
     def health() -> dict:
         """Liveness and the number of indexed images."""
         count()
         with holder.use() as index:
-            return {"status": "ok", "images": len(index)}
+            shards = index.shard_status() if isinstance(index, ServedSet) else None
+            degraded = any(s["state"] != "up" for s in shards or ())
+            return {"status": "degraded" if degraded else "ok", "images": len(index), "shards": shards}
 
     @api.post("/search", response_model=SearchResponse, tags=["search"])
     def search_text(body: SearchRequest, request: Request) -> dict:
@@ -281,8 +309,9 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
         shape = {"filters": body.filters, "threshold": body.threshold, "offset": body.offset, "sort": body.sort}
         if body.like is not None:
             with holder.use() as index:
+                source = index if body.like_shard is None else shard_of(index, body.like_shard, ApiError)
                 return _search(index, request, body.mode, k, body.explain, shape=shape,
-                               query=_like_query(index, body.like, body.negative, limits, decoder))
+                               query=_like_query(source, body.like, body.negative, limits, decoder))
         query = _text_query(body.text, body.query, body.negative, limits)
         with holder.use() as index:
             return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
@@ -332,12 +361,15 @@ def create_app(index_path: str | os.PathLike, api_key: str | None = None, limits
 
     @api.get("/thumbnail/{image_id}", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail."}})
-    def thumbnail(image_id: int = PathParam(ge=0, le=2**62)) -> Response:
+    def thumbnail(image_id: int = PathParam(ge=0, le=2**62),
+                  shard: int | None = Query(None, ge=0, description="Shard sets: the hit's shard.")) -> Response:
         """A JPEG thumbnail (longer side ``thumbnail_size``) of an indexed image."""
         count()
         with holder.use() as index:
             try:
-                data = thumbs.get(index, image_id)
+                # a shard set's image is looked up in its shard (anything with the index's get(id))
+                target: Any = index.shard(shard) if isinstance(index, ServedSet) and shard is not None else index
+                data = thumbs.get(target, image_id)
             except KeyError:
                 raise ApiError(404, "not_found", f"no indexed image with id {image_id}") from None
             except ImageLoadError as exc:
@@ -478,15 +510,15 @@ def _search(index, request: Request, mode: str, k: int, explain: bool, query: re
     took = (time.perf_counter() - t0) * 1000
     root = request.scope.get("root_path", "")
     results = [{"id": h.id, "score": round(h.score, 6), "rank": h.rank, "name": os.path.basename(h.path),
-                "thumbnail": f"{root}/api/thumbnail/{h.id}", "explanation": e.as_dict() if e else None,
-                "taken": h.taken}
+                "thumbnail": f"{root}/api/thumbnail/{h.id}" + ("" if h.shard is None else f"?shard={h.shard}"),
+                "explanation": e.as_dict() if e else None, "taken": h.taken, "shard": h.shard}
                for h, e in zip(response, explained)]
     return {"results": results, "mode": response.mode, "requested_mode": response.requested_mode, "k": k,
             "subqueries": list(response.subqueries[1:]),
             "stats": {"sim_ops": int(response.stats.sim_ops), "levels_visited": int(response.stats.levels_visited),
                       "took_ms": round(took, 3)},
             "generation": response.generation, "offset": int(shape.get("offset") or 0),
-            "allowed": response.allowed}
+            "allowed": response.allowed, "partial": bool(response.partial), "missing": list(response.partial)}
 
 
 def _explain(index, image_id: int, mode: str, k: int, text=None, image=None, bbox=None) -> dict:
@@ -602,7 +634,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details) or "invalid request"
         return JSONResponse({"error": "invalid_request", "message": message, "details": details}, status_code=422)
 
+    from ..shards import ShardUnavailable
     from ..store.catalog import IndexFormatError
+
+    @app.exception_handler(ShardUnavailable)
+    async def shards_down(request: Request, exc: ShardUnavailable) -> JSONResponse:
+        # every shard of a set is down (one shard down gives a partial answer, not this)
+        return JSONResponse({"error": "shards_unavailable", "message": str(exc)}, status_code=503)
 
     @app.exception_handler(IndexFormatError)
     async def index_damaged(request: Request, exc: IndexFormatError) -> JSONResponse:

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -81,6 +81,24 @@ def full_image(path: str, max_side: int) -> tuple[bytes, str]:
     return buf.getvalue(), "image/jpeg"
 
 
+SHARD_HELP = "Shard sets: the image's shard (a hit's `shard`); ids are per shard."
+
+
+def shard_of(index: Any, shard: int, api_error: Callable[[int, str, str], Exception]) -> Any:
+    """Shard ``shard`` of a served shard set, as a local index (400 for a single index or a set on Ray)."""
+    pick = getattr(index, "shard", None)
+    if pick is None:
+        raise api_error(400, "bad_request", "shard applies to shard sets only; this service serves one index")
+    try:
+        target = pick(shard)
+    except (KeyError, IndexError):
+        raise api_error(404, "not_found", f"no shard {shard} in this shard set") from None
+    if not hasattr(target, "catalog"):  # a remote shard: its catalog and files are on another node
+        raise api_error(400, "bad_request", "image details, files and 'more like this' by id are not available on "
+                                             "a shard set served on Ray (the files are on the shards' nodes)")
+    return target
+
+
 def image_router(holder: Any, run_decode: Callable[..., Any], max_side: int, count: Callable[[], None],
                  api_error: Callable[[int, str, str], Exception]) -> APIRouter:
     """The routes, to include in the service's ``/api`` router (which adds the API key check).
@@ -98,31 +116,41 @@ def image_router(holder: Any, run_decode: Callable[..., Any], max_side: int, cou
         except KeyError:
             raise api_error(404, "not_found", f"no indexed image with id {image_id}") from None
 
+    def locate(index: Any, shard: int | None) -> Any:
+        """The index holding the image: ``index`` itself, or shard ``shard`` of a shard set (ids are per shard)."""
+        if shard is None:
+            return index
+        return shard_of(index, shard, api_error)
+
     @router.get("/images/{image_id}", response_model=ImageDetails, tags=["images"])
-    def image_details(request: Request, image_id: int = PathParam(ge=0, le=2**62)) -> dict:
+    def image_details(request: Request, image_id: int = PathParam(ge=0, le=2**62),
+                      shard: int | None = Query(None, ge=0, description=SHARD_HELP)) -> dict:
         """An indexed image's path, size, capture date (and whether EXIF or the file's mtime gave it), camera."""
         count()
-        with catalog_access() as index:
+        with catalog_access() as served:
+            index = locate(served, shard)
             rec = record(index, image_id)
             row = meta_table.row(index.catalog.db, image_id) or {}
         taken, source = row.get("taken"), row.get("taken_source")
         if taken is None and rec.mtime_ns is not None:  # no EXIF row yet: dated like filters date it
             taken, source = meta_table.mtime_wall_clock(rec.mtime_ns), "mtime"
         root = request.scope.get("root_path", "")
+        where = "" if shard is None else f"?shard={shard}"
         return {"id": rec.id, "name": os.path.basename(rec.path), "path": rec.path, "width": rec.width,
                 "height": rec.height, "orientation": _shape(rec.width, rec.height),
                 "exif_orientation": row.get("orientation"), "taken": iso(taken) if taken is not None else None,
                 "taken_source": source, "make": row.get("make"), "model": row.get("model"), "bytes": rec.size,
-                "file": f"{root}/api/images/{rec.id}/file", "thumbnail": f"{root}/api/thumbnail/{rec.id}"}
+                "file": f"{root}/api/images/{rec.id}/file{where}", "thumbnail": f"{root}/api/thumbnail/{rec.id}{where}"}
 
     @router.get("/images/{image_id}/file", tags=["images"], response_class=Response, responses={200: {
         "content": {t: {} for t in WEB_FORMATS.values()},
         "description": "The image: the stored bytes (JPEG, PNG, WebP, GIF), else re-encoded as JPEG."}})
-    def image_file(image_id: int = PathParam(ge=0, le=2**62)) -> Response:
+    def image_file(image_id: int = PathParam(ge=0, le=2**62),
+                   shard: int | None = Query(None, ge=0, description=SHARD_HELP)) -> Response:
         """The full image of an indexed file (by id; never by path)."""
         count()
-        with use() as index:
-            path = record(index, image_id).path
+        with use() as served:
+            path = record(locate(served, shard), image_id).path
         try:
             data, media = run_decode(full_image, path, max_side)
         except ImageLoadError as exc:

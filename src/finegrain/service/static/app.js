@@ -8,7 +8,7 @@
   const COLOURS = ["#e5484d", "#2463eb", "#12a150", "#f08c00", "#8e4ec6", "#0891b2", "#d6409f", "#6b7280"];
   const FILTERS = ["path_prefix", "taken_after", "taken_before", "make", "model", "orientation"];
   // What a search is, as it appears in the URL (defaults are left out of it).
-  const DEFAULTS = { q: "", like: "", literal: "", mode: "auto", k: "12", offset: "0", threshold: "", sort: "score" };
+  const DEFAULTS = { q: "", like: "", shard: "", literal: "", mode: "auto", k: "12", offset: "0", threshold: "", sort: "score" };
   FILTERS.forEach((f) => { DEFAULTS[f] = ""; });
   // A quote, a lone + or - between terms, or a weight such as 2: makes the text an expression (docs/page.md).
   const EXPRESSION = /"|(^|\s)'|(^|\s)[+-](?=\s|$|["'])|(^|[\s+-])\d*\.?\d+:\S/;
@@ -155,7 +155,10 @@
         data = await api("api/search/image", { method: "POST", body: body });
       } else {
         const body = { k: num(s.k), mode: s.mode, explain: explain, offset: num(s.offset), sort: s.sort };
-        if (s.like !== "") body.like = num(s.like);
+        if (s.like !== "") {
+          body.like = num(s.like);
+          if (s.shard !== "") body.like_shard = num(s.shard);  // shard sets: ids are per shard
+        }
         else if (isExpression(s)) body.query = s.q;
         else body.text = s.q;
         if (s.threshold !== "") body.threshold = num(s.threshold);
@@ -196,10 +199,16 @@
     run(s, { file: current.file, history: current.file ? null : "push" });
   }
 
-  function moreLike(id) {
+  // An image's URL on this server; on a shard set a hit names its shard (ids are per shard).
+  function imageUrl(id, shard, file) {
+    return "api/images/" + id + (file ? "/file" : "") + (shard !== undefined && shard !== null && shard !== "" ? "?shard=" + shard : "");
+  }
+
+  function moreLike(id, shard) {
     const s = formState();
     s.q = "";
     s.like = String(id);
+    s.shard = shard === undefined || shard === null ? "" : String(shard);
     s.offset = "0";
     closeDetails(false);
     query.value = "";
@@ -324,6 +333,7 @@
   function card(hit) {
     const article = el("article", "result");
     article.dataset.id = hit.id;
+    article.dataset.shard = hit.shard === undefined || hit.shard === null ? "" : String(hit.shard);
     article.tabIndex = 0;
     article.setAttribute("aria-label", "#" + (hit.rank + 1) + " " + hit.name + ", score " + hit.score.toFixed(3));
     const figure = el("figure", "thumb");
@@ -342,13 +352,13 @@
     const like = el("button", "action like", "More like this");
     like.type = "button";
     like.tabIndex = -1;  // the card has the keys (m, o, Enter); Tab moves card to card
-    like.addEventListener("click", () => moreLike(hit.id));
+    like.addEventListener("click", () => moreLike(hit.id, article.dataset.shard));
     const open = el("a", "action open", "Open");
-    open.href = "api/images/" + hit.id + "/file";
+    open.href = imageUrl(hit.id, article.dataset.shard, true);
     open.target = "_blank";
     open.rel = "noopener";
     open.tabIndex = -1;
-    open.addEventListener("click", (event) => openFull(event, hit.id));
+    open.addEventListener("click", (event) => openFull(event, hit.id, article.dataset.shard));
     const info = el("button", "action info", "Details");
     info.type = "button";
     info.tabIndex = -1;
@@ -394,12 +404,12 @@
     } catch (e) { /* leave the image empty */ }
   }
 
-  async function openFull(event, id) {
+  async function openFull(event, id, shard) {
     if (!apiKey) return;  // a plain link does
     event.preventDefault();
     const tab = window.open("", "_blank");
     try {
-      const response = await fetch("api/images/" + id + "/file", { headers: headers() });
+      const response = await fetch(imageUrl(id, shard, true), { headers: headers() });
       if (!response.ok) throw new Error("HTTP " + response.status);
       const blobUrl = URL.createObjectURL(await response.blob());
       if (tab) tab.location = blobUrl; else location.assign(blobUrl);
@@ -416,16 +426,17 @@
   }
 
   async function openDetails(article) {
-    const id = article.dataset.id;
+    const id = article.dataset.id, shard = article.dataset.shard || "";
     detailsFor = article;
+    details.dataset.shard = shard;
     details.hidden = false;
     details.dataset.id = id;
     $("details-title").textContent = "image " + id;
     detailsList.replaceChildren();
     detailsImage.removeAttribute("src");
-    detailsOpen.href = "api/images/" + id + "/file";
+    detailsOpen.href = imageUrl(id, shard, true);
     try {
-      const d = await api("api/images/" + id);
+      const d = await api(imageUrl(id, shard, false));
       if (details.dataset.id !== id) return;
       $("details-title").textContent = d.name;
       loadImage(detailsImage, d.thumbnail);
@@ -490,7 +501,7 @@
     const cardEl = target && target.classList && target.classList.contains("result") ? target : null;
     if (!cardEl) return;
     if (event.key === "Enter") { event.preventDefault(); openDetails(cardEl); return; }
-    if (event.key === "m") { event.preventDefault(); moreLike(cardEl.dataset.id); return; }
+    if (event.key === "m") { event.preventDefault(); moreLike(cardEl.dataset.id, cardEl.dataset.shard); return; }
     if (event.key === "o") { event.preventDefault(); cardEl.querySelector(".open").click(); return; }
     if (move(cardEl, event.key)) event.preventDefault();
   });
@@ -549,8 +560,10 @@
   });
   window.addEventListener("popstate", (event) => { restore(event.state || fromUrl(location.search)); });
   $("details-close").addEventListener("click", () => closeDetails(true));
-  detailsLike.addEventListener("click", () => { if (details.dataset.id) moreLike(details.dataset.id); });
-  detailsOpen.addEventListener("click", (event) => { if (details.dataset.id) openFull(event, details.dataset.id); });
+  detailsLike.addEventListener("click", () => { if (details.dataset.id) moreLike(details.dataset.id, details.dataset.shard); });
+  detailsOpen.addEventListener("click", (event) => {
+    if (details.dataset.id) openFull(event, details.dataset.id, details.dataset.shard);
+  });
 
   function searchFile(file) {
     if (!file) return;
