@@ -12,6 +12,10 @@ about 0.4 CPU s per composite with one thread):
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m experiments.mao_stagea [--out W.safetensors] [--rank R] [--temperature T]
         [--epochs E] [--n-train N] [--seeds 0,1,2] [--json RESULT.json]
+
+or, to score adapters already trained by ``finegrain train-objects`` (no training, no composite cache):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m experiments.mao_stagea --adapter A.safetensors [--adapter B.safetensors]
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ import torch
 
 from finegrain.bench.needles import load_needles, needles_map
 from finegrain.index import Index
+from finegrain.objects.adapter import read_adapter
 from finegrain.objects.descriptor import fuse
-from finegrain.train.stagea import (CacheConfig, StageAConfig, apply_adapter, build_cache, save_adapter,
-                                    train_stagea)
+from finegrain.retrieval import Query
+from finegrain.retrieval.objects import embed_object_query
+from finegrain.train.stagea import CacheConfig, StageAConfig, apply_adapter, build_cache, save_adapter, train_stagea
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -36,7 +42,7 @@ def needles_rankings(index: Index, data, weights: dict | None, pool_p: float) ->
     """Rankings of ``objects`` and ``objects-max`` from the index's stored crop vectors, optionally adapted."""
     rows = index.fields["objects"]
     vecs, owners = np.asarray(rows.vectors, np.float32), np.asarray(rows.owners)
-    queries = np.stack([index.embed_object_query(image=q) for q in data.queries])
+    queries = np.stack([embed_object_query(index.snapshot, Query(image=q)) for q in data.queries])
     if weights is not None:
         vecs, queries = apply_adapter(weights, vecs), apply_adapter(weights, queries)
     ids = np.unique(owners)
@@ -65,11 +71,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds; needles is scored for each and their mean")
     ap.add_argument("--out", default=None, help="write the first seed's adapter here (.safetensors)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--adapter", action="append", default=[],
+                    help="score this trained adapter on needles instead of training (repeatable)")
     args = ap.parse_args()
 
     if not (Path(args.index) / "finegrain.sqlite").exists():
         raise SystemExit(f"no needles object index at {args.index}: run "
                          "`finegrain bench needles --data ../shared/data/needles --mode objects` first")
+    if args.adapter:
+        score_adapters(args)
+        return
     t0 = time.time()
     cache = build_cache(args.flickr8k, args.cache_dir, CacheConfig(n_train=args.n_train, n_val=args.n_val))
     index = Index.open(args.index)
@@ -110,6 +121,22 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"total {time.time() - t0:.0f}s")
+
+
+def score_adapters(args) -> None:
+    """Needles mAP of the stored crops as they are and through each adapter (what an index built with it stores)."""
+    index = Index.open(args.index)
+    data = load_needles(args.needles)
+    result = {}
+    for label, path in [("none", None)] + [(Path(a).name, a) for a in args.adapter]:
+        weights = read_adapter(path)[0] if path else None
+        for mode, rankings in needles_rankings(index, data, weights, StageAConfig().pool_p).items():
+            m = needles_map(rankings, data)
+            result[f"{mode} {label}"] = m
+            print(f"needles {mode:12s} {label:32s} mAP {m['map']:.3f}  "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in m["map_by_area"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,7 @@ def index_cmd(
     refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
     refine_variant: str = typer.Option("finegrain", "--refine-variant", help="New index with objects and --refine-iters: Stage B objective, finegrain (default) or paper (MaO's: summed IoU, object-crop anchor, average start, step 0.1; docs/mao.md)."),
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
+    object_adapter: Optional[Path] = typer.Option(None, "--object-adapter", help="New index with --objects: a Stage A adapter from `finegrain train-objects`, copied into the index and applied to every object crop and object query (default none; docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     commit_every: int = typer.Option(512, "--commit-every", min=1, help="Commit (make durable, visible to searches) every N images: a killed run keeps every finished commit."),
@@ -207,7 +208,12 @@ def index_cmd(
         _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
     if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
         _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
+    if object_adapter is not None and not objects:
+        _fail("--object-adapter adapts the object descriptors: it needs --objects regions (or yolox)", 2)
+    adapter_digest = _check_object_adapter(object_adapter, encoder, index) if object_adapter is not None else None
 
+    if into_set and object_adapter is not None:  # the new shards would record the adapter without its copy
+        _fail("--object-adapter does not work with --into-set yet: index each shard with --object-adapter instead", 2)
     if into_set and engine != "ray":
         _fail("--into-set builds shards on Ray nodes: give --engine ray (and --address for a cluster)", 2)
     try:
@@ -217,6 +223,8 @@ def index_cmd(
             from .objects.config import ObjectConfig
 
             extra: dict[str, Any] = {} if object_threshold is None else {"threshold": object_threshold}
+            if adapter_digest is not None:
+                extra["adapter"] = adapter_digest
             obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if into_set:
@@ -239,6 +247,10 @@ def index_cmd(
         else:
             idx = Index.create(index, encoder=encoder or DEFAULT_ENCODER, ann=ann or "auto", segments=seg,
                                objects=obj, local=local_cfg)
+            if object_adapter is not None:  # the index keeps its own copy (checked against the recorded hash)
+                from .objects.adapter import install
+
+                install(index, object_adapter)
         report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
                          engine=engine, ray_address=address, commit_every=commit_every)
         if refit_local:
@@ -268,6 +280,29 @@ def index_cmd(
         err.print(f"[yellow]warning:[/yellow] {len(report.failed)} file(s) skipped")
         if strict:
             raise typer.Exit(2)
+
+
+def _check_object_adapter(path: Path, encoder: Optional[str], index: Path) -> str:
+    """The SHA-256 of a valid adapter made for this index's encoder (one-line error otherwise)."""
+    from .index import DEFAULT_ENCODER
+    from .objects.adapter import AdapterError, file_digest, read_adapter
+
+    try:
+        _, meta = read_adapter(path)
+    except AdapterError as exc:
+        _fail(str(exc), 2)
+    if (index / "finegrain.sqlite").exists():
+        from .store.catalog import Catalog
+
+        catalog = Catalog(index)
+        try:
+            encoder = encoder or catalog.get_meta("encoder")
+        finally:
+            catalog.close()
+    wanted = meta.get("encoder")
+    if wanted and wanted != (encoder or DEFAULT_ENCODER):
+        _fail(f"the object adapter {path} was trained for encoder {wanted!r}, not {encoder or DEFAULT_ENCODER!r}", 2)
+    return file_digest(path)
 
 
 def _index_into_set(set_path: Path, inputs: list[Path], address: Optional[str], shard_images: Optional[int],
@@ -785,6 +820,58 @@ def train_aligner_cmd(
     m = result["dev_metrics"]
     out.print(f"best epoch {result['best_epoch']}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
               f"wrote {out_path} (use it with --encoder effnet-minilm:{out_path})")
+
+
+@app.command("train-objects")
+def train_objects_cmd(
+    out_path: Path = typer.Option(..., "--out", help="Where to write the adapter (.safetensors; a .json summary beside it)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Flickr8k folder: composites from its train split (the last --holdout images validate)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder of your photos: composites made from them (the last ones by path validate)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="An index: composites from its photos, with its encoder and object settings."),
+    composites: int = typer.Option(2000, "--composites", help="Training composites (about 0.3 s each to encode on one core; cached)."),
+    val_composites: int = typer.Option(300, "--val-composites", help="Validation composites, from the held-out images only."),
+    holdout: int = typer.Option(0, "--holdout", help="Images held out for validation (0: 600 for Flickr8k, else 10 %, at least 2)."),
+    rank: int = typer.Option(16, "--rank", help="Rank of the adapter's residual (0: per-channel scale only)."),
+    epochs: int = typer.Option(30, "--epochs", help="Most epochs (early stopping on the validation composites)."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    select: str = typer.Option("objects-max", "--select", help="Validation MRR that picks the epoch: objects-max (what auto uses) or objects."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (composites and training)."),
+    encoder: str = typer.Option("effnet-minilm", "--encoder", help="Encoder (--index uses the index's)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of the composites' crop vectors (default ~/.cache/finegrain/stagea-<source>)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while encoding composites."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (also written next to --out as .json)."),
+) -> None:
+    """Train a MaO Stage A object adapter on composites (docs/mao.md); use it with `index --objects ... --object-adapter`."""
+    import hashlib
+
+    from .images import ImageLoadError
+    from .objects.adapter import AdapterError
+    from .train.objects import TrainObjectsConfig, train_objects
+
+    try:
+        config = TrainObjectsConfig(n_train=composites, n_val=val_composites, holdout=holdout, rank=rank,
+                                    epochs=epochs, lr=lr, select=select, seed=seed, encoder=encoder)
+        source = data or images or index
+        if cache_dir is None:
+            tag = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:12] if source else "none"
+            cache_dir = Path.home() / ".cache" / "finegrain" / ("stagea-flickr8k" if data else f"stagea-{tag}")
+        summary = train_objects(out_path, config, cache_dir, data=data, images=images, index=index,
+                                show_progress=progress and not as_json, log=err.print)
+    except (FileNotFoundError, ValueError, ImageLoadError, AdapterError) as exc:
+        _fail(str(exc), 2)
+    except KeyError as exc:  # an unknown encoder name
+        _fail(str(exc.args[0]) if exc.args else "unknown encoder", 2)
+    except OSError as exc:
+        _fail(f"cannot train the object adapter: {exc}")
+    if as_json:
+        print(json.dumps(summary))
+        return
+    b, a = summary["val_before"], summary["val_after"]
+    out.print(f"chosen epoch {summary['chosen_epoch']} of {summary['epochs_run']} (by validation {summary['select']} MRR"
+              f"{', the identity: nothing beat it' if summary['identity'] else ''}); validation MRR objects "
+              f"{b['objects_mrr']:.3f} -> {a['objects_mrr']:.3f}, objects-max {b['objects_max_mrr']:.3f} -> "
+              f"{a['objects_max_mrr']:.3f} on {summary['composites']['val']} held-out composites; wrote {out_path} "
+              f"(use it with finegrain index --objects regions --object-adapter {out_path})")
 
 
 @bench_app.command("flickr8k")

@@ -25,14 +25,15 @@ class ObjectsField(FieldExtractor):
     key = "objects"
     label = "objects"
 
-    def __init__(self, config: ObjectConfig):
+    def __init__(self, config: ObjectConfig, root: Path | None = None):
         self.config = config
+        self.root = root  # where an adapter's copy lives (ObjectConfig.adapter)
 
     @classmethod
     def from_config(cls, config: Any, root: Path) -> ObjectsField:
         if isinstance(config, str):
-            return cls(ObjectConfig(proposals=config))
-        return cls(config if isinstance(config, ObjectConfig) else ObjectConfig.from_dict(config))
+            return cls(ObjectConfig(proposals=config), root)
+        return cls(config if isinstance(config, ObjectConfig) else ObjectConfig.from_dict(config), root)
 
     def config_dict(self) -> dict:
         return self.config.to_dict()
@@ -48,7 +49,14 @@ class ObjectsField(FieldExtractor):
         return prepare_objects(decoded.image, encoder, self.config)
 
     def encode(self, encoder, payloads: list[ObjectInputs]) -> list[ObjectVectors]:
-        return encode_objects(encoder, payloads, self.config)
+        adapter = None
+        if self.config.adapter is not None:  # read (and checked) from the index's own copy
+            from ..objects.adapter import index_adapter
+
+            if self.root is None:
+                raise ValueError("an objects field with an adapter needs its index folder")
+            adapter = index_adapter(self.root, self.config.adapter)
+        return encode_objects(encoder, payloads, self.config, adapter)
 
     def rows(self, results: list[ObjectVectors], owners: np.ndarray) -> dict[str, FieldRows]:
         if not results:

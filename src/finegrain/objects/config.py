@@ -65,6 +65,11 @@ class ObjectConfig:
         see docs/mao.md), 0.1 for ``paper``. Stored resolved.
     seg_side:
         Side of the image copy the ``regions`` proposer segments.
+    adapter:
+        SHA-256 of a Stage A adapter (``finegrain train-objects``) applied to
+        every crop vector and object query; the index keeps its copy of the
+        file (:mod:`finegrain.objects.adapter`). ``None`` (default): none.
+        Needs ``space="raw"`` and no refinement.
     """
 
     proposals: str = "regions"
@@ -81,6 +86,7 @@ class ObjectConfig:
     lr: float | None = None
     seg_side: int = 224
     refine_variant: str = "finegrain"
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.refine_variant not in REFINE_VARIANTS:
@@ -109,6 +115,12 @@ class ObjectConfig:
             raise ValueError("alpha must be >= 0 and lr > 0")
         if not 32 <= int(self.seg_side) <= 1024:
             raise ValueError("seg_side must be between 32 and 1024")
+        if self.adapter is not None:
+            if not (isinstance(self.adapter, str) and len(self.adapter) == 64
+                    and all(c in "0123456789abcdef" for c in self.adapter)):
+                raise ValueError("the object adapter setting must be a SHA-256 (64 lower-case hex digits)")
+            if self.space != "raw" or self.refine:  # it adapts raw crop vectors; Stage B reads the unadapted maps
+                raise ValueError("an object adapter needs the raw object space and no refinement (--refine-iters 0)")
 
     @property
     def refine(self) -> bool:
@@ -126,6 +138,8 @@ class ObjectConfig:
             # The default is not written, so settings saved before the option existed (indexes,
             # Stage A cache keys) read and compare the same.
             del d["refine_variant"]
+        if d["adapter"] is None:  # likewise: indexes without an adapter keep their stored settings
+            del d["adapter"]
         return d
 
     @classmethod

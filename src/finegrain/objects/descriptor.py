@@ -125,13 +125,22 @@ def encode_crops(encoder, pixels: np.ndarray, space: str = "raw", batch_size: in
     return out, maps
 
 
-def encode_objects(encoder, items: list[ObjectInputs], config: ObjectConfig) -> list[ObjectVectors]:
-    """Encode the crops of several images in shared batches; refine each descriptor if configured."""
+def encode_objects(encoder, items: list[ObjectInputs], config: ObjectConfig,
+                   adapter: dict[str, np.ndarray] | None = None) -> list[ObjectVectors]:
+    """Encode the crops of several images in shared batches; refine each descriptor if configured.
+
+    With ``adapter`` (Stage A weights, :mod:`finegrain.objects.adapter`) every
+    crop vector is adapted before the fusion, as the adapter was trained.
+    """
     if not items:
         return []
     counts = [len(it.pixels) for it in items]
     vectors, maps = encode_crops(encoder, np.concatenate([it.pixels for it in items]), config.space,
                                  keep_maps=config.refine)
+    if adapter is not None:
+        from .adapter import apply_adapter
+
+        vectors = apply_adapter(adapter, vectors)
     fmaps = torch.cat(maps) if maps else None
     out, start = [], 0
     for it, n in zip(items, counts):
@@ -158,7 +167,13 @@ def fuse(vectors: np.ndarray, p: float = 1.0) -> np.ndarray:
     return l2_normalize(pooled[None])[0]
 
 
-def embed_query(encoder, image: Image.Image, config: ObjectConfig) -> np.ndarray:
+def embed_query(encoder, image: Image.Image, config: ObjectConfig,
+                adapter: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """The (D,) vector of an image query (the object sought, already cropped) in the objects' space."""
     pixels = encoder.prepare_image(image.convert("RGB"), config.crop_size)[None]
-    return encode_crops(encoder, pixels, config.space)[0][0]
+    vector = encode_crops(encoder, pixels, config.space)[0][0]
+    if adapter is not None:
+        from .adapter import apply_adapter
+
+        vector = apply_adapter(adapter, vector)
+    return vector

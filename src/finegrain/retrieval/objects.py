@@ -52,7 +52,12 @@ def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
     box = query.clip_box(img.size)
     if box is not None:
         img = img.crop(tuple(int(round(v)) for v in box))  # type: ignore[arg-type]
-    return embed_object(snapshot.encoder, img, cfg)
+    adapter = None
+    if cfg.adapter is not None:  # the index stores adapted crops: the query goes through the same adapter
+        from ..objects.adapter import index_adapter
+
+        adapter = index_adapter(snapshot.path, cfg.adapter)
+    return embed_object(snapshot.encoder, img, cfg, adapter)
 
 
 class ObjectRetriever(Retriever):

@@ -30,8 +30,9 @@ composites).
 Result (docs/mao.md, "Stage A fine-tuning"; ``experiments/mao_stagea.py``): the
 adapter doubles the held-out composites' ``objects`` MRR but does not help
 on the ``needles`` benchmark (``objects`` within noise, ``objects-max``
-lower), so it is not wired into indexing; this module is kept so the
-experiment can be rerun.
+lower). It is in the product as an opt-in (``finegrain train-objects``,
+:mod:`finegrain.train.objects`; ``finegrain index --object-adapter``), not as
+the default.
 """
 
 from __future__ import annotations
@@ -130,8 +131,6 @@ def split_images(data: Path, holdout: int) -> tuple[list[Path], list[Path]]:
 def build_cache(data: str | Path, cache_dir: str | Path, config: CacheConfig | None = None,
                 objects: ObjectConfig | None = None, show_progress: bool = True, log=print) -> dict:
     """Encode the composites' crops and queries once (fp16 .npy, memory-mapped on return)."""
-    from .. import encoders
-
     config = config or CacheConfig()
     objects = objects or ObjectConfig()
     if objects.space != "raw":
@@ -141,6 +140,19 @@ def build_cache(data: str | Path, cache_dir: str | Path, config: CacheConfig | N
     train_imgs, val_imgs = split_images(Path(data), config.holdout)
     key = {"cache": asdict(config), "objects": objects.to_dict(), "side": SCENE_SIDE, "area": list(AREA_RANGE),
            "train_images": len(train_imgs), "first_val_image": val_imgs[0].name, "version": 1}
+    return build_cache_from(train_imgs, val_imgs, cache_dir, key, config, objects, show_progress, log)
+
+
+def build_cache_from(train_imgs: list[Path], val_imgs: list[Path], cache_dir: Path, key: dict, config: CacheConfig,
+                     objects: ObjectConfig, show_progress: bool = True, log=print) -> dict:
+    """:func:`build_cache` over given image lists: validation composites only from ``val_imgs``.
+
+    ``key`` identifies the images and settings; a split whose stored key
+    differs is rebuilt.
+    """
+    from .. import encoders
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
     enc = None
     for split, pool, n, seed in (("val", val_imgs, config.n_val, config.seed + 1),
                                  ("train", train_imgs, config.n_train, config.seed)):
@@ -259,6 +271,7 @@ class StageAConfig:
     weight_decay: float = 1e-4
     max_crops: int = 25  # whole image + ObjectConfig.max_objects
     seed: int = 0
+    select: str = "objects"  # validation MRR that picks the epoch: "objects" or "objects_max"
 
 
 def padded(split: dict[str, np.ndarray], max_crops: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,7 +327,10 @@ def train_stagea(cache: dict, config: StageAConfig | None = None, log=print) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     base = retrieval_metrics(None, xva, mva, qva, config.pool_p)
     history = [{"epoch": 0, "loss": float("nan"), **base}]
-    best, best_epoch = base["objects_mrr"], 0
+    if config.select not in ("objects", "objects_max"):
+        raise ValueError(f"select must be 'objects' or 'objects_max', not {config.select!r}")
+    metric = f"{config.select}_mrr"
+    best, best_epoch = base[metric], 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log(f"epoch  0 (identity) val objects MRR {base['objects_mrr']:.3f} R@1 {base['objects_r1']:.3f} "
         f"objects-max MRR {base['objects_max_mrr']:.3f}")
@@ -336,8 +352,8 @@ def train_stagea(cache: dict, config: StageAConfig | None = None, log=print) -> 
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
         log(f"epoch {epoch:2d} loss {np.mean(losses):.3f} val objects MRR {metrics['objects_mrr']:.3f} "
             f"R@1 {metrics['objects_r1']:.3f} objects-max MRR {metrics['objects_max_mrr']:.3f}")
-        if metrics["objects_mrr"] > best:
-            best, best_epoch = metrics["objects_mrr"], epoch
+        if metrics[metric] > best:
+            best, best_epoch = metrics[metric], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= config.patience:
             log(f"early stop: no val improvement for {config.patience} epochs")
