@@ -56,10 +56,16 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
 
 def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
     """Segments grouped by level and image (views of the mapped chunk when stored level-major); one per snapshot."""
+    from ..compress import storage
+
     cfg = snapshot.segment_config
     assert cfg is not None
-    return snapshot.derived("segment-table", lambda: mv.SegmentTable(snapshot.field_parts("segments"), snapshot.ids,
-                                                                     len(cfg.levels)))
+
+    def build() -> mv.SegmentTable:
+        parts, codec = storage.scoring_parts(snapshot, "segments")  # compact rows when stored compact
+        return mv.SegmentTable(parts, snapshot.ids, len(cfg.levels), codec)
+
+    return snapshot.derived("segment-table", build)
 
 
 def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
@@ -110,7 +116,9 @@ class MultiVectorRetriever(Retriever):
     }
 
     def missing(self, snapshot: Snapshot, mode: str) -> str | None:
-        if snapshot.segment_config is None or not snapshot.has_field("segments"):
+        from ..compress import storage
+
+        if snapshot.segment_config is None or not storage.has_rows(snapshot, "segments"):
             return (f"search mode {mode!r} needs an index built with segments "
                     "(finegrain index ... --segments 4,9,16,25,36)")
         return None
