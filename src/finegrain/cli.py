@@ -324,6 +324,7 @@ def search_cmd(
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
+    rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments): score the best N images again from the float32 originals."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -376,6 +377,8 @@ def search_cmd(
         options["dim"] = dim
     if candidates is not None:
         options["candidates"] = candidates
+    if rescore is not None:
+        options["rescore"] = rescore
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:
