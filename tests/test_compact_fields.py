@@ -264,3 +264,17 @@ def test_cli_compress_info_and_undo(index):
     assert res.exit_code == 0, res.output
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "segments", "--quantize", "none"])
     assert out.exit_code == 0 and "original float32" in out.output
+
+
+def test_rescore_from_originals(index):
+    before = {m: _hits(index, m) for m in ("exhaustive", "hierarchical")}
+    index.compress("pca", 16, field="segments", quantize="int8")
+    for mode, hits in before.items():
+        # the whole collection as the short list: exactly the float32 ranking and scores again
+        again = [(h.id, h.score) for h in index.search(text=TEXT, mode=mode, k=10, rescore=N_IMAGES)]
+        assert [i for i, _ in again] == [i for i, _ in hits]
+        np.testing.assert_allclose([s for _, s in again], [s for _, s in hits], rtol=1e-6)
+        short = index.search(text=TEXT, mode=mode, k=5, rescore=20)
+        assert len(short) == 5 and {h.id for h in short} <= {h.id for h in index.search(text=TEXT, mode=mode, k=20)}
+    with pytest.raises(ValueError, match="rescore"):
+        index.search(text=TEXT, mode="exhaustive", rescore=-1)

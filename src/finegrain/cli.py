@@ -623,8 +623,8 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
     else:
         proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
         out.print(f"{field}: {proj}{info['quantize'] if info['quantize'] != 'none' else 'float32'} rows, "
-                  f"{stored:.0f} bytes per image (originals {info['originals']}; fitted on {info['fitted_on']} rows "
-                  f"in {info['fit_seconds']:.1f}s)")
+                  f"{stored:.0f} bytes per image (originals {info['originals']}"
+                  + (f"; fitted on {info['fitted_on']} rows in {info['fit_seconds']:.1f}s)" if info["fitted_on"] else ")"))
 
 
 @app.command("remove")

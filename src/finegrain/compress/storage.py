@@ -307,7 +307,7 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
     if needs_fit and len(source) < 2:
         raise ValueError(f"the {field} field holds {len(source)} row(s); fitting needs at least 2")
     start = time.perf_counter()
-    sample = _sample(source.vectors, fit_rows, seed)
+    sample = _sample(source.vectors, fit_rows, seed) if needs_fit else np.zeros((0, input_dim), np.float32)
     tag = new_chunk_name()
     info: dict[str, Any] = {"method": method, "quantize": quantize, "input_dim": input_dim,
                             "originals": "dropped" if drop_originals else "kept", "fitted_on": int(len(sample))}
