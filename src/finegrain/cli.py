@@ -695,7 +695,7 @@ def tune_cmd(
     idx = _open_index(index)
     chooser = _open_index(tune_on) if tune_on is not None else idx
     for name, i in ((index, idx), (tune_on, chooser)):
-        if "segments" not in i.fields:
+        if "segments" not in i.fields and "segments-compact" not in i.fields:  # originals dropped: compact only
             _fail(f"tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36): {name}", 2)
     try:
         query_list = load_queries(queries)
