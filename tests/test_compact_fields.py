@@ -278,3 +278,29 @@ def test_rescore_from_originals(index):
         assert len(short) == 5 and {h.id for h in short} <= {h.id for h in index.search(text=TEXT, mode=mode, k=20)}
     with pytest.raises(ValueError, match="rescore"):
         index.search(text=TEXT, mode="exhaustive", rescore=-1)
+
+
+def test_sigkill_before_the_catalog_commit(index):
+    """A real kill (SIGKILL, writer lock held) at the step before the catalog transaction."""
+    import os
+    import subprocess
+    import sys
+
+    before = _hits(index, "exhaustive")
+    script = (
+        "import os, signal, sys\n"
+        "from finegrain.index import Index\n"
+        "from finegrain.store.writer import Writer\n"
+        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "Index.open(sys.argv[1]).compress('pca', 16, field='segments', quantize='int8')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
+    assert proc.returncode == -9
+    index.refresh()
+    assert index.info()["storage"] is None and not index.snapshot.has_field("segments-compact")
+    assert _hits(index, "exhaustive") == before
+    index.compress(None, None, field="segments", quantize="float16")  # the next writer works (and sweeps)
+    assert len(list((index.path / storage.STORAGE_DIR).iterdir())) == 0
+    chunks = {p.name.split(".")[0] for p in (index.path / "vectors" / "segments-compact").iterdir()}
+    assert len(chunks) == 1  # the killed run's chunk was swept; only the committed one is left
