@@ -594,10 +594,10 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
     from .index import IndexLockedError
 
     method = method or "none"
-    if method == "aesvc-paper":
-        method = "aesvc"
-    idx = _open_index(index)
     params: dict[str, Any] = {}
+    if method == "aesvc-paper":  # AESVC(loss="paper"), as without --field
+        method, params["loss"] = "aesvc", "paper"
+    idx = _open_index(index)
     if steps is not None and method in ("aesvc", "ss2d"):
         params["n_steps"] = steps
     if method == "ss2d":
