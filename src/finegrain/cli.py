@@ -410,6 +410,7 @@ def search_cmd(
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
+    rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments): score the best N images again from the float32 originals."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -479,6 +480,8 @@ def search_cmd(
         options["dim"] = dim
     if candidates is not None:
         options["candidates"] = candidates
+    if rescore is not None:
+        options["rescore"] = rescore
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:
@@ -637,15 +640,26 @@ def duplicates_cmd(
 @app.command("compress")
 def compress_cmd(
     index: Path = typer.Option(..., "--index", help="Index folder."),
-    method: str = typer.Option(..., "--method", help="pca, aesvc, aesvc-paper (AE-SVC with the paper's loss form and weights, docs/compress.md) or ss2d; none removes the projection."),
+    method: Optional[str] = typer.Option(None, "--method", help="pca, aesvc, aesvc-paper (AE-SVC with the paper's loss form and weights, docs/compress.md) or ss2d; none removes the projection (required without --field)."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
     teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
+    field: Optional[str] = typer.Option(None, "--field", help="A multi-vector field to store compact: segments, objects, objects_mean, objects_refined (default: the global projection)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --field: float16, int8 (per-dimension scale) or none; --method none --quantize none returns to the originals."),
+    drop_originals: bool = typer.Option(False, "--drop-originals", help="With --field: delete the float32 originals (saves disk; undo then needs re-indexing)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
 ) -> None:
     """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
     from .index import IndexLockedError
 
+    if field is not None and field != "global":
+        _compress_field(index, field, method, dim, quantize, drop_originals, steps, teacher, as_json)
+        return
+    if quantize is not None or drop_originals:
+        _fail("--quantize and --drop-originals apply to a multi-vector field (--field segments, objects, "
+              "objects_mean, objects_refined); the global field is compressed with --method and --dim", 2)
+    if method is None:
+        _fail("--method is required (or --field FIELD --quantize Q for a multi-vector field)", 2)
     if method != "none" and dim is None:
         _fail("--dim is required (the output size)", 2)
     idx = _open_index(index)
@@ -679,6 +693,46 @@ def compress_cmd(
         out.print(f"compressed {info['fitted_on']} images with {info['method']} from {info['input_dim']} to {info['dim']} dims "
                   f"in {info['fit_seconds']:.1f}s{sizes}; {4 * info['dim']} bytes per image searched "
                   f"(originals kept: {4 * info['input_dim']} bytes per image)")
+
+
+def _compress_field(index: Path, field: str, method: Optional[str], dim: Optional[int], quantize: Optional[str],
+                    drop_originals: bool, steps: Optional[int], teacher: str, as_json: bool) -> None:
+    """`compress --field`: one multi-vector field's compact storage (compress/storage.py)."""
+    from .compress import storage
+    from .index import IndexLockedError
+
+    method = method or "none"
+    params: dict[str, Any] = {}
+    if method == "aesvc-paper":  # AESVC(loss="paper"), as without --field
+        method, params["loss"] = "aesvc", "paper"
+    idx = _open_index(index)
+    if steps is not None and method in ("aesvc", "ss2d"):
+        params["n_steps"] = steps
+    if method == "ss2d":
+        if teacher not in ("aesvc", "input"):
+            _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
+        params["teacher"] = None if teacher == "input" else "aesvc"
+    try:
+        info = idx.compress(method, dim, show_progress=not as_json, field=field, quantize=quantize or "none",
+                            drop_originals=drop_originals, **params)
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc), 2)
+    per_image = idx.info()["vector_bytes_per_image"]
+    stored = per_image.get(storage.compact_name(field) if info else field, 0.0)
+    if as_json:
+        print(json.dumps({"field": field, "storage": info or None, "bytes_per_image": stored,
+                          "vector_bytes_per_image": per_image}))
+    elif not info:
+        out.print(f"{field}: stored as the original float32 rows again ({stored:.0f} bytes per image)")
+    else:
+        proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
+        out.print(f"{field}: {proj}{info['quantize'] if info['quantize'] != 'none' else 'float32'} rows, "
+                  f"{stored:.0f} bytes per image (originals {info['originals']}"
+                  + (f"; fitted on {info['fitted_on']} rows in {info['fit_seconds']:.1f}s)" if info["fitted_on"] else ")"))
 
 
 @app.command("remove")
@@ -754,7 +808,7 @@ def tune_cmd(
     idx = _open_index(index)
     chooser = _open_index(tune_on) if tune_on is not None else idx
     for name, i in ((index, idx), (tune_on, chooser)):
-        if "segments" not in i.fields:
+        if "segments" not in i.fields and "segments-compact" not in i.fields:  # originals dropped: compact only
             _fail(f"tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36): {name}", 2)
     try:
         query_list = load_queries(queries)

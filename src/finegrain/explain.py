@@ -184,9 +184,11 @@ def explain_segments(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[
 def _explain_segments(snapshot: Snapshot, table: multivector.SegmentTable, rec, pos: int, labels: tuple[str, ...],
                       vectors: np.ndarray, mode: str, levels: list[int], global_score: float,
                       weight: float) -> Explanation:
-    seg = snapshot.field("segments")
+    from .compress import storage
+
+    seg, codec = storage.scoring(snapshot, "segments")  # compact rows and their codec when stored compact
     rows = np.flatnonzero(seg.owners == rec.id)
-    sims = np.asarray(seg.vectors[rows], np.float32) @ vectors.T  # (S, Q)
+    sims = codec.scores(seg.vectors[rows], codec.project(vectors))  # (S, Q)
     seg_levels = np.asarray(seg.attrs["level"])[rows]
     boxes = np.asarray(seg.attrs["box"], np.float32)[rows]
     width, height = _size(rec)

@@ -326,17 +326,34 @@ class Index:
         with self.writer() as w:
             w.compact()
 
-    def compress(self, method: str, dim: int | None = None, show_progress: bool = False, **params: Any) -> dict:
+    def compress(self, method: str | None = None, dim: int | None = None, show_progress: bool = False, *,
+                 field: str | None = None, quantize: str | None = None, drop_originals: bool = False,
+                 **params: Any) -> dict:
         """Fit a projection (``pca``, ``aesvc``, ``ss2d``; ``none`` removes it) on this index and store it.
 
-        See :func:`finegrain.compress.indexing.compress_index`; ``params`` go to
-        the projection's constructor. Returns the stored projection setting.
+        Without ``field`` (or ``field="global"``): the global projection, see
+        :func:`finegrain.compress.indexing.compress_index`. With a multi-vector ``field``
+        (``segments``, ``objects``...): that field's compact storage, ``method`` (default ``none``)
+        and ``quantize`` (``float16``, ``int8``, default ``none``), see
+        :func:`finegrain.compress.storage.compress_field`. ``params`` go to the projection's
+        constructor. Returns the stored setting.
         """
         from .compress import indexing as compress_indexing
+        from .compress import storage as compact_storage
 
+        legacy = field is None or field == "global"
+        if legacy and (quantize not in (None, "none") or drop_originals):
+            raise ValueError("--quantize and --drop-originals apply to a multi-vector field (--field segments, "
+                             "objects, objects_mean or objects_refined); the global field is compressed with "
+                             "--method and --dim")
+        if legacy and method is None:
+            raise ValueError("--method is required to compress the global field")
         with self.writer() as w:
             state = Snapshot.load(self.path, self.catalog, lambda: self.encoder)  # the committed state, under the lock
-            return compress_indexing.compress_index(w, state, method, dim, params, show_progress)
+            if legacy:
+                return compress_indexing.compress_index(w, state, str(method), dim, params, show_progress)
+            return compact_storage.compress_field(w, state, str(field), method or "none", dim, quantize or "none",
+                                                  drop_originals, params, show_progress=show_progress)
 
     def refit_local(self, show_progress: bool = False, batch: int = 256) -> int:
         """Refit the local-feature whitening on the whole collection and re-extract every image.
@@ -536,6 +553,8 @@ class Index:
         counts = self.catalog.counts()
         snap = self._snapshot
         ann = snap.settings.get("ann", "auto")
+        from .compress import storage as compact_storage
+
         dim = int(snap.projection_info["dim"]) if snap.projection_info else snap.dim
         return {
             "path": str(self.path),
@@ -546,6 +565,8 @@ class Index:
             "dim": snap.dim,
             "projection": snap.projection_info,
             "bytes_per_image": 4 * dim,
+            "storage": snap.settings.get(compact_storage.META_KEY) or None,  # compact fields (`compress --field`)
+            "vector_bytes_per_image": compact_storage.bytes_per_image(self.path, self.catalog.chunks(), len(snap)),
             "ann": ("hnsw" if len(snap) >= AUTO_ANN_THRESHOLD else "flat") if ann == "auto" else ann,
             "local": self._local_info(),
             "chunks": len(self.catalog.chunks()),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compress.storage import IDENTITY, Codec
 from ..store.vectors import FieldRows
 
 OBJECT_MODES = ("objects", "objects-max", "objects-refined")
@@ -28,8 +29,9 @@ FIELDS = {"objects": "objects_mean", "objects-max": "objects", "objects-refined"
 class ObjectTable:
     """Object rows grouped by image in the global field's row order, for per-image max."""
 
-    def __init__(self, objects: FieldRows, image_order: np.ndarray):
+    def __init__(self, objects: FieldRows, image_order: np.ndarray, codec: Codec = IDENTITY):
         self.n_images = len(image_order)
+        self.codec = codec  # a field stored compact (`finegrain compress --field objects`): project, dequantise
         sorter = np.argsort(image_order, kind="stable")
         pos = sorter[np.searchsorted(image_order, objects.owners, sorter=sorter)]
         order = np.argsort(pos, kind="stable")
@@ -40,7 +42,7 @@ class ObjectTable:
 
     def max_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per image (position order): best object score (-inf without objects) and that row's index."""
-        sims = self.vectors @ query
+        sims = self.codec.scores(self.vectors, self.codec.project(query))[:, 0]
         best = np.full(self.n_images, -np.inf, np.float32)
         arg = np.full(self.n_images, -1, np.int64)
         counts = np.diff(self.offsets)
@@ -64,12 +66,14 @@ class ObjectTable:
         return self.boxes[self.offsets[position]:self.offsets[position + 1]]
 
 
-def field_scores(rows: FieldRows, image_order: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Scores of a one-row-per-image field, in the global field's row order (-inf for missing images)."""
+def field_scores(rows: FieldRows, image_order: np.ndarray, query: np.ndarray, codec: Codec = IDENTITY) -> np.ndarray:
+    """Scores of a one-row-per-image field, in the global field's row order (-inf for missing images).
+
+    ``codec``: the field's compact storage (query projected, rows dequantised in blocks)."""
     sorter = np.argsort(image_order, kind="stable")
     pos = sorter[np.searchsorted(image_order, rows.owners, sorter=sorter)]
     out = np.full(len(image_order), -np.inf, np.float32)
-    out[pos] = rows.vectors @ query
+    out[pos] = codec.scores(rows.vectors, codec.project(query))[:, 0]
     return out
 
 
@@ -94,11 +98,13 @@ def explain_match(snapshot, image_id: int, query: np.ndarray) -> dict:
     (row 0 is the whole image), best first.
     """
     rec = snapshot.records[int(image_id)]
-    if not snapshot.has_field("objects"):
+    from ..compress import storage
+
+    if not storage.has_rows(snapshot, "objects"):
         raise ValueError("this index stores no objects (finegrain index ... --objects regions)")
-    rows = snapshot.field("objects")
+    rows, codec = storage.scoring(snapshot, "objects")
     mine = np.flatnonzero(rows.owners == int(image_id))
-    sims = np.asarray(rows.vectors[mine], np.float32) @ query
+    sims = codec.scores(rows.vectors[mine], codec.project(query))[:, 0]
     boxes = np.asarray(rows.attrs["box"], np.float32)[mine]
     scale = np.array([rec.width or 0, rec.height or 0] * 2, np.float32)
     objs: list[dict[str, Any]] = [{"box": [int(round(float(v))) for v in b * scale], "score": float(s)}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..search import multivector as mv
-from .base import Params, Query, Retriever, SearchResponse, number
+from .base import Params, Query, Retriever, SearchResponse, SearchStats, number
 from .dense import embed_query, hits_from, search_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,10 +33,13 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
     """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs (validated by it),
     the text decomposer (a spec: ``rules``, ``llm:<url>#<model>``, or a ``QueryDecomposer``), and
     ``candidates``: how many images the candidate stage passes to the segment scoring (see
-    :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`)."""
+    :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`); ``rescore``: on an
+    index whose segments are stored compact with the originals kept, the best ``rescore`` images are
+    scored again, same mode, from the float32 originals (0: off; see :func:`rescore`)."""
 
     decomposer: Any = "rules"
     candidates: int | None = None
+    rescore: int = 0
 
     def __post_init__(self) -> None:
         from ..decompose.query import QueryDecomposer, create_decomposer
@@ -44,6 +47,7 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
         super().__post_init__()  # the knobs' ranges
         if self.candidates is not None:
             number("candidates", self.candidates, 0, integer=True)
+        number("rescore", self.rescore, 0, integer=True)
         if isinstance(self.decomposer, str):
             create_decomposer(self.decomposer)  # a bad spec fails now, with the valid forms
         elif not isinstance(self.decomposer, QueryDecomposer):
@@ -56,10 +60,40 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
 
 def segment_table(snapshot: Snapshot) -> mv.SegmentTable:
     """Segments grouped by level and image (views of the mapped chunk when stored level-major); one per snapshot."""
+    from ..compress import storage
+
     cfg = snapshot.segment_config
     assert cfg is not None
-    return snapshot.derived("segment-table", lambda: mv.SegmentTable(snapshot.field_parts("segments"), snapshot.ids,
-                                                                     len(cfg.levels)))
+
+    def build() -> mv.SegmentTable:
+        parts, codec = storage.scoring_parts(snapshot, "segments")  # compact rows when stored compact
+        return mv.SegmentTable(parts, snapshot.ids, len(cfg.levels), codec)
+
+    return snapshot.derived("segment-table", build)
+
+
+def original_table(snapshot: Snapshot) -> mv.SegmentTable | None:
+    """The float32 original segments when the field is stored compact with its originals kept, else None."""
+    from ..compress import storage
+
+    cfg = snapshot.segment_config
+    if cfg is None or not storage.field_info(snapshot.settings, "segments") or not snapshot.has_field("segments"):
+        return None
+    return snapshot.derived("segment-table-originals", lambda: mv.SegmentTable(
+        snapshot.field_parts("segments"), snapshot.ids, len(cfg.levels)))
+
+
+def rescore(snapshot: Snapshot, mode: str, queries: np.ndarray, positions: np.ndarray, k: int,
+            config: mv.MultiVectorConfig) -> tuple[np.ndarray, np.ndarray, SearchStats] | None:
+    """The same mode run again on ``positions`` only (a short list), from the original float32 segments.
+
+    None when there is nothing to re-score from (segments stored as they are, or originals dropped).
+    Only the short list's rows of the originals are read (memory-mapped), so they cost disk, not memory.
+    """
+    table = original_table(snapshot)
+    if table is None:
+        return None
+    return mv.search(mode, table, snapshot.global_rows.vectors, queries, k, config, np.sort(positions))
 
 
 def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -> tuple[list[str], np.ndarray]:
@@ -112,7 +146,9 @@ class MultiVectorRetriever(Retriever):
     }
 
     def missing(self, snapshot: Snapshot, mode: str) -> str | None:
-        if snapshot.segment_config is None or not snapshot.has_field("segments"):
+        from ..compress import storage
+
+        if snapshot.segment_config is None or not storage.has_rows(snapshot, "segments"):
             return (f"search mode {mode!r} needs an index built with segments "
                     "(finegrain index ... --segments 4,9,16,25,36)")
         return None
@@ -143,8 +179,16 @@ class MultiVectorRetriever(Retriever):
             timings["candidates_ms"] = (time.perf_counter() - t0) * 1000
         else:
             candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
-        scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries, k,
-                                             params.config(), candidates)
+        shortlist = max(k, params.rescore)
+        scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries,
+                                             shortlist, params.config(), candidates)
+        if params.rescore:
+            again = rescore(snapshot, mode, queries, positions, k, params.config())
+            if again is not None:
+                scores, positions, extra = again
+                stats.sim_ops += extra.sim_ops
+            else:
+                scores, positions = scores[:k], positions[:k]
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,
                               timings=timings, generation=snapshot.generation)
 

@@ -26,7 +26,13 @@ __all__ = ["ObjectRetriever", "object_table", "embed_object_query"]
 
 def object_table(snapshot: Snapshot) -> object_search.ObjectTable:
     """Per-object rows grouped by image (one per snapshot)."""
-    return snapshot.derived("object-table", lambda: object_search.ObjectTable(snapshot.field("objects"), snapshot.ids))
+    from ..compress import storage
+
+    def build() -> object_search.ObjectTable:
+        rows, codec = storage.scoring(snapshot, "objects")  # compact rows and their codec when stored compact
+        return object_search.ObjectTable(rows, snapshot.ids, codec)
+
+    return snapshot.derived("object-table", build)
 
 
 def embed_object_query(snapshot: Snapshot, query: Query) -> np.ndarray:
@@ -86,19 +92,22 @@ class ObjectRetriever(Retriever):
         fieldname = object_search.FIELDS[mode]
         vector = embed_object_query(snapshot, query)
         texts = [query.text] if query.text else []
-        if not snapshot.has_field(fieldname):  # an empty index
+        from ..compress import storage
+
+        if not storage.has_rows(snapshot, fieldname):  # an empty index
             return SearchResponse([], mode, SearchStats(), texts, generation=snapshot.generation)
         if mode == "objects-max":
             scores, _ = object_table(snapshot).max_scores(vector)
         else:
-            scores = object_search.field_scores(snapshot.field(fieldname), snapshot.ids, vector)
+            rows, codec = storage.scoring(snapshot, fieldname)  # compact rows when stored compact
+            scores = object_search.field_scores(rows, snapshot.ids, vector, codec)
         if allowed is not None:  # images outside the filters never enter the top-k selection
             scores = np.where(allowed, scores, -np.inf)
         best, positions = object_search.top(scores, k)
         from .dense import hits_from
 
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], best), mode,
-                              SearchStats(sim_ops=len(snapshot.field(fieldname))), texts,
+                              SearchStats(sim_ops=len(storage.scoring(snapshot, fieldname)[0])), texts,
                               generation=snapshot.generation)
 
     def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..compress.storage import IDENTITY, Codec
 from ..retrieval.base import SearchStats, number
 from ..store.vectors import FieldRows
 
@@ -109,7 +110,8 @@ class _Piece:
             offsets.append(np.searchsorted(positions[at], np.arange(start, stop + 1)))
         return cls(start, stop, vectors, offsets)
 
-    def level_max(self, level: int, queries: np.ndarray, local: np.ndarray | None) -> tuple[np.ndarray, int]:
+    def level_max(self, level: int, queries: np.ndarray, local: np.ndarray | None,
+                  codec: Codec = IDENTITY) -> tuple[np.ndarray, int]:
         off = self.offsets[level]
         if local is None:
             starts, counts, vecs = off[:-1], np.diff(off), self.vectors[level]
@@ -120,7 +122,7 @@ class _Piece:
             starts = np.cumsum(counts) - counts
         out = np.full((len(counts), len(queries)), -np.inf, np.float32)
         if len(vecs):
-            sims = vecs @ queries.T
+            sims = codec.scores(vecs, queries)  # float32 rows as they are; float16/int8 in blocks
             nonempty = counts > 0
             out[nonempty] = np.maximum.reduceat(sims, starts[nonempty], axis=0)
         return out, int(len(vecs) * len(queries))
@@ -136,11 +138,17 @@ class SegmentTable:
     one *piece* whose per-level arrays are views of the memory-mapped file:
     no copy of the vectors is made. Rows that do not fit that shape are
     gathered into one piece (a copy).
+
+    ``codec``: how the stored rows relate to the joint space when the field is stored compact
+    (``finegrain compress --field segments``); :meth:`level_max` takes queries already passed
+    through :meth:`project`, which :func:`search` does.
     """
 
-    def __init__(self, segments: FieldRows | list[FieldRows], image_order: np.ndarray, n_levels: int):
+    def __init__(self, segments: FieldRows | list[FieldRows], image_order: np.ndarray, n_levels: int,
+                 codec: Codec = IDENTITY):
         self.n_images = len(image_order)
         self.n_levels = n_levels
+        self.codec = codec
         parts = [segments] if isinstance(segments, FieldRows) else [p for p in segments if len(p)]
         sorter = np.argsort(image_order)
         positions = [sorter[np.searchsorted(image_order, p.owners, sorter=sorter)] for p in parts]
@@ -160,18 +168,22 @@ class SegmentTable:
         Images without segments at that level score -inf.
         """
         if len(self.pieces) == 1:
-            return self.pieces[0].level_max(level, queries, candidates)
+            return self.pieces[0].level_max(level, queries, candidates, self.codec)
         n = self.n_images if candidates is None else len(candidates)
         out = np.full((n, len(queries)), -np.inf, np.float32)
         ops = 0
         for piece in self.pieces:
             if candidates is None:
-                out[piece.start:piece.stop], spent = piece.level_max(level, queries, None)
+                out[piece.start:piece.stop], spent = piece.level_max(level, queries, None, self.codec)
             else:
                 mine = (candidates >= piece.start) & (candidates < piece.stop)
-                out[mine], spent = piece.level_max(level, queries, candidates[mine] - piece.start)
+                out[mine], spent = piece.level_max(level, queries, candidates[mine] - piece.start, self.codec)
             ops += spent
         return out, ops
+
+    def project(self, queries: np.ndarray) -> np.ndarray:
+        """Joint-space queries in the stored rows' space (the field's projection; identity when it has none)."""
+        return self.codec.project(queries)
 
     def image_rows(self, level: int, position: int) -> np.ndarray:
         """The segment vectors of the image at ``position`` at ``level``."""
@@ -253,6 +265,7 @@ def search(mode: str, table: SegmentTable, global_vectors: np.ndarray, queries: 
     if mode == "global" or m == 0:
         return _top(positions, global_scores, k) + (stats,)
     subset = None if m == n else positions
+    queries = table.project(queries)  # segment scores in the stored rows' space (compact fields); global done
     if mode in ("single", "exhaustive"):
         if mode == "single":
             levels = [config.single_level if config.single_level is not None else table.n_levels // 2]

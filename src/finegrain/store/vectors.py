@@ -27,8 +27,8 @@ from typing import IO, Any
 import numpy as np
 
 VECTORS_DIR = "vectors"
-#: What a vector file may hold: native float32, or float16 for compact fields (``<f4``/``<f2`` on x86/ARM).
-VECTOR_DTYPES = (np.dtype(np.float32).str, np.dtype(np.float16).str)
+#: What a vector file may hold: native float32, or float16/int8 for compact fields (``<f4``/``<f2``/``|i1``).
+VECTOR_DTYPES = (np.dtype(np.float32).str, np.dtype(np.float16).str, np.dtype(np.int8).str)
 OWNER_DTYPE = np.dtype(np.int64).str
 DIGEST_SIZE = 16  # BLAKE2b-128 per file: damage detection, not an authentication code
 
@@ -42,8 +42,9 @@ class FieldRows:
     attrs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # float16 stays float16 (compact multi-vector fields such as local features); anything else is float32
-        dtype = np.float16 if np.asarray(self.vectors).dtype == np.float16 else np.float32
+        # float16 and int8 stay as they are (compact fields, local features); anything else is float32
+        given = np.asarray(self.vectors).dtype
+        dtype = given if given in (np.float16, np.int8) else np.float32
         self.vectors = np.ascontiguousarray(self.vectors, dtype=dtype)
         self.owners = np.ascontiguousarray(self.owners, dtype=np.int64)
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.owners):
@@ -172,8 +173,8 @@ def check_chunk(root: Path, fieldname: str, name: str, rows: int,
                 committed: dict[str, dict[str, Any]] | None = None) -> str | None:
     """What is wrong with a committed chunk's files, judged from their headers and sizes only (None: nothing).
 
-    Cheap enough for every open: no vector is read. The vectors must be a 2-D little-endian float32 or
-    float16 array and the owners a 1-D int64 array, every other file a 1-D or 2-D array, all with ``rows``
+    Cheap enough for every open: no vector is read. The vectors must be a 2-D little-endian float32,
+    float16 or int8 array and the owners a 1-D int64 array, every other file a 1-D or 2-D array, all with ``rows``
     rows (the catalog's count), each file exactly as long as its header says. With ``committed`` (the
     checksum record stored at commit) the set of files, each dtype and each shape must be the recorded ones.
     """
@@ -202,7 +203,7 @@ def check_chunk(root: Path, fieldname: str, name: str, rows: int,
         if dtype.hasobject:
             return f"chunk file {path.name} holds Python objects"
         if i == 0 and (len(shape) != 2 or dtype.str not in VECTOR_DTYPES):
-            return f"chunk file {path.name} is not a 2-D float32/float16 array (shape {shape}, dtype {dtype.str})"
+            return f"chunk file {path.name} is not a 2-D float32/float16/int8 array (shape {shape}, dtype {dtype.str})"
         if i == 1 and (len(shape) != 1 or dtype.str != OWNER_DTYPE):
             return f"chunk file {path.name} is not a 1-D int64 owner array (shape {shape}, dtype {dtype.str})"
         if committed is not None:

@@ -76,6 +76,7 @@ class Writer:
         self._lock_fh: IO[str] | None = None
         self._projection: tuple[str, Projection] | None = None
         self._records: dict[str, str] = {}  # chunk name -> checksum record (JSON) of chunks written, not committed
+        self._codecs: dict[str, Any] = {}  # compact fields' codecs (compress/storage.py), keyed by their files
 
     @classmethod
     def open(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder] | None = None) -> Writer:
@@ -139,10 +140,12 @@ class Writer:
     def sweep(self) -> None:
         """Delete chunk, projection and ANN-cache files that no committed state references."""
         from ..compress import indexing as compress_indexing
+        from ..compress import storage as compact_storage
 
         committed = {(f, n) for n, f, _ in self.catalog.chunks()}
         sweep_orphans(self.path, committed)
         compress_indexing.sweep_projection_files(self.path, self.catalog.get_meta(compress_indexing.META_KEY))
+        compact_storage.sweep_storage_files(self.path, self.catalog.get_meta(compact_storage.META_KEY))
         generation = self.catalog.generation()
         ann = self.path / "ann"
         if ann.exists():
@@ -173,12 +176,16 @@ class Writer:
         ``removals`` are image ids replaced by new content. Returns how many images were added.
         """
         from ..compress import indexing as compress_indexing
+        from ..compress import storage as compact_storage
 
         ids = np.asarray(self.catalog.reserve_ids(len(images)), dtype=np.int64)
         projection = self.projection() if "global" in fields else None
         if projection is not None:  # a compressed index: the projected rows go in the same commit
             g = fields["global"]
             fields = {**fields, compress_indexing.FIELD: FieldRows(projection.transform(g.vectors), g.owners)}
+        # fields stored compact (`compress --field`): their compact rows in the same commit
+        fields = compact_storage.encode_commit(self.path, self.catalog.get_meta(compact_storage.META_KEY), fields,
+                                              self._codecs)
         chunks = [self.write_rows(f, FieldRows(rows.vectors, ids[rows.owners], rows.attrs))
                   for f, rows in fields.items()]
         with self.catalog.transaction() as tx:
