@@ -15,11 +15,11 @@ SETTINGS = {"segments": SegmentConfig(levels=(1, 4)), "objects": ObjectConfig(ma
             "local": LocalConfig("cnn", {"image_size": 160, "scales": [1.0], "max_features": 40, "threads": 1},
                                  fit_images=4)}
 
-#: Modes whose merged ranking equals one index's (l2g is not among them: its MDS re-ranking depends on the
-#: whole shortlist, so each shard re-ranks its own; see docs/scaling.md). Per mode, the query kinds it takes.
+#: Modes whose merged ranking equals one index's (``l2g`` in two rounds: finegrain.local.sharded). Per mode, the
+#: query kinds it takes.
 EXACT_MODES = {"global": ("text", "image"), "single": ("text", "image"), "exhaustive": ("text", "image"),
                "hierarchical": ("text", "image"), "instance": ("image",), "global+local": ("image",),
-               "local": ("image",), "objects": ("image",), "objects-max": ("image",)}
+               "local": ("image",), "l2g": ("image",), "objects": ("image",), "objects-max": ("image",)}
 
 
 def build(root: Path, photos: list[Path], parts: int = 2, settings: dict | None = None) -> tuple[Index, list[Path]]:

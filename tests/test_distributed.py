@@ -16,6 +16,7 @@ import pytest
 from shardset_helpers import SETTINGS, build, make_set
 
 from finegrain.index import Index
+from finegrain.local.store import STATE_FILE
 from finegrain.shards import read_manifest, register
 
 ray = pytest.importorskip("ray", reason="distributed shard sets need Ray: pip install 'finegrain[ray]'")
@@ -27,9 +28,10 @@ from finegrain.service import create_app  # noqa: E402
 from finegrain.service.background import BackgroundServer  # noqa: E402
 
 # Segments and objects (no local features: their CNN would load in every actor; threads test those modes).
-RAY_SETTINGS = {key: SETTINGS[key] for key in ("segments", "objects")}
+RAY_SETTINGS = SETTINGS
 RAY_MODES = {"global": ("text", "image"), "single": ("text",), "exhaustive": ("text", "image"),
-             "hierarchical": ("text", "image"), "objects": ("image",), "objects-max": ("image",)}
+             "hierarchical": ("text", "image"), "objects": ("image",), "objects-max": ("image",),
+             "local": ("image",), "l2g": ("image",)}
 STORE = 80 * 2**20  # object store per node: small, the machine is shared
 
 
@@ -41,6 +43,8 @@ def world(tmp_path_factory, photos_dir):
     whole, shards = build(root, photos, settings=RAY_SETTINGS)
     extra = root / "part-extra"  # added to the set while serving
     Index.create(extra, **RAY_SETTINGS).close()
+    (extra / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "whole" / STATE_FILE, extra / STATE_FILE)  # the set's local-feature whitening
     shutil.copy(photos[2], root / "chelsea-again.jpg")
     with Index.open(extra) as index:
         index.add([root / "chelsea-again.jpg"], show_progress=False)
@@ -58,9 +62,10 @@ def world(tmp_path_factory, photos_dir):
         cluster.shutdown()
 
 
-def _same(got, expected) -> None:
+def _same(got, expected, mode: str = "") -> None:
     assert [h.path for h in got] == [h.path for h in expected]
-    np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=1e-5)
+    # l2g: float32 noise in the first stage's sums can move SMACOF's stopping point (a relative tolerance)
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=5e-5 if mode == "l2g" else 1e-5)
 
 
 def _load(sset, whole, seconds: float, threads: int = 4) -> tuple[list[int], list[str], list[threading.Thread]]:
@@ -101,7 +106,7 @@ def test_placement_and_equality_with_one_index(world):
         for kind in kinds:
             query = {"text": "a cat"} if kind == "text" else {"image": str(photos[1])}
             got = sset.search(k=4, mode=mode, **query)
-            _same(got, whole.search(k=4, mode=mode, **query))
+            _same(got, whole.search(k=4, mode=mode, **query), mode)
             assert got.partial == [] and {h.shard for h in sset.search(k=6, mode=mode, **query)} == {0, 1}
     # filters and pagination merge as on one index
     page = sset.search(text="a cat", k=2, offset=1, mode="global", filters={"glob": "c*"})

@@ -106,6 +106,19 @@ class ShardServer:
     def get(self, image_id: int):
         return self.index.get(image_id)
 
+    # l2g's two rounds (finegrain.local.sharded)
+    def l2g_candidates(self, query: retrieval.Query, k: int, filters, options: dict):
+        return self.index.l2g_candidates(query, k, filters=filters, **options)
+
+    def image_ids(self) -> np.ndarray:
+        return self.index.image_ids()
+
+    def local_descriptors(self, ids: list[int]) -> list[np.ndarray]:
+        return self.index.local_descriptors(ids)
+
+    def local_neighbours(self, descriptors: list[np.ndarray], m: int | None, exclude) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.local_neighbours(descriptors, m, exclude)
+
     def info(self) -> dict:
         return self.index.info()
 
@@ -179,6 +192,20 @@ class RemoteShard:
 
     def get(self, image_id: int):
         return self.call("get", int(image_id))
+
+    def l2g_candidates(self, query: retrieval.Query, k: int, filters=None, **options):
+        return self.call("l2g_candidates", query, k, filters, options)
+
+    def image_ids(self) -> np.ndarray:
+        return self.call("image_ids")
+
+    def local_descriptors(self, ids: Sequence[int]) -> list[np.ndarray]:
+        return self.call("local_descriptors", [int(i) for i in ids])
+
+    def local_neighbours(self, descriptors: Sequence[np.ndarray], m: int | None = None,
+                         exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        skip = None if exclude is None else [int(i) for i in exclude]
+        return self.call("local_neighbours", list(descriptors), m, skip)
 
     def info(self) -> dict:
         return {**self.call("info"), "path": str(self.path)}

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .explain import Explanation
     from .local.search import LocalSearcher
     from .objects.search import ObjectTable
+    from .retrieval.local import L2GCandidates
     from .search.multivector import SegmentTable
 
 DEFAULT_ENCODER = "effnet-minilm"
@@ -501,6 +502,31 @@ class Index:
         from .retrieval.local import local_searcher
 
         return local_searcher(self._snapshot)
+
+    # The two rounds of ``l2g`` over a shard set (finegrain.local.sharded): each shard's shortlist, then the
+    # neighbour lists that relate images of different shards.
+    def l2g_candidates(self, query: Query, k: int, filters: Any = None, **options: Any) -> L2GCandidates:
+        """The first ``k`` images of ``l2g``'s first stage for an image ``query``, before its re-ranking."""
+        from .retrieval.local import l2g_candidates
+
+        return self._with_fresh_snapshot(lambda snap: l2g_candidates(snap, query, k, options, filters))
+
+    def image_ids(self) -> np.ndarray:
+        """Every image id, ascending."""
+        return np.array(self._snapshot.ids, np.int64)
+
+    def local_descriptors(self, ids: Sequence[int]) -> list[np.ndarray]:
+        """The stored local descriptors of each image id."""
+        from .retrieval.local import local_descriptors
+
+        return local_descriptors(self._snapshot, ids)
+
+    def local_neighbours(self, descriptors: Sequence[np.ndarray], m: int | None = None,
+                         exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each descriptor set's best images here by approximate Chamfer: ``(ids (n, m), sims (n, m))``."""
+        from .retrieval.local import local_neighbours
+
+        return local_neighbours(self._snapshot, descriptors, m, exclude)
 
     def object_boxes(self, image_id: int) -> np.ndarray:
         """(n, 4) normalised boxes of an image's stored objects, row 0 the whole image (empty without objects)."""

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from . import retrieval
 from .images import ImageSource
 from .index import Index
 from .retrieval import SearchResponse, SearchResult, SearchStats
 from .store.catalog import IndexFormatError
+
+T = TypeVar("T")
 
 MANIFEST = "shards.json"
 FORMAT = "finegrain-shards"
@@ -68,6 +71,7 @@ class ShardedIndex:
                                    f"({', '.join(sorted(map(str, encoders)))}); "
                                    "their scores cannot be merged")
         self._pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(shards), os.cpu_count() or 1)))
+        self.derived: dict[str, Any] = {}  # structures built from the shards' state (l2g's set neighbour lists)
 
     @staticmethod
     def _encoder_name(shard) -> str:
@@ -86,7 +90,7 @@ class ShardedIndex:
         return [n if isinstance(n, str) else os.path.relpath(os.path.abspath(s.path), os.path.abspath(self.path))
                 for n, s in zip(names, self.shards)]
 
-    def _gather(self, call) -> tuple[list[SearchResponse | None], list[str]]:
+    def gather(self, call: Callable[[Any], T]) -> tuple[list[T | None], list[str]]:
         """``call(shard)`` on every shard in parallel: the answers (None for a shard that could not answer) and the
         names of those shards. A shard is only ever missing when all of its replicas are down (a Ray set)."""
         def run(shard):
@@ -166,6 +170,12 @@ class ShardedIndex:
             mode = choose(self.available_modes(), query)
         flt = filtering.Filters.from_options(filters)
         threshold, offset, sort = filtering.check_page(k, threshold, offset, sort)
+        if mode == "l2g":  # its re-ranking needs the whole shortlist in one place: two rounds
+            from .local import sharded
+
+            two = sharded.search(self, query, k, options, flt, threshold, offset, sort)
+            two.requested_mode = requested if requested != mode else None
+            return two
         if not filtering.plain(flt, threshold, offset, sort):
             shaped = self._search_shaped(query, k, mode, flt, threshold, offset, sort, options)
             shaped.requested_mode = requested if requested != mode else None
@@ -177,10 +187,10 @@ class ShardedIndex:
             dim = DenseParams.from_options(options, mode=mode).dim
             vector = self.embed_query(query)  # embedded once for all shards
             texts = [query.text] if query.text else []
-            parts, missing = self._gather(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
+            parts, missing = self.gather(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
                                                                    SearchStats(sim_ops=len(s)), texts))
         else:
-            parts, missing = self._gather(lambda s: s.search(query=query, k=k, mode=mode, **options))
+            parts, missing = self.gather(lambda s: s.search(query=query, k=k, mode=mode, **options))
         merged = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part or ()),
                         key=lambda t: (-t[0], t[1], t[2].rank))[:k]
         hits = [SearchResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
@@ -205,7 +215,7 @@ class ShardedIndex:
         from .retrieval import filters as filtering
 
         depth = offset + k if sort == "score" else filtering.DATE_SORT_DEPTH
-        parts, missing = self._gather(lambda s: s.search(query=query, k=depth, mode=mode, filters=flt,
+        parts, missing = self.gather(lambda s: s.search(query=query, k=depth, mode=mode, filters=flt,
                                                          threshold=threshold, sort=sort, **options))
         # The best `depth` by score over all shards (what one index would keep), then the requested order.
         pool = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part or ()),

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "recall_at_k",
-           "representative_rows"]
+__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "knn_lists",
+           "recall_at_k", "representative_rows"]
 
 
 def _as_desc(x) -> np.ndarray:
@@ -369,16 +369,27 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.n
     """
     db = searcher.db
     rows = np.arange(db.n_images) if images is None else np.asarray(images, np.int64)
-    ids = np.full((len(rows), m), -1, np.int64)
-    sims = np.zeros((len(rows), m), np.float32)
-    for r, i in enumerate(rows):
-        q = db.image(int(i))
-        if max_query_features:
-            q = q[:max_query_features]
+    queries = [db.image(int(i)) for i in rows]
+    if max_query_features:
+        queries = [q[:max_query_features] for q in queries]
+    return knn_lists(searcher, queries, m, exclude=rows)
+
+
+def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,
+              exclude: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` best database images by approximate Chamfer for each descriptor set of ``queries``.
+
+    ``exclude[r]`` (a database position, or -1) is left out of query r's list: the image itself when the
+    queries are database images. Returns ``(positions (n, m) int64 with -1 padding, sims (n, m) float32)``.
+    """
+    ids = np.full((len(queries), m), -1, np.int64)
+    sims = np.zeros((len(queries), m), np.float32)
+    for r, q in enumerate(queries):
         if len(q) == 0:
             continue
         scores, reached = searcher.score_all(q)
-        reached[i] = False
+        if exclude is not None and exclude[r] >= 0:
+            reached[int(exclude[r])] = False
         cand = np.flatnonzero(reached)
         cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
         ids[r, :len(cand)] = cand

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..progress import progress_bar
 from ..rerank.mds import L2GConfig, l2g_rerank
-from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph
+from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,6 +240,20 @@ class LocalSearcher:
         _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
         return ids, sims
 
+    def descriptors(self, positions: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """The stored local descriptors of each database position (what :meth:`graph` queries with)."""
+        return [self.db.image(int(p)) for p in positions]
+
+    def neighbours(self, queries: Sequence[np.ndarray], m: int | None = None,
+                   exclude: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each descriptor set's ``m`` (default ``graph_m``) best database positions by approximate Chamfer, as
+        :meth:`graph` finds an image's neighbours; ``exclude[r]``: a position left out of row r (-1: none)."""
+        approx = self.approx()
+        with self._lock:
+            approx.knn, approx.nprobe = self.knn, self.nprobe
+            approx.set_search_params()
+            return knn_lists(approx, queries, int(m or self.graph_m), exclude)
+
     def global_matrix(self, field: str) -> np.ndarray:
         if field == "instance" and self.instance is not None:
             return self.instance
@@ -285,7 +299,8 @@ class LocalSearcher:
         return scores, order
 
     def rank_timed(self, mode: str, q: np.ndarray, gq: np.ndarray, exclude: int | None = None,
-                   allowed: np.ndarray | None = None, **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                   allowed: np.ndarray | None = None, shortlist_only: bool = False,
+                   **options) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Rank every database position for query descriptors ``q`` and global query vector ``gq``.
 
         The search of :meth:`search` after feature extraction; ``gq`` lives in
@@ -297,6 +312,8 @@ class LocalSearcher:
         score them all with the exact Chamfer similarity instead of the
         approximate search (whose neighbours could miss most of a small set).
         Returns ``(scores, positions, timings in ms)``, best first.
+        ``shortlist_only`` (``l2g``): stop before the re-ranking and return only the images the first
+        stage reached (the shortlist a shard set merges and re-ranks once, see :mod:`finegrain.local.sharded`).
         """
         if mode not in LOCAL_MODES + ("global",):
             raise ValueError(f"unknown local search mode {mode!r}")
@@ -359,6 +376,8 @@ class LocalSearcher:
             scores = all_scores[order]
             t2 = time.perf_counter()
             timings["search_ms"] = (t2 - t0) * 1e3
+            if shortlist_only:
+                return all_scores[cand], cand, timings
             if mode == "l2g" and len(cand):
                 head = cand[: cfg.k]
                 graph = self.graph()

@@ -8,7 +8,8 @@ in :mod:`finegrain.local.search`, which does the work.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,7 +23,7 @@ from .dense import hits_from
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
 
-__all__ = ["LocalParams", "LocalRetriever", "local_searcher"]
+__all__ = ["L2GCandidates", "LocalParams", "LocalRetriever", "l2g_candidates", "local_searcher"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,91 @@ class LocalRetriever(Retriever):
         ops = len(snapshot) if allowed is None else int(allowed.sum())
         return SearchResponse(hits_from(snapshot, ids, scores), mode, SearchStats(sim_ops=ops), [],
                               timings, generation=snapshot.generation)
+
+
+@dataclass
+class L2GCandidates:
+    """One index's ``l2g`` shortlist before the re-ranking, for a shard set to merge and re-rank once.
+
+    ``ids``/``scores``: the first stage's images (image ids) and local similarities, best first;
+    ``paths``: their files; ``vectors``: their global descriptors (unit rows, ``global_field``'s space);
+    ``query_vector``: the query's; ``taken``: capture times (seconds, NaN unknown) for date order;
+    ``allowed``: images the filters allowed (None without filters).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    paths: list[str]
+    vectors: np.ndarray
+    query_vector: np.ndarray
+    taken: np.ndarray
+    allowed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def l2g_candidates(snapshot: Snapshot, query: Query, k: int, options: Mapping[str, Any] | None = None,
+                   filters: Any = None) -> L2GCandidates:
+    """The first ``k`` images of ``l2g``'s first stage for an image query (see :class:`L2GCandidates`)."""
+    from ..images import load_image
+    from . import filters as filtering
+
+    retriever = LocalRetriever()
+    missing = retriever.missing(snapshot, "l2g")
+    if missing:
+        raise ValueError(missing)
+    if query.image is None or query.text or query.terms:
+        raise ValueError("search mode 'l2g' takes one example image")
+    params = LocalParams.from_options(options, mode="l2g")
+    flt = filtering.Filters.from_options(filters)
+    allowed = flt.allowed(snapshot)
+    searcher = local_searcher(snapshot)
+    t0 = time.perf_counter()
+    image, bbox = query.image, query.bbox
+    if bbox is not None:
+        image = load_image(image)
+        bbox = query.clip_box(image.size)
+    opts = params.options()
+    q, gq = searcher.query_features(image, bbox, opts.get("global_field", "instance"))
+    timings = {"extract_ms": (time.perf_counter() - t0) * 1e3}
+    if allowed is not None and not allowed.any():
+        scores, positions = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    else:
+        scores, positions, more = searcher.rank_timed("l2g", q, gq, allowed=allowed, shortlist_only=True, **opts)
+        timings.update(more)
+    scores, positions = scores[:k], positions[:k]
+    G = searcher.global_matrix(opts.get("global_field", "instance"))
+    gq = np.asarray(gq, np.float32)
+    table = filtering.photo_table(snapshot)
+    ids = snapshot.ids[positions]
+    paths = [snapshot.records[int(i)].path for i in ids]
+    return L2GCandidates(ids, np.asarray(scores, np.float32), paths, G[positions],
+                         gq / max(float(np.linalg.norm(gq)), 1e-12), table.taken[positions].astype(np.float64),
+                         None if allowed is None else int(allowed.sum()), timings)
+
+
+def local_descriptors(snapshot: Snapshot, ids: Sequence[int]) -> list[np.ndarray]:
+    """The stored local descriptors of each image id (``KeyError`` for an unknown id)."""
+    return local_searcher(snapshot).descriptors(_positions(snapshot, ids))
+
+
+def local_neighbours(snapshot: Snapshot, descriptors: Sequence[np.ndarray], m: int | None = None,
+                     exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each descriptor set's best images here by approximate Chamfer, as ``l2g``'s stored neighbour lists find
+    them: ``(image ids (n, m), -1 padded; sims (n, m))``. ``exclude[r]``: an image id left out of row r (-1: none).
+    """
+    searcher = local_searcher(snapshot)
+    skip = None
+    if exclude is not None:
+        skip = np.array([-1 if int(i) < 0 else int(_positions(snapshot, [int(i)])[0]) for i in exclude], np.int64)
+    positions, sims = searcher.neighbours(descriptors, m, skip)
+    ids = np.where(positions >= 0, snapshot.ids[np.maximum(positions, 0)], -1)
+    return ids.astype(np.int64), sims
+
+
+def _positions(snapshot: Snapshot, given: Sequence[int]) -> np.ndarray:
+    ids = np.asarray(given, np.int64)
+    pos = np.searchsorted(snapshot.ids, ids)
+    bad = (pos >= len(snapshot.ids)) | (snapshot.ids[np.minimum(pos, len(snapshot.ids) - 1)] != ids)
+    if len(ids) and bad.any():
+        raise KeyError(f"unknown image id {int(ids[bad][0])}")
+    return pos
