@@ -70,3 +70,32 @@ def test_nothing_to_merge_below_the_limit(tmp_path):
         assert w.merge_small(keep=4) == 0
     assert idx.catalog.chunks() == chunks
     idx.close()
+
+
+def test_a_full_compaction_writes_pieces_of_bounded_size(tmp_path):
+    """`compact` holds one piece of a field in memory at a time: a small budget gives several chunks, same answers."""
+    idx = Index.create(tmp_path / "idx", segments=SegmentConfig(levels=(4,)))
+    rng = np.random.default_rng(5)
+    for c in range(6):
+        _commit(idx, rng, 10 * c, 10)
+    idx.refresh()
+    idx.remove([3, 27])
+    idx.refresh()
+    queries = ["a dog on a red sofa", "two children play in the water"]
+    before = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
+              for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    d = idx.encoder.dim
+    with idx.writer() as w:
+        w.compact(chunk_bytes=25 * d * 4)  # about 25 global rows, 25 segment rows per piece
+    idx.refresh()
+    global_chunks = idx.catalog.chunks("global")
+    assert sorted(c[2] for c in global_chunks) == [19, 19, 20]  # 9+10 | 9+10 | 10+10 rows: none over 25
+    # 50 segment rows per source chunk, over the budget: each makes a piece alone (removed rows dropped)
+    assert sorted(c[2] for c in idx.catalog.chunks("segments")) == [45, 45, 50, 50, 50, 50]
+    assert idx.info()["removed_pending_compaction"] == 0
+    after = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
+             for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    assert after == before
+    report = integrity.check_index(tmp_path / "idx")
+    assert not report.problems and not report.unverified
+    idx.close()

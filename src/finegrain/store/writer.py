@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..encoders.base import Encoder
 
 LOCK_FILE = ".lock"
+#: Most vector bytes in one chunk written by a full compaction (bounds its memory; see Writer.compact).
+COMPACT_CHUNK_BYTES = 1 << 30
 
 __all__ = ["IndexLockedError", "IndexReadOnlyError", "Writer", "checksum_json", "storage_order"]
 
@@ -256,17 +258,42 @@ class Writer:
                 tx.move(int(image_id), path, int(mtime_ns))
         return len(moves)
 
-    def compact(self) -> None:
-        """Rewrite every field as one chunk without removed images (level-major where it applies)."""
+    def compact(self, chunk_bytes: int | None = None) -> None:
+        """Rewrite every field without removed images, as few chunks as fit ``chunk_bytes`` of vectors each.
+
+        Chunks are read one at a time (memory-mapped) and written in pieces of at most ``chunk_bytes``
+        (default :data:`COMPACT_CHUNK_BYTES`; a larger source chunk makes a piece alone), so compacting a
+        field larger than memory needs about twice one piece of RAM, not the field. Each field's new chunks
+        replace its old ones in one transaction (a crash before it leaves the old ones, and the new files
+        are swept as orphans).
+        """
+        budget = COMPACT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
         live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
         for fieldname in sorted({f for _, f, _ in self.catalog.chunks()}):
             chunks = [name for name, _, _ in self.catalog.chunks(fieldname)]
-            parts = [read_chunk(self.path, fieldname, n) for n in chunks]
-            merged = FieldRows.concat([p.select(np.isin(p.owners, live)) for p in parts], parts[0].vectors.shape[1])
-            new = self.write_rows(fieldname, merged)
+            written: list[tuple[str, str, int]] = []
+            pending: list[FieldRows] = []
+            held = 0
+            dim = 0
+            kept = None
+            for name in chunks:
+                part = read_chunk(self.path, fieldname, name)
+                dim = part.vectors.shape[1]
+                kept = part.select(np.isin(part.owners, live))
+                if pending and held + kept.vectors.nbytes > budget:  # full: write it before taking more
+                    written.append(self.write_rows(fieldname, FieldRows.concat(pending, dim)))
+                    pending, held = [], 0
+                if len(kept):
+                    pending.append(kept)
+                    held += kept.vectors.nbytes
+            if pending:
+                written.append(self.write_rows(fieldname, FieldRows.concat(pending, dim)))
+            elif not written and kept is not None:  # an emptied field keeps one empty chunk (its dtype, attrs)
+                written.append(self.write_rows(fieldname, kept))
             with self.catalog.transaction() as tx:
                 tx.drop_chunks(chunks)
-                tx.add_chunk(*new, self.checksum_of(new[0]))
+                for new in written:
+                    tx.add_chunk(*new, self.checksum_of(new[0]))
             for old in chunks:
                 delete_chunk(self.path, fieldname, old)
         with self.catalog.transaction() as tx:
