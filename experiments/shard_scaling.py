@@ -83,6 +83,29 @@ def load(search, clients: int, seconds: float) -> dict:
             "failed": errors[0], "partial": errors[1]}
 
 
+def per_shard(set_path: Path, mode: str, rounds: int = 2) -> dict:
+    """Each shard searched alone in this process (no Ray): its p50 (ms) and the slowest shard's.
+
+    With the shards on separate nodes the set's latency is about the slowest shard's plus the merge,
+    whatever the number of cores here; this is what the per-shard column shows.
+    """
+    from finegrain.index import Index
+    from finegrain.shards import read_manifest
+
+    p50s = []
+    for name in read_manifest(set_path):
+        with Index.open(set_path / name) as index:
+            index.search(text=QUERIES[0], k=10, mode=mode)  # warm: model, memory maps
+            times = []
+            for _ in range(rounds):
+                for q in QUERIES:
+                    t0 = time.perf_counter()
+                    index.search(text=q, k=10, mode=mode)
+                    times.append((time.perf_counter() - t0) * 1000)
+            p50s.append(round(float(np.percentile(times, 50)), 2))
+    return {"shard_p50_ms": p50s, "slowest_shard_p50_ms": max(p50s)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", required=True, help="an index of real photos to draw synthetic vectors from")
@@ -97,6 +120,7 @@ def main() -> None:
     ap.add_argument("--mode", default="global")
     ap.add_argument("--cache-dir", default="shard_scaling_cache")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-per-shard", action="store_true", help="skip timing each shard alone")
     args = ap.parse_args()
 
     import ray
@@ -106,6 +130,7 @@ def main() -> None:
 
     shard_counts = [int(s) for s in args.shards.split(",")]
     sets = build_sets(args.source, args.images, shard_counts, Path(args.cache_dir), args.mode != "global")
+    alone = {} if args.no_per_shard else {count: per_shard(sets[count], args.mode) for count in shard_counts}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(args.nodes):
         cluster.add_node(num_cpus=args.cpus_per_node)
@@ -121,7 +146,7 @@ def main() -> None:
                         for _ in range(replicas):
                             sset.search(text=q, k=10, mode=args.mode)
                     row = {"shards": count, "replicas": replicas, "images": args.images,
-                           "images_per_shard": args.images // count, "mode": args.mode,
+                           "images_per_shard": args.images // count, "mode": args.mode, **alone.get(count, {}),
                            **load(lambda q, s=sset: s.search(text=q, k=10, mode=args.mode), args.clients, args.seconds)}
                 finally:
                     sset.close()
