@@ -1083,6 +1083,8 @@ def bench_scale_cmd(
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench and synthetic indexes are kept."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line, one per (size, system, mode)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables, log-log growth plot) here."),
+    peers: Optional[str] = typer.Option(None, "--peers", help="Other engines on the same vectors, comma-separated or 'all': numpy-maxsim, faiss-flat-rescore, qdrant-local, qdrant-server, lancedb, fast-plaid (multi-vector); faiss-hnsw, faiss-ivf, usearch, hnswlib (global). Missing ones give a skipped row."),
+    peer_envs: bool = typer.Option(True, "--peer-envs/--no-peer-envs", help="Let fast-plaid make its own virtualenv under --cache-dir (torch 2.11 from PyPI) when it has none."),
 ) -> None:
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
@@ -1095,18 +1097,29 @@ def bench_scale_cmd(
     size_list = _int_list(sizes)
     mode_list = _mode_list(modes)
     try:
+        from .bench.peers import parse_peers
+
+        peer_list = parse_peers(peers) if peers else []
         texts = flickr8k_queries(data, split, queries, seed)
         if source is None:
             source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
         rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
-                         rebuild=rebuild, show_progress=not as_json, log=err.print)
+                         rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
+                         create_envs=peer_envs)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
     table = Table("images", Column("mode", no_wrap=True), "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
                   title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
+    if peer_list:
+        table.columns[1].header = "system / mode"
     for r in rows:
+        label = r["mode"] if r["system"] == "finegrain" else f"{r['system']} ({r['mode']})"
+        if r["p50_ms"] is None:  # a peer that could not run: its reason instead of numbers
+            table.add_row(f"{r['images']:,}", label, "skipped", "", "", "", "", "", end_section=False)
+            err.print(f"{r['system']}: skipped: {r.get('skipped')}")
+            continue
         agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
-        table.add_row(f"{r['images']:,}", r["mode"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
+        table.add_row(f"{r['images']:,}", label, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
                       f"{r['rss_mb']:.0f}", f"{r['disk_bytes_per_image'] / 1024:.1f}", f"{r['build_s']:.0f}")
     Console(stderr=True).print(table) if as_json or not sys.stdout.isatty() else out.print(table)
     if report is not None:
@@ -1115,7 +1128,7 @@ def bench_scale_cmd(
             if len(size_list) > 1:
                 details.images["p50 latency against images (log-log)"] = plot_growth(rows, Path(tmp) / "growth.png")
             _write_report(report, "finegrain bench scale", {"sizes": sizes, "modes": modes, "noise": noise,
-                                                            "queries": queries}, details)
+                                                            "queries": queries, "peers": peers or ""}, details)
     if as_json:
         for r in rows:
             print(json.dumps(r))
