@@ -169,9 +169,28 @@ def test_run_scale_with_peers_and_growth(source_index, tmp_path):
                      show_progress=False, log=lambda _: None, isolate=False, peers=["numpy-maxsim", "qdrant-server"],
                      create_envs=False)
     assert [(r["images"], r["system"]) for r in rows] == [
-        (60, "finegrain"), (60, "numpy-maxsim"), (60, "qdrant-server"),
-        (120, "finegrain"), (120, "numpy-maxsim"), (120, "qdrant-server")]
-    assert {(g["system"], g["mode"]) for g in growth(rows)} == {("finegrain", "exhaustive"), ("numpy-maxsim", "maxsim")}
+        (60, "finegrain"), (60, "finegrain-search"), (60, "numpy-maxsim"), (60, "qdrant-server"),
+        (120, "finegrain"), (120, "finegrain-search"), (120, "numpy-maxsim"), (120, "qdrant-server")]
+    assert {(g["system"], g["mode"]) for g in growth(rows)} == {
+        ("finegrain", "exhaustive"), ("finegrain-search", "exhaustive"), ("numpy-maxsim", "maxsim")}
+    index_bytes = {r["images"]: r["disk_bytes_per_image"] for r in rows if r["system"] == "finegrain"}
+    for r in rows:
+        if r["system"] in ("finegrain-search", "numpy-maxsim"):  # both exact: finegrain's own ranking
+            assert r["agreement_at_10"] == 1.0 and r["exact"] and r["encode_ms_p50"] > 0
+            assert r["disk_bytes_per_image"] == index_bytes[r["images"]]  # both read the index's own files
+
+
+def test_finegrain_search_rows_follow_the_modes(synthetic, tmp_path):
+    """finegrain timed as the peers are: exhaustive over every image is exact; a tiny candidate stage is not."""
+    rows = run_peers(synthetic, [], QUERIES, isolate=False, log=lambda _: None,
+                     modes=["global", "exhaustive", "exhaustive:candidates=3", "hierarchical"])
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"global", "exhaustive", "exhaustive:candidates=3", "hierarchical"}
+    assert by["global"]["agreement_at_10"] == 1.0 and by["global"]["reference"] == "global-exact"
+    assert by["exhaustive"]["agreement_at_10"] == 1.0 and by["exhaustive"]["exact"]
+    # 3 global candidates per query vector cannot hold the exact top 10 of 300 images
+    assert by["exhaustive:candidates=3"]["agreement_at_10"] < 1.0 and not by["exhaustive:candidates=3"]["exact"]
+    assert 0.0 <= by["hierarchical"]["agreement_at_10"] <= 1.0
 
 
 def test_cli_peers_json_and_report(source_index, tiny_flickr, tmp_path):
@@ -182,10 +201,11 @@ def test_cli_peers_json_and_report(source_index, tiny_flickr, tmp_path):
                                       "--report", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
-    assert [r["system"] for r in lines] == ["finegrain", "numpy-maxsim", "faiss-hnsw", "qdrant-server"]
+    assert [r["system"] for r in lines] == ["finegrain", "finegrain-search", "numpy-maxsim", "faiss-hnsw",
+                                            "qdrant-server"]
     for r in lines:
         assert all(key in r for key in KEYS)
-    assert lines[1]["agreement_at_10"] == 1.0 and lines[3]["skipped"]
+    assert lines[2]["agreement_at_10"] == 1.0 and lines[4]["skipped"]
     page = (tmp_path / "r.html").read_text()
     assert "numpy-maxsim" in page and "qdrant-server" in page
 

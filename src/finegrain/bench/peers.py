@@ -536,7 +536,7 @@ class FaissIVF(_GlobalPeer):
         self.ann = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         self.ann.train(vectors)
         self.ann.add(vectors)
-        self.ann.nprobe = max(1, nlist // 8)
+        self.ann.nprobe = min(nlist, max(8, nlist // 8))
         self.native = f"FAISS IndexIVFFlat, {nlist} lists, nprobe {self.ann.nprobe}, inner product"
 
     def search(self, i: int) -> np.ndarray:
@@ -642,6 +642,59 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
     return row
 
 
+def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> tuple[Callable, bool | None]:
+    """A function query vectors -> top-``k`` image ids, as ``Index.search`` ranks after encoding; and its exactness."""
+    from ..retrieval.dense import search_vectors
+    from ..retrieval.multivector import MultiVectorParams, auto_candidates, candidate_positions, segment_table
+    from ..search import multivector as mv
+
+    if base == "global":
+        return (lambda q: search_vectors(snap, q[:1], k)[1][0]), None
+    params = MultiVectorParams.from_options(options, snap.search_settings.get("multivector", {}), mode=base)
+    config, table, glob = params.config(), segment_table(snap), snap.global_rows.vectors
+    n_cand = auto_candidates(len(snap)) if params.candidates is None else params.candidates
+
+    def run(q: np.ndarray) -> np.ndarray:
+        cands = candidate_positions(snap, q, n_cand) if 0 < n_cand < len(snap) else None
+        return snap.ids[mv.search(base, table, glob, q, k, config, cands)[1]]
+    return run, base == "exhaustive" and not 0 < n_cand < len(snap)
+
+
+def measure_finegrain_search(index_path: str, modes: Sequence[str], prepared_path: str, k: int) -> list[dict]:
+    """finegrain's own modes timed as the peers are: on the prepared query vectors, search alone (no encoding).
+
+    The same path as ``Index.search`` after encoding: the candidate stage (its default, or ``candidates=``),
+    then :func:`finegrain.search.multivector.search` with the index's settings and the mode's options.
+    """
+    from ..index import Index
+    from .scale import parse_mode
+
+    prep = Prepared.load(Path(prepared_path))
+    rows = []
+    with Index.open(index_path) as index:
+        for label in modes:
+            base, options = parse_mode(label)
+            run, exact = _finegrain_runner(index.snapshot, base, options, k)
+            run(prep.query(0))  # warm-up: segment table, ANN
+            latencies, ranked = [], []
+            for i in range(len(prep)):
+                t = time.perf_counter()
+                ids = run(prep.query(i))
+                latencies.append((time.perf_counter() - t) * 1000)
+                ranked.append([int(x) for x in ids if x >= 0])
+            reference = prep.reference_global if base == "global" else prep.reference_mv
+            rows.append({"system": "finegrain-search", "mode": label,
+                         "reference": REFERENCE_GLOBAL if base == "global" else REFERENCE_MV,
+                         "p50_ms": float(np.percentile(latencies, 50)), "p95_ms": float(np.percentile(latencies, 95)),
+                         "agreement_at_10": agreement(ranked, reference, k), "exact": exact,
+                         "native": "finegrain, search alone on the same query vectors as the peers",
+                         "storage": "index"})
+    peak = _rss_peak_mb()
+    for row in rows:
+        row["rss_mb"] = peak
+    return rows
+
+
 def _child(fn: Callable[..., Any], args: tuple, out: Any) -> None:
     try:
         out.put(("ok", fn(*args)))
@@ -670,10 +723,13 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 
 def run_peers(index_path: Path, names: Sequence[str], texts: Sequence[str], k: int = 10, isolate: bool = True,
               cache_dir: Path | None = None, create_envs: bool = True, disk_bytes: int = 0,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, modes: Sequence[str] = (), build_s: float = 0.0
+              ) -> list[dict[str, Any]]:
     """Every peer of ``names`` on the synthetic index at ``index_path``: one row each (skipped rows included).
 
     ``disk_bytes``: the finegrain index's size (peers that read its chunk files report it per image).
+    ``modes``: finegrain's modes, also timed as the peers are (system ``finegrain-search``: search alone on
+    the same query vectors), ``build_s`` being the index's build time.
     """
     n_images = None
     work = Path(index_path).parent / f"{Path(index_path).name}-peers"
@@ -686,6 +742,12 @@ def run_peers(index_path: Path, names: Sequence[str], texts: Sequence[str], k: i
         prep.save(prepared)
         n_images = len(prep.ids)
         encode = float(np.percentile(prep.encode_ms, 50))
+        if modes:
+            log(f"{n_images:,} images: finegrain, search alone")
+            args0 = (str(index_path), list(modes), str(prepared), k)
+            for row in in_child(measure_finegrain_search, *args0) if isolate else measure_finegrain_search(*args0):
+                rows.append({"images": n_images, **row, "disk_bytes_per_image": disk_bytes / n_images,
+                             "build_s": build_s, "encode_ms_p50": encode, "queries": len(texts)})
         for name in names:
             log(f"{n_images:,} images: peer {name}")
             options: dict[str, Any] = {}

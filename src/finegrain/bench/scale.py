@@ -307,7 +307,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
             from .peers import run_peers
 
             for row in run_peers(path, peers, queries, k, isolate=isolate, cache_dir=Path(cache_dir),
-                                 create_envs=create_envs, disk_bytes=disk, log=log):
+                                 create_envs=create_envs, disk_bytes=disk, log=log, modes=modes, build_s=build_s):
                 results.append({**row, "noise": noise})
     return results
 
