@@ -218,3 +218,21 @@ def test_cli_unknown_peer_is_one_line(source_index, tiny_flickr, tmp_path):
 
 def test_peer_types_cover_every_name():
     assert set(PEER_TYPES) == set(ALL_PEERS)
+
+
+def test_labelled_queries_give_quality(synthetic, tmp_path):
+    """With labels, rows carry NDCG@10 and R@k: labelled with finegrain's own top hit, the exact systems score 1."""
+    from finegrain.bench.peers import prepare, quality
+
+    assert quality([[5, 6, 7]], np.array([], np.int64)) == {}
+    q = quality([[5, 6, 7], [1, 2, 3], [9]], np.array([6, 1, 4]))
+    assert q["r1"] == pytest.approx(100 / 3) and q["r5"] == pytest.approx(200 / 3)
+    assert q["ndcg_at_10"] == pytest.approx((1 / np.log2(3) + 1) / 3)
+    top1 = [int(r[0]) for r in prepare(str(synthetic), QUERIES, 10).reference_mv]
+    rows = run_peers(synthetic, ["numpy-maxsim", "faiss-hnsw"], QUERIES, isolate=False, log=lambda _: None,
+                     modes=["exhaustive"], targets=top1, work_dir=tmp_path)
+    by = {r["system"]: r for r in rows}
+    for name in ("finegrain-search", "numpy-maxsim"):
+        assert by[name]["ndcg_at_10"] == 1.0 and by[name]["r1"] == 100.0, name
+    assert 0.0 <= by["faiss-hnsw"]["ndcg_at_10"] <= 1.0
+    assert not list(tmp_path.iterdir())  # the peers' files are removed after the run

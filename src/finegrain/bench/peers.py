@@ -170,6 +170,7 @@ class Prepared:
     reference_mv: np.ndarray  # (n_queries, k) image ids, -1 padded
     reference_global: np.ndarray
     encode_ms: np.ndarray
+    targets: np.ndarray  # per query, the relevant image's id (labelled queries; empty: none)
 
     def save(self, path: Path) -> None:
         arrays: dict[str, Any] = {k: np.asarray(v) for k, v in vars(self).items()}
@@ -189,7 +190,7 @@ class Prepared:
         return len(self.q_offsets) - 1
 
 
-def prepare(path: str, texts: Sequence[str], k: int) -> Prepared:
+def prepare(path: str, texts: Sequence[str], k: int, targets: Sequence[int] = ()) -> Prepared:
     """Encode the queries as finegrain does (decomposition, encoder) and rank them exactly, on the index at ``path``."""
     from ..index import Index
     from ..search.multivector import MultiVectorConfig
@@ -214,7 +215,8 @@ def prepare(path: str, texts: Sequence[str], k: int) -> Prepared:
             _, top = maxsim.top_k(g @ q, np.asarray(snap.ids), k)
             ref_g.append(list(top) + [-1] * (k - len(top)))
         return Prepared(np.asarray(snap.ids), q_all, np.asarray(offsets, np.int64), weight,
-                        np.asarray(ref_mv, np.int64), np.asarray(ref_g, np.int64), np.asarray(encode_ms))
+                        np.asarray(ref_mv, np.int64), np.asarray(ref_g, np.int64), np.asarray(encode_ms),
+                        np.asarray(targets, np.int64))
 
 
 # -------------------------------------------------------------------- peers
@@ -604,6 +606,17 @@ def agreement(found: Sequence[Sequence[int]], reference: np.ndarray, k: int) -> 
     return float(np.mean(out)) if out else float("nan")
 
 
+def quality(found: Sequence[Sequence[int]], targets: np.ndarray) -> dict[str, float]:
+    """NDCG@10 and R@1/5/10 of ranked image ids against one relevant image per query (empty without labels)."""
+    if len(targets) == 0:
+        return {}
+    from ..eval.metrics import ndcg_at_k, recall_at_k
+
+    ranks = np.array([list(a).index(t) if t in list(a) else np.inf for a, t in zip(found, targets)], np.float64)
+    return {"ndcg_at_10": ndcg_at_k(ranks, 10), "r1": 100 * recall_at_k(ranks, 1), "r5": 100 * recall_at_k(ranks, 5),
+            "r10": 100 * recall_at_k(ranks, 10)}
+
+
 def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k: int,
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build one peer on the index at ``index_path``, run every prepared query; its row (``skipped`` if it cannot)."""
@@ -634,7 +647,7 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
         row.update(p50_ms=float(np.percentile(latencies, 50)), p95_ms=float(np.percentile(latencies, 95)),
                    agreement_at_10=agreement(ranked, ref, k), rss_mb=_rss_peak_mb() if rss is None else rss,
                    build_s=build_s, exact=peer.exact, native=peer.native, storage=peer.storage,
-                   own_disk_bytes=_dir_bytes(work), **peer.info)
+                   own_disk_bytes=_dir_bytes(work), **quality(ranked, prep.targets), **peer.info)
     except PeerSkipped as exc:
         row["skipped"] = str(exc)
     finally:
@@ -687,11 +700,43 @@ def measure_finegrain_search(index_path: str, modes: Sequence[str], prepared_pat
                          "reference": REFERENCE_GLOBAL if base == "global" else REFERENCE_MV,
                          "p50_ms": float(np.percentile(latencies, 50)), "p95_ms": float(np.percentile(latencies, 95)),
                          "agreement_at_10": agreement(ranked, reference, k), "exact": exact,
+                         **quality(ranked, prep.targets),
                          "native": "finegrain, search alone on the same query vectors as the peers",
                          "storage": "index"})
     peak = _rss_peak_mb()
     for row in rows:
         row["rss_mb"] = peak
+    return rows
+
+
+def run_quality(source_index: str | os.PathLike, data: str | Path, split: str, names: Sequence[str],
+                modes: Sequence[str], n_queries: int, seed: int = 0, k: int = 10, cache_dir: Path | None = None,
+                create_envs: bool = True, isolate: bool = True, log: Callable[[str], None] = print
+                ) -> list[dict[str, Any]]:
+    """Every system on the real source index with the split's captions as labelled queries (one image each).
+
+    Rows as :func:`run_peers`'s plus ``ndcg_at_10``, ``r1``, ``r5``, ``r10`` and ``quality`` (what was measured).
+    """
+    from ..datasets import load_flickr8k
+    from ..index import Index
+    from .scale import dir_bytes
+
+    ds = load_flickr8k(data, split)
+    with Index.open(source_index) as index:
+        id_of_path = {rec.path: int(i) for i, rec in index.records.items()}
+    paths = ds.image_paths()
+    labelled = [(c, id_of_path.get(str(paths[i].resolve()), -1)) for c, i in zip(ds.captions, ds.caption_image)]
+    labelled = [(c, t) for c, t in labelled if t >= 0]
+    if not labelled:
+        raise ValueError(f"none of the {split} captions' images is in the source index at {source_index}")
+    pick = np.random.default_rng(seed).choice(len(labelled), size=min(n_queries, len(labelled)), replace=False)
+    texts, targets = [labelled[int(i)][0] for i in pick], [labelled[int(i)][1] for i in pick]
+    log(f"quality: {len(texts)} {split} captions on the source index itself")
+    rows = run_peers(Path(source_index), names, texts, k, isolate=isolate, cache_dir=cache_dir, create_envs=create_envs,
+                     disk_bytes=dir_bytes(Path(source_index)), log=log, modes=modes, targets=targets,
+                     work_dir=Path(cache_dir or Path(source_index).parent))
+    for row in rows:
+        row["quality"] = f"flickr8k {split} captions, {len(texts)} queries, real index"
     return rows
 
 
@@ -723,22 +768,25 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 
 def run_peers(index_path: Path, names: Sequence[str], texts: Sequence[str], k: int = 10, isolate: bool = True,
               cache_dir: Path | None = None, create_envs: bool = True, disk_bytes: int = 0,
-              log: Callable[[str], None] = print, modes: Sequence[str] = (), build_s: float = 0.0
-              ) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, modes: Sequence[str] = (), build_s: float = 0.0,
+              targets: Sequence[int] = (), work_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every peer of ``names`` on the synthetic index at ``index_path``: one row each (skipped rows included).
 
     ``disk_bytes``: the finegrain index's size (peers that read its chunk files report it per image).
     ``modes``: finegrain's modes, also timed as the peers are (system ``finegrain-search``: search alone on
     the same query vectors), ``build_s`` being the index's build time.
+    ``targets``: per text, the relevant image's id (labelled queries): rows gain NDCG@10 and R@1/5/10.
+    ``work_dir``: where peers keep their files while they run (default: beside the index); removed after.
     """
     n_images = None
-    work = Path(index_path).parent / f"{Path(index_path).name}-peers"
+    work = Path(work_dir or Path(index_path).parent) / f"{Path(index_path).name}-peers"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows = []
     try:
         prepared = work / "prepared.npz"
-        prep = in_child(prepare, str(index_path), list(texts), k) if isolate else prepare(str(index_path), texts, k)
+        args_p = (str(index_path), list(texts), k, list(targets))
+        prep = in_child(prepare, *args_p) if isolate else prepare(*args_p)
         prep.save(prepared)
         n_images = len(prep.ids)
         encode = float(np.percentile(prep.encode_ms, 50))
