@@ -236,3 +236,20 @@ def test_labelled_queries_give_quality(synthetic, tmp_path):
         assert by[name]["ndcg_at_10"] == 1.0 and by[name]["r1"] == 100.0, name
     assert 0.0 <= by["faiss-hnsw"]["ndcg_at_10"] <= 1.0
     assert not list(tmp_path.iterdir())  # the peers' files are removed after the run
+
+
+def test_global_modes_with_multivector_peers(source_index, tmp_path):
+    """Multi-vector peers make the synthetic index segmented even when every finegrain mode is global."""
+    from finegrain.bench.scale import Source
+
+    rows = run_scale(source_index, [50], tmp_path / "cache", QUERIES[:2], modes=("global",), show_progress=False,
+                     log=lambda _: None, isolate=False, peers=["numpy-maxsim", "faiss-hnsw"], create_envs=False)
+    by = {r["system"]: r for r in rows}
+    assert by["numpy-maxsim"]["agreement_at_10"] == 1.0 and by["faiss-hnsw"]["agreement_at_10"] == 1.0
+    # an index without segments: the global peers run, the multi-vector ones say why not
+    build_synthetic(tmp_path / "flat", Source.from_index(source_index), 40, with_segments=False)
+    rows = run_peers(tmp_path / "flat", ["numpy-maxsim", "faiss-hnsw"], QUERIES[:2], isolate=False,
+                     log=lambda _: None, modes=["global"])
+    by = {r["system"]: r for r in rows}
+    assert "no segments" in by["numpy-maxsim"]["skipped"] and by["faiss-hnsw"]["agreement_at_10"] == 1.0
+    assert by["finegrain-search"]["agreement_at_10"] == 1.0

@@ -1073,7 +1073,7 @@ def bench_scale_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
-    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
+    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000 (empty with --quality: the quality run alone)."),
     modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),

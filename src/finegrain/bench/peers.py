@@ -80,6 +80,8 @@ class SegmentRows:
     def __init__(self, snapshot: Any):
         self.n = len(snapshot)
         self.dim = int(snapshot.dim)
+        if snapshot.segment_config is None or not snapshot.has_field("segments"):
+            raise PeerSkipped("the index has no segments (multi-vector peers need them: index with --segments)")
         self.globals = np.asarray(snapshot.global_rows.vectors, dtype=np.float32)
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # vectors, order, offsets, first
         self.row_positions: list[np.ndarray] = []  # per part: each stored row's image position
@@ -181,6 +183,7 @@ class Prepared:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
         data["weight_global"] = float(data["weight_global"])
+        data.setdefault("targets", np.zeros(0, np.int64))  # unlabelled
         return cls(**data)
 
     def query(self, i: int) -> np.ndarray:
@@ -199,14 +202,20 @@ def prepare(path: str, texts: Sequence[str], k: int, targets: Sequence[int] = ()
         snap = index.snapshot
         weight = MultiVectorConfig.from_dict(snap.search_settings.get("multivector", {})).weight_global
         vectors, offsets, ref_mv, encode_ms = [], [0], [], []
+        segmented = snap.segment_config is not None and snap.has_field("segments")
         for text in texts:
-            hits = index.search(text=text, k=k, mode="exhaustive", candidates=0)
+            if segmented:
+                hits = index.search(text=text, k=k, mode="exhaustive", candidates=0)
+                subqueries = list(hits.subqueries)
+                ref_mv.append([h.id for h in hits][:k] + [-1] * (k - len(hits)))
+            else:  # global peers only (the multi-vector ones are skipped: no segments)
+                subqueries = [text]
+                ref_mv.append([-1] * k)
             t0 = time.perf_counter()
-            q = np.asarray(snap.encoder.encode_texts(list(hits.subqueries)), np.float32)
+            q = np.asarray(snap.encoder.encode_texts(subqueries), np.float32)
             encode_ms.append((time.perf_counter() - t0) * 1000)
             vectors.append(q)
             offsets.append(offsets[-1] + len(q))
-            ref_mv.append([h.id for h in hits][:k] + [-1] * (k - len(hits)))
         q_all = np.concatenate(vectors)
         full = q_all[np.asarray(offsets[:-1])]
         g = np.asarray(snap.global_rows.vectors, np.float32)

@@ -277,7 +277,10 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     if not queries:
         raise ValueError("bench scale needs at least one query")
     source = Source.from_index(source_index)
-    segmented = any(parse_mode(m)[0] != "global" for m in modes)
+    from .peers import MULTIVECTOR_PEERS
+
+    # multi-vector peers need the segments too
+    segmented = any(parse_mode(m)[0] != "global" for m in modes) or any(p in MULTIVECTOR_PEERS for p in peers)
     if segmented and source.seg_rows is None:
         raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
     key = hashlib.sha256(json.dumps([str(Path(source_index).resolve()), noise, seed, ann, segmented,
