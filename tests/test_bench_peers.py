@@ -23,7 +23,7 @@ QUERIES = ["a dog runs on the grass", "two children play in the water", "a man r
            "a black dog and a white cat"]
 KEYS = ("images", "system", "mode", "p50_ms", "p95_ms", "agreement_at_10", "rss_mb", "disk_bytes_per_image", "build_s")
 #: Peers that compute finegrain's score exactly: they must agree 1.0.
-EXACT = ("numpy-maxsim", "qdrant-local", "lancedb")
+EXACT = ("numpy-maxsim", "qdrant-edge", "qdrant-local", "lancedb")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -132,7 +132,7 @@ def test_every_peer_gives_a_row(synthetic, tmp_path, monkeypatch):
     assert by["numpy-maxsim"]["agreement_at_10"] == 1.0 and by["numpy-maxsim"]["exact"]
     assert by["numpy-maxsim"]["disk_bytes_per_image"] == 123  # it reads finegrain's own files
     for name in EXACT:
-        spec = {"qdrant-local": "qdrant_client", "lancedb": "lancedb"}.get(name)
+        spec = {"qdrant-edge": "qdrant_edge", "qdrant-local": "qdrant_client", "lancedb": "lancedb"}.get(name)
         if spec and importlib.util.find_spec(spec) is None:
             assert "not installed" in by[name]["skipped"]
         else:

@@ -1083,7 +1083,7 @@ def bench_scale_cmd(
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench and synthetic indexes are kept."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line, one per (size, system, mode)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables, log-log growth plot) here."),
-    peers: Optional[str] = typer.Option(None, "--peers", help="Other engines on the same vectors, comma-separated or 'all': numpy-maxsim, faiss-flat-rescore, qdrant-local, qdrant-server, lancedb, fast-plaid (multi-vector); faiss-hnsw, faiss-ivf, usearch, hnswlib (global). Missing ones give a skipped row."),
+    peers: Optional[str] = typer.Option(None, "--peers", help="Other engines on the same vectors, comma-separated or 'all': numpy-maxsim, faiss-flat-rescore, qdrant-edge, qdrant-local, qdrant-server, lancedb, fast-plaid (multi-vector); faiss-hnsw, faiss-ivf, usearch, hnswlib (global). Missing ones give a skipped row."),
     peer_envs: bool = typer.Option(True, "--peer-envs/--no-peer-envs", help="Let fast-plaid make its own virtualenv under --cache-dir (torch 2.11 from PyPI) when it has none."),
     quality: int = typer.Option(0, "--quality", help="Also run finegrain's modes and the peers on the real source index with this many --split captions as labelled queries: NDCG@10, R@1/5/10 per system (0: off)."),
 ) -> None:

@@ -10,7 +10,8 @@ exact ranking) measures the engine, not a different scoring function:
 - ``faiss-flat-rescore``: FAISS flat (exact inner product) top-N segment vectors per sub-query term and
   top-N global vectors for the global term, then exact MaxSim re-score of the union of their images
   (ColBERT v1's pipeline);
-- ``qdrant-local``: ``qdrant-client`` local mode (in-process, on disk), multivector ``MAX_SIM``, dot;
+- ``qdrant-edge``: Qdrant Edge (``qdrant-edge-py``), Qdrant's own engine in-process, multivector MaxSim, exact;
+- ``qdrant-local``: ``qdrant-client`` local mode (pure Python, in-process, on disk), multivector ``MAX_SIM``, dot;
 - ``qdrant-server``: the same against a Qdrant server at ``FINEGRAIN_QDRANT_URL`` (none ships here);
 - ``lancedb``: an embedded LanceDB table with a multivector column, exact (no ANN index), dot;
 - ``fast-plaid``: the PLAID engine (centroid pruning, 4-bit residuals), in its own virtualenv (torch 2.11).
@@ -45,7 +46,8 @@ import numpy as np
 
 from . import maxsim
 
-MULTIVECTOR_PEERS = ("numpy-maxsim", "faiss-flat-rescore", "qdrant-local", "qdrant-server", "lancedb", "fast-plaid")
+MULTIVECTOR_PEERS = ("numpy-maxsim", "faiss-flat-rescore", "qdrant-edge", "qdrant-local", "qdrant-server", "lancedb",
+                     "fast-plaid")
 GLOBAL_PEERS = ("faiss-hnsw", "faiss-ivf", "usearch", "hnswlib")
 ALL_PEERS = MULTIVECTOR_PEERS + GLOBAL_PEERS
 #: fast-plaid's release whose wheels are built for torch 2.11 (the version it pins).
@@ -340,6 +342,7 @@ class QdrantPeer(Peer):
         from ..index import Index
 
         self.client = self.connect()
+        self.info["qdrant_client"] = _version("qdrant-client")
         with Index.open(index_path) as index:
             rows = SegmentRows(index.snapshot)
             self.client.create_collection("images", vectors_config={"v": models.VectorParams(
@@ -385,6 +388,54 @@ class QdrantServerPeer(QdrantPeer):
         return np.array([p.id for p in res.points], np.int64)
 
 
+class QdrantEdgePeer(Peer):
+    name = "qdrant-edge"
+    native = ("Qdrant Edge (qdrant-edge-py: Qdrant's Rust storage and search engine in-process, one shard on disk), "
+              "multivector MaxSim comparator, dot product, exact search (SearchParams(exact=True))")
+
+    def build(self, index_path: str) -> None:
+        _require("qdrant_edge")
+        import qdrant_edge as qe
+
+        from ..index import Index
+
+        with Index.open(index_path) as index:
+            rows = SegmentRows(index.snapshot)
+            config = qe.EdgeConfig(vectors={"v": qe.EdgeVectorParams(
+                size=rows.dim + 1, distance=qe.Distance.Dot,
+                multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim))})
+            self.shard = qe.EdgeShard.create(str(self.workdir / "qdrant-edge"), config)
+            for first, docs, offsets in rows.blocks(256):
+                self.shard.update(qe.UpdateOperation.upsert_points(
+                    [qe.Point(first + j, {"v": docs[a:b].tolist()}) for j, (a, b) in enumerate(zip(offsets[:-1],
+                                                                                                   offsets[1:]))]))
+            self.shard.flush()
+        self.info["qdrant_edge"] = _version("qdrant-edge-py")
+
+    def search(self, i: int) -> np.ndarray:
+        import qdrant_edge as qe
+
+        q, w = self.query(i)
+        res = self.shard.query(qe.QueryRequest(limit=self.k, query=qe.Query.Nearest(maxsim.scaled(q, w).tolist(),
+                                                                                     using="v"),
+                                               params=qe.SearchParams(exact=True)))
+        return np.array([int(p.id) for p in res], np.int64)
+
+    def close(self) -> None:
+        shard = getattr(self, "shard", None)
+        if shard is not None:
+            shard.close()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
 class LanceDBPeer(Peer):
     name = "lancedb"
     native = ("embedded LanceDB table, one multivector column (List<FixedSizeList<float32>>), exact multivector "
@@ -410,6 +461,7 @@ class LanceDBPeer(Peer):
                     self.table = db.create_table("images", batch)
                 else:
                     self.table.add(batch)
+        self.info["lancedb"] = _version("lancedb")
         self.distance = "dot"
         try:
             self._search(*self.query(0))
@@ -586,7 +638,8 @@ class HnswlibPeer(_GlobalPeer):
         return np.asarray(self.ann.knn_query(self.full(i), k=min(self.k, len(self.vectors)))[0][0], np.int64)
 
 
-PEER_TYPES: dict[str, type[Peer]] = {p.name: p for p in (NumpyMaxSim, FaissFlatRescore, QdrantPeer, QdrantServerPeer,
+PEER_TYPES: dict[str, type[Peer]] = {p.name: p for p in (NumpyMaxSim, FaissFlatRescore, QdrantEdgePeer, QdrantPeer,
+                                                         QdrantServerPeer,
                                                          LanceDBPeer, FastPlaidPeer, FaissHNSW, FaissIVF,
                                                          USearchPeer, HnswlibPeer)}
 
