@@ -493,6 +493,7 @@ class FastPlaidPeer(Peer):
               "CPU, own virtualenv with torch 2.11, dot product on the MaxSim-form vectors")
     create_env = True
     cache_dir: Path | None = None
+    nbits, n_ivf_probe, n_full_scores = 4, 8, 4096  # fast-plaid's defaults
 
     def build(self, index_path: str) -> None:
         from ..index import Index
@@ -502,14 +503,22 @@ class FastPlaidPeer(Peer):
             rows = SegmentRows(index.snapshot)
             # PLAID packs (dim * nbits) bits per vector into bytes: zero columns pad the dim to a multiple of 8
             pad = -(rows.dim + 1) % 8
+            # PLAID assumes unit vectors (its centroids are normalised): every MaxSim-form row has norm sqrt(2),
+            # so dividing them all by it changes no ranking
             for first, docs, offsets in rows.blocks(5_000):
-                np.save(self.workdir / f"docs-{first:09d}.npy", np.pad(docs, ((0, 0), (0, pad))))
+                unit = docs / np.float32(math.sqrt(2.0))
+                np.save(self.workdir / f"docs-{first:09d}.npy", np.pad(unit, ((0, 0), (0, pad))))
                 np.save(self.workdir / f"docs-{first:09d}-offsets.npy", offsets)
         qs = [np.pad(maxsim.scaled(*self.query(i)), ((0, 0), (0, pad))) for i in range(len(self.prep))]
         np.savez(self.workdir / "queries.npz", vectors=np.concatenate(qs),
                  offsets=np.concatenate([[0], np.cumsum([len(q) for q in qs])]))
         runner = Path(__file__).with_name("fastplaid_runner.py")
-        proc = subprocess.run([str(python), str(runner), str(self.workdir), str(self.k)], capture_output=True,
+        knobs = ["--nbits", str(self.nbits), "--n-ivf-probe", str(self.n_ivf_probe),
+                 "--n-full-scores", str(self.n_full_scores)]
+        if (self.nbits, self.n_ivf_probe, self.n_full_scores) != (4, 8, 4096):
+            self.native = (f"fast-plaid (PLAID: {self.nbits}-bit residuals, IVF probe {self.n_ivf_probe}, "
+                           f"{self.n_full_scores} full scores), CPU, own virtualenv with torch 2.11, dot product")
+        proc = subprocess.run([str(python), str(runner), str(self.workdir), str(self.k), *knobs], capture_output=True,
                               text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
