@@ -147,19 +147,19 @@ class SegmentRows:
             docs, offsets = self.rows_of(np.arange(a, min(self.n, a + block)))
             yield a, docs, offsets
 
-    def segment_topn(self, query: np.ndarray, n: int) -> np.ndarray:
-        """Positions of the images owning the top-``n`` segment vectors for ``query`` (FAISS flat, chunk by chunk)."""
+    def segment_topn(self, queries: np.ndarray, n: int) -> np.ndarray:
+        """Positions of the images owning each query's top-``n`` segment vectors (FAISS flat, one pass per chunk)."""
         import faiss
 
-        best_s = np.zeros(0, np.float32)
-        best_p = np.zeros(0, np.int64)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        best_s = np.zeros((len(q), 0), np.float32)
+        best_p = np.zeros((len(q), 0), np.int64)
         for (vectors, order, _, _), pos in zip(self.parts, self.row_positions):
-            s, i = faiss.knn(query[None, :].astype(np.float32), np.ascontiguousarray(vectors), min(n, len(order)),
-                             metric=faiss.METRIC_INNER_PRODUCT)
-            best_s, best_p = np.concatenate([best_s, s[0]]), np.concatenate([best_p, pos[i[0]]])
-            keep = np.argsort(-best_s, kind="stable")[:n]
-            best_s, best_p = best_s[keep], best_p[keep]
-        return best_p
+            s, i = faiss.knn(q, np.ascontiguousarray(vectors), min(n, len(order)), metric=faiss.METRIC_INNER_PRODUCT)
+            best_s, best_p = np.concatenate([best_s, s], axis=1), np.concatenate([best_p, pos[i]], axis=1)
+            keep = np.argsort(-best_s, axis=1, kind="stable")[:, :n]
+            best_s, best_p = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_p, keep, 1)
+        return best_p.ravel()
 
 
 # ------------------------------------------------------------ prepared data
@@ -313,7 +313,7 @@ class FaissFlatRescore(_SegmentPeer):
 
         raw = self.prep.query(i)
         _, g = faiss.knn(raw[:1], self.rows.globals, min(self.top_n, self.rows.n), metric=faiss.METRIC_INNER_PRODUCT)
-        cands = [g[0]] + [self.rows.segment_topn(q, self.top_n) for q in raw]
+        cands = [g[0], self.rows.segment_topn(raw, self.top_n)]
         positions = np.unique(np.concatenate(cands))
         positions = positions[positions >= 0]
         q, w = self.query(i)
