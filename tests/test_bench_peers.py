@@ -253,3 +253,10 @@ def test_global_modes_with_multivector_peers(source_index, tmp_path):
     by = {r["system"]: r for r in rows}
     assert "no segments" in by["numpy-maxsim"]["skipped"] and by["faiss-hnsw"]["agreement_at_10"] == 1.0
     assert by["finegrain-search"]["agreement_at_10"] == 1.0
+
+
+def test_a_failing_peer_is_a_row(synthetic, monkeypatch):
+    monkeypatch.setenv("FINEGRAIN_FASTPLAID_PYTHON", "/nonexistent/python")
+    rows = run_peers(synthetic, ["fast-plaid", "numpy-maxsim"], QUERIES[:1], isolate=False, log=lambda _: None)
+    assert rows[0]["skipped"].startswith("failed: FileNotFoundError") and rows[0]["p50_ms"] is None
+    assert rows[1]["agreement_at_10"] == 1.0

@@ -721,6 +721,9 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
                    own_disk_bytes=_dir_bytes(work), **quality(ranked, prep.targets), **peer.info)
     except PeerSkipped as exc:
         row["skipped"] = str(exc)
+    except Exception as exc:  # a peer that fails is a row too (its error), never a crashed bench
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        row["skipped"] = f"failed: {row['error']}"
     finally:
         peer.close()
     return row
