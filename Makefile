@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: 2.13.0 is the CPU build on this machine's disk (no torchvision needed).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,peers]'
 	# clip-retrieval's ClipClient for tests/test_clip_back.py, without its declared stack (torch CUDA builds,
 	# open_clip, pyspark, ...): the test loads clip_retrieval/clip_client.py alone, which needs only requests.
 	$(PY) -m pip install -q --no-deps clip-retrieval==2.45.0

@@ -1073,7 +1073,7 @@ def bench_scale_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder: its captions are the queries (and its images the source, without --source)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
-    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000."),
+    sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000 (empty with --quality: the quality run alone)."),
     modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
@@ -1083,6 +1083,9 @@ def bench_scale_cmd(
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench and synthetic indexes are kept."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line, one per (size, system, mode)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables, log-log growth plot) here."),
+    peers: Optional[str] = typer.Option(None, "--peers", help="Other engines on the same vectors, comma-separated or 'all': numpy-maxsim, faiss-flat-rescore, qdrant-edge, qdrant-local, qdrant-server, lancedb, fast-plaid (multi-vector); faiss-hnsw, faiss-ivf, usearch, hnswlib (global). Missing ones give a skipped row."),
+    peer_envs: bool = typer.Option(True, "--peer-envs/--no-peer-envs", help="Let fast-plaid make its own virtualenv under --cache-dir (torch 2.11 from PyPI) when it has none."),
+    quality: int = typer.Option(0, "--quality", help="Also run finegrain's modes and the peers on the real source index with this many --split captions as labelled queries: NDCG@10, R@1/5/10 per system (0: off)."),
 ) -> None:
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
@@ -1095,27 +1098,60 @@ def bench_scale_cmd(
     size_list = _int_list(sizes)
     mode_list = _mode_list(modes)
     try:
+        from .bench.peers import parse_peers
+
+        peer_list = parse_peers(peers) if peers else []
         texts = flickr8k_queries(data, split, queries, seed)
         if source is None:
             source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
         rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
-                         rebuild=rebuild, show_progress=not as_json, log=err.print)
+                         rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
+                         create_envs=peer_envs)
+        quality_rows = []
+        if quality > 0:
+            from .bench.peers import run_quality
+
+            quality_rows = run_quality(source, data, split, peer_list, mode_list, quality, seed=seed,
+                                       cache_dir=cache_dir, create_envs=peer_envs, log=err.print)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
     table = Table("images", Column("mode", no_wrap=True), "p50 ms", "p95 ms", "agree@10", "RSS MB", "KiB/image", "build s",
                   title="bench scale (synthetic vectors drawn from a real index)", title_justify="left")
+    if peer_list:
+        table.columns[1].header = "system / mode"
     for r in rows:
+        label = r["mode"] if r["system"] == "finegrain" else f"{r['system']} ({r['mode']})"
+        if r["p50_ms"] is None:  # a peer that could not run: its reason instead of numbers
+            table.add_row(f"{r['images']:,}", label, "skipped", "", "", "", "", "", end_section=False)
+            err.print(f"{r['system']}: skipped: {r.get('skipped')}")
+            continue
         agree = "ref" if r["agreement_at_10"] is None else f"{r['agreement_at_10']:.3f}"
-        table.add_row(f"{r['images']:,}", r["mode"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
+        table.add_row(f"{r['images']:,}", label, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", agree,
                       f"{r['rss_mb']:.0f}", f"{r['disk_bytes_per_image'] / 1024:.1f}", f"{r['build_s']:.0f}")
     Console(stderr=True).print(table) if as_json or not sys.stdout.isatty() else out.print(table)
+    if quality_rows:
+        qt = Table("system / mode", "NDCG@10", "R@1", "R@5", "R@10", "agree@10",
+                   title=f"quality on the real source index ({quality_rows[0]['images']:,} images, {quality_rows[0]['queries']} captions)",
+                   title_justify="left")
+        for r in quality_rows:
+            label = f"{r['system']} ({r['mode']})"
+            if r["p50_ms"] is None:
+                qt.add_row(label, "skipped", "", "", "", "")
+                continue
+            qt.add_row(label, f"{r['ndcg_at_10']:.4f}", f"{r['r1']:.1f}", f"{r['r5']:.1f}", f"{r['r10']:.1f}",
+                       f"{r['agreement_at_10']:.3f}")
+        Console(stderr=True).print(qt) if as_json or not sys.stdout.isatty() else out.print(qt)
+        rows = rows + quality_rows
     if report is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            details = ReportData(tables={"Per size and mode": rows, "Growth (smallest to largest size)": growth(rows)})
+            details = ReportData(tables={"Per size and mode": [r for r in rows if "quality" not in r],
+                                         "Growth (smallest to largest size)": growth([r for r in rows if "quality" not in r])})
+            if quality_rows:
+                details.tables["Quality on the real source index (labelled captions)"] = quality_rows
             if len(size_list) > 1:
-                details.images["p50 latency against images (log-log)"] = plot_growth(rows, Path(tmp) / "growth.png")
+                details.images["p50 latency against images (log-log)"] = plot_growth([r for r in rows if "quality" not in r], Path(tmp) / "growth.png")
             _write_report(report, "finegrain bench scale", {"sizes": sizes, "modes": modes, "noise": noise,
-                                                            "queries": queries}, details)
+                                                            "queries": queries, "peers": peers or ""}, details)
     if as_json:
         for r in rows:
             print(json.dumps(r))

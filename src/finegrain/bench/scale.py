@@ -260,11 +260,14 @@ def measure_in_child(path: Path, modes: Sequence[str], queries: Sequence[str], k
 def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: str | os.PathLike,
               queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
-              log: Callable[[str], None] = print, isolate: bool = True) -> list[dict]:
+              log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
+              create_envs: bool = True) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each size in a fresh process, so that ``rss_mb`` is that size's own peak;
     without it (quicker, for tests) RSS figures include everything this process holds.
+    ``peers`` (:mod:`finegrain.bench.peers`): other engines on the same vectors, one row each per size
+    (a peer that cannot run gives a row with ``skipped``); ``create_envs``: fast-plaid may make its virtualenv.
     """
     from ..progress import progress_bar
 
@@ -274,7 +277,10 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     if not queries:
         raise ValueError("bench scale needs at least one query")
     source = Source.from_index(source_index)
-    segmented = any(parse_mode(m)[0] != "global" for m in modes)
+    from .peers import MULTIVECTOR_PEERS
+
+    # multi-vector peers need the segments too
+    segmented = any(parse_mode(m)[0] != "global" for m in modes) or any(p in MULTIVECTOR_PEERS for p in peers)
     if segmented and source.seg_rows is None:
         raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
     key = hashlib.sha256(json.dumps([str(Path(source_index).resolve()), noise, seed, ann, segmented,
@@ -300,6 +306,12 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
         for row in measured:
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
                             "build_s": build_s, "queries": len(queries), "noise": noise})
+        if peers:
+            from .peers import run_peers
+
+            for row in run_peers(path, peers, queries, k, isolate=isolate, cache_dir=Path(cache_dir),
+                                 create_envs=create_envs, disk_bytes=disk, log=log, modes=modes, build_s=build_s):
+                results.append({**row, "noise": noise})
     return results
 
 
@@ -307,7 +319,8 @@ def growth(rows: Sequence[dict]) -> list[dict]:
     """Per mode: how p50 grows from the smallest to the largest size (ratio of images vs ratio of p50)."""
     out = []
     for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in rows):
-        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode), key=lambda r: r["images"])
+        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode and r["p50_ms"] is not None),
+                      key=lambda r: r["images"])
         if len(mine) < 2:
             continue
         a, b = mine[0], mine[-1]
@@ -326,7 +339,10 @@ def plot_growth(rows: Sequence[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
     for system, mode in dict.fromkeys((r["system"], r["mode"]) for r in rows):
-        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode), key=lambda r: r["images"])
+        mine = sorted((r for r in rows if r["system"] == system and r["mode"] == mode and r["p50_ms"] is not None),
+                      key=lambda r: r["images"])
+        if not mine:
+            continue
         label = mode if system == "finegrain" else f"{system} {mode}"
         ax.plot([r["images"] for r in mine], [r["p50_ms"] for r in mine], marker="o", label=label)
     ax.set_xscale("log")
