@@ -112,7 +112,7 @@ def test_distractor_index_is_built_in_steps_and_partial_indexes_are_usable(folde
 
 def test_compress_folds_json_names_the_folds_and_what_chose(folded_revisitop, tmp_path):
     out = fg("bench", "compress", "--data", folded_revisitop, "--cache-dir", tmp_path, "--folds", "2",
-             "--dims", "4,8", "--epochs", "1", "--json")
+             "--dims", "4", "--epochs", "1", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["protocol"].startswith("2-fold landmarks")
