@@ -9,8 +9,15 @@ from conftest import DATA, needs_data
 from fgcli import fg
 from PIL import Image
 
+import finegrain.bench.revisitop as revisitop_module
 from finegrain.bench.folds import landmark_folds, landmark_of, protocol
-from finegrain.bench.revisitop import available_distractors, revisitop_index, revisitop_index_name, run_revisitop
+from finegrain.bench.revisitop import (
+    available_distractors,
+    revisitop_index,
+    revisitop_index_name,
+    run_revisitop,
+    seed_index,
+)
 from finegrain.datasets import load_revisitop
 from finegrain.index import Index
 
@@ -91,11 +98,17 @@ def test_distractor_list_file_changes_the_database_and_is_recorded(folded_revisi
 
 
 def test_distractor_index_is_built_in_steps_and_partial_indexes_are_usable(folded_revisitop, photos_dir,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch):
     bench = load_revisitop(folded_revisitop, distractors=photos_dir)  # 6 distractors
     cache = tmp_path / "c"
-    index, stats, rows = revisitop_index(bench, "effnet-minilm", cache, False, step=4)  # passes of 4, then 2
-    assert len(index) == 18 and not stats["index_reused"]
+    alone, _, _ = revisitop_index(load_revisitop(folded_revisitop), "effnet-minilm", cache, False)
+    assert len(alone) == 12
+    # the database's own index seeds every distractor index (copied, not re-indexed); a wrong size does not
+    assert not seed_index(alone.path, tmp_path / "other", 13) and not (tmp_path / "other").exists()
+    seeded = []
+    monkeypatch.setattr(revisitop_module, "seed_index", lambda *a: seeded.append(seed_index(*a)) or seeded[-1])
+    index, stats, rows = revisitop_index(bench, "effnet-minilm", cache, False, step=4)  # database, +4, +2
+    assert len(index) == 18 and not stats["index_reused"] and seeded == [True]
     # an interrupted build: drop the last 3 distractors, as if the last pass had not happened
     index_dir = cache / revisitop_index_name(bench, "effnet-minilm")
     late = {str(p) for p in bench.distractor_paths[3:]}

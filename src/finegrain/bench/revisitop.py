@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -52,11 +53,14 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
     With ``local`` the index also stores local features (a separate cached
     index, named after the local settings).
 
-    The index is built incrementally and can be resumed: the database and
-    the first ``step`` distractors in one pass (the local whitening is
-    fitted on that pass), then ``step`` more distractors per pass, in list
-    order; indexing commits as it goes and skips images already indexed, so
-    an interrupted build continues where it stopped and later runs reuse it.
+    The index is built incrementally and can be resumed: the database alone
+    first (so the local whitening is fitted on the database images, the same
+    for every distractor list; when the database's own bench index exists in
+    ``cache_dir`` it is copied instead of re-indexed), then ``step``
+    distractors per pass, in list order; indexing commits as it goes and
+    skips images already indexed, so an interrupted build continues where it
+    stopped, holds the whole database as soon as the first pass is done, and
+    later runs reuse it.
     ``available_only``: do not index anything; open the cached index as it
     is (``data`` must list only distractors it holds and ``index_dir`` name
     it, see :func:`available_distractors`).
@@ -74,11 +78,15 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
         stats: dict = {"index_images_per_s": index.catalog.get_meta("bench_index_images_per_s"),
                        "index_failed": 0, "index_reused": True}
     else:
-        n_db, reused = len(data.db_paths), True
-        for end in range(min(step, len(data.distractor_paths)), len(data.distractor_paths) + step, step):
-            index, stats = bench_index(images[: n_db + end], encoder, index_dir, show_progress, local=local)
+        n_db, n_d, reused = len(data.db_paths), len(data.distractor_paths), True
+        if n_d and not index_dir.exists():  # start from the database's own bench index when there is one
+            seed_index(cache_dir / revisitop_index_name(dataclasses.replace(data, distractor_paths=[]), encoder,
+                                                        local), index_dir, n_db)
+        for end in [0, *range(min(step, n_d), n_d + step, step)] if n_d else [0]:
+            index, stats = bench_index(images[: n_db + min(end, n_d)], encoder, index_dir, show_progress,
+                                       local=local)
             reused = reused and stats["index_reused"]
-            if end >= len(data.distractor_paths):
+            if end >= n_d:
                 break
         stats["index_reused"] = reused
     # The index stores each file as the walk named it (absolute, symlinks kept), not resolved: key by both.
@@ -88,6 +96,26 @@ def revisitop_index(data: RevisitopSet, encoder: str, cache_dir: Path, show_prog
     if (rows < 0).any():
         raise ValueError(f"the bench index {index_dir} holds images that are not part of this benchmark")
     return index, stats, rows
+
+
+def seed_index(source: Path, target: Path, n_images: int) -> bool:
+    """Copy the finished bench index ``source`` (the database alone, ``n_images`` images) to ``target`` as the
+    start of a bigger one, so the database is indexed once for every distractor list; False when there is none.
+
+    The copy goes to a temporary folder renamed into place, so an interrupted copy leaves nothing half-made.
+    """
+    if not (source / "finegrain.sqlite").exists():
+        return False
+    try:
+        if len(Index.open(source)) != n_images:
+            return False
+    except (OSError, ValueError):  # an unreadable cache is simply not used
+        return False
+    tmp = target.with_name(target.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("ann"))
+    tmp.rename(target)
+    return True
 
 
 def available_distractors(data: RevisitopSet, encoder: str, cache_dir: Path,
