@@ -1004,6 +1004,7 @@ def bench_revisitop_cmd(
                                          cache_dir=cache_dir, show_progress=not as_json, n_folds=folds,
                                          local=_local_config(local, local_scales, local_features, local_image_size),
                                          available_only=available, log=lambda message: err.print(message))
+            _print_fold_table(result)
             if as_json:
                 print(json.dumps(result))
             return
@@ -1107,8 +1108,8 @@ def _print_fold_table(result: dict) -> None:
     table = Table("reported on", "chosen on", "method", "setting", "dim", "class mAP", "mAP Medium",
                   title=f"{result['dataset']}: {result['protocol']}", title_justify="left")
     for r in result["results"]:
-        table.add_row(r["fold"], r["chosen_on"], r["method"], r.get("setting", ""), str(r.get("dim", "")),
-                      f"{r['class_map']:.2f}", f"{r['map_medium']:.2f}")
+        table.add_row(r["fold"], r["chosen_on"] or "", r.get("method", r.get("row", "")), r.get("setting", ""),
+                      str(r.get("dim", "")), f"{r['class_map']:.2f}", f"{r['map_medium']:.2f}")
     Console(stderr=True).print(table) if not sys.stdout.isatty() else out.print(table)
 
 
