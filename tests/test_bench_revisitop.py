@@ -83,6 +83,9 @@ def test_bench_revisitop_local_modes_on_tiny_set(tiny_revisitop, tmp_path, mode)
     assert result["rerank_ms_p50"] > 0 and result["local"]["extractor"] == "cnn"
     # Two crops of the query's photo among 12: well above the chance level of about 17%.
     assert result["map_medium"] > 60
+    for baseline in ("baseline_global", "baseline_instance"):  # both global descriptors ride along (issue 17)
+        assert set(result[baseline]) == {"map_easy", "map_medium", "map_hard"}
+        assert 0 <= result[baseline]["map_medium"] <= 100
     if mode == "l2g":
         assert 0.0 <= result["approx_recall_at_100"] <= 1.0
         assert result["approx_recall_at_100"] >= 0.9  # exact neighbours here; only the per-image fill is approximate

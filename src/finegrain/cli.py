@@ -964,7 +964,7 @@ def bench_flickr8k_cmd(
 def bench_revisitop_cmd(
     data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
-    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
+    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Distractor images added to the database: a folder, or a text file of image paths (one per line)."),
     distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
     mode: str = typer.Option("global", help="Search mode: global, global+local, local, l2g (the last three need --local)."),
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
@@ -983,6 +983,9 @@ def bench_revisitop_cmd(
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    index_only: bool = typer.Option(False, "--index-only", help="Build (or resume) the cached bench index of database + distractors, then stop."),
+    available: bool = typer.Option(False, "--available", help="Index nothing: search the database plus only the distractors the cached index holds so far (recorded in the result)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Landmark folds (2): choose the mode's settings on one half of the landmarks, report on the other, then swap (l2g)."),
 ) -> None:
     """Image-to-image instance retrieval, Revisited Oxford/Paris protocol: mAP Easy/Medium/Hard, mP@k, latency."""
     from .bench.revisitop import run_revisitop
@@ -992,13 +995,33 @@ def bench_revisitop_cmd(
     details = ReportData()
 
     try:
+        if index_only and available:
+            raise ValueError("--index-only and --available exclude each other")
+        if folds is not None:
+            from .bench.revisitop_folds import run_revisitop_folds
+
+            result = run_revisitop_folds(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder,
+                                         cache_dir=cache_dir, show_progress=not as_json, n_folds=folds,
+                                         local=_local_config(local, local_scales, local_features, local_image_size),
+                                         available_only=available, log=lambda message: err.print(message))
+            _print_fold_table(result)
+            if as_json:
+                print(json.dumps(result))
+            return
         result = run_revisitop(data, gnd, distractors, distractor_list, mode=mode, encoder=encoder, cache_dir=cache_dir,
-                               show_progress=not as_json, report=details,
+                               show_progress=not as_json, report=details, available_only=available,
+                               index_only=index_only,
                                local=_local_config(local, local_scales, local_features, local_image_size),
                                **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
                                                        _l2g_variant(variant, mode)))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
+    if index_only:
+        err.print(f"bench index: {result['indexed']} images ({result['database']} database + "
+                  f"{result['distractors']} distractors)")
+        if as_json:
+            print(json.dumps(result))
+        return
     title = f"{data.name}, mode {mode}, encoder {encoder}, {result['distractors']} distractors"
     _print_metrics(title, result)
     _write_report(report, title, result, details)
@@ -1020,7 +1043,7 @@ def _write_report(path: Optional[Path], title: str, metrics: dict, details) -> N
 def bench_compress_cmd(
     data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
     gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
-    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Folder of distractor images added to the database."),
+    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Distractor images added to the database: a folder, or a text file of image paths (one per line)."),
     distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
     methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, aesvc-paper (AE-SVC with the paper's loss), ss2d."),
     dims: str = typer.Option("16,32,64,128,256", "--dims", help="Comma-separated output sizes (SS2D: one model, all sizes nested)."),
@@ -1032,12 +1055,30 @@ def bench_compress_cmd(
     ss2d_teacher: str = typer.Option("aesvc", "--ss2d-teacher", help="Whose similarities SS2D distils: aesvc (the paper) or input (the original embeddings)."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Landmark folds (2): choose each method's settings on one half of the landmarks by class mAP, report on the other, then swap."),
+    epochs: str = typer.Option("25,50,100", "--epochs", help="--folds: AE-SVC training lengths (passes over the data) to choose from."),
+    available: bool = typer.Option(False, "--available", help="Index nothing: use the database plus only the distractors the cached index holds so far."),
 ) -> None:
     """Compact embeddings: PCA / AE-SVC / (SS)2D at several sizes, Revisited mAP (Medium) and landmark-class mAP."""
     from .bench.compress import run_compress_bench
     from .eval.revisitop import UnsafePickleError
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if folds is not None:
+        from .bench.compress_folds import run_compress_folds
+
+        try:
+            folded = run_compress_folds(data, gnd, distractors, distractor_list, _int_list(dims), encoder, cache_dir,
+                                        seed, folds, _int_list(epochs), available_only=available, show_progress=not as_json,
+                                        log=lambda message: err.print(message))
+        except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
+            _fail(str(exc), 2)
+        _print_fold_table(folded)
+        if as_json:
+            print(json.dumps(folded))
+        return
+    if available:
+        _fail("--available is for --folds here; finegrain bench revisitop --available for one run", 2)
     try:
         result = run_compress_bench(data, gnd, distractors, distractor_list, method_list, _int_list(dims), encoder,
                                     cache_dir, plots, text_data, text_split, seed, show_progress=not as_json,
@@ -1060,6 +1101,16 @@ def bench_compress_cmd(
         err.print(f"figures: {result['plots']['similarity_png']}, {result['plots']['variance_png']}")
     if as_json:
         print(json.dumps(result))
+
+
+def _print_fold_table(result: dict) -> None:
+    """The per-fold rows of a ``--folds`` bench: each reported on one fold with settings chosen on another."""
+    table = Table("reported on", "chosen on", "method", "setting", "dim", "class mAP", "mAP Medium",
+                  title=f"{result['dataset']}: {result['protocol']}", title_justify="left")
+    for r in result["results"]:
+        table.add_row(r["fold"], r["chosen_on"] or "", r.get("method", r.get("row", "")), r.get("setting", ""),
+                      str(r.get("dim", "")), f"{r['class_map']:.2f}", f"{r['map_medium']:.2f}")
+    Console(stderr=True).print(table) if not sys.stdout.isatty() else out.print(table)
 
 
 def _mode_list(text: str) -> list[str]:

@@ -75,6 +75,24 @@ class RevisitopSet:
         return [name.split("_")[1] if name.count("_") >= 2 else name for name in self.gnd.imlist]
 
 
+def read_path_list(path: str | Path) -> list[Path]:
+    """Image paths listed one per line in a text file (blank lines skipped; relative to the file's folder).
+
+    Raises ``FileNotFoundError`` naming how many listed files are missing.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text list of image paths (one per line)") from None
+    paths = [p if p.is_absolute() else path.parent / p for p in (Path(x.strip()) for x in lines if x.strip())]
+    absent = [p for p in paths if not p.exists()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} of the {len(paths)} images listed in {path} are missing, "
+                                f"e.g. {absent[0]}")
+    return paths
+
+
 def load_revisitop(data: str | Path, gnd_file: str | Path | None = None, distractors: str | Path | None = None,
                    distractor_list: str | Path | None = None) -> RevisitopSet:
     """Read a revisitop folder (``jpg/`` plus a ``gnd_*.pkl``/``.json``) and optional distractors.
@@ -82,6 +100,8 @@ def load_revisitop(data: str | Path, gnd_file: str | Path | None = None, distrac
     ``distractors`` is a folder of images (walked recursively); with
     ``distractor_list`` (one name per line, relative to that folder, e.g.
     Flickr8k's ``splits/dev.txt``) only the listed images are used.
+    ``distractors`` may also be a text file of image paths, one per line
+    (relative ones are relative to the file's folder), used in list order.
     """
     from .eval.revisitop import db_image_path, find_gnd_file, load_gnd, query_image_path
     from .indexer import collect_files
@@ -95,7 +115,14 @@ def load_revisitop(data: str | Path, gnd_file: str | Path | None = None, distrac
         raise FileNotFoundError(f"{len(missing)} images of the ground truth are missing from {data / 'jpg'}, "
                                 f"e.g. {missing[0]}")
     extra: list[Path] = []
-    if distractors is not None:
+    if distractors is not None and Path(distractors).is_file():
+        if distractor_list is not None:
+            raise ValueError(f"--distractor-list needs --distractors to be a folder; {distractors} is a file "
+                             "(give the list itself as --distractors)")
+        extra = read_path_list(distractors)
+        if not extra:
+            raise FileNotFoundError(f"no distractor images listed in {distractors}")
+    elif distractors is not None:
         root = Path(distractors)
         if distractor_list is not None:
             names = [line.strip() for line in Path(distractor_list).read_text().splitlines() if line.strip()]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from ..datasets import load_flickr8k, load_revisitop
+from ..datasets import RevisitopSet, load_flickr8k, load_revisitop
 from ..eval.metrics import compute_map, recall_at_k, revisitop_map
 from .common import bench_index, flickr8k_index_name
 from .revisitop import revisitop_index
@@ -94,6 +94,30 @@ def fit_projections(method: str, dims: Sequence[int], X: np.ndarray, seed: int =
     return out
 
 
+def bench_vectors(bench: RevisitopSet, encoder: str, cache_dir: Path, dims: Sequence[int], show_progress: bool,
+                  available_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """``(X, present, queries, index_stats)``: the bench index's global vector of every benchmark position
+    (database then distractors; zero where an image failed, ``present`` False), and the cropped queries' vectors.
+
+    ``available_only``: use the cached index as it is (see :func:`revisitop_index`); ``bench`` must then
+    already be restricted to the distractors it holds.
+    """
+    index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress,
+                                                          available_only=available_only)
+    n_db, n_total = len(bench.db_paths), len(bench.db_paths) + len(bench.distractor_paths)
+    X = np.zeros((n_total, index.global_rows.vectors.shape[1]), np.float32)
+    present = np.zeros(n_total, bool)
+    X[position_of_row] = index.global_rows.vectors
+    present[position_of_row] = True
+    if not present[:n_db].all():
+        raise ValueError(f"{int((~present[:n_db]).sum())} database images could not be indexed")
+    too_big = [d for d in dims if d > X.shape[1]]
+    if too_big:
+        raise ValueError(f"dims {too_big} are larger than the {X.shape[1]}-dim embeddings of {encoder}")
+    queries = np.stack([index.embed_query(image=p, bbox=b) for p, b in zip(bench.query_paths, bench.query_boxes)])
+    return X, present, queries, index_stats
+
+
 def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,
                        distractor_list: str | Path | None = None, methods: Sequence[str] = DEFAULT_METHODS,
                        dims: Sequence[int] = (16, 32, 64, 128, 256), encoder: str = "effnet-minilm",
@@ -120,20 +144,10 @@ def run_compress_bench(data: str | Path, gnd: str | Path | None = None, distract
     log = log or (lambda message: None)
     bench = load_revisitop(data, gnd, distractors, distractor_list)
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
-    index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress)
-    n_db, n_total = len(bench.db_paths), len(bench.db_paths) + len(bench.distractor_paths)
-    X = np.zeros((n_total, index.global_rows.vectors.shape[1]), np.float32)
-    present = np.zeros(n_total, bool)
-    X[position_of_row] = index.global_rows.vectors
-    present[position_of_row] = True
-    if not present[:n_db].all():
-        raise ValueError(f"{int((~present[:n_db]).sum())} database images could not be indexed")
+    X, present, queries, index_stats = bench_vectors(bench, encoder, cache_dir, dims, show_progress)
+    n_db = len(bench.db_paths)
     input_dim = X.shape[1]
-    too_big = [d for d in dims if d > input_dim]
-    if too_big:
-        raise ValueError(f"dims {too_big} are larger than the {input_dim}-dim embeddings of {encoder}")
     fit_rows = X[present]  # database + distractors that were indexed; never the query crops
-    queries = np.stack([index.embed_query(image=p, bbox=b) for p, b in zip(bench.query_paths, bench.query_boxes)])
     labels = bench.landmarks
 
     def score(db: np.ndarray, q: np.ndarray) -> tuple[float, float]:
