@@ -24,8 +24,15 @@ import torch
 from torch import nn
 
 from .base import Encoder
-from .effnet_minilm import GeM, ImageTop, ImageTrunk, TextPool, load_efficientnet_lite0, minilm_token_states, \
-    pixels_to_array
+from .effnet_minilm import (
+    GeM,
+    ImageTop,
+    ImageTrunk,
+    TextPool,
+    load_efficientnet_lite0,
+    minilm_token_states,
+    pixels_to_array,
+)
 from .minilm import MiniLM, load_minilm
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -51,7 +58,8 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scale * (self.B @ self.A)
 
 
-def adapt_text_tower(model: MiniLM, adapter: str, layers: int, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
+def adapt_text_tower(model: MiniLM, adapter: str, layers: int, rank: int = 8,
+                     alpha: float = 16.0) -> list[nn.Parameter]:
     """Make MiniLM's top ``layers`` trainable by ``adapter`` (in place); return the trainable parameters."""
     if adapter not in ADAPTERS:
         raise ValueError(f"text adapter must be one of {ADAPTERS}, not {adapter!r}")
@@ -95,11 +103,11 @@ def apply_text_state(model: MiniLM, state: dict[str, torch.Tensor]) -> None:
         for key, value in state.items():
             kind, _, rest = key.partition(".")[2].partition(".")
             if kind == "delta":
-                params[f"layers.{rest}"] += value.float()
+                params[f"layers.{rest}"].add_(value.float())
             elif kind == "lora" and rest.endswith(".A"):
                 prefix = rest[:-2]
                 b = state[f"text.lora.{prefix}.B"].float()
-                params[f"layers.{prefix}.weight"] += b @ value.float()
+                params[f"layers.{prefix}.weight"].add_(b @ value.float())
 
 
 class AlignerV2(nn.Module):

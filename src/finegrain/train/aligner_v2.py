@@ -9,8 +9,8 @@ What changes from v1 (:mod:`finegrain.train.aligner`):
   split (split file order) are held out; the epoch is chosen on them. The dev
   split is evaluated once, at the end, with the chosen weights.
 - **Augmentations** that suit a locked tower: cached random resized crops
-  with flips (:mod:`finegrain.train.cache_v2`), phrase dropout (a caption
-  with one sub-query phrase removed).
+  with flips (:mod:`finegrain.train.cache_v2`), phrase dropout (the tokens of
+  one sub-query phrase removed before the trained layers).
 - **Hard negatives**: VSE++'s max-violation hinge on the hardest in-batch
   negative, beside the symmetric InfoNCE.
 - **Region term**: the product's multi-vector score (mean over the caption
@@ -28,6 +28,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,12 +83,16 @@ class Ragged:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def lengths(self, items: np.ndarray) -> np.ndarray:
-        return self.offsets[items + 1] - self.offsets[items]
+    def lengths(self, items: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
+        n = self.offsets[items + 1] - self.offsets[items]
+        return n if drop is None else n - (drop[:, 1] - drop[:, 0])
 
-    def gather(self, items: np.ndarray) -> torch.Tensor:
-        idx = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in items])
-        return self.flat[torch.from_numpy(idx)].float()
+    def gather(self, items: np.ndarray, drop: np.ndarray | None = None) -> torch.Tensor:
+        """Rows of ``items``, flat; ``drop[k] = (start, stop)`` leaves out rows start..stop-1 of item k."""
+        rows = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in items]
+        if drop is not None:
+            rows = [np.delete(r, np.arange(a, b)) for r, (a, b) in zip(rows, drop)]
+        return self.flat[torch.from_numpy(np.concatenate(rows))].float()
 
 
 class TextTop(torch.nn.Module):
@@ -104,6 +109,7 @@ class TextTop(torch.nn.Module):
         where = mask.reshape(-1).nonzero()[:, 0]
         keep = mask[:, None, None, :]
         x = packed
+        layer: Any
         for layer in self.layers:
             heads, d = layer.heads, x.shape[1]
 
@@ -128,7 +134,7 @@ class Data:
         self.views = [np.load(cache / f"train-v{v}.npy", mmap_mode="r") for v in range(1 + config.views)]
         self.dev_maps = np.load(cache / "dev-v0.npy", mmap_mode="r")
         self.cap = {s: Ragged(cache, f"{s}-cap") for s in ("train", "dev")}
-        self.drop = Ragged(cache, "train-drop")
+        self.drop_span = np.load(cache / "train-drop-span.npy").astype(np.int64)
         self.parts = Ragged(cache, "train-part")
         self.caption_parts = np.load(cache / "train-caption-parts.npy")
         self.segments = Ragged(cache, "train-seg")
@@ -137,14 +143,15 @@ class Data:
         # Validation: the last val_images of the split file; training: the images before them.
         self.val_items = np.arange(n_train - config.val_images, n_train)
         limit = n_train - config.val_images
-        self.train_items = np.arange(config.train_images or limit) if config.train_images <= limit else None
-        if self.train_items is None:
+        if config.train_images > limit:
             raise ValueError(f"train_images must be at most {limit} (the rest validates)")
+        self.train_items = np.arange(config.train_images or limit)
         self.captions_of = [np.flatnonzero(train == i) for i in range(n_train)]
 
 
-def encode_texts(text_top: TextTop, aligner: AlignerV2, states: Ragged, items: np.ndarray) -> torch.Tensor:
-    tokens, mask = text_top(states.gather(items), states.lengths(items))
+def encode_texts(text_top: TextTop, aligner: AlignerV2, states: Ragged, items: np.ndarray,
+                 drop: np.ndarray | None = None) -> torch.Tensor:
+    tokens, mask = text_top(states.gather(items, drop), states.lengths(items, drop))
     return aligner.text_embed(tokens, mask)
 
 
@@ -160,12 +167,13 @@ def evaluate(text_top: TextTop, aligner: AlignerV2, maps, states: Ragged, captio
                          for i in range(0, len(images), 200)])
         order = captions[np.argsort(states.lengths(captions), kind="stable")]  # batches of similar lengths
         txt = torch.cat([encode_texts(text_top, aligner, states, order[i:i + 500]) for i in range(0, len(order), 500)])
-    img, txt = F.normalize(img, dim=-1).numpy(), F.normalize(txt, dim=-1).numpy()
+    img_n, txt_n = F.normalize(img, dim=-1).numpy(), F.normalize(txt, dim=-1).numpy()
     target = np.array([position[int(caption_image[c])] for c in order])
-    sims = txt @ img.T
-    t2i = (sims > sims[np.arange(len(txt)), target][:, None]).sum(1)
+    sims = txt_n @ img_n.T
+    own = sims[np.arange(len(txt_n)), target]
+    t2i = (sims > own[:, None]).sum(1)
     best = np.full(len(images), np.inf)
-    rank_of_caption = (sims.T > sims[np.arange(len(txt)), target][None, :]).sum(0)  # image->text, per caption
+    rank_of_caption = (sims[:, target] > own[None, :]).sum(0)  # image->text: captions above caption c for its image
     for c, i in enumerate(target):
         best[i] = min(best[i], rank_of_caption[c])
     out = {f"t2i_r{k}": 100 * recall_at_k(t2i, k) for k in (1, 5, 10)}
@@ -189,13 +197,19 @@ def region_scores(aligner: AlignerV2, maps: torch.Tensor, segments: list[torch.T
 
 
 def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, config: TrainConfigV2 | None = None,
-                     show_progress: bool = True, log=print, evaluate_dev: bool = True) -> dict:
-    """Train v2 and write ``out`` (.safetensors) plus ``out.json`` (config, validation history, dev metrics)."""
+                     show_progress: bool = True, log=print, evaluate_dev: bool = True, cache_views: int = 2) -> dict:
+    """Train v2 and write ``out`` (.safetensors) plus ``out.json`` (config, validation history, dev metrics).
+
+    ``cache_views`` augmented views are cached per train image (one cache serves
+    every run that uses at most that many).
+    """
     config = config or TrainConfigV2()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     t0 = time.time()
-    cache = build_cache_v2(data, cache_dir, max(config.views, 2), 0, show_progress, log)
+    if config.views > cache_views:
+        raise ValueError(f"views ({config.views}) must be at most cache_views ({cache_views})")
+    cache = build_cache_v2(data, cache_dir, cache_views, 0, show_progress, log)
     log(f"caches ready in {time.time() - t0:.0f}s")
     d = Data(Path(data), cache, config)
 
@@ -225,11 +239,8 @@ def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, c
             view = rng.integers(0, 1 + config.views, size=len(idx))
             feats = torch.from_numpy(np.stack([d.views[v][i] for v, i in zip(view, idx)]).astype(np.float32))
             cap = np.array([rng.choice(d.captions_of[i]) for i in idx])
-            dropped = rng.random(len(cap)) < config.phrase_dropout
-            txt = torch.empty(len(cap), config.dim)
-            for source, sel in ((d.cap["train"], ~dropped), (d.drop, dropped)):
-                if sel.any():
-                    txt[torch.from_numpy(np.flatnonzero(sel))] = encode_texts(text_top, aligner, source, cap[sel])
+            spans = d.drop_span[cap] * (rng.random(len(cap)) < config.phrase_dropout)[:, None]  # (0, 0): keep all
+            txt = encode_texts(text_top, aligner, d.cap["train"], cap, spans)
             img_emb = F.normalize(aligner.image_embed(feats), dim=-1)
             txt_emb = F.normalize(txt, dim=-1)
             scale = aligner.logit_scale.exp().clamp(max=100)

@@ -10,9 +10,9 @@ layers, so everything below those is computed once:
 - SLIC segments (the product's :func:`segment_image`, default levels) of
   ``v0`` as soft masks on the 7 x 7 grid, for the region term;
 - MiniLM token states after the first ``TEXT_SPLIT`` layers (float16, ragged:
-  a flat (tokens, 384) array and per-text offsets) for the captions, each
-  caption with one phrase removed (phrase dropout), and the captions'
-  sub-queries (the product's rule-based decomposition, as searches use it).
+  a flat (tokens, 384) array and per-text offsets) for the captions and the
+  captions' sub-queries (the product's rule-based decomposition, as searches
+  use it), and per train caption the token span of one phrase (phrase dropout).
 
 A JSON manifest, written last, records the inputs and settings; a cache
 whose manifest differs is rebuilt.
@@ -32,7 +32,7 @@ from ..datasets import CaptionSplit, load_flickr8k
 from ..decompose.query import RulesDecomposer
 from ..decompose.segments import SegmentConfig, segment_image
 from ..encoders.effnet_minilm import TEXT_MAX_TOKENS, ImageTop, ImageTrunk, load_efficientnet_lite0, pixels_to_array
-from ..encoders.minilm import MiniLM, load_minilm
+from ..encoders.minilm import MiniLM, MiniLMTokenizer, load_minilm
 from ..images import load_image
 from ..progress import progress_bar
 
@@ -52,7 +52,7 @@ class LockedImageTower(nn.Module):
         self.trunk = ImageTrunk(net)
         self.top = ImageTop(net)
         self.eval()
-        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.trunk(x.contiguous(memory_format=torch.channels_last))).contiguous()
@@ -88,16 +88,24 @@ def random_resized_crop(image, rng: np.random.Generator, scale=(0.4, 1.0), ratio
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
-def drop_phrase(caption: str, parts: list[str], rng: np.random.Generator) -> str:
-    """The caption with one of its sub-query phrases removed (the caption itself when that leaves nothing)."""
+def phrase_span(tokenizer: MiniLMTokenizer, caption: str, parts: list[str],
+                rng: np.random.Generator) -> tuple[int, int]:
+    """Token positions [start, stop) of one of the caption's sub-query phrases ((0, 0): none found).
+
+    Phrase dropout removes these tokens from the cached states the trained
+    layers see (the frozen lower layers saw the whole caption): encoding every
+    caption again without the phrase would cost as much as the whole text cache.
+    """
     if not parts:
-        return caption
-    part = parts[int(rng.integers(len(parts)))]
-    at = caption.lower().find(part.lower())
-    if at < 0:
-        return caption
-    rest = " ".join((caption[:at] + " " + caption[at + len(part):]).split())
-    return rest if any(ch.isalnum() for ch in rest) else caption
+        return (0, 0)
+    ids = tokenizer([caption], TEXT_MAX_TOKENS)[0][0].tolist()
+    phrase = tokenizer([parts[int(rng.integers(len(parts)))]], TEXT_MAX_TOKENS)[0][0].tolist()[1:-1]  # no CLS/SEP
+    for start in range(1, len(ids) - len(phrase)):
+        if ids[start:start + len(phrase)] == phrase:
+            if len(phrase) >= len(ids) - 2:  # the phrase is the whole caption: keep it
+                return (0, 0)
+            return (start, start + len(phrase))
+    return (0, 0)
 
 
 def grid_masks(image, config: SegmentConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -116,28 +124,56 @@ def _manifest(splits: dict[str, CaptionSplit], views: int, seed: int) -> dict:
 
 
 def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed: int = 0,
-                   show_progress: bool = True, log=print) -> Path:
-    """Compute the caches under ``cache_dir`` (skipped when its manifest matches); return ``cache_dir``."""
+                   show_progress: bool = True, log=print, only: str | None = None) -> Path:
+    """Compute the caches under ``cache_dir`` (skipped when its manifest matches); return ``cache_dir``.
+
+    Every array is written under a temporary name then renamed, and an existing
+    one is kept, so an interrupted build resumes; ``only`` (``"texts"`` or
+    ``"images"``) builds one half, so two processes can share the work.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     splits = {name: load_flickr8k(data, name) for name in ("train", "dev")}
     manifest = _manifest(splits, views, seed)
-    done = cache_dir / "manifest.json"
+    done, started = cache_dir / "manifest.json", cache_dir / "settings.json"
     if done.exists() and json.loads(done.read_text()) == manifest:
         return cache_dir
-    done.unlink(missing_ok=True)
+    if not started.exists() or json.loads(started.read_text()) != manifest:  # other inputs: start afresh
+        for old in cache_dir.iterdir():
+            old.unlink()
+        started.write_text(json.dumps(manifest))
     with torch.inference_mode():
-        _cache_texts(splits, cache_dir, seed, show_progress, log)
-        _cache_images(splits, cache_dir, views, seed, show_progress, log)
-    done.write_text(json.dumps(manifest))
+        if only in (None, "texts"):
+            _cache_texts(splits, cache_dir, seed, show_progress, log)
+        if only in (None, "images"):
+            _cache_images(splits, cache_dir, views, seed, show_progress, log)
+    if _complete(cache_dir, views):
+        done.write_text(json.dumps(manifest))
     return cache_dir
 
 
+def _complete(cache_dir: Path, views: int) -> bool:
+    names = [f"{s}-{k}-offsets.npy" for s in ("train", "dev") for k in ("cap", "part", "seg")]
+    names += ["train-drop-span.npy", "dev-v0.npy"] + [f"train-v{v}.npy" for v in range(1 + views)]
+    return all((cache_dir / n).exists() for n in names)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path.with_suffix(".tmp"), "wb") as fh:
+        np.save(fh, array)
+    path.with_suffix(".tmp").replace(path)
+
+
 def _save_ragged(cache_dir: Path, name: str, chunks: list[np.ndarray]) -> None:
+    """A flat array and its offsets; the offsets file, written last, marks it complete."""
     offsets = np.zeros(len(chunks) + 1, np.int64)
     offsets[1:] = np.cumsum([len(c) for c in chunks])
-    np.save(cache_dir / f"{name}.npy", np.concatenate(chunks) if chunks else np.zeros((0, 384), np.float16))
-    np.save(cache_dir / f"{name}-offsets.npy", offsets)
+    _save(cache_dir / f"{name}.npy", np.concatenate(chunks) if chunks else np.zeros((0, 384), np.float16))
+    _save(cache_dir / f"{name}-offsets.npy", offsets)
+
+
+def _have(cache_dir: Path, name: str) -> bool:
+    return (cache_dir / f"{name}-offsets.npy").exists()
 
 
 def _encode_texts(tokenizer, model: MiniLM, texts: list[str], label: str, show_progress: bool) -> list[np.ndarray]:
@@ -164,63 +200,66 @@ def _cache_texts(splits: dict[str, CaptionSplit], cache_dir: Path, seed: int, sh
         flat = [p for ps in parts for p in ps]
         part_offsets = np.zeros(len(parts) + 1, np.int64)
         part_offsets[1:] = np.cumsum([len(p) for p in parts])
-        np.save(cache_dir / f"{name}-caption-parts.npy", part_offsets)
-        (cache_dir / f"{name}-parts.json").write_text(json.dumps(flat))
-        _save_ragged(cache_dir, f"{name}-cap", _encode_texts(tokenizer, model, split.captions, f"captions ({name})",
-                                                            show_progress))
-        _save_ragged(cache_dir, f"{name}-part", _encode_texts(tokenizer, model, flat, f"phrases ({name})",
-                                                             show_progress))
-        if name == "train":
-            dropped = [drop_phrase(c, p, np.random.default_rng([seed, 7, i]))
-                       for i, (c, p) in enumerate(zip(split.captions, parts))]
-            (cache_dir / "train-drop.json").write_text(json.dumps(dropped))
-            _save_ragged(cache_dir, "train-drop", _encode_texts(tokenizer, model, dropped, "phrase dropout",
-                                                                show_progress))
-        log(f"text cache ({name}): {len(split.captions)} captions, {len(flat)} phrases")
+        _save(cache_dir / f"{name}-caption-parts.npy", part_offsets)
+        texts = {"cap": split.captions, "part": flat}
+        if name == "train" and not (cache_dir / "train-drop-span.npy").exists():
+            spans = np.array([phrase_span(tokenizer, c, p, np.random.default_rng([seed, 7, i]))
+                              for i, (c, p) in enumerate(zip(split.captions, parts))], np.int32)
+            _save(cache_dir / "train-drop-span.npy", spans)
+        for kind, items in texts.items():
+            if not _have(cache_dir, f"{name}-{kind}"):
+                _save_ragged(cache_dir, f"{name}-{kind}", _encode_texts(tokenizer, model, items, f"{kind} ({name})",
+                                                                        show_progress))
+                log(f"text cache {name}-{kind}: {len(items)} texts")
 
 
 def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, views: int, seed: int, show_progress: bool,
                   log) -> None:
+    """One pass per (split, view), dev first: view 0 also computes the segments."""
     tower = LockedImageTower()
     config = SegmentConfig()
-    for name, split in splits.items():
-        paths = split.image_paths()
-        n_views = 1 + (views if name == "train" else 0)
-        arrays = [np.lib.format.open_memmap(cache_dir / f"{name}-v{v}.npy.tmp", mode="w+", dtype=np.float16,
-                                            shape=(len(paths), 1280, GRID, GRID)) for v in range(n_views)]
+    for name, view in [("dev", 0)] + [("train", v) for v in range(1 + views)]:
+        target = cache_dir / f"{name}-v{view}.npy"
+        if target.exists():
+            continue
+        paths = splits[name].image_paths()
+        array = np.lib.format.open_memmap(target.with_suffix(".tmp"), mode="w+", dtype=np.float16,
+                                          shape=(len(paths), 1280, GRID, GRID))
         seg_masks: list[np.ndarray] = []
         seg_levels: list[np.ndarray] = []
-        with progress_bar(len(paths), f"image tower ({name}, {n_views} views)", show_progress) as bar:
+        with progress_bar(len(paths), f"image tower ({name}, view {view})", show_progress) as bar:
             for start in range(0, len(paths), 32):
                 images = [load_image(p) for p in paths[start:start + 32]]
-                for i, image in enumerate(images):
-                    grid, level = grid_masks(image, config)
-                    seg_masks.append(grid)
-                    seg_levels.append(level)
-                for v in range(n_views):
-                    views_v = [im if v == 0 else random_resized_crop(im, np.random.default_rng([seed, start + i, v]))
-                               for i, im in enumerate(images)]
-                    x = torch.from_numpy(np.stack([pixels_to_array(im, IMAGE_SIZE) for im in views_v]))
-                    arrays[v][start:start + len(x)] = tower(x).numpy().astype(np.float16)
+                if view == 0:
+                    for image in images:
+                        grid, level = grid_masks(image, config)
+                        seg_masks.append(grid)
+                        seg_levels.append(level)
+                else:
+                    images = [random_resized_crop(im, np.random.default_rng([seed, start + i, view]))
+                              for i, im in enumerate(images)]
+                x = torch.from_numpy(np.stack([pixels_to_array(im, IMAGE_SIZE) for im in images]))
+                array[start:start + len(x)] = tower(x).numpy().astype(np.float16)
                 bar.advance(len(images))
                 if (start // 32) % 20 == 19:
-                    log(f"  {name}: {start + len(images)} / {len(paths)} images")
-        for v, arr in enumerate(arrays):
-            arr.flush()
-            del arr
-            (cache_dir / f"{name}-v{v}.npy.tmp").replace(cache_dir / f"{name}-v{v}.npy")
-        _save_ragged(cache_dir, f"{name}-seg", seg_masks)
-        np.save(cache_dir / f"{name}-seg-level.npy", np.concatenate(seg_levels))
-        log(f"image cache ({name}): {len(paths)} images, {n_views} views, {sum(len(m) for m in seg_masks)} segments")
+                    log(f"  {name} view {view}: {start + len(images)} / {len(paths)} images")
+        array.flush()
+        del array
+        if view == 0:
+            _save(cache_dir / f"{name}-seg-level.npy", np.concatenate(seg_levels))
+            _save_ragged(cache_dir, f"{name}-seg", seg_masks)
+        target.with_suffix(".tmp").replace(target)
+        log(f"image cache {name} view {view}: {len(paths)} images")
 
 
-def main() -> None:  # python -m finegrain.train.cache_v2 DATA CACHE_DIR [VIEWS]
+def main() -> None:  # python -m finegrain.train.cache_v2 DATA CACHE_DIR [VIEWS [texts|images]]
     import sys
     import time
 
     t0 = time.time()
     build_cache_v2(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2, show_progress=False,
-                   log=lambda m: print(f"[{time.time() - t0:6.0f}s] {m}", flush=True))
+                   log=lambda m: print(f"[{time.time() - t0:6.0f}s] {m}", flush=True),
+                   only=sys.argv[4] if len(sys.argv) > 4 else None)
     print(f"cache ready in {time.time() - t0:.0f}s")
 
 
