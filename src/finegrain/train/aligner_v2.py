@@ -98,9 +98,9 @@ class Ragged:
 class TextTop(torch.nn.Module):
     """MiniLM's top layers over cached lower-layer states, on packed tokens (the linear maps see no padding)."""
 
-    def __init__(self, model: MiniLM):
+    def __init__(self, model: MiniLM, start: int = TEXT_SPLIT):
         super().__init__()
-        self.layers = torch.nn.ModuleList(list(model.layers)[TEXT_SPLIT:])
+        self.layers = torch.nn.ModuleList(list(model.layers)[start:])
 
     def forward(self, packed: torch.Tensor, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(N tokens, 384) states of texts with ``lengths`` -> padded (B, T, 384) final states and mask."""
@@ -125,17 +125,42 @@ class TextTop(torch.nn.Module):
         return x.new_zeros(b * t, x.shape[1]).index_copy(0, where, x).view(b, t, -1), mask.long()
 
 
+def advance(cache: Path, name: str, model: MiniLM, start: int) -> Ragged:
+    """Cached states of ``name`` moved up to MiniLM layer ``start`` by the frozen layers between (saved once)."""
+    states = Ragged(cache, name)
+    if start == TEXT_SPLIT:
+        return states
+    path = cache / f"{name}-L{start}.npy"
+    if not path.exists():
+        frozen = TextTop(model, TEXT_SPLIT)
+        frozen.layers = frozen.layers[:start - TEXT_SPLIT]
+        out = torch.empty_like(states.flat)
+        with torch.no_grad():
+            for first in range(0, len(states), 512):
+                items = np.arange(first, min(first + 512, len(states)))
+                lengths = states.lengths(items)
+                padded, mask = frozen(states.gather(items), lengths)
+                out[states.offsets[first]:states.offsets[items[-1] + 1]] = padded[mask.bool()].half()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, out.numpy())
+        tmp.replace(path)
+    states.flat = torch.from_numpy(np.load(path))
+    return states
+
+
 class Data:
     """The cached arrays one run needs, and the train / validation / dev item lists."""
 
-    def __init__(self, data: Path, cache: Path, config: TrainConfigV2):
+    def __init__(self, data: Path, cache: Path, config: TrainConfigV2, base: MiniLM):
         splits = {s: load_flickr8k(data, s) for s in ("train", "dev")}
         n_train = len(splits["train"].images)
         self.views = [np.load(cache / f"train-v{v}.npy", mmap_mode="r") for v in range(1 + config.views)]
         self.dev_maps = np.load(cache / "dev-v0.npy", mmap_mode="r")
-        self.cap = {s: Ragged(cache, f"{s}-cap") for s in ("train", "dev")}
+        start = 6 - config.text_layers  # states enter the trained layers here (frozen ones in between run once)
+        self.cap = {s: advance(cache, f"{s}-cap", base, start) for s in ("train", "dev")}
         self.drop_span = np.load(cache / "train-drop-span.npy").astype(np.int64)
-        self.parts = Ragged(cache, "train-part")
+        self.parts = advance(cache, "train-part", base, start) if config.region > 0 else self.cap["train"]
         self.caption_parts = np.load(cache / "train-caption-parts.npy")
         self.segments = Ragged(cache, "train-seg")
         train = np.asarray(splits["train"].caption_image)
@@ -167,12 +192,16 @@ def evaluate(text_top: TextTop, aligner: AlignerV2, maps, states: Ragged, captio
                          for i in range(0, len(images), 200)])
         order = captions[np.argsort(states.lengths(captions), kind="stable")]  # batches of similar lengths
         txt = torch.cat([encode_texts(text_top, aligner, states, order[i:i + 500]) for i in range(0, len(order), 500)])
-    img_n, txt_n = F.normalize(img, dim=-1).numpy(), F.normalize(txt, dim=-1).numpy()
     target = np.array([position[int(caption_image[c])] for c in order])
+    return recall_metrics(F.normalize(txt, dim=-1).numpy(), F.normalize(img, dim=-1).numpy(), target)
+
+
+def recall_metrics(txt_n: np.ndarray, img_n: np.ndarray, target: np.ndarray) -> dict:
+    """Text->image R@1/5/10 and image->text R@1/5/10 (an image's best-ranked caption) of unit vectors."""
     sims = txt_n @ img_n.T
     own = sims[np.arange(len(txt_n)), target]
     t2i = (sims > own[:, None]).sum(1)
-    best = np.full(len(images), np.inf)
+    best = np.full(len(img_n), np.inf)
     rank_of_caption = (sims[:, target] > own[None, :]).sum(0)  # image->text: captions above caption c for its image
     for c, i in enumerate(target):
         best[i] = min(best[i], rank_of_caption[c])
@@ -211,13 +240,12 @@ def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, c
         raise ValueError(f"views ({config.views}) must be at most cache_views ({cache_views})")
     cache = build_cache_v2(data, cache_dir, cache_views, 0, show_progress, log)
     log(f"caches ready in {time.time() - t0:.0f}s")
-    d = Data(Path(data), cache, config)
-
     _, base = load_minilm()
     _, model = load_minilm()
+    d = Data(Path(data), cache, config, base)
     text_params = adapt_text_tower(model, config.text_adapter, config.text_layers, config.lora_rank,
                                    config.lora_alpha)
-    text_top = TextTop(model)
+    text_top = TextTop(model, 6 - config.text_layers)
     aligner = AlignerV2(config.dim)
     groups = [{"params": list(aligner.parameters()), "lr": config.lr_heads}]
     if text_params:

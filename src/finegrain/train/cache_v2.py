@@ -134,7 +134,7 @@ def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     splits = {name: load_flickr8k(data, name) for name in ("train", "dev")}
-    manifest = _manifest(splits, views, seed)
+    manifest = json.loads(json.dumps(_manifest(splits, views, seed)))  # as JSON reads it back (lists, not tuples)
     done, started = cache_dir / "manifest.json", cache_dir / "settings.json"
     if done.exists() and json.loads(done.read_text()) == manifest:
         return cache_dir
@@ -195,19 +195,22 @@ def _encode_texts(tokenizer, model: MiniLM, texts: list[str], label: str, show_p
 def _cache_texts(splits: dict[str, CaptionSplit], cache_dir: Path, seed: int, show_progress: bool, log) -> None:
     tokenizer, model = load_minilm()
     decomposer = RulesDecomposer(max_parts=MAX_PARTS)
+    texts: dict[tuple[str, str], list[str]] = {}
     for name, split in splits.items():
         parts = [decomposer.decompose(c) for c in split.captions]
         flat = [p for ps in parts for p in ps]
         part_offsets = np.zeros(len(parts) + 1, np.int64)
         part_offsets[1:] = np.cumsum([len(p) for p in parts])
         _save(cache_dir / f"{name}-caption-parts.npy", part_offsets)
-        texts = {"cap": split.captions, "part": flat}
+        texts[name, "cap"], texts[name, "part"] = split.captions, flat
         if name == "train" and not (cache_dir / "train-drop-span.npy").exists():
             spans = np.array([phrase_span(tokenizer, c, p, np.random.default_rng([seed, 7, i]))
                               for i, (c, p) in enumerate(zip(split.captions, parts))], np.int32)
             _save(cache_dir / "train-drop-span.npy", spans)
-        for kind, items in texts.items():
+    for kind in ("cap", "part"):  # captions first: runs without the region term need only them
+        for name in splits:
             if not _have(cache_dir, f"{name}-{kind}"):
+                items = texts[name, kind]
                 _save_ragged(cache_dir, f"{name}-{kind}", _encode_texts(tokenizer, model, items, f"{kind} ({name})",
                                                                         show_progress))
                 log(f"text cache {name}-{kind}: {len(items)} texts")
