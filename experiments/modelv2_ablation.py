@@ -144,7 +144,7 @@ def main() -> None:
         config = run_config(name, overrides)
         t0 = time.time()
         weights = args.weights / f"{name}.safetensors"
-        result = train_aligner_v2(args.data, weights, args.cache, config, show_progress=False,
+        result = train_aligner_v2(args.data, weights, args.cache, config, show_progress=False, build=False,
                                   log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
         modes = {"val": evaluate_modes(weights, args.cache, args.data, "val"),
                  "dev": evaluate_modes(weights, args.cache, args.data, "dev")}

@@ -14,9 +14,10 @@ What changes from v1 (:mod:`finegrain.train.aligner`):
 - **Hard negatives**: VSE++'s max-violation hinge on the hardest in-batch
   negative, beside the symmetric InfoNCE.
 - **Region term**: the product's multi-vector score (mean over the caption
-  and its sub-queries of the best-matching SLIC segment, pooled from the
-  feature map with the same GeM and head) trained with InfoNCE, so segment
-  vectors are aligned too.
+  and its sub-queries of the best-matching region, pooled from the feature
+  map with the same GeM and head that segments go through) trained with
+  InfoNCE, so region vectors are aligned too. Training regions are grid boxes
+  (2x2, 3x3, 4x4 cuts); evaluation uses the product's SLIC segments.
 
 Frozen parts are cached (image maps, segments, MiniLM's lower layers);
 MiniLM's trained layers run on packed tokens (no padding in the linear maps).
@@ -162,7 +163,6 @@ class Data:
         self.drop_span = np.load(cache / "train-drop-span.npy").astype(np.int64)
         self.parts = advance(cache, "train-part", base, start) if config.region > 0 else self.cap["train"]
         self.caption_parts = np.load(cache / "train-caption-parts.npy")
-        self.segments = Ragged(cache, "train-seg")
         train = np.asarray(splits["train"].caption_image)
         self.caption_image = {"train": train, "dev": np.asarray(splits["dev"].caption_image)}
         # Validation: the last val_images of the split file; training: the images before them.
@@ -226,11 +226,13 @@ def region_scores(aligner: AlignerV2, maps: torch.Tensor, segments: list[torch.T
 
 
 def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, config: TrainConfigV2 | None = None,
-                     show_progress: bool = True, log=print, evaluate_dev: bool = True, cache_views: int = 2) -> dict:
+                     show_progress: bool = True, log=print, evaluate_dev: bool = True, cache_views: int = 2,
+                     build: bool = True) -> dict:
     """Train v2 and write ``out`` (.safetensors) plus ``out.json`` (config, validation history, dev metrics).
 
     ``cache_views`` augmented views are cached per train image (one cache serves
-    every run that uses at most that many).
+    every run that uses at most that many). ``build=False`` uses the cache
+    files already there (experiments running while another process fills it).
     """
     config = config or TrainConfigV2()
     torch.manual_seed(config.seed)
@@ -238,7 +240,7 @@ def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, c
     t0 = time.time()
     if config.views > cache_views:
         raise ValueError(f"views ({config.views}) must be at most cache_views ({cache_views})")
-    cache = build_cache_v2(data, cache_dir, cache_views, 0, show_progress, log)
+    cache = build_cache_v2(data, cache_dir, cache_views, 0, show_progress, log) if build else Path(cache_dir)
     log(f"caches ready in {time.time() - t0:.0f}s")
     _, base = load_minilm()
     _, model = load_minilm()
@@ -331,7 +333,8 @@ def _region_loss(d: Data, text_top: TextTop, aligner: AlignerV2, idx: np.ndarray
     n = min(config.region_batch, len(idx))
     sub_img, sub_cap = idx[:n], cap[:n]
     maps = torch.from_numpy(np.asarray(d.views[0][sub_img], np.float32))  # sub_img is sorted
-    segments = [d.segments.gather(np.array([i])) for i in sub_img]
+    regions = grid_regions(maps.shape[-1])
+    segments = [regions] * n
     part_lists = [np.arange(d.caption_parts[c], d.caption_parts[c + 1]) for c in sub_cap]
     part_items = np.concatenate(part_lists) if part_lists else np.zeros(0, np.int64)
     queries, owner = [txt[:n]], [torch.arange(n)]
@@ -341,6 +344,24 @@ def _region_loss(d: Data, text_top: TextTop, aligner: AlignerV2, idx: np.ndarray
     scores = region_scores(aligner, maps, segments, torch.cat(queries), torch.cat(owner), n)  # (captions, images)
     target = torch.arange(n)
     return (F.cross_entropy(scale * scores, target) + F.cross_entropy(scale * scores.T, target)) / 2
+
+
+def grid_regions(grid: int, splits: tuple[int, ...] = (2, 3, 4)) -> torch.Tensor:
+    """Boxes of a ``grid`` x ``grid`` map cut into n x n parts for each n in ``splits``, as (R, grid*grid) masks.
+
+    The region term trains on these instead of SLIC segments: SLIC on every
+    train image would cost most of a tower forward each; the pooling and head
+    they train are the ones segments go through.
+    """
+    masks = []
+    for n in splits:
+        edges = np.round(np.linspace(0, grid, n + 1)).astype(int)
+        for r in range(n):
+            for c in range(n):
+                m = torch.zeros(grid, grid)
+                m[edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = 1.0
+                masks.append(m.reshape(-1))
+    return torch.stack(masks)
 
 
 def _lr_scale(step: int, warmup: int, total: int) -> float:

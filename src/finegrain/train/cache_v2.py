@@ -8,7 +8,8 @@ layers, so everything below those is computed once:
   ``v0`` the image itself, ``v1..vK`` random resized crops with random flips
   drawn from ``default_rng([seed, image, view])`` (deterministic); dev: ``v0``;
 - SLIC segments (the product's :func:`segment_image`, default levels) of
-  ``v0`` as soft masks on the 7 x 7 grid, for the region term;
+  ``v0`` as soft masks on the 7 x 7 grid, for dev and the validation slice
+  (the last ``SEGMENTED_TRAIN_TAIL`` train images): multi-vector evaluation;
 - MiniLM token states after the first ``TEXT_SPLIT`` layers (float16, ragged:
   a flat (tokens, 384) array and per-text offsets) for the captions and the
   captions' sub-queries (the product's rule-based decomposition, as searches
@@ -40,6 +41,7 @@ IMAGE_SIZE = 224
 GRID = IMAGE_SIZE // 32
 TEXT_SPLIT = 4  # MiniLM layers below this index are frozen and cached; the top 6 - TEXT_SPLIT may be trained
 MAX_PARTS = 4
+SEGMENTED_TRAIN_TAIL = 500  # train images with SLIC segments: the validation slice (the region term trains on grids)
 CACHE_VERSION = 1
 
 
@@ -120,7 +122,8 @@ def _manifest(splits: dict[str, CaptionSplit], views: int, seed: int) -> dict:
     return {"version": CACHE_VERSION, "images": {k: s.images for k, s in splits.items()},
             "captions": {k: s.captions for k, s in splits.items()},
             "views": views, "seed": seed, "image_size": IMAGE_SIZE, "text_split": TEXT_SPLIT,
-            "max_tokens": TEXT_MAX_TOKENS, "segments": SegmentConfig().to_dict(), "max_parts": MAX_PARTS}
+            "max_tokens": TEXT_MAX_TOKENS, "segments": SegmentConfig().to_dict(), "max_parts": MAX_PARTS,
+            "segmented_train_tail": SEGMENTED_TRAIN_TAIL}
 
 
 def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed: int = 0,
@@ -234,8 +237,11 @@ def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, views: int, 
             for start in range(0, len(paths), 32):
                 images = [load_image(p) for p in paths[start:start + 32]]
                 if view == 0:
-                    for image in images:
-                        grid, level = grid_masks(image, config)
+                    for i, image in enumerate(images):
+                        if name == "dev" or start + i >= len(paths) - SEGMENTED_TRAIN_TAIL:
+                            grid, level = grid_masks(image, config)
+                        else:  # SLIC costs most of a tower forward: only the images that evaluate get it
+                            grid, level = np.zeros((0, GRID * GRID), np.float16), np.zeros(0, np.int16)
                         seg_masks.append(grid)
                         seg_levels.append(level)
                 else:
