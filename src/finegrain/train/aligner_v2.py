@@ -25,6 +25,7 @@ MiniLM's trained layers run on packed tokens (no padding in the linear maps).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -128,13 +129,13 @@ class TextTop(torch.nn.Module):
 
 def advance(cache: Path, name: str, model: MiniLM, start: int) -> Ragged:
     """Cached states of ``name`` moved up to MiniLM layer ``start`` by the frozen layers between (saved once)."""
-    states = Ragged(cache, name)
     if start == TEXT_SPLIT:
-        return states
+        return Ragged(cache, name)
+    states = advance(cache, name, model, start - 1)  # one layer at a time: each level is saved for other runs
     path = cache / f"{name}-L{start}.npy"
     if not path.exists():
-        frozen = TextTop(model, TEXT_SPLIT)
-        frozen.layers = frozen.layers[:start - TEXT_SPLIT]
+        frozen = TextTop(model, start - 1)
+        frozen.layers = frozen.layers[:1]
         out = torch.empty_like(states.flat)
         with torch.no_grad():
             for first in range(0, len(states), 512):
@@ -150,13 +151,24 @@ def advance(cache: Path, name: str, model: MiniLM, start: int) -> Ragged:
     return states
 
 
+def open_rows(cache: Path, name: str, config: TrainConfigV2) -> np.ndarray:
+    """A cached view's maps (memory-mapped); one still being computed if the rows this run reads are written."""
+    if (cache / f"{name}.npy").exists():
+        return np.load(cache / f"{name}.npy", mmap_mode="r")
+    progress = cache / f"{name}.progress"
+    state = json.loads(progress.read_text()) if progress.exists() else {}
+    if not state.get("tail_done") or state.get("head_rows", 0) < config.train_images or not config.train_images:
+        raise FileNotFoundError(f"{name} is not cached (yet) for {config.train_images or 'all'} train images: {state}")
+    return np.load(cache / f"{name}.tmp", mmap_mode="r")
+
+
 class Data:
     """The cached arrays one run needs, and the train / validation / dev item lists."""
 
     def __init__(self, data: Path, cache: Path, config: TrainConfigV2, base: MiniLM):
         splits = {s: load_flickr8k(data, s) for s in ("train", "dev")}
         n_train = len(splits["train"].images)
-        self.views = [np.load(cache / f"train-v{v}.npy", mmap_mode="r") for v in range(1 + config.views)]
+        self.views = [open_rows(cache, f"train-v{v}", config) for v in range(1 + config.views)]
         self.dev_maps = np.load(cache / "dev-v0.npy", mmap_mode="r")
         start = 6 - config.text_layers  # states enter the trained layers here (frozen ones in between run once)
         self.cap = {s: advance(cache, f"{s}-cap", base, start) for s in ("train", "dev")}

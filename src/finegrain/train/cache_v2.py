@@ -231,27 +231,36 @@ def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, views: int, 
         paths = splits[name].image_paths()
         array = np.lib.format.open_memmap(target.with_suffix(".tmp"), mode="w+", dtype=np.float16,
                                           shape=(len(paths), 1280, GRID, GRID))
-        seg_masks: list[np.ndarray] = []
-        seg_levels: list[np.ndarray] = []
+        # The tail (the validation slice) first, then the rest in order; a progress file says which rows are
+        # written, so experiments can train on the first rows while the rest is computed.
+        tail = max(0, len(paths) - SEGMENTED_TRAIN_TAIL) if name == "train" else len(paths)
+        order = np.r_[np.arange(tail, len(paths)), np.arange(tail)]
+        masks_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        progress = cache_dir / f"{name}-v{view}.progress"
         with progress_bar(len(paths), f"image tower ({name}, view {view})", show_progress) as bar:
-            for start in range(0, len(paths), 32):
-                images = [load_image(p) for p in paths[start:start + 32]]
+            for at in range(0, len(paths), 32):
+                rows = order[at:at + 32]
+                images = [load_image(paths[r]) for r in rows]
                 if view == 0:
-                    for i, image in enumerate(images):
-                        if name == "dev" or start + i >= len(paths) - SEGMENTED_TRAIN_TAIL:
-                            grid, level = grid_masks(image, config)
+                    for r, image in zip(rows, images):
+                        if name == "dev" or r >= len(paths) - SEGMENTED_TRAIN_TAIL:
+                            masks_of[int(r)] = grid_masks(image, config)
                         else:  # SLIC costs most of a tower forward: only the images that evaluate get it
-                            grid, level = np.zeros((0, GRID * GRID), np.float16), np.zeros(0, np.int16)
-                        seg_masks.append(grid)
-                        seg_levels.append(level)
+                            masks_of[int(r)] = (np.zeros((0, GRID * GRID), np.float16), np.zeros(0, np.int16))
                 else:
-                    images = [random_resized_crop(im, np.random.default_rng([seed, start + i, view]))
-                              for i, im in enumerate(images)]
+                    images = [random_resized_crop(im, np.random.default_rng([seed, int(r), view]))
+                              for r, im in zip(rows, images)]
                 x = torch.from_numpy(np.stack([pixels_to_array(im, IMAGE_SIZE) for im in images]))
-                array[start:start + len(x)] = tower(x).numpy().astype(np.float16)
+                array[rows] = tower(x).numpy().astype(np.float16)
                 bar.advance(len(images))
-                if (start // 32) % 20 == 19:
-                    log(f"  {name} view {view}: {start + len(images)} / {len(paths)} images")
+                done = at + len(rows)
+                if (at // 32) % 10 == 9 or done == len(paths):
+                    array.flush()
+                    progress.write_text(json.dumps({"tail_from": int(tail), "tail_done": done >= len(paths) - tail,
+                                                    "head_rows": int(max(0, done - (len(paths) - tail)))}))
+                    log(f"  {name} view {view}: {done} / {len(paths)} images")
+        seg_masks = [masks_of[r][0] for r in range(len(paths))] if view == 0 else []
+        seg_levels = [masks_of[r][1] for r in range(len(paths))] if view == 0 else []
         array.flush()
         del array
         if view == 0:
