@@ -34,7 +34,7 @@ from finegrain.eval.metrics import recall_at_k
 from finegrain.train.aligner_v2 import Ragged, TextTop, TrainConfigV2, encode_texts, train_aligner_v2
 
 BASE = {"text_adapter": "frozen", "text_layers": 0, "views": 0, "phrase_dropout": 0.0, "hard_negative": 0.0,
-        "region": 0.0, "epochs": 6}
+        "region": 0.0, "epochs": 10, "batch_size": 128}
 TEXT = {"text_adapter": "lora", "text_layers": 1, "lr_text": 5e-4}
 AUG = {"views": 1, "phrase_dropout": 0.3}
 RUNS: dict[str, dict] = {

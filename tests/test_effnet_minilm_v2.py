@@ -105,3 +105,26 @@ def test_v2_recipe_trains_end_to_end(tiny_flickr, tmp_path):
     enc = encoders.create(f"effnet-minilm-v2:{out}", cache=False)
     emb = enc.encode_texts(["a cat"])
     assert emb.shape == (1, 512) and np.isclose(np.linalg.norm(emb), 1.0, atol=1e-5)
+
+
+def test_frozen_layers_run_once_give_the_same_states(tmp_path):
+    """advance() moves cached states up one frozen layer at a time; the rest of the tower then matches."""
+    from finegrain.train.aligner_v2 import Ragged, advance
+
+    tokenizer, model = load_minilm()
+    texts = ["a dog", "a man in a red shirt climbs a rock wall", "two girls"]
+    ids, mask = tokenizer(texts, 64)
+    lengths = mask.sum(1).numpy()
+    with torch.no_grad():
+        low = minilm_states(model, ids, mask, 0, TEXT_SPLIT)
+        full = model(ids, mask)
+    np.save(tmp_path / "t.npy", torch.cat([low[i, :n] for i, n in enumerate(lengths)]).half().numpy())
+    np.save(tmp_path / "t-offsets.npy", np.r_[0, np.cumsum(lengths)])
+    for start in (TEXT_SPLIT + 1, 6):
+        states = advance(tmp_path, "t", model, start)
+        assert (tmp_path / f"t-L{start}.npy").exists()
+        with torch.no_grad():
+            top, _ = TextTop(model, start)(states.gather(np.arange(3)), states.lengths(np.arange(3)))
+        for i, n in enumerate(lengths):
+            np.testing.assert_allclose(top[i, :n].numpy(), full[i, :n].numpy(), atol=0.05)  # float16 cache
+    assert isinstance(Ragged(tmp_path, "t"), Ragged)

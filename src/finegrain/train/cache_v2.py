@@ -132,7 +132,8 @@ def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed
 
     Every array is written under a temporary name then renamed, and an existing
     one is kept, so an interrupted build resumes; ``only`` (``"texts"`` or
-    ``"images"``) builds one half, so two processes can share the work.
+    ``"images"``, or ``"images:V"`` for train view V alone) builds a part, so
+    processes can share the work.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +149,11 @@ def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed
     with torch.inference_mode():
         if only in (None, "texts"):
             _cache_texts(splits, cache_dir, seed, show_progress, log)
-        if only in (None, "images"):
-            _cache_images(splits, cache_dir, views, seed, show_progress, log)
+        if only is None or only.startswith("images"):
+            passes = [("dev", 0)] + [("train", v) for v in range(1 + views)]
+            if only and ":" in only:  # "images:V": train view V alone (a second process can fill it meanwhile)
+                passes = [("train", int(only.partition(":")[2]))]
+            _cache_images(splits, cache_dir, passes, seed, show_progress, log)
     if _complete(cache_dir, views):
         done.write_text(json.dumps(manifest))
     return cache_dir
@@ -219,12 +223,12 @@ def _cache_texts(splits: dict[str, CaptionSplit], cache_dir: Path, seed: int, sh
                 log(f"text cache {name}-{kind}: {len(items)} texts")
 
 
-def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, views: int, seed: int, show_progress: bool,
-                  log) -> None:
-    """One pass per (split, view), dev first: view 0 also computes the segments."""
+def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, passes: list[tuple[str, int]], seed: int,
+                  show_progress: bool, log) -> None:
+    """One pass per (split, view): view 0 also computes the segments."""
     tower = LockedImageTower()
     config = SegmentConfig()
-    for name, view in [("dev", 0)] + [("train", v) for v in range(1 + views)]:
+    for name, view in passes:
         target = cache_dir / f"{name}-v{view}.npy"
         if target.exists():
             continue
