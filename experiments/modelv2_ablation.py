@@ -125,6 +125,21 @@ def evaluate_modes(weights: Path, cache: Path, data: Path, split: str) -> dict:
                               np.asarray(query_caption), target)
 
 
+def table(path: Path) -> str:
+    """The runs of a JSONL file as a markdown table (validation chose; dev only reported)."""
+    rows = ["| run | train images | chosen epoch | val t2i R@1 | val exh. R@1 | dev t2i R@1 / R@5 / R@10 | dev i2t R@1 "
+            "| dev exh. R@1 / R@10 | exh. - global R@1 | s |", "|" + "---|" * 10]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        v, d, m = r["val"], r["dev"], r["modes"]
+        rows.append(f"| {r['run']} | {r['config']['train_images'] or 5500} | {r['best_epoch']} | {v['t2i_r1']:.1f} | "
+                    f"{m['val']['exhaustive_t2i_r1']:.1f} | "
+                    f"{d['t2i_r1']:.1f} / {d['t2i_r5']:.1f} / {d['t2i_r10']:.1f} | "
+                    f"{d['i2t_r1']:.1f} | {m['dev']['exhaustive_t2i_r1']:.1f} / {m['dev']['exhaustive_t2i_r10']:.1f} | "
+                    f"{m['dev']['exhaustive_t2i_r1'] - m['dev']['global_t2i_r1']:+.1f} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -132,8 +147,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--config", type=Path, help="JSON file of extra named configs (chosen on validation)")
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--table", action="store_true", help="print --out as a markdown table and stop")
+    parser.add_argument("runs", nargs="*")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     overrides = json.loads(args.config.read_text()) if args.config else {}
     done = set()
     if args.out.exists():

@@ -128,3 +128,13 @@ def test_frozen_layers_run_once_give_the_same_states(tmp_path):
         for i, n in enumerate(lengths):
             np.testing.assert_allclose(top[i, :n].numpy(), full[i, :n].numpy(), atol=0.05)  # float16 cache
     assert isinstance(Ragged(tmp_path, "t"), Ragged)
+
+
+def test_train_aligner_v2_options_are_checked_in_one_line(tiny_flickr, tmp_path):
+    from fgcli import fg
+
+    for args, message in ((["--recipe", "v3"], "--recipe must be v1 or v2"),
+                          (["--recipe", "v2", "--text-adapter", "bitfit"], "must be frozen, lora or delta"),
+                          (["--recipe", "v2", "--text-layers", "5"], "text_layers must be 0..2")):
+        result = fg("train-aligner", "--data", tiny_flickr, "--cache-dir", tmp_path, *args)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

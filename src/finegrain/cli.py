@@ -866,10 +866,10 @@ def train_aligner_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     recipe: str = typer.Option("v1", "--recipe", help="v1: effnet-minilm (towers frozen, image top tuned); v2: effnet-minilm-v2 (image tower locked, text tower tuned, docs/encoders.md)."),
     text_adapter: str = typer.Option("lora", "--text-adapter", help="v2: how MiniLM's top layers train: lora, delta (whole layers, shipped as a float16 delta) or frozen."),
-    text_layers: int = typer.Option(2, "--text-layers", help="v2: MiniLM's top layers trained (0-2)."),
+    text_layers: int = typer.Option(1, "--text-layers", help="v2: MiniLM's top layers trained (0-2)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="v2: LoRA rank."),
     lr_text: float = typer.Option(5e-4, "--lr-text", help="v2: learning rate of the text tower's trained part."),
-    views: int = typer.Option(2, "--views", help="v2: cached random-resized-crop views per train image used (0-2; 0: the image alone)."),
+    views: int = typer.Option(1, "--views", help="v2: random-resized-crop views cached per train image (0: the image alone; each costs a tower pass over train)."),
     phrase_dropout: float = typer.Option(0.3, "--phrase-dropout", help="v2: probability of a caption with one phrase removed."),
     hard_negative: float = typer.Option(0.5, "--hard-negative", help="v2: weight of the hardest-in-batch-negative hinge (0: off)."),
     region: float = typer.Option(0.5, "--region", help="v2: weight of the region term (phrases vs SLIC segments; 0: off)."),
@@ -891,7 +891,7 @@ def train_aligner_cmd(
             raise typer.BadParameter(str(exc)) from None
         out_v2 = out_path or Path("effnet-minilm-v2.safetensors")
         result = train_aligner_v2(data, out_v2, cache_dir or Path.home() / ".cache" / "finegrain" / "aligner-v2-flickr8k",
-                                  config_v2, log=err.print)
+                                  config_v2, log=err.print, cache_views=views)
         m, v = result["dev_metrics"], result["val_metrics"]
         out.print(f"best epoch {result['best_epoch']} (chosen on the validation slice: t2i R@1 {v['t2i_r1']:.1f}); "
                   f"dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}, i2t R@1 {m['i2t_r1']:.1f}; "

@@ -49,17 +49,17 @@ class TrainConfigV2:
 
     dim: int = 512
     text_adapter: str = "lora"  # frozen | lora | delta
-    text_layers: int = 2  # MiniLM's top layers trained (at most 6 - TEXT_SPLIT: the rest is cached)
+    text_layers: int = 1  # MiniLM's top layers trained (at most 6 - TEXT_SPLIT: the rest is cached)
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    views: int = 2  # augmented views per train image (0: the image alone)
+    views: int = 1  # augmented views per train image (0: the image alone)
     phrase_dropout: float = 0.3  # probability of using the caption with one phrase removed
     hard_negative: float = 0.0  # weight of the max-violation hinge (0: off)
     margin: float = 0.2
     region: float = 0.0  # weight of the region (segments x phrases) InfoNCE (0: off)
     region_batch: int = 64  # pairs of the batch the region term looks at
     epochs: int = 10
-    batch_size: int = 256
+    batch_size: int = 128
     lr_heads: float = 1e-3
     lr_text: float = 5e-4
     weight_decay: float = 0.05
