@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from finegrain.encoders.effnet_minilm_v2 import apply_text_state, load_v2
 from finegrain.encoders.minilm import load_minilm
 from finegrain.eval.metrics import recall_at_k
-from finegrain.train.aligner_v2 import Ragged, TextTop, TrainConfigV2, encode_texts, train_aligner_v2
+from finegrain.train.aligner_v2 import Ragged, TextTop, TrainConfigV2, encode_texts, open_rows, train_aligner_v2
 
 BASE = {"text_adapter": "frozen", "text_layers": 0, "views": 0, "phrase_dropout": 0.0, "hard_negative": 0.0,
         "region": 0.0, "epochs": 10, "batch_size": 128}
@@ -94,7 +94,8 @@ def evaluate_modes(weights: Path, cache: Path, data: Path, split: str) -> dict:
     images = np.arange(n_images - config["recipe"]["val_images"], n_images) if split == "val" else np.arange(n_images)
     caption_image = np.asarray(ds.caption_image)
     captions = np.flatnonzero(np.isin(caption_image, images))
-    maps = np.load(cache / f"{source}-v0.npy", mmap_mode="r")
+    maps = open_rows(cache, f"{source}-v0", TrainConfigV2(train_images=1)) if split == "val" else \
+        np.load(cache / f"{source}-v0.npy", mmap_mode="r")  # val: the tail rows, written first
     segs = Ragged(cache, f"{source}-seg")
     caps, parts = Ragged(cache, f"{source}-cap"), Ragged(cache, f"{source}-part")
     part_offsets = np.load(cache / f"{source}-caption-parts.npy")
@@ -163,8 +164,12 @@ def main() -> None:
         config = run_config(name, overrides)
         t0 = time.time()
         weights = args.weights / f"{name}.safetensors"
-        result = train_aligner_v2(args.data, weights, args.cache, config, show_progress=False, build=False,
-                                  log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
+        if weights.with_suffix(".json").exists():  # trained already (its evaluation failed or was interrupted)
+            result = json.loads(weights.with_suffix(".json").read_text())
+            t0 -= result["train_seconds"]
+        else:
+            result = train_aligner_v2(args.data, weights, args.cache, config, show_progress=False, build=False,
+                                      log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
         modes = {"val": evaluate_modes(weights, args.cache, args.data, "val"),
                  "dev": evaluate_modes(weights, args.cache, args.data, "dev")}
         row = {"run": name, "config": asdict(config), "best_epoch": result["best_epoch"],
