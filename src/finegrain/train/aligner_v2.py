@@ -45,15 +45,19 @@ from .cache_v2 import TEXT_SPLIT, build_cache_v2
 
 @dataclass
 class TrainConfigV2:
-    """Hyper-parameters of :func:`train_aligner_v2` (defaults: the shipped v2 recipe)."""
+    """Hyper-parameters of :func:`train_aligner_v2`.
+
+    Defaults: the shipped v2 recipe (run ``lora1`` of experiments/modelv2_ablation.py),
+    except that it used the first 2,000 train images (``train_images=2000``).
+    """
 
     dim: int = 512
     text_adapter: str = "lora"  # frozen | lora | delta
     text_layers: int = 1  # MiniLM's top layers trained (at most 6 - TEXT_SPLIT: the rest is cached)
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    views: int = 1  # augmented views per train image (0: the image alone)
-    phrase_dropout: float = 0.3  # probability of using the caption with one phrase removed
+    views: int = 0  # augmented views per train image (0: the image alone)
+    phrase_dropout: float = 0.0  # probability of using the caption with one phrase removed
     hard_negative: float = 0.0  # weight of the max-violation hinge (0: off)
     margin: float = 0.2
     region: float = 0.0  # weight of the region (segments x phrases) InfoNCE (0: off)
@@ -238,18 +242,19 @@ def region_scores(aligner: AlignerV2, maps: torch.Tensor, segments: list[torch.T
 
 
 def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, config: TrainConfigV2 | None = None,
-                     show_progress: bool = True, log=print, evaluate_dev: bool = True, cache_views: int = 2,
-                     build: bool = True) -> dict:
+                     show_progress: bool = True, log=print, evaluate_dev: bool = True,
+                     cache_views: int | None = None, build: bool = True) -> dict:
     """Train v2 and write ``out`` (.safetensors) plus ``out.json`` (config, validation history, dev metrics).
 
-    ``cache_views`` augmented views are cached per train image (one cache serves
-    every run that uses at most that many). ``build=False`` uses the cache
+    ``cache_views`` augmented views are cached per train image (default
+    ``config.views``; one cache serves every run that uses at most that many). ``build=False`` uses the cache
     files already there (experiments running while another process fills it).
     """
     config = config or TrainConfigV2()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     t0 = time.time()
+    cache_views = config.views if cache_views is None else cache_views
     if config.views > cache_views:
         raise ValueError(f"views ({config.views}) must be at most cache_views ({cache_views})")
     cache = build_cache_v2(data, cache_dir, cache_views, 0, show_progress, log) if build else Path(cache_dir)
