@@ -855,22 +855,55 @@ def encoders_cmd() -> None:
 @app.command("train-aligner")
 def train_aligner_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder (images/, captions.tsv, splits/)."),
-    out_path: Path = typer.Option(Path("effnet-minilm.safetensors"), "--out", help="Where to write the trained weights (.safetensors, plus .json)."),
-    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "aligner-flickr8k", "--cache-dir", help="Cache of frozen tower features."),
-    epochs: int = typer.Option(15, help="Epochs of the cosine schedule (the best dev epoch is kept)."),
-    hidden: int = typer.Option(0, help="Hidden width of the projection heads' MLP (0: linear heads)."),
-    train_image_top: bool = typer.Option(True, help="Fine-tune EfficientNet's last block and head conv."),
-    text_attention: bool = typer.Option(True, help="Attention pooling of text tokens beside the mean."),
-    gem: bool = typer.Option(True, help="Learnable GeM pooling of the image feature map (else average)."),
-    augment: bool = typer.Option(True, help="Use mirrored images as a second view."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Where to write the trained weights (.safetensors, plus .json; default effnet-minilm[-v2].safetensors)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of frozen tower features (default ~/.cache/finegrain/aligner[-v2]-flickr8k)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of the cosine schedule (v1: 15, the best dev epoch is kept; v2: 10, the best validation-slice epoch)."),
+    hidden: int = typer.Option(0, help="v1: hidden width of the projection heads' MLP (0: linear heads)."),
+    train_image_top: bool = typer.Option(True, help="v1: fine-tune EfficientNet's last block and head conv."),
+    text_attention: bool = typer.Option(True, help="v1: attention pooling of text tokens beside the mean."),
+    gem: bool = typer.Option(True, help="v1: learnable GeM pooling of the image feature map (else average)."),
+    augment: bool = typer.Option(True, help="v1: use mirrored images as a second view."),
     seed: int = typer.Option(0, help="Random seed."),
+    recipe: str = typer.Option("v1", "--recipe", help="v1: effnet-minilm (towers frozen, image top tuned); v2: effnet-minilm-v2 (image tower locked, text tower tuned, docs/encoders.md)."),
+    text_adapter: str = typer.Option("lora", "--text-adapter", help="v2: how MiniLM's top layers train: lora, delta (whole layers, shipped as a float16 delta) or frozen."),
+    text_layers: int = typer.Option(1, "--text-layers", help="v2: MiniLM's top layers trained (0-2)."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="v2: LoRA rank."),
+    lr_text: float = typer.Option(5e-4, "--lr-text", help="v2: learning rate of the text tower's trained part."),
+    views: int = typer.Option(0, "--views", help="v2: random-resized-crop views cached per train image (0: the image alone; each costs a tower pass over train)."),
+    phrase_dropout: float = typer.Option(0.0, "--phrase-dropout", help="v2: probability of a caption with one phrase removed."),
+    hard_negative: float = typer.Option(0.0, "--hard-negative", help="v2: weight of the hardest-in-batch-negative hinge (0: off; 0.5 tried)."),
+    region: float = typer.Option(0.0, "--region", help="v2: weight of the region term (phrases vs grid regions; 0: off; 0.5 tried)."),
+    val_images: int = typer.Option(500, "--val-images", help="v2: the last N train images validate (choose the epoch); dev is only reported."),
+    train_images: int = typer.Option(0, "--train-images", help="v2: train on the first N train images only (0: all but the validation slice)."),
 ) -> None:
-    """Train the effnet-minilm alignment heads on Flickr8k (LiT-style, towers frozen)."""
+    """Train the bundled model's trained parts on Flickr8k (v1: heads and image top; v2: LiT split, see docs/encoders.md)."""
+    if recipe not in ("v1", "v2"):
+        raise typer.BadParameter("--recipe must be v1 or v2")
+    if recipe == "v2":
+        from .train.aligner_v2 import TrainConfigV2, train_aligner_v2
+
+        try:
+            config_v2 = TrainConfigV2(text_adapter=text_adapter, text_layers=text_layers, lora_rank=lora_rank,
+                                      lr_text=lr_text, views=views, phrase_dropout=phrase_dropout,
+                                      hard_negative=hard_negative, region=region, val_images=val_images,
+                                      train_images=train_images, seed=seed, **({"epochs": epochs} if epochs else {}))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        out_v2 = out_path or Path("effnet-minilm-v2.safetensors")
+        result = train_aligner_v2(data, out_v2, cache_dir or Path.home() / ".cache" / "finegrain" / "aligner-v2-flickr8k",
+                                  config_v2, log=err.print, cache_views=views)
+        m, v = result["dev_metrics"], result["val_metrics"]
+        out.print(f"best epoch {result['best_epoch']} (chosen on the validation slice: t2i R@1 {v['t2i_r1']:.1f}); "
+                  f"dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}, i2t R@1 {m['i2t_r1']:.1f}; "
+                  f"wrote {out_v2} (use it with --encoder effnet-minilm-v2:{out_v2})")
+        return
     from .train.aligner import TrainConfig, train_aligner
 
-    config = TrainConfig(epochs=epochs, hidden=hidden, train_image_top=train_image_top, text_attention=text_attention,
-                         gem=gem, augment=augment, seed=seed)
-    result = train_aligner(data, out_path, cache_dir, config, log=err.print)
+    out_path = out_path or Path("effnet-minilm.safetensors")
+    config = TrainConfig(epochs=epochs or 15, hidden=hidden, train_image_top=train_image_top,
+                         text_attention=text_attention, gem=gem, augment=augment, seed=seed)
+    result = train_aligner(data, out_path, cache_dir or Path.home() / ".cache" / "finegrain" / "aligner-flickr8k",
+                           config, log=err.print)
     m = result["dev_metrics"]
     out.print(f"best epoch {result['best_epoch']}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
               f"wrote {out_path} (use it with --encoder effnet-minilm:{out_path})")

@@ -51,6 +51,12 @@ def _effnet_minilm(arg: str | None, **kwargs) -> Encoder:
     return EffNetMiniLM(weights=arg, **kwargs)
 
 
+def _effnet_minilm_v2(arg: str | None, **kwargs) -> Encoder:
+    from .effnet_minilm_v2 import EffNetMiniLMV2
+
+    return EffNetMiniLMV2(weights=arg, **kwargs)
+
+
 def _clip(arg: str | None, **kwargs) -> Encoder:
     if not arg:
         raise KeyError("name a CLIP model: clip:<hub id or folder>, e.g. clip:openai/clip-vit-base-patch32")
@@ -70,6 +76,9 @@ def _siglip(arg: str | None, **kwargs) -> Encoder:
 register("effnet-minilm", _effnet_minilm,
          "bundled offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with trained alignment heads "
          "(optional ':PATH' to other aligner weights)")
+register("effnet-minilm-v2", _effnet_minilm_v2,
+         "bundled offline model, 2nd generation: EfficientNet-Lite0 locked + all-MiniLM-L6-v2 with tuned top layers "
+         "(optional ':PATH' to other v2 weights)")
 register("clip", _clip, "CLIP through transformers' CLIPModel: 'clip:<hub id in local cache or folder>'")
 register("siglip", _siglip, "SigLIP (and fixed-size SigLIP 2) through transformers' SiglipModel: "
          "'siglip:<hub id in local cache or folder>'")
