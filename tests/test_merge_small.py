@@ -26,6 +26,13 @@ def _commit(idx: Index, rng, start: int, n: int) -> None:
                  [], [], [])
 
 
+def _answers(idx: Index) -> dict:
+    """Every mode's top 8 (ids, scores) for two text queries: what a compaction must not change."""
+    queries = ["a dog on a red sofa", "two children play in the water"]
+    return {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
+            for q in queries for m in ("global", "exhaustive", "hierarchical")}
+
+
 def test_merging_the_small_chunks_keeps_every_answer(tmp_path):
     idx = Index.create(tmp_path / "idx", segments=SegmentConfig(levels=(4,)))
     rng = np.random.default_rng(3)
@@ -35,9 +42,7 @@ def test_merging_the_small_chunks_keeps_every_answer(tmp_path):
     idx.refresh()
     idx.remove([1, 41, 50])  # rows of removed images sit in the big chunk and in small ones
     idx.refresh()
-    queries = ["a dog on a red sofa", "two children play in the water"]
-    before = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
-              for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    before = _answers(idx)
     big = max(idx.catalog.chunks("global"), key=lambda c: c[2])
     with idx.writer() as w:
         merged_away = w.merge_small(keep=4)
@@ -47,8 +52,7 @@ def test_merging_the_small_chunks_keeps_every_answer(tmp_path):
         assert len(chunks) == 4
     assert big in idx.catalog.chunks("global")  # the big chunk was not rewritten
     idx.refresh()
-    after = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
-             for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    after = _answers(idx)
     assert after == before
     assert idx.info()["removed_pending_compaction"] == 3  # purged by a full compaction only
     report = integrity.check_index(tmp_path / "idx")
@@ -81,9 +85,7 @@ def test_a_full_compaction_writes_pieces_of_bounded_size(tmp_path):
     idx.refresh()
     idx.remove([3, 27])
     idx.refresh()
-    queries = ["a dog on a red sofa", "two children play in the water"]
-    before = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
-              for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    before = _answers(idx)
     d = idx.encoder.dim
     with idx.writer() as w:
         w.compact(chunk_bytes=25 * d * 4)  # about 25 global rows, 25 segment rows per piece
@@ -93,8 +95,7 @@ def test_a_full_compaction_writes_pieces_of_bounded_size(tmp_path):
     # 50 segment rows per source chunk, over the budget: each makes a piece alone (removed rows dropped)
     assert sorted(c[2] for c in idx.catalog.chunks("segments")) == [45, 45, 50, 50, 50, 50]
     assert idx.info()["removed_pending_compaction"] == 0
-    after = {(q, m): [(h.id, round(h.score, 5)) for h in idx.search(text=q, k=8, mode=m)]
-             for q in queries for m in ("global", "exhaustive", "hierarchical")}
+    after = _answers(idx)
     assert after == before
     report = integrity.check_index(tmp_path / "idx")
     assert not report.problems and not report.unverified

@@ -169,7 +169,7 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
     name = f"{new_chunk_name()}-{method}{dim}.safetensors"
     path = root / PROJECTION_DIR / name
     projection.save(path)
-    _fsync(path)
+    fsync_file(path)
     chunk = writer.write_rows(FIELD, FieldRows(project_rows(projection, X, show_progress), source.owners))
     info = {
         "method": method,
@@ -221,7 +221,8 @@ def sweep_projection_files(root: Path, info: dict | None) -> int:
     return removed
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """fsync a file and then its folder (so a rename into it is durable too)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..store.vectors import FieldRows, new_chunk_name
+from .indexing import fsync_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
@@ -317,7 +318,7 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
         projection.fit(sample)
         name = f"{tag}-{field}-{method}{dim}.safetensors"
         projection.save(_file(root, name))
-        _fsync(_file(root, name))
+        fsync_file(_file(root, name))
         info.update(dim=int(projection.n_components_), projection_file=name)
         if method == "aesvc":
             info["loss"] = str(getattr(projection, "loss", "finegrain"))
@@ -340,7 +341,7 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
         tmp = path.with_name(path.name + ".tmp")
         save_file({"scale": scale, "offset": offset}, str(tmp))
         os.replace(tmp, path)
-        _fsync(path)
+        fsync_file(path)
         info["quantizer_file"] = name
     info["fit_seconds"] = round(time.perf_counter() - start, 3)
     codec = Codec(projection, scale, offset, {"none": "float32"}.get(quantize, quantize))
@@ -393,19 +394,3 @@ def bytes_per_image(root: Path, chunks: list[tuple[str, str, int]], n_images: in
         width = header.shape[1] if header.ndim == 2 else 1
         total[field] = total.get(field, 0) + int(rows) * int(width) * header.dtype.itemsize
     return {field: round(b / max(1, n_images), 1) for field, b in sorted(total.items())}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,12 +60,14 @@ class SetGraph:
     ids: np.ndarray
     sims: np.ndarray
 
-    def rows(self, shard: int, ids: Sequence[int]) -> np.ndarray:
-        """Row of each ``(shard, id)``; ``KeyError`` if one is missing (the set changed since the build)."""
+    def rows(self, shards: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Row of each ``(shards[i], ids[i])``; ``KeyError`` if one is missing (the set changed since the build).
+
+        ``keys`` are sorted by shard then id (the build's order), so one binary search finds them all.
+        """
         packed = self.keys[:, 0] * (1 << 40) + self.keys[:, 1]
-        want = int(shard) * (1 << 40) + np.asarray(ids, np.int64)
-        pos = np.searchsorted(packed, want)
-        pos = np.minimum(pos, len(packed) - 1)
+        want = np.asarray(shards, np.int64) * (1 << 40) + np.asarray(ids, np.int64)
+        pos = np.minimum(np.searchsorted(packed, want), len(packed) - 1)
         if len(want) and (packed[pos] != want).any():
             raise KeyError("an image of the shortlist is not in the set's neighbour lists")
         return pos
@@ -170,7 +171,8 @@ def search(sharded: ShardedIndex, query: Query, k: int, options: dict[str, Any],
     ranked: list[tuple[float, int, int]] = []  # (score, shard, row in that shard's candidates)
     if head:
         graph = set_graph(sharded)
-        shortlist = np.array([graph.rows(n, [int(_ids(parts, n)[r])])[0] for _, n, r in head], np.int64)
+        shortlist = graph.rows(np.array([n for _, n, _ in head]),
+                               np.array([_part(parts, n).ids[r] for _, n, r in head]))
         G = np.stack([_part(parts, n).vectors[r] for _, n, r in head])
         res = l2g_rerank(np.array([s for s, _, _ in head], np.float32), shortlist, first.query_vector, G, cfg,
                          graph=(graph.ids, graph.sims))
@@ -207,6 +209,3 @@ def _part(parts: list[L2GCandidates | None], n: int) -> L2GCandidates:
     assert part is not None  # only answered shards' rows enter the pool
     return part
 
-
-def _ids(parts: list[L2GCandidates | None], n: int) -> np.ndarray:
-    return _part(parts, n).ids
