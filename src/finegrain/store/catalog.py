@@ -96,6 +96,29 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
                            check_same_thread=False)
 
 
+def _open_writable(path: Path, create: bool, wait_s: float = 30.0) -> sqlite3.Connection:
+    """A WAL connection (with the schema when ``create``).
+
+    Two processes creating one new catalog can get "database is locked" at once from the journal-mode
+    switch or the schema script: SQLite returns BUSY without waiting where waiting could deadlock. Such an
+    open is retried from scratch until ``wait_s`` has passed; any other error is raised at once.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        db = sqlite3.connect(path, timeout=wait_s, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if create:
+                db.executescript(_SCHEMA)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One catalog row (``status``: indexed, failed or removed)."""
@@ -138,20 +161,15 @@ class Catalog:
                 self.read_only = _read_only_reason(self.path)
             if self.read_only is None:
                 try:
-                    self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                    self.db.execute("PRAGMA journal_mode=WAL")
-                    self.db.execute("PRAGMA synchronous=FULL")
+                    self.db = _open_writable(self.path, create)
                 except sqlite3.OperationalError as exc:
                     # WAL needs its -wal/-shm files next to the catalog: a read-only mount or a full disk
                     # refuses them; reading still works through a read-only open.
                     if create or not any(s in str(exc) for s in _READ_ONLY_ERRORS):
                         raise
-                    self.db.close()
                     self.read_only = f"the catalog cannot be opened for writing ({exc})"
             if self.read_only is not None:
                 self.db = _open_read_only(self.path)
-            if create:
-                self.db.executescript(_SCHEMA)
             version = self.get_meta("format_version")
         except sqlite3.DatabaseError as exc:
             raise IndexFormatError(f"index catalog {self.path} is unreadable: {exc}") from None
