@@ -127,3 +127,46 @@ def test_mode_labels_carry_options():
     assert parse_mode("global") == ("global", {})
     with pytest.raises(ValueError, match="name=value"):
         parse_mode("hierarchical:candidates")
+
+
+def test_compact_segment_storage_build(source_index, tmp_path, monkeypatch):
+    """`--segment-storage pca:8:int8`: float32 first, compressed with originals dropped, the rest written compact."""
+    from finegrain.bench import scale
+    from finegrain.compress import storage
+
+    monkeypatch.setattr(scale, "STORAGE_FIT_IMAGES", 120)  # a multiple of the batch: the same draws
+    monkeypatch.setattr(scale, "BUILD_BATCH", 40)
+    src = Source.from_index(source_index)
+    build_synthetic(tmp_path / "plain", src, 250, noise=0.5, seed=3)
+    spec = scale.SegmentStorage.parse("pca:8:int8")
+    build_synthetic(tmp_path / "compact", src, 250, noise=0.5, seed=3, segment_storage=spec)
+    with Index.open(tmp_path / "plain") as plain, Index.open(tmp_path / "compact") as compact:
+        # the same random stream: the global vectors are identical, so only the storage differs
+        assert np.array_equal(plain.snapshot.field("global").vectors, compact.snapshot.field("global").vectors)
+        rows, codec = storage.scoring(compact.snapshot, "segments")
+        assert rows.vectors.dtype == np.int8 and rows.vectors.shape == (250 * 5, 8)
+        assert sorted(set(rows.owners.tolist())) == sorted(compact.snapshot.ids.tolist())  # every image, compact
+        assert storage.field_info(compact.snapshot.settings, "segments")["originals"] == "dropped"
+        assert compact.search(text="a dog", k=5, mode="exhaustive").hits
+    out = run_scale(source_index, [250], tmp_path / "cache", QUERIES[:2], modes=("exhaustive", "hierarchical"),
+                    show_progress=False, log=lambda _: None, isolate=False, segment_storage=spec)
+    assert {r["segment_storage"] for r in out} == {"pca:8:int8"}
+    assert out[0]["agreement_at_10"] == 1.0  # exhaustive against exhaustive over the same compact rows
+
+
+@pytest.mark.parametrize("text, message", [("pca:64", "METHOD:DIM:QUANTIZE"), ("pca::int8", "needs a dimension"),
+                                           ("none:64:int8", "needs a dimension"), ("none::none", "float32 default"),
+                                           ("lsh:8:int8", "method is one of"), ("pca:x:int8", "positive integer")])
+def test_segment_storage_spec_errors(text, message):
+    from finegrain.bench.scale import SegmentStorage
+
+    with pytest.raises(ValueError, match=message):
+        SegmentStorage.parse(text)
+
+
+def test_segment_storage_refuses_peers(source_index, tmp_path):
+    from finegrain.bench.scale import SegmentStorage
+
+    with pytest.raises(ValueError, match="peers read float32"):
+        run_scale(source_index, [10], tmp_path, QUERIES, modes=("exhaustive",), show_progress=False,
+                  peers=["numpy-maxsim"], segment_storage=SegmentStorage.parse("none::int8"))

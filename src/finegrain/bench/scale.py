@@ -104,6 +104,48 @@ class Source:
             return cls(snap.encoder_name, snap.segment_config, globals_, sizes, seg_rows)
 
 
+#: Images written as float32 before a compact segment storage is fitted on them (``segment_storage``).
+STORAGE_FIT_IMAGES = 20_000
+
+
+@dataclass(frozen=True)
+class SegmentStorage:
+    """Compact segment storage of a synthetic index: ``METHOD:DIM:QUANTIZE``, e.g. ``pca:64:int8``.
+
+    The first :data:`STORAGE_FIT_IMAGES` images are written as float32, the field is compressed with
+    ``drop_originals`` (as ``finegrain compress --field segments --drop-originals`` would), and the
+    writer stores every later image's segments compact only: a million images never need their
+    160 GB of float32 segments on disk.
+    """
+
+    method: str = "none"
+    dim: int | None = None
+    quantize: str = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> SegmentStorage:
+        from ..compress.storage import METHODS, QUANTIZE
+
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--segment-storage is METHOD:DIM:QUANTIZE (e.g. pca:64:int8, none::float16), "
+                             f"not {text!r}")
+        method, dim, quantize = parts
+        if method not in METHODS or quantize not in QUANTIZE:
+            raise ValueError(f"--segment-storage {text!r}: method is one of {', '.join(METHODS)}, "
+                             f"quantize one of {', '.join(QUANTIZE)}")
+        if (method == "none") != (dim == ""):
+            raise ValueError(f"--segment-storage {text!r}: a projection needs a dimension, 'none' takes none")
+        if method == "none" and quantize == "none":
+            raise ValueError("--segment-storage none::none is the float32 default; leave the option out")
+        if dim and (not dim.isdigit() or int(dim) < 1):
+            raise ValueError(f"--segment-storage {text!r}: the dimension must be a positive integer")
+        return cls(method, int(dim) if dim else None, quantize)
+
+    def label(self) -> str:
+        return f"{self.method}:{self.dim or ''}:{self.quantize}"
+
+
 def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.ndarray:
     """Unit vectors plus Gaussian noise of norm about ``noise``, re-normalised."""
     d = vectors.shape[1]
@@ -113,36 +155,55 @@ def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.nd
 
 
 def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, seed: int = 0, ann: str = "auto",
-                    with_segments: bool = True, progress: Callable[[int], None] | None = None) -> float:
-    """Write a ``size``-image synthetic index at ``path`` through the writer; returns the build seconds."""
+                    with_segments: bool = True, progress: Callable[[int], None] | None = None,
+                    segment_storage: SegmentStorage | None = None) -> float:
+    """Write a ``size``-image synthetic index at ``path`` through the writer; returns the build seconds.
+
+    ``segment_storage``: store the segments compact (see :class:`SegmentStorage`).
+    """
     from ..index import Index
 
     t0 = time.perf_counter()
     segments = source.segments if with_segments and source.seg_rows is not None else None
     index = Index.create(path, encoder=source.encoder, ann=ann, segments=segments)
     rng = np.random.default_rng(seed)
+    compact_at = min(size, STORAGE_FIT_IMAGES) if segment_storage is not None and segments is not None else None
     try:
-        with index.writer() as w:
-            for start in range(0, size, BUILD_BATCH):
-                n = min(BUILD_BATCH, size - start)
-                pick = rng.integers(0, len(source.globals), n)
-                images = [NewImage(path=f"/synthetic/{size}/{start + j:07d}.jpg",
-                                   sha256=hashlib.sha256(f"{size}/{start + j}".encode()).hexdigest(), size=0,
-                                   mtime_ns=0, width=int(source.sizes[s][0]), height=int(source.sizes[s][1]))
-                          for j, s in enumerate(pick)]
-                fields = {"global": FieldRows(_noisy(rng, source.globals[pick], noise), np.arange(n))}
-                if segments is not None:
-                    assert source.seg_rows is not None
-                    parts = [source.seg_rows[s] for s in pick]
-                    rows = FieldRows.concat([FieldRows(p.vectors, np.full(len(p), j, np.int64), p.attrs)
-                                             for j, p in enumerate(parts)], source.globals.shape[1])
-                    fields["segments"] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
-                w.commit(images, fields, [], [], [])
-                if progress is not None:
-                    progress(n)
+        start = 0
+        while start < size:
+            stop = compact_at if compact_at is not None and start < compact_at else size
+            with index.writer() as w:
+                for first in range(start, stop, BUILD_BATCH):
+                    n = min(BUILD_BATCH, stop - first)
+                    w.commit(*_synthetic_batch(rng, source, size, first, n, noise, segments is not None), [], [], [])
+                    if progress is not None:
+                        progress(n)
+            if stop == compact_at:
+                assert segment_storage is not None
+                index.compress(segment_storage.method, segment_storage.dim, field="segments",
+                               quantize=segment_storage.quantize, drop_originals=True)
+            start = stop
     finally:
         index.close()
     return time.perf_counter() - t0
+
+
+def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first: int, n: int, noise: float,
+                     with_segments: bool) -> tuple[list[NewImage], dict[str, FieldRows]]:
+    """Images ``first .. first + n - 1`` of a ``size``-image synthetic index: catalog rows and field rows."""
+    pick = rng.integers(0, len(source.globals), n)
+    images = [NewImage(path=f"/synthetic/{size}/{first + j:07d}.jpg",
+                       sha256=hashlib.sha256(f"{size}/{first + j}".encode()).hexdigest(), size=0,
+                       mtime_ns=0, width=int(source.sizes[s][0]), height=int(source.sizes[s][1]))
+              for j, s in enumerate(pick)]
+    fields = {"global": FieldRows(_noisy(rng, source.globals[pick], noise), np.arange(n))}
+    if with_segments:
+        assert source.seg_rows is not None
+        parts = [source.seg_rows[s] for s in pick]
+        rows = FieldRows.concat([FieldRows(p.vectors, np.full(len(p), j, np.int64), p.attrs)
+                                 for j, p in enumerate(parts)], source.globals.shape[1])
+        fields["segments"] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
+    return images, fields
 
 
 def dir_bytes(path: Path) -> int:
@@ -261,13 +322,15 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
               log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
-              create_envs: bool = True) -> list[dict]:
+              create_envs: bool = True, segment_storage: SegmentStorage | None = None) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each size in a fresh process, so that ``rss_mb`` is that size's own peak;
     without it (quicker, for tests) RSS figures include everything this process holds.
     ``peers`` (:mod:`finegrain.bench.peers`): other engines on the same vectors, one row each per size
     (a peer that cannot run gives a row with ``skipped``); ``create_envs``: fast-plaid may make its virtualenv.
+    ``segment_storage``: compact segments (:class:`SegmentStorage`); every mode, the exact reference
+    included, then scores the compact rows, and rows gain ``segment_storage``.
     """
     from ..progress import progress_bar
 
@@ -283,8 +346,13 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     segmented = any(parse_mode(m)[0] != "global" for m in modes) or any(p in MULTIVECTOR_PEERS for p in peers)
     if segmented and source.seg_rows is None:
         raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
-    key = hashlib.sha256(json.dumps([str(Path(source_index).resolve()), noise, seed, ann, segmented,
-                                     len(source.globals)]).encode()).hexdigest()[:10]
+    if segment_storage is not None and (peers or not segmented):
+        raise ValueError("--segment-storage applies to finegrain's multi-vector modes; peers read float32 "
+                         "segments, which a compact synthetic index does not keep: run them without it")
+    identity = [str(Path(source_index).resolve()), noise, seed, ann, segmented, len(source.globals)]
+    if segment_storage is not None:  # older cache keys stay valid for float32 builds
+        identity.append(segment_storage.label())
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
     results = []
     for size in sizes:
         if size < 1:
@@ -297,7 +365,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
 
                 remove_index(path)
             with progress_bar(size, f"building {size:,} synthetic images", enabled=show_progress) as bar:
-                build_s = build_synthetic(path, source, size, noise, seed, ann, segmented, bar.advance)
+                build_s = build_synthetic(path, source, size, noise, seed, ann, segmented, bar.advance,
+                                          segment_storage)
             done.write_text(json.dumps({"build_s": build_s, "images": size}))
         build_s = json.loads(done.read_text())["build_s"]
         disk = dir_bytes(path)
@@ -305,7 +374,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
         measured = measure_in_child(path, modes, queries, k) if isolate else measure(str(path), modes, queries, k)
         for row in measured:
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
-                            "build_s": build_s, "queries": len(queries), "noise": noise})
+                            "build_s": build_s, "queries": len(queries), "noise": noise,
+                            **({"segment_storage": segment_storage.label()} if segment_storage else {})})
         if peers:
             from .peers import run_peers
 
