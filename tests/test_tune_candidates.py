@@ -96,3 +96,29 @@ def test_tune_saves_the_chosen_size_and_search_uses_it(index, tmp_path, monkeypa
     assert again["candidates"]["chosen"] == 0
     assert "candidates" not in Index.open(index.path).search_config_dict()
     reopened.close()
+
+
+def test_cli_candidates_only_keeps_the_scheduler_settings(index, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    before = mv.MultiVectorConfig(T=0.7, alpha=0.5, tau=0.8)
+    index.save_search_config({"multivector": before.to_dict()})
+    _queries(tmp_path / "q.jsonl")
+    res = CliRunner().invoke(app, ["tune", "--index", str(index.path), "--queries", str(tmp_path / "q.jsonl"),
+                                   "--candidates-only", "--latency-budget-ms", "100000", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output.strip().splitlines()[-1])
+    stage = result["candidates"]
+    # a budget everything fits: the best agreement, the fewest candidates among equals
+    best = max(t["agreement10"] for t in stage["trials"])
+    assert stage["agreement10"] == best and stage["chosen"] == min(
+        (t["candidates"] or 10**9) for t in stage["trials"] if t["agreement10"] == best) % 10**9
+    saved = Index.open(index.path).search_config_dict()
+    assert mv.MultiVectorConfig.from_dict(saved["multivector"]) == before  # no grid search ran
+    assert saved.get("candidates") == (stage["chosen"] or None)
+    assert saved["tuned"]["candidates"]["chosen_on"]["queries"] == 4
+    bad = CliRunner().invoke(app, ["tune", "--index", str(index.path), "--queries", str(tmp_path / "none.jsonl"),
+                                   "--candidates-only"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output

@@ -801,9 +801,10 @@ def tune_cmd(
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
-    from .tune import load_names, load_queries, restrict_queries, tune
+    from .tune import load_names, load_queries, restrict_queries, tune, tune_stage
 
     idx = _open_index(index)
     chooser = _open_index(tune_on) if tune_on is not None else idx
@@ -816,10 +817,17 @@ def tune_cmd(
         if query_images is not None:
             query_list = restrict_queries(query_list, load_names(query_images))
             source += f" (answers in {query_images.name})"
-        result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
-                      plot=plot or index / "tune.png", target=idx, query_source=source)
+        if candidates_only:
+            result = tune_stage(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms, target=idx,
+                                query_source=source)
+        else:
+            result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
+                          plot=plot or index / "tune.png", target=idx, query_source=source)
     except (ValueError, OSError) as exc:
         _fail(str(exc), 2)
+    if candidates_only:
+        _print_candidate_choice(result, as_json, report, index)
+        return
     if report is not None:
         from .report import ReportData
 
@@ -847,10 +855,26 @@ def tune_cmd(
               f"saved in the index; chosen on {tune_on or 'this index'} with {result['queries']} queries; "
               f"plot {result['plot']}")
     if "candidates" in result:
-        st = result["candidates"]
-        out.print(f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
-                  f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms; tried "
-                  + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"]))
+        _print_candidate_choice(result, False, None, index)
+
+
+def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
+    """`finegrain tune`'s candidate-stage choice: a line, or JSON; optionally an HTML report of the sizes tried."""
+    st = result["candidates"]
+    if report is not None:
+        from .report import ReportData
+
+        summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
+                   "candidates_chosen": st["chosen"], "candidates_agreement10": st["agreement10"]}
+        _write_report(report, f"finegrain tune --candidates-only: {index}", summary,
+                      ReportData(tables={"candidate stage (top-10 agreement with exhaustive)": st["trials"]}))
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
+              f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "
+              + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"])
+              + f"; chosen on {result['chosen_on']['index']} with {result['queries']} queries")
 
 
 @app.command("encoders")

@@ -139,26 +139,9 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     candidate-stage size (:func:`tune_candidates`).
     """
     target = index if target is None else target
-    if target is not index:
-        check_transferable(index, target)
-    by_name: dict[str, int] = {}
-    for r in index.records.values():
-        by_name.setdefault(Path(r.path).name, r.id)
-    usable = [(t, {by_name[n] for n in rel if n in by_name}) for t, rel in queries]
-    usable = [(t, rel) for t, rel in usable if rel]
-    if not usable:
-        raise ValueError("none of the queries' relevant images are in the index")
-    random.Random(seed).shuffle(usable)
-    usable = usable[:sample]
-
-    from .decompose.query import create_decomposer, decompose_query
-
-    decomposer = create_decomposer(target.search_config_dict().get("decomposer", "rules"))
-    embedded = [index.encoder.encode_texts(decompose_query(t, decomposer)) for t, _ in usable]
+    relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
     table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
     base = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
-
-    relevant = [rel for _, rel in usable]
 
     def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
         return _evaluate(mode, config, table, glob, owners, embedded, relevant)
@@ -173,9 +156,9 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
               for (T, a, tau), sp in itertools.product(itertools.product(*GRID.values()), sparsity)]
     chosen = choose(trials, latency_budget_ms, slack)
     result: dict[str, Any] = {
-        "queries": len(usable),
+        "queries": len(embedded),
         # What chose the settings, kept with them: report only on data that is not this.
-        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(usable),
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
                       "query_source": query_source},
         "profiled_skip_levels": list(skip),
         "chosen": chosen.config.to_dict(),
@@ -205,6 +188,60 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
             settings.pop("candidates", None)
             if stage.candidates:  # "every image" saves nothing: the built-in default (auto_candidates) stays
                 settings["candidates"] = stage.candidates
+        target.save_search_config(settings)
+    return result
+
+
+def _embedded_queries(index: Index, target: Index, queries: list[tuple[str, set[str]]], sample: int, seed: int
+                      ) -> tuple[list[set[int]], list[np.ndarray]]:
+    """The sampled queries answered in ``index``: their relevant image ids and embedded (sub-)query vectors."""
+    if target is not index:
+        check_transferable(index, target)
+    by_name: dict[str, int] = {}
+    for r in index.records.values():
+        by_name.setdefault(Path(r.path).name, r.id)
+    usable = [(t, {by_name[n] for n in rel if n in by_name}) for t, rel in queries]
+    usable = [(t, rel) for t, rel in usable if rel]
+    if not usable:
+        raise ValueError("none of the queries' relevant images are in the index")
+    random.Random(seed).shuffle(usable)
+    usable = usable[:sample]
+
+    from .decompose.query import create_decomposer, decompose_query
+
+    decomposer = create_decomposer(target.search_config_dict().get("decomposer", "rules"))
+    embedded = [index.encoder.encode_texts(decompose_query(t, decomposer)) for t, _ in usable]
+    return [rel for _, rel in usable], embedded
+
+
+def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200,
+               latency_budget_ms: float | None = None, seed: int = 0, save: bool = True, target: Index | None = None,
+               query_source: str | None = None) -> dict:
+    """Only the candidate stage (:func:`tune_candidates`), behind ``target``'s saved scheduler settings.
+
+    For an index already tuned (or to re-choose the size after the collection grew): no grid search.
+    """
+    target = index if target is None else target
+    relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
+    config = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
+    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms)
+    result: dict[str, Any] = {
+        "queries": len(embedded),
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
+                      "query_source": query_source},
+        "config": config.to_dict(),
+        "candidates": {"chosen": stage.candidates, "agreement10": stage.agreement10, "ms_per_query": stage.ms_per_query,
+                       "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK, "latency_budget_ms": latency_budget_ms,
+                       "trials": [dataclasses.asdict(t) for t in trials]},
+    }
+    if save:
+        settings = dict(target.search_config_dict())
+        settings["tuned"] = {**settings.get("tuned", {}),
+                             "candidates": {**{k: v for k, v in result["candidates"].items() if k != "trials"},
+                                            "chosen_on": result["chosen_on"]}}
+        settings.pop("candidates", None)
+        if stage.candidates:
+            settings["candidates"] = stage.candidates
         target.save_search_config(settings)
     return result
 
