@@ -62,7 +62,7 @@ def candidate_positions(snapshot: Snapshot, query: np.ndarray, n: int, allowed: 
         ok = np.flatnonzero(allowed[positions])
         want = min(n, len(ok))
         rows = np.zeros(0, np.int64)
-        if len(ok) > EXACT_ALLOWED_ROWS:  # FAISS with an ID selector; short answers fall back to exact below
+        if want and len(ok) > EXACT_ALLOWED_ROWS:  # FAISS with an ID selector; short answers fall back to exact below
             _, found = ann.search_rows(q, want, ok)
             rows = found[0][found[0] >= 0]
         if len(rows) < want:
