@@ -149,9 +149,9 @@ def _staged_max(snapshot: Snapshot, vector: np.ndarray, k: int, params: Params, 
     from .dense import hits_from
     from .multivector import auto_candidates
 
-    assert isinstance(params, ObjectParams)
+    given = getattr(params, "candidates", None)  # a caller's bare Params: the default
     n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
-    n = auto_candidates(n_allowed) if params.candidates is None else params.candidates
+    n = auto_candidates(n_allowed) if given is None else given
     if not 0 < n < n_allowed or not object_candidates.available(snapshot):
         return None
     t0 = time.perf_counter()
