@@ -62,10 +62,14 @@ def _full(index: Index, vector: np.ndarray) -> dict[int, float]:
 
 
 def _exact_stage(index: Index, vector: np.ndarray, n: int, allowed: set[int] | None = None) -> set[int]:
-    mean = index.fields["objects_mean"]
-    order = np.argsort(-(mean.vectors @ vector), kind="stable")
-    ids = [int(mean.owners[j]) for j in order if allowed is None or int(mean.owners[j]) in allowed]
-    return set(ids[:n])
+    """The top n images by fused descriptor, plus the owners of the n best object rows (allowed ones only)."""
+    out: set[int] = set()
+    for field in ("objects_mean", "objects"):
+        rows = index.fields[field]
+        order = np.argsort(-(rows.vectors @ vector), kind="stable")
+        owners = [int(rows.owners[j]) for j in order if allowed is None or int(rows.owners[j]) in allowed]
+        out |= set(owners[:n])
+    return out
 
 
 def test_the_stage_is_the_top_n_by_fused_descriptor_and_scores_are_exact(index, fixed_query):
@@ -74,7 +78,7 @@ def test_the_stage_is_the_top_n_by_fused_descriptor_and_scores_are_exact(index, 
     pool = set(snap.ids[oc.candidate_positions(snap, vector, 12)].tolist())
     assert pool == _exact_stage(index, vector, 12)
     got = index.search(query=query, k=10, mode="objects-max", candidates=12)
-    assert "candidates_ms" in got.timings and got.stats.candidates_per_level == [12]
+    assert "candidates_ms" in got.timings and got.stats.candidates_per_level == [len(pool)] and 12 <= len(pool) <= 24
     full = _full(index, vector)
     # the full scan restricted to the candidates: same images, same order, same scores
     want = sorted(pool, key=lambda i: -full[i])[:10]
@@ -117,7 +121,7 @@ def test_hnsw_stage_with_filters(tmp_path, monkeypatch):
     ids = {int(i) for i in snap.ids[:20]}
     kept = np.isin(snap.ids, list(ids))
     got = set(snap.ids[oc.candidate_positions(snap, vector, 6, kept)].tolist())
-    assert got <= ids and len(got) == 6
+    assert got <= ids and 6 <= len(got) <= 12
     # an HNSW graph of 60 points searched with efSearch >= 128 is exhaustive: the exact filtered top 6
     assert got == _exact_stage(idx, vector, 6, ids)
     assert set(snap.ids[oc.candidate_positions(snap, vector, 30, kept)].tolist()) == ids  # fewer allowed than 30
@@ -133,18 +137,18 @@ def test_candidates_option_checks(index):
 
 
 def test_real_index_top_hits_agree_with_the_full_scan(tmp_path, photos_dir):
-    """Six real photos with region proposals: each photo as the query, a stage of 3 of the 6 images."""
+    """Six real photos with region proposals: each photo as the query, a stage of at most 2 + 2 of the 6 images."""
     idx = Index.create(tmp_path / "real", objects=ObjectConfig(max_objects=4))
     assert idx.add([photos_dir]).indexed == 6
     agree = []
     for photo in sorted(photos_dir.iterdir()):
-        full = idx.search(image=photo, k=3, mode="objects-max", candidates=0)
-        staged = idx.search(image=photo, k=3, mode="objects-max", candidates=3)
-        assert staged.stats.candidates_per_level == [3] and staged.stats.sim_ops < full.stats.sim_ops
+        full = idx.search(image=photo, k=2, mode="objects-max", candidates=0)
+        staged = idx.search(image=photo, k=2, mode="objects-max", candidates=2)
+        assert 2 <= staged.stats.candidates_per_level[0] <= 4 and staged.stats.sim_ops < full.stats.sim_ops
         scores = {h.id: h.score for h in idx.search(image=photo, k=6, mode="objects-max", candidates=0)}
         for h in staged:  # a staged hit scores exactly as in the full scan
             assert h.score == pytest.approx(scores[h.id], abs=1e-5)
         assert staged[0].id == full[0].id  # the photo itself comes first either way
-        agree.append(len({h.id for h in staged} & {h.id for h in full}) / 3)
-    assert np.mean(agree) >= 2 / 3
+        agree.append(len({h.id for h in staged} & {h.id for h in full}) / 2)
+    assert np.mean(agree) >= 0.6  # 0.667 measured: a stage of 2 + 2 of 6 photos keeps most of the top 2
     idx.close()
