@@ -42,15 +42,18 @@ def main() -> None:
     reference = [set(object_search.top(table.max_scores(v)[0], 10)[1].tolist()) for v in vectors]
     rows = []
     for size in (s for s in SIZES if s < len(index)):
-        agree, ops = [], []
+        agree, ops, pools = [], [], []
         for v, ref in zip(vectors, reference):
             pool = candidate_positions(snap, v, size)
             scores, read = table.max_scores_at(v, pool)
             top = set(pool[object_search.top(scores, 10)[1]].tolist())
             agree.append(len(ref & top) / len(ref))
             ops.append(read)
+            pools.append(len(pool))
         rows.append({"candidates": size, "agreement10": round(float(np.mean(agree)), 4),
-                     "min_agreement10": round(float(np.min(agree)), 2), "object_rows_per_query": round(np.mean(ops)),
+                     "min_agreement10": round(float(np.min(agree)), 2),
+                     "images_per_query": round(float(np.mean(pools)), 1),
+                     "object_rows_per_query": round(np.mean(ops)),
                      "full_scan_rows": full_ops})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"index": sys.argv[1], "images": len(index), "queries": len(queries),
