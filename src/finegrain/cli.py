@@ -409,7 +409,7 @@ def search_cmd(
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments): score the best N images again from the float32 originals."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
