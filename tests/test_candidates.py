@@ -109,3 +109,29 @@ def test_filters_then_the_stage_among_the_allowed_images(index):
     wide = index.search(text=text, k=10, mode="exhaustive", filters={"ids": kept}, candidates=40)
     assert [h.id for h in wide] == [h.id for h in exact] and "candidates_ms" not in wide.timings
     assert {h.id for h in exact} <= set(kept)
+
+
+@pytest.mark.parametrize("selector", [False, True])
+def test_filtered_stage_equals_the_filtered_full_scoring_on_its_pool(index, monkeypatch, selector):
+    """Exhaustive scores are per image: the staged, filtered top 10 is the filtered full ranking cut to the pool."""
+    from finegrain.retrieval import dense
+
+    if selector:  # the FAISS ID-selector path large filtered indexes take (exact fallback when it comes back short)
+        monkeypatch.setattr(dense, "EXACT_ALLOWED_ROWS", 0)
+    text = "a woman in a red coat crossing a street"
+    snap = index.snapshot
+    kept = [int(i) for i in snap.ids if int(i) % 3]
+    _, queries = mvr.query_vectors(snap, Query(text=text), mvr.MultiVectorParams())
+    g = np.asarray(snap.global_rows.vectors)
+    ok = np.isin(snap.ids, kept)
+    want_pool = set()
+    for v in queries:  # each query vector's exact top 5 among the allowed images
+        order = [int(p) for p in np.argsort(-(g @ v), kind="stable") if ok[p]]
+        want_pool |= set(snap.ids[order[:5]].tolist())
+    pool = set(snap.ids[mvr.candidate_positions(snap, queries, 5, ok)].tolist())
+    assert pool == want_pool
+    full = index.search(text=text, k=len(kept), mode="exhaustive", candidates=0, filters={"ids": kept})
+    staged = index.search(text=text, k=10, mode="exhaustive", candidates=5, filters={"ids": kept})
+    want = [h for h in full if h.id in pool][:10]
+    assert [h.id for h in staged] == [h.id for h in want]
+    np.testing.assert_allclose([h.score for h in staged], [h.score for h in want], rtol=1e-5)

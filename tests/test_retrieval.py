@@ -80,7 +80,7 @@ def test_local_and_object_options_are_validated_too():
         LocalParams.from_options({"knn": 0})
     assert LocalParams.from_options({"w": 0.5, "shortlist": 7}).options() == {"shortlist": 7, "global_field": "instance",
                                                                              "w": 0.5}
-    with pytest.raises(ValueError, match=r"unknown search option\(s\) of mode 'objects': k; known: none"):
+    with pytest.raises(ValueError, match=r"unknown search option\(s\) of mode 'objects': k; known: candidates"):
         retrieval.get("objects").params_type.from_options({"k": 3}, mode="objects")
 
 

@@ -409,7 +409,7 @@ def search_cmd(
     k: int = typer.Option(10, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring (0: every image; default: every image up to 20,000, else 2,000)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments): score the best N images again from the float32 originals."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
@@ -801,9 +801,10 @@ def tune_cmd(
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
 ) -> None:
-    """Pick T, alpha, tau and S_G of the hierarchical mode for this index, and save them in it."""
-    from .tune import load_names, load_queries, restrict_queries, tune
+    """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
+    from .tune import load_names, load_queries, restrict_queries, tune, tune_stage
 
     idx = _open_index(index)
     chooser = _open_index(tune_on) if tune_on is not None else idx
@@ -816,20 +817,32 @@ def tune_cmd(
         if query_images is not None:
             query_list = restrict_queries(query_list, load_names(query_images))
             source += f" (answers in {query_images.name})"
-        result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
-                      plot=plot or index / "tune.png", target=idx, query_source=source)
+        if candidates_only:
+            result = tune_stage(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms, target=idx,
+                                query_source=source)
+        else:
+            result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
+                          plot=plot or index / "tune.png", target=idx, query_source=source)
     except (ValueError, OSError) as exc:
         _fail(str(exc), 2)
+    if candidates_only:
+        _print_candidate_choice(result, as_json, report, index)
+        return
     if report is not None:
         from .report import ReportData
 
-        summary = {k: v for k, v in result.items() if k not in ("trials", "chosen", "exhaustive", "plot", "chosen_on")}
+        summary = {k: v for k, v in result.items()
+                   if k not in ("trials", "chosen", "exhaustive", "plot", "chosen_on", "candidates")}
         summary["chosen_on"] = json.dumps(result["chosen_on"])
         summary.update({f"chosen_{k}": str(v) if isinstance(v, (list, tuple)) else v for k, v in result["chosen"].items()})
         summary.update({f"exhaustive_{k}": v for k, v in result["exhaustive"].items()})
         details = ReportData(images={"accuracy vs latency (chosen point marked)": Path(result["plot"])},
                              tables={"all trials": [{k: str(v) if isinstance(v, (list, tuple)) else v for k, v in t.items()}
                                                     for t in result["trials"]]})
+        if "candidates" in result:  # the candidate-stage sizes tried after the scheduler's choice
+            stage = result["candidates"]
+            summary.update({"candidates_chosen": stage["chosen"], "candidates_agreement10": stage["agreement10"]})
+            details.tables["candidate stage (top-10 agreement with exhaustive)"] = stage["trials"]
         _write_report(report, f"finegrain tune: {index}", summary, details)
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "trials"}))
@@ -841,6 +854,27 @@ def tune_cmd(
               f"(exhaustive {e['ndcg10']:.4f}, {e['ms_per_query']:.2f} ms, {e['sim_ops']:.0f} ops); "
               f"saved in the index; chosen on {tune_on or 'this index'} with {result['queries']} queries; "
               f"plot {result['plot']}")
+    if "candidates" in result:
+        _print_candidate_choice(result, False, None, index)
+
+
+def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
+    """`finegrain tune`'s candidate-stage choice: a line, or JSON; optionally an HTML report of the sizes tried."""
+    st = result["candidates"]
+    if report is not None:
+        from .report import ReportData
+
+        summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
+                   "candidates_chosen": st["chosen"], "candidates_agreement10": st["agreement10"]}
+        _write_report(report, f"finegrain tune --candidates-only: {index}", summary,
+                      ReportData(tables={"candidate stage (top-10 agreement with exhaustive)": st["trials"]}))
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
+              f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "
+              + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"])
+              + f"; chosen on {result['chosen_on']['index']} with {result['queries']} queries")
 
 
 @app.command("encoders")

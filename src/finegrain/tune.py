@@ -16,6 +16,18 @@ Choice: with a latency budget, the most accurate configuration within it;
 without one, the fastest configuration whose NDCG@10 is within ``slack``
 (0.005) of the best.
 
+Then the candidate stage (issue 15): with the chosen configuration,
+``hierarchical`` runs behind candidate stages of :data:`CANDIDATE_GRID`
+images per query vector (the sizes below the tuning index's image count)
+and without one; each size is measured by its top-10 agreement with
+``exhaustive`` over every image and its latency (stage included). Choice
+(:func:`choose_candidates`): with the latency budget, the best agreement
+within it; without one, the fewest candidates within :data:`CANDIDATE_SLACK`
+of the best agreement. A positive count is saved as the index's
+``candidates`` setting, the default of the multi-vector modes; "every
+image" saves nothing (the built-in default stays). The count is per query
+vector, not a share, so tune on an index about as large as the one searched.
+
 Held-out protocol (issue 17): the data that chooses must not be the data
 reported. ``tune(..., target=other)`` runs the grid on ``index`` (for example a
 segmented index of Flickr8k *train* images, queried with their own captions)
@@ -28,12 +40,15 @@ settings (``tuned.chosen_on``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +58,10 @@ from .search import multivector as mv
 
 GRID = {"T": (0.3, 0.5, 0.7), "alpha": (0.5, 0.8, 1.0), "tau": (0.6, 0.8, 0.9, 1.01)}
 STRIDES = (1, 2)  # plus the profiled skip list, as a third sparsity option
+#: Candidate-stage sizes tried (images per query vector; only those below the tuning index's size), besides none.
+CANDIDATE_GRID = (25, 50, 100, 200, 400, 800, 1600, 3200)
+#: Without a latency budget: the fewest candidates whose top-10 agreement is within this of the best size's.
+CANDIDATE_SLACK = 0.01
 
 
 @dataclass
@@ -51,6 +70,14 @@ class Trial:
     ndcg10: float
     ms_per_query: float
     sim_ops: float
+
+
+@dataclass
+class CandidateTrial:
+    candidates: int  # images per query vector; 0: no stage, every image scored
+    agreement10: float  # top-10 agreement with exhaustive scoring of every image
+    ms_per_query: float  # candidate stage included
+    sim_ops: float  # segment scoring only (the stage's own FAISS search is not counted)
 
 
 def load_queries(path: str | Path) -> list[tuple[str, set[str]]]:
@@ -102,15 +129,72 @@ def check_transferable(source: Index, target: Index) -> None:
 
 def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, latency_budget_ms: float | None = None,
          slack: float = 0.005, seed: int = 0, plot: str | Path | None = None, save: bool = True,
-         target: Index | None = None, query_source: str | None = None) -> dict:
+         target: Index | None = None, query_source: str | None = None, candidates: bool = True) -> dict:
     """Run the grid search; returns the chosen configuration, all trials and the exhaustive reference.
 
     The grid runs on ``index`` (its images, the queries answered in it); the
     choice is saved into ``target`` (default: ``index`` itself), whose saved
     scoring settings (``w``, decomposer) the trials use. ``query_source``
-    names where the queries came from, saved with the choice.
+    names where the queries came from, saved with the choice. ``candidates``: also choose the
+    candidate-stage size (:func:`tune_candidates`).
     """
     target = index if target is None else target
+    relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
+    table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
+    base = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
+
+    def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
+        return _evaluate(mode, config, table, glob, owners, embedded, relevant)
+
+    base = mv.MultiVectorConfig(**{**base.to_dict(), "stride": 1, "skip_levels": ()})
+    exhaustive = run("exhaustive", base)
+    skip = profile_levels(table, glob, owners, embedded, relevant, base, slack / 2)
+    sparsity = [{"stride": s, "skip_levels": ()} for s in STRIDES]
+    if skip:
+        sparsity.append({"stride": 1, "skip_levels": skip})
+    trials = [run("hierarchical", mv.MultiVectorConfig(**{**base.to_dict(), "T": T, "alpha": a, "tau": tau, **sp}))
+              for (T, a, tau), sp in itertools.product(itertools.product(*GRID.values()), sparsity)]
+    chosen = choose(trials, latency_budget_ms, slack)
+    result: dict[str, Any] = {
+        "queries": len(embedded),
+        # What chose the settings, kept with them: report only on data that is not this.
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
+                      "query_source": query_source},
+        "profiled_skip_levels": list(skip),
+        "chosen": chosen.config.to_dict(),
+        "chosen_ndcg10": chosen.ndcg10,
+        "chosen_ms_per_query": chosen.ms_per_query,
+        "chosen_sim_ops": chosen.sim_ops,
+        "exhaustive": {"ndcg10": exhaustive.ndcg10, "ms_per_query": exhaustive.ms_per_query,
+                       "sim_ops": exhaustive.sim_ops},
+        "trials": [{**t.config.to_dict(), "ndcg10": t.ndcg10, "ms_per_query": t.ms_per_query, "sim_ops": t.sim_ops}
+                   for t in trials],
+    }
+    stage = None
+    if candidates:
+        stage, stage_trials = tune_candidates(index, embedded, chosen.config, latency_budget_ms)
+        result["candidates"] = {"chosen": stage.candidates, "agreement10": stage.agreement10,
+                                "ms_per_query": stage.ms_per_query, "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK,
+                                "trials": [dataclasses.asdict(t) for t in stage_trials]}
+    if plot:
+        plot_pareto(trials, chosen, exhaustive, Path(plot))
+        result["plot"] = str(plot)
+    if save:
+        settings = {**target.search_config_dict(), "multivector": chosen.config.to_dict(),
+                    "tuned": {k: result[k] for k in ("queries", "chosen_ndcg10", "chosen_ms_per_query",
+                                                      "chosen_sim_ops", "exhaustive", "chosen_on")}}
+        if stage is not None:
+            settings["tuned"]["candidates"] = {k: v for k, v in result["candidates"].items() if k != "trials"}
+            settings.pop("candidates", None)
+            if stage.candidates:  # "every image" saves nothing: the built-in default (auto_candidates) stays
+                settings["candidates"] = stage.candidates
+        target.save_search_config(settings)
+    return result
+
+
+def _embedded_queries(index: Index, target: Index, queries: list[tuple[str, set[str]]], sample: int, seed: int
+                      ) -> tuple[list[set[int]], list[np.ndarray]]:
+    """The sampled queries answered in ``index``: their relevant image ids and embedded (sub-)query vectors."""
     if target is not index:
         check_transferable(index, target)
     by_name: dict[str, int] = {}
@@ -127,46 +211,79 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
 
     decomposer = create_decomposer(target.search_config_dict().get("decomposer", "rules"))
     embedded = [index.encoder.encode_texts(decompose_query(t, decomposer)) for t, _ in usable]
-    table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
-    base = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
+    return [rel for _, rel in usable], embedded
 
-    relevant = [rel for _, rel in usable]
 
-    def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
-        return _evaluate(mode, config, table, glob, owners, embedded, relevant)
+def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200,
+               latency_budget_ms: float | None = None, seed: int = 0, save: bool = True, target: Index | None = None,
+               query_source: str | None = None) -> dict:
+    """Only the candidate stage (:func:`tune_candidates`), behind ``target``'s saved scheduler settings.
 
-    base = mv.MultiVectorConfig(**{**base.to_dict(), "stride": 1, "skip_levels": ()})
-    exhaustive = run("exhaustive", base)
-    skip = profile_levels(table, glob, owners, embedded, relevant, base, slack / 2)
-    sparsity = [{"stride": s, "skip_levels": ()} for s in STRIDES]
-    if skip:
-        sparsity.append({"stride": 1, "skip_levels": skip})
-    trials = [run("hierarchical", mv.MultiVectorConfig(**{**base.to_dict(), "T": T, "alpha": a, "tau": tau, **sp}))
-              for (T, a, tau), sp in itertools.product(itertools.product(*GRID.values()), sparsity)]
-    chosen = choose(trials, latency_budget_ms, slack)
-    result = {
-        "queries": len(usable),
-        # What chose the settings, kept with them: report only on data that is not this.
-        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(usable),
+    For an index already tuned (or to re-choose the size after the collection grew): no grid search.
+    """
+    target = index if target is None else target
+    relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
+    config = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
+    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms)
+    result: dict[str, Any] = {
+        "queries": len(embedded),
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
                       "query_source": query_source},
-        "profiled_skip_levels": list(skip),
-        "chosen": chosen.config.to_dict(),
-        "chosen_ndcg10": chosen.ndcg10,
-        "chosen_ms_per_query": chosen.ms_per_query,
-        "chosen_sim_ops": chosen.sim_ops,
-        "exhaustive": {"ndcg10": exhaustive.ndcg10, "ms_per_query": exhaustive.ms_per_query,
-                       "sim_ops": exhaustive.sim_ops},
-        "trials": [{**t.config.to_dict(), "ndcg10": t.ndcg10, "ms_per_query": t.ms_per_query, "sim_ops": t.sim_ops}
-                   for t in trials],
+        "config": config.to_dict(),
+        "candidates": {"chosen": stage.candidates, "agreement10": stage.agreement10, "ms_per_query": stage.ms_per_query,
+                       "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK, "latency_budget_ms": latency_budget_ms,
+                       "trials": [dataclasses.asdict(t) for t in trials]},
     }
-    if plot:
-        plot_pareto(trials, chosen, exhaustive, Path(plot))
-        result["plot"] = str(plot)
     if save:
-        target.save_search_config({**target.search_config_dict(), "multivector": chosen.config.to_dict(),
-                                   "tuned": {k: result[k] for k in ("queries", "chosen_ndcg10", "chosen_ms_per_query",
-                                                                     "chosen_sim_ops", "exhaustive", "chosen_on")}})
+        settings = dict(target.search_config_dict())
+        settings["tuned"] = {**settings.get("tuned", {}),
+                             "candidates": {**{k: v for k, v in result["candidates"].items() if k != "trials"},
+                                            "chosen_on": result["chosen_on"]}}
+        settings.pop("candidates", None)
+        if stage.candidates:
+            settings["candidates"] = stage.candidates
+        target.save_search_config(settings)
     return result
+
+
+def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVectorConfig,
+                    latency_budget_ms: float | None = None, slack: float | None = None, mode: str = "hierarchical",
+                    grid: tuple[int, ...] | None = None) -> tuple[CandidateTrial, list[CandidateTrial]]:
+    """``mode`` behind each candidate-stage size of ``grid`` (and none): top-10 agreement with exhaustive search.
+
+    The reference is ``exhaustive`` over every image with ``config``'s weight; returns (chosen, trials).
+    ``slack``, ``grid``: None, :data:`CANDIDATE_SLACK`, :data:`CANDIDATE_GRID`.
+    """
+    from .retrieval.multivector import candidate_positions
+
+    snapshot, table, glob = index.snapshot, index.segment_table, index.global_rows.vectors
+    reference = [set(mv.search("exhaustive", table, glob, q, 10, config)[1].tolist()) for q in embedded]
+    trials = []
+    for n in (0, *(c for c in (CANDIDATE_GRID if grid is None else grid) if c < len(index))):
+        agree, ops, t0 = [], 0, time.perf_counter()
+        for q, ref in zip(embedded, reference):
+            stage = candidate_positions(snapshot, q, n) if n else None
+            _, pos, stats = mv.search(mode, table, glob, q, 10, config, stage)
+            agree.append(len(ref & set(pos.tolist())) / max(1, len(ref)))
+            ops += stats.sim_ops
+        ms = (time.perf_counter() - t0) * 1000 / len(embedded)
+        trials.append(CandidateTrial(n, float(np.mean(agree)), ms, ops / len(embedded)))
+    return choose_candidates(trials, latency_budget_ms, CANDIDATE_SLACK if slack is None else slack), trials
+
+
+def choose_candidates(trials: list[CandidateTrial], latency_budget_ms: float | None,
+                      slack: float = CANDIDATE_SLACK) -> CandidateTrial:
+    """The candidate-stage size to keep (see the module docstring; 0, every image, counts as the largest)."""
+    def size(t: CandidateTrial) -> float:
+        return t.candidates or math.inf
+
+    if latency_budget_ms is not None:
+        within = [t for t in trials if t.ms_per_query <= latency_budget_ms]
+        if within:
+            return max(within, key=lambda t: (t.agreement10, -size(t)))
+        return min(trials, key=lambda t: t.ms_per_query)  # nothing fits: the fastest
+    best = max(t.agreement10 for t in trials)
+    return min((t for t in trials if t.agreement10 >= best - slack), key=size)
 
 
 def _evaluate(mode: str, config: mv.MultiVectorConfig, table: mv.SegmentTable, glob: np.ndarray, owners: np.ndarray,

@@ -59,6 +59,21 @@ class ObjectTable:
             arg[nonempty] = arg_nonempty
         return best, arg
 
+    def max_scores_at(self, query: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, int]:
+        """:meth:`max_scores` of the images at ``positions`` only (the candidate stage), and the rows read."""
+        positions = np.asarray(positions, np.int64)
+        starts = self.offsets[positions]
+        counts = self.offsets[positions + 1] - starts
+        total = int(counts.sum())
+        best = np.full(len(positions), -np.inf, np.float32)
+        if total:
+            first = np.cumsum(counts) - counts  # where each image's run starts in the gathered rows
+            rows = np.repeat(starts - first, counts) + np.arange(total)
+            sims = self.codec.scores(self.vectors[rows], self.codec.project(query))[:, 0]
+            nonempty = counts > 0
+            best[nonempty] = np.maximum.reduceat(sims, first[nonempty])
+        return best, total
+
     def boxes_of(self, position: int) -> np.ndarray:
         """(n, 4) normalised boxes of the image at ``position`` (row 0 the whole image)."""
         if self.boxes is None:

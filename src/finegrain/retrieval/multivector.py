@@ -155,7 +155,8 @@ class MultiVectorRetriever(Retriever):
 
     def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         saved = snapshot.search_settings
-        defaults = {**saved.get("multivector", {}), "decomposer": saved.get("decomposer", "rules")}
+        defaults = {**saved.get("multivector", {}), "decomposer": saved.get("decomposer", "rules"),
+                    "candidates": saved.get("candidates")}  # chosen by `finegrain tune` (None: auto_candidates)
         p = MultiVectorParams.from_options(options, defaults, mode=mode)
         cfg = snapshot.segment_config
         n_levels = len(cfg.levels) if cfg else 0

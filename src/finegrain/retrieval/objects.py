@@ -8,20 +8,34 @@ Stage B descriptor. The object space is the image tower's raw features
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..images import load_image
 from ..objects import search as object_search
-from .base import Params, Query, Retriever, SearchResponse, SearchStats
+from .base import Params, Query, Retriever, SearchResponse, SearchStats, number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..explain import Explanation
     from ..store.snapshot import Snapshot
 
-__all__ = ["ObjectRetriever", "object_table", "embed_object_query"]
+__all__ = ["ObjectParams", "ObjectRetriever", "object_table", "embed_object_query"]
+
+
+@dataclass(frozen=True)
+class ObjectParams(Params):
+    """``candidates`` (``objects-max`` only): how many images the candidate stage passes to the object scoring
+    (:mod:`.object_candidates`; 0: every image, None: the multi-vector modes' default rule)."""
+
+    candidates: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.candidates is not None:
+            number("candidates", self.candidates, 0, integer=True)
 
 
 def object_table(snapshot: Snapshot) -> object_search.ObjectTable:
@@ -70,6 +84,7 @@ class ObjectRetriever(Retriever):
     name = "objects"
     modes = object_search.OBJECT_MODES
     combines_terms = True
+    params_type = ObjectParams
     descriptions: ClassVar[dict[str, str]] = {
         "objects": "MaO: one fused descriptor of each image's objects (index with --objects)",
         "objects-max": "MaO variant: the best single object crop of each image (index with --objects)",
@@ -85,6 +100,12 @@ class ObjectRetriever(Retriever):
                     "(finegrain index ... --objects regions --refine-iters 80)")
         return None
 
+    def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
+        p = ObjectParams.from_options(options, mode=mode)
+        if p.candidates is not None and mode != "objects-max":
+            raise ValueError(f"candidates applies to mode objects-max only ({mode!r} scores one row per image)")
+        return p
+
     filterable = True
 
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
@@ -97,6 +118,10 @@ class ObjectRetriever(Retriever):
         if not storage.has_rows(snapshot, fieldname):  # an empty index
             return SearchResponse([], mode, SearchStats(), texts, generation=snapshot.generation)
         if mode == "objects-max":
+            staged = _staged_max(snapshot, vector, k, params, allowed)
+            if staged is not None:
+                return SearchResponse(staged[0], mode, staged[1], texts, timings=staged[2],
+                                      generation=snapshot.generation)
             scores, _ = object_table(snapshot).max_scores(vector)
         else:
             rows, codec = storage.scoring(snapshot, fieldname)  # compact rows when stored compact
@@ -115,3 +140,24 @@ class ObjectRetriever(Retriever):
         from ..explain import explain_objects
 
         return explain_objects(snapshot, mode, query, ids)
+
+
+def _staged_max(snapshot: Snapshot, vector: np.ndarray, k: int, params: Params, allowed: np.ndarray | None
+                ) -> tuple[list, SearchStats, dict[str, float]] | None:
+    """``objects-max`` through the candidate stage (:mod:`.object_candidates`); None when it does not apply."""
+    from . import object_candidates
+    from .dense import hits_from
+    from .multivector import auto_candidates
+
+    given = getattr(params, "candidates", None)  # a caller's bare Params: the default
+    n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
+    n = auto_candidates(n_allowed) if given is None else given
+    if not 0 < n < n_allowed or not object_candidates.available(snapshot):
+        return None
+    t0 = time.perf_counter()
+    candidates = object_candidates.candidate_positions(snapshot, vector, n, allowed)
+    timings = {"candidates_ms": (time.perf_counter() - t0) * 1000}
+    scores, rows_read = object_table(snapshot).max_scores_at(vector, candidates)
+    best, at = object_search.top(scores, k)
+    stats = SearchStats(sim_ops=rows_read, candidates_per_level=[len(candidates)])
+    return hits_from(snapshot, snapshot.ids[candidates[at]], best), stats, timings

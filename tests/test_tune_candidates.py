@@ -1,0 +1,124 @@
+"""finegrain tune picks the candidate-stage size: top-10 agreement with exhaustive search, latency, budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from finegrain import tune as tune_mod
+from finegrain.decompose.segments import SegmentConfig
+from finegrain.index import Index
+from finegrain.retrieval import Query
+from finegrain.retrieval import multivector as mvr
+from finegrain.search import multivector as mv
+from finegrain.store.catalog import NewImage
+from finegrain.store.vectors import FieldRows
+from finegrain.tune import CandidateTrial, choose_candidates, tune, tune_candidates
+
+N = 120
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture()
+def index(tmp_path):
+    """120 images with random unit vectors: a global vector and 1 + 4 segments each."""
+    idx = Index.create(tmp_path / "idx", segments=SegmentConfig(levels=(1, 4)))
+    rng = np.random.default_rng(3)
+    d, per = idx.encoder.dim, 5
+    images = [NewImage(f"/t/{i}.jpg", f"{i:064x}", 1, 1, 32, 32) for i in range(N)]
+    segs = FieldRows(_unit(rng.standard_normal((N * per, d))), np.repeat(np.arange(N), per),
+                     {"level": np.tile(np.array([0, 1, 1, 1, 1]), N), "box": np.zeros((N * per, 4), np.float32),
+                      "area": np.full(N * per, 0.25, np.float32)})
+    with idx.writer() as w:
+        w.commit(images, {"global": FieldRows(_unit(rng.standard_normal((N, d))), np.arange(N)), "segments": segs},
+                 [], [], [])
+    idx.refresh()
+    yield idx
+    idx.close()
+
+
+def test_choose_candidates_budget_and_slack():
+    trials = [CandidateTrial(0, 1.0, 9.0, 900), CandidateTrial(25, 0.80, 1.0, 100),
+              CandidateTrial(50, 0.995, 2.0, 200), CandidateTrial(100, 1.0, 4.0, 400)]
+    assert choose_candidates(trials, None, 0.01).candidates == 50  # fewest within 0.01 of the best
+    assert choose_candidates(trials, None, 0.0).candidates == 100  # "every image" counts as the largest
+    assert choose_candidates(trials, 3.0, 0.01).candidates == 50  # best agreement within the budget
+    assert choose_candidates(trials, 10.0, 0.01).candidates == 100  # ties at 1.0: the fewer candidates
+    assert choose_candidates(trials, 0.5, 0.01).candidates == 25  # nothing fits: the fastest
+
+
+def test_agreement_is_measured_against_exhaustive_over_every_image(index):
+    rng = np.random.default_rng(4)
+    embedded = [_unit(rng.standard_normal((3, index.encoder.dim))) for _ in range(6)]
+    flat = mv.MultiVectorConfig(T=0.0, tau=2.0)  # hierarchical without pruning or early exit == exhaustive
+    chosen, trials = tune_candidates(index, embedded, flat, slack=0.0)
+    assert [t.candidates for t in trials] == [0, 25, 50, 100]  # the grid below the index's 120 images
+    assert trials[0].agreement10 == 1.0
+    for t in trials[1:]:  # by hand: the share of the exhaustive top 10 inside each query's candidates
+        share = []
+        for q in embedded:
+            ref = set(mv.search("exhaustive", index.segment_table, index.global_rows.vectors, q, 10, flat)[1])
+            share.append(len(ref & set(mvr.candidate_positions(index.snapshot, q, t.candidates))) / 10)
+        assert t.agreement10 == pytest.approx(np.mean(share))
+    assert trials[1].sim_ops < trials[-1].sim_ops < trials[0].sim_ops + 1
+    assert chosen.agreement10 == max(t.agreement10 for t in trials)
+
+
+def _queries(path) -> list[tuple[str, set[str]]]:
+    path.write_text("\n".join(json.dumps({"text": t, "relevant": [f"{i}.jpg"]}) for i, t in enumerate(
+        ["a dog runs on the grass", "two children play in a fountain", "a man on a bike", "a red car in the snow"])))
+    return tune_mod.load_queries(path)
+
+
+def test_tune_saves_the_chosen_size_and_search_uses_it(index, tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_mod, "CANDIDATE_SLACK", 1.0)  # any agreement will do: the fewest candidates, 25
+    result = tune(index, _queries(tmp_path / "q.jsonl"))
+    stage = result["candidates"]
+    assert stage["chosen"] == 25 and [t["candidates"] for t in stage["trials"]] == [0, 25, 50, 100]
+    reopened = Index.open(index.path)
+    saved = reopened.search_config_dict()
+    assert saved["candidates"] == 25 and saved["tuned"]["candidates"]["chosen"] == 25
+    text = "a dog runs on the grass"
+    _, queries = mvr.query_vectors(reopened.snapshot, Query(text=text), mvr.MultiVectorParams())
+    hits = reopened.search(text=text, k=10, mode="exhaustive")  # the saved size is the default
+    pool = mvr.candidate_positions(reopened.snapshot, queries, 25)
+    assert "candidates_ms" in hits.timings and hits.stats.candidates_per_level[0] == len(pool) < N
+    exact = reopened.search(text=text, k=10, mode="exhaustive", candidates=0)  # a per-call option wins
+    assert "candidates_ms" not in exact.timings and exact.stats.candidates_per_level[0] == N
+    # a re-tune that keeps every image removes the saved size (the built-in default applies again)
+    monkeypatch.setattr(tune_mod, "CANDIDATE_GRID", ())
+    again = tune(reopened, _queries(tmp_path / "q.jsonl"))
+    assert again["candidates"]["chosen"] == 0
+    assert "candidates" not in Index.open(index.path).search_config_dict()
+    reopened.close()
+
+
+def test_cli_candidates_only_keeps_the_scheduler_settings(index, tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    before = mv.MultiVectorConfig(T=0.7, alpha=0.5, tau=0.8)
+    index.save_search_config({"multivector": before.to_dict()})
+    _queries(tmp_path / "q.jsonl")
+    res = CliRunner().invoke(app, ["tune", "--index", str(index.path), "--queries", str(tmp_path / "q.jsonl"),
+                                   "--candidates-only", "--latency-budget-ms", "100000", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output.strip().splitlines()[-1])
+    stage = result["candidates"]
+    # a budget everything fits: the best agreement, the fewest candidates among equals
+    best = max(t["agreement10"] for t in stage["trials"])
+    assert stage["agreement10"] == best and stage["chosen"] == min(
+        (t["candidates"] or 10**9) for t in stage["trials"] if t["agreement10"] == best) % 10**9
+    saved = Index.open(index.path).search_config_dict()
+    assert mv.MultiVectorConfig.from_dict(saved["multivector"]) == before  # no grid search ran
+    assert saved.get("candidates") == (stage["chosen"] or None)
+    assert saved["tuned"]["candidates"]["chosen_on"]["queries"] == 4
+    bad = CliRunner().invoke(app, ["tune", "--index", str(index.path), "--queries", str(tmp_path / "none.jsonl"),
+                                   "--candidates-only"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
