@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from random_index_helpers import random_segmented_index
+from random_index_helpers import unit as _unit
 
-from finegrain.decompose.segments import SegmentConfig
-from finegrain.index import Index
 from finegrain.retrieval import Query
 from finegrain.retrieval import multivector as mvr
-from finegrain.store.catalog import NewImage
-from finegrain.store.vectors import FieldRows
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     """80 images with random unit vectors: a global vector and 1 + 4 segments each."""
-    path = tmp_path_factory.mktemp("cand") / "idx"
-    idx = Index.create(path, segments=SegmentConfig(levels=(4,)))
-    rng = np.random.default_rng(7)
-    n, d, per = 80, idx.encoder.dim, 5
-    images = [NewImage(f"/c/{i}.jpg", f"{i:064x}", 1, 1, 32, 32) for i in range(n)]
-    segs = FieldRows(_unit(rng.standard_normal((n * per, d))), np.repeat(np.arange(n), per),
-                     {"level": np.tile(np.array([0, 1, 1, 1, 1]), n), "box": np.zeros((n * per, 4), np.float32),
-                      "area": np.full(n * per, 0.25, np.float32)})
-    with idx.writer() as w:
-        w.commit(images, {"global": FieldRows(_unit(rng.standard_normal((n, d))), np.arange(n)), "segments": segs},
-                 [], [], [])
-    idx.refresh()
+    idx = random_segmented_index(tmp_path_factory.mktemp("cand") / "idx", 80, seed=7)
     yield idx
     idx.close()
 

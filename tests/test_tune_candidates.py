@@ -6,38 +6,23 @@ import json
 
 import numpy as np
 import pytest
+from random_index_helpers import random_segmented_index
+from random_index_helpers import unit as _unit
 
 from finegrain import tune as tune_mod
-from finegrain.decompose.segments import SegmentConfig
 from finegrain.index import Index
 from finegrain.retrieval import Query
 from finegrain.retrieval import multivector as mvr
 from finegrain.search import multivector as mv
-from finegrain.store.catalog import NewImage
-from finegrain.store.vectors import FieldRows
 from finegrain.tune import CandidateTrial, choose_candidates, tune, tune_candidates
 
 N = 120
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture()
 def index(tmp_path):
     """120 images with random unit vectors: a global vector and 1 + 4 segments each."""
-    idx = Index.create(tmp_path / "idx", segments=SegmentConfig(levels=(1, 4)))
-    rng = np.random.default_rng(3)
-    d, per = idx.encoder.dim, 5
-    images = [NewImage(f"/t/{i}.jpg", f"{i:064x}", 1, 1, 32, 32) for i in range(N)]
-    segs = FieldRows(_unit(rng.standard_normal((N * per, d))), np.repeat(np.arange(N), per),
-                     {"level": np.tile(np.array([0, 1, 1, 1, 1]), N), "box": np.zeros((N * per, 4), np.float32),
-                      "area": np.full(N * per, 0.25, np.float32)})
-    with idx.writer() as w:
-        w.commit(images, {"global": FieldRows(_unit(rng.standard_normal((N, d))), np.arange(N)), "segments": segs},
-                 [], [], [])
-    idx.refresh()
+    idx = random_segmented_index(tmp_path / "idx", N, seed=3, levels=(1, 4))
     yield idx
     idx.close()
 
