@@ -318,7 +318,9 @@ def test_real_index_float16_rankings_equal_and_int8_close(photo_index, tmp_path)
             assert subject[a[0][0]] == subject[b[0][0]], m
             np.testing.assert_allclose(sorted(s for _, s in a), sorted(s for _, s in b), atol=0.02)
     exact = _ranks(idx, "global")  # default re-scoring: the top 100 (here: all) from the originals
-    assert exact == before["global"]
+    assert [[i for i, _ in r] for r in exact] == [[i for i, _ in r] for r in before["global"]]
+    np.testing.assert_allclose([[s for _, s in r] for r in exact], [[s for _, s in r] for r in before["global"]],
+                               rtol=1e-6)  # numpy's and FAISS's float32 dot products may differ in the last bit
     hit = idx.search(text=TEXTS[0], mode="exhaustive", k=1)[0]
     ex = idx.explain(text=TEXTS[0], mode="exhaustive", ids=[hit.id])[0]
     assert ex.score == pytest.approx(hit.score, abs=1e-5)  # explain reads the same codes as the search
