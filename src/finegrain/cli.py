@@ -727,7 +727,8 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
         print(json.dumps({"field": field, "storage": info or None, "bytes_per_image": stored,
                           "vector_bytes_per_image": per_image}))
     elif not info:
-        out.print(f"{field}: stored as the original float32 rows again ({stored:.0f} bytes per image)")
+        original = "float16" if field == "local" else "float32"  # local descriptors are stored float16
+        out.print(f"{field}: stored as the original {original} rows again ({stored:.0f} bytes per image)")
     else:
         proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
         out.print(f"{field}: {proj}{info['quantize'] if info['quantize'] != 'none' else 'float32'} rows, "
