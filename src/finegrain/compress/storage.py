@@ -1,4 +1,4 @@
-"""Compact storage of an index's multi-vector fields: a projection, a quantisation, or both, per field.
+"""Compact storage of an index's vector fields: a projection, a quantisation, or both, per field.
 
 ``finegrain compress --index IDX --field segments --method pca --dim 64 --quantize int8``
 (or :meth:`finegrain.Index.compress` with ``field=``) does, under the index's writer lock:
