@@ -245,6 +245,24 @@ def test_sigkill_before_the_catalog_commit(index):
     assert check_index(index.path).as_dict()["ok"]
 
 
+def test_shard_set_global_search_over_quantised_shards(base, tmp_path):
+    from finegrain.shards import ShardedIndex
+
+    for name in ("a", "b"):
+        shutil.copytree(base, tmp_path / name)
+    with ShardedIndex.create(tmp_path / "set", [tmp_path / "a", tmp_path / "b"]) as sset:
+        before = sset.search(text="a red ball", mode="global", k=10)
+    for name, quantize in (("a", "int8"), ("b", "float16")):
+        with Index.open(tmp_path / name) as idx:
+            idx.compress(None, None, field="global", quantize=quantize)
+    with ShardedIndex.open(tmp_path / "set") as sset:
+        after = sset.search(text="a red ball", mode="global", k=10)
+        assert [s.info()["storage"]["global"]["quantize"] for s in sset.shards] == ["int8", "float16"]
+    # each shard re-scores its best 100 from its float32 originals: the merged top 10 is the float32 one
+    assert [(h.id, h.shard) for h in after] == [(h.id, h.shard) for h in before]
+    np.testing.assert_allclose([h.score for h in after], [h.score for h in before], atol=1e-6)
+
+
 # ------------------------------------------------------------------ errors and CLI
 @pytest.mark.parametrize("args,message", [
     (["--field", "global", "--method", "pca", "--dim", "16", "--quantize", "int8"], "takes --quantize only"),
