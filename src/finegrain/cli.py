@@ -410,7 +410,7 @@ def search_cmd(
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
-    rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments): score the best N images again from the float32 originals."),
+    rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -644,7 +644,7 @@ def compress_cmd(
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
     teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
-    field: Optional[str] = typer.Option(None, "--field", help="A multi-vector field to store compact: segments, objects, objects_mean, objects_refined (default: the global projection)."),
+    field: Optional[str] = typer.Option(None, "--field", help="A field to store compact: segments, objects, objects_mean, objects_refined; global or local (--quantize only) (default: the global projection)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="With --field: float16, int8 (per-dimension scale) or none; --method none --quantize none returns to the originals."),
     drop_originals: bool = typer.Option(False, "--drop-originals", help="With --field: delete the float32 originals (saves disk; undo then needs re-indexing)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
@@ -652,12 +652,12 @@ def compress_cmd(
     """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
     from .index import IndexLockedError
 
-    if field is not None and field != "global":
+    if field is not None and (field != "global" or quantize is not None or drop_originals):
         _compress_field(index, field, method, dim, quantize, drop_originals, steps, teacher, as_json)
         return
     if quantize is not None or drop_originals:
-        _fail("--quantize and --drop-originals apply to a multi-vector field (--field segments, objects, "
-              "objects_mean, objects_refined); the global field is compressed with --method and --dim", 2)
+        _fail("--quantize and --drop-originals need --field (global, local, segments, objects, objects_mean, "
+              "objects_refined); without it --method and --dim project the global field", 2)
     if method is None:
         _fail("--method is required (or --field FIELD --quantize Q for a multi-vector field)", 2)
     if method != "none" and dim is None:
@@ -727,7 +727,8 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
         print(json.dumps({"field": field, "storage": info or None, "bytes_per_image": stored,
                           "vector_bytes_per_image": per_image}))
     elif not info:
-        out.print(f"{field}: stored as the original float32 rows again ({stored:.0f} bytes per image)")
+        original = "float16" if field == "local" else "float32"  # local descriptors are stored float16
+        out.print(f"{field}: stored as the original {original} rows again ({stored:.0f} bytes per image)")
     else:
         proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
         out.print(f"{field}: {proj}{info['quantize'] if info['quantize'] != 'none' else 'float32'} rows, "

@@ -164,6 +164,7 @@ def explain_objects(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[i
 def explain_segments(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int,
                      params: MultiVectorParams, response: SearchResponse | None = None) -> list[Explanation]:
     """Multi-vector modes: per (sub-)query the best segment of every visited level (see the module docstring)."""
+    from .compress.coded import global_vectors
     from .retrieval.multivector import query_vectors, segment_table
 
     texts, vectors = query_vectors(snapshot, query, params)
@@ -175,7 +176,7 @@ def explain_segments(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[
     for image_id in ids:
         rec = snapshot.records[int(image_id)]
         pos = int(snapshot.positions([rec.id])[0])
-        global_score = float(snapshot.global_rows.vectors[pos] @ vectors[0])
+        global_score = float(global_vectors(snapshot)[pos] @ vectors[0])  # as the search scored it
         out.append(_explain_segments(snapshot, table, rec, pos, labels, vectors, mode, levels, global_score,
                                      config.weight_global))
     return out
@@ -215,6 +216,7 @@ def _explain_segments(snapshot: Snapshot, table: multivector.SegmentTable, rec, 
 
 def _visited_levels(snapshot: Snapshot, mode: str, vectors: np.ndarray, config: MultiVectorConfig, k: int,
                     response: SearchResponse | None) -> list[int]:
+    from .compress.coded import global_vectors
     from .retrieval.multivector import segment_table
 
     cfg = snapshot.segment_config
@@ -227,7 +229,7 @@ def _visited_levels(snapshot: Snapshot, mode: str, vectors: np.ndarray, config: 
     if response is not None:
         levels_visited = response.stats.levels_visited
     else:  # hierarchical: where the search stops depends on the whole collection
-        _, _, stats = multivector.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, vectors, k,
+        _, _, stats = multivector.search(mode, segment_table(snapshot), global_vectors(snapshot), vectors, k,
                                          config)
         levels_visited = stats.levels_visited
     return multivector.schedule(n_levels, config)[:levels_visited]

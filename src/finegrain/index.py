@@ -342,15 +342,19 @@ class Index:
         from .compress import indexing as compress_indexing
         from .compress import storage as compact_storage
 
-        legacy = field is None or field == "global"
+        # ``field="global"`` with ``quantize`` given is the global field's quantised storage (compress/coded.py)
+        legacy = field is None or (field == "global" and quantize is None and not drop_originals)
         if legacy and (quantize not in (None, "none") or drop_originals):
-            raise ValueError("--quantize and --drop-originals apply to a multi-vector field (--field segments, "
-                             "objects, objects_mean or objects_refined); the global field is compressed with "
-                             "--method and --dim")
+            raise ValueError("--quantize and --drop-originals need --field (global, local, segments, objects, "
+                             "objects_mean or objects_refined); without it --method and --dim project the global "
+                             "field")
         if legacy and method is None:
             raise ValueError("--method is required to compress the global field")
         with self.writer() as w:
             state = Snapshot.load(self.path, self.catalog, lambda: self.encoder)  # the committed state, under the lock
+            if legacy and method != "none" and compact_storage.field_info(state.settings, "global"):
+                raise ValueError("this index's global field is stored quantised (compress --field global); undo it "
+                                 "first (`finegrain compress --field global --quantize none`) to project it")
             if legacy:
                 return compress_indexing.compress_index(w, state, str(method), dim, params, show_progress)
             return compact_storage.compress_field(w, state, str(field), method or "none", dim, quantize or "none",
@@ -368,6 +372,11 @@ class Index:
         cfg = self.local_config
         if cfg is None:
             raise ValueError("this index stores no local features (create it with --local cnn)")
+        from .compress import storage as compact_storage
+
+        if compact_storage.field_info(self._snapshot.settings, LOCAL_FIELD):  # its quantiser fits the old whitening
+            raise ValueError("the local field is stored quantised (compress --field local); undo it first "
+                             "(`finegrain compress --field local --quantize none`), refit, then quantise again")
         with self.writer() as w:
             store = LocalStore(self.path, cfg)
             live = sorted(self.catalog.images("indexed"), key=lambda r: r.path)
@@ -561,10 +570,12 @@ class Index:
         cfg = self.local_config
         if cfg is None:
             return None
+        from .compress import storage as compact_storage
         from .local.store import INSTANCE_FIELD, LOCAL_FIELD, STATE_FILE
 
         snap = self._snapshot
-        rows = snap.field(LOCAL_FIELD) if snap.has_field(LOCAL_FIELD) else None
+        stored = compact_storage.stored_name(snap, LOCAL_FIELD)  # int8 rows when `compress --field local`
+        rows = snap.field(stored) if snap.has_field(stored) else None
         n_desc = 0 if rows is None else len(rows)
         per_row = 0 if rows is None else rows.vectors.itemsize * rows.vectors.shape[1] + 4 * 3 + 2 + 8
         inst = snap.field(INSTANCE_FIELD) if snap.has_field(INSTANCE_FIELD) else None
@@ -590,7 +601,8 @@ class Index:
             "encoder": snap.settings.get("encoder"),
             "dim": snap.dim,
             "projection": snap.projection_info,
-            "bytes_per_image": 4 * dim,
+            "bytes_per_image": {"float16": 2, "int8": 1}.get(str((compact_storage.field_info(
+                snap.settings, "global") or {}).get("quantize")), 4) * dim,  # the global rows searched
             "storage": snap.settings.get(compact_storage.META_KEY) or None,  # compact fields (`compress --field`)
             "vector_bytes_per_image": compact_storage.bytes_per_image(self.path, self.catalog.chunks(), len(snap)),
             "ann": ("hnsw" if len(snap) >= AUTO_ANN_THRESHOLD else "flat") if ann == "auto" else ann,

@@ -1,4 +1,4 @@
-"""Compact storage of an index's multi-vector fields: a projection, a quantisation, or both, per field.
+"""Compact storage of an index's vector fields: a projection, a quantisation, or both, per field.
 
 ``finegrain compress --index IDX --field segments --method pca --dim 64 --quantize int8``
 (or :meth:`finegrain.Index.compress` with ``field=``) does, under the index's writer lock:
@@ -49,8 +49,10 @@ META_KEY = "storage"
 STORAGE_DIR = "storage"
 #: The compact rows of field ``F`` are the field ``F`` + this suffix.
 SUFFIX = "-compact"
-#: Fields that can be stored compact (``global`` has its own projection: ``compress`` without ``--field``).
-FIELDS = ("segments", "objects", "objects_mean", "objects_refined")
+#: Fields that can be stored compact (``global`` and ``local``: quantisation only, see :mod:`.coded`).
+FIELDS = ("segments", "objects", "objects_mean", "objects_refined", "global", "local")
+#: Fields whose storage takes ``--quantize`` only (no projection); ``global`` keeps its originals.
+QUANTIZE_ONLY = ("global", "local")
 METHODS = ("none", "pca", "aesvc", "ss2d")
 QUANTIZE = ("none", "float16", "int8")
 #: The projection and the quantiser are fitted on at most this many rows (a seeded random sample).
@@ -320,11 +322,8 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
     """
     from . import create_projection
 
-    if field == "global":
-        raise ValueError("the global field is compressed with `finegrain compress --method M --dim D` (without "
-                         "--field); --field picks one of the multi-vector fields: " + ", ".join(FIELDS))
     if field not in FIELDS:
-        raise ValueError(f"unknown field {field!r}; --field is one of global, {', '.join(FIELDS)}")
+        raise ValueError(f"unknown field {field!r}; --field is one of {', '.join(FIELDS)}")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
     if quantize not in QUANTIZE:
@@ -334,6 +333,10 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
         raise ValueError(f"--dim must be a positive integer with --method {method}, got {dim!r}")
     if method == "none" and dim is not None:
         raise ValueError("--dim needs a projection (--method pca, aesvc or ss2d)")
+    if field in QUANTIZE_ONLY:
+        from .coded import check_quantize_only
+
+        check_quantize_only(snapshot, field, method, dim, quantize, drop_originals)
     storage = dict(snapshot.settings.get(META_KEY) or {})
     current = storage.get(field)
     if not snapshot.has_field(field) and not current:

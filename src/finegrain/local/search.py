@@ -134,13 +134,17 @@ class LocalSearcher:
         self.exact_rerank = None if exact_rerank is None else int(exact_rerank)
         self.ids = snapshot.ids  # database position -> image id
         self._lock = threading.Lock()  # builds the cached structures once; serialises the approximate search's knobs
-        rows = snapshot.fields.get(LOCAL_FIELD)
+        from ..compress import storage
+
+        # the int8 rows decoded when the field is stored compact (`compress --field local --quantize int8`)
+        rows, codec = storage.scoring(snapshot, LOCAL_FIELD) if storage.has_rows(snapshot, LOCAL_FIELD) else \
+            (None, storage.IDENTITY)
         if rows is None or len(rows) == 0:
             dim = self.store.extractor.dim
             desc, owners = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
         else:
             order = np.argsort(rows.owners, kind="stable")  # group rows by image, keep strongest-first inside
-            desc, owners = np.asarray(rows.vectors, np.float32)[order], rows.owners[order]
+            desc, owners = codec.decode(rows.vectors)[order], rows.owners[order]
         offsets = np.searchsorted(owners, np.concatenate([self.ids, [np.iinfo(np.int64).max]]), side="left")
         offsets[-1] = len(owners)
         self.db = LocalDatabase(desc, offsets)

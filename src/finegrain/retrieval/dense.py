@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..images import load_image
-from .base import Params, Query, Retriever, SearchResponse, SearchResult, SearchStats
+from .base import Params, Query, Retriever, SearchResponse, SearchResult, SearchStats, number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.ann import VectorIndex
@@ -47,13 +47,18 @@ def hits_from(snapshot: Snapshot, ids: np.ndarray, scores: np.ndarray) -> list[S
 
 @dataclass(frozen=True)
 class DenseParams(Params):
-    """``dim``: a nested size of an SS2D-compressed index (None: the stored size)."""
+    """``dim``: a nested size of an SS2D-compressed index (None: the stored size). ``rescore``: on an index
+    whose global field is quantised (``compress --field global``), the best N hits scored again from the
+    float32 originals (None: ``compress.coded.DEFAULT_RESCORE``; 0: off; ignored otherwise)."""
 
     dim: int | None = None
+    rescore: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer))):
             raise ValueError(f"dim must be an integer, got {self.dim!r}")  # its range depends on the index
+        if self.rescore is not None:
+            number("rescore", self.rescore, 0, integer=True)
 
 
 class DenseRetriever(Retriever):
@@ -76,7 +81,7 @@ class DenseRetriever(Retriever):
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, DenseParams)
         vector = embed_query(snapshot, query)
-        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed)
+        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed, params.rescore)
         ops = len(snapshot) if allowed is None else int(allowed.sum())
         return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=ops),
                               [query.text] if query.text else [], generation=snapshot.generation)
@@ -87,12 +92,19 @@ EXACT_ALLOWED_ROWS = 20_000
 
 
 def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None,
-                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   allowed: np.ndarray | None = None, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty.
 
     ``allowed``: a boolean mask over snapshot positions; only those images are ranked (filters).
+    ``rescore``: see :class:`DenseParams` (a quantised global field only).
     """
     from ..compress import indexing as compress_indexing
+    from ..compress import storage
+
+    if storage.field_info(snapshot.settings, "global"):  # quantised (`compress --field global`)
+        from ..compress.coded import search_global
+
+        return search_global(snapshot, queries, k, dim, allowed, rescore)
 
     nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
     ann = global_ann(snapshot)

@@ -181,7 +181,9 @@ class MultiVectorRetriever(Retriever):
         else:
             candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
         shortlist = max(k, params.rescore)
-        scores, positions, stats = mv.search(mode, segment_table(snapshot), snapshot.global_rows.vectors, queries,
+        from ..compress.coded import global_vectors  # the quantised rows when `compress --field global`
+
+        scores, positions, stats = mv.search(mode, segment_table(snapshot), global_vectors(snapshot), queries,
                                              shortlist, params.config(), candidates)
         if params.rescore:
             again = rescore(snapshot, mode, queries, positions, k, params.config())

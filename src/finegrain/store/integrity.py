@@ -39,7 +39,7 @@ from .catalog import Catalog, IndexFormatError
 from .vectors import VECTORS_DIR, check_chunk, chunk_file_keys, delete_chunk, file_digest, load_npy
 
 #: Fields holding exactly one row per live image (their owners are checked on every open).
-ONE_ROW_FIELDS = ("global", "compressed")
+ONE_ROW_FIELDS = ("global", "compressed", "global-compact")
 ANN_DIR = "ann"
 
 __all__ = ["ONE_ROW_FIELDS", "Problem", "Report", "check_index", "repair_index", "expected_files"]
@@ -328,6 +328,10 @@ def check_index(path: str | Path, record: bool = True) -> Report:
         if "global" in dims and settings.get("dim") is not None and dims["global"] != {int(settings["dim"])}:
             report.problems.append(Problem(f"field global has {sorted(dims['global'])} dimensions, the settings "
                                            f"say {settings['dim']}", field="global", kind="catalog"))
+        from ..compress.coded import storage_problems  # quantiser/projection files of compact fields
+
+        for fieldname, message in storage_problems(root, settings, dims):
+            report.problems.append(Problem(message, field=fieldname, kind="catalog"))
         _check_caches(root, generation, report)
         if record:
             _record(root, catalog, report, marks)

@@ -1,0 +1,279 @@
+"""Quantised storage of the ``global`` and ``local`` fields (``finegrain compress --field global|local --quantize Q``).
+
+The storage itself (the ``global-compact`` / ``local-compact`` rows, the int8 quantiser file, crash safety,
+undo) is :mod:`.storage`'s, as for the multi-vector fields. What differs is how the rows are read:
+
+``global`` (``float16`` or ``int8``; the float32 originals are always kept)
+    Global search runs on a FAISS scalar-quantizer index holding the stored codes
+    (:class:`CodedIndex`: ``IndexScalarQuantizer`` below 200k images, ``IndexHNSWSQ`` above, or
+    ``IndexIVFScalarQuantizer`` with ``ann="ivf"``), never on float32 copies: at 10^6 images of 512
+    dims that is 0.5 GB (int8) or 1 GB (float16) instead of 2 GB, plus the HNSW graph. FAISS's 8-bit
+    ranges are set to the index's own quantiser, so FAISS scores exactly the stored int8 values.
+    The best ``rescore`` (default :data:`DEFAULT_RESCORE`) hits of the first stage are then scored again
+    from the memory-mapped float32 originals (``rescore`` reads of one row each). Filters score the
+    allowed rows' codes; the multi-vector modes' global term reads the codes (:func:`global_vectors`).
+    ``--drop-originals`` is refused: the re-scoring, the global projection, ``duplicates``, export and
+    the local modes' joint-space fusion read them, and memory-mapped they cost disk, not memory.
+``local`` (``int8`` only: the descriptors are already stored float16)
+    The local searcher decodes the stored rows (:func:`finegrain.compress.storage.Codec.decode`) into
+    the float32 descriptor matrix its first stage and exact Chamfer read; that matrix is float32 either
+    way, so int8 halves the field on disk (and in the page cache), not the searcher's memory.
+    ``--drop-originals`` is allowed (nothing else reads the descriptors).
+
+Neither field takes a projection: the global field has its own (``compress --method M --dim D`` without
+``--field``; quantising it too is refused while it is active), and projecting local descriptors would
+need every query descriptor projected in the local searcher as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from ..store.ann import AUTO_ANN_THRESHOLD, VectorIndex
+from ..store.catalog import IndexFormatError
+from .storage import BLOCK_ROWS, Codec, compact_name, field_info, snapshot_codec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store.snapshot import Snapshot
+    from ..store.vectors import FieldRows
+
+#: Hits of a quantised global search scored again from the float32 originals unless ``rescore`` says otherwise.
+#: 100 rows are 100 reads of 2 KB (512 dims) from the memory-mapped originals; chosen before any measurement.
+DEFAULT_RESCORE = 100
+#: Rows the IVF variant's coarse quantiser is trained on (a seeded sample).
+IVF_TRAIN_ROWS = 100_000
+
+
+def check_quantize_only(snapshot: Snapshot, field: str, method: str, dim: int | None, quantize: str,
+                        drop_originals: bool) -> None:
+    """One-line errors for what ``--field global`` / ``--field local`` cannot do."""
+    if method != "none":
+        if field == "global":
+            raise ValueError("--field global takes --quantize only; project the global field with `finegrain "
+                             "compress --method M --dim D` (without --field), which cannot be quantised as well")
+        raise ValueError("--field local takes --quantize int8 only (a projection would have to be applied to "
+                         "every query descriptor too)")
+    if field == "global":
+        if drop_originals:
+            raise ValueError("the global field keeps its float32 originals (re-scoring, the global projection, "
+                             "duplicates and export read them; memory-mapped they cost disk, not memory): "
+                             "--drop-originals applies to the other fields")
+        info = snapshot.projection_info
+        if info and quantize != "none":
+            raise ValueError(f"this index's global field is projected ({info['method']} to {info['dim']} dims); "
+                             "remove the projection first (`finegrain compress --method none`) to quantise it")
+    if field == "local" and quantize == "float16":
+        raise ValueError("the local descriptors are already stored float16; --quantize int8 halves them")
+
+
+# ------------------------------------------------------------------ reading the global field
+class CodedRows:
+    """Stored rows read as float32 joint-space rows: ``len``, ``rows[i]`` (decoded), ``rows @ q`` (block-wise,
+    the int8 scale folded into the query), ``np.asarray(rows)`` (everything decoded: a copy)."""
+
+    def __init__(self, rows: np.ndarray, codec: Codec):
+        self.rows, self.codec = rows, codec
+        self.shape = rows.shape
+        self.ndim = 2
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.codec.decode(self.rows[index])
+
+    def __matmul__(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, np.float32)
+        out = self.codec.scores(self.rows, q.reshape(1, -1) if q.ndim == 1 else q.T)
+        return out[:, 0] if q.ndim == 1 else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.codec.decode(self.rows)
+        return out if dtype is None else out.astype(dtype)
+
+
+def global_compact_rows(snapshot: Snapshot) -> FieldRows:
+    """The stored ``global-compact`` rows in position order (one per live image; checked once per snapshot)."""
+
+    def build() -> FieldRows:
+        rows = snapshot.field(compact_name("global"))
+        if not np.array_equal(rows.owners, snapshot.ids):
+            rows = rows.select(np.argsort(rows.owners, kind="stable"))
+        if len(rows) != len(snapshot) or not np.array_equal(rows.owners, snapshot.ids):
+            raise IndexFormatError(f"index at {snapshot.path} is inconsistent: {len(rows)} quantised global rows "
+                                   f"for {len(snapshot)} images; run `finegrain check`")
+        return rows
+
+    return snapshot.derived("rows:global-compact", build)
+
+
+def global_vectors(snapshot: Snapshot) -> np.ndarray:
+    """What scores the global term (multi-vector modes): the float32 rows, or the quantised ones read through
+    their codec (:class:`CodedRows`, duck-typed as the array: ``len``, ``[positions]``, ``@ query``)."""
+    if not field_info(snapshot.settings, "global"):
+        return snapshot.global_rows.vectors
+    coded = snapshot.derived("coded:global", lambda: CodedRows(global_compact_rows(snapshot).vectors,
+                                                               snapshot_codec(snapshot, "global")))
+    return cast(np.ndarray, coded)
+
+
+class CodedIndex(VectorIndex):
+    """A :class:`~finegrain.store.ann.VectorIndex` over float16/int8 rows: FAISS scalar-quantizer indexes whose
+    codes are the stored ones (int8: FAISS's per-dimension range set to the index's own quantiser)."""
+
+    def __init__(self, codes: np.ndarray, codec: Codec, kind: str = "auto", cache_file: Path | None = None):
+        import faiss
+
+        if codec.dtype not in ("float16", "int8") or codec.projection is not None:
+            raise ValueError("CodedIndex needs float16 or int8 rows without a projection")
+        if kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise ValueError(f"unknown index kind {kind!r}; choose one of auto, flat, hnsw, ivf")
+        self.n, self.dim = codes.shape
+        self.kind = ("hnsw" if self.n >= AUTO_ANN_THRESHOLD else "flat") if kind == "auto" else kind
+        if cache_file is not None and cache_file.exists() and self.kind != "flat":
+            try:
+                self.faiss = faiss.read_index(str(cache_file))
+                if self.faiss.ntotal == self.n and self.faiss.d == self.dim:
+                    return
+            except RuntimeError:  # a damaged cache file: rebuilt below
+                pass
+        self.faiss = self._build_coded(codes, codec, self.kind)
+        if cache_file is not None and self.kind != "flat":
+            self._save(cache_file)
+
+    @staticmethod
+    def _build_coded(codes: np.ndarray, codec: Codec, kind: str) -> Any:
+        import faiss as faiss_module
+
+        faiss: Any = faiss_module  # the bundled type stubs lack the scalar-quantizer constructors' overloads
+        n, dim = codes.shape
+        qtype = faiss.ScalarQuantizer.QT_8bit if codec.dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
+        ip = faiss.METRIC_INNER_PRODUCT
+        index: Any
+        if kind == "flat" or n == 0:
+            index = owner = faiss.IndexScalarQuantizer(dim, qtype, ip)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWSQ(dim, qtype, 32, ip)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 128
+            owner = faiss.downcast_index(index.storage)
+        else:  # ivf, on the raw values (not residuals) so the quantiser's ranges apply as they are
+            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+            index = owner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, qtype, ip, False)
+            pick = np.sort(np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_ROWS), replace=False))
+            index.train(codec.decode(codes[pick]))
+            index.nprobe = max(1, nlist // 16)
+        if codec.dtype == "int8":
+            assert codec.scale is not None and codec.offset is not None
+            # FAISS 8-bit: x = vmin + (u + 0.5) / 255 * vdiff for u = c + 127 is offset + scale * c exactly.
+            trained = np.concatenate([codec.offset - 127.5 * codec.scale, 255.0 * codec.scale]).astype(np.float32)
+            faiss.copy_array_to_vector(trained, owner.sq.trained)
+            owner.is_trained = True
+            index.is_trained = True
+        for start in range(0, n, BLOCK_ROWS):
+            part = codec.decode(codes[start:start + BLOCK_ROWS])
+            if not np.isfinite(part).all():
+                raise IndexFormatError("stored global rows hold NaN or inf: the index is damaged; run "
+                                       "`finegrain check --index INDEX`")
+            index.add(np.ascontiguousarray(part, np.float32))
+        return index
+
+
+def coded_ann(snapshot: Snapshot) -> CodedIndex:
+    """The FAISS scalar-quantizer index over the stored global codes (once per snapshot; cached on disk if ANN)."""
+    info = field_info(snapshot.settings, "global") or {}
+    return snapshot.derived("ann:global-coded", lambda: CodedIndex(
+        global_compact_rows(snapshot).vectors, snapshot_codec(snapshot, "global"), snapshot.settings.get("ann", "auto"),
+        snapshot.cache_file(f"global-{info.get('quantize')}")))
+
+
+def search_global(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None,
+                  allowed: np.ndarray | None = None, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`finegrain.retrieval.dense.search_vectors` on an index whose global field is quantised.
+
+    The first stage ranks the codes (FAISS, or the allowed rows' codes scored exactly); the best
+    ``rescore`` of each query's hits (None: :data:`DEFAULT_RESCORE`; 0: none) are then scored again from
+    the float32 originals and re-sorted. Hits after them keep their quantised scores.
+    """
+    from . import indexing as compress_indexing
+
+    compress_indexing.check_search_dim(snapshot.projection_info, dim)  # refused: the index is not projected
+    if rescore is not None and (isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer))
+                                or rescore < 0):
+        raise ValueError(f"rescore must be a non-negative integer, got {rescore!r}")
+    depth = DEFAULT_RESCORE if rescore is None else int(rescore)
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if queries.shape[1] != snapshot.dim:
+        raise ValueError(f"query dimension {queries.shape[1]} does not match the index's {snapshot.dim}-dim "
+                         "embeddings")
+    fetch = max(int(k), depth)
+    if allowed is None:
+        scores, found = coded_ann(snapshot).search(queries, fetch)
+    else:
+        scores, found = _search_allowed(snapshot, queries, fetch, allowed)
+    if depth > 0 and len(snapshot):
+        originals = snapshot.global_rows.vectors
+        for r in range(len(queries)):
+            head = found[r, :depth]
+            head = head[head >= 0]
+            exact = np.asarray(originals[head], np.float32) @ queries[r]
+            order = np.argsort(-exact, kind="stable")
+            found[r, :len(head)], scores[r, :len(head)] = head[order], exact[order]
+    found, scores = found[:, :k], scores[:, :k]
+    ids = np.where(found >= 0, snapshot.ids[np.maximum(found, 0)], -1)
+    return scores, ids
+
+
+def _search_allowed(snapshot: Snapshot, queries: np.ndarray, k: int, allowed: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k positions among the allowed ones: FAISS with an ID selector when many, else the codes scored exactly."""
+    from ..retrieval.dense import EXACT_ALLOWED_ROWS
+
+    rows = np.flatnonzero(allowed)
+    want = min(int(k), len(rows))
+    if len(rows) > EXACT_ALLOWED_ROWS:
+        scores, found = coded_ann(snapshot).search_rows(queries, k, rows)
+        if bool(((found >= 0).sum(axis=1) >= want).all()):
+            return scores, found
+    codes = global_compact_rows(snapshot).vectors
+    sims = snapshot_codec(snapshot, "global").scores(codes[rows], queries).T  # (n queries, allowed rows)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    found = np.full((len(queries), k), -1, np.int64)
+    if want:
+        part = np.argsort(-sims, axis=1, kind="stable")[:, :want]
+        scores[:, :want] = np.take_along_axis(sims, part, 1)
+        found[:, :want] = rows[part]
+    return scores, found
+
+
+# ------------------------------------------------------------------ integrity
+def storage_problems(root: Path, settings: dict[str, Any], dims: dict[str, set[int]]) -> list[tuple[str, str]]:
+    """``(field, message)`` for every stored-compact field whose storage files are missing or do not fit its rows
+    (``finegrain check``); ``dims``: the dimensions of each field's intact chunks."""
+    from .storage import META_KEY, load_codec
+
+    out: list[tuple[str, str]] = []
+    for field, info in sorted((settings.get(META_KEY) or {}).items()):
+        if not info:
+            continue
+        try:
+            codec = load_codec(root, info)
+        except FileNotFoundError as exc:
+            out.append((field, f"field {field}: a storage file is missing ({exc}); undo or redo `finegrain "
+                               f"compress --field {field}`"))
+            continue
+        except (OSError, ValueError, KeyError) as exc:
+            out.append((field, f"field {field}: unreadable storage file ({exc})"))
+            continue
+        width = dims.get(compact_name(field))
+        if codec.scale is not None and (codec.scale.shape != codec.offset.shape  # type: ignore[union-attr]
+                                        or not np.all(np.isfinite(codec.scale)) or not np.all(codec.scale > 0)):
+            out.append((field, f"field {field}: the int8 quantiser's scale is damaged"))
+        elif width and codec.scale is not None and width != {int(codec.scale.shape[0])}:
+            out.append((field, f"field {field}: the int8 quantiser has {codec.scale.shape[0]} dimensions, the "
+                               f"stored rows {sorted(width)}"))
+    return out

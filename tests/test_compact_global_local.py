@@ -1,0 +1,437 @@
+"""Quantised storage of the global and local fields (`finegrain compress --field global|local --quantize Q`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from finegrain.cli import app
+from finegrain.compress import coded, storage
+from finegrain.index import Index
+from finegrain.store.catalog import NewImage
+from finegrain.store.integrity import check_index
+from finegrain.store.vectors import FieldRows
+from finegrain.store.writer import Writer
+
+N_IMAGES, DIM = 400, 512
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _vectors(seed: int, n: int) -> np.ndarray:
+    """Unit rows in 40 loose clusters (neighbours with small score gaps, as in real collections)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).standard_normal((40, DIM))
+    return _unit(centres[rng.integers(0, 40, n)] + 1.5 * rng.standard_normal((n, DIM)))
+
+
+def _commit(idx: Index, first: int, n: int, seed: int) -> None:
+    images = [NewImage(f"/g/{first + i}.jpg", f"{first + i:064x}", 1, 1, 32, 32) for i in range(n)]
+    with idx.writer() as w:
+        w.commit(images, {"global": FieldRows(_vectors(seed, n), np.arange(n))}, [], [], [])
+    idx.refresh()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gq") / "idx"
+    idx = Index.create(path)
+    _commit(idx, 0, N_IMAGES // 2, seed=1)  # two chunks
+    _commit(idx, N_IMAGES // 2, N_IMAGES // 2, seed=2)
+    idx.close()
+    return path
+
+
+@pytest.fixture
+def index(base, tmp_path):
+    path = tmp_path / "idx"
+    shutil.copytree(base, path)
+    idx = Index.open(path)
+    yield idx
+    idx.close()
+
+
+QUERIES = _unit(_vectors(7, 30) + 0.05)
+
+
+def _search_kw(idx: Index, k: int, rescore: int | None = None, allowed: np.ndarray | None = None):
+    from finegrain.retrieval.dense import search_vectors
+
+    return search_vectors(idx.snapshot, QUERIES, k, allowed=allowed, rescore=rescore)
+
+
+def _error_bound(idx: Index) -> np.ndarray:
+    """Per query, the largest possible |int8 score - float32 score|: sum_i |q_i| * scale_i / 2."""
+    codec = storage.snapshot_codec(idx.snapshot, "global")
+    assert codec.scale is not None
+    return np.abs(QUERIES) @ codec.scale / 2 + 1e-6
+
+
+# ------------------------------------------------------------------ FAISS holds the stored codes
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("quantize", ["float16", "int8"])
+def test_faiss_scalar_quantizer_holds_the_stored_values(kind, quantize):
+    x = _vectors(3, 2000)
+    lo, hi = x.min(0), x.max(0)
+    scale = ((hi - lo) / 254).astype(np.float32) if quantize == "int8" else None
+    offset = ((hi + lo) / 2).astype(np.float32) if quantize == "int8" else None
+    codec = storage.Codec(None, scale, offset, quantize)
+    codes = codec.encode(x)
+    ann = coded.CodedIndex(codes, codec, kind)
+    decoded = codec.decode(codes)
+    if kind == "flat":  # FAISS holds exactly the stored codes and scores what numpy scores
+        import faiss
+
+        held = faiss.vector_to_array(ann.faiss.codes).reshape(len(x), -1)
+        if quantize == "int8":
+            np.testing.assert_array_equal(held.astype(np.int16) - 127, codes)
+        else:
+            np.testing.assert_array_equal(held.view(np.float16), codes)
+        np.testing.assert_allclose(ann.faiss.reconstruct_n(0, len(x)), decoded, atol=1e-7)  # float rounding only
+        scores, rows = ann.search(QUERIES, 5)
+        exact = QUERIES @ decoded.T
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), atol=1e-5)
+        np.testing.assert_array_equal(rows[:, 0], exact.argmax(1))
+    else:  # approximate structures: a stored row finds itself
+        _, rows = ann.search(decoded[:50], 1)
+        assert (rows[:, 0] == np.arange(50)).mean() >= 0.95
+    bytes_per_row = {"float16": 2, "int8": 1}[quantize] * DIM
+    if kind == "flat":  # the point of the exercise: FAISS keeps codes, not float32 copies
+        assert ann.faiss.code_size == bytes_per_row
+
+
+# ------------------------------------------------------------------ global
+def test_float16_keeps_the_ranking_and_rescoring_restores_exact_scores(index):
+    s0, i0 = index.search_vectors(QUERIES, 10)
+    info = index.compress(None, None, field="global", quantize="float16")
+    assert info["quantize"] == "float16" and info["originals"] == "kept"
+    snap = index.snapshot
+    assert snap.field("global-compact").vectors.dtype == np.float16
+    s1, i1 = _search_kw(index, 10, rescore=0)  # codes only
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_allclose(s1, s0, atol=2e-3)
+    s2, i2 = index.search_vectors(QUERIES, 10)  # default: the best 100 re-scored from the originals
+    np.testing.assert_array_equal(i2, i0)
+    np.testing.assert_allclose(s2, s0, rtol=1e-6)
+    assert index.info()["bytes_per_image"] == 2 * DIM
+    assert index.info()["vector_bytes_per_image"]["global-compact"] == 2 * DIM
+
+
+def test_int8_top_k_differs_only_within_the_quantisation_error(index):
+    s0, i0 = index.search_vectors(QUERIES, N_IMAGES)
+    full = {q: dict(zip(i0[q].tolist(), s0[q].tolist())) for q in range(len(QUERIES))}
+    index.compress(None, None, field="global", quantize="int8")
+    assert index.snapshot.field("global-compact").vectors.dtype == np.int8
+    bound = _error_bound(index)
+    k = 10
+    _, i1 = _search_kw(index, k, rescore=0)
+    overlap = []
+    for q in range(len(QUERIES)):
+        kth = s0[q, k - 1]
+        # An image can enter the int8 top k only if its float32 score is within twice the error bound of the
+        # float32 k-th score (each of the two scores moves by at most the bound): a hard, derived limit.
+        for image in set(i1[q].tolist()) - set(i0[q, :k].tolist()):
+            assert full[q][image] >= kth - 2 * bound[q], (q, image)
+        overlap.append(len(set(i1[q].tolist()) & set(i0[q, :k].tolist())) / k)
+    assert float(np.mean(overlap)) >= 0.9, overlap  # and in practice nearly everything agrees
+    s2, i2 = _search_kw(index, k, rescore=N_IMAGES)  # the whole collection re-scored: the float32 answer
+    np.testing.assert_array_equal(i2, i0[:, :k])
+    np.testing.assert_allclose(s2, s0[:, :k], rtol=1e-6)
+    assert index.info()["bytes_per_image"] == DIM
+
+
+def test_filters_and_the_ann_kinds_read_the_codes(index):
+    allowed = np.zeros(N_IMAGES, bool)
+    allowed[::7] = True
+    _, i0 = _search_kw(index, 5, allowed=allowed)
+    index.compress(None, None, field="global", quantize="float16")
+    _, i1 = _search_kw(index, 5, allowed=allowed)
+    np.testing.assert_array_equal(i1, i0)
+    assert set(i1.ravel().tolist()) <= set(index.snapshot.ids[allowed].tolist())
+    with index.writer() as w:  # HNSW over the codes (what a 10^6-image index gets)
+        w.set_meta("ann", "hnsw")
+    index.refresh()
+    _, i2 = index.search_vectors(QUERIES, 5)
+    assert isinstance(coded.coded_ann(index.snapshot), coded.CodedIndex)
+    assert coded.coded_ann(index.snapshot).kind == "hnsw"
+    index.compress(None, None, field="global", quantize="none")
+    _, i3 = index.search_vectors(QUERIES, 5)
+    assert (i2[:, 0] == i3[:, 0]).mean() >= 0.9  # HNSW over float16 codes vs HNSW over float32 rows
+
+
+def test_undo_restores_exact_scores_and_files(index):
+    before = index.search_vectors(QUERIES, 10)
+    index.compress(None, None, field="global", quantize="int8")
+    assert any((index.path / storage.STORAGE_DIR).iterdir())
+    assert index.compress(None, None, field="global", quantize="none") == {}
+    assert not index.snapshot.has_field("global-compact") and index.info()["storage"] is None
+    assert not any((index.path / storage.STORAGE_DIR).iterdir())
+    after = index.search_vectors(QUERIES, 10)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])  # exactly the same scores
+    assert index.info()["bytes_per_image"] == 4 * DIM
+
+
+def test_new_images_removal_compaction_and_check(index):
+    index.compress(None, None, field="global", quantize="int8")
+    _commit(index, N_IMAGES, 5, seed=9)
+    snap = index.snapshot
+    compact = coded.global_compact_rows(snap)
+    np.testing.assert_array_equal(compact.owners, snap.ids)
+    codec = storage.snapshot_codec(snap, "global")
+    np.testing.assert_array_equal(compact.vectors[-5:], codec.encode(snap.global_rows.vectors[-5:]))
+    new = snap.global_rows.vectors[-1]
+    _, ids = index.search_vectors(new[None, :], 1)
+    assert ids[0, 0] == snap.ids[-1]  # found through the FAISS codes
+    index.remove([int(snap.ids[0])])
+    index.compact()
+    assert len(index.snapshot.field("global-compact")) == N_IMAGES + 4
+    report = check_index(index.path)
+    assert report.as_dict()["ok"], report.as_dict()
+    quantizer = next((index.path / storage.STORAGE_DIR).iterdir())
+    quantizer.unlink()  # a lost quantiser file is reported (and search refuses with a one-line error)
+    problems = check_index(index.path, record=False).as_dict()
+    assert not problems["ok"] and "storage file is missing" in json.dumps(problems)
+
+
+def test_crash_before_the_catalog_commit(index, monkeypatch):
+    before = index.search_vectors(QUERIES, 10)
+    generation = index.snapshot.generation
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Writer, "replace_fields", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        index.compress(None, None, field="global", quantize="int8")
+    monkeypatch.undo()
+    index.refresh()
+    assert index.snapshot.generation == generation and index.info()["storage"] is None
+    after = index.search_vectors(QUERIES, 10)
+    np.testing.assert_array_equal(after[0], before[0])
+    with index.writer():  # the leftovers are swept by the next writer
+        pass
+    assert not any((index.path / storage.STORAGE_DIR).iterdir())
+    assert not any((index.path / "vectors" / "global-compact").iterdir())
+
+
+def test_sigkill_before_the_catalog_commit(index):
+    before = index.search_vectors(QUERIES, 10)
+    script = (
+        "import os, signal, sys\n"
+        "from finegrain.index import Index\n"
+        "from finegrain.store.writer import Writer\n"
+        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "Index.open(sys.argv[1]).compress(None, None, field='global', quantize='int8')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
+    assert proc.returncode == -9
+    index.refresh()
+    assert index.info()["storage"] is None and not index.snapshot.has_field("global-compact")
+    np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[0], before[0])
+    index.compress(None, None, field="global", quantize="float16")  # the next writer works and sweeps
+    chunks = {p.name.split(".")[0] for p in (index.path / "vectors" / "global-compact").iterdir()}
+    assert len(chunks) == 1
+    assert check_index(index.path).as_dict()["ok"]
+
+
+def test_shard_set_global_search_over_quantised_shards(base, tmp_path):
+    from finegrain.shards import ShardedIndex
+
+    for name in ("a", "b"):
+        shutil.copytree(base, tmp_path / name)
+    with ShardedIndex.create(tmp_path / "set", [tmp_path / "a", tmp_path / "b"]) as sset:
+        before = sset.search(text="a red ball", mode="global", k=10)
+    for name, quantize in (("a", "int8"), ("b", "float16")):
+        with Index.open(tmp_path / name) as idx:
+            idx.compress(None, None, field="global", quantize=quantize)
+    with ShardedIndex.open(tmp_path / "set") as sset:
+        after = sset.search(text="a red ball", mode="global", k=10)
+        assert [s.info()["storage"]["global"]["quantize"] for s in sset.shards] == ["int8", "float16"]
+    # each shard re-scores its best 100 from its float32 originals: the merged top 10 is the float32 one
+    assert [(h.id, h.shard) for h in after] == [(h.id, h.shard) for h in before]
+    np.testing.assert_allclose([h.score for h in after], [h.score for h in before], atol=1e-6)
+
+
+# ------------------------------------------------------------------ errors and CLI
+@pytest.mark.parametrize("args,message", [
+    (["--field", "global", "--method", "pca", "--dim", "16", "--quantize", "int8"], "takes --quantize only"),
+    (["--field", "global", "--quantize", "int8", "--drop-originals"], "keeps its float32 originals"),
+    (["--field", "local", "--quantize", "float16"], "already stored float16"),
+    (["--field", "local", "--quantize", "int8"], "no 'local' field"),
+    (["--field", "local", "--method", "pca", "--dim", "16", "--quantize", "int8"], "--quantize int8 only"),
+    (["--field", "global", "--quantize", "int4"], "unknown quantization 'int4'"),
+])
+def test_bad_combinations_are_one_line_errors(index, args, message):
+    result = CliRunner().invoke(app, ["compress", "--index", str(index.path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert index.info()["storage"] is None
+
+
+def test_projection_and_quantisation_refuse_each_other(index):
+    runner = CliRunner()
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "pca", "--dim", "16"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8"])
+    assert out.exit_code == 2 and "remove the projection first" in " ".join(out.output.split())
+    runner.invoke(app, ["compress", "--index", str(index.path), "--method", "none"])
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["bytes_per_image"] == DIM
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "pca", "--dim", "16"])
+    assert out.exit_code == 2 and "stored quantised" in " ".join(out.output.split())
+    info = json.loads(runner.invoke(app, ["info", "--index", str(index.path), "--json"]).output)
+    assert info["storage"]["global"]["quantize"] == "int8" and info["bytes_per_image"] == DIM
+    index.refresh()  # the CLI changed the index through another handle
+    with pytest.raises(ValueError, match="rescore"):
+        _search_kw(index, 3, rescore=-1)
+    from finegrain.retrieval.dense import DenseParams
+
+    with pytest.raises(ValueError, match="rescore"):
+        DenseParams(rescore=-1)
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "none"])
+    assert out.exit_code == 0 and "original float32" in out.output
+
+
+# ------------------------------------------------------------------ a real index (photos, the bundled encoder)
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory, tiny_flickr):
+    from finegrain.decompose.segments import SegmentConfig
+
+    path = tmp_path_factory.mktemp("gqreal") / "idx"
+    idx = Index.create(path, segments=SegmentConfig(levels=(4,)))
+    idx.add([tiny_flickr / "images"])
+    idx.close()
+    return path
+
+
+TEXTS = ["a cat", "an astronaut", "a cup of coffee", "a rocket", "some coins", "a man with a camera"]
+
+
+def _ranks(idx: Index, mode: str, **kw) -> list[list[tuple[int, float]]]:
+    return [[(h.id, h.score) for h in idx.search(text=t, mode=mode, k=len(idx), **kw)] for t in TEXTS]
+
+
+def test_real_index_float16_rankings_equal_and_int8_close(photo_index, tmp_path):
+    path = tmp_path / "idx"
+    shutil.copytree(photo_index, path)
+    idx = Index.open(path)
+    modes = ("global", "exhaustive", "hierarchical")
+    before = {m: _ranks(idx, m) for m in modes}
+    idx.compress(None, None, field="global", quantize="float16")
+    for m in modes:  # the full ranking of all 24 photos, every query
+        after = _ranks(idx, m, **({"rescore": 0} if m == "global" else {}))
+        assert [[i for i, _ in r] for r in after] == [[i for i, _ in r] for r in before[m]], m
+    idx.compress(None, None, field="global", quantize="int8")
+    assert isinstance(coded.global_vectors(idx.snapshot), coded.CodedRows)  # the global term reads the codes
+    subject = {r.id: r.path.rsplit("/", 1)[-1].split("_")[0] for r in idx.snapshot.records.values()}
+    for m in modes:
+        after = _ranks(idx, m, **({"rescore": 0} if m == "global" else {}))
+        for a, b in zip(after, before[m]):
+            # 4 crops of one photo score alike, so int8 may reorder them: the best photo's subject stays
+            assert subject[a[0][0]] == subject[b[0][0]], m
+            np.testing.assert_allclose(sorted(s for _, s in a), sorted(s for _, s in b), atol=0.02)
+    exact = _ranks(idx, "global")  # default re-scoring: the top 100 (here: all) from the originals
+    assert [[i for i, _ in r] for r in exact] == [[i for i, _ in r] for r in before["global"]]
+    np.testing.assert_allclose([[s for _, s in r] for r in exact], [[s for _, s in r] for r in before["global"]],
+                               atol=1e-6)  # numpy's and FAISS's float32 dot products differ by rounding
+    hit = idx.search(text=TEXTS[0], mode="exhaustive", k=1)[0]
+    ex = idx.explain(text=TEXTS[0], mode="exhaustive", ids=[hit.id])[0]
+    assert ex.score == pytest.approx(hit.score, abs=1e-5)  # explain reads the same codes as the search
+    idx.close()
+
+
+# ------------------------------------------------------------------ local descriptors
+@pytest.fixture(scope="module")
+def local_base(tmp_path_factory, photos_dir):
+    from PIL import Image
+
+    from finegrain.local.store import LocalConfig
+
+    root = tmp_path_factory.mktemp("lq")
+    (root / "db").mkdir()
+    photos = sorted(photos_dir.iterdir())
+    for p in photos[:5]:
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        img.crop((0, 0, 3 * w // 4, 3 * h // 4)).save(root / "db" / f"{p.stem}_a.jpg")
+        img.crop((w // 4, h // 4, w, h)).save(root / "db" / f"{p.stem}_b.jpg")
+    idx = Index.create(root / "idx", local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707],
+                                                               "max_features": 120, "threads": 1}, fit_images=6))
+    assert idx.add([root / "db"]).indexed == 10
+    idx.close()
+    return root, photos
+
+
+@pytest.fixture
+def local_index(local_base, tmp_path):
+    root, photos = local_base
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    idx = Index.open(tmp_path / "idx")
+    yield idx, photos, root
+    idx.close()
+
+
+LOCAL_KW = {"l2g": {"shortlist": 6, "mds_dim": 4, "smacof_iter": 50, "sg_k": 1}, "local": {}, "global+local": {}}
+
+
+def _local_hits(idx: Index, photo, mode: str) -> list[tuple[int, float]]:
+    return [(h.id, h.score) for h in idx.search(image=photo, mode=mode, k=len(idx), **LOCAL_KW[mode])]
+
+
+def test_local_int8_search_undo_and_drop(local_index):
+    idx, photos, root = local_index
+    modes = ("local", "l2g", "global+local")
+    before = {(m, p.name): _local_hits(idx, p, m) for m in modes for p in photos[:5]}
+    originals = idx.snapshot.field("local")
+    exact_before = idx.local_searcher.exact_top(idx.local_searcher.query_features(photos[0], None)[0])
+    info = idx.compress(None, None, field="local", quantize="int8")
+    assert info["quantize"] == "int8" and info["dim"] == 128
+    stored = idx.snapshot.field("local-compact")
+    assert stored.vectors.dtype == np.int8 and len(stored) == len(originals)
+    np.testing.assert_array_equal(stored.attrs["xys"], originals.attrs["xys"])
+    assert idx.info()["vector_bytes_per_image"]["local-compact"] * 2 == pytest.approx(
+        idx.info()["vector_bytes_per_image"]["local"], rel=1e-3)
+    # exact Chamfer from the int8 rows: each similarity moves by at most sum_i |q_i| scale_i / 2
+    s = idx.local_searcher
+    q = s.query_features(photos[0], None)[0]
+    scale = storage.snapshot_codec(idx.snapshot, "local").scale
+    assert scale is not None
+    bound = float((np.abs(q) @ scale).max() / 2) + 1e-5
+    np.testing.assert_allclose(s.exact_top(q), exact_before, atol=bound)
+    for (m, name), hits in before.items():
+        after = _local_hits(idx, photos[[p.name for p in photos].index(name)], m)
+        assert {i for i, _ in after[:2]} == {i for i, _ in hits[:2]}, (m, name)  # both crops of the photo first
+    # undo: exactly the float16 originals' results again
+    assert idx.compress(None, None, field="local", quantize="none") == {}
+    assert {(m, p.name): _local_hits(idx, p, m) for m in modes for p in photos[:5]} == before
+    # dropped originals: search and new images use the int8 rows only
+    idx.compress(None, None, field="local", quantize="int8", drop_originals=True)
+    assert not idx.snapshot.has_field("local") and idx.info()["local"]["descriptors"] == len(originals)
+    assert {i for i, _ in _local_hits(idx, photos[0], "l2g")[:2]} == {i for i, _ in before[("l2g", photos[0].name)][:2]}
+    from PIL import Image  # the sixth photo joins the database now
+
+    Image.open(photos[5]).convert("RGB").save(root / "db" / f"{photos[5].stem}_a.jpg")
+    try:
+        assert idx.add([root / "db"]).indexed == 1
+    finally:
+        (root / "db" / f"{photos[5].stem}_a.jpg").unlink()
+    assert not idx.snapshot.has_field("local")
+    assert set(np.unique(idx.snapshot.field("local-compact").owners)) == set(idx.records)
+    assert check_index(idx.path).as_dict()["ok"]
+    with pytest.raises(ValueError, match="dropped"):
+        idx.compress(None, None, field="local", quantize="none")
+    with pytest.raises(ValueError, match="undo it first"):
+        idx.refit_local()
