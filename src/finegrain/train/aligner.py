@@ -189,8 +189,8 @@ def selection_items(n_train: int, config: TrainConfig) -> tuple[np.ndarray, np.n
         raise ValueError(f"val_images must be below the {n_train} train images")
     limit = n_train - config.val_images
     if config.train_images > limit:
-        raise ValueError(f"train_images must be at most {limit} (the other {config.val_images} train images "
-                         "validate)")
+        why = f"the other {config.val_images} validate" if config.val_images else "the size of the train split"
+        raise ValueError(f"train_images must be at most {limit} ({why})")
     val = np.arange(limit, n_train) if config.val_images else None
     return np.arange(config.train_images or limit), val
 
