@@ -7,8 +7,8 @@ written by ``finegrain train-aligner --recipe v1 --train-images N --val-images
 500`` into ``--runs`` (``v1-n<N>.json``); v2 points are the ``lora1@n=N`` rows
 of experiments/modelv2_ablation.py's JSONL (``--v2``).
 
-    # the frozen towers' cache, once (timed apart from the runs)
-    python -m experiments.v1_curve --data ../shared/data/flickr8k --cache /work/cache/curve/cache --build-cache
+    # the frozen towers' cache, once (timed apart from the runs), in the order the points need it
+    python -m experiments.v1_curve --data ../shared/data/flickr8k --cache /work/cache/curve --staged 1000 2000 4000 5500
     # one run per N (docs/benchmarks.md gives the loop), then the table and the fit
     python -m experiments.v1_curve --runs /work/cache/curve/runs --v2 /work/cache/modelv2/runs.jsonl --goal 26
 
@@ -27,6 +27,123 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+VIEWS = ("orig", "flip")
+
+
+def _keys(data: Path) -> tuple[dict, dict, dict]:
+    """The splits and the manifests ``finegrain.train.aligner.build_cache`` checks (same inputs, same settings)."""
+    from finegrain.datasets import load_flickr8k
+    from finegrain.train.aligner import IMAGE_SIZE
+
+    splits = {name: load_flickr8k(data, name) for name in ("train", "dev")}
+    image_key = {"images": {k: s.images for k, s in splits.items()}, "views": list(VIEWS), "image_size": IMAGE_SIZE,
+                 "activation": "relu6"}
+    text_key = {"captions": {k: s.captions for k, s in splits.items()}, "max_tokens": 64}
+    return splits, image_key, text_key
+
+
+def build_staged(data: Path, root: Path, stages: list[int], val_images: int = 500, log=print) -> None:
+    """v1's frozen-tower cache in the order the curve's points need it, with a cache folder per point.
+
+    The arrays are the ones :func:`finegrain.train.aligner.build_cache` writes (same trunk, same pixels, float16),
+    filled in priority order: the text tower, dev's original view, the validation slice's original view, then
+    train images 0, 1, ... with both views. When the first N train images are done, ``root/stage-N`` is made:
+    links to the arrays and the manifests that ``build_cache`` accepts, so ``finegrain train-aligner --cache-dir
+    root/stage-N --train-images N --val-images 500`` starts while later rows are computed. Rows a run with
+    those options never reads (train images N..5499, the flip view of dev and of the validation slice) may
+    still be zeros there: the epoch loop reads the first N train rows and evaluation the original view only
+    (tests/test_aligner_selection.py poisons unread rows to check it). Resumable (``root/full/progress.json``).
+    """
+    import torch
+
+    from finegrain.encoders.effnet_minilm import (
+        TEXT_MAX_TOKENS,
+        ImageTrunk,
+        load_efficientnet_lite0,
+        load_minilm,
+        minilm_token_states,
+        pixels_to_array,
+    )
+    from finegrain.images import load_image
+    from finegrain.train.aligner import IMAGE_SIZE
+
+    splits, image_key, text_key = _keys(data)
+    full = root / "full"
+    full.mkdir(parents=True, exist_ok=True)
+    progress_path = full / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"dev": 0, "tail": 0, "head": 0}
+
+    def save_progress() -> None:
+        progress_path.write_text(json.dumps(progress))
+
+    t0 = time.time()
+    torch.set_grad_enabled(False)
+    tokenizer, model = load_minilm()
+    for name, split in splits.items():  # the text tower: as aligner._cache_texts, per split
+        if (full / f"{name}-mask.npy").exists():
+            continue
+        texts = split.captions
+        lengths = tokenizer(texts, TEXT_MAX_TOKENS)[1].sum(1).tolist()
+        tokens = np.zeros((len(texts), max(lengths), 384), np.float16)
+        mask = np.zeros((len(texts), max(lengths)), np.uint8)
+        order = np.argsort(lengths)
+        for start in range(0, len(texts), 256):
+            idx = order[start:start + 256]
+            states, m = minilm_token_states(tokenizer, model, [texts[i] for i in idx])
+            tokens[idx, : states.shape[1]] = states.numpy().astype(np.float16)
+            mask[idx, : m.shape[1]] = m.numpy().astype(np.uint8)
+        np.save(full / f"{name}-tokens.npy", tokens)
+        np.save(full / f"{name}-mask.npy", mask)
+        log(f"[{time.time() - t0:5.0f}s] text tower ({name}): {len(texts)} captions")
+
+    arrays = {}
+    for name, split in splits.items():
+        shape = (len(split.images), 192, IMAGE_SIZE // 32, IMAGE_SIZE // 32)
+        for view in VIEWS:
+            path = full / f"{name}-{view}.npy"
+            mode = "r+" if path.exists() else "w+"
+            arrays[name, view] = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=shape)
+    trunk = ImageTrunk(load_efficientnet_lite0()).eval()
+    n_train = len(splits["train"].images)
+    limit = n_train - val_images
+
+    def run(name: str, rows: np.ndarray, flip: bool) -> None:
+        paths = splits[name].image_paths()
+        x = torch.from_numpy(np.stack([pixels_to_array(load_image(paths[r]), IMAGE_SIZE) for r in rows]))
+        arrays[name, "orig"][rows] = trunk(x).numpy().astype(np.float16)
+        if flip:
+            arrays[name, "flip"][rows] = trunk(torch.flip(x, dims=[3])).numpy().astype(np.float16)
+
+    def publish() -> None:
+        for n in stages:
+            stage = root / f"stage-{n}"
+            if progress["head"] < n or progress["dev"] < len(splits["dev"].images) or \
+                    progress["tail"] < val_images or (stage / "images.json").exists():
+                continue
+            stage.mkdir(exist_ok=True)
+            for f in full.glob("*.npy"):
+                (stage / f.name).unlink(missing_ok=True)
+                (stage / f.name).symlink_to(f)
+            (stage / "texts.json").write_text(json.dumps(text_key))
+            (stage / "images.json").write_text(json.dumps(image_key))  # last: build_cache's "complete" mark
+            log(f"[{time.time() - t0:5.0f}s] stage {n} ready: {stage}")
+
+    plan = [("dev", progress["dev"], len(splits["dev"].images), 0, False),
+            ("tail", progress["tail"], val_images, limit, False),
+            ("head", progress["head"], max(stages), 0, True)]
+    for key, done, total, offset, flip in plan:
+        name = "dev" if key == "dev" else "train"
+        for at in range(done, total, 64):
+            rows = np.arange(at, min(at + 64, total))
+            run(name, rows + offset, flip)
+            for view in VIEWS:
+                arrays[name, view].flush()
+            progress[key] = int(rows[-1] + 1)
+            save_progress()
+            publish()
+        log(f"[{time.time() - t0:5.0f}s] images {key}: {total} done")
+    publish()
 
 
 def v1_points(runs: Path) -> list[dict]:
@@ -99,11 +216,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--build-cache", action="store_true", help="build v1's frozen-tower cache and stop")
+    parser.add_argument("--staged", type=int, nargs="*", help="build the cache in stages for these N and stop")
     parser.add_argument("--runs", type=Path, help="folder of v1-n<N>.json sidecars")
     parser.add_argument("--v2", type=Path, help="modelv2_ablation JSONL (lora1@n=N rows)")
     parser.add_argument("--goal", type=float, default=26.0)
     parser.add_argument("--json", action="store_true", help="print the points and fits as JSON")
     args = parser.parse_args()
+    if args.staged:
+        if args.data is None or args.cache is None:
+            parser.error("--staged needs --data and --cache")
+        build_staged(args.data, args.cache, sorted(args.staged),
+                     log=lambda m: print(f"{m} (load {os.getloadavg()[0]:.1f})", flush=True))
+        return
     if args.build_cache:
         from finegrain.train.aligner import build_cache
 
