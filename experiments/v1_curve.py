@@ -153,8 +153,11 @@ def v1_points(runs: Path) -> list[dict]:
         r = json.loads(path.read_text())
         if "val_metrics" not in r:  # dev chose its epoch: not a point of this curve
             continue
-        rows.append({"recipe": "v1", "n": r["train_images"], "epoch": r["best_epoch"], "val": r["val_metrics"],
-                     "dev": r["dev_metrics"], "seconds": r["train_seconds"], "weights": path.stem})
+        epochs, batch = r["recipe"]["epochs"], r["recipe"]["batch_size"]
+        rows.append({"recipe": "v1" if epochs == 15 else f"v1, {epochs} epochs", "n": r["train_images"],
+                     "epoch": r["best_epoch"], "steps": max(1, r["train_images"] // batch) * r["best_epoch"],
+                     "val": r["val_metrics"], "dev": r["dev_metrics"], "seconds": r["train_seconds"],
+                     "weights": path.stem})
     return sorted(rows, key=lambda r: r["n"])
 
 
@@ -165,7 +168,9 @@ def v2_points(path: Path) -> list[dict]:
         r = json.loads(line)
         if r["run"].split("@")[0] != "lora1" or "seed=" in r["run"]:
             continue
-        rows.append({"recipe": "v2 (lora1)", "n": r["config"]["train_images"] or 5500, "epoch": r["best_epoch"],
+        n = r["config"]["train_images"] or 5500
+        rows.append({"recipe": "v2 (lora1)", "n": n, "epoch": r["best_epoch"],
+                     "steps": max(1, n // r["config"]["batch_size"]) * r["best_epoch"],
                      "val": r["val"], "dev": r["dev"], "seconds": r["seconds"], "weights": r["run"]})
     return sorted(rows, key=lambda r: r["n"])
 
@@ -189,12 +194,13 @@ def fit(points: list[dict], goal: float) -> dict:
 
 
 def report(points: list[dict], goal: float) -> str:
-    lines = ["| recipe | train images | chosen epoch | val t2i R@1 | dev t2i R@1 / R@5 / R@10 | dev i2t R@1 | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | train images | chosen epoch (steps) | val t2i R@1 | dev t2i R@1 / R@5 / R@10 | dev i2t R@1 "
+             "| wall s |", "|---|---|---|---|---|---|---|"]
     for p in points:
         v, d = p["val"], p["dev"]
-        lines.append(f"| {p['recipe']} | {p['n']:,} | {p['epoch']} | {v['t2i_r1']:.1f} | {d['t2i_r1']:.1f} / "
-                     f"{d['t2i_r5']:.1f} / {d['t2i_r10']:.1f} | {d['i2t_r1']:.1f} | {p['seconds']:.0f} |")
+        lines.append(f"| {p['recipe']} | {p['n']:,} | {p['epoch']} ({p['steps']}) | {v['t2i_r1']:.1f} | "
+                     f"{d['t2i_r1']:.1f} / {d['t2i_r5']:.1f} / {d['t2i_r10']:.1f} | {d['i2t_r1']:.1f} | "
+                     f"{p['seconds']:.0f} |")
     lines.append("")
     for recipe in dict.fromkeys(p["recipe"] for p in points):
         mine = [p for p in points if p["recipe"] == recipe]
