@@ -162,12 +162,16 @@ def v1_points(runs: Path) -> list[dict]:
 
 
 def v2_points(path: Path) -> list[dict]:
-    """The ``lora1@n=N`` rows (seed 0) of modelv2_ablation's JSONL."""
+    """The ``lora1@n=N`` rows (seed 0) of modelv2_ablation's JSONL (wall s: training alone, from the weights'
+    sidecar in ``runs/`` beside it when there, as docs/benchmarks.md's ablation table gives it)."""
     rows = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
         if r["run"].split("@")[0] != "lora1" or "seed=" in r["run"]:
             continue
+        sidecar = path.parent / "runs" / f"{r['run']}.json"
+        if sidecar.exists():
+            r["seconds"] = json.loads(sidecar.read_text())["train_seconds"]
         n = r["config"]["train_images"] or 5500
         rows.append({"recipe": "v2 (lora1)", "n": n, "epoch": r["best_epoch"],
                      "steps": max(1, n // r["config"]["batch_size"]) * r["best_epoch"],
