@@ -908,8 +908,8 @@ def train_aligner_cmd(
     phrase_dropout: float = typer.Option(0.0, "--phrase-dropout", help="v2: probability of a caption with one phrase removed."),
     hard_negative: float = typer.Option(0.0, "--hard-negative", help="v2: weight of the hardest-in-batch-negative hinge (0: off; 0.5 tried)."),
     region: float = typer.Option(0.0, "--region", help="v2: weight of the region term (phrases vs grid regions; 0: off; 0.5 tried)."),
-    val_images: int = typer.Option(500, "--val-images", help="v2: the last N train images validate (choose the epoch); dev is only reported."),
-    train_images: int = typer.Option(0, "--train-images", help="v2: train on the first N train images only (0: all but the validation slice)."),
+    val_images: Optional[int] = typer.Option(None, "--val-images", help="The last N train images validate (choose the epoch); dev is only reported (default v2: 500; v1: 0, dev chooses, as for the shipped weights)."),
+    train_images: int = typer.Option(0, "--train-images", help="Train on the first N train images only (0: all but the validation slice)."),
 ) -> None:
     """Train the bundled model's trained parts on Flickr8k (v1: heads and image top; v2: LiT split, see docs/encoders.md)."""
     if recipe not in ("v1", "v2"):
@@ -920,7 +920,8 @@ def train_aligner_cmd(
         try:
             config_v2 = TrainConfigV2(text_adapter=text_adapter, text_layers=text_layers, lora_rank=lora_rank,
                                       lr_text=lr_text, views=views, phrase_dropout=phrase_dropout,
-                                      hard_negative=hard_negative, region=region, val_images=val_images,
+                                      hard_negative=hard_negative, region=region,
+                                      val_images=500 if val_images is None else val_images,
                                       train_images=train_images, seed=seed, **({"epochs": epochs} if epochs else {}))
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
@@ -932,15 +933,22 @@ def train_aligner_cmd(
                   f"dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}, i2t R@1 {m['i2t_r1']:.1f}; "
                   f"wrote {out_v2} (use it with --encoder effnet-minilm-v2:{out_v2})")
         return
-    from .train.aligner import TrainConfig, train_aligner
+    from .train.aligner import TrainConfig, check_selection, train_aligner
 
     out_path = out_path or Path("effnet-minilm.safetensors")
-    config = TrainConfig(epochs=epochs or 15, hidden=hidden, train_image_top=train_image_top,
-                         text_attention=text_attention, gem=gem, augment=augment, seed=seed)
+    try:
+        config = TrainConfig(epochs=epochs or 15, hidden=hidden, train_image_top=train_image_top,
+                             text_attention=text_attention, gem=gem, augment=augment, seed=seed,
+                             val_images=val_images or 0, train_images=train_images)
+        check_selection(data, config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     result = train_aligner(data, out_path, cache_dir or Path.home() / ".cache" / "finegrain" / "aligner-flickr8k",
                            config, log=err.print)
     m = result["dev_metrics"]
-    out.print(f"best epoch {result['best_epoch']}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
+    chosen = "" if "val_metrics" not in result else \
+        f" (chosen on the validation slice: t2i R@1 {result['val_metrics']['t2i_r1']:.1f})"
+    out.print(f"best epoch {result['best_epoch']}{chosen}: dev t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}; "
               f"wrote {out_path} (use it with --encoder effnet-minilm:{out_path})")
 
 

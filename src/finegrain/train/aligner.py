@@ -1,7 +1,10 @@
 """Train the alignment heads of ``effnet-minilm`` (LiT-style, towers frozen).
 
 Recipe: symmetric InfoNCE with a learnable temperature on the Flickr8k train
-split, early stopping on the dev split's text->image recall. What is trained:
+split, early stopping on the dev split's text->image recall (the shipped
+weights), or, with ``val_images`` > 0, on the last ``val_images`` train images
+(split file order, never trained on; dev is then only reported, the selection
+protocol of :mod:`finegrain.train.aligner_v2`). What is trained:
 the image tower's last block and head conv (``ImageTop``), GeM pooling,
 attention pooling over the frozen text tokens, and two projection heads.
 
@@ -60,6 +63,14 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     seed: int = 0
+    # Selection: 0 validation images = dev chooses the epoch (how the shipped weights were made); N > 0 = the
+    # last N train images choose it and dev is only reported. train_images = 0: every train image not validating.
+    val_images: int = 0
+    train_images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.val_images < 0 or self.train_images < 0:
+            raise ValueError("train_images and val_images must be >= 0")
 
 
 # --------------------------------------------------------------------------- cache
@@ -137,19 +148,28 @@ def _cache_texts(splits, cache_dir: Path, show_progress: bool) -> None:
 
 
 # --------------------------------------------------------------------------- training
-def evaluate(model: Aligner, cache: dict, split: str = "dev") -> dict:
-    """Text->image and image->text recall on a cached split (original view only)."""
+def evaluate(model: Aligner, cache: dict, split: str = "dev", images: np.ndarray | None = None) -> dict:
+    """Text->image and image->text recall on a cached split (original view only).
+
+    ``images``: only these rows of the split and their captions (the validation slice); default all.
+    """
     model.eval()
+    maps = cache[f"{split}_orig"]
+    cap_all = np.asarray(cache["manifest"]["caption_image"][split])
+    rows = np.arange(len(maps)) if images is None else np.asarray(images)
+    captions = np.arange(len(cap_all)) if images is None else np.flatnonzero(np.isin(cap_all, rows))
+    position = np.full(len(maps), -1)
+    position[rows] = np.arange(len(rows))
+    cap_img = position[cap_all[captions]]  # each caption's image, as a position in ``rows``
+    tok, msk = cache[f"{split}_tokens"], cache[f"{split}_mask"]
     with torch.no_grad():
         img_t = torch.cat([
-            model.image_embed(torch.from_numpy(np.asarray(cache[f"{split}_orig"][i:i + 256], np.float32)))
-            for i in range(0, len(cache[f"{split}_orig"]), 256)])
-        tok, msk = cache[f"{split}_tokens"], cache[f"{split}_mask"]
-        txt_t = torch.cat([model.text_embed(torch.from_numpy(np.asarray(tok[i:i + 512], np.float32)),
-                                            torch.from_numpy(np.asarray(msk[i:i + 512], np.int64)))
-                           for i in range(0, len(tok), 512)])
+            model.image_embed(torch.from_numpy(np.asarray(maps[rows[i:i + 256]], np.float32)))
+            for i in range(0, len(rows), 256)])
+        txt_t = torch.cat([model.text_embed(torch.from_numpy(np.asarray(tok[captions[i:i + 512]], np.float32)),
+                                            torch.from_numpy(np.asarray(msk[captions[i:i + 512]], np.int64)))
+                           for i in range(0, len(captions), 512)])
     img, txt = F.normalize(img_t, dim=-1).numpy(), F.normalize(txt_t, dim=-1).numpy()
-    cap_img = np.asarray(cache["manifest"]["caption_image"][split])
     sims = txt @ img.T
     t2i_rank = (sims > sims[np.arange(len(txt)), cap_img][:, None]).sum(1)  # 0-based rank of the true image
     i2t = img @ txt.T
@@ -162,12 +182,31 @@ def evaluate(model: Aligner, cache: dict, split: str = "dev") -> dict:
     return out
 
 
+def selection_items(n_train: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Train rows to train on (the first ``train_images``) and the validation rows (the last ``val_images``; None:
+    dev chooses). Raises ValueError with a one-line reason when the split is too small."""
+    if config.val_images >= n_train:
+        raise ValueError(f"val_images must be below the {n_train} train images")
+    limit = n_train - config.val_images
+    if config.train_images > limit:
+        why = f"the other {config.val_images} validate" if config.val_images else "the size of the train split"
+        raise ValueError(f"train_images must be at most {limit} ({why})")
+    val = np.arange(limit, n_train) if config.val_images else None
+    return np.arange(config.train_images or limit), val
+
+
+def check_selection(data: str | Path, config: TrainConfig) -> None:
+    """Refuse ``train_images`` / ``val_images`` the train split cannot hold, before any tower runs."""
+    selection_items(len(load_flickr8k(Path(data), "train").images), config)
+
+
 def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, config: TrainConfig | None = None,
                   show_progress: bool = True, log=print) -> dict:
     """Train the heads and write ``out`` (.safetensors) plus ``out.json`` (config and metrics)."""
     from safetensors.torch import save_file
 
     config = config or TrainConfig()
+    check_selection(data, config)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     t0 = time.time()
@@ -194,8 +233,10 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
     tokens, mask = torch.from_numpy(np.array(cache["train_tokens"])), torch.from_numpy(np.array(cache["train_mask"]))
     cap_img = np.asarray(cache["manifest"]["caption_image"]["train"])
     captions_of = [np.flatnonzero(cap_img == i) for i in range(len(train_views[0]))]
-    n_images = len(captions_of)
-    steps_per_epoch = n_images // config.batch_size
+    train_items, val_items = selection_items(len(captions_of), config)
+    chooser = "dev" if val_items is None else "val"
+    n_images = len(train_items)
+    steps_per_epoch = max(1, n_images // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
     best, best_state, best_epoch, step, history = -1.0, None, -1, 0, []
@@ -205,7 +246,7 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
         perm = rng.permutation(n_images)
         losses = []
         for b in range(steps_per_epoch):
-            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+            idx = train_items[perm[b * config.batch_size:(b + 1) * config.batch_size]]
             view = rng.integers(0, len(VIEWS) if config.augment else 1, size=len(idx))
             feats = torch.stack([train_views[v][i] for v, i in zip(view, idx)]).float()
             cap = np.array([rng.choice(captions_of[i]) for i in idx])
@@ -222,17 +263,19 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
             opt.step()
             losses.append(loss.item())
             step += 1
-        metrics = evaluate(model, cache, "dev")
+        metrics = evaluate(model, cache, "dev") if val_items is None else evaluate(model, cache, "train", val_items)
         score = metrics["t2i_r1"] + metrics["t2i_r5"] + metrics["t2i_r10"]
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics})
-        log(f"epoch {epoch + 1:2d} loss {np.mean(losses):.3f} dev t2i R@1/5/10 "
+        prefix = "" if val_items is None else "val_"  # the shipped weights' history has dev's keys bare
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                        **{prefix + k: v for k, v in metrics.items()}})
+        log(f"epoch {epoch + 1:2d} loss {np.mean(losses):.3f} {chooser} t2i R@1/5/10 "
             f"{metrics['t2i_r1']:.1f}/{metrics['t2i_r5']:.1f}/{metrics['t2i_r10']:.1f} "
             f"i2t R@1 {metrics['i2t_r1']:.1f} temp {1 / model.logit_scale.exp().item():.4f} ({time.time() - t0:.0f}s)")
         if score > best:
             best, best_epoch = score, epoch + 1
             best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         elif epoch + 1 - best_epoch >= config.patience:
-            log(f"early stop: no dev improvement for {config.patience} epochs")
+            log(f"early stop: no {chooser} improvement for {config.patience} epochs")
             break
 
     out = Path(out)
@@ -248,6 +291,11 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
         "text_attention": config.text_attention,
         "recipe": asdict(config),
         "best_epoch": best_epoch,
+        "train_images": n_images,
+        "selection": "epoch with the best dev t2i R@1+R@5+R@10 (dev numbers are not held out)" if val_items is None
+        else f"epoch with the best t2i R@1+R@5+R@10 on the last {config.val_images} train images (split file "
+             "order, never trained on); dev never seen in training or selection",
+        **({} if val_items is None else {"val_metrics": evaluate(model, cache, "train", val_items)}),
         "dev_metrics": evaluate(model, cache, "dev"),
         "history": history,
         "train_seconds": round(time.time() - t0, 1),
