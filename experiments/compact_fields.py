@@ -70,6 +70,24 @@ def query_matrices(index: Index, captions: list[str], cache: Path) -> list[np.nd
     return [emb[[row[t] for t in p]] for p in parts]
 
 
+def dev_captions(index: Index, data: Path, per_image: int) -> tuple[list[str], np.ndarray]:
+    """Flickr8k dev captions (the first ``per_image`` of each image; 0: all) and each one's image id in ``index``."""
+    ds = load_flickr8k(data, "dev")
+    id_of = {Path(rec.path).name: rec.id for rec in index.snapshot.records.values()}
+    paths = ds.image_paths()
+    targets = np.asarray([id_of[paths[i].name] for i in ds.caption_image])
+    captions = list(ds.captions)
+    if per_image:
+        seen: dict[int, int] = {}
+        keep = []
+        for i, img in enumerate(ds.caption_image):
+            seen[img] = seen.get(img, 0) + 1
+            if seen[img] <= per_image:
+                keep.append(i)
+        captions, targets = [captions[i] for i in keep], targets[keep]
+    return captions, targets
+
+
 def evaluate(index: Index, queries: list[np.ndarray], targets: np.ndarray, mode: str,
              rescore: int = 0) -> tuple[dict, np.ndarray]:
     snap = index.snapshot
@@ -103,19 +121,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     index = Index.open(args.index)
-    ds = load_flickr8k(args.data, "dev")
-    id_of = {Path(rec.path).name: rec.id for rec in index.snapshot.records.values()}
-    paths = ds.image_paths()
-    targets = np.asarray([id_of[paths[i].name] for i in ds.caption_image])
-    captions = list(ds.captions)
-    if args.per_image:
-        seen: dict[int, int] = {}
-        keep = []
-        for i, img in enumerate(ds.caption_image):
-            seen[img] = seen.get(img, 0) + 1
-            if seen[img] <= args.per_image:
-                keep.append(i)
-        captions, targets = [captions[i] for i in keep], targets[keep]
+    captions, targets = dev_captions(index, args.data, args.per_image)
     queries = query_matrices(index, captions, args.cache)
     modes = args.modes.split(",")
     first_tops: dict[str, np.ndarray] = {}

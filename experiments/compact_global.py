@@ -28,13 +28,12 @@ import numpy as np
 
 from finegrain import Index
 from finegrain.compress.coded import global_vectors
-from finegrain.datasets import load_flickr8k
 from finegrain.eval.metrics import ndcg_at_k, recall_at_k
 from finegrain.retrieval.dense import search_vectors
 from finegrain.retrieval.multivector import MultiVectorRetriever
 from finegrain.search import multivector as mv
 
-from .compact_fields import query_matrices
+from .compact_fields import dev_captions, query_matrices
 
 
 def _metrics(ranks: list[float]) -> dict:
@@ -55,19 +54,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     index = Index.open(args.index)
-    ds = load_flickr8k(args.data, "dev")
-    id_of = {Path(rec.path).name: rec.id for rec in index.snapshot.records.values()}
-    paths = ds.image_paths()
-    targets = np.asarray([id_of[paths[i].name] for i in ds.caption_image])
-    captions = list(ds.captions)
-    if args.per_image:
-        seen: dict[int, int] = {}
-        keep = []
-        for i, img in enumerate(ds.caption_image):
-            seen[img] = seen.get(img, 0) + 1
-            if seen[img] <= args.per_image:
-                keep.append(i)
-        captions, targets = [captions[i] for i in keep], targets[keep]
+    captions, targets = dev_captions(index, args.data, args.per_image)
     queries = query_matrices(index, captions, args.cache)  # (1 + sub-queries, dim) per caption, full query first
     full = np.stack([q[0] for q in queries])
     first: dict[str, np.ndarray] = {}
