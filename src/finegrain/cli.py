@@ -201,6 +201,7 @@ def index_cmd(
     from .decompose.segments import SegmentConfig
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .objects.config import REFINE_VARIANTS
+    from .stopping import stop_on_signals
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
 
@@ -251,9 +252,11 @@ def index_cmd(
                 from .objects.adapter import install
 
                 install(index, object_adapter)
-        report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size, show_progress=not as_json,
-                         engine=engine, ray_address=address, commit_every=commit_every)
-        if refit_local:
+        with stop_on_signals(lambda _: err.print("stopping: committing what is encoded (again to abort now)")) as stop:
+            report = idx.add(inputs, remove_missing=remove_missing, batch_size=batch_size,
+                             show_progress=not as_json, engine=engine, ray_address=address,
+                             commit_every=commit_every, stop=stop)
+        if refit_local and not report.stopped:
             idx.refit_local(show_progress=not as_json)
     except _SettingsMismatch as exc:
         _fail(str(exc), 2)
@@ -261,6 +264,8 @@ def index_cmd(
         _fail(str(exc))
     except (OSError, sqlite3.DatabaseError) as exc:
         _fail(_write_error(exc, index))
+    except KeyboardInterrupt:  # a second Ctrl-C: finished commits are kept, the rest is redone next run
+        _fail("interrupted: the images committed so far are kept; run the same command to continue", 130)
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -278,8 +283,11 @@ def index_cmd(
                 out.print(f"... and {len(report.failed) - 50} more (see `finegrain info --json`)")
     if report.failed:
         err.print(f"[yellow]warning:[/yellow] {len(report.failed)} file(s) skipped")
-        if strict:
-            raise typer.Exit(2)
+    if report.stopped:
+        err.print("stopped before the end: run the same command to index the rest")
+        raise typer.Exit(stop.exit_code())
+    if report.failed and strict:
+        raise typer.Exit(2)
 
 
 def _check_object_adapter(path: Path, encoder: Optional[str], index: Path) -> str:

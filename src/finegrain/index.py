@@ -292,7 +292,7 @@ class Index:
 
     def add(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             batch_size: int = 32, commit_every: int = 512, show_progress: bool = False, engine: str = "local",
-            ray_address: str | None = None) -> IndexReport:
+            ray_address: str | None = None, stop: threading.Event | None = None) -> IndexReport:
         """Index the image files under ``inputs`` (files or folders).
 
         New files are encoded, unchanged ones skipped (same size and mtime,
@@ -301,20 +301,24 @@ class Index:
         reported in the returned :class:`IndexReport`, never fatal.
         ``engine="ray"`` runs decoding and encoding as Ray Data jobs (local
         runtime, or the cluster at ``ray_address``); see :mod:`finegrain.ray_engine`.
+        Setting ``stop`` (from another thread or a signal handler) ends the run
+        early: what is encoded is committed, the rest is left for the next run
+        (``report.stopped``).
         """
         if engine not in ("local", "ray"):
             raise ValueError(f"unknown engine {engine!r}; available: local, ray")
         with self.writer() as w:
             if engine == "local":
-                indexer: Indexer = Indexer(w, batch_size, commit_every)
+                indexer: Indexer = Indexer(w, batch_size, commit_every, stop=stop)
             else:
                 from .ray_engine import RayIndexer
 
-                indexer = RayIndexer(w, batch_size, commit_every, address=ray_address)
+                indexer = RayIndexer(w, batch_size, commit_every, address=ray_address, stop=stop)
             report = indexer.run(inputs, recursive, remove_missing, show_progress)
-            exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed
-            if len(self.catalog.chunks("global")) > 32:  # commits pile up: merge the small chunks only
-                w.merge_small()
+            if not report.stopped:  # a stopped run ends now; the next run does these
+                exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed
+                if len(self.catalog.chunks("global")) > 32:  # commits pile up: merge the small chunks only
+                    w.merge_small()
         return report
 
     def remove(self, ids: Sequence[int]) -> int:

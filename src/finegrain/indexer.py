@@ -4,13 +4,15 @@ Work is committed in chunks (``commit_every`` images): each commit writes
 the chunk's vector files, then one SQLite transaction records the images, the
 failures and the chunk. A killed run keeps every finished commit; the next
 run skips those files by path, size and mtime (or by content hash when only
-the mtime changed) and does the rest.
+the mtime changed) and does the rest. A run asked to stop (``stop``, set by
+the CLI on Ctrl-C/SIGTERM) commits what it has encoded and returns early.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ class IndexReport:
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
+    stopped: bool = False  # asked to stop: the files not reached are left for the next run
 
     @property
     def images_per_s(self) -> float:
@@ -59,7 +62,8 @@ class IndexReport:
     def as_dict(self) -> dict:
         return {"indexed": self.indexed, "unchanged": self.unchanged, "removed": self.removed,
                 "failed": len(self.failed), "failures": [{"path": p, "reason": r} for p, r in self.failed],
-                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2)}
+                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2),
+                "stopped": self.stopped}
 
 
 @dataclass
@@ -172,8 +176,9 @@ class Indexer:
     """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
     def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
-                 commit_seconds: float = 60.0):
+                 commit_seconds: float = 60.0, stop: threading.Event | None = None):
         self.writer = writer
+        self.stop = stop  # set from outside (a signal handler): commit what is encoded and return
         self.batch_size = batch_size
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds  # also commit this often: a slow run killed early keeps its work
@@ -200,6 +205,10 @@ class Indexer:
             prepared = ordered_map(lambda p: prepare_file(p, encoder, known.get(p), extractors), todo,
                                    self.workers, 2 * self.batch_size)
             for item in prepared:
+                if self.stopping():
+                    pending.batch = []  # decoded, not encoded: cheaper to redo next run than to encode now
+                    report.stopped = True
+                    break
                 rec = known.get(item.path)
                 if item.error is not None:
                     report.failed.append((item.path, item.error))
@@ -220,8 +229,12 @@ class Indexer:
                     pending = Pending(extractors)
                     last_commit = time.monotonic()
                 bar.advance(1)
+            prepared.close()  # a stopped run: do not decode the read-ahead
             report.indexed += self._commit(pending, report)
         return self._finish(report, inputs, files, known, remove_missing, t0)
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def plan(self, inputs: Sequence[str | os.PathLike], recursive: bool = True
              ) -> tuple[IndexReport, list[str], dict[str, ImageRecord], list[str]]:

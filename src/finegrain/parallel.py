@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -12,7 +12,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 2, prefetch: int = 64) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 2,
+                prefetch: int = 64) -> Generator[R, None, None]:
     """Like ``map(fn, items)`` run in ``workers`` threads, keeping at most ``prefetch`` results pending.
 
     ``Executor.map`` submits everything at once, which for a large folder
@@ -24,12 +25,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 2, pref
         return
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= prefetch:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= prefetch:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # closed early (a stopped run, an error): drop the read-ahead instead of waiting for it
+            for future in pending:
+                future.cancel()
 
 
 def spare_cores(busy: int) -> int:

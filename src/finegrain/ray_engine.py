@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -80,8 +81,9 @@ class RayIndexer(Indexer):
     """
 
     def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, address: str | None = None,
-                 num_cpus: int | None = None, actors: int | None = None, cpus_per_actor: int | None = None):
-        super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0)
+                 num_cpus: int | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
+                 stop: threading.Event | None = None):
+        super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0, stop=stop)
         self.address = address
         self.num_cpus = num_cpus
         self.actors = actors
@@ -117,10 +119,14 @@ class RayIndexer(Indexer):
             with progress_bar(len(todo), "indexing (ray)", show_progress) as bar:
                 merger = _Merger(self.writer, known, self.commit_every)
                 for shard in shards:
+                    if self.stopping():  # asked to stop: commit what is merged, leave the rest to the next run
+                        report.stopped = True
+                        break
                     done = merger.add(Path(shard))
                     report.failed.extend(done.failed)
                     report.unchanged += done.unchanged
                     bar.advance(done.files)
+                shards.close()  # a stopped run: end the pipeline's iteration here
                 merger.flush()
                 report.indexed += merger.committed
         finally:
