@@ -25,6 +25,7 @@ import torch
 from . import fields as _fields
 from .exif import read_meta
 from .fields import Decoded, FieldExtractor
+from .heap import release_free_memory
 from .images import (
     MAX_FILE_BYTES,
     ImageLoadError,
@@ -262,8 +263,11 @@ class Indexer:
         if pending.empty():
             return 0
         report.failed.extend((f.path, f.error or "") for f in pending.encode(self.writer.encoder))
-        return self.writer.commit(pending.images, pending.field_rows(), pending.failures, pending.touches,
-                                  pending.removals)
+        added = self.writer.commit(pending.images, pending.field_rows(), pending.failures, pending.touches,
+                                   pending.removals)
+        pending.clear()
+        release_free_memory()  # else the fragmented heap keeps growing the process over a long run
+        return added
 
     def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
         roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]
@@ -348,6 +352,11 @@ class Pending:
 
     def empty(self) -> bool:
         return not (self.images or self.batch or self.failures or self.touches or self.removals)
+
+    def clear(self) -> None:
+        """Drop the committed rows now, so the memory they held can go back to the OS."""
+        self.images, self.batch, self.failures, self.touches, self.removals = [], [], [], [], []
+        self.results = {key: [] for key in self.results}
 
 
 def _checked(ex: FieldExtractor, results: list, n: int) -> list:
