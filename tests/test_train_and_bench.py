@@ -50,3 +50,27 @@ def test_bench_flickr8k_reports_all_keys(tiny_flickr, tmp_path):
     assert 0 <= result["ndcg10"] <= 1 and result["index_images_per_s"] > 0
     again = run_flickr8k(tiny_flickr, "dev", cache_dir=tmp_path, show_progress=False)
     assert again["index_reused"] and again["t2i_r1"] == result["t2i_r1"]
+
+
+def test_bench_flickr8k_on_an_existing_index_with_distractors(tiny_flickr, tmp_path):
+    from fgcli import fg
+
+    from finegrain.index import Index
+
+    alone = run_flickr8k(tiny_flickr, "dev", cache_dir=tmp_path / "cache", show_progress=False)
+    big = Index.create(tmp_path / "all.fg")
+    big.add([tiny_flickr / "images"])  # train + dev: the 18 train images are distractors for the dev captions
+    result = run_flickr8k(tiny_flickr, "dev", show_progress=False, index_path=tmp_path / "all.fg")
+    assert result["images"] == 6 and result["distractors"] == 18 and result["encoder"] == "effnet-minilm"
+    # Exact global search: distractors can only push a caption's image down, never up.
+    for k in ("t2i_r1", "t2i_r5", "t2i_r10"):
+        assert result[k] <= alone[k]
+    assert result["t2i_r10"] < 100.0  # 24 images: some dev image falls out of a caption's top 10
+    assert all(result[k] == alone[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10"))  # dev captions only, both ways
+
+    part = Index.create(tmp_path / "part.fg")
+    part.add(sorted((tiny_flickr / "images").glob("*_[012].jpg")))  # the train images only
+    with pytest.raises(ValueError, match="6 images of the dev split are not in the index"):
+        run_flickr8k(tiny_flickr, "dev", show_progress=False, index_path=tmp_path / "part.fg")
+    cli = fg("bench", "flickr8k", "--data", tiny_flickr, "--index", tmp_path / "nowhere.fg")
+    assert cli.returncode == 2 and "no finegrain index" in cli.stderr and "Traceback" not in cli.stderr

@@ -1021,6 +1021,7 @@ def bench_flickr8k_cmd(
     segments: str = typer.Option("4,9,16,25,36", help="Granularities of the segmented bench index (multi-vector modes)."),
     segment_embed: str = typer.Option("pool", help="Segment embedding of the bench index: pool or crop."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Search this existing index instead of building one: it must hold every image of the split; its other images are distractors. --encoder/--segments then come from the index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
 ) -> None:
@@ -1034,9 +1035,12 @@ def bench_flickr8k_cmd(
         from .decompose.segments import SegmentConfig
 
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if mode != "global" else None
+        from .store.catalog import IndexFormatError
+
         result = run_flickr8k(data, split, mode=mode, encoder=encoder, cache_dir=cache_dir, show_progress=not as_json,
-                              segments=seg, report=details)
-    except (FileNotFoundError, ValueError) as exc:
+                              segments=seg, report=details, index_path=index)
+        encoder = result["encoder"]
+    except (FileNotFoundError, ValueError, IndexFormatError) as exc:
         _fail(str(exc), 2)
     _print_metrics(f"Flickr8k {split}, mode {mode}, encoder {encoder}", result)
     _write_report(report, f"Flickr8k {split}, mode {mode}, encoder {encoder}", result, details)
