@@ -100,3 +100,25 @@ def test_a_full_compaction_writes_pieces_of_bounded_size(tmp_path):
     report = integrity.check_index(tmp_path / "idx")
     assert not report.problems and not report.unverified
     idx.close()
+
+
+def test_merges_go_in_groups_of_bounded_size(tmp_path):
+    """No merge group holds more than ``chunk_bytes`` of vectors: a merge's memory does not grow with the index."""
+    idx = Index.create(tmp_path / "idx", segments=SegmentConfig(levels=(4,)))
+    rng = np.random.default_rng(6)
+    for c in range(12):
+        _commit(idx, rng, 4 * c, 4)  # 12 chunks per field: 4 global rows, 20 segment rows each
+    idx.refresh()
+    before = _answers(idx)
+    d = idx.encoder.dim
+    with idx.writer() as w:
+        w.merge_small(keep=2, chunk_bytes=40 * d * 4)  # 40 rows per group at most
+    idx.refresh()
+    assert sorted(c[2] for c in idx.catalog.chunks("global")) == [8, 40]  # 10 chunks fit one group, the other 2 stay
+    # segments: 20 rows per chunk, two per group; groups of merged chunks are over the budget, so it stops
+    segment_rows = sorted(c[2] for c in idx.catalog.chunks("segments"))
+    assert segment_rows == [40] * 6 and sum(segment_rows) == 240
+    assert _answers(idx) == before
+    report = integrity.check_index(tmp_path / "idx")
+    assert not report.problems and not report.unverified
+    idx.close()
