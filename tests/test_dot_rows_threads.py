@@ -35,11 +35,11 @@ def _rows(rng: np.random.Generator, n: int, d: int, dtype: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rows_tensor_shares_read_only_memory(tmp_path, dtype):
+def test_tensor_view_shares_read_only_memory(tmp_path, dtype):
     rows = _mapped(tmp_path, dtype, _rows(np.random.default_rng(0), storage.SCORE_BLOCK_ROWS, 512, dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns once per process: whichever call comes first
-        tensor = storage.rows_tensor(rows)
+        tensor = storage.tensor_view(rows)
     assert tensor.data_ptr() == rows.ctypes.data  # the mapped block itself, never a copy
     assert tuple(tensor.shape) == rows.shape and str(tensor.dtype) == f"torch.{dtype}"
 
@@ -122,11 +122,12 @@ if {old_dlpack}:  # as with numpy < 2.1 or an older torch: read-only arrays have
     torch.from_dlpack = no_read_only
 warnings.simplefilter("error")  # a warning that escapes fails the script
 rows = np.load({path!r}, mmap_mode="r")
+queries = np.load({queries!r}, mmap_mode="r")  # a stored row as the query: read-only too
 filters = list(warnings.filters)
-assert storage.rows_tensor(rows).data_ptr() == rows.ctypes.data
-assert list(warnings.filters) == filters, "rows_tensor changed the warning filters"
+assert storage.tensor_view(rows).data_ptr() == rows.ctypes.data
+assert list(warnings.filters) == filters, "tensor_view changed the warning filters"
 outs = []
-threads = [threading.Thread(target=lambda: outs.append(storage.dot_rows(rows, np.ones((1, 8), np.float32))))
+threads = [threading.Thread(target=lambda: outs.append(storage.dot_rows(rows, queries)))
            for _ in range(4)]
 for t in threads:
     t.start()
@@ -142,6 +143,7 @@ def test_no_warning_in_a_fresh_process(tmp_path, old_dlpack):
     """torch warns about a read-only array once per process: only a fresh interpreter shows whether it would."""
     path = tmp_path / "rows.npy"
     np.save(path, np.arange(64 * 8, dtype=np.int8).reshape(64, 8))
-    script = FRESH.format(old_dlpack=old_dlpack, path=str(path))
+    np.save(tmp_path / "queries.npy", np.ones((1, 8), np.float32))
+    script = FRESH.format(old_dlpack=old_dlpack, path=str(path), queries=str(tmp_path / "queries.npy"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -144,10 +144,10 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
     import torch
 
     rows = np.asarray(rows)
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32).T)
+    q = tensor_view(np.ascontiguousarray(queries, dtype=np.float32).T)  # queries may be stored rows too
     out = np.empty((len(rows), len(queries)), np.float32)
     result = torch.from_numpy(out)
-    source = rows_tensor(rows if rows.flags.c_contiguous else np.ascontiguousarray(rows))
+    source = tensor_view(rows if rows.flags.c_contiguous else np.ascontiguousarray(rows))
 
     def score(start: int, stop: int) -> None:
         for a in range(start, stop, SCORE_BLOCK_ROWS):
@@ -168,8 +168,8 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
     return out
 
 
-def rows_tensor(rows: np.ndarray) -> torch.Tensor:
-    """A CPU tensor over ``rows``' own memory (never a copy), for reading only when ``rows`` is read-only.
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array``'s own memory (never a copy), for reading only when ``array`` is read-only.
 
     Index rows are read-only memory maps, which ``torch.from_numpy`` takes with a warning. DLPack 1.0 carries
     the read-only flag, so ``torch.from_dlpack`` takes them silently, with no change to the process-wide
@@ -177,20 +177,20 @@ def rows_tensor(rows: np.ndarray) -> torch.Tensor:
     """
     import torch
 
-    if rows.flags.writeable:
-        return torch.from_numpy(rows)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
     try:
-        return torch.from_dlpack(rows)
+        return torch.from_dlpack(array)
     except BufferError:  # numpy < 2.1, or a torch without DLPack 1.0: no read-only export
-        return _from_read_only_numpy(rows)
+        return _from_read_only_numpy(array)
 
 
 _READ_ONLY_LOCK = threading.Lock()
 _read_only_seen = False
 
 
-def _from_read_only_numpy(rows: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` on read-only rows: torch warns once per process, so only the first call silences it."""
+def _from_read_only_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` on a read-only array: torch warns once per process, so only the first call silences it."""
     import torch
 
     global _read_only_seen
@@ -198,10 +198,10 @@ def _from_read_only_numpy(rows: np.ndarray) -> torch.Tensor:
         if not _read_only_seen:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-                tensor = torch.from_numpy(rows)
+                tensor = torch.from_numpy(array)
             _read_only_seen = True
             return tensor
-    return torch.from_numpy(rows)
+    return torch.from_numpy(array)
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None
