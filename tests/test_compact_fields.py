@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
+from compact_index_helpers import kill_before_catalog_commit, opened_copy
+from random_index_helpers import unit as _unit
 from typer.testing import CliRunner
 
 from finegrain.cli import app
@@ -23,10 +24,6 @@ N_IMAGES, RANK = 60, 12
 SEG_LEVELS = np.array([0, 0, 1, 1, 1, 1])  # 2 segments at level 0, 4 at level 1, per image
 N_OBJ = 3
 TEXT = "a dog with a red ball"
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _rows(rng: np.random.Generator, basis: np.ndarray, n: int) -> np.ndarray:
@@ -67,11 +64,8 @@ def base(tmp_path_factory):
 
 @pytest.fixture
 def index(base, tmp_path):
-    path = tmp_path / "idx"
-    shutil.copytree(base, path)
-    idx = Index.open(path)
-    yield idx
-    idx.close()
+    with opened_copy(base, tmp_path / "idx") as idx:
+        yield idx
 
 
 def _hits(idx: Index, mode: str, k: int = 10) -> list[tuple[int, float]]:
@@ -283,21 +277,8 @@ def test_rescore_from_originals(index):
 
 def test_sigkill_before_the_catalog_commit(index):
     """A real kill (SIGKILL, writer lock held) at the step before the catalog transaction."""
-    import os
-    import subprocess
-    import sys
-
     before = _hits(index, "exhaustive")
-    script = (
-        "import os, signal, sys\n"
-        "from finegrain.index import Index\n"
-        "from finegrain.store.writer import Writer\n"
-        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "Index.open(sys.argv[1]).compress('pca', 16, field='segments', quantize='int8')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
-    assert proc.returncode == -9
+    kill_before_catalog_commit(index.path, "compress('pca', 16, field='segments', quantize='int8')")
     index.refresh()
     assert index.info()["storage"] is None and not index.snapshot.has_field("segments-compact")
     assert _hits(index, "exhaustive") == before

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from compact_index_helpers import kill_before_catalog_commit, opened_copy
+from photo_crop_helpers import save_two_crops, small_cnn_local
+from random_index_helpers import unit as _unit
 from typer.testing import CliRunner
 
 from finegrain.cli import app
@@ -21,10 +21,6 @@ from finegrain.store.vectors import FieldRows
 from finegrain.store.writer import Writer
 
 N_IMAGES, DIM = 400, 512
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _vectors(seed: int, n: int) -> np.ndarray:
@@ -53,11 +49,8 @@ def base(tmp_path_factory):
 
 @pytest.fixture
 def index(base, tmp_path):
-    path = tmp_path / "idx"
-    shutil.copytree(base, path)
-    idx = Index.open(path)
-    yield idx
-    idx.close()
+    with opened_copy(base, tmp_path / "idx") as idx:
+        yield idx
 
 
 QUERIES = _unit(_vectors(7, 30) + 0.05)
@@ -226,16 +219,7 @@ def test_crash_before_the_catalog_commit(index, monkeypatch):
 
 def test_sigkill_before_the_catalog_commit(index):
     before = index.search_vectors(QUERIES, 10)
-    script = (
-        "import os, signal, sys\n"
-        "from finegrain.index import Index\n"
-        "from finegrain.store.writer import Writer\n"
-        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "Index.open(sys.argv[1]).compress(None, None, field='global', quantize='int8')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
-    assert proc.returncode == -9
+    kill_before_catalog_commit(index.path, "compress(None, None, field='global', quantize='int8')")
     index.refresh()
     assert index.info()["storage"] is None and not index.snapshot.has_field("global-compact")
     np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[0], before[0])
@@ -356,20 +340,11 @@ def test_real_index_float16_rankings_equal_and_int8_close(photo_index, tmp_path)
 # ------------------------------------------------------------------ local descriptors
 @pytest.fixture(scope="module")
 def local_base(tmp_path_factory, photos_dir):
-    from PIL import Image
-
-    from finegrain.local.store import LocalConfig
-
     root = tmp_path_factory.mktemp("lq")
     (root / "db").mkdir()
     photos = sorted(photos_dir.iterdir())
-    for p in photos[:5]:
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        img.crop((0, 0, 3 * w // 4, 3 * h // 4)).save(root / "db" / f"{p.stem}_a.jpg")
-        img.crop((w // 4, h // 4, w, h)).save(root / "db" / f"{p.stem}_b.jpg")
-    idx = Index.create(root / "idx", local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707],
-                                                               "max_features": 120, "threads": 1}, fit_images=6))
+    save_two_crops(photos[:5], root / "db")
+    idx = Index.create(root / "idx", local=small_cnn_local())
     assert idx.add([root / "db"]).indexed == 10
     idx.close()
     return root, photos
@@ -378,10 +353,8 @@ def local_base(tmp_path_factory, photos_dir):
 @pytest.fixture
 def local_index(local_base, tmp_path):
     root, photos = local_base
-    shutil.copytree(root / "idx", tmp_path / "idx")
-    idx = Index.open(tmp_path / "idx")
-    yield idx, photos, root
-    idx.close()
+    with opened_copy(root / "idx", tmp_path / "idx") as idx:
+        yield idx, photos, root
 
 
 LOCAL_KW = {"l2g": {"shortlist": 6, "mds_dim": 4, "smacof_iter": 50, "sg_k": 1}, "local": {}, "global+local": {}}
