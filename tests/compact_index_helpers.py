@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from finegrain.cli import app
+from finegrain.compress import storage
 from finegrain.index import Index
+from finegrain.store.writer import Writer
 
 #: A child process that runs ``Index.open(path).<call>`` and is SIGKILLed (writer lock held) at the step before
 #: the catalog transaction: the new storage files and chunks are written, the catalog does not name them yet.
@@ -32,6 +39,35 @@ def opened_copy(base: Path, path: Path) -> Iterator[Index]:
         yield idx
     finally:
         idx.close()
+
+
+def minmax_codec(x: np.ndarray, quantize: str) -> storage.Codec:
+    """A codec for rows like ``x`` without projection: float16, or int8 over each dimension's range in 254 steps."""
+    lo, hi = x.min(0), x.max(0)
+    scale = ((hi - lo) / 254).astype(np.float32) if quantize == "int8" else None
+    offset = ((hi + lo) / 2).astype(np.float32) if quantize == "int8" else None
+    return storage.Codec(None, scale, offset, quantize)
+
+
+def _killed(*args, **kwargs):
+    raise RuntimeError("killed")
+
+
+@contextmanager
+def crash_before_catalog_commit() -> Iterator[None]:
+    """In-process: the write inside the block must fail where the catalog transaction would start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Writer, "replace_fields", _killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            yield
+
+
+def assert_compress_usage_error(idx: Index, args: list[str], message: str) -> None:
+    """`finegrain compress ARGS` on ``idx`` exits 2 with ``message`` (no traceback) and changes no storage."""
+    result = CliRunner().invoke(app, ["compress", "--index", str(idx.path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert idx.info()["storage"] is None
 
 
 def kill_before_catalog_commit(path: Path, call: str) -> None:

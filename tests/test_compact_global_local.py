@@ -7,7 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-from compact_index_helpers import kill_before_catalog_commit, opened_copy
+from compact_index_helpers import (
+    assert_compress_usage_error,
+    crash_before_catalog_commit,
+    kill_before_catalog_commit,
+    minmax_codec,
+    opened_copy,
+)
 from photo_crop_helpers import save_two_crops, small_cnn_local
 from random_index_helpers import unit as _unit
 from typer.testing import CliRunner
@@ -18,7 +24,6 @@ from finegrain.index import Index
 from finegrain.store.catalog import NewImage
 from finegrain.store.integrity import check_index
 from finegrain.store.vectors import FieldRows
-from finegrain.store.writer import Writer
 
 N_IMAGES, DIM = 400, 512
 
@@ -74,10 +79,7 @@ def _error_bound(idx: Index) -> np.ndarray:
 @pytest.mark.parametrize("quantize", ["float16", "int8"])
 def test_faiss_scalar_quantizer_holds_the_stored_values(kind, quantize):
     x = _vectors(3, 2000)
-    lo, hi = x.min(0), x.max(0)
-    scale = ((hi - lo) / 254).astype(np.float32) if quantize == "int8" else None
-    offset = ((hi + lo) / 2).astype(np.float32) if quantize == "int8" else None
-    codec = storage.Codec(None, scale, offset, quantize)
+    codec = minmax_codec(x, quantize)
     codes = codec.encode(x)
     ann = coded.CodedIndex(codes, codec, kind)
     decoded = codec.decode(codes)
@@ -196,17 +198,11 @@ def test_new_images_removal_compaction_and_check(index):
     assert not problems["ok"] and "storage file is missing" in json.dumps(problems)
 
 
-def test_crash_before_the_catalog_commit(index, monkeypatch):
+def test_crash_before_the_catalog_commit(index):
     before = index.search_vectors(QUERIES, 10)
     generation = index.snapshot.generation
-
-    def crash(self, *args, **kwargs):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(Writer, "replace_fields", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    with crash_before_catalog_commit():
         index.compress(None, None, field="global", quantize="int8")
-    monkeypatch.undo()
     index.refresh()
     assert index.snapshot.generation == generation and index.info()["storage"] is None
     after = index.search_vectors(QUERIES, 10)
@@ -257,10 +253,7 @@ def test_shard_set_global_search_over_quantised_shards(base, tmp_path):
     (["--field", "global", "--quantize", "int4"], "unknown quantization 'int4'"),
 ])
 def test_bad_combinations_are_one_line_errors(index, args, message):
-    result = CliRunner().invoke(app, ["compress", "--index", str(index.path), *args])
-    assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
-    assert index.info()["storage"] is None
+    assert_compress_usage_error(index, args, message)
 
 
 def test_projection_and_quantisation_refuse_each_other(index):
