@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import DATA, needs_data
 from fgcli import fg
-from PIL import Image
+from photo_crop_helpers import revisitop_folder
 
 import finegrain.bench.revisitop as revisitop_module
 from finegrain.bench.folds import landmark_folds, landmark_of, protocol
@@ -25,22 +25,7 @@ from finegrain.index import Index
 @pytest.fixture(scope="module")
 def folded_revisitop(tmp_path_factory, photos_dir):
     """Six 'landmarks' (sample photos), two database crops and one query crop each, named like rparis6k."""
-    root = tmp_path_factory.mktemp("foldrevisitop")
-    (root / "jpg").mkdir()
-    imlist, qimlist, gnd = [], [], []
-    for p in sorted(photos_dir.iterdir()):
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        for j, box in enumerate([(0, 0, 3 * w // 4, 3 * h // 4), (w // 4, h // 4, w, h)]):
-            name = f"tiny_{p.stem}_{j:06d}"
-            img.crop(box).save(root / "jpg" / f"{name}.jpg")
-            imlist.append(name)
-        qimlist.append(f"tiny_{p.stem}_000900")
-        img.save(root / "jpg" / f"{qimlist[-1]}.jpg")
-        first = len(imlist) - 2
-        gnd.append({"bbx": [w / 8, h / 8, 7 * w / 8, 7 * h / 8], "easy": [first], "hard": [first + 1], "junk": []})
-    (root / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    return root
+    return revisitop_folder(tmp_path_factory.mktemp("foldrevisitop"), photos_dir, query="tiny_{stem}_000900")
 
 
 def test_landmark_of():

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import DATA, needs_data
+from photo_crop_helpers import revisitop_folder
 
 from finegrain.bench.revisitop import full_ranking, run_revisitop
 from finegrain.datasets import load_revisitop
 
-from conftest import DATA, needs_data
-
 
 @pytest.fixture(scope="module")
 def tiny_revisitop(tmp_path_factory, photos_dir):
-    """Database: two crops of each sample photo; query: a third crop, relevant: its photo's two crops."""
-    root = tmp_path_factory.mktemp("tinyrevisitop")
-    (root / "jpg").mkdir()
-    imlist, qimlist, gnd = [], [], []
-    photos = sorted(photos_dir.iterdir())
-    for p in photos:
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        for j, box in enumerate([(0, 0, 3 * w // 4, 3 * h // 4), (w // 4, h // 4, w, h)]):
-            name = f"tiny_{p.stem}_{j:06d}"
-            img.crop(box).save(root / "jpg" / f"{name}.jpg")
-            imlist.append(name)
-        qimlist.append(f"q_{p.stem}")
-        img.save(root / "jpg" / f"q_{p.stem}.jpg")
-        first = len(imlist) - 2
-        gnd.append({"bbx": [w / 8, h / 8, 7 * w / 8, 7 * h / 8], "easy": [first], "hard": [first + 1], "junk": []})
-    (root / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    return root
+    """Database: two crops of each sample photo; query: the whole photo, relevant: its two crops."""
+    return revisitop_folder(tmp_path_factory.mktemp("tinyrevisitop"), photos_dir, query="q_{stem}")
 
 
 def test_full_ranking_appends_missing_positions():

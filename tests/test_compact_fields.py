@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
+from compact_index_helpers import (
+    assert_compress_usage_error,
+    crash_before_catalog_commit,
+    kill_before_catalog_commit,
+    minmax_codec,
+    opened_copy,
+)
+from random_index_helpers import unit as _unit
 from typer.testing import CliRunner
 
 from finegrain.cli import app
@@ -17,16 +24,11 @@ from finegrain.objects.config import ObjectConfig
 from finegrain.store.catalog import NewImage
 from finegrain.store.integrity import check_index
 from finegrain.store.vectors import FieldRows
-from finegrain.store.writer import Writer
 
 N_IMAGES, RANK = 60, 12
 SEG_LEVELS = np.array([0, 0, 1, 1, 1, 1])  # 2 segments at level 0, 4 at level 1, per image
 N_OBJ = 3
 TEXT = "a dog with a red ball"
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _rows(rng: np.random.Generator, basis: np.ndarray, n: int) -> np.ndarray:
@@ -67,11 +69,8 @@ def base(tmp_path_factory):
 
 @pytest.fixture
 def index(base, tmp_path):
-    path = tmp_path / "idx"
-    shutil.copytree(base, path)
-    idx = Index.open(path)
-    yield idx
-    idx.close()
+    with opened_copy(base, tmp_path / "idx") as idx:
+        yield idx
 
 
 def _hits(idx: Index, mode: str, k: int = 10) -> list[tuple[int, float]]:
@@ -100,14 +99,11 @@ def _image_query_ranks(idx: Index, rows: int = 20) -> list[int]:
 def test_codec_round_trip_and_folded_scores(quantize):
     rng = np.random.default_rng(3)
     x = _unit(rng.standard_normal((500, 64)))
-    lo, hi = x.min(0), x.max(0)
-    scale = ((hi - lo) / 254).astype(np.float32) if quantize == "int8" else None
-    offset = ((hi + lo) / 2).astype(np.float32) if quantize == "int8" else None
-    codec = storage.Codec(None, scale, offset, quantize)
+    codec = minmax_codec(x, quantize)
     stored = codec.encode(x)
     assert stored.dtype == np.dtype(quantize)
     back = codec.decode(stored)
-    bound = scale / 2 + 1e-6 if scale is not None else np.abs(x) * 2 ** -10 + 1e-7
+    bound = codec.scale / 2 + 1e-6 if codec.scale is not None else np.abs(x) * 2 ** -10 + 1e-7
     assert np.all(np.abs(back - x) <= bound)  # int8: half a step per dimension; float16: its rounding
     q = _unit(rng.standard_normal((3, 64)))
     np.testing.assert_allclose(codec.scores(stored, q), back @ q.T, atol=1e-5)  # scale folded into the query
@@ -208,17 +204,11 @@ def test_drop_originals(index):
     assert check_index(index.path).as_dict()["ok"]
 
 
-def test_crash_before_the_catalog_commit_leaves_the_index_as_it_was(index, monkeypatch):
+def test_crash_before_the_catalog_commit_leaves_the_index_as_it_was(index):
     before = _hits(index, "hierarchical")
     generation = index.snapshot.generation
-
-    def crash(self, *args, **kwargs):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(Writer, "replace_fields", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    with crash_before_catalog_commit():
         index.compress("pca", 16, field="segments", quantize="int8")
-    monkeypatch.undo()
     assert any((index.path / storage.STORAGE_DIR).iterdir())  # the crash's leftovers ...
     assert (index.path / "vectors" / "segments-compact").is_dir()
     index.refresh()
@@ -245,10 +235,7 @@ def test_crash_before_the_catalog_commit_leaves_the_index_as_it_was(index, monke
     (["--field", "segments", "--drop-originals"], "needs a compact form"),
 ])
 def test_bad_combinations_are_one_line_errors(index, args, message):
-    result = CliRunner().invoke(app, ["compress", "--index", str(index.path), *args])
-    assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
-    assert index.info()["storage"] is None
+    assert_compress_usage_error(index, args, message)
 
 
 def test_cli_compress_info_and_undo(index):
@@ -283,21 +270,8 @@ def test_rescore_from_originals(index):
 
 def test_sigkill_before_the_catalog_commit(index):
     """A real kill (SIGKILL, writer lock held) at the step before the catalog transaction."""
-    import os
-    import subprocess
-    import sys
-
     before = _hits(index, "exhaustive")
-    script = (
-        "import os, signal, sys\n"
-        "from finegrain.index import Index\n"
-        "from finegrain.store.writer import Writer\n"
-        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "Index.open(sys.argv[1]).compress('pca', 16, field='segments', quantize='int8')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
-    assert proc.returncode == -9
+    kill_before_catalog_commit(index.path, "compress('pca', 16, field='segments', quantize='int8')")
     index.refresh()
     assert index.info()["storage"] is None and not index.snapshot.has_field("segments-compact")
     assert _hits(index, "exhaustive") == before

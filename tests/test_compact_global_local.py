@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from compact_index_helpers import (
+    assert_compress_usage_error,
+    crash_before_catalog_commit,
+    kill_before_catalog_commit,
+    minmax_codec,
+    opened_copy,
+)
+from photo_crop_helpers import save_two_crops, small_cnn_local
+from random_index_helpers import unit as _unit
 from typer.testing import CliRunner
 
 from finegrain.cli import app
@@ -18,13 +24,8 @@ from finegrain.index import Index
 from finegrain.store.catalog import NewImage
 from finegrain.store.integrity import check_index
 from finegrain.store.vectors import FieldRows
-from finegrain.store.writer import Writer
 
 N_IMAGES, DIM = 400, 512
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _vectors(seed: int, n: int) -> np.ndarray:
@@ -53,11 +54,8 @@ def base(tmp_path_factory):
 
 @pytest.fixture
 def index(base, tmp_path):
-    path = tmp_path / "idx"
-    shutil.copytree(base, path)
-    idx = Index.open(path)
-    yield idx
-    idx.close()
+    with opened_copy(base, tmp_path / "idx") as idx:
+        yield idx
 
 
 QUERIES = _unit(_vectors(7, 30) + 0.05)
@@ -81,10 +79,7 @@ def _error_bound(idx: Index) -> np.ndarray:
 @pytest.mark.parametrize("quantize", ["float16", "int8"])
 def test_faiss_scalar_quantizer_holds_the_stored_values(kind, quantize):
     x = _vectors(3, 2000)
-    lo, hi = x.min(0), x.max(0)
-    scale = ((hi - lo) / 254).astype(np.float32) if quantize == "int8" else None
-    offset = ((hi + lo) / 2).astype(np.float32) if quantize == "int8" else None
-    codec = storage.Codec(None, scale, offset, quantize)
+    codec = minmax_codec(x, quantize)
     codes = codec.encode(x)
     ann = coded.CodedIndex(codes, codec, kind)
     decoded = codec.decode(codes)
@@ -203,17 +198,11 @@ def test_new_images_removal_compaction_and_check(index):
     assert not problems["ok"] and "storage file is missing" in json.dumps(problems)
 
 
-def test_crash_before_the_catalog_commit(index, monkeypatch):
+def test_crash_before_the_catalog_commit(index):
     before = index.search_vectors(QUERIES, 10)
     generation = index.snapshot.generation
-
-    def crash(self, *args, **kwargs):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(Writer, "replace_fields", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    with crash_before_catalog_commit():
         index.compress(None, None, field="global", quantize="int8")
-    monkeypatch.undo()
     index.refresh()
     assert index.snapshot.generation == generation and index.info()["storage"] is None
     after = index.search_vectors(QUERIES, 10)
@@ -226,16 +215,7 @@ def test_crash_before_the_catalog_commit(index, monkeypatch):
 
 def test_sigkill_before_the_catalog_commit(index):
     before = index.search_vectors(QUERIES, 10)
-    script = (
-        "import os, signal, sys\n"
-        "from finegrain.index import Index\n"
-        "from finegrain.store.writer import Writer\n"
-        "Writer.replace_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "Index.open(sys.argv[1]).compress(None, None, field='global', quantize='int8')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", script, str(index.path)], env=env, timeout=300)
-    assert proc.returncode == -9
+    kill_before_catalog_commit(index.path, "compress(None, None, field='global', quantize='int8')")
     index.refresh()
     assert index.info()["storage"] is None and not index.snapshot.has_field("global-compact")
     np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[0], before[0])
@@ -273,10 +253,7 @@ def test_shard_set_global_search_over_quantised_shards(base, tmp_path):
     (["--field", "global", "--quantize", "int4"], "unknown quantization 'int4'"),
 ])
 def test_bad_combinations_are_one_line_errors(index, args, message):
-    result = CliRunner().invoke(app, ["compress", "--index", str(index.path), *args])
-    assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
-    assert index.info()["storage"] is None
+    assert_compress_usage_error(index, args, message)
 
 
 def test_projection_and_quantisation_refuse_each_other(index):
@@ -356,20 +333,11 @@ def test_real_index_float16_rankings_equal_and_int8_close(photo_index, tmp_path)
 # ------------------------------------------------------------------ local descriptors
 @pytest.fixture(scope="module")
 def local_base(tmp_path_factory, photos_dir):
-    from PIL import Image
-
-    from finegrain.local.store import LocalConfig
-
     root = tmp_path_factory.mktemp("lq")
     (root / "db").mkdir()
     photos = sorted(photos_dir.iterdir())
-    for p in photos[:5]:
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        img.crop((0, 0, 3 * w // 4, 3 * h // 4)).save(root / "db" / f"{p.stem}_a.jpg")
-        img.crop((w // 4, h // 4, w, h)).save(root / "db" / f"{p.stem}_b.jpg")
-    idx = Index.create(root / "idx", local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707],
-                                                               "max_features": 120, "threads": 1}, fit_images=6))
+    save_two_crops(photos[:5], root / "db")
+    idx = Index.create(root / "idx", local=small_cnn_local())
     assert idx.add([root / "db"]).indexed == 10
     idx.close()
     return root, photos
@@ -378,10 +346,8 @@ def local_base(tmp_path_factory, photos_dir):
 @pytest.fixture
 def local_index(local_base, tmp_path):
     root, photos = local_base
-    shutil.copytree(root / "idx", tmp_path / "idx")
-    idx = Index.open(tmp_path / "idx")
-    yield idx, photos, root
-    idx.close()
+    with opened_copy(root / "idx", tmp_path / "idx") as idx:
+        yield idx, photos, root
 
 
 LOCAL_KW = {"l2g": {"shortlist": 6, "mds_dim": 4, "smacof_iter": 50, "sg_k": 1}, "local": {}, "global+local": {}}

@@ -608,26 +608,11 @@ def test_bench_fit_projections_aesvc_paper(X):
 
 
 def test_bench_compress_on_tiny_set(tmp_path, photos_dir):
-    from PIL import Image
+    from photo_crop_helpers import revisitop_folder
 
     from finegrain.bench.compress import run_compress_bench
 
-    root = tmp_path / "tiny"
-    (root / "jpg").mkdir(parents=True)
-    imlist, qimlist, gnd = [], [], []
-    for p in sorted(photos_dir.iterdir()):
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        for j, box in enumerate([(0, 0, 3 * w // 4, 3 * h // 4), (w // 4, h // 4, w, h), (w // 8, 0, w, 7 * h // 8)]):
-            name = f"tiny_{p.stem}_{j:06d}"
-            img.crop(box).save(root / "jpg" / f"{name}.jpg")
-            imlist.append(name)
-        qimlist.append(f"q_{p.stem}")
-        img.save(root / "jpg" / f"q_{p.stem}.jpg")
-        first = len(imlist) - 3
-        gnd.append({"bbx": [w / 8, h / 8, 7 * w / 8, 7 * h / 8], "easy": [first, first + 1], "hard": [first + 2], "junk": []})
-    (root / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-
+    root = revisitop_folder(tmp_path / "tiny", photos_dir, crops=3)
     report = run_compress_bench(root, methods=["pca", "aesvc", "ss2d"], dims=[4, 8], cache_dir=tmp_path / "cache",
                                 plots=tmp_path / "plots", ss2d_teacher="input", show_progress=False)
     rows = report["results"]

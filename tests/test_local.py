@@ -466,21 +466,16 @@ def test_l2g_paper_variant_runs_with_its_fusion(monkeypatch):
 @pytest.fixture(scope="module")
 def local_index(tmp_path_factory, photos_dir):
     """An index with small cnn local features over two crops of each sample photo."""
+    from photo_crop_helpers import save_two_crops, small_cnn_local
     from PIL import Image
 
     from finegrain import Index
-    from finegrain.local.store import LocalConfig
 
     root = tmp_path_factory.mktemp("localindex")
     (root / "db").mkdir()
     photos = sorted(photos_dir.iterdir())
-    for p in photos[:4]:
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        img.crop((0, 0, 3 * w // 4, 3 * h // 4)).save(root / "db" / f"{p.stem}_a.jpg")
-        img.crop((w // 4, h // 4, w, h)).save(root / "db" / f"{p.stem}_b.jpg")
-    index = Index.create(root / "idx", local=LocalConfig("cnn", {"image_size": 192, "scales": [1.0, 0.707],
-                                                                 "max_features": 120, "threads": 1}, fit_images=6))
+    save_two_crops(photos[:4], root / "db")
+    index = Index.create(root / "idx", local=small_cnn_local())
     report = index.add([root / "db"])
     assert report.indexed == 8 and not report.failed
     for p in photos[4:]:  # added later: the whitening fitted on the first batch is reused

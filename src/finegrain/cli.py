@@ -6,6 +6,8 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +58,21 @@ def _write_error(exc: BaseException, index: Path) -> str:
     if isinstance(exc, OSError):
         return f"cannot write to the index at {index}: {exc.strerror or exc}"
     return str(exc)
+
+
+@contextmanager
+def _writing(index: Path, usage: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """One-line errors for a write to ``index``: locked or failed (exit 1), or one of ``usage`` (exit 2)."""
+    from .index import IndexLockedError
+
+    try:
+        yield
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    except usage as exc:
+        _fail(str(exc), 2)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -658,8 +675,6 @@ def compress_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
 ) -> None:
     """Fit a compact projection on the index's own embeddings; later queries and additions use it automatically."""
-    from .index import IndexLockedError
-
     if field is not None and (field != "global" or quantize is not None or drop_originals):
         _compress_field(index, field, method, dim, quantize, drop_originals, steps, teacher, as_json)
         return
@@ -684,14 +699,8 @@ def compress_cmd(
         _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
     if method == "ss2d":
         params["teacher"] = None if teacher == "input" else "aesvc"
-    try:
+    with _writing(index, usage=(ValueError, TypeError)):
         info = idx.compress(method, dim, show_progress=not as_json, **params)
-    except IndexLockedError as exc:
-        _fail(str(exc))
-    except (OSError, sqlite3.DatabaseError) as exc:
-        _fail(_write_error(exc, index))
-    except (ValueError, TypeError) as exc:
-        _fail(str(exc), 2)
     if as_json:
         print(json.dumps({"projection": info or None, "bytes_per_image": idx.info()["bytes_per_image"]}))
     elif not info:
@@ -707,7 +716,6 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
                     drop_originals: bool, steps: Optional[int], teacher: str, as_json: bool) -> None:
     """`compress --field`: one multi-vector field's compact storage (compress/storage.py)."""
     from .compress import storage
-    from .index import IndexLockedError
 
     method = method or "none"
     params: dict[str, Any] = {}
@@ -720,15 +728,9 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
         if teacher not in ("aesvc", "input"):
             _fail(f"--teacher must be aesvc or input, got {teacher!r}", 2)
         params["teacher"] = None if teacher == "input" else "aesvc"
-    try:
+    with _writing(index, usage=(ValueError, TypeError)):
         info = idx.compress(method, dim, show_progress=not as_json, field=field, quantize=quantize or "none",
                             drop_originals=drop_originals, **params)
-    except IndexLockedError as exc:
-        _fail(str(exc))
-    except (OSError, sqlite3.DatabaseError) as exc:
-        _fail(_write_error(exc, index))
-    except (ValueError, TypeError) as exc:
-        _fail(str(exc), 2)
     per_image = idx.info()["vector_bytes_per_image"]
     stored = per_image.get(storage.compact_name(field) if info else field, 0.0)
     if as_json:

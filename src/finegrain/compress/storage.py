@@ -39,6 +39,8 @@ from ..store.vectors import FieldRows, new_chunk_name
 from .indexing import fsync_file
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from ..store.snapshot import Snapshot
     from ..store.writer import Writer
     from .base import Projection
@@ -142,12 +144,10 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
     import torch
 
     rows = np.asarray(rows)
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32).T)
+    q = tensor_view(np.ascontiguousarray(queries, dtype=np.float32).T)  # queries may be stored rows too
     out = np.empty((len(rows), len(queries)), np.float32)
     result = torch.from_numpy(out)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read, never written
-        source = torch.from_numpy(rows if rows.flags.c_contiguous else np.ascontiguousarray(rows))
+    source = tensor_view(rows if rows.flags.c_contiguous else np.ascontiguousarray(rows))
 
     def score(start: int, stop: int) -> None:
         for a in range(start, stop, SCORE_BLOCK_ROWS):
@@ -166,6 +166,42 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
     if bias is not None:
         out += bias[None, :].astype(np.float32)
     return out
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array``'s own memory (never a copy), for reading only when ``array`` is read-only.
+
+    Index rows are read-only memory maps, which ``torch.from_numpy`` takes with a warning. DLPack 1.0 carries
+    the read-only flag, so ``torch.from_dlpack`` takes them silently, with no change to the process-wide
+    warning filters (scoring runs in several threads at once).
+    """
+    import torch
+
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    try:
+        return torch.from_dlpack(array)
+    except BufferError:  # numpy < 2.1, or a torch without DLPack 1.0: no read-only export
+        return _from_read_only_numpy(array)
+
+
+_READ_ONLY_LOCK = threading.Lock()
+_read_only_seen = False
+
+
+def _from_read_only_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` on a read-only array: torch warns once per process, so only the first call silences it."""
+    import torch
+
+    global _read_only_seen
+    with _READ_ONLY_LOCK:
+        if not _read_only_seen:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                tensor = torch.from_numpy(array)
+            _read_only_seen = True
+            return tensor
+    return torch.from_numpy(array)
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None

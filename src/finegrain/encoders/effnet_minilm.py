@@ -164,53 +164,52 @@ def aligner_config(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- encoder
-class EffNetMiniLM(Encoder):
-    """The bundled offline text-image encoder (see module docstring).
+class EffNetMiniLMBase(Encoder):
+    """What both generations share: EfficientNet-Lite0's frozen trunk and an image top (channels-last), GeM and an
+    image head (``aligner.image_pool``, ``aligner.image_head``), MiniLM as the text tower, loaded on the first text.
 
-    Parameters
-    ----------
-    weights:
-        Path to an aligner ``.safetensors`` file (its ``.json`` sidecar next to
-        it). Defaults to the weights shipped with finegrain.
-    threads:
-        torch intra-op threads; ``None`` keeps torch's default.
+    A subclass checks its weights file with :meth:`_weights_path`, builds ``aligner`` (with ``text_embed``), calls
+    :meth:`_set_image_tower` and :meth:`_set_text_tower`, and may adapt MiniLM in :meth:`_load_text_tower`.
     """
 
-    name = "effnet-minilm"
     image_size = 224
+    aligner: Any
+    config: dict
 
-    def __init__(self, weights: str | Path | None = None, threads: int | None = None):
-        from safetensors.torch import load_file
-
-        path = Path(weights) if weights else DEFAULT_WEIGHTS
+    @staticmethod
+    def _weights_path(weights: str | Path | None, default: Path, what: str, train_args: str,
+                      threads: int | None) -> Path:
+        """The weights file (``default`` when not given); sets torch's intra-op threads unless ``threads`` is None."""
+        path = Path(weights) if weights else default
         if not path.exists():
-            raise FileNotFoundError(
-                f"aligner weights not found at {path}; train them with "
-                "`finegrain train-aligner --data ../shared/data/flickr8k` or pass weights=PATH"
-            )
+            raise FileNotFoundError(f"{what} not found at {path}; train them with "
+                                    f"`finegrain train-aligner {train_args}` or pass weights=PATH")
         if threads:
             torch.set_num_threads(threads)
-        self.config = aligner_config(path)
-        net = load_efficientnet_lite0()
-        self.trunk = ImageTrunk(net).eval()
-        self.aligner = Aligner(net, dim=self.config["dim"], hidden=self.config["hidden"],
-                               text_attention=self.config.get("text_attention", True)).eval()
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-        self.aligner.load_state_dict(state)
+        return path
+
+    def _set_image_tower(self, trunk: ImageTrunk, top: nn.Module) -> None:
+        """The image tower, in eval mode and channels-last; the joint dimension from ``config``."""
+        self.trunk, self.top = trunk.eval(), top.eval()
         # channels-last lets oneDNN run the depthwise convolutions much faster on CPU (~1.6x here).
         self.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.aligner.image_top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.dim = int(self.config["dim"])
+
+    def _set_text_tower(self) -> None:
         # The text tower (transformers + MiniLM, ~3-5 s to import and load) is loaded on the first text:
         # indexing and image queries never need it.
         self._text_tower: tuple[Any, Any] | None = None
         self._text_lock = threading.Lock()
 
+    def _load_text_tower(self) -> tuple[Any, Any]:
+        return load_minilm()
+
     def text_tower(self) -> tuple[Any, Any]:
         """MiniLM's tokenizer and model, loaded once on first use (thread-safe)."""
         with self._text_lock:
             if self._text_tower is None:
-                self._text_tower = load_minilm()
+                self._text_tower = self._load_text_tower()
             return self._text_tower
 
     # hooks ------------------------------------------------------------------
@@ -219,7 +218,7 @@ class EffNetMiniLM(Encoder):
 
     def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.contiguous(memory_format=torch.channels_last)
-        return self.aligner.image_top(self.trunk(batch)).contiguous()
+        return self.top(self.trunk(batch)).contiguous()
 
     def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         return self.aligner.image_head(self.aligner.image_pool(self.feature_map_batch(batch)))
@@ -234,6 +233,36 @@ class EffNetMiniLM(Encoder):
     def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """GeM over each region: the same pooling as the whole image, restricted by the mask weights."""
         return self.aligner.image_pool.pool_regions(fmap, masks)
+
+
+class EffNetMiniLM(EffNetMiniLMBase):
+    """The bundled offline text-image encoder (see module docstring).
+
+    Parameters
+    ----------
+    weights:
+        Path to an aligner ``.safetensors`` file (its ``.json`` sidecar next to
+        it). Defaults to the weights shipped with finegrain.
+    threads:
+        torch intra-op threads; ``None`` keeps torch's default.
+    """
+
+    name = "effnet-minilm"
+
+    def __init__(self, weights: str | Path | None = None, threads: int | None = None):
+        from safetensors.torch import load_file
+
+        path = self._weights_path(weights, DEFAULT_WEIGHTS, "aligner weights", "--data ../shared/data/flickr8k",
+                                  threads)
+        self.config = aligner_config(path)
+        net = load_efficientnet_lite0()
+        trunk = ImageTrunk(net)
+        self.aligner = Aligner(net, dim=self.config["dim"], hidden=self.config["hidden"],
+                               text_attention=self.config.get("text_attention", True)).eval()
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        self.aligner.load_state_dict(state)
+        self._set_image_tower(trunk, self.aligner.image_top)
+        self._set_text_tower()
 
 
 def pixels_to_array(img, size: int) -> np.ndarray:

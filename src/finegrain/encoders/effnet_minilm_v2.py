@@ -15,7 +15,6 @@ does. Trained by :mod:`finegrain.train.aligner_v2`; weights in
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Encoder
 from .effnet_minilm import (
+    EffNetMiniLMBase,
     GeM,
     ImageTop,
     ImageTrunk,
     TextPool,
     load_efficientnet_lite0,
-    minilm_token_states,
-    pixels_to_array,
 )
 from .minilm import MiniLM, load_minilm
 
@@ -154,7 +151,7 @@ def load_v2(path: str | Path) -> tuple[AlignerV2, dict[str, torch.Tensor], dict]
     return aligner.eval(), {k: v for k, v in tensors.items() if k.startswith("text.")}, config
 
 
-class EffNetMiniLMV2(Encoder):
+class EffNetMiniLMV2(EffNetMiniLMBase):
     """The bundled model, second generation (see module docstring).
 
     Parameters
@@ -167,51 +164,17 @@ class EffNetMiniLMV2(Encoder):
     """
 
     name = "effnet-minilm-v2"
-    image_size = 224
 
     def __init__(self, weights: str | Path | None = None, threads: int | None = None):
-        path = Path(weights) if weights else DEFAULT_WEIGHTS_V2
-        if not path.exists():
-            raise FileNotFoundError(
-                f"effnet-minilm-v2 weights not found at {path}; train them with "
-                "`finegrain train-aligner --recipe v2 --data ../shared/data/flickr8k` or pass weights=PATH")
-        if threads:
-            torch.set_num_threads(threads)
+        path = self._weights_path(weights, DEFAULT_WEIGHTS_V2, "effnet-minilm-v2 weights",
+                                  "--recipe v2 --data ../shared/data/flickr8k", threads)
         self.aligner, self._text_state, self.config = load_v2(path)
         net = load_efficientnet_lite0()
-        self.trunk = ImageTrunk(net).eval()
-        self.top = ImageTop(net).eval()
-        self.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.top.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.dim = int(self.config["dim"])
-        self._text_tower: tuple[Any, Any] | None = None  # loaded on the first text, as v1 does
-        self._text_lock = threading.Lock()
+        self._set_image_tower(ImageTrunk(net), ImageTop(net))
+        self._set_text_tower()
 
-    def text_tower(self) -> tuple[Any, Any]:
-        """MiniLM's tokenizer and the adapted model, loaded once on first use (thread-safe)."""
-        with self._text_lock:
-            if self._text_tower is None:
-                tokenizer, model = load_minilm()
-                apply_text_state(model, self._text_state)
-                self._text_tower = (tokenizer, model.eval())
-            return self._text_tower
-
-    def prepare_image(self, image, size: int | None = None) -> np.ndarray:
-        return pixels_to_array(image, size or self.image_size)
-
-    def feature_map_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        return self.top(self.trunk(batch)).contiguous()
-
-    def embed_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.aligner.image_embed(self.feature_map_batch(batch))
-
-    def _project_features(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.aligner.image_head(pooled)
-
-    def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
-        tokens, mask = minilm_token_states(*self.text_tower(), texts)
-        return self.aligner.text_embed(tokens, mask)
-
-    def pool_regions(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.aligner.image_pool.pool_regions(fmap, masks)
+    def _load_text_tower(self) -> tuple[Any, Any]:
+        """MiniLM with the shipped adapter or deltas merged into its weights."""
+        tokenizer, model = load_minilm()
+        apply_text_state(model, self._text_state)
+        return tokenizer, model.eval()

@@ -17,7 +17,6 @@ cache takes minutes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from ..encoders.effnet_minilm import (
 from ..eval.metrics import recall_at_k
 from ..images import load_image
 from ..progress import progress_bar
+from .schedule import scheduled_step
 
 VIEWS = ("orig", "flip")
 IMAGE_SIZE = 224
@@ -255,13 +255,7 @@ def train_aligner(data: str | Path, out: str | Path, cache_dir: str | Path, conf
             logits = model.logit_scale.exp().clamp(max=100) * img_emb @ txt_emb.T
             target = torch.arange(len(idx))
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-            scale = _lr_scale(step, config.warmup_steps, total_steps)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * scale
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(scheduled_step(opt, base_lrs, loss, step, config.warmup_steps, total_steps))
             step += 1
         metrics = evaluate(model, cache, "dev") if val_items is None else evaluate(model, cache, "train", val_items)
         score = metrics["t2i_r1"] + metrics["t2i_r5"] + metrics["t2i_r10"]
@@ -309,9 +303,3 @@ def _freeze_batchnorm(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
-
-
-def _lr_scale(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))

@@ -26,7 +26,6 @@ MiniLM's trained layers run on packed tokens (no padding in the linear maps).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..encoders.effnet_minilm_v2 import AlignerV2, adapt_text_tower, save_v2, te
 from ..encoders.minilm import MiniLM, load_minilm
 from ..eval.metrics import recall_at_k
 from .cache_v2 import TEXT_SPLIT, build_cache_v2
+from .schedule import scheduled_step
 
 
 @dataclass
@@ -301,13 +301,7 @@ def train_aligner_v2(data: str | Path, out: str | Path, cache_dir: str | Path, c
                 loss = loss + config.hard_negative * hinge
             if config.region > 0:
                 loss = loss + config.region * _region_loss(d, text_top, aligner, idx, cap, txt, scale, config)
-            lr_scale = _lr_scale(step, config.warmup_steps, total_steps)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * lr_scale
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(scheduled_step(opt, base_lrs, loss, step, config.warmup_steps, total_steps))
             step += 1
         metrics = evaluate(text_top, aligner, d.views[0], d.cap["train"], d.caption_image["train"], d.val_items)
         score = metrics["t2i_r1"] + metrics["t2i_r5"] + metrics["t2i_r10"]
@@ -379,9 +373,3 @@ def grid_regions(grid: int, splits: tuple[int, ...] = (2, 3, 4)) -> torch.Tensor
                 m[edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = 1.0
                 masks.append(m.reshape(-1))
     return torch.stack(masks)
-
-
-def _lr_scale(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
