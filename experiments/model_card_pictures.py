@@ -27,6 +27,7 @@ import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -66,8 +67,8 @@ def demo_queries() -> list[tuple[str, str]]:
     return [(q, DEMO_EXPECTED[q]) for q in demo.TEXT_QUERIES] + list(HARDER)
 
 
-def ranked(index: Index, query: str, expected: str, mode: str, **kw: object) -> Row:
-    response = index.search(k=len(index), mode=mode, **kw)  # type: ignore[arg-type]
+def ranked(index: Index, query: str, expected: str, mode: str, **kw: Any) -> Row:
+    response = index.search(k=len(index), mode=mode, **kw)
     hits = list(response)
     rank = [Path(h.path).name for h in hits].index(Path(expected).name) + 1
     return Row(query, expected, [(h.path, float(h.score)) for h in hits[:5]], rank, response.mode)
@@ -112,14 +113,15 @@ def dev_rows(index: Index, data: Path) -> list[Row]:
 
 
 def thumb(path: str, box: tuple[int, int, int, int] | None = None, side: int = THUMB) -> Image.Image:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if box is not None:
-            im = im.crop(box)
-        return ImageOps.pad(im, (side, side), color=GREY)  # the whole picture, letterboxed
+    with Image.open(path) as opened:
+        im = opened.convert("RGB")
+    if box is not None:
+        im = im.crop(box)
+    return ImageOps.pad(im, (side, side), color=GREY)  # the whole picture, letterboxed
 
 
-def wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+def wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+         width: int) -> list[str]:
     for chars in range(60, 8, -2):
         lines = textwrap.wrap(text, chars)
         if all(draw.textlength(line, font=font) <= width for line in lines):
@@ -148,7 +150,7 @@ def render(title: str, rows: list[Row], out: Path, names: bool) -> None:
         if row.crop is not None:
             sheet.paste(thumb(row.crop[0], row.crop[1], 48), (MARGIN, y + 6 + 16 * len(lines)))
         x0 = MARGIN + TEXT_W
-        cells = [(p, s, f"#{r + 1}") for r, (p, s) in enumerate(row.top)]
+        cells: list[tuple[str, float | None, str]] = [(p, s, f"#{r + 1}") for r, (p, s) in enumerate(row.top)]
         if row.rank > 5:
             cells.append((row.expected, None, f"expected: #{row.rank}"))
         for c, (path, score, label) in enumerate(cells):
