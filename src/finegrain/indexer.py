@@ -25,7 +25,7 @@ import torch
 from . import fields as _fields
 from .exif import read_meta
 from .fields import Decoded, FieldExtractor
-from .heap import release_free_memory
+from .heap import map_large_blocks, release_free_memory
 from .images import (
     MAX_FILE_BYTES,
     ImageLoadError,
@@ -200,6 +200,7 @@ class Indexer:
             if ex.needs_fit:  # learned state (the local whitening): fitted once, before anything is prepared
                 ex.fit(todo, show_progress)
         encoder = self.writer.encoder
+        map_large_blocks()  # big per-batch buffers go back to the OS when freed instead of fragmenting the heap
         pending = Pending(extractors)
         last_commit = time.monotonic()
         with progress_bar(len(todo), "indexing", show_progress) as bar:
