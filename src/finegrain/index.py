@@ -342,7 +342,8 @@ class Index:
         from .compress import indexing as compress_indexing
         from .compress import storage as compact_storage
 
-        # ``field="global"`` with ``quantize`` given is the global field's quantised storage (compress/coded.py)
+        # ``field="global"`` with ``quantize`` given is the global field's quantised storage (compress/coded.py),
+        # with ``method`` the global projection quantised too
         legacy = field is None or (field == "global" and quantize is None and not drop_originals)
         if legacy and (quantize not in (None, "none") or drop_originals):
             raise ValueError("--quantize and --drop-originals need --field (global, local, segments, objects, "
@@ -374,9 +375,11 @@ class Index:
             raise ValueError("this index stores no local features (create it with --local cnn)")
         from .compress import storage as compact_storage
 
-        if compact_storage.field_info(self._snapshot.settings, LOCAL_FIELD):  # its quantiser fits the old whitening
-            raise ValueError("the local field is stored quantised (compress --field local); undo it first "
-                             "(`finegrain compress --field local --quantize none`), refit, then quantise again")
+        for name in (LOCAL_FIELD, INSTANCE_FIELD):  # a quantiser fitted on the old whitening's rows
+            if compact_storage.field_info(self._snapshot.settings, name):
+                raise ValueError(f"the {name} field is stored quantised (compress --field {name}); undo it first "
+                                 f"(`finegrain compress --field {name} --quantize none`), refit, then quantise "
+                                 "again")
         with self.writer() as w:
             store = LocalStore(self.path, cfg)
             live = sorted(self.catalog.images("indexed"), key=lambda r: r.path)
@@ -602,7 +605,8 @@ class Index:
             "dim": snap.dim,
             "projection": snap.projection_info,
             "bytes_per_image": {"float16": 2, "int8": 1}.get(str((compact_storage.field_info(
-                snap.settings, "global") or {}).get("quantize")), 4) * dim,  # the global rows searched
+                snap.settings, "global") or compact_storage.field_info(snap.settings, "compressed")
+                or {}).get("quantize")), 4) * dim,  # the global rows searched (projected ones quantised too)
             "storage": snap.settings.get(compact_storage.META_KEY) or None,  # compact fields (`compress --field`)
             "vector_bytes_per_image": compact_storage.bytes_per_image(self.path, self.catalog.chunks(), len(snap)),
             "ann": ("hnsw" if len(snap) >= AUTO_ANN_THRESHOLD else "flat") if ann == "auto" else ann,
