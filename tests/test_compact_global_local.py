@@ -569,3 +569,102 @@ def test_local_int8_search_undo_and_drop(local_index):
         idx.compress(None, None, field="local", quantize="none")
     with pytest.raises(ValueError, match="undo it first"):
         idx.refit_local()
+
+
+# ------------------------------------------------------------------ the local searcher holds the stored rows
+def _int8(x: np.ndarray) -> tuple[np.ndarray, storage.Codec]:
+    """``x`` quantised as `compress --field local --quantize int8` does (per-dimension min/max ranges)."""
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    codec = storage.Codec(None, ((hi - lo) / 254).astype(np.float32), ((hi + lo) / 2).astype(np.float32), "int8")
+    return codec.encode(x), codec
+
+
+def test_local_database_scores_int8_rows_without_decoding_them(tmp_path):
+    import faiss
+
+    from finegrain.local.chamfer import ApproxChamfer, LocalDatabase, chamfer_scores
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 60, 300)  # some images without descriptors
+    desc = _unit(rng.standard_normal((int(counts.sum()), 32)))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    codes, codec = _int8(desc)
+    db = LocalDatabase(codes, offsets, codec.scale, codec.offset)
+    assert db.descriptors.dtype == np.int8 and db.descriptors.nbytes == desc.size  # 1 byte a dimension in memory
+    decoded = LocalDatabase(codec.decode(codes), offsets)  # the same values as float32 rows
+    q = _unit(rng.standard_normal((40, 32)))
+    np.testing.assert_allclose(chamfer_scores(q, db), chamfer_scores(q, decoded), atol=2e-6)
+    some = rng.choice(300, 50, replace=False)
+    np.testing.assert_allclose(chamfer_scores(q, db, some), chamfer_scores(q, decoded, some), atol=2e-6)
+    # against the float32 originals: each best match moves by at most sum_i |q_i| scale_i / 2
+    bound = float((np.abs(q) @ codec.scale).max() / 2) + 1e-6
+    np.testing.assert_allclose(chamfer_scores(q, db), chamfer_scores(q, LocalDatabase(desc, offsets)), atol=bound)
+    np.testing.assert_allclose(db.image(5), codec.decode(codes[offsets[5]:offsets[6]]))
+    # the first stage: FAISS holds the int8 codes (scalar quantizer), not a float32 copy
+    for kind in ("flat", "ivf"):
+        approx = ApproxChamfer(db, index=kind, knn=20, nlist=8, nprobe=8)
+        assert "ScalarQuantizer" in type(faiss.downcast_index(approx.index)).__name__
+        exact = ApproxChamfer(decoded, index="flat", knn=20)
+        s1, r1 = approx.score_all(q)
+        s2, r2 = exact.score_all(q)
+        if kind == "flat":  # the same neighbours and scores as float32 rows holding the decoded values
+            np.testing.assert_array_equal(r1, r2)
+            np.testing.assert_allclose(s1, s2, atol=1e-5)
+    # a float16 field memory-mapped from disk is held as it is: no copy
+    np.save(tmp_path / "d.npy", desc.astype(np.float16))
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    db16 = LocalDatabase(mapped, offsets)
+    assert db16.descriptors.dtype == np.float16 and np.shares_memory(db16.descriptors, mapped)
+    np.testing.assert_allclose(chamfer_scores(q, db16), chamfer_scores(q, LocalDatabase(
+        np.asarray(mapped, np.float32), offsets)), atol=2e-6)
+    with pytest.raises(ValueError, match="scale and offset"):
+        LocalDatabase(codes, offsets)
+
+
+def test_local_searcher_and_instance_int8_in_memory(local_index):
+    import faiss
+
+    idx, photos, _ = local_index
+    s = idx.local_searcher
+    assert s.db.descriptors.dtype == np.float16  # the stored float16 rows, not a float32 copy
+    before = {p.name: _local_hits(idx, p, "local") for p in photos[:3]}
+    inst_before = {p.name: [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+                   for p in photos[:3]}
+    # local int8: the searcher holds the int8 rows (memory-mapped) and FAISS their codes
+    idx.compress(None, None, field="local", quantize="int8")
+    s = idx.local_searcher
+    assert s.db.descriptors.dtype == np.int8
+    assert s.db.descriptors.nbytes == idx.snapshot.field("local-compact").vectors.nbytes
+    assert "ScalarQuantizer" in type(faiss.downcast_index(s.approx().index)).__name__
+    for p in photos[:3]:
+        assert {i for i, _ in _local_hits(idx, p, "local")[:2]} == {i for i, _ in before[p.name][:2]}
+    # instance int8: `instance` mode scores the codes; undo gives the float16 answer back exactly
+    info = idx.compress(None, None, field="instance", quantize="int8")
+    assert info["quantize"] == "int8" and idx.snapshot.field("instance-compact").vectors.dtype == np.int8
+    s = idx.local_searcher
+    assert isinstance(s.instance, coded.CodedRows) and s.instance.rows.dtype == np.int8
+    codec = storage.snapshot_codec(idx.snapshot, "instance")
+    assert codec.scale is not None
+    for p in photos[:3]:
+        after = [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+        gq = s.query_features(p, None)[1]
+        bound = float(np.abs(gq / np.linalg.norm(gq)) @ codec.scale / 2) + 1e-5
+        # the scores move by at most the quantisation bound (scores compared per image)
+        got, want = dict(after), dict(inst_before[p.name])
+        assert set(got) == set(want)
+        np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=bound)
+        assert {i for i, _ in after[:2]} == {i for i, _ in inst_before[p.name][:2]}
+    l2g = _local_hits(idx, photos[0], "l2g")  # the l2g fusion reads decoded instance rows
+    assert len(l2g) == len(idx)
+    assert idx.info()["local"]["bytes_per_image"] > 0
+    with pytest.raises(ValueError, match="undo it first"):
+        idx.refit_local()
+    assert check_index(idx.path).as_dict()["ok"]
+    assert idx.compress(None, None, field="instance", quantize="none") == {}
+    for p in photos[:3]:  # the float16 rows again (float32 products: equal up to BLAS rounding)
+        again = [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+        assert [i for i, _ in again] == [i for i, _ in inst_before[p.name]]
+        np.testing.assert_allclose([v for _, v in again], [v for _, v in inst_before[p.name]], atol=1e-6)
+    idx.compress(None, None, field="instance", quantize="int8", drop_originals=True)
+    assert not idx.snapshot.has_field("instance") and "instance" in idx.available_modes()
+    assert idx.search(image=photos[0], mode="instance", k=2)[0].id == inst_before[photos[0].name][0][0]

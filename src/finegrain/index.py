@@ -581,7 +581,8 @@ class Index:
         rows = snap.field(stored) if snap.has_field(stored) else None
         n_desc = 0 if rows is None else len(rows)
         per_row = 0 if rows is None else rows.vectors.itemsize * rows.vectors.shape[1] + 4 * 3 + 2 + 8
-        inst = snap.field(INSTANCE_FIELD) if snap.has_field(INSTANCE_FIELD) else None
+        stored_inst = compact_storage.stored_name(snap, INSTANCE_FIELD)  # int8 rows when `compress --field instance`
+        inst = snap.field(stored_inst) if snap.has_field(stored_inst) else None
         inst_bytes = 0 if inst is None else inst.vectors.itemsize * inst.vectors.shape[1] + 8
         return {"extractor": cfg.extractor, "params": cfg.params,
                 "fitted": (self.path / STATE_FILE).exists(), "descriptors": n_desc,

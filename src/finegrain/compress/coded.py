@@ -222,46 +222,54 @@ class CodedIndex(VectorIndex):
                     return
             except RuntimeError:  # a damaged cache file: rebuilt below
                 pass
-        self.faiss = self._build_coded(codes, codec, self.kind)
+        self.faiss = build_sq_index(codes, codec, self.kind)
         if cache_file is not None and self.kind != "flat":
             self._save(cache_file)
 
-    @staticmethod
-    def _build_coded(codes: np.ndarray, codec: Codec, kind: str) -> Any:
-        import faiss as faiss_module
 
-        faiss: Any = faiss_module  # the bundled type stubs lack the scalar-quantizer constructors' overloads
-        n, dim = codes.shape
-        qtype = faiss.ScalarQuantizer.QT_8bit if codec.dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
-        ip = faiss.METRIC_INNER_PRODUCT
-        index: Any
-        if kind == "flat" or n == 0:
-            index = owner = faiss.IndexScalarQuantizer(dim, qtype, ip)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWSQ(dim, qtype, 32, ip)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 128
-            owner = faiss.downcast_index(index.storage)
-        else:  # ivf, on the raw values (not residuals) so the quantiser's ranges apply as they are
-            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-            index = owner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, qtype, ip, False)
-            pick = np.sort(np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_ROWS), replace=False))
-            index.train(codec.decode(codes[pick]))
-            index.nprobe = max(1, nlist // 16)
-        if codec.dtype == "int8":
-            assert codec.scale is not None and codec.offset is not None
-            # FAISS 8-bit: x = vmin + (u + 0.5) / 255 * vdiff for u = c + 127 is offset + scale * c exactly.
-            trained = np.concatenate([codec.offset - 127.5 * codec.scale, 255.0 * codec.scale]).astype(np.float32)
-            faiss.copy_array_to_vector(trained, owner.sq.trained)
-            owner.is_trained = True
-            index.is_trained = True
-        for start in range(0, n, BLOCK_ROWS):
-            part = codec.decode(codes[start:start + BLOCK_ROWS])
-            if not np.isfinite(part).all():
-                raise IndexFormatError("stored global rows hold NaN or inf: the index is damaged; run "
-                                       "`finegrain check --index INDEX`")
-            index.add(np.ascontiguousarray(part, np.float32))
-        return index
+def build_sq_index(codes: np.ndarray, codec: Codec, kind: str, nlist: int | None = None, hnsw_m: int = 32,
+                   train_rows: int = IVF_TRAIN_ROWS, what: str = "global") -> Any:
+    """A FAISS scalar-quantizer index (inner product) holding exactly the stored float16/int8 ``codes``.
+
+    ``kind``: ``flat`` (``IndexScalarQuantizer``), ``hnsw`` (``IndexHNSWSQ``) or ``ivf``
+    (``IndexIVFScalarQuantizer`` on the raw values, ``nlist`` lists, default about 4 sqrt(n), trained on
+    at most ``train_rows`` seeded rows). int8: FAISS's per-dimension range is set to ``codec``'s quantiser.
+    ``what`` names the rows in the error raised when they hold NaN or inf.
+    """
+    import faiss as faiss_module
+
+    faiss: Any = faiss_module  # the bundled type stubs lack the scalar-quantizer constructors' overloads
+    n, dim = codes.shape
+    qtype = faiss.ScalarQuantizer.QT_8bit if codec.dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
+    ip = faiss.METRIC_INNER_PRODUCT
+    index: Any
+    if kind == "flat" or n == 0:
+        index = owner = faiss.IndexScalarQuantizer(dim, qtype, ip)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWSQ(dim, qtype, hnsw_m, ip)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 128
+        owner = faiss.downcast_index(index.storage)
+    else:  # ivf, on the raw values (not residuals) so the quantiser's ranges apply as they are
+        nlist = max(1, min(int(4 * np.sqrt(n)) if nlist is None else int(nlist), n // 39))
+        index = owner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, qtype, ip, False)
+        pick = np.sort(np.random.default_rng(0).choice(n, min(n, train_rows), replace=False))
+        index.train(codec.decode(codes[pick]))
+        index.nprobe = max(1, nlist // 16)
+    if codec.dtype == "int8":
+        assert codec.scale is not None and codec.offset is not None
+        # FAISS 8-bit: x = vmin + (u + 0.5) / 255 * vdiff for u = c + 127 is offset + scale * c exactly.
+        trained = np.concatenate([codec.offset - 127.5 * codec.scale, 255.0 * codec.scale]).astype(np.float32)
+        faiss.copy_array_to_vector(trained, owner.sq.trained)
+        owner.is_trained = True
+        index.is_trained = True
+    for start in range(0, n, BLOCK_ROWS):
+        part = codec.decode(codes[start:start + BLOCK_ROWS])
+        if not np.isfinite(part).all():
+            raise IndexFormatError(f"stored {what} rows hold NaN or inf: the index is damaged; run "
+                                   "`finegrain check --index INDEX`")
+        index.add(np.ascontiguousarray(part, np.float32))
+    return index
 
 
 def coded_ann(snapshot: Snapshot, field: str = "global") -> CodedIndex:
