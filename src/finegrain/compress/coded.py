@@ -1,7 +1,7 @@
-"""Quantised storage of the ``global`` and ``local`` fields (``finegrain compress --field global|local --quantize Q``).
+"""Quantised storage of the ``global``, ``local`` and ``instance`` fields (``compress --field F --quantize Q``).
 
-The storage itself (the ``global-compact`` / ``local-compact`` rows, the int8 quantiser file, crash safety,
-undo) is :mod:`.storage`'s, as for the multi-vector fields. What differs is how the rows are read:
+The storage itself (the ``<field>-compact`` rows, the int8 quantiser file, crash safety, undo) is
+:mod:`.storage`'s, as for the multi-vector fields. What differs is how the rows are read:
 
 ``global`` (``float16`` or ``int8``; the float32 originals are always kept)
     Global search runs on a FAISS scalar-quantizer index holding the stored codes
@@ -10,19 +10,30 @@ undo) is :mod:`.storage`'s, as for the multi-vector fields. What differs is how 
     dims that is 0.5 GB (int8) or 1 GB (float16) instead of 2 GB, plus the HNSW graph. FAISS's 8-bit
     ranges are set to the index's own quantiser, so FAISS scores exactly the stored int8 values.
     The best ``rescore`` (default :data:`DEFAULT_RESCORE`) hits of the first stage are then scored again
-    from the memory-mapped float32 originals (``rescore`` reads of one row each). Filters score the
+    from the memory-mapped float32 rows (``rescore`` reads of one row each). Filters score the
     allowed rows' codes; the multi-vector modes' global term reads the codes (:func:`global_vectors`).
     ``--drop-originals`` is refused: the re-scoring, the global projection, ``duplicates``, export and
     the local modes' joint-space fusion read them, and memory-mapped they cost disk, not memory.
+``global`` with the global projection (``--field global --method M --dim D --quantize Q``, or ``--quantize``
+on an index already projected with ``compress --method M --dim D``)
+    The rows global search scores are then the projected ones (the ``compressed`` field), so those are
+    quantised: the storage entry and the compact field are ``compressed`` / ``compressed-compact``
+    (:data:`PROJECTED`), fitted on the projected rows. Queries are projected, the codes searched as
+    above, and the short list re-scored from the projected float32 rows, so ``rescore`` gives back the
+    projection's own float32 answer. Projection and quantisation are written in one catalog transaction;
+    ``compress --method none`` drops both, ``--field global --quantize none`` the quantisation only. An SS2D
+    nested size (``search --dim``) is searched on the float32 projected rows (the codes are of the full size).
 ``local`` (``int8`` only: the descriptors are already stored float16)
-    The local searcher decodes the stored rows (:func:`finegrain.compress.storage.Codec.decode`) into
-    the float32 descriptor matrix its first stage and exact Chamfer read; that matrix is float32 either
-    way, so int8 halves the field on disk (and in the page cache), not the searcher's memory.
-    ``--drop-originals`` is allowed (nothing else reads the descriptors).
+    The local searcher holds the stored rows as they are (memory-mapped when the field is one chunk) and
+    scores them in blocks (:class:`~finegrain.local.chamfer.LocalDatabase`); with int8 its FAISS first
+    stage is a scalar-quantizer index over the same codes. ``--drop-originals`` is allowed (nothing
+    else reads the descriptors).
+``instance`` (``int8`` only: stored float16)
+    The ``instance`` mode scores the codes (:class:`CodedRows`); the ``l2g`` fusion decodes the short list's
+    rows. ``--drop-originals`` is allowed.
 
-Neither field takes a projection: the global field has its own (``compress --method M --dim D`` without
-``--field``; quantising it too is refused while it is active), and projecting local descriptors would
-need every query descriptor projected in the local searcher as well.
+No projection for ``local`` or ``instance``: every query descriptor would have to be projected in the
+local searcher as well.
 """
 
 from __future__ import annotations
