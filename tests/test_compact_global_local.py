@@ -296,6 +296,11 @@ def test_projection_then_quantisation_and_the_refusals(index):
     index.refresh()
     assert set(index.info()["storage"]) == {"compressed"} and index.info()["bytes_per_image"] == 16
     np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[1], projected[1])  # re-scored: the float rows
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "none"])
+    assert out.exit_code == 0 and "float32 projected rows again (pca to 16 dims" in " ".join(out.output.split())
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8"])
+    assert out.exit_code == 0, out.output
+    index.refresh()
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "pca", "--dim", "8"])
     assert out.exit_code == 2 and "stored int8" in " ".join(out.output.split())
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "none"])  # both go together

@@ -727,8 +727,12 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
     if as_json:
         print(json.dumps({"field": field, "storage": info or None, "bytes_per_image": stored,
                           "vector_bytes_per_image": per_image}))
+    elif not info and field == "global" and idx.info()["projection"]:  # the projection stays
+        kept = idx.info()["projection"]
+        out.print(f"global: searching the float32 projected rows again ({kept['method']} to {kept['dim']} dims, "
+                  f"{4 * kept['dim']} bytes per image)")
     elif not info:
-        original = "float16" if field == "local" else "float32"  # local descriptors are stored float16
+        original = "float16" if field in ("local", "instance") else "float32"  # local features are stored float16
         out.print(f"{field}: stored as the original {original} rows again ({stored:.0f} bytes per image)")
     else:
         proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
