@@ -8,13 +8,17 @@ index over the stored codes, then the best ``rescore`` re-scored from the float3
 with ``--modes ...,hierarchical``, through the multi-vector scoring whose global term reads the codes
 (:func:`finegrain.compress.coded.global_vectors`). Reports text->image R@1/5/10, NDCG@10 and the
 share of queries whose top 10 equals the original's. A ``+rescoreN`` suffix sets ``rescore`` (the
-product's default is 100; ``+rescore0``: the codes alone). Ends with ``--field global --quantize none``.
+product's default is 100; ``+rescore0``: the codes alone). A ``pcaD+`` / ``ss2dD+`` prefix projects first
+(``--field global --method M --dim D --quantize Q``: the projected rows quantised, re-scored from the
+projected float32 rows; ``pca128`` alone: the projection in float32). Ends with the originals again.
 
 Usage::
 
     cp -r /work/cache/scale-src-dev /tmp/cq-dev
     python -m experiments.compact_global --index /tmp/cq-dev --data ../shared/data/flickr8k \\
         --variants original,float16+rescore0,float16,int8+rescore0,int8,original
+    python -m experiments.compact_global --index /tmp/cq-dev --data ../shared/data/flickr8k \
+        --variants original,pca128,pca128+int8+rescore0,pca128+int8,pca64,pca64+int8+rescore0,pca64+int8
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ from finegrain.retrieval.multivector import MultiVectorRetriever
 from finegrain.search import multivector as mv
 
 from .compact_fields import dev_captions, query_matrices
+
+#: Projection parameters per method (SS2D: the input teacher, chosen for about a thousand images).
+PARAMS: dict[str, dict] = {"ss2d": {"teacher": None}}
+
+
+def _parse(name: str) -> tuple[str, int | None, str, int | None]:
+    """``[pca128+]int8[+rescore0]`` -> (method, dim, quantize, rescore); ``original``: float32, no projection."""
+    parts = name.split("+")
+    rescore = next((int(p[len("rescore"):]) for p in parts if p.startswith("rescore")), None)
+    parts = [p for p in parts if not p.startswith("rescore")]
+    method, dim = "none", None
+    if parts and parts[0].rstrip("0123456789") in ("pca", "aesvc", "ss2d"):
+        method = parts[0].rstrip("0123456789")
+        dim = int(parts[0][len(method):])
+        parts = parts[1:]
+    quantize = parts[0] if parts else "none"
+    return method, dim, "none" if quantize == "original" else quantize, rescore
 
 
 def _metrics(ranks: list[float]) -> dict:
@@ -59,13 +80,19 @@ def main() -> None:
     full = np.stack([q[0] for q in queries])
     first: dict[str, np.ndarray] = {}
     for name in args.variants.split(","):
-        quantize, _, extra = name.partition("+rescore")
-        quantize = "none" if quantize == "original" else quantize
-        rescore = int(extra) if extra else None
+        method, dim, quantize, rescore = _parse(name)
         t0 = time.perf_counter()
-        info = index.compress(None, None, field="global", quantize=quantize)
+        index.compress(None, None, field="global", quantize="none")  # from the float32 originals each time
+        index.compress("none")
+        if method == "none":
+            info = index.compress(None, None, field="global", quantize=quantize)
+        elif quantize == "none":  # the projection alone (float32 projected rows)
+            info = index.compress(method, dim, **PARAMS.get(method, {}))
+        else:  # the projection, its rows quantised (`--field global --method M --dim D --quantize Q`)
+            info = index.compress(method, dim, field="global", quantize=quantize, **PARAMS.get(method, {}))
         snap = index.snapshot
-        row: dict = {"variant": name, "quantize": quantize, "rescore": "default (100)" if rescore is None else rescore,
+        row: dict = {"variant": name, "projection": f"{method}{dim}" if dim else "none", "quantize": quantize,
+                     "rescore": "default (100)" if rescore is None else rescore,
                      "bytes_per_image": index.info()["bytes_per_image"], "fitted_on_rows": info.get("fitted_on")}
         for mode in args.modes.split(","):
             tops = np.full((len(queries), 10), -1, np.int64)
@@ -85,9 +112,13 @@ def main() -> None:
             row[mode]["same_top10_as_original"] = round(float((tops == base).all(axis=1).mean()), 4)
             overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(tops, base)]
             row[mode]["top10_overlap"] = round(float(np.mean(overlap)), 4)
+            if method != "none":  # against the same projection in float32 (the first such variant run)
+                same = first.setdefault(f"{mode}:{method}{dim}", tops)
+                row[mode]["same_top10_as_float32_projection"] = round(float((tops == same).all(axis=1).mean()), 4)
         row["seconds"] = round(time.perf_counter() - t0, 1)  # loaded shared machine: not a timing result
         print(json.dumps(row), flush=True)
     index.compress(None, None, field="global", quantize="none")  # leave the copy as it came
+    index.compress("none")
     index.close()
 
 

@@ -230,7 +230,6 @@ def test_crash_before_the_catalog_commit_leaves_the_index_as_it_was(index):
     (["--field", "segments", "--method", "pca"], "--dim must be a positive integer"),
     (["--field", "objects_refined", "--quantize", "int8"], "no 'objects_refined' field"),
     (["--quantize", "int8"], "--field"),
-    (["--field", "global", "--method", "pca", "--dim", "16", "--quantize", "int8"], "takes --quantize only"),
     (["--drop-originals"], "need --field"),
     (["--field", "segments", "--drop-originals"], "needs a compact form"),
 ])

@@ -245,7 +245,12 @@ def test_shard_set_global_search_over_quantised_shards(base, tmp_path):
 
 # ------------------------------------------------------------------ errors and CLI
 @pytest.mark.parametrize("args,message", [
-    (["--field", "global", "--method", "pca", "--dim", "16", "--quantize", "int8"], "takes --quantize only"),
+    (["--field", "global", "--method", "pca", "--dim", "16", "--quantize", "int8", "--drop-originals"],
+     "keeps its float32 originals"),
+    (["--field", "global", "--method", "pca", "--dim", "600", "--quantize", "int8"], "larger than"),
+    (["--field", "instance", "--quantize", "float16"], "already stored float16"),
+    (["--field", "instance", "--quantize", "int8"], "no 'instance' field"),
+    (["--field", "instance", "--method", "pca", "--dim", "16", "--quantize", "int8"], "--quantize int8 only"),
     (["--field", "global", "--quantize", "int8", "--drop-originals"], "keeps its float32 originals"),
     (["--field", "local", "--quantize", "float16"], "already stored float16"),
     (["--field", "local", "--quantize", "int8"], "no 'local' field"),
@@ -256,13 +261,31 @@ def test_bad_combinations_are_one_line_errors(index, args, message):
     assert_compress_usage_error(index, args, message)
 
 
-def test_projection_and_quantisation_refuse_each_other(index):
+def test_projection_then_quantisation_and_the_refusals(index):
     runner = CliRunner()
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "pca", "--dim", "16"])
     assert out.exit_code == 0, out.output
+    index.refresh()
+    projected = index.search_vectors(QUERIES, 10)
+    # --field global on a projected index quantises the rows global search scores: the projected ones
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8"])
-    assert out.exit_code == 2 and "remove the projection first" in " ".join(out.output.split())
-    runner.invoke(app, ["compress", "--index", str(index.path), "--method", "none"])
+    assert out.exit_code == 0 and "projected (pca to 16 dims), int8 rows, 16 bytes" in " ".join(out.output.split())
+    index.refresh()
+    assert set(index.info()["storage"]) == {"compressed"} and index.info()["bytes_per_image"] == 16
+    np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[1], projected[1])  # re-scored: the float rows
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "none"])
+    assert out.exit_code == 0 and "float32 projected rows again (pca to 16 dims" in " ".join(out.output.split())
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8"])
+    assert out.exit_code == 0, out.output
+    index.refresh()
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "pca", "--dim", "8"])
+    assert out.exit_code == 2 and "stored int8" in " ".join(out.output.split())
+    out = runner.invoke(app, ["compress", "--index", str(index.path), "--method", "none"])  # both go together
+    assert out.exit_code == 0, out.output
+    index.refresh()
+    assert index.info()["storage"] is None and index.info()["projection"] is None
+    assert not index.snapshot.has_field("compressed-compact")
+    assert not any((index.path / storage.STORAGE_DIR).iterdir())
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "int8",
                               "--json"])
     assert out.exit_code == 0, out.output
@@ -280,6 +303,122 @@ def test_projection_and_quantisation_refuse_each_other(index):
         DenseParams(rescore=-1)
     out = runner.invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--quantize", "none"])
     assert out.exit_code == 0 and "original float32" in out.output
+
+
+# ------------------------------------------------------------------ projection and quantisation together
+PROJ_DIM = 64
+
+
+def _projected_bound(idx: Index) -> np.ndarray:
+    """Per query, the largest |int8 score - float32 score| in the projected space."""
+    codec = storage.snapshot_codec(idx.snapshot, coded.PROJECTED)
+    assert codec.scale is not None and idx.snapshot.projection is not None
+    return np.abs(idx.snapshot.projection.transform(QUERIES)) @ codec.scale / 2 + 1e-6
+
+
+@pytest.mark.parametrize("method", ["pca", "ss2d"])
+def test_projection_and_int8_together(index, method):
+    params = {"n_steps": 30, "teacher": None} if method == "ss2d" else {}
+    index.compress(method, PROJ_DIM, **params)
+    p0, j0 = index.search_vectors(QUERIES, N_IMAGES)  # the projection alone, float32
+    index.compress("none")
+    info = index.compress(method, PROJ_DIM, field="global", quantize="int8", **params)
+    assert info["quantize"] == "int8" and info["projection"]["method"] == method
+    snap = index.snapshot
+    assert snap.projection_info is not None and snap.projection_info["dim"] == PROJ_DIM
+    assert set(index.info()["storage"]) == {coded.PROJECTED} and coded.coded_field(snap) == coded.PROJECTED
+    codes = coded.global_compact_rows(snap, coded.PROJECTED)
+    assert codes.vectors.dtype == np.int8 and codes.vectors.shape == (N_IMAGES, PROJ_DIM)
+    codec = storage.snapshot_codec(snap, coded.PROJECTED)
+    np.testing.assert_array_equal(codes.vectors, codec.encode(snap.search_rows.vectors))  # the projected rows
+    assert index.info()["bytes_per_image"] == PROJ_DIM  # 64 B searched, not 2 KB
+    if method == "pca":  # PCA refits to the same projection: the float32 answer above is this index's
+        s0, i0 = p0, j0
+    else:  # SS2D trains anew: compare with this projection's own float32 rows
+        index.compress(None, None, field="global", quantize="none")
+        s0, i0 = index.search_vectors(QUERIES, N_IMAGES)
+        index.compress(None, None, field="global", quantize="int8")
+    full = {q: dict(zip(i0[q].tolist(), s0[q].tolist())) for q in range(len(QUERIES))}
+    k, bound = 10, _projected_bound(index)
+    _, i1 = _search_kw(index, k, rescore=0)  # the codes alone (FAISS SQ over the stored int8 rows)
+    for q in range(len(QUERIES)):
+        for image in set(i1[q].tolist()) - set(i0[q, :k].tolist()):
+            assert full[q][image] >= s0[q, k - 1] - 2 * bound[q], (q, image)
+    s2, i2 = _search_kw(index, k, rescore=N_IMAGES)  # everything re-scored from the projected float32 rows
+    np.testing.assert_array_equal(i2, i0[:, :k])
+    np.testing.assert_allclose(s2, s0[:, :k], rtol=1e-5, atol=1e-6)
+    allowed = np.zeros(N_IMAGES, bool)
+    allowed[::5] = True
+    _, i3 = _search_kw(index, 5, allowed=allowed, rescore=N_IMAGES)  # filters score the codes, then re-score
+    assert set(i3.ravel().tolist()) <= set(snap.ids[allowed].tolist())
+    if method == "ss2d":  # a nested size searches the float32 projected rows (the codes are of the full size)
+        _, i4 = index.search_vectors(QUERIES, 5, dim=16)
+        assert i4.shape == (len(QUERIES), 5)
+    # later images are projected and quantised in their commit; compaction and `finegrain check` keep up
+    _commit(index, N_IMAGES, 5, seed=9)
+    snap = index.snapshot
+    codes = coded.global_compact_rows(snap, coded.PROJECTED)
+    np.testing.assert_array_equal(codes.vectors[-5:], codec.encode(snap.search_rows.vectors[-5:]))
+    new = snap.global_rows.vectors[-1]
+    assert index.search_vectors(new[None, :], 1)[1][0, 0] == snap.ids[-1]
+    index.remove([int(snap.ids[0])])
+    index.compact()
+    assert len(index.snapshot.field("compressed-compact")) == N_IMAGES + 4
+    assert check_index(index.path).as_dict()["ok"]
+    # undo the quantisation: the projection alone again, exactly
+    alone = index.compress(None, None, field="global", quantize="none")
+    assert alone == {} and index.info()["storage"] is None and index.info()["projection"]["method"] == method
+    a, b = index.search_vectors(QUERIES, 10), _search_kw(index, 10, rescore=0)
+    np.testing.assert_array_equal(a[0], b[0])  # no codes left: rescore is ignored
+    assert index.info()["bytes_per_image"] == 4 * PROJ_DIM
+    index.compress(None, None, field="global", quantize="float16")  # quantise the projection in place
+    assert index.snapshot.field("compressed-compact").vectors.dtype == np.float16
+    assert index.info()["bytes_per_image"] == 2 * PROJ_DIM
+    # a new projection replaces an unprojected quantisation of the global field
+    index.compress("none")
+    index.compress(None, None, field="global", quantize="int8")
+    index.compress("pca", 32, field="global", quantize="int8")
+    assert set(index.info()["storage"]) == {coded.PROJECTED} and not index.snapshot.has_field("global-compact")
+    assert index.info()["bytes_per_image"] == 32
+    assert len(list((index.path / storage.STORAGE_DIR).iterdir())) == 1
+    assert len(list((index.path / "projection").iterdir())) == 1
+
+
+def test_projection_and_quantisation_crash_before_the_catalog_commit(index, monkeypatch):
+    before = index.search_vectors(QUERIES, 10)
+    generation = index.snapshot.generation
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Writer, "replace_fields", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        index.compress("pca", PROJ_DIM, field="global", quantize="int8")
+    monkeypatch.undo()
+    index.refresh()
+    assert index.snapshot.generation == generation
+    assert index.info()["storage"] is None and index.info()["projection"] is None
+    np.testing.assert_array_equal(index.search_vectors(QUERIES, 10)[0], before[0])
+    with index.writer():  # the leftovers (projection, quantiser, both chunks) are swept by the next writer
+        pass
+    for folder in ("projection", storage.STORAGE_DIR, "vectors/compressed", "vectors/compressed-compact"):
+        assert not (index.path / folder).exists() or not any((index.path / folder).iterdir()), folder
+    assert check_index(index.path).as_dict()["ok"]
+
+
+def test_cli_projection_and_quantisation_in_one_command(index):
+    out = CliRunner().invoke(app, ["compress", "--index", str(index.path), "--field", "global", "--method", "pca",
+                                   "--dim", "32", "--quantize", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["storage"]["projection"]["dim"] == 32 and result["bytes_per_image"] == 32
+    index.refresh()
+    problems = check_index(index.path, record=False).as_dict()
+    assert problems["ok"], problems
+    quantizer = next((index.path / storage.STORAGE_DIR).iterdir())
+    quantizer.unlink()
+    problems = check_index(index.path, record=False).as_dict()
+    assert not problems["ok"] and "field compressed: a storage file is missing" in json.dumps(problems)
 
 
 # ------------------------------------------------------------------ a real index (photos, the bundled encoder)
@@ -401,3 +540,102 @@ def test_local_int8_search_undo_and_drop(local_index):
         idx.compress(None, None, field="local", quantize="none")
     with pytest.raises(ValueError, match="undo it first"):
         idx.refit_local()
+
+
+# ------------------------------------------------------------------ the local searcher holds the stored rows
+def _int8(x: np.ndarray) -> tuple[np.ndarray, storage.Codec]:
+    """``x`` quantised as `compress --field local --quantize int8` does (per-dimension min/max ranges)."""
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    codec = storage.Codec(None, ((hi - lo) / 254).astype(np.float32), ((hi + lo) / 2).astype(np.float32), "int8")
+    return codec.encode(x), codec
+
+
+def test_local_database_scores_int8_rows_without_decoding_them(tmp_path):
+    import faiss
+
+    from finegrain.local.chamfer import ApproxChamfer, LocalDatabase, chamfer_scores
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 60, 300)  # some images without descriptors
+    desc = _unit(rng.standard_normal((int(counts.sum()), 32)))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    codes, codec = _int8(desc)
+    db = LocalDatabase(codes, offsets, codec.scale, codec.offset)
+    assert db.descriptors.dtype == np.int8 and db.descriptors.nbytes == desc.size  # 1 byte a dimension in memory
+    decoded = LocalDatabase(codec.decode(codes), offsets)  # the same values as float32 rows
+    q = _unit(rng.standard_normal((40, 32)))
+    np.testing.assert_allclose(chamfer_scores(q, db), chamfer_scores(q, decoded), atol=2e-6)
+    some = rng.choice(300, 50, replace=False)
+    np.testing.assert_allclose(chamfer_scores(q, db, some), chamfer_scores(q, decoded, some), atol=2e-6)
+    # against the float32 originals: each best match moves by at most sum_i |q_i| scale_i / 2
+    bound = float((np.abs(q) @ codec.scale).max() / 2) + 1e-6
+    np.testing.assert_allclose(chamfer_scores(q, db), chamfer_scores(q, LocalDatabase(desc, offsets)), atol=bound)
+    np.testing.assert_allclose(db.image(5), codec.decode(codes[offsets[5]:offsets[6]]))
+    # the first stage: FAISS holds the int8 codes (scalar quantizer), not a float32 copy
+    for kind in ("flat", "ivf"):
+        approx = ApproxChamfer(db, index=kind, knn=20, nlist=8, nprobe=8)
+        assert "ScalarQuantizer" in type(faiss.downcast_index(approx.index)).__name__
+        exact = ApproxChamfer(decoded, index="flat", knn=20)
+        s1, r1 = approx.score_all(q)
+        s2, r2 = exact.score_all(q)
+        if kind == "flat":  # the same neighbours and scores as float32 rows holding the decoded values
+            np.testing.assert_array_equal(r1, r2)
+            np.testing.assert_allclose(s1, s2, atol=1e-5)
+    # a float16 field memory-mapped from disk is held as it is: no copy
+    np.save(tmp_path / "d.npy", desc.astype(np.float16))
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    db16 = LocalDatabase(mapped, offsets)
+    assert db16.descriptors.dtype == np.float16 and np.shares_memory(db16.descriptors, mapped)
+    np.testing.assert_allclose(chamfer_scores(q, db16), chamfer_scores(q, LocalDatabase(
+        np.asarray(mapped, np.float32), offsets)), atol=2e-6)
+    with pytest.raises(ValueError, match="scale and offset"):
+        LocalDatabase(codes, offsets)
+
+
+def test_local_searcher_and_instance_int8_in_memory(local_index):
+    import faiss
+
+    idx, photos, _ = local_index
+    s = idx.local_searcher
+    assert s.db.descriptors.dtype == np.float16  # the stored float16 rows, not a float32 copy
+    before = {p.name: _local_hits(idx, p, "local") for p in photos[:3]}
+    inst_before = {p.name: [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+                   for p in photos[:3]}
+    # local int8: the searcher holds the int8 rows (memory-mapped) and FAISS their codes
+    idx.compress(None, None, field="local", quantize="int8")
+    s = idx.local_searcher
+    assert s.db.descriptors.dtype == np.int8
+    assert s.db.descriptors.nbytes == idx.snapshot.field("local-compact").vectors.nbytes
+    assert "ScalarQuantizer" in type(faiss.downcast_index(s.approx().index)).__name__
+    for p in photos[:3]:
+        assert {i for i, _ in _local_hits(idx, p, "local")[:2]} == {i for i, _ in before[p.name][:2]}
+    # instance int8: `instance` mode scores the codes; undo gives the float16 answer back exactly
+    info = idx.compress(None, None, field="instance", quantize="int8")
+    assert info["quantize"] == "int8" and idx.snapshot.field("instance-compact").vectors.dtype == np.int8
+    s = idx.local_searcher
+    assert isinstance(s.instance, coded.CodedRows) and s.instance.rows.dtype == np.int8
+    codec = storage.snapshot_codec(idx.snapshot, "instance")
+    assert codec.scale is not None
+    for p in photos[:3]:
+        after = [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+        gq = s.query_features(p, None)[1]
+        bound = float(np.abs(gq / np.linalg.norm(gq)) @ codec.scale / 2) + 1e-5
+        # the scores move by at most the quantisation bound (scores compared per image)
+        got, want = dict(after), dict(inst_before[p.name])
+        assert set(got) == set(want)
+        np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=bound)
+        assert {i for i, _ in after[:2]} == {i for i, _ in inst_before[p.name][:2]}
+    l2g = _local_hits(idx, photos[0], "l2g")  # the l2g fusion reads decoded instance rows
+    assert len(l2g) == len(idx)
+    assert idx.info()["local"]["bytes_per_image"] > 0
+    with pytest.raises(ValueError, match="undo it first"):
+        idx.refit_local()
+    assert check_index(idx.path).as_dict()["ok"]
+    assert idx.compress(None, None, field="instance", quantize="none") == {}
+    for p in photos[:3]:  # the float16 rows again (float32 products: equal up to BLAS rounding)
+        again = [(h.id, h.score) for h in idx.search(image=p, mode="instance", k=len(idx))]
+        assert [i for i, _ in again] == [i for i, _ in inst_before[p.name]]
+        np.testing.assert_allclose([v for _, v in again], [v for _, v in inst_before[p.name]], atol=1e-6)
+    idx.compress(None, None, field="instance", quantize="int8", drop_originals=True)
+    assert not idx.snapshot.has_field("instance") and "instance" in idx.available_modes()
+    assert idx.search(image=photos[0], mode="instance", k=2)[0].id == inst_before[photos[0].name][0][0]

@@ -669,7 +669,7 @@ def compress_cmd(
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
     teacher: str = typer.Option("aesvc", "--teacher", help="ss2d: distil an AE-SVC's similarities (aesvc, the paper) or the original embeddings' (input; better on about a thousand images, worse on 7,000: see docs/compress.md)."),
-    field: Optional[str] = typer.Option(None, "--field", help="A field to store compact: segments, objects, objects_mean, objects_refined; global or local (--quantize only) (default: the global projection)."),
+    field: Optional[str] = typer.Option(None, "--field", help="A field to store compact: segments, objects, objects_mean, objects_refined; local or instance (--quantize int8 only); global (--quantize, with --method/--dim: the global projection quantised) (default: the global projection)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="With --field: float16, int8 (per-dimension scale) or none; --method none --quantize none returns to the originals."),
     drop_originals: bool = typer.Option(False, "--drop-originals", help="With --field: delete the float32 originals (saves disk; undo then needs re-indexing)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored projection as JSON."),
@@ -732,15 +732,22 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
         info = idx.compress(method, dim, show_progress=not as_json, field=field, quantize=quantize or "none",
                             drop_originals=drop_originals, **params)
     per_image = idx.info()["vector_bytes_per_image"]
-    stored = per_image.get(storage.compact_name(field) if info else field, 0.0)
+    projected = field == "global" and bool(info.get("projection"))  # the global projection's rows, quantised
+    stored = per_image.get(storage.compact_name("compressed" if projected else field) if info else field, 0.0)
     if as_json:
         print(json.dumps({"field": field, "storage": info or None, "bytes_per_image": stored,
                           "vector_bytes_per_image": per_image}))
+    elif not info and field == "global" and idx.info()["projection"]:  # the projection stays
+        kept = idx.info()["projection"]
+        out.print(f"global: searching the float32 projected rows again ({kept['method']} to {kept['dim']} dims, "
+                  f"{4 * kept['dim']} bytes per image)")
     elif not info:
-        original = "float16" if field == "local" else "float32"  # local descriptors are stored float16
+        original = "float16" if field in ("local", "instance") else "float32"  # local features are stored float16
         out.print(f"{field}: stored as the original {original} rows again ({stored:.0f} bytes per image)")
     else:
         proj = f"{info['method']} to {info['dim']} dims, " if info["method"] != "none" else ""
+        if projected:
+            proj = f"projected ({info['projection']['method']} to {info['dim']} dims), "
         out.print(f"{field}: {proj}{info['quantize'] if info['quantize'] != 'none' else 'float32'} rows, "
                   f"{stored:.0f} bytes per image (originals {info['originals']}"
                   + (f"; fitted on {info['fitted_on']} rows in {info['fit_seconds']:.1f}s)" if info["fitted_on"] else ")"))

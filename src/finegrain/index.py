@@ -346,7 +346,8 @@ class Index:
         from .compress import indexing as compress_indexing
         from .compress import storage as compact_storage
 
-        # ``field="global"`` with ``quantize`` given is the global field's quantised storage (compress/coded.py)
+        # ``field="global"`` with ``quantize`` given is the global field's quantised storage (compress/coded.py),
+        # with ``method`` the global projection quantised too
         legacy = field is None or (field == "global" and quantize is None and not drop_originals)
         if legacy and (quantize not in (None, "none") or drop_originals):
             raise ValueError("--quantize and --drop-originals need --field (global, local, segments, objects, "
@@ -378,9 +379,11 @@ class Index:
             raise ValueError("this index stores no local features (create it with --local cnn)")
         from .compress import storage as compact_storage
 
-        if compact_storage.field_info(self._snapshot.settings, LOCAL_FIELD):  # its quantiser fits the old whitening
-            raise ValueError("the local field is stored quantised (compress --field local); undo it first "
-                             "(`finegrain compress --field local --quantize none`), refit, then quantise again")
+        for name in (LOCAL_FIELD, INSTANCE_FIELD):  # a quantiser fitted on the old whitening's rows
+            if compact_storage.field_info(self._snapshot.settings, name):
+                raise ValueError(f"the {name} field is stored quantised (compress --field {name}); undo it first "
+                                 f"(`finegrain compress --field {name} --quantize none`), refit, then quantise "
+                                 "again")
         with self.writer() as w:
             store = LocalStore(self.path, cfg)
             live = sorted(self.catalog.images("indexed"), key=lambda r: r.path)
@@ -582,7 +585,8 @@ class Index:
         rows = snap.field(stored) if snap.has_field(stored) else None
         n_desc = 0 if rows is None else len(rows)
         per_row = 0 if rows is None else rows.vectors.itemsize * rows.vectors.shape[1] + 4 * 3 + 2 + 8
-        inst = snap.field(INSTANCE_FIELD) if snap.has_field(INSTANCE_FIELD) else None
+        stored_inst = compact_storage.stored_name(snap, INSTANCE_FIELD)  # int8 rows when `compress --field instance`
+        inst = snap.field(stored_inst) if snap.has_field(stored_inst) else None
         inst_bytes = 0 if inst is None else inst.vectors.itemsize * inst.vectors.shape[1] + 8
         return {"extractor": cfg.extractor, "params": cfg.params,
                 "fitted": (self.path / STATE_FILE).exists(), "descriptors": n_desc,
@@ -606,7 +610,8 @@ class Index:
             "dim": snap.dim,
             "projection": snap.projection_info,
             "bytes_per_image": {"float16": 2, "int8": 1}.get(str((compact_storage.field_info(
-                snap.settings, "global") or {}).get("quantize")), 4) * dim,  # the global rows searched
+                snap.settings, "global") or compact_storage.field_info(snap.settings, "compressed")
+                or {}).get("quantize")), 4) * dim,  # the global rows searched (projected ones quantised too)
             "storage": snap.settings.get(compact_storage.META_KEY) or None,  # compact fields (`compress --field`)
             "vector_bytes_per_image": compact_storage.bytes_per_image(self.path, self.catalog.chunks(), len(snap)),
             "ann": ("hnsw" if len(snap) >= AUTO_ANN_THRESHOLD else "flat") if ann == "auto" else ann,

@@ -1,7 +1,7 @@
-"""Quantised storage of the ``global`` and ``local`` fields (``finegrain compress --field global|local --quantize Q``).
+"""Quantised storage of the ``global``, ``local`` and ``instance`` fields (``compress --field F --quantize Q``).
 
-The storage itself (the ``global-compact`` / ``local-compact`` rows, the int8 quantiser file, crash safety,
-undo) is :mod:`.storage`'s, as for the multi-vector fields. What differs is how the rows are read:
+The storage itself (the ``<field>-compact`` rows, the int8 quantiser file, crash safety, undo) is
+:mod:`.storage`'s, as for the multi-vector fields. What differs is how the rows are read:
 
 ``global`` (``float16`` or ``int8``; the float32 originals are always kept)
     Global search runs on a FAISS scalar-quantizer index holding the stored codes
@@ -10,19 +10,30 @@ undo) is :mod:`.storage`'s, as for the multi-vector fields. What differs is how 
     dims that is 0.5 GB (int8) or 1 GB (float16) instead of 2 GB, plus the HNSW graph. FAISS's 8-bit
     ranges are set to the index's own quantiser, so FAISS scores exactly the stored int8 values.
     The best ``rescore`` (default :data:`DEFAULT_RESCORE`) hits of the first stage are then scored again
-    from the memory-mapped float32 originals (``rescore`` reads of one row each). Filters score the
+    from the memory-mapped float32 rows (``rescore`` reads of one row each). Filters score the
     allowed rows' codes; the multi-vector modes' global term reads the codes (:func:`global_vectors`).
     ``--drop-originals`` is refused: the re-scoring, the global projection, ``duplicates``, export and
     the local modes' joint-space fusion read them, and memory-mapped they cost disk, not memory.
+``global`` with the global projection (``--field global --method M --dim D --quantize Q``, or ``--quantize``
+on an index already projected with ``compress --method M --dim D``)
+    The rows global search scores are then the projected ones (the ``compressed`` field), so those are
+    quantised: the storage entry and the compact field are ``compressed`` / ``compressed-compact``
+    (:data:`PROJECTED`), fitted on the projected rows. Queries are projected, the codes searched as
+    above, and the short list re-scored from the projected float32 rows, so ``rescore`` gives back the
+    projection's own float32 answer. Projection and quantisation are written in one catalog transaction;
+    ``compress --method none`` drops both, ``--field global --quantize none`` the quantisation only. An SS2D
+    nested size (``search --dim``) is searched on the float32 projected rows (the codes are of the full size).
 ``local`` (``int8`` only: the descriptors are already stored float16)
-    The local searcher decodes the stored rows (:func:`finegrain.compress.storage.Codec.decode`) into
-    the float32 descriptor matrix its first stage and exact Chamfer read; that matrix is float32 either
-    way, so int8 halves the field on disk (and in the page cache), not the searcher's memory.
-    ``--drop-originals`` is allowed (nothing else reads the descriptors).
+    The local searcher holds the stored rows as they are (memory-mapped when the field is one chunk) and
+    scores them in blocks (:class:`~finegrain.local.chamfer.LocalDatabase`); with int8 its FAISS first
+    stage is a scalar-quantizer index over the same codes. ``--drop-originals`` is allowed (nothing
+    else reads the descriptors).
+``instance`` (``int8`` only: stored float16)
+    The ``instance`` mode scores the codes (:class:`CodedRows`); the ``l2g`` fusion decodes the short list's
+    rows. ``--drop-originals`` is allowed.
 
-Neither field takes a projection: the global field has its own (``compress --method M --dim D`` without
-``--field``; quantising it too is refused while it is active), and projecting local descriptors would
-need every query descriptor projected in the local searcher as well.
+No projection for ``local`` or ``instance``: every query descriptor would have to be projected in the
+local searcher as well.
 """
 
 from __future__ import annotations
@@ -34,11 +45,22 @@ import numpy as np
 
 from ..store.ann import AUTO_ANN_THRESHOLD, VectorIndex
 from ..store.catalog import IndexFormatError
-from .storage import BLOCK_ROWS, Codec, compact_name, field_info, snapshot_codec
+from .storage import (
+    BLOCK_ROWS,
+    FIT_ROWS,
+    META_KEY,
+    Codec,
+    build_storage,
+    compact_name,
+    field_info,
+    snapshot_codec,
+    sweep_storage_files,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
     from ..store.vectors import FieldRows
+    from ..store.writer import Writer
 
 #: Hits of a quantised global search scored again from the float32 originals unless ``rescore`` says otherwise.
 #: 100 rows are 100 reads of 2 KB (512 dims) from the memory-mapped originals; chosen before any measurement.
@@ -47,13 +69,17 @@ DEFAULT_RESCORE = 100
 IVF_TRAIN_ROWS = 100_000
 
 
+#: The projected global rows (the global projection's ``compressed`` field): their storage key when quantised.
+PROJECTED = "compressed"
+
+
 def check_quantize_only(snapshot: Snapshot, field: str, method: str, dim: int | None, quantize: str,
                         drop_originals: bool) -> None:
-    """One-line errors for what ``--field global`` / ``--field local`` cannot do."""
-    if method != "none":
-        if field == "global":
-            raise ValueError("--field global takes --quantize only; project the global field with `finegrain "
-                             "compress --method M --dim D` (without --field), which cannot be quantised as well")
+    """One-line errors for what ``--field global`` / ``local`` / ``instance`` cannot do."""
+    if method != "none" and field != "global":
+        if field == "instance":
+            raise ValueError("--field instance takes --quantize int8 only (a projection would have to be applied "
+                             "to every query's instance descriptor too)")
         raise ValueError("--field local takes --quantize int8 only (a projection would have to be applied to "
                          "every query descriptor too)")
     if field == "global":
@@ -61,12 +87,72 @@ def check_quantize_only(snapshot: Snapshot, field: str, method: str, dim: int | 
             raise ValueError("the global field keeps its float32 originals (re-scoring, the global projection, "
                              "duplicates and export read them; memory-mapped they cost disk, not memory): "
                              "--drop-originals applies to the other fields")
-        info = snapshot.projection_info
-        if info and quantize != "none":
-            raise ValueError(f"this index's global field is projected ({info['method']} to {info['dim']} dims); "
-                             "remove the projection first (`finegrain compress --method none`) to quantise it")
-    if field == "local" and quantize == "float16":
-        raise ValueError("the local descriptors are already stored float16; --quantize int8 halves them")
+        if method != "none" and quantize == "none":
+            raise ValueError("--field global --method M --dim D needs --quantize float16 or int8 (a projection "
+                             "alone is `finegrain compress --method M --dim D`, without --field)")
+    if field in ("local", "instance") and quantize == "float16":
+        raise ValueError(f"the {field} rows are already stored float16; --quantize int8 halves them")
+
+
+def compress_global(writer: Writer, snapshot: Snapshot, method: str, dim: int | None, quantize: str,
+                    params: dict[str, Any] | None = None, fit_rows: int = FIT_ROWS, seed: int = 0,
+                    show_progress: bool = False) -> dict:
+    """``compress --field global``: quantise the rows global search scores, with or without a projection.
+
+    ``method`` given: fit the global projection (as ``compress --method M --dim D``) and quantise its projected
+    rows, in one catalog transaction. ``method="none"``: quantise the projected rows when the index is
+    projected, else the global rows themselves. ``quantize="none"``: drop the quantisation (the projection, if
+    any, stays). Returns the quantised field's ``storage`` setting, with ``"projection"`` (the projection's
+    setting) when the projected rows are the ones quantised; ``{}`` after an undo.
+    """
+    from . import indexing as compress_indexing
+
+    root = writer.path
+    storage = dict(snapshot.settings.get(META_KEY) or {})
+    projected = snapshot.projection_info
+    if method == "none" and quantize == "none":
+        storage.pop("global", None)
+        storage.pop(PROJECTED, None)
+        writer.replace_fields([compact_name("global"), compact_name(PROJECTED)], [], {META_KEY: storage or None})
+        sweep_storage_files(root, storage)
+        return {}
+    if not snapshot.has_field("global"):
+        raise ValueError("this index has no 'global' field to compress (it holds no image yet)")
+    if method == "none" and not projected:  # the global rows themselves
+        info, chunk = build_storage(writer, "global", snapshot.global_rows, "none", None, quantize, False, None,
+                                    fit_rows, seed)
+        storage["global"] = info
+        writer.replace_fields([compact_name("global")], [chunk], {META_KEY: storage})
+        sweep_storage_files(root, storage)
+        return info
+    meta: dict[str, Any] = {}
+    if method == "none":  # the projected rows of the projection in place
+        assert projected is not None
+        rows = snapshot.search_rows
+        new_chunks = []
+    else:  # a new projection and its quantised rows together
+        projected, chunk, rows = compress_indexing.build_projection(writer, snapshot, method, dim, params,
+                                                                    show_progress)
+        new_chunks, meta[compress_indexing.META_KEY] = [chunk], projected
+    info, chunk = build_storage(writer, PROJECTED, rows, "none", None, quantize, False, None, fit_rows, seed)
+    storage.pop("global", None)  # an unprojected quantisation is replaced by this one
+    storage[PROJECTED] = info
+    drop = [compact_name("global"), compact_name(PROJECTED)] + ([compress_indexing.FIELD] if new_chunks else [])
+    writer.replace_fields(drop, [*new_chunks, chunk], {**meta, META_KEY: storage})
+    if new_chunks:
+        compress_indexing.sweep_projection_files(root, projected)
+    sweep_storage_files(root, storage)
+    return {**info, "projection": projected}
+
+
+def coded_field(snapshot: Snapshot) -> str | None:
+    """The field global search reads as codes: ``global`` (quantised), ``compressed`` (the projected rows,
+    quantised), or None (float32 rows)."""
+    if field_info(snapshot.settings, "global"):
+        return "global"
+    if snapshot.projection_info and field_info(snapshot.settings, PROJECTED):
+        return PROJECTED
+    return None
 
 
 # ------------------------------------------------------------------ reading the global field
@@ -96,19 +182,25 @@ class CodedRows:
         return out if dtype is None else out.astype(dtype)
 
 
-def global_compact_rows(snapshot: Snapshot) -> FieldRows:
-    """The stored ``global-compact`` rows in position order (one per live image; checked once per snapshot)."""
+def position_rows(snapshot: Snapshot, name: str) -> FieldRows:
+    """The rows of one-row-per-image field ``name`` in position order (checked once per snapshot; no copy when
+    the field is stored in that order, as after ``compact``)."""
 
     def build() -> FieldRows:
-        rows = snapshot.field(compact_name("global"))
+        rows = snapshot.field(name)
         if not np.array_equal(rows.owners, snapshot.ids):
             rows = rows.select(np.argsort(rows.owners, kind="stable"))
         if len(rows) != len(snapshot) or not np.array_equal(rows.owners, snapshot.ids):
-            raise IndexFormatError(f"index at {snapshot.path} is inconsistent: {len(rows)} quantised global rows "
+            raise IndexFormatError(f"index at {snapshot.path} is inconsistent: {len(rows)} rows of field {name} "
                                    f"for {len(snapshot)} images; run `finegrain check`")
         return rows
 
-    return snapshot.derived("rows:global-compact", build)
+    return snapshot.derived("rows:" + name, build)
+
+
+def global_compact_rows(snapshot: Snapshot, field: str = "global") -> FieldRows:
+    """The stored ``<field>-compact`` rows (``global`` or ``compressed``) in position order."""
+    return position_rows(snapshot, compact_name(field))
 
 
 def global_vectors(snapshot: Snapshot) -> np.ndarray:
@@ -141,67 +233,82 @@ class CodedIndex(VectorIndex):
                     return
             except RuntimeError:  # a damaged cache file: rebuilt below
                 pass
-        self.faiss = self._build_coded(codes, codec, self.kind)
+        self.faiss = build_sq_index(codes, codec, self.kind)
         if cache_file is not None and self.kind != "flat":
             self._save(cache_file)
 
-    @staticmethod
-    def _build_coded(codes: np.ndarray, codec: Codec, kind: str) -> Any:
-        import faiss as faiss_module
 
-        faiss: Any = faiss_module  # the bundled type stubs lack the scalar-quantizer constructors' overloads
-        n, dim = codes.shape
-        qtype = faiss.ScalarQuantizer.QT_8bit if codec.dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
-        ip = faiss.METRIC_INNER_PRODUCT
-        index: Any
-        if kind == "flat" or n == 0:
-            index = owner = faiss.IndexScalarQuantizer(dim, qtype, ip)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWSQ(dim, qtype, 32, ip)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 128
-            owner = faiss.downcast_index(index.storage)
-        else:  # ivf, on the raw values (not residuals) so the quantiser's ranges apply as they are
-            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-            index = owner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, qtype, ip, False)
-            pick = np.sort(np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_ROWS), replace=False))
-            index.train(codec.decode(codes[pick]))
-            index.nprobe = max(1, nlist // 16)
-        if codec.dtype == "int8":
-            assert codec.scale is not None and codec.offset is not None
-            # FAISS 8-bit: x = vmin + (u + 0.5) / 255 * vdiff for u = c + 127 is offset + scale * c exactly.
-            trained = np.concatenate([codec.offset - 127.5 * codec.scale, 255.0 * codec.scale]).astype(np.float32)
-            faiss.copy_array_to_vector(trained, owner.sq.trained)
-            owner.is_trained = True
-            index.is_trained = True
-        for start in range(0, n, BLOCK_ROWS):
-            part = codec.decode(codes[start:start + BLOCK_ROWS])
-            if not np.isfinite(part).all():
-                raise IndexFormatError("stored global rows hold NaN or inf: the index is damaged; run "
-                                       "`finegrain check --index INDEX`")
-            index.add(np.ascontiguousarray(part, np.float32))
-        return index
+def build_sq_index(codes: np.ndarray, codec: Codec, kind: str, nlist: int | None = None, hnsw_m: int = 32,
+                   train_rows: int = IVF_TRAIN_ROWS, what: str = "global") -> Any:
+    """A FAISS scalar-quantizer index (inner product) holding exactly the stored float16/int8 ``codes``.
+
+    ``kind``: ``flat`` (``IndexScalarQuantizer``), ``hnsw`` (``IndexHNSWSQ``) or ``ivf``
+    (``IndexIVFScalarQuantizer`` on the raw values, ``nlist`` lists, default about 4 sqrt(n), trained on
+    at most ``train_rows`` seeded rows). int8: FAISS's per-dimension range is set to ``codec``'s quantiser.
+    ``what`` names the rows in the error raised when they hold NaN or inf.
+    """
+    import faiss as faiss_module
+
+    faiss: Any = faiss_module  # the bundled type stubs lack the scalar-quantizer constructors' overloads
+    n, dim = codes.shape
+    qtype = faiss.ScalarQuantizer.QT_8bit if codec.dtype == "int8" else faiss.ScalarQuantizer.QT_fp16
+    ip = faiss.METRIC_INNER_PRODUCT
+    index: Any
+    if kind == "flat" or n == 0:
+        index = owner = faiss.IndexScalarQuantizer(dim, qtype, ip)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWSQ(dim, qtype, hnsw_m, ip)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 128
+        owner = faiss.downcast_index(index.storage)
+    else:  # ivf, on the raw values (not residuals) so the quantiser's ranges apply as they are
+        nlist = max(1, min(int(4 * np.sqrt(n)) if nlist is None else int(nlist), n // 39))
+        index = owner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, qtype, ip, False)
+        pick = np.sort(np.random.default_rng(0).choice(n, min(n, train_rows), replace=False))
+        index.train(codec.decode(codes[pick]))
+        index.nprobe = max(1, nlist // 16)
+    if codec.dtype == "int8":
+        assert codec.scale is not None and codec.offset is not None
+        # FAISS 8-bit: x = vmin + (u + 0.5) / 255 * vdiff for u = c + 127 is offset + scale * c exactly.
+        trained = np.concatenate([codec.offset - 127.5 * codec.scale, 255.0 * codec.scale]).astype(np.float32)
+        faiss.copy_array_to_vector(trained, owner.sq.trained)
+        owner.is_trained = True
+        index.is_trained = True
+    for start in range(0, n, BLOCK_ROWS):
+        part = codec.decode(codes[start:start + BLOCK_ROWS])
+        if not np.isfinite(part).all():
+            raise IndexFormatError(f"stored {what} rows hold NaN or inf: the index is damaged; run "
+                                   "`finegrain check --index INDEX`")
+        index.add(np.ascontiguousarray(part, np.float32))
+    return index
 
 
-def coded_ann(snapshot: Snapshot) -> CodedIndex:
-    """The FAISS scalar-quantizer index over the stored global codes (once per snapshot; cached on disk if ANN)."""
-    info = field_info(snapshot.settings, "global") or {}
-    return snapshot.derived("ann:global-coded", lambda: CodedIndex(
-        global_compact_rows(snapshot).vectors, snapshot_codec(snapshot, "global"), snapshot.settings.get("ann", "auto"),
-        snapshot.cache_file(f"global-{info.get('quantize')}")))
+def coded_ann(snapshot: Snapshot, field: str = "global") -> CodedIndex:
+    """The FAISS scalar-quantizer index over the stored codes of ``field`` (``global``, or ``compressed``: the
+    projected rows), once per snapshot; cached on disk if ANN."""
+    info = field_info(snapshot.settings, field) or {}
+    return snapshot.derived(f"ann:{field}-coded", lambda: CodedIndex(
+        global_compact_rows(snapshot, field).vectors, snapshot_codec(snapshot, field),
+        snapshot.settings.get("ann", "auto"), snapshot.cache_file(f"{field}-{info.get('quantize')}")))
 
 
 def search_global(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None,
                   allowed: np.ndarray | None = None, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`finegrain.retrieval.dense.search_vectors` on an index whose global field is quantised.
+    """:func:`finegrain.retrieval.dense.search_vectors` on an index whose searched global rows are quantised
+    (:func:`coded_field`).
 
     The first stage ranks the codes (FAISS, or the allowed rows' codes scored exactly); the best
     ``rescore`` of each query's hits (None: :data:`DEFAULT_RESCORE`; 0: none) are then scored again from
-    the float32 originals and re-sorted. Hits after them keep their quantised scores.
+    the float32 rows the codes were made from (the originals, or the projected rows) and re-sorted. Hits
+    after them keep their quantised scores. On a projected index queries are projected first; ``dim`` (an
+    SS2D nested size) is not searched here (:func:`finegrain.retrieval.dense.search_vectors` scores the
+    float32 projected rows for it).
     """
     from . import indexing as compress_indexing
 
-    compress_indexing.check_search_dim(snapshot.projection_info, dim)  # refused: the index is not projected
+    field = coded_field(snapshot) or "global"
+    if compress_indexing.check_search_dim(snapshot.projection_info, dim) is not None:
+        raise ValueError("a nested size is searched on the float32 projected rows, not the codes")
     if rescore is not None and (isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer))
                                 or rescore < 0):
         raise ValueError(f"rescore must be a non-negative integer, got {rescore!r}")
@@ -210,13 +317,17 @@ def search_global(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | No
     if queries.shape[1] != snapshot.dim:
         raise ValueError(f"query dimension {queries.shape[1]} does not match the index's {snapshot.dim}-dim "
                          "embeddings")
+    if field == PROJECTED:
+        projection = snapshot.projection
+        assert projection is not None  # coded_field: the index is projected
+        queries = np.ascontiguousarray(projection.transform(queries), dtype=np.float32)
     fetch = max(int(k), depth)
     if allowed is None:
-        scores, found = coded_ann(snapshot).search(queries, fetch)
+        scores, found = coded_ann(snapshot, field).search(queries, fetch)
     else:
-        scores, found = _search_allowed(snapshot, queries, fetch, allowed)
+        scores, found = _search_allowed(snapshot, field, queries, fetch, allowed)
     if depth > 0 and len(snapshot):
-        originals = snapshot.global_rows.vectors
+        originals = (snapshot.global_rows if field == "global" else position_rows(snapshot, field)).vectors
         for r in range(len(queries)):
             head = found[r, :depth]
             head = head[head >= 0]
@@ -228,7 +339,7 @@ def search_global(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | No
     return scores, ids
 
 
-def _search_allowed(snapshot: Snapshot, queries: np.ndarray, k: int, allowed: np.ndarray
+def _search_allowed(snapshot: Snapshot, field: str, queries: np.ndarray, k: int, allowed: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k positions among the allowed ones: FAISS with an ID selector when many, else the codes scored exactly."""
     from ..retrieval.dense import EXACT_ALLOWED_ROWS
@@ -236,11 +347,11 @@ def _search_allowed(snapshot: Snapshot, queries: np.ndarray, k: int, allowed: np
     rows = np.flatnonzero(allowed)
     want = min(int(k), len(rows))
     if len(rows) > EXACT_ALLOWED_ROWS:
-        scores, found = coded_ann(snapshot).search_rows(queries, k, rows)
+        scores, found = coded_ann(snapshot, field).search_rows(queries, k, rows)
         if bool(((found >= 0).sum(axis=1) >= want).all()):
             return scores, found
-    codes = global_compact_rows(snapshot).vectors
-    sims = snapshot_codec(snapshot, "global").scores(codes[rows], queries).T  # (n queries, allowed rows)
+    codes = global_compact_rows(snapshot, field).vectors
+    sims = snapshot_codec(snapshot, field).scores(codes[rows], queries).T  # (n queries, allowed rows)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     found = np.full((len(queries), k), -1, np.int64)
     if want:

@@ -143,18 +143,41 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
     dict
         The new ``projection`` setting (also in ``Index.info()["projection"]``), or ``{}`` for ``none``.
     """
-    from . import create_projection
-
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
     if method != "none" and (dim is None or isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
         raise ValueError(f"--dim must be a positive integer, got {dim!r}")
+    from . import storage as compact_storage
+
     root = writer.path
-    if method == "none":
-        writer.replace_fields([FIELD], [], {META_KEY: None})
+    stored = dict(snapshot.settings.get(compact_storage.META_KEY) or {})
+    quantised = stored.pop(FIELD, None)  # the projected rows' own quantisation (`compress --field global`)
+    drop = [FIELD, compact_storage.compact_name(FIELD)]
+    if method == "none":  # the projection goes, and with it the quantisation of its rows (same transaction)
+        writer.replace_fields(drop, [], {META_KEY: None, **({compact_storage.META_KEY: stored or None}
+                                                            if quantised else {})})
         sweep_projection_files(root, None)
+        compact_storage.sweep_storage_files(root, stored)
         return {}
-    assert dim is not None  # checked above for every method but none
+    if quantised:
+        raise ValueError(f"this index's projected global rows are stored {quantised.get('quantize')} (compress "
+                         "--field global); change both with `finegrain compress --field global --method M --dim D "
+                         "--quantize Q`, or undo the quantisation first (`--field global --quantize none`)")
+    info, chunk, _ = build_projection(writer, snapshot, method, dim, params, show_progress)
+    writer.replace_fields([FIELD], [chunk], {META_KEY: info})
+    sweep_projection_files(root, info)
+    return info
+
+
+def build_projection(writer: Writer, snapshot: Snapshot, method: str, dim: int | None,
+                     params: dict[str, Any] | None = None, show_progress: bool = False
+                     ) -> tuple[dict, tuple[str, str, int], FieldRows]:
+    """Steps 1-2 of :func:`compress_index`, no catalog change: fit ``method`` on the live global rows, write the
+    projection file and the ``compressed`` chunk. Returns the ``projection`` setting, the chunk and its rows."""
+    from . import create_projection
+
+    assert dim is not None  # checked by the callers for every method but none
+    root = writer.path
     source = snapshot.field(SOURCE_FIELD)
     input_dim = source.vectors.shape[1]
     if dim > input_dim:
@@ -170,7 +193,8 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
     path = root / PROJECTION_DIR / name
     projection.save(path)
     fsync_file(path)
-    chunk = writer.write_rows(FIELD, FieldRows(project_rows(projection, X, show_progress), source.owners))
+    rows = FieldRows(project_rows(projection, X, show_progress), source.owners)
+    chunk = writer.write_rows(FIELD, rows)
     info = {
         "method": method,
         "dim": int(projection.n_components_),
@@ -186,9 +210,7 @@ def compress_index(writer: Writer, snapshot: Snapshot, method: str, dim: int | N
         info["dims"] = [int(d) for d in projection.dims_]
         teacher = projection.teacher
         info["teacher"] = "input" if teacher is None else getattr(teacher, "method", str(teacher))
-    writer.replace_fields([FIELD], [chunk], {META_KEY: info})
-    sweep_projection_files(root, info)
-    return info
+    return info, chunk, rows
 
 
 def _fit(projection: Projection, X: np.ndarray, show_progress: bool) -> None:

@@ -51,10 +51,11 @@ META_KEY = "storage"
 STORAGE_DIR = "storage"
 #: The compact rows of field ``F`` are the field ``F`` + this suffix.
 SUFFIX = "-compact"
-#: Fields that can be stored compact (``global`` and ``local``: quantisation only, see :mod:`.coded`).
-FIELDS = ("segments", "objects", "objects_mean", "objects_refined", "global", "local")
-#: Fields whose storage takes ``--quantize`` only (no projection); ``global`` keeps its originals.
-QUANTIZE_ONLY = ("global", "local")
+#: Fields that can be stored compact (``global``, ``local``, ``instance``: see :mod:`.coded`).
+FIELDS = ("segments", "objects", "objects_mean", "objects_refined", "global", "local", "instance")
+#: Fields with their own rules (:func:`.coded.check_quantize_only`): ``local`` and ``instance`` take ``--quantize
+#: int8`` only; ``global`` keeps its originals, and its projection is the global projection's.
+QUANTIZE_ONLY = ("global", "local", "instance")
 METHODS = ("none", "pca", "aesvc", "ss2d")
 QUANTIZE = ("none", "float16", "int8")
 #: The projection and the quantiser are fitted on at most this many rows (a seeded random sample).
@@ -356,8 +357,6 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
     dict
         The field's new ``storage`` setting (``{}`` when it is stored as it is again).
     """
-    from . import create_projection
-
     if field not in FIELDS:
         raise ValueError(f"unknown field {field!r}; --field is one of {', '.join(FIELDS)}")
     if method not in METHODS:
@@ -373,6 +372,10 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
         from .coded import check_quantize_only
 
         check_quantize_only(snapshot, field, method, dim, quantize, drop_originals)
+    if field == "global":  # its storage may go with the global projection (compress/coded.py)
+        from .coded import compress_global
+
+        return compress_global(writer, snapshot, method, dim, quantize, params, fit_rows, seed, show_progress)
     storage = dict(snapshot.settings.get(META_KEY) or {})
     current = storage.get(field)
     if not snapshot.has_field(field) and not current:
@@ -389,7 +392,24 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
         writer.replace_fields([compact_name(field)], [], {META_KEY: storage or None})
         sweep_storage_files(root, storage)
         return {}
-    source = snapshot.field(field)
+    info, chunk = build_storage(writer, field, snapshot.field(field), method, dim, quantize, drop_originals, params,
+                                fit_rows, seed)
+    storage[field] = info
+    dropped = [field] if drop_originals else []
+    writer.replace_fields([compact_name(field), *dropped], [chunk], {META_KEY: storage})
+    sweep_storage_files(root, storage)
+    return info
+
+
+def build_storage(writer: Writer, field: str, source: FieldRows, method: str, dim: int | None, quantize: str,
+                  drop_originals: bool = False, params: dict[str, Any] | None = None, fit_rows: int = FIT_ROWS,
+                  seed: int = 0) -> tuple[dict, tuple[str, str, int]]:
+    """The files of :func:`compress_field`, no catalog change: fit on ``source`` (the field's rows), write the
+    projection and quantiser under ``storage/`` and the ``<field>-compact`` chunk. Returns the field's
+    ``storage`` setting and the chunk."""
+    from . import create_projection
+
+    root = writer.path
     input_dim = int(source.vectors.shape[1])
     if dim is not None and dim >= input_dim:
         raise ValueError(f"--dim {dim} must be smaller than the {field} rows' {input_dim} dimensions")
@@ -436,11 +456,7 @@ def compress_field(writer: Writer, snapshot: Snapshot, field: str, method: str =
     codec = Codec(projection, scale, offset, {"none": "float32"}.get(quantize, quantize))
     chunk = writer.write_rows(compact_name(field), FieldRows(codec.encode(source.vectors), source.owners,
                                                              source.attrs))
-    storage[field] = info
-    dropped = [field] if drop_originals else []
-    writer.replace_fields([compact_name(field), *dropped], [chunk], {META_KEY: storage})
-    sweep_storage_files(root, storage)
-    return info
+    return info, chunk
 
 
 def _sample(vectors: np.ndarray, n: int, seed: int) -> np.ndarray:

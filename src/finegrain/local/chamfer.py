@@ -67,18 +67,36 @@ def _as_desc(x) -> np.ndarray:
 class LocalDatabase:
     """All database descriptors concatenated; image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
 
+    The rows stay as the index stores them (float32, float16, or int8 with a per-dimension ``scale`` and
+    ``offset``: a row ``c`` stands for ``offset + scale * c``; a memory-mapped field is not copied), so the
+    searcher's memory is the stored size: exact Chamfer scores them block by block
+    (:func:`finegrain.compress.storage.dot_rows`, the int8 scale folded into the query) and :meth:`image`
+    decodes one image's rows.
+
     Attributes
     ----------
-    descriptors : (N, d) float32, C-contiguous.
+    descriptors : (N, d) float32, float16 or int8, C-contiguous.
     offsets : (n_images + 1,) int64.
     owners : (N,) int64, the image of each row.
+    scale, offset : (d,) float32, int8 rows only.
     """
 
     descriptors: np.ndarray
     offsets: np.ndarray
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.descriptors = np.ascontiguousarray(self.descriptors, dtype=np.float32)
+        dtype = np.asarray(self.descriptors[:0]).dtype
+        if dtype == np.int8:
+            if self.scale is None or self.offset is None:
+                raise ValueError("int8 descriptors need their scale and offset")
+            self.scale = np.asarray(self.scale, np.float32)
+            self.offset = np.asarray(self.offset, np.float32)
+        elif self.scale is not None or self.offset is not None:
+            raise ValueError("a scale and offset apply to int8 descriptors only")
+        keep = dtype if dtype in (np.float16, np.int8) else np.float32
+        self.descriptors = np.ascontiguousarray(self.descriptors, dtype=keep)  # no copy when already so
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
         if self.offsets[0] != 0 or self.offsets[-1] != len(self.descriptors) or np.any(np.diff(self.offsets) < 0):
             raise ValueError("offsets must rise from 0 to the number of descriptors")
@@ -106,8 +124,37 @@ class LocalDatabase:
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def compact(self) -> bool:
+        """Whether the rows are held float16 or int8 (scored through :meth:`similarities`)."""
+        return self.descriptors.dtype != np.float32
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """Stored rows as float32 descriptors."""
+        out = np.asarray(rows, np.float32)
+        if self.scale is not None:
+            out = out * self.scale + self.offset
+        return out
+
     def image(self, i: int) -> np.ndarray:
+        """Image ``i``'s descriptors, float32 (a view of the rows when they are float32, else decoded)."""
+        rows = self.descriptors[self.offsets[i]:self.offsets[i + 1]]
+        return rows if not self.compact else self.decode(rows)
+
+    def stored_image(self, i: int) -> np.ndarray:
+        """Image ``i``'s rows as stored (a view)."""
         return self.descriptors[self.offsets[i]:self.offsets[i + 1]]
+
+    def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), |Q|)`` inner products of stored rows with float32 query descriptors, rows never
+        decoded as a whole (int8: ``c . (scale q) + offset . q``)."""
+        from ..compress.storage import dot_rows
+
+        q, bias = query, None
+        if self.scale is not None:
+            bias = query @ self.offset
+            q = query * self.scale
+        return dot_rows(rows, q, bias)
 
 
 # --------------------------------------------------------------------------- exact
@@ -152,10 +199,13 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         if contiguous and sel[-1] - sel[0] == len(sel) - 1:
             rows = db.descriptors[db.offsets[sel[0]]:db.offsets[sel[-1] + 1]]
         else:
-            rows = np.concatenate([db.image(int(i)) for i in sel])
+            rows = np.concatenate([db.stored_image(int(i)) for i in sel])
         seg = np.concatenate([[0], np.cumsum(db.counts[sel])[:-1]])
-        sims = q @ rows.T  # (|Q|, rows)
-        out[block] = match_kernel(np.maximum.reduceat(sims, seg, axis=1), threshold).mean(axis=0)
+        if db.compact:  # float16/int8 rows, converted to float32 a few thousand at a time
+            best = np.maximum.reduceat(db.similarities(q, rows), seg, axis=0).T
+        else:
+            best = np.maximum.reduceat(q @ rows.T, seg, axis=1)  # (|Q|, images)
+        out[block] = match_kernel(best, threshold).mean(axis=0)
         start = stop
     return out
 
@@ -255,6 +305,9 @@ class ApproxChamfer:
 
         d = self.db.dim
         x = self.db.descriptors if len(self.rows) == len(self.db.descriptors) else self.db.descriptors[self.rows]
+        if self.db.descriptors.dtype == np.int8:
+            return self._build_sq(x, kind, nlist, hnsw_m, seed)
+        x = self.db.decode(x) if self.db.compact else x
         index: faiss.Index
         if kind == "flat" or len(x) < 10_000:
             index = faiss.IndexFlatIP(d)
@@ -272,6 +325,22 @@ class ApproxChamfer:
             index.train(np.ascontiguousarray(sample))
         index.add(x)
         return index
+
+    def _build_sq(self, codes: np.ndarray, kind: str, nlist: int | None, hnsw_m: int, seed: int):
+        """int8 rows: a FAISS scalar-quantizer index holding exactly the stored codes (1 byte a dimension, not a
+        float32 copy); FAISS scores them as the exact Chamfer does, ``offset + scale * c``."""
+        from ..compress.coded import build_sq_index
+        from ..compress.storage import Codec
+
+        codec = Codec(None, self.db.scale, self.db.offset, "int8")
+        if kind == "flat" or len(codes) < 10_000:
+            return build_sq_index(codes, codec, "flat", what="local")
+        if kind == "hnsw":
+            return build_sq_index(codes, codec, "hnsw", hnsw_m=hnsw_m, what="local")
+        if nlist is None:
+            nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(codes)))))
+        nlist = max(1, min(nlist, len(codes) // 39))
+        return build_sq_index(codes, codec, "ivf", nlist=nlist, train_rows=64 * nlist, what="local")
 
     def set_search_params(self) -> None:
         import faiss

@@ -136,19 +136,22 @@ class LocalSearcher:
         self._lock = threading.Lock()  # builds the cached structures once; serialises the approximate search's knobs
         from ..compress import storage
 
-        # the int8 rows decoded when the field is stored compact (`compress --field local --quantize int8`)
+        # the rows as stored (float16, or int8 after `compress --field local --quantize int8`), never decoded
+        # as a whole: the database scores them block by block, so the searcher holds the stored size
         rows, codec = storage.scoring(snapshot, LOCAL_FIELD) if storage.has_rows(snapshot, LOCAL_FIELD) else \
             (None, storage.IDENTITY)
         if rows is None or len(rows) == 0:
             dim = self.store.extractor.dim
             desc, owners = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+        elif bool(np.all(rows.owners[1:] >= rows.owners[:-1])):  # already grouped by image (commit order)
+            desc, owners = rows.vectors, rows.owners  # memory-mapped when the field is one live chunk
         else:
             order = np.argsort(rows.owners, kind="stable")  # group rows by image, keep strongest-first inside
-            desc, owners = codec.decode(rows.vectors)[order], rows.owners[order]
+            desc, owners = rows.vectors[order], rows.owners[order]
         offsets = np.searchsorted(owners, np.concatenate([self.ids, [np.iinfo(np.int64).max]]), side="left")
         offsets[-1] = len(owners)
-        self.db = LocalDatabase(desc, offsets)
-        self.instance = self._aligned(snapshot.fields.get(INSTANCE_FIELD))
+        self.db = LocalDatabase(desc, offsets, codec.scale, codec.offset)
+        self.instance = self._instance_rows(snapshot)
         self.joint = self._aligned(snapshot.global_rows)
         self._approx: ApproxChamfer | None = None
         self._graph: tuple[np.ndarray, np.ndarray] | None = None
@@ -158,6 +161,22 @@ class LocalSearcher:
         if value is not None:
             return int(value)
         return self.exact_rerank if self.exact_rerank is not None else EXACT_RERANK.get(mode, 0)
+
+    def _instance_rows(self, snapshot: Snapshot) -> np.ndarray | None:
+        """The instance descriptors by position: float32 rows, or, once ``compress --field instance --quantize
+        int8``, the int8 codes read through their codec (:class:`~finegrain.compress.coded.CodedRows`: ``@ q``
+        scores the codes, ``[positions]`` decodes those rows only), 1 byte a dimension in memory."""
+        from ..compress import storage
+        from ..compress.coded import CodedRows
+
+        if not storage.field_info(snapshot.settings, INSTANCE_FIELD):
+            return self._aligned(snapshot.fields.get(INSTANCE_FIELD))
+        rows, codec = storage.scoring(snapshot, INSTANCE_FIELD)
+        if len(rows) == 0:
+            return None
+        codes = np.zeros((len(self.ids), rows.vectors.shape[1]), rows.vectors.dtype)
+        codes[np.searchsorted(self.ids, rows.owners)] = rows.vectors  # rows were unit length before quantising
+        return cast(np.ndarray, CodedRows(codes, codec))
 
     def _aligned(self, rows) -> np.ndarray | None:
         """One float32 row per database position (None if the field is absent)."""

@@ -101,12 +101,12 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
     from ..compress import indexing as compress_indexing
     from ..compress import storage
 
-    if storage.field_info(snapshot.settings, "global"):  # quantised (`compress --field global`)
-        from ..compress.coded import search_global
+    nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
+    if nested is None and (storage.field_info(snapshot.settings, "global")
+                           or storage.field_info(snapshot.settings, compress_indexing.FIELD)):
+        from ..compress.coded import search_global  # quantised (`compress --field global`): the codes
 
         return search_global(snapshot, queries, k, dim, allowed, rescore)
-
-    nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
     ann = global_ann(snapshot)
     projection = snapshot.projection
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

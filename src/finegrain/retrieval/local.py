@@ -98,7 +98,9 @@ class LocalRetriever(Retriever):
         if snapshot.local_config is None:
             return (f"search mode {mode!r} needs an index with local features; create it with "
                     "`finegrain index ... --local cnn` (or Index.create(..., local=\"cnn\"))")
-        if mode == "instance" and not snapshot.has_field("instance") and len(snapshot):
+        from ..compress import storage
+
+        if mode == "instance" and not storage.has_rows(snapshot, "instance") and len(snapshot):  # or int8 rows
             return (f"search mode {mode!r} needs instance descriptors, which the {snapshot.local_config.extractor!r} "
                     "local features do not make (use --local cnn)")
         return None

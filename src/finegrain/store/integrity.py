@@ -39,7 +39,7 @@ from .catalog import Catalog, IndexFormatError
 from .vectors import VECTORS_DIR, check_chunk, chunk_file_keys, delete_chunk, file_digest, load_npy
 
 #: Fields holding exactly one row per live image (their owners are checked on every open).
-ONE_ROW_FIELDS = ("global", "compressed", "global-compact")
+ONE_ROW_FIELDS = ("global", "compressed", "global-compact", "compressed-compact")
 ANN_DIR = "ann"
 
 __all__ = ["ONE_ROW_FIELDS", "Problem", "Report", "check_index", "repair_index", "expected_files"]
