@@ -157,8 +157,12 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
 
     pool, workers = _scoring_pool()
     n_blocks = -(-len(rows) // SCORE_BLOCK_ROWS)
-    if n_blocks < 2 * workers:
-        score(0, len(rows))
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        score(0, len(rows))  # already on a worker (a nested call): waiting on the pool could deadlock
+    elif n_blocks < 2 * workers:
+        # One worker, not the calling thread: there torch's own threads wait at a barrier after every block,
+        # which on a loaded machine cost a hierarchical query more CPU than its whole scoring.
+        pool.submit(score, 0, len(rows)).result()
     else:
         share = -(-n_blocks // workers) * SCORE_BLOCK_ROWS
         for f in [pool.submit(score, a, min(a + share, len(rows))) for a in range(0, len(rows), share)]:
@@ -169,6 +173,7 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None
+_POOL_PREFIX = "finegrain-score"
 _POOL_LOCK = threading.Lock()
 
 
@@ -184,7 +189,7 @@ def _scoring_pool() -> tuple[ThreadPoolExecutor, int]:
             import torch
 
             workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
-            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="finegrain-score",
+            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix=_POOL_PREFIX,
                                         initializer=lambda: torch.set_num_threads(1)), workers)
         return _POOL
 

@@ -23,17 +23,22 @@ AUTO_ANN_THRESHOLD = 200_000
 KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
+def resolve_kind(kind: str, n: int) -> str:
+    """The structure ``kind`` gives ``n`` vectors (``auto``: flat below :data:`AUTO_ANN_THRESHOLD`, HNSW above)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "hnsw" if n >= AUTO_ANN_THRESHOLD else "flat"
+    return kind
+
+
 class VectorIndex:
     """FAISS index over rows ``0..n-1``; ``search`` returns (scores, row positions) like FAISS."""
 
     def __init__(self, vectors: np.ndarray, kind: str = "auto", cache_file: Path | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.n, self.dim = vectors.shape
-        if kind == "auto":
-            kind = "hnsw" if self.n >= AUTO_ANN_THRESHOLD else "flat"
-        self.kind = kind
+        self.kind = kind = resolve_kind(kind, self.n)
         if cache_file is not None and cache_file.exists() and kind != "flat":
             try:
                 self.faiss = faiss.read_index(str(cache_file))
