@@ -28,10 +28,11 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
     from ..store.writer import Writer
     from .base import Projection
+
+T = TypeVar("T")
 
 #: Catalog setting: ``{field: {...}}`` for every field stored compact.
 META_KEY = "storage"
@@ -170,6 +173,18 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
     if bias is not None:
         out += bias[None, :].astype(np.float32)
     return out
+
+
+def run_single_threaded(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a scoring worker, where torch runs on one thread (here when already on one).
+
+    For small torch work on a request's path (a query's text encoding): on the calling thread torch's own
+    threads meet at a barrier after every operation, which on a loaded machine made encoding a query's
+    four texts 20x slower than on one thread (docs/benchmarks.md, "Scale").
+    """
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        return fn(*args)
+    return _scoring_pool()[0].submit(fn, *args).result()
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None
