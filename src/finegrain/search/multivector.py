@@ -186,10 +186,9 @@ class SegmentTable:
         cuts = np.searchsorted(rows, bases)  # rows ascend with the candidates: each piece's share is one slice
         first = self.pieces[0].vectors[level]
         vecs = np.empty((len(rows), first.shape[1]), first.dtype)
-        for p, piece in enumerate(self.pieces):
-            a, b = cuts[p], cuts[p + 1]
-            if a < b:  # mode="clip" lets take() write into vecs directly (the rows are in range by construction)
-                np.take(piece.vectors[level], rows[a:b] - bases[p], axis=0, out=vecs[a:b], mode="clip")
+        for p in np.flatnonzero(cuts[1:] > cuts[:-1]):  # the pieces holding candidates' rows
+            a, b = cuts[p], cuts[p + 1]  # mode="clip" lets take() write into vecs (rows in range by construction)
+            np.take(self.pieces[p].vectors[level], rows[a:b] - bases[p], axis=0, out=vecs[a:b], mode="clip")
         return _max_per_image(vecs, counts, queries, self.codec)
 
     def project(self, queries: np.ndarray) -> np.ndarray:
