@@ -10,7 +10,8 @@ medians per phase (decomposition + encoding, candidate stage, scoring, the whole
 the similarity ops, then cProfile's top functions of the staged path (encoding excluded). CPU: the
 process's CPU time over all threads, less sensitive to other processes' load than wall time. On a loaded
 machine these are ratios between phases, not timings to quote. ``HOTPATH_TOPS=FILE`` saves each mode's
-rankings (first run) or compares them with the saved ones (later runs).
+rankings (first run) or compares them with the saved ones (later runs); ``HOTPATH_QUICK=1`` prints the
+phases only.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> None:
     snap = index.snapshot
     index.search(text=texts[0], k=10, mode="hierarchical", candidates=500)  # model, segment table, ANN
     tops: dict[str, list] = {}
+    quick = bool(os.environ.get("HOTPATH_QUICK"))  # phases only: no whole Index.search pass, no cProfile
     print(f"{path}: {len(snap):,} images, {len(snap.field_parts('segments-compact'))} segment chunks")
     for label in modes:
         base, options = parse_mode(label)
@@ -69,17 +71,20 @@ def main(argv: list[str]) -> None:
         staged(snap, params, base, vecs[0])  # warm
         rows = [staged(snap, params, base, v) for v in vecs]
         whole = []
-        for t in texts:
+        for t in texts if not quick else []:
             t0 = time.perf_counter()
             index.search(text=t, k=10, mode=base, **options)
             whole.append((time.perf_counter() - t0) * 1000)
         med = {key: float(np.median([r[key] for r in rows])) for key in rows[0] if key != "top"}
         print(f"{label}: encode+decompose {np.median(enc):.1f} ms, candidates {med['candidates_ms']:.1f} ms "
               f"(CPU {med['candidates_cpu_ms']:.1f}), scoring {med['scoring_ms']:.1f} ms "
-              f"(CPU {med['scoring_cpu_ms']:.1f}), Index.search {np.median(whole):.1f} ms (medians); "
+              f"(CPU {med['scoring_cpu_ms']:.1f}), Index.search {np.median(whole) if whole else np.nan:.1f} ms "
+              "(medians); "
               f"query vectors {np.median([len(v) for v in vecs]):.0f}, candidates {med['n_candidates']:.0f}, "
               f"sim ops {med['sim_ops']:.0f}")
         tops[label] = [r["top"] for r in rows]
+        if quick:
+            continue
         prof = cProfile.Profile()
         prof.enable()
         for v in vecs:
