@@ -254,3 +254,24 @@ def test_hnsw_asked_for_more_than_ef_search_rows_finds_them():
         assert (found >= 0).all()
         recall = np.mean([len(np.intersect1d(f, e)) / k for f, e in zip(found, exact)])
         assert recall >= 0.95, (k, recall)
+
+
+def test_the_exact_stage_refuses_nan_rows_like_the_faiss_index(tmp_path):
+    """A damaged global chunk (NaN) is refused with the index's one-line error, not ranked."""
+    from finegrain.store.catalog import IndexFormatError
+
+    idx = _build(tmp_path / "nan", [40], seed=3, dim=None)
+    path = idx.path
+    idx.close()
+    chunk = next(p for p in (path / "vectors" / "global").glob("*.npy") if not p.name.endswith(".owner.npy"))
+    rows = np.load(chunk, mmap_mode="r+")
+    rows[3] = np.nan
+    rows.flush()
+    del rows
+    idx = Index.open(path)
+    try:
+        queries = unit(np.random.default_rng(0).standard_normal((2, idx.encoder.dim)))
+        with pytest.raises(IndexFormatError, match="NaN or inf"):
+            mvr.candidate_positions(idx.snapshot, queries, 5)
+    finally:
+        idx.close()

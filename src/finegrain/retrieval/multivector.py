@@ -158,13 +158,16 @@ def _exact_stage_rows(snapshot: Snapshot) -> np.ndarray | None:
     the candidate stage then asks :func:`~finegrain.retrieval.dense.search_vectors`, so it uses that structure.
     """
     from ..compress import storage
-    from ..store.ann import resolve_kind
+    from ..store.ann import check_finite, resolve_kind
 
     if snapshot.projection_info or storage.field_info(snapshot.settings, "global"):
         return None
     if resolve_kind(str(snapshot.settings.get("ann", "auto")), len(snapshot)) != "flat":
         return None
-    return snapshot.global_rows.vectors  # kept in image id order, that is in position order
+    rows = snapshot.global_rows.vectors  # kept in image id order, that is in position order
+    # Refused as the FAISS index refuses them (NaN or inf rows are never a ranking); checked once per snapshot.
+    snapshot.derived("finite:global", lambda: check_finite(rows) or True)
+    return rows
 
 
 class MultiVectorRetriever(Retriever):

@@ -32,6 +32,14 @@ def resolve_kind(kind: str, n: int) -> str:
     return kind
 
 
+def check_finite(vectors: np.ndarray) -> None:
+    """``IndexFormatError`` naming the first rows that hold NaN or inf (a damaged index)."""
+    if not np.isfinite(vectors).all():
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        raise IndexFormatError(f"{len(bad)} stored vector(s) hold NaN or inf (rows {bad[:5].tolist()}): the "
+                               "index is damaged; run `finegrain check --index INDEX` for the images affected")
+
+
 class VectorIndex:
     """FAISS index over rows ``0..n-1``; ``search`` returns (scores, row positions) like FAISS."""
 
@@ -46,10 +54,7 @@ class VectorIndex:
                     return
             except RuntimeError:  # a truncated or damaged cache file: rebuilt below
                 pass
-        if not np.isfinite(vectors).all():  # FAISS silently drops NaN rows and ranks inf first: never a ranking
-            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-            raise IndexFormatError(f"{len(bad)} stored vector(s) hold NaN or inf (rows {bad[:5].tolist()}): the "
-                                   "index is damaged; run `finegrain check --index INDEX` for the images affected")
+        check_finite(vectors)  # FAISS silently drops NaN rows and ranks inf first: never a ranking
         self.faiss = self._build(vectors, kind)
         if cache_file is not None and kind != "flat":
             self._save(cache_file)
