@@ -158,7 +158,7 @@ def _exact_stage_rows(snapshot: Snapshot) -> np.ndarray | None:
     the candidate stage then asks :func:`~finegrain.retrieval.dense.search_vectors`, so it uses that structure.
     """
     from ..compress import storage
-    from ..store.ann import check_finite, resolve_kind
+    from ..store.ann import resolve_kind
 
     if snapshot.projection_info or storage.field_info(snapshot.settings, "global"):
         return None
@@ -166,8 +166,15 @@ def _exact_stage_rows(snapshot: Snapshot) -> np.ndarray | None:
         return None
     rows = snapshot.global_rows.vectors  # kept in image id order, that is in position order
     # Refused as the FAISS index refuses them (NaN or inf rows are never a ranking); checked once per snapshot.
-    snapshot.derived("finite:global", lambda: check_finite(rows) or True)
+    snapshot.derived("finite:global", lambda: _checked(rows))
     return rows
+
+
+def _checked(rows: np.ndarray) -> bool:
+    from ..store.ann import check_finite
+
+    check_finite(rows)
+    return True
 
 
 class MultiVectorRetriever(Retriever):
