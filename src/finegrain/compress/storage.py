@@ -28,10 +28,11 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
     from ..store.writer import Writer
     from .base import Projection
+
+T = TypeVar("T")
 
 #: Catalog setting: ``{field: {...}}`` for every field stored compact.
 META_KEY = "storage"
@@ -158,8 +161,12 @@ def dot_rows(rows: np.ndarray, queries: np.ndarray, bias: np.ndarray | None = No
 
     pool, workers = _scoring_pool()
     n_blocks = -(-len(rows) // SCORE_BLOCK_ROWS)
-    if n_blocks < 2 * workers:
-        score(0, len(rows))
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        score(0, len(rows))  # already on a worker (a nested call): waiting on the pool could deadlock
+    elif n_blocks < 2 * workers:
+        # One worker, not the calling thread: there torch's own threads wait at a barrier after every block,
+        # which on a loaded machine cost a hierarchical query more CPU than its whole scoring.
+        pool.submit(score, 0, len(rows)).result()
     else:
         share = -(-n_blocks // workers) * SCORE_BLOCK_ROWS
         for f in [pool.submit(score, a, min(a + share, len(rows))) for a in range(0, len(rows), share)]:
@@ -205,7 +212,20 @@ def _from_read_only_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def run_single_threaded(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a scoring worker, where torch runs on one thread (here when already on one).
+
+    For small torch work on a request's path (a query's text encoding): on the calling thread torch's own
+    threads meet at a barrier after every operation, which on a loaded machine made encoding a query's
+    four texts 20x slower than on one thread (docs/benchmarks.md, "Scale").
+    """
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        return fn(*args)
+    return _scoring_pool()[0].submit(fn, *args).result()
+
+
 _POOL: tuple[ThreadPoolExecutor, int] | None = None
+_POOL_PREFIX = "finegrain-score"
 _POOL_LOCK = threading.Lock()
 
 
@@ -221,7 +241,7 @@ def _scoring_pool() -> tuple[ThreadPoolExecutor, int]:
             import torch
 
             workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
-            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="finegrain-score",
+            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix=_POOL_PREFIX,
                                         initializer=lambda: torch.set_num_threads(1)), workers)
         return _POOL
 

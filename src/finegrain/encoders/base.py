@@ -29,6 +29,12 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
 
 
+#: Text batches up to this size (a query: its text and its sub-queries) are encoded with torch on one thread.
+#: Two threads gain little on a few dozen tokens and wait at a barrier after every operation when another
+#: process holds a core: 20x slower on a loaded 2-core machine (docs/benchmarks.md, "Scale").
+QUERY_TEXTS = 16
+
+
 class Encoder(ABC):
     """Base class: subclasses implement the tensor-level hooks below.
 
@@ -100,11 +106,16 @@ class Encoder(ABC):
         # Sort by length so each batch pads little; restore order at the end.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = []
+        from ..compress.storage import run_single_threaded
+
         with progress_bar(len(texts), "encoding texts", show_progress) as bar:
             for start in range(0, len(texts), batch_size):
-                idx = order[start:start + batch_size]
-                chunks.append(self._run(self._embed_text_batch, [texts[i] for i in idx]))
-                bar.advance(len(idx))
+                batch = [texts[i] for i in order[start:start + batch_size]]
+                if len(texts) <= QUERY_TEXTS:  # a query: torch on one thread (same output, no barrier waits)
+                    chunks.append(run_single_threaded(self._run, self._embed_text_batch, batch))
+                else:
+                    chunks.append(self._run(self._embed_text_batch, batch))
+                bar.advance(len(batch))
         if not chunks:
             return np.zeros((0, self.dim), np.float32)
         emb = np.empty((len(texts), self.dim), np.float32)

@@ -129,9 +129,52 @@ def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int,
     sub-query finds is still scored on its segments. The scheduler then runs on these images only.
     ``allowed`` (filters): a boolean mask over positions; candidates are drawn from those images only.
     """
-    _, ids = search_vectors(snapshot, queries, n, allowed=allowed)
-    ids = np.unique(ids[ids >= 0])
-    return np.sort(snapshot.positions(ids))
+    rows = _exact_stage_rows(snapshot)
+    if rows is None:
+        _, ids = search_vectors(snapshot, queries, n, allowed=allowed)
+        ids = np.unique(ids[ids >= 0])
+        return np.sort(snapshot.positions(ids))
+    # Exact (flat) stage: one pass over the global rows for every query vector at once. FAISS's flat search
+    # scans the rows once per query vector below 20 of them (and keeps a heap of n per vector), which made
+    # this stage cost several times the scoring it feeds at 100,000 images.
+    from ..compress.storage import dot_rows
+
+    scores = dot_rows(rows, np.atleast_2d(queries))  # (images, query vectors), rows in position order
+    if allowed is not None:
+        scores[~allowed] = -np.inf
+    n = min(int(n), len(scores))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-scores, n - 1, axis=0)[:n] if n < len(scores) else np.arange(len(scores))
+    top = np.unique(top)  # ascending
+    return top if allowed is None else top[allowed[top]]  # fewer allowed images than n: no filler
+
+
+def _exact_stage_rows(snapshot: Snapshot) -> np.ndarray | None:
+    """The float32 global rows, in position order, when global search is an exact flat scan of them.
+
+    None when global search runs on something else (HNSW or IVF above :data:`~finegrain.store.ann.
+    AUTO_ANN_THRESHOLD` images or when the index asks for it, a projected or quantised global field):
+    the candidate stage then asks :func:`~finegrain.retrieval.dense.search_vectors`, so it uses that structure.
+    """
+    from ..compress import storage
+    from ..store.ann import resolve_kind
+
+    if snapshot.projection_info or storage.field_info(snapshot.settings, "global"):
+        return None
+    if resolve_kind(str(snapshot.settings.get("ann", "auto")), len(snapshot)) != "flat":
+        return None
+    rows = snapshot.global_rows.vectors  # kept in image id order, that is in position order
+    # Refused as the FAISS index refuses them (NaN or inf rows are never a ranking); checked once per snapshot.
+    snapshot.derived("finite:global", lambda: _checked(rows))
+    return rows
+
+
+def _checked(rows: np.ndarray) -> bool:
+    from ..store.ann import check_finite
+
+    check_finite(rows)
+    return True
 
 
 class MultiVectorRetriever(Retriever):

@@ -110,22 +110,10 @@ class _Piece:
             offsets.append(np.searchsorted(positions[at], np.arange(start, stop + 1)))
         return cls(start, stop, vectors, offsets)
 
-    def level_max(self, level: int, queries: np.ndarray, local: np.ndarray | None,
-                  codec: Codec = IDENTITY) -> tuple[np.ndarray, int]:
+    def level_max(self, level: int, queries: np.ndarray, codec: Codec = IDENTITY) -> tuple[np.ndarray, int]:
+        """Every image of the piece (its rows scored where they lie: no gather)."""
         off = self.offsets[level]
-        if local is None:
-            starts, counts, vecs = off[:-1], np.diff(off), self.vectors[level]
-        else:
-            starts, counts = off[local], off[local + 1] - off[local]
-            rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            vecs = self.vectors[level][rows]
-            starts = np.cumsum(counts) - counts
-        out = np.full((len(counts), len(queries)), -np.inf, np.float32)
-        if len(vecs):
-            sims = codec.scores(vecs, queries)  # float32 rows as they are; float16/int8 in blocks
-            nonempty = counts > 0
-            out[nonempty] = np.maximum.reduceat(sims, starts[nonempty], axis=0)
-        return out, int(len(vecs) * len(queries))
+        return _max_per_image(self.vectors[level], np.diff(off), queries, codec)
 
 
 class SegmentTable:
@@ -160,26 +148,48 @@ class SegmentTable:
         stops = starts[1:] + [self.n_images]
         self.pieces = [_Piece.build(part, pos, a, b, n_levels)
                        for part, pos, a, b in zip(parts, positions, starts, stops)]
+        # Per level, the pieces' rows numbered as if concatenated: ``bases`` (where each piece's rows begin)
+        # and ``offsets`` (each image's first row, over all positions), so a candidate set's rows are found
+        # with a few array operations whatever the number of chunks (one per commit in a large index).
+        self._bases, self._offsets = [], []
+        for level in range(n_levels):
+            sizes = [len(p.vectors[level]) for p in self.pieces]
+            bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            heads = [p.offsets[level][:-1] + base for p, base in zip(self.pieces, bases)]
+            self._bases.append(bases)
+            self._offsets.append(np.concatenate([*heads, bases[-1:]]).astype(np.int64))
 
     def level_max(self, level: int, queries: np.ndarray, candidates: np.ndarray | None = None
                   ) -> tuple[np.ndarray, int]:
         """(n_candidates, n_queries) best segment score per image at ``level``, and the ops spent.
 
-        Images without segments at that level score -inf.
+        Images without segments at that level score -inf. ``candidates``: ascending positions.
         """
-        if len(self.pieces) == 1:
-            return self.pieces[0].level_max(level, queries, candidates, self.codec)
-        n = self.n_images if candidates is None else len(candidates)
-        out = np.full((n, len(queries)), -np.inf, np.float32)
-        ops = 0
-        for piece in self.pieces:
-            if candidates is None:
-                out[piece.start:piece.stop], spent = piece.level_max(level, queries, None, self.codec)
-            else:
-                mine = (candidates >= piece.start) & (candidates < piece.stop)
-                out[mine], spent = piece.level_max(level, queries, candidates[mine] - piece.start, self.codec)
-            ops += spent
-        return out, ops
+        if not self.pieces:  # no segment rows at all
+            return np.full((self.n_images if candidates is None else len(candidates), len(queries)), -np.inf,
+                           np.float32), 0
+        if candidates is None:
+            if len(self.pieces) == 1:
+                return self.pieces[0].level_max(level, queries, self.codec)
+            out = np.full((self.n_images, len(queries)), -np.inf, np.float32)
+            ops = 0
+            for piece in self.pieces:
+                out[piece.start:piece.stop], spent = piece.level_max(level, queries, self.codec)
+                ops += spent
+            return out, ops
+        # The candidates' rows, gathered from every piece into one array and scored in one call: one
+        # scoring call and one reduceat per level, not one of each per chunk.
+        off = self._offsets[level]
+        counts = off[candidates + 1] - off[candidates]
+        rows = np.repeat(off[candidates] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        bases = self._bases[level]
+        cuts = np.searchsorted(rows, bases)  # rows ascend with the candidates: each piece's share is one slice
+        first = self.pieces[0].vectors[level]
+        vecs = np.empty((len(rows), first.shape[1]), first.dtype)
+        for p in np.flatnonzero(cuts[1:] > cuts[:-1]):  # the pieces holding candidates' rows
+            a, b = cuts[p], cuts[p + 1]  # mode="clip" lets take() write into vecs (rows in range by construction)
+            np.take(self.pieces[p].vectors[level], rows[a:b] - bases[p], axis=0, out=vecs[a:b], mode="clip")
+        return _max_per_image(vecs, counts, queries, self.codec)
 
     def project(self, queries: np.ndarray) -> np.ndarray:
         """Joint-space queries in the stored rows' space (the field's projection; identity when it has none)."""
@@ -191,6 +201,17 @@ class SegmentTable:
         off = piece.offsets[level]
         i = position - piece.start
         return piece.vectors[level][off[i]:off[i + 1]]
+
+
+def _max_per_image(vecs: np.ndarray, counts: np.ndarray, queries: np.ndarray, codec: Codec
+                   ) -> tuple[np.ndarray, int]:
+    """(len(counts), n_queries) best score of each image's run of ``counts[i]`` consecutive rows (-inf: none)."""
+    out = np.full((len(counts), len(queries)), -np.inf, np.float32)
+    if len(vecs):
+        sims = codec.scores(vecs, queries)  # float32 rows as they are; float16/int8 in blocks
+        nonempty = counts > 0
+        out[nonempty] = np.maximum.reduceat(sims, (np.cumsum(counts) - counts)[nonempty], axis=0)
+    return out, int(len(vecs) * len(queries))
 
 
 def _consecutive(positions: list[np.ndarray]) -> bool:

@@ -23,17 +23,30 @@ AUTO_ANN_THRESHOLD = 200_000
 KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
+def resolve_kind(kind: str, n: int) -> str:
+    """The structure ``kind`` gives ``n`` vectors (``auto``: flat below :data:`AUTO_ANN_THRESHOLD`, HNSW above)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "hnsw" if n >= AUTO_ANN_THRESHOLD else "flat"
+    return kind
+
+
+def check_finite(vectors: np.ndarray) -> None:
+    """``IndexFormatError`` naming the first rows that hold NaN or inf (a damaged index)."""
+    if not np.isfinite(vectors).all():
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        raise IndexFormatError(f"{len(bad)} stored vector(s) hold NaN or inf (rows {bad[:5].tolist()}): the "
+                               "index is damaged; run `finegrain check --index INDEX` for the images affected")
+
+
 class VectorIndex:
     """FAISS index over rows ``0..n-1``; ``search`` returns (scores, row positions) like FAISS."""
 
     def __init__(self, vectors: np.ndarray, kind: str = "auto", cache_file: Path | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.n, self.dim = vectors.shape
-        if kind == "auto":
-            kind = "hnsw" if self.n >= AUTO_ANN_THRESHOLD else "flat"
-        self.kind = kind
+        self.kind = kind = resolve_kind(kind, self.n)
         if cache_file is not None and cache_file.exists() and kind != "flat":
             try:
                 self.faiss = faiss.read_index(str(cache_file))
@@ -41,10 +54,7 @@ class VectorIndex:
                     return
             except RuntimeError:  # a truncated or damaged cache file: rebuilt below
                 pass
-        if not np.isfinite(vectors).all():  # FAISS silently drops NaN rows and ranks inf first: never a ranking
-            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-            raise IndexFormatError(f"{len(bad)} stored vector(s) hold NaN or inf (rows {bad[:5].tolist()}): the "
-                                   "index is damaged; run `finegrain check --index INDEX` for the images affected")
+        check_finite(vectors)  # FAISS silently drops NaN rows and ranks inf first: never a ranking
         self.faiss = self._build(vectors, kind)
         if cache_file is not None and kind != "flat":
             self._save(cache_file)
@@ -91,6 +101,13 @@ class VectorIndex:
         k = int(k)
         if k <= 0:
             raise ValueError("k must be positive")
+        hnsw = getattr(self.faiss, "hnsw", None)
+        if self.kind == "hnsw" and hnsw is not None and k > hnsw.efSearch:
+            # FAISS's HNSW keeps efSearch candidates whatever k is: asked for more it returns fewer rows (the
+            # rest -1) and misses most of the true top k (recall 0.39 at k=2,000 with efSearch 128), which the
+            # multi-vector candidate stage (500-2,000 per query vector) asks for above 200,000 images.
+            fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
+            return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=k))
         return self.faiss.search(queries, k)
 
     def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
