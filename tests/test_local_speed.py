@@ -47,8 +47,15 @@ def test_folded_tower_matches_the_encoder_tower():
 
 
 def test_fold_tower_refuses_other_towers():
+    import copy
+    from types import SimpleNamespace
+
     with pytest.raises(ValueError, match="cannot fold"):
         fold_tower(object())
+    enc = encoders.create("effnet-minilm")
+    training = SimpleNamespace(trunk=copy.deepcopy(enc.trunk).train(), aligner=enc.aligner)
+    with pytest.raises(ValueError, match="eval mode"):  # batch statistics cannot be folded
+        fold_tower(training)
 
 
 def _raws(photos_dir, **params):

@@ -45,11 +45,14 @@ class FoldedConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool):
         super().__init__()
-        if tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1):  # type: ignore[arg-type]
+        if tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1):
             raise ValueError("expected a 'same'-padded convolution without its own padding or dilation")
+        mean, var = bn.running_mean, bn.running_var
+        if mean is None or var is None or bn.training:
+            raise ValueError("the image tower's batch norms must be in eval mode with running statistics")
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
-            bias = bn.bias - bn.running_mean * scale  # type: ignore[operator]
+            scale = bn.weight / torch.sqrt(var + bn.eps)
+            bias = bn.bias - mean * scale
             if conv.bias is not None:
                 bias = bias + conv.bias * scale
             weight = conv.weight * scale[:, None, None, None]
@@ -138,7 +141,4 @@ def fold_tower(encoder: Any) -> FoldedTower:
     top = getattr(getattr(encoder, "aligner", None), "image_top", None)
     if trunk is None or top is None:
         raise ValueError(f"cannot fold the image tower of {getattr(encoder, 'name', encoder)!r}")
-    for m in list(trunk.modules()) + list(top.modules()):
-        if isinstance(m, nn.BatchNorm2d) and (m.training or m.running_mean is None):
-            raise ValueError("the image tower's batch norms must be in eval mode with running statistics")
     return FoldedTower(trunk, top)
