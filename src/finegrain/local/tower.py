@@ -11,8 +11,9 @@ function with:
 - each batch norm folded into the preceding convolution's weights and bias
   (``w * g / sqrt(v + eps)``, ``b - m * g / sqrt(v + eps)``);
 - symmetric "same" padding passed to the convolution itself (no copy); the
-  asymmetric padding of the stride-2 layers (one more zero row/column at the
-  bottom/right) stays an explicit pad of only that remainder;
+  asymmetric remainder of the stride-2 layers (one more zero row/column at the
+  bottom/right) is padded onto the block's input, 6x narrower than the
+  expanded map, and the expanded margin zeroed after the 1x1 expansion;
 - ReLU6 in place.
 
 The results equal the original tower's up to float32 rounding (checked by
