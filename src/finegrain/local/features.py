@@ -394,6 +394,7 @@ class CNNExtractor(LocalExtractor):
         self.local_whitening = PCAWhitening(dim, whiten_power, whiten_shrinkage)
         self.global_whitening = PCAWhitening(global_dim, global_power, global_shrinkage)
         self._encoder = None
+        self._tower = None
 
     def config(self) -> dict[str, Any]:
         return {"encoder": self.encoder_name, "image_size": self.image_size, "scales": list(self.scales),
@@ -420,6 +421,16 @@ class CNNExtractor(LocalExtractor):
             self._encoder = enc
         return self._encoder
 
+    @property
+    def tower(self):
+        """The encoder's image tower with its batch norms and padding folded into the convolutions
+        (:mod:`finegrain.local.tower`): the same feature map up to float rounding, at about half the CPU time."""
+        if self._tower is None:
+            from .tower import fold_tower
+
+            self._tower = fold_tower(self.encoder)
+        return self._tower
+
     def _feature_map(self, img) -> np.ndarray:
         """(C, h, w) feature map of a PIL image whose sides are multiples of 32."""
         import torch
@@ -429,7 +440,7 @@ class CNNExtractor(LocalExtractor):
         arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
         arr = arr * (1.0 / (255.0 * IMAGE_STD)) - IMAGE_MEAN / IMAGE_STD
         with torch.inference_mode():
-            fmap = self.encoder.feature_map_batch(torch.from_numpy(np.ascontiguousarray(arr[None], np.float32)))
+            fmap = self.tower(torch.from_numpy(np.ascontiguousarray(arr[None], np.float32)))
         return fmap[0].float().numpy()
 
     def load(self, image: ImageSource, bbox: BBox | None = None) -> tuple:
