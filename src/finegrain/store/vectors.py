@@ -156,10 +156,15 @@ def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     return arr if mmap else np.array(arr)
 
 
+def read_chunk_vectors(root: Path, fieldname: str, name: str) -> np.ndarray:
+    """Memory-map only a committed chunk's vectors (its header is all that is read until rows are used)."""
+    return load_npy(root / VECTORS_DIR / fieldname / f"{name}.npy", mmap=True)
+
+
 def read_chunk(root: Path, fieldname: str, name: str) -> FieldRows:
     """Memory-map a committed chunk (no pickle: ``allow_pickle=False``)."""
     base = root / VECTORS_DIR / fieldname
-    vectors = load_npy(base / f"{name}.npy", mmap=True)
+    vectors = read_chunk_vectors(root, fieldname, name)
     owners = load_npy(base / f"{name}.owner.npy")
     attrs = {}
     for path in base.glob(f"{name}.*.npy"):

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import meta as meta_table
 from .catalog import Catalog, NewImage
-from .vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, sweep_orphans, write_chunk
+from .vectors import FieldRows, delete_chunk, new_chunk_name, read_chunk, read_chunk_vectors, sweep_orphans, write_chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..compress.base import Projection
@@ -341,7 +341,7 @@ class Writer:
         if len(chunks) <= keep:
             return []
         by_size = sorted(chunks, key=lambda c: (c[2], c[0]))
-        first = read_chunk(self.path, fieldname, by_size[0][0]).vectors  # memory-mapped: only its header is read
+        first = read_chunk_vectors(self.path, fieldname, by_size[0][0])  # memory-mapped: only its header is read
         row_bytes = first.itemsize * (first.shape[1] if first.ndim == 2 else 1)
         group: list[str] = []
         held = 0
