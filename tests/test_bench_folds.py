@@ -149,3 +149,5 @@ def test_revisitop_l2g_folds_on_tiny_set(folded_revisitop, tmp_path):
     chosen = [r for r in report["results"] if r["role"] == "chosen"]
     assert all(r["chosen_on"] != r["fold"] and r["setting"] for r in chosen)
     assert all(0 <= r["map_medium"] <= 100 and 0 <= r["class_map"] <= 100 for r in report["results"])
+    # every candidate carries its search cost (the k 700 variant's cost is what a user weighs against its mAP)
+    assert all(c["rank_ms_p50"] > 0 for c in report["candidates"])
