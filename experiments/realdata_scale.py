@@ -44,6 +44,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+PAUSE_S = 120.0  # a gap between two samples longer than this was a pause, not work (the period is seconds)
+
+
 def tenths(samples: list[dict], total: int) -> list[dict]:
     """Images/s within each tenth of ``total`` images and the RSS when it ended (samples of every run)."""
     rows, start = [], None
@@ -53,11 +56,16 @@ def tenths(samples: list[dict], total: int) -> list[dict]:
         if end is None:
             break
         first = start or samples[0]
-        # only time spent running counts: a gap between runs (a resume) is left out
+        within = [s for s in samples if first["t"] <= s["t"] <= end["t"]]
+        # only time spent running counts: a gap between runs (a resume) or a pause (SIGSTOP of sampler and
+        # child: no samples for far longer than the sampling period) is left out
         busy = sum(b["t"] - a["t"] for a, b in zip(samples, samples[1:])
-                   if first["t"] <= a["t"] and b["t"] <= end["t"] and b["run"] == a["run"])
+                   if first["t"] <= a["t"] and b["t"] <= end["t"] and b["run"] == a["run"]
+                   and b["t"] - a["t"] <= PAUSE_S)
         rows.append({"tenth": i, "images": end["images"], "images_per_s": (end["images"] - first["images"]) / busy
-                     if busy else None, "rss_mb": end["rss_mb"]})
+                     if busy else None, "rss_mb": end["rss_mb"],
+                     # the end sample falls anywhere in a batch's cycle, so the range within the tenth says more
+                     "rss_min_mb": min(s["rss_mb"] for s in within), "rss_max_mb": max(s["rss_mb"] for s in within)})
         start = end
     return rows
 
