@@ -346,8 +346,7 @@ def test_l2g_rerank_recovers_a_cluster():
         gsims[sid, :len(nb)] = sims
     glob = _unit(rng.standard_normal((k, 32)))  # an uninformative global descriptor
     gq = _unit(rng.standard_normal(32))
-    # the finegrain variant's cosine fusion and query-neighbour cut are what this synthetic graph exercises
-    cfg = mds.L2GConfig(k=k, mds_dim=8, smacof_iter=100, w=0.19, variant="finegrain")
+    cfg = mds.L2GConfig(k=k, mds_dim=8, smacof_iter=100, w=0.19)
     res = mds.l2g_rerank(qs[order0], shortlist[order0], gq, glob[order0], cfg, graph=(gids, gsims))
     rel_ids = set(shortlist[relevant].tolist())
     before = _ap(shortlist[order0].tolist(), rel_ids)
@@ -388,10 +387,9 @@ def test_l2g_config_validation():
 
 
 def test_l2g_variants_resolve_their_settings():
-    ours, paper = mds.L2GConfig(variant="finegrain"), mds.L2GConfig(variant="paper")
+    ours, paper = mds.L2GConfig(), mds.L2GConfig(variant="paper")
     assert (ours.k, ours.w, ours.query_neighbors, ours.fusion) == (100, 0.9, 10, "cosine")
     assert (paper.k, paper.w, paper.query_neighbors, paper.fusion) == (700, 0.19, None, "average")
-    assert mds.L2GConfig() == paper  # the paper's setting is the default (it won the two-fold landmark protocol)
     # An explicit value overrides the variant's; None keeps meaning "all" for query_neighbors.
     assert mds.L2GConfig(variant="paper", k=50, w=0.5).k == 50 and mds.L2GConfig(variant="paper", w=0.5).w == 0.5
     assert mds.L2GConfig(query_neighbors=None).query_neighbors is None
@@ -458,10 +456,9 @@ def test_l2g_paper_variant_runs_with_its_fusion(monkeypatch):
     assert not np.isnan(seen["query_row"]).any()  # all k query scores known
     assert seen["fused"].shape == (k + 1, 16 + 4)
     np.testing.assert_allclose(np.linalg.norm(seen["fused"], axis=1), np.sqrt(0.19 ** 2 + 0.81 ** 2), atol=1e-5)
-    # The finegrain variant keeps 10 query scores and does not average vectors.
+    # The default keeps 10 query scores and does not average vectors.
     seen.clear()
-    mds.l2g_rerank(qs, shortlist, gq, glob, mds.L2GConfig(mds_dim=4, smacof_iter=30, variant="finegrain"),
-                   graph=(gids, gsims))
+    mds.l2g_rerank(qs, shortlist, gq, glob, mds.L2GConfig(mds_dim=4, smacof_iter=30), graph=(gids, gsims))
     assert int((~np.isnan(seen["query_row"])).sum()) == 10 and "fused" not in seen
 
 
