@@ -11,9 +11,8 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
-from shardset_helpers import SETTINGS, build, make_set
+from shardset_helpers import SETTINGS, build, make_set, same_hits
 
 from finegrain.index import Index
 from finegrain.local.store import STATE_FILE
@@ -62,12 +61,6 @@ def world(tmp_path_factory, photos_dir):
         cluster.shutdown()
 
 
-def _same(got, expected, mode: str = "") -> None:
-    assert [h.path for h in got] == [h.path for h in expected]
-    # l2g: float32 noise in the first stage's sums can move SMACOF's stopping point (a relative tolerance)
-    np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=5e-5 if mode == "l2g" else 1e-5)
-
-
 def _load(sset, whole, seconds: float, threads: int = 4) -> tuple[list[int], list[str], list[threading.Thread]]:
     """Searches from several threads for ``seconds``; (answers, problems, threads): problems are errors, partial
     answers or answers other than ``whole``'s."""
@@ -106,11 +99,11 @@ def test_placement_and_equality_with_one_index(world):
         for kind in kinds:
             query = {"text": "a cat"} if kind == "text" else {"image": str(photos[1])}
             got = sset.search(k=4, mode=mode, **query)
-            _same(got, whole.search(k=4, mode=mode, **query), mode)
+            same_hits(got, whole.search(k=4, mode=mode, **query), mode)
             assert got.partial == [] and {h.shard for h in sset.search(k=6, mode=mode, **query)} == {0, 1}
     # filters and pagination merge as on one index
     page = sset.search(text="a cat", k=2, offset=1, mode="global", filters={"glob": "c*"})
-    _same(page, whole.search(text="a cat", k=2, offset=1, mode="global", filters={"glob": "c*"}))
+    same_hits(page, whole.search(text="a cat", k=2, offset=1, mode="global", filters={"glob": "c*"}))
 
 
 def test_cli_search_on_ray(world):
@@ -146,7 +139,7 @@ def test_a_replica_killed_under_load_fails_no_request(world):
     assert [r["alive"] for r in shard["replicas"]] == [False, True]
     sset.refresh()  # heals: a new replica, on a node that holds the shard
     assert sset.status()[0]["state"] == "up"
-    _same(sset.search(text="a cat", k=3, mode="global"), whole.search(text="a cat", k=3, mode="global"))
+    same_hits(sset.search(text="a cat", k=3, mode="global"), whole.search(text="a cat", k=3, mode="global"))
 
 
 def test_service_on_ray_adds_a_shard_and_reports_a_shard_down(world):

@@ -311,6 +311,16 @@ def test_superglobal_rerank_prefers_query_neighbourhood():
     assert s.shape == (30,) and set(np.argsort(-s)[:4]) == {3, 11, 17, 25}
 
 
+def test_superglobal_rerank_small_shortlist_keeps_the_query_duplicate_first():
+    """Under 2 (K + 1) candidates the query expansion would max-pool nearly all of them; with signed vectors
+    (centred MDS coordinates) that pooled vector put another image above the query's exact duplicate in 10 of
+    these 50 draws before the expansion was left out there."""
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        X = _unit(rng.standard_normal((7, 16)))
+        assert np.argmax(mds.superglobal_rerank(X[2].copy(), X, K=9, beta=0.15)) == 2, seed
+
+
 def test_dissimilarity_matrix_fills_missing_with_one():
     D = mds.dissimilarity_matrix(np.array([0.9, 0.2, 0.5]), np.array([0, 1]), np.array([1, 0]),
                                  np.array([0.6, 0.8]))
@@ -346,7 +356,8 @@ def test_l2g_rerank_recovers_a_cluster():
         gsims[sid, :len(nb)] = sims
     glob = _unit(rng.standard_normal((k, 32)))  # an uninformative global descriptor
     gq = _unit(rng.standard_normal(32))
-    cfg = mds.L2GConfig(k=k, mds_dim=8, smacof_iter=100, w=0.19)
+    # the finegrain variant's cosine fusion and query-neighbour cut are what this synthetic graph exercises
+    cfg = mds.L2GConfig(k=k, mds_dim=8, smacof_iter=100, w=0.19, variant="finegrain")
     res = mds.l2g_rerank(qs[order0], shortlist[order0], gq, glob[order0], cfg, graph=(gids, gsims))
     rel_ids = set(shortlist[relevant].tolist())
     before = _ap(shortlist[order0].tolist(), rel_ids)
@@ -387,9 +398,10 @@ def test_l2g_config_validation():
 
 
 def test_l2g_variants_resolve_their_settings():
-    ours, paper = mds.L2GConfig(), mds.L2GConfig(variant="paper")
+    ours, paper = mds.L2GConfig(variant="finegrain"), mds.L2GConfig(variant="paper")
     assert (ours.k, ours.w, ours.query_neighbors, ours.fusion) == (100, 0.9, 10, "cosine")
     assert (paper.k, paper.w, paper.query_neighbors, paper.fusion) == (700, 0.19, None, "average")
+    assert mds.L2GConfig() == paper  # the paper's setting is the default (it won the two-fold landmark protocol)
     # An explicit value overrides the variant's; None keeps meaning "all" for query_neighbors.
     assert mds.L2GConfig(variant="paper", k=50, w=0.5).k == 50 and mds.L2GConfig(variant="paper", w=0.5).w == 0.5
     assert mds.L2GConfig(query_neighbors=None).query_neighbors is None
@@ -456,9 +468,10 @@ def test_l2g_paper_variant_runs_with_its_fusion(monkeypatch):
     assert not np.isnan(seen["query_row"]).any()  # all k query scores known
     assert seen["fused"].shape == (k + 1, 16 + 4)
     np.testing.assert_allclose(np.linalg.norm(seen["fused"], axis=1), np.sqrt(0.19 ** 2 + 0.81 ** 2), atol=1e-5)
-    # The default keeps 10 query scores and does not average vectors.
+    # The finegrain variant keeps 10 query scores and does not average vectors.
     seen.clear()
-    mds.l2g_rerank(qs, shortlist, gq, glob, mds.L2GConfig(mds_dim=4, smacof_iter=30), graph=(gids, gsims))
+    mds.l2g_rerank(qs, shortlist, gq, glob, mds.L2GConfig(mds_dim=4, smacof_iter=30, variant="finegrain"),
+                   graph=(gids, gsims))
     assert int((~np.isnan(seen["query_row"])).sum()) == 10 and "fused" not in seen
 
 

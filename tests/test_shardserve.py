@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import httpx
-import numpy as np
 import pytest
-from shardset_helpers import EXACT_MODES, build, make_set, queries
+from shardset_helpers import EXACT_MODES, build, make_set, queries, same_hits
 
 from finegrain.index import Index
 from finegrain.service import create_app
@@ -28,12 +27,6 @@ def built(tmp_path_factory, photos_dir):
     return root, photos, whole, shards
 
 
-def _same(got, expected, mode: str = "") -> None:
-    assert [h.path for h in got] == [h.path for h in expected]
-    # l2g: float32 noise in the first stage's sums can move SMACOF's stopping point (a relative tolerance)
-    np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=5e-5 if mode == "l2g" else 1e-5)
-
-
 def test_every_exact_mode_equals_one_index(built):
     root, photos, whole, shards = built
     sharded = ShardedIndex.open(make_set(root, shards, "set-modes"))
@@ -41,7 +34,7 @@ def test_every_exact_mode_equals_one_index(built):
     for mode, kinds in EXACT_MODES.items():
         for query in queries(photos, kinds):
             got = sharded.search(k=4, mode=mode, **query)
-            _same(got, whole.search(k=4, mode=mode, **query), mode)
+            same_hits(got, whole.search(k=4, mode=mode, **query), mode)
             assert got.partial == [] and all(h.shard in (0, 1) for h in got)
     # l2g's two rounds keep filters, threshold, pagination and date order as one index does
     image = str(photos[1])
@@ -49,7 +42,7 @@ def test_every_exact_mode_equals_one_index(built):
     cut = (ranked[2].score + ranked[3].score) / 2  # between two hits: float noise cannot move either across
     for shape in ({"filters": {"glob": "c*"}}, {"offset": 2}, {"sort": "-date"}, {"threshold": cut}):
         got = sharded.search(image=image, k=3, mode="l2g", **shape)
-        _same(got, whole.search(image=image, k=3, mode="l2g", **shape), "l2g")
+        same_hits(got, whole.search(image=image, k=3, mode="l2g", **shape), "l2g")
         assert {h.shard for h in sharded.search(image=image, k=6, mode="l2g", **shape)} <= {0, 1}
     # the hits' explanations come from the shard that holds each one
     response = sharded.search(text="a cat", k=6, mode="hierarchical")

@@ -43,17 +43,17 @@ def _search(path, photo, *extra):
                                "--smacof-iter", "20", "-k", "3", "--json", *extra])
 
 
-def test_search_variant_paper_reaches_l2g(local_index_path, photos_dir, seen_configs):
+def test_search_variant_reaches_l2g(local_index_path, photos_dir, seen_configs):
     photo = sorted(photos_dir.iterdir())[2]
-    res = _search(local_index_path, photo, "--variant", "paper")
+    res = _search(local_index_path, photo, "--variant", "finegrain")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["mode"] == "l2g"
     cfg = seen_configs[-1]
-    assert (cfg.variant, cfg.fusion, cfg.w, cfg.query_neighbors) == ("paper", "average", 0.19, None)
-    res = _search(local_index_path, photo)  # no flag: finegrain's
+    assert (cfg.variant, cfg.fusion, cfg.w, cfg.query_neighbors, cfg.k) == ("finegrain", "cosine", 0.9, 10, 100)
+    res = _search(local_index_path, photo)  # no flag: the paper's setting, the default
     assert res.exit_code == 0, res.output
     cfg = seen_configs[-1]
-    assert (cfg.variant, cfg.fusion, cfg.w, cfg.query_neighbors) == ("finegrain", "cosine", 0.9, 10)
+    assert (cfg.variant, cfg.fusion, cfg.w, cfg.query_neighbors, cfg.k) == ("paper", "average", 0.19, None, 700)
     res = _search(local_index_path, photo, "--variant", "paper", "--w", "0.5")  # an explicit knob still wins
     assert res.exit_code == 0, res.output
     assert (seen_configs[-1].fusion, seen_configs[-1].w) == ("average", 0.5)
@@ -74,11 +74,11 @@ def test_bench_revisitop_variant(tiny_revisitop, tmp_path, seen_configs):  # noq
     args = ["bench", "revisitop", "--data", str(tiny_revisitop), "--mode", "l2g", "--local", "cnn",
             "--local-scales", "1.0", "--local-features", "60", "--local-image-size", "160", "--mds-dim", "3",
             "--smacof-iter", "20", "--cache-dir", str(tmp_path), "--json"]
-    res = runner.invoke(app, [*args, "--variant", "paper"])
+    res = runner.invoke(app, [*args, "--variant", "finegrain"])  # the non-default variant
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])
-    assert result["variant"] == "paper" and result["queries"] == 6  # the report names the variant it measured
-    assert seen_configs and {c.variant for c in seen_configs} == {"paper"} and seen_configs[-1].k == 700
+    assert result["variant"] == "finegrain" and result["queries"] == 6  # the report names the variant it measured
+    assert seen_configs and {c.variant for c in seen_configs} == {"finegrain"} and seen_configs[-1].k == 100
     res = runner.invoke(app, [*args, "--variant", "FIRE"])
     assert res.exit_code == 2 and "--variant must be one of" in res.output
     res = runner.invoke(app, [*args[:5], "global", *args[6:], "--variant", "paper"])
@@ -114,10 +114,10 @@ def test_service_image_search_variant(local_index_path, photos_dir, seen_configs
 
     with BackgroundServer(create_app(local_index_path, reload_interval=0)) as base, \
             httpx.Client(base_url=base, timeout=120) as client:
-        res = post(client, variant="paper")
+        res = post(client, variant="finegrain")
         assert res.status_code == 200, res.text
-        assert res.json()["mode"] == "l2g" and seen_configs[-1].variant == "paper"
-        assert post(client).status_code == 200 and seen_configs[-1].variant == "finegrain"
+        assert res.json()["mode"] == "l2g" and seen_configs[-1].variant == "finegrain"
+        assert post(client).status_code == 200 and seen_configs[-1].variant == "paper"  # the default
         res = post(client, variant="fire")
         assert res.status_code == 400 and res.json()["error"] == "bad_query" and "finegrain, paper" in res.text
         res = post(client, variant="paper", mode="global")

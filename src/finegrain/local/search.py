@@ -9,7 +9,8 @@ ids, best first:
 ``global+local``
     The conventional global-to-local pipeline: global search (instance
     descriptor when the index has one, else the joint-space ``global``
-    field), then the ``k`` best are re-ranked by **exact** Chamfer similarity.
+    field), then the best ``shortlist`` (default :data:`GLOBAL_LOCAL_SHORTLIST`, 100, whatever the L2G
+    variant's own shortlist) are re-ranked by **exact** Chamfer similarity.
 ``local``
     Approximate Chamfer search (:class:`~finegrain.local.chamfer.ApproxChamfer`,
     CANN-style: each query descriptor's nearest database descriptors in one
@@ -84,6 +85,10 @@ def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
 
 #: Filtered ``local``/``l2g`` searches allowing at most this many images score them exactly (no approximation).
 EXACT_ALLOWED = 1000
+
+#: ``global+local``'s re-ranked depth when ``shortlist`` is not given (exact Chamfer costs one image each; the
+#: L2G variants' shortlists, up to 700, are for the MDS re-ranking, not for this).
+GLOBAL_LOCAL_SHORTLIST = 100
 
 #: Default exact re-score depth per mode (``LocalSearcher(exact_rerank=None)``); see its docstring.
 EXACT_RERANK = {"local": 200, "l2g": 0}
@@ -364,11 +369,12 @@ class LocalSearcher:
             t2 = time.perf_counter()
             timings["search_ms"] = (t2 - t0) * 1e3
             if mode == "global+local":
-                head = order[: cfg.k]
+                depth = int(options["shortlist"]) if options.get("shortlist") is not None else GLOBAL_LOCAL_SHORTLIST
+                head = order[:depth]
                 exact = chamfer_scores(q, self.db, head)
                 o = np.argsort(-exact, kind="stable")
-                order = np.concatenate([head[o], order[cfg.k:]])
-                scores = np.concatenate([exact[o], scores[cfg.k:]])
+                order = np.concatenate([head[o], order[depth:]])
+                scores = np.concatenate([exact[o], scores[depth:]])
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         else:
             R = self.exact_rerank_for(mode, opts.get("exact_rerank"))

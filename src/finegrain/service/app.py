@@ -325,7 +325,7 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
                      negative: list[str] = Form([], description="Texts to move away from (repeatable)."),
                      filters: str | None = Form(None, description="Filters as a JSON object (see POST /api/search)."),
                      threshold: float | None = Form(None), offset: int = Form(0), sort: str = Form("score"),
-                     variant: str | None = Form(None, description="l2g: finegrain (default) or paper (docs/l2g.md).")
+                     variant: str | None = Form(None, description="l2g: paper (default) or finegrain (docs/l2g.md).")
                      ) -> dict:
         """Search by an example image (optionally a box of it, words added, negative texts, filters)."""
         count(True)
