@@ -6,11 +6,17 @@ with the default ObjectConfig: regions, tight 128-px crops, crop 0 = the whole i
 sees needles. Each query's one relevant item is its own composite among all validation composites.
 
 Rule (fixed before the run): keep the shipped value unless another beats it by more than twice the paired
-standard error of the per-query reciprocal-rank difference; among those, take the best MRR.
+standard error of the per-query reciprocal-rank difference; among those, take the best MRR. The cap (and the
+crop size) is one setting of the index shared by both object modes, so `objects-max` (the mode `auto` uses
+for object queries) chooses it; `pool_p` only changes the fused descriptor, so `objects` chooses it at that cap.
+
+The crop size (128) is scored the same way with ``--crop-sizes 96,160 --data FLICKR8K``: the same validation
+composites (same seed and images) re-encoded at each size into ``DIR-crop<SIZE>``, scored at the shipped p and cap.
+The proposal order (most compact first) has no setting to vary here.
 
 Usage (the cache is what `finegrain train-objects --cache-dir DIR` builds):
 
-    PYTHONPATH=src python -m experiments.mao_defaults_val DIR [--json OUT.json]
+    PYTHONPATH=src python -m experiments.mao_defaults_val DIR [--crop-sizes 96,160 --data FLICKR8K] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import json
 import numpy as np
 import torch
 
-from finegrain.train.stagea import fuse_torch, load_split, padded
+from finegrain.objects.config import ObjectConfig
+from finegrain.train.stagea import CacheConfig, build_cache, fuse_torch, load_split, padded, true_ranks
 
 P_GRID = (1.0, 2.0, 3.0, 5.0, 8.0)
 CAP_GRID = (4, 8, 12, 16, 24)
@@ -35,14 +42,12 @@ def reciprocal_ranks(crops: torch.Tensor, mask: torch.Tensor, queries: torch.Ten
         best = torch.einsum("qd,nkd->qnk", queries, crops).masked_fill(mask[None] == 0, -2).amax(-1)
     out = {}
     for name, s in (("objects", fused), ("objects-max", best)):
-        rank = (s > s.diagonal()[:, None]).sum(1).double()
-        out[name] = (1.0 / (rank + 1)).numpy()
+        out[name] = (1.0 / (true_ranks(s) + 1)).numpy()
     return out
 
 
-def choose(rows: list[dict], mode: str) -> dict:
-    """The shipped row unless a row beats it by more than 2 paired SE (then the best such row)."""
-    base = next(r for r in rows if r["p"] == SHIPPED["p"] and r["cap"] == SHIPPED["cap"])
+def choose(rows: list[dict], mode: str, base: dict) -> dict:
+    """``base`` unless a row beats it by more than 2 paired SE in ``mode`` (then the best such row)."""
     better = []
     for r in rows:
         d = r["rr"][mode] - base["rr"][mode]
@@ -53,10 +58,41 @@ def choose(rows: list[dict], mode: str) -> dict:
     return max(better, key=lambda r: r["rr"][mode].mean()) if better else base
 
 
+def crop_sizes(args, split: dict, chosen: dict) -> list[dict]:
+    """Validation MRR of each mode at each crop size (that mode's chosen p and cap), paired against 128."""
+    sizes = [int(c) for c in args.crop_sizes.split(",") if c]
+    if not sizes:
+        return []
+    if not args.data:
+        raise SystemExit("--crop-sizes needs --data (the Flickr8k folder the composites come from)")
+    key = json.loads(open(f"{args.cache_dir}/val.json").read())
+    config = CacheConfig(**{**key["cache"], "n_train": 1})  # the same validation composites; one training one
+    splits = {ObjectConfig().crop_size: split}
+    for size in sizes:
+        splits[size] = build_cache(args.data, f"{args.cache_dir}-crop{size}", config,
+                                   ObjectConfig(crop_size=size), show_progress=False)["val"]
+    out = []
+    for mode, r in chosen.items():
+        base = None
+        for size, sp in sorted(splits.items()):
+            rr = reciprocal_ranks(*padded(sp, r["cap"] + 1), r["p"])[mode]
+            if size == ObjectConfig().crop_size:
+                base = rr
+            out.append({"mode": mode, "crop_size": size, "p": r["p"], "cap": r["cap"], "rr": rr})
+        for row in out[-len(splits):]:
+            d = row.pop("rr") - base
+            row.update(mrr=float((d + base).mean()), gain=float(d.mean()), se=float(d.std(ddof=1) / np.sqrt(len(d))))
+            print(f"{mode:11s} crop {row['crop_size']:3d}: MRR {row['mrr']:.4f} (vs 128: {row['gain']:+.4f}, "
+                  f"SE {row['se']:.4f})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cache_dir")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--crop-sizes", default="", help="other crop sizes to score (comma-separated)")
+    ap.add_argument("--data", help="Flickr8k folder (for --crop-sizes)")
     args = ap.parse_args()
     split = load_split(args.cache_dir, "val")
     print(f"{len(split['offsets']) - 1} validation composites, {len(split['crops'])} crops")
@@ -68,15 +104,22 @@ def main() -> None:
             rows.append({"p": p, "cap": cap, "rr": rr})
             print(f"cap {cap:2d} p {p:3.0f}  objects MRR {rr['objects'].mean():.4f}  "
                   f"objects-max MRR {rr['objects-max'].mean():.4f}", flush=True)
-    chosen = {mode: choose(rows, mode) for mode in ("objects", "objects-max")}
-    for mode, r in chosen.items():
-        print(f"chosen for {mode}: p {r['p']:.0f} cap {r['cap']} (MRR {r['rr'][mode].mean():.4f}; shipped "
-              f"p {SHIPPED['p']:.0f} cap {SHIPPED['cap']})")
+    shipped = next(r for r in rows if r["p"] == SHIPPED["p"] and r["cap"] == SHIPPED["cap"])
+    cap = choose([r for r in rows if r["p"] == SHIPPED["p"]], "objects-max", shipped)["cap"]
+    at_cap = [r for r in rows if r["cap"] == cap]
+    best = choose(at_cap, "objects", next(r for r in at_cap if r["p"] == SHIPPED["p"]))
+    for mode in ("objects-max", "objects"):
+        g = best.get("gain", {}).get(mode)
+        print(f"chosen: cap {cap} (by objects-max), p {best['p']:.0f} (by objects); {mode} MRR "
+              f"{best['rr'][mode].mean():.4f}" + (f", gain {g[0]:+.4f} (SE {g[1]:.4f})" if g else ""))
+    chosen = {mode: best for mode in ("objects", "objects-max")}
+    crop_rows = crop_sizes(args, split, chosen)
     if args.json_out:
         table = [{"p": r["p"], "cap": r["cap"], **{f"{m}_mrr": float(r["rr"][m].mean()) for m in r["rr"]},
-                  **{f"{m}_gain_vs_shipped": r["gain"][m] for m in r["gain"]}} for r in rows]
+                  **{f"{m}_gain_vs_shipped": r["gain"][m] for m in r.get("gain", {})}} for r in rows]
         with open(args.json_out, "w") as f:
-            json.dump({"rows": table, "chosen": {m: {"p": r["p"], "cap": r["cap"]} for m, r in chosen.items()}},
+            json.dump({"rows": table, "chosen": {m: {"p": r["p"], "cap": r["cap"]} for m, r in chosen.items()},
+                       "crop_sizes": crop_rows},
                       f, indent=1)
 
 

@@ -136,7 +136,7 @@ def test_object_descriptor_matches_the_pasted_object_better_than_the_whole_image
     cfg = ObjectConfig(max_objects=8)
     img, box = _scene(3, square=(40, 200, 70), patch=patch)
     items = [prepare_objects(img, enc, cfg)]
-    assert items[0].pixels.shape[1:] == (3, 128, 128) and items[0].masks.shape[0] == len(items[0].pixels)
+    assert items[0].pixels.shape[1:] == (3, cfg.crop_size, cfg.crop_size) and items[0].masks.shape[0] == len(items[0].pixels)
     [vec] = encode_objects(enc, items, cfg)
     assert vec.vectors.shape == (len(items[0].pixels), 1280) and vec.refined is None
     np.testing.assert_allclose(np.linalg.norm(vec.vectors, axis=1), 1, atol=1e-5)

@@ -108,6 +108,47 @@ def test_training_lowers_the_loss_and_beats_the_identity_on_a_toy_cache():
     assert len(logs) >= 2
 
 
+def test_fused_descriptor_has_finite_gradients_when_a_channel_is_zero_in_every_crop():
+    """At p = 8 a channel that ReLU zeroes in every crop underflowed to 0 under the root: NaN training."""
+    x = torch.rand(3, 5, 16) * 0.3
+    x[:, :, 3] = 0.0
+    m = torch.ones(3, 5)
+    m[1, 3:] = 0.0
+    x.requires_grad_(True)
+    out = stagea.fuse_torch(x, m, 8.0)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    from finegrain.objects.descriptor import fuse
+
+    ref = np.stack([fuse(x[i][m[i] > 0].detach().numpy(), 8.0) for i in range(3)])
+    np.testing.assert_allclose(out.detach().numpy(), ref, atol=1e-6)
+
+
+def test_a_diverged_model_never_scores_as_perfect():
+    scores = torch.tensor([[float("nan"), 0.1, 0.2], [0.3, 0.9, 0.1], [0.0, 0.0, float("nan")]])
+    assert stagea.true_ranks(scores).tolist() == [2.0, 0.0, 2.0]
+
+
+def test_training_stops_at_a_non_finite_loss_and_keeps_the_best_epoch(monkeypatch):
+    rng = np.random.default_rng(0)
+    cache = {"train": _toy_split(rng, 128), "val": _toy_split(rng, 64)}
+    cfg = StageAConfig(rank=4, epochs=5, patience=5, batch_size=64, max_crops=6)
+    real = stagea.info_nce
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss if len(calls) <= 2 else loss * float("nan")  # epoch 1 trains, epoch 2 diverges
+
+    monkeypatch.setattr(stagea, "info_nce", diverging)
+    model, info = train_stagea(cache, cfg, log=lambda *_: None)
+    hist = info["history"]
+    assert hist[-1].get("diverged") and hist[-1]["epoch"] == 2 and len(hist) == 3
+    assert info["best_epoch"] in (0, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_build_cache_uses_only_train_images_and_holds_out_the_validation_ones(tiny_flickr, tmp_path, monkeypatch):
     seen = []
     real_load = stagea.load_image

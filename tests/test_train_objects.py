@@ -218,3 +218,22 @@ def test_index_source_reads_the_index_photos_and_settings_without_its_adapter(in
     assert len(val) == 2 and train + val == paths
     with pytest.raises(ValueError, match="too few images: 3 in here"):
         split_pool(paths[:3], 0, "here")
+
+
+def test_an_object_index_made_with_older_defaults_takes_more_images_and_crop_size_is_checked(tmp_path, photos_dir):
+    """crop_size and pool_p defaults changed (128 -> 192, 5 -> 8): `index --objects regions` on an index made
+    before must add to it, not refuse it; an explicit --object-crop-size that differs is refused."""
+    old = tmp_path / "old.fg"
+    Index.create(old, objects=ObjectConfig(crop_size=128, pool_p=5.0, max_objects=2))
+    first = sorted(photos_dir.iterdir())
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(first[0], src / first[0].name)
+    r = fg("index", src, "--index", old, "--objects", "regions", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["indexed"] == 1
+    assert Index.open(old).snapshot.settings["objects"]["crop_size"] == 128
+    r = fg("index", src, "--index", old, "--objects", "regions", "--object-crop-size", "160")
+    assert r.returncode == 2 and "created with other settings" in r.stderr and "crop_size" in r.stderr
+    r = fg("index", src, "--index", tmp_path / "new.fg", "--object-crop-size", "160")
+    assert r.returncode == 2 and "needs --objects" in r.stderr

@@ -118,6 +118,20 @@ L2G_VARIANT_HELP = ("l2g: paper (default, as published: weighted vector average,
                     "cheaper, less accurate); --w/--shortlist still override it.")
 
 
+def _asked_objects(stored: Optional[dict], asked: dict) -> dict:
+    """The objects settings an ``index`` command asks of an existing index: its stored ones with the options
+    given on the command line put over them (so only those can differ)."""
+    from .objects.config import ObjectConfig
+
+    return ObjectConfig.from_dict({**(stored or {}), **asked}).to_dict()
+
+
+#: ``--shortlist`` and ``--w`` of the search and bench commands (their defaults come from the L2G variant).
+SHORTLIST_HELP = ("global+local, l2g: images re-ranked (L2G's k; default: the variant's, 700 for paper, 100 for "
+                  "finegrain; global+local 100).")
+W_HELP = "l2g: weight of the global descriptor in the fusion (default: the variant's, paper 0.19, finegrain 0.9)."
+
+
 def _l2g_variant(variant: Optional[str], mode: str) -> Optional[str]:
     """Check ``--variant`` (a one-line usage error rather than a traceback or a silently ignored flag)."""
     from .rerank.mds import VARIANTS
@@ -203,6 +217,7 @@ def index_cmd(
     refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
     refine_variant: str = typer.Option("finegrain", "--refine-variant", help="New index with objects and --refine-iters: Stage B objective, finegrain (default) or paper (MaO's: summed IoU, object-crop anchor, average start, step 0.1; docs/mao.md)."),
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
+    object_crop_size: Optional[int] = typer.Option(None, "--object-crop-size", help="New index with --objects: side in pixels each object crop is encoded at (default 192, chosen on training composites; 128 indexes about 1.8x faster and finds small objects less well, docs/mao.md)."),
     object_adapter: Optional[Path] = typer.Option(None, "--object-adapter", help="New index with --objects: a Stage A adapter from `finegrain train-objects`, copied into the index and applied to every object crop and object query (default none; docs/mao.md)."),
     remove_missing: bool = typer.Option(False, "--remove-missing", help="Remove indexed files that vanished from the given folders."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
@@ -226,6 +241,8 @@ def index_cmd(
         _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
     if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
         _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
+    if object_crop_size is not None and not objects:
+        _fail("--object-crop-size sets the object crops: it needs --objects regions (or yolox)", 2)
     if object_adapter is not None and not objects:
         _fail("--object-adapter adapts the object descriptors: it needs --objects regions (or yolox)", 2)
     adapter_digest = _check_object_adapter(object_adapter, encoder, index) if object_adapter is not None else None
@@ -237,13 +254,20 @@ def index_cmd(
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
+        obj_asked: dict[str, Any] = {}
         if objects:
             from .objects.config import ObjectConfig
 
             extra: dict[str, Any] = {} if object_threshold is None else {"threshold": object_threshold}
             if adapter_digest is not None:
                 extra["adapter"] = adapter_digest
+            if object_crop_size is not None:
+                extra["crop_size"] = object_crop_size
             obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
+            # What this command asks of the objects field: the options given, not the defaults of today's
+            # version (an index made when the defaults differed must still take more images).
+            obj_asked = {"proposals": objects, "refine_iters": refine_iters, "refine_variant": refine_variant,
+                         "lr": obj.lr, "adapter": adapter_digest, **extra}
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if into_set:
             _index_into_set(index, inputs, address, shard_images, batch_size, commit_every, as_json, strict,
@@ -257,7 +281,8 @@ def index_cmd(
                 ("encoder", encoder, encoder is not None), ("ann", ann, ann is not None),
                 ("segments", seg.to_dict() if seg else None, seg is not None),
                 ("local", local_cfg.to_dict() if local_cfg else None, local_cfg is not None),
-                ("objects", obj.to_dict() if obj else None, obj is not None)) if given}
+                ("objects", _asked_objects(idx.snapshot.settings.get("objects"), obj_asked), obj is not None))
+                if given}
             diff = settings_differences(idx.snapshot.settings, asked)
             if diff:
                 raise _SettingsMismatch(f"the index at {index} was created with other settings ({'; '.join(diff)}); "
@@ -436,10 +461,10 @@ def search_cmd(
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
-    w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
+    w: Optional[float] = typer.Option(None, "--w", help=W_HELP),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
@@ -1069,10 +1094,10 @@ def bench_revisitop_cmd(
     local_scales: Optional[str] = typer.Option(None, "--local-scales", help="--local cnn: image scales, e.g. 1.0,0.707,0.5."),
     local_features: Optional[int] = typer.Option(None, "--local-features", help="--local: local features kept per image."),
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="--local: longer image side at scale 1."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="global+local, l2g: images re-ranked (L2G's k; default 100)."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
-    w: Optional[float] = typer.Option(None, "--w", help="l2g: weight of the global descriptor in the fusion (default 0.9, paper 0.19)."),
+    w: Optional[float] = typer.Option(None, "--w", help=W_HELP),
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),

@@ -34,12 +34,16 @@ class ObjectConfig:
         much better for objects of 1-4 % of the image (see docs/mao.md).
     crop_size:
         Side in pixels each crop is resized to before encoding (and the query).
+        192 (default) was chosen among 96, 128, 160, 192 on Stage-A validation
+        composites of Flickr8k train images (docs/mao.md); encoding cost
+        grows with its square.
     pool_p:
         Exponent of the generalised mean that fuses an image's crop vectors
         into its one descriptor (``raw`` space; values are non-negative).
-        1 is the paper's plain average; 5 (default) lets an object that
-        fires a channel strongly keep it in the descriptor (needles mAP 0.24
-        against 0.17 for the average, docs/mao.md). ``joint`` space always averages.
+        1 is the paper's plain average; a larger p lets an object that
+        fires a channel strongly keep it in the descriptor. 8 (default) was
+        chosen among 1, 2, 3, 5, 8 on Stage-A validation composites made only
+        of Flickr8k train images (docs/mao.md). ``joint`` space always averages.
     space:
         ``raw``: the image tower's feature map GeM-pooled (p = 3), 1280-d for
         effnet-minilm, image queries only. ``joint``: pooled then projected
@@ -77,8 +81,8 @@ class ObjectConfig:
     threshold: float = 0.2
     pad: float = 0.1
     min_crop: int = 0
-    crop_size: int = 128
-    pool_p: float = 5.0
+    crop_size: int = 192
+    pool_p: float = 8.0
     space: str = "raw"
     refine_iters: int = 0
     refine_objects: int = 24

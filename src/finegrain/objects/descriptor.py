@@ -9,7 +9,7 @@ For one image with proposals 0..N-1 (0 = whole image):
   (p = 3) and L2-normalised; ``joint`` = the encoder's full image embedding;
 * the image's *multi-object descriptor* fuses its crop vectors into one:
   the paper averages them; finegrain takes their generalised mean with
-  exponent ``pool_p`` (5 by default, 1 = the average), L2-normalised (mode
+  exponent ``pool_p`` (8 by default, 1 = the average), L2-normalised (mode
   ``objects``); the crop vectors are kept too (``objects-max``).
 
 The same encoding turns an image query (a crop of the object sought) into a

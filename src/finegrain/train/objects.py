@@ -127,7 +127,7 @@ def paired_gain(model, split: dict, config: stagea.StageAConfig) -> dict:
             fused = qq @ stagea.fuse_torch(c, m, config.pool_p).T
             best = torch.einsum("qd,nkd->qnk", qq, c).masked_fill(m[None] == 0, -2).amax(-1)
         for mode, s in (("objects", fused), ("objects_max", best)):
-            ranks[label, mode] = 1.0 / (1.0 + (s > s.diagonal()[:, None]).sum(1).double().numpy())
+            ranks[label, mode] = 1.0 / (1.0 + stagea.true_ranks(s).numpy())
     for mode in ("objects", "objects_max"):
         d = ranks["adapter", mode] - ranks["identity", mode]
         out[mode] = {"gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
@@ -179,7 +179,7 @@ def train_objects(out: Path, config: TrainObjectsConfig, cache_dir: Path, data: 
             cache.encoder = encoder
         train_imgs, val_imgs = split_pool(pool, config.holdout, where)
         cache.holdout = len(val_imgs)
-        key = {"cache": asdict(cache), "objects": objects.to_dict(), "side": stagea.SCENE_SIDE,
+        key = {"cache": asdict(cache), "objects": stagea.crop_settings(objects), "side": stagea.SCENE_SIDE,
                "area": list(stagea.AREA_RANGE), "images": _pool_key(pool), "holdout": len(val_imgs), "version": 1}
         arrays = stagea.build_cache_from(train_imgs, val_imgs, cache_dir, key, cache, objects, show_progress, log)
     sa = stagea.StageAConfig(rank=config.rank, pool_p=objects.pool_p, epochs=config.epochs,

@@ -138,9 +138,18 @@ def build_cache(data: str | Path, cache_dir: str | Path, config: CacheConfig | N
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     train_imgs, val_imgs = split_images(Path(data), config.holdout)
-    key = {"cache": asdict(config), "objects": objects.to_dict(), "side": SCENE_SIDE, "area": list(AREA_RANGE),
+    key = {"cache": asdict(config), "objects": crop_settings(objects), "side": SCENE_SIDE, "area": list(AREA_RANGE),
            "train_images": len(train_imgs), "first_val_image": val_imgs[0].name, "version": 1}
     return build_cache_from(train_imgs, val_imgs, cache_dir, key, config, objects, show_progress, log)
+
+
+#: ObjectConfig fields that do not change the cached crop vectors (only how they are fused or refined later).
+NOT_IN_CROPS = ("pool_p", "refine_iters", "refine_objects", "refine_variant", "alpha", "lr", "adapter")
+
+
+def crop_settings(objects: ObjectConfig) -> dict:
+    """The object settings the cached crop vectors depend on (the cache's validity key)."""
+    return {k: v for k, v in objects.to_dict().items() if k not in NOT_IN_CROPS}
 
 
 def build_cache_from(train_imgs: list[Path], val_imgs: list[Path], cache_dir: Path, key: dict, config: CacheConfig,
@@ -262,7 +271,7 @@ class StageAConfig:
     """Hyper-parameters of :func:`train_stagea`."""
 
     rank: int = 64
-    pool_p: float = 5.0  # the index's fusion exponent (ObjectConfig.pool_p)
+    pool_p: float = ObjectConfig.pool_p  # the index's fusion exponent (its default unless told)
     temperature: float = 0.05
     epochs: int = 30
     patience: int = 6
@@ -290,9 +299,25 @@ def padded(split: dict[str, np.ndarray], max_crops: int) -> tuple[torch.Tensor, 
 
 def fuse_torch(crops: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     """Masked generalised mean over crops (B, N, D) -> (B, D), L2-normalised (as objects.descriptor.fuse)."""
-    powered = crops.clamp(min=1e-8).pow(p) * mask[..., None]
-    pooled = (powered.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).pow(1.0 / p)
+    x = crops.clamp(min=1e-8)
+    # Scaled by each channel's largest crop value, so the mean under the root is at least 1/N: a channel that is
+    # ~0 in every crop would otherwise underflow to 0 (1e-8 ** 8 in float32) and give the root an infinite
+    # gradient (training went NaN at p = 8). Same value as the unscaled formula.
+    top = (x * mask[..., None]).amax(1, keepdim=True).clamp(min=1e-8)
+    powered = (x / top).pow(p) * mask[..., None]
+    pooled = top[:, 0] * (powered.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).pow(1.0 / p)
     return F.normalize(pooled, dim=-1, eps=1e-8)
+
+
+def true_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's own item (the diagonal of ``scores``, queries x items) among all items.
+
+    A non-finite true score ranks last: a diverged model must never look perfect (with ``s > diagonal`` alone
+    a NaN diagonal counts nothing above it, rank 0).
+    """
+    d = scores.diagonal()
+    rank = (scores > d[:, None]).sum(1)
+    return torch.where(torch.isfinite(d), rank, torch.full_like(rank, scores.shape[1] - 1)).double()
 
 
 def retrieval_metrics(model: StageAAdapter | None, crops: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
@@ -306,7 +331,7 @@ def retrieval_metrics(model: StageAAdapter | None, crops: torch.Tensor, mask: to
         fused = q @ desc.T
         best = torch.einsum("qd,nkd->qnk", q, c).masked_fill(mask[None] == 0, -2).amax(-1)
         for name, s in (("objects", fused), ("objects_max", best)):
-            rank = (s > s.diagonal()[:, None]).sum(1).float()  # 0-based rank of the true composite
+            rank = true_ranks(s)
             out[f"{name}_mrr"] = float((1.0 / (rank + 1)).mean())
             out[f"{name}_r1"] = float((rank == 0).float().mean())
     return out
@@ -343,10 +368,16 @@ def train_stagea(cache: dict, config: StageAConfig | None = None, log=print) -> 
         for b in range(steps):
             idx = torch.from_numpy(perm[b * config.batch_size:(b + 1) * config.batch_size])
             loss = info_nce(model, xtr[idx], mtr[idx], qtr[idx], config.pool_p, config.temperature)
+            if not torch.isfinite(loss):  # diverged: keep the best epoch so far rather than a broken adapter
+                break
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        if len(losses) < steps:
+            log(f"epoch {epoch:2d}: the loss is not finite; stopping with epoch {best_epoch}")
+            history.append({"epoch": epoch, "loss": float("nan"), "diverged": True})
+            break
         model.eval()
         metrics = retrieval_metrics(model, xva, mva, qva, config.pool_p)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
