@@ -179,7 +179,13 @@ def test_every_combining_family_takes_combined_queries(seg, objects, photos_dir)
         assert seg.explain([r[0].id], query='"an animal" - "a cat"', mode=mode)[0].subqueries
     r = objects.search(image=photos_dir / "coffee.jpg", negative_image=photos_dir / "chelsea.jpg",
                        mode="objects-max")
-    assert names(r)[0] == "coffee" and names(r)[-1] == "chelsea"
+    plain = objects.search(image=photos_dir / "coffee.jpg", mode="objects-max")
+    drop = {h.path: h.score for h in plain.hits}
+    drop = {Path(h.path).stem: drop[h.path] - h.score for h in r.hits}
+    # Of the other photos, the negative cat pushes the cat photo down most. (Not necessarily to last: objects-max takes each
+    # image's best crop after the terms are combined, and a crop of the cat photo's background can be unlike
+    # the cat yet like the coffee; with 192-px crops it stays above the rocket, 0.033 against 0.012.)
+    assert names(r)[0] == "coffee" and drop["chelsea"] > drop["rocket"]
     with pytest.raises(ValueError, match="search by example image only"):  # raw object space: no text terms
         objects.search(image=photos_dir / "coffee.jpg", negative="a cat", mode="objects")
 

@@ -52,7 +52,9 @@ def test_ray_engine_builds_the_same_index_as_the_local_engine(tmp_path, mixed_di
         a, b = (rows.select(np.argsort(rows.owners, kind="stable"))
                 for rows in (local.fields[field], ray_index.fields[field]))
         np.testing.assert_array_equal(a.owners, b.owners)
-        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+        # the engines batch images differently and batched convolutions round differently in the last bits:
+        # up to 2e-5 per element with 192-px object crops (1e-5 held at 128 px)
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=5e-5)
         for attr in a.attrs:
             np.testing.assert_array_equal(a.attrs[attr], b.attrs[attr])
     assert not (tmp_path / "ray" / "staging").exists()  # shards merged and cleaned up
