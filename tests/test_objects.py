@@ -63,6 +63,15 @@ def test_region_proposals_find_a_pasted_square_and_keep_the_whole_image():
     assert nb.min() >= 0 and nb.max() <= 1
 
 
+def test_region_proposals_largest_first_order_for_the_order_experiment():
+    img, _ = _scene(0)
+    props = region_proposals(img, max_objects=8, order="largest")
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in props.boxes[1:]]  # after the whole image
+    assert len(areas) >= 2 and areas == sorted(areas, reverse=True)
+    with pytest.raises(ValueError, match="order"):
+        region_proposals(img, order="random")
+
+
 def test_proposals_cap_and_plain_image():
     img, _ = _scene(1, square=None)
     assert len(region_proposals(img, max_objects=0)) == 1  # only the whole image

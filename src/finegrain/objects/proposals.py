@@ -90,8 +90,11 @@ def _with_whole_image(boxes: list, scores: list, width: int, height: int, masks:
 
 
 # --------------------------------------------------------------------------- regions
-def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224) -> Proposals:
+def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224, order: str = "compact") -> Proposals:
     """Felzenszwalb regions as proposals, most compact first, with their masks (see module docstring).
+
+    ``order="largest"`` (largest box first) is there for the experiment that compares the two orders
+    (experiments/mao_order_val.py); the index always uses the default.
 
     Segmentation runs on a ``side`` x ``side`` copy at two merge scales; regions
     covering 0.4 % to 50 % of the image are kept; near-duplicate boxes (IoU >
@@ -120,7 +123,12 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224)
                 cands.append((float(fill), box, mask))
     # Compact regions (that fill their box) first: on needles this finds 66 % of the pasted
     # objects at IoU > 0.5 within 24 proposals, against 58 % when the largest regions come first.
-    cands.sort(key=lambda c: -c[0])
+    if order not in ("compact", "largest"):
+        raise ValueError(f"order must be 'compact' or 'largest', not {order!r}")
+    if order == "compact":
+        cands.sort(key=lambda c: -c[0])
+    else:
+        cands.sort(key=lambda c: -(c[1][2] - c[1][0]) * (c[1][3] - c[1][1]))
     kept: list[tuple[float, tuple[int, int, int, int], np.ndarray]] = []
     for cand in cands:
         if len(kept) >= max_objects:
