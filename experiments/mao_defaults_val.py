@@ -24,26 +24,13 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from finegrain.objects.config import ObjectConfig
-from finegrain.train.stagea import CacheConfig, build_cache, fuse_torch, load_split, padded, true_ranks
+from finegrain.train.stagea import CacheConfig, build_cache, load_split, padded, reciprocal_ranks
 
 P_GRID = (1.0, 2.0, 3.0, 5.0, 8.0)
 CAP_GRID = (4, 8, 12, 16, 24)
 SHIPPED = {"p": 5.0, "cap": 24}
-
-
-def reciprocal_ranks(crops: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, p: float
-                     ) -> dict[str, np.ndarray]:
-    """Per-query reciprocal rank of the true composite for the fused (``objects``) and best-crop scores."""
-    with torch.no_grad():
-        fused = queries @ fuse_torch(crops, mask, p).T
-        best = torch.einsum("qd,nkd->qnk", queries, crops).masked_fill(mask[None] == 0, -2).amax(-1)
-    out = {}
-    for name, s in (("objects", fused), ("objects-max", best)):
-        out[name] = (1.0 / (true_ranks(s) + 1)).numpy()
-    return out
 
 
 def choose(rows: list[dict], mode: str, base: dict) -> dict:
@@ -72,17 +59,15 @@ def crop_sizes(args, split: dict, chosen: dict) -> list[dict]:
         splits[size] = build_cache(args.data, f"{args.cache_dir}-crop{size}", config,
                                    ObjectConfig(crop_size=size), show_progress=False)["val"]
     out = []
+    base_size = ObjectConfig().crop_size  # the cache's own size: the pairing's reference
     for mode, r in chosen.items():
-        base = None
-        for size, sp in sorted(splits.items()):
-            rr = reciprocal_ranks(*padded(sp, r["cap"] + 1), r["p"])[mode]
-            if size == ObjectConfig().crop_size:
-                base = rr
-            out.append({"mode": mode, "crop_size": size, "p": r["p"], "cap": r["cap"], "rr": rr})
-        for row in out[-len(splits):]:
-            d = row.pop("rr") - base
-            row.update(mrr=float((d + base).mean()), gain=float(d.mean()), se=float(d.std(ddof=1) / np.sqrt(len(d))))
-            print(f"{mode:11s} crop {row['crop_size']:3d}: MRR {row['mrr']:.4f} (vs 128: {row['gain']:+.4f}, "
+        rr = {size: reciprocal_ranks(None, *padded(sp, r["cap"] + 1), r["p"])[mode] for size, sp in splits.items()}
+        for size in sorted(rr):
+            d = rr[size] - rr[base_size]
+            row = {"mode": mode, "crop_size": size, "p": r["p"], "cap": r["cap"], "mrr": float(rr[size].mean()),
+                   "gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+            out.append(row)
+            print(f"{mode:11s} crop {size:3d}: MRR {row['mrr']:.4f} (vs {base_size}: {row['gain']:+.4f}, "
                   f"SE {row['se']:.4f})")
     return out
 
@@ -100,19 +85,19 @@ def main() -> None:
     for cap in CAP_GRID:
         crops, mask, queries = padded(split, cap + 1)  # crop 0 is the whole image; cap objects after it
         for p in P_GRID:
-            rr = reciprocal_ranks(crops, mask, queries, p)
+            rr = reciprocal_ranks(None, crops, mask, queries, p)
             rows.append({"p": p, "cap": cap, "rr": rr})
             print(f"cap {cap:2d} p {p:3.0f}  objects MRR {rr['objects'].mean():.4f}  "
-                  f"objects-max MRR {rr['objects-max'].mean():.4f}", flush=True)
+                  f"objects-max MRR {rr['objects_max'].mean():.4f}", flush=True)
     shipped = next(r for r in rows if r["p"] == SHIPPED["p"] and r["cap"] == SHIPPED["cap"])
-    cap = choose([r for r in rows if r["p"] == SHIPPED["p"]], "objects-max", shipped)["cap"]
+    cap = choose([r for r in rows if r["p"] == SHIPPED["p"]], "objects_max", shipped)["cap"]
     at_cap = [r for r in rows if r["cap"] == cap]
     best = choose(at_cap, "objects", next(r for r in at_cap if r["p"] == SHIPPED["p"]))
-    for mode in ("objects-max", "objects"):
+    for mode in ("objects_max", "objects"):
         g = best.get("gain", {}).get(mode)
         print(f"chosen: cap {cap} (by objects-max), p {best['p']:.0f} (by objects); {mode} MRR "
               f"{best['rr'][mode].mean():.4f}" + (f", gain {g[0]:+.4f} (SE {g[1]:.4f})" if g else ""))
-    chosen = {mode: best for mode in ("objects", "objects-max")}
+    chosen = {mode: best for mode in ("objects", "objects_max")}
     crop_rows = crop_sizes(args, split, chosen)
     if args.json_out:
         table = [{"p": r["p"], "cap": r["cap"], **{f"{m}_mrr": float(r["rr"][m].mean()) for m in r["rr"]},

@@ -16,9 +16,8 @@ import sys
 import numpy as np
 
 import finegrain.objects.proposals as proposals
-from experiments.mao_defaults_val import reciprocal_ranks
 from finegrain.objects.config import ObjectConfig
-from finegrain.train.stagea import CacheConfig, build_cache, load_split, padded
+from finegrain.train.stagea import CacheConfig, build_cache, load_split, padded, reciprocal_ranks
 
 
 def main(cache_dir: str, data: str) -> None:
@@ -30,9 +29,9 @@ def main(cache_dir: str, data: str) -> None:
     proposals.region_proposals = functools.partial(proposals.region_proposals, order="largest")
     largest = build_cache(data, f"{cache_dir}-largest", CacheConfig(**{**key["cache"], "n_train": 1}), cfg,
                           show_progress=False)["val"]
-    rr = {name: reciprocal_ranks(*padded(split, cfg.max_objects + 1), cfg.pool_p)
+    rr = {name: reciprocal_ranks(None, *padded(split, cfg.max_objects + 1), cfg.pool_p)
           for name, split in (("compact", compact), ("largest", largest))}
-    for mode in ("objects-max", "objects"):
+    for mode in ("objects_max", "objects"):
         d = rr["largest"][mode] - rr["compact"][mode]
         print(f"{mode:11s} compact-first MRR {rr['compact'][mode].mean():.4f}  largest-first "
               f"{rr['largest'][mode].mean():.4f}  (gain {d.mean():+.4f}, SE {d.std(ddof=1) / np.sqrt(len(d)):.4f})")

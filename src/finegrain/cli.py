@@ -281,7 +281,8 @@ def index_cmd(
                 ("encoder", encoder, encoder is not None), ("ann", ann, ann is not None),
                 ("segments", seg.to_dict() if seg else None, seg is not None),
                 ("local", local_cfg.to_dict() if local_cfg else None, local_cfg is not None),
-                ("objects", _asked_objects(idx.snapshot.settings.get("objects"), obj_asked), obj is not None))
+                ("objects", _asked_objects(idx.snapshot.settings.get("objects"), obj_asked) if obj else None,
+                 obj is not None))
                 if given}
             diff = settings_differences(idx.snapshot.settings, asked)
             if diff:

@@ -102,6 +102,8 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224,
     """
     from skimage.segmentation import felzenszwalb
 
+    if order not in ("compact", "largest"):
+        raise ValueError(f"order must be 'compact' or 'largest', not {order!r}")
     width, height = image.size
     small = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR))
     min_size = max(4, side * side // 400)
@@ -123,8 +125,6 @@ def region_proposals(image: Image.Image, max_objects: int = 24, side: int = 224,
                 cands.append((float(fill), box, mask))
     # Compact regions (that fill their box) first: on needles this finds 66 % of the pasted
     # objects at IoU > 0.5 within 24 proposals, against 58 % when the largest regions come first.
-    if order not in ("compact", "largest"):
-        raise ValueError(f"order must be 'compact' or 'largest', not {order!r}")
     if order == "compact":
         cands.sort(key=lambda c: -c[0])
     else:

@@ -115,21 +115,12 @@ def validation_wins(paired: dict) -> bool:
 
 def paired_gain(model, split: dict, config: stagea.StageAConfig) -> dict:
     """Per mode: mean gain in reciprocal rank (adapter - identity) over the validation composites, and its SE."""
-    import torch
-
     x, m, q = stagea.padded(split, config.max_crops)
     out = {}
-    ranks = {}
-    for label, mdl in (("identity", None), ("adapter", model)):
-        with torch.no_grad():
-            c = x if mdl is None else mdl(x) * m[..., None]
-            qq = q if mdl is None else mdl(q)
-            fused = qq @ stagea.fuse_torch(c, m, config.pool_p).T
-            best = torch.einsum("qd,nkd->qnk", qq, c).masked_fill(m[None] == 0, -2).amax(-1)
-        for mode, s in (("objects", fused), ("objects_max", best)):
-            ranks[label, mode] = 1.0 / (1.0 + stagea.true_ranks(s).numpy())
+    ranks = {label: stagea.reciprocal_ranks(mdl, x, m, q, config.pool_p)
+             for label, mdl in (("identity", None), ("adapter", model))}
     for mode in ("objects", "objects_max"):
-        d = ranks["adapter", mode] - ranks["identity", mode]
+        d = ranks["adapter"][mode] - ranks["identity"][mode]
         out[mode] = {"gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
     return out
 

@@ -320,20 +320,25 @@ def true_ranks(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(d), rank, torch.full_like(rank, scores.shape[1] - 1)).double()
 
 
-def retrieval_metrics(model: StageAAdapter | None, crops: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
-                      p: float) -> dict:
-    """Every query against every composite (one relevant each): MRR and R@1 of the fused and max scores."""
+def reciprocal_ranks(model: StageAAdapter | None, crops: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
+                     p: float) -> dict[str, np.ndarray]:
+    """Every query against every composite (one relevant each): each query's reciprocal rank of its own
+    composite by the fused descriptor (``objects``) and by the best crop (``objects_max``)."""
     with torch.no_grad():
         c = crops if model is None else model(crops) * mask[..., None]
         q = queries if model is None else model(queries)
-        desc = fuse_torch(c, mask, p)
-        out = {}
-        fused = q @ desc.T
+        fused = q @ fuse_torch(c, mask, p).T
         best = torch.einsum("qd,nkd->qnk", q, c).masked_fill(mask[None] == 0, -2).amax(-1)
-        for name, s in (("objects", fused), ("objects_max", best)):
-            rank = true_ranks(s)
-            out[f"{name}_mrr"] = float((1.0 / (rank + 1)).mean())
-            out[f"{name}_r1"] = float((rank == 0).float().mean())
+        return {name: (1.0 / (true_ranks(s) + 1)).numpy() for name, s in (("objects", fused), ("objects_max", best))}
+
+
+def retrieval_metrics(model: StageAAdapter | None, crops: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor,
+                      p: float) -> dict:
+    """MRR and R@1 of the fused and max scores (:func:`reciprocal_ranks`)."""
+    out = {}
+    for name, rr in reciprocal_ranks(model, crops, mask, queries, p).items():
+        out[f"{name}_mrr"] = float(rr.mean())
+        out[f"{name}_r1"] = float((rr == 1.0).mean())
     return out
 
 
