@@ -2,7 +2,7 @@
 
 Issue 17: `pool_p` (5) and `max_objects` (24) were picked on needles, the set that reports them. This scores
 every (p, cap) on the validation composites of a `finegrain train-objects` cache (their crops are encoded
-with the default ObjectConfig: regions, tight 128-px crops, crop 0 = the whole image), so the choice never
+with the ObjectConfig of the run: regions, tight crops, crop 0 = the whole image), so the choice never
 sees needles. Each query's one relevant item is its own composite among all validation composites.
 
 Rule (fixed before the run): keep the shipped value unless another beats it by more than twice the paired
@@ -10,9 +10,10 @@ standard error of the per-query reciprocal-rank difference; among those, take th
 crop size) is one setting of the index shared by both object modes, so `objects-max` (the mode `auto` uses
 for object queries) chooses it; `pool_p` only changes the fused descriptor, so `objects` chooses it at that cap.
 
-The crop size (128) is scored the same way with ``--crop-sizes 96,160 --data FLICKR8K``: the same validation
-composites (same seed and images) re-encoded at each size into ``DIR-crop<SIZE>``, scored at the shipped p and cap.
-The proposal order (most compact first) has no setting to vary here.
+The crop size is scored the same way with ``--crop-sizes 96,160 --data FLICKR8K``: the same validation
+composites (same seed and images) re-encoded at each size into ``DIR-crop<SIZE>``, scored at the chosen p and cap
+against the default size of the run (128 when the defaults were chosen; 192 since). The proposal order is
+compared by experiments/mao_order_val.py.
 
 Usage (the cache is what `finegrain train-objects --cache-dir DIR` builds):
 
