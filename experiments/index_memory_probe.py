@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import finegrain.indexer as ix
 from finegrain.decompose.segments import SegmentConfig
 from finegrain.index import Index
 
@@ -43,17 +42,13 @@ def main() -> None:
             time.sleep(0.5)
 
     threading.Thread(target=sampler, daemon=True).start()
-    original = ix.Indexer._commit
 
-    def commit(self, pending, report):  # the product's commit, then the memory right after it
-        added = original(self, pending, report)
+    def committed(added: int) -> None:  # the memory right after each of the product's commits
         done[0] += added
         print(json.dumps({"images": done[0], **rss(), "anon_peak_since_last": peak[0]}), flush=True)
         peak[0] = 0
-        return added
 
-    ix.Indexer._commit = commit
-    idx.add([str(f) for f in files], commit_every=100)
+    idx.add([str(f) for f in files], commit_every=100, on_commit=committed)
 
 
 if __name__ == "__main__":

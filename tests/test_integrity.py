@@ -35,7 +35,9 @@ def base(tmp_path_factory, photos_dir):
     """Six photos committed two at a time: three global chunks, each with a checksum."""
     root = tmp_path_factory.mktemp("integrity")
     index = Index.create(root / "index")
-    index.add([photos_dir], commit_every=2)
+    commits: list[int] = []
+    report = index.add([photos_dir], commit_every=2, on_commit=commits.append)
+    assert commits == [2, 2, 2] and report.indexed == 6  # the per-commit hook sees every commit, none empty
     index.close()
     return root / "index"
 

@@ -38,8 +38,11 @@ def test_ray_engine_builds_the_same_index_as_the_local_engine(tmp_path, mixed_di
     local = Index.create(tmp_path / "local", **settings)
     local_report = local.add([mixed_dir])
     ray_index = Index.create(tmp_path / "ray", **settings)
-    ray_report = ray_index.add([mixed_dir], engine="ray", batch_size=2, commit_every=3)  # several shards, several commits
+    commits: list[int] = []  # the per-commit hook runs on this engine too
+    ray_report = ray_index.add([mixed_dir], engine="ray", batch_size=2, commit_every=3,  # several shards and commits
+                               on_commit=commits.append)
     assert ray_report.indexed == local_report.indexed == len(local) == 6
+    assert len(commits) >= 2 and sum(commits) == 6
     assert ray_report.failed == local_report.failed  # same files, same reasons
     assert [p for p, _ in ray_report.failed] == [str(mixed_dir / "not-a-photo.jpg")]
     assert {i: r.path for i, r in ray_index.records.items()} == {i: r.path for i, r in local.records.items()}

@@ -27,7 +27,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,7 +292,8 @@ class Index:
 
     def add(self, inputs: Sequence[str | os.PathLike], recursive: bool = True, remove_missing: bool = False,
             batch_size: int = 32, commit_every: int = 512, show_progress: bool = False, engine: str = "local",
-            ray_address: str | None = None, stop: threading.Event | None = None) -> IndexReport:
+            ray_address: str | None = None, stop: threading.Event | None = None,
+            on_commit: Callable[[int], None] | None = None) -> IndexReport:
         """Index the image files under ``inputs`` (files or folders).
 
         New files are encoded, unchanged ones skipped (same size and mtime,
@@ -303,17 +304,18 @@ class Index:
         runtime, or the cluster at ``ray_address``); see :mod:`finegrain.ray_engine`.
         Setting ``stop`` (from another thread or a signal handler) ends the run
         early: what is encoded is committed, the rest is left for the next run
-        (``report.stopped``).
+        (``report.stopped``). ``on_commit`` is called after every commit with
+        the number of images it added (e.g. to sample memory or report progress).
         """
         if engine not in ("local", "ray"):
             raise ValueError(f"unknown engine {engine!r}; available: local, ray")
         with self.writer() as w:
             if engine == "local":
-                indexer: Indexer = Indexer(w, batch_size, commit_every, stop=stop)
+                indexer: Indexer = Indexer(w, batch_size, commit_every, stop=stop, on_commit=on_commit)
             else:
                 from .ray_engine import RayIndexer
 
-                indexer = RayIndexer(w, batch_size, commit_every, address=ray_address, stop=stop)
+                indexer = RayIndexer(w, batch_size, commit_every, address=ray_address, stop=stop, on_commit=on_commit)
             report = indexer.run(inputs, recursive, remove_missing, show_progress)
             if not report.stopped:  # a stopped run ends now; the next run does these
                 exif.backfill(w, show_progress)  # images indexed before the photo-metadata table existed

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,9 +177,11 @@ class Indexer:
     """Runs one add/update pass over files through an index's :class:`~finegrain.store.writer.Writer`."""
 
     def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, workers: int | None = None,
-                 commit_seconds: float = 60.0, stop: threading.Event | None = None):
+                 commit_seconds: float = 60.0, stop: threading.Event | None = None,
+                 on_commit: Callable[[int], None] | None = None):
         self.writer = writer
         self.stop = stop  # set from outside (a signal handler): commit what is encoded and return
+        self.on_commit = on_commit  # called after every commit with the images it added (progress, probes)
         self.batch_size = batch_size
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds  # also commit this often: a slow run killed early keeps its work
@@ -268,7 +270,13 @@ class Indexer:
                                    pending.removals)
         pending.clear()
         release_free_memory()  # else the fragmented heap keeps growing the process over a long run
+        self.after_commit(added)
         return added
+
+    def after_commit(self, added: int) -> None:
+        """After every commit (both engines): hand the images it added to ``on_commit``."""
+        if self.on_commit is not None:
+            self.on_commit(added)
 
     def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
         roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]

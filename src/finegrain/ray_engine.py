@@ -41,7 +41,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
@@ -82,8 +82,9 @@ class RayIndexer(Indexer):
 
     def __init__(self, writer: Writer, batch_size: int = 32, commit_every: int = 512, address: str | None = None,
                  num_cpus: int | None = None, actors: int | None = None, cpus_per_actor: int | None = None,
-                 stop: threading.Event | None = None):
-        super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0, stop=stop)
+                 stop: threading.Event | None = None, on_commit: Callable[[int], None] | None = None):
+        super().__init__(writer, batch_size=batch_size, commit_every=commit_every, workers=0, stop=stop,
+                         on_commit=on_commit)
         self.address = address
         self.num_cpus = num_cpus
         self.actors = actors
@@ -117,7 +118,7 @@ class RayIndexer(Indexer):
             run_dir.mkdir(parents=True)
             shards = self._shards(ray, todo, known, run_dir, extractors)
             with progress_bar(len(todo), "indexing (ray)", show_progress) as bar:
-                merger = _Merger(self.writer, known, self.commit_every)
+                merger = _Merger(self.writer, known, self.commit_every, self.after_commit)
                 for shard in shards:
                     if self.stopping():  # asked to stop: commit what is merged, leave the rest to the next run
                         report.stopped = True
@@ -222,8 +223,10 @@ class _ShardResult:
 class _Merger:
     """Accumulates shards on the driver and commits them ``commit_every`` images at a time."""
 
-    def __init__(self, writer: Writer, known: dict[str, ImageRecord], commit_every: int):
+    def __init__(self, writer: Writer, known: dict[str, ImageRecord], commit_every: int,
+                 on_commit: Callable[[int], None]):
         self.writer = writer
+        self.on_commit = on_commit
         self.known = known
         self.commit_every = commit_every
         self.committed = 0
@@ -266,7 +269,9 @@ class _Merger:
         """Commit what has accumulated (the caller holds the index's writer lock), then drop those shards."""
         if self.images or self.failures or self.touches:
             fields = {f: FieldRows.concat(parts, parts[0].vectors.shape[1]) for f, parts in self.fields.items()}
-            self.committed += self.writer.commit(self.images, fields, self.failures, self.touches, self.removals)
+            added = self.writer.commit(self.images, fields, self.failures, self.touches, self.removals)
+            self.committed += added
+            self.on_commit(added)
         for shard in self.shards:
             shutil.rmtree(shard, ignore_errors=True)
         self._reset()
