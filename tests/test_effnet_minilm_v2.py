@@ -138,3 +138,14 @@ def test_train_aligner_v2_options_are_checked_in_one_line(tiny_flickr, tmp_path)
                           (["--recipe", "v2", "--text-layers", "5"], "text_layers must be 0..2")):
         result = fg("train-aligner", "--data", tiny_flickr, "--cache-dir", tmp_path, *args)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cache_parts_build_only_what_they_name(tiny_flickr, tmp_path):
+    """A run without augmented views needs texts, dev and train view 0: each part alone builds only itself."""
+    from finegrain.train.cache_v2 import build_cache_v2
+
+    cache = tmp_path / "cache"
+    for part, made in (("images:dev", {"dev-v0.npy"}), ("images:0", {"dev-v0.npy", "train-v0.npy"})):
+        build_cache_v2(tiny_flickr, cache, views=1, show_progress=False, log=lambda *_: None, only=part)
+        assert {p.name for p in cache.glob("*-v?.npy")} == made
+    assert not (cache / "manifest.json").exists()  # view 1 and the texts are still missing: not complete

@@ -132,8 +132,9 @@ def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed
 
     Every array is written under a temporary name then renamed, and an existing
     one is kept, so an interrupted build resumes; ``only`` (``"texts"`` or
-    ``"images"``, or ``"images:V"`` for train view V alone) builds a part, so
-    processes can share the work.
+    ``"images"``, ``"images:V"`` for train view V alone, or ``"images:dev"``) builds
+    a part, so processes can share the work, and a run without augmented views
+    needs only ``texts``, ``images:dev`` and ``images:0``.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +152,11 @@ def build_cache_v2(data: str | Path, cache_dir: str | Path, views: int = 2, seed
             _cache_texts(splits, cache_dir, seed, show_progress, log)
         if only is None or only.startswith("images"):
             passes = [("dev", 0)] + [("train", v) for v in range(1 + views)]
-            if only and ":" in only:  # "images:V": train view V alone (a second process can fill it meanwhile)
-                passes = [("train", int(only.partition(":")[2]))]
+            part = only.partition(":")[2] if only else ""
+            if part == "dev":
+                passes = [("dev", 0)]
+            elif part:  # "images:V": train view V alone (a second process can fill it meanwhile)
+                passes = [("train", int(part))]
             _cache_images(splits, cache_dir, passes, seed, show_progress, log)
     if _complete(cache_dir, views):
         done.write_text(json.dumps(manifest))
@@ -274,7 +278,7 @@ def _cache_images(splits: dict[str, CaptionSplit], cache_dir: Path, passes: list
         log(f"image cache {name} view {view}: {len(paths)} images")
 
 
-def main() -> None:  # python -m finegrain.train.cache_v2 DATA CACHE_DIR [VIEWS [texts|images]]
+def main() -> None:  # python -m finegrain.train.cache_v2 DATA CACHE_DIR [VIEWS [texts|images[:V|:dev]]]
     import sys
     import time
 
