@@ -170,3 +170,17 @@ def test_segment_storage_refuses_peers(source_index, tmp_path):
     with pytest.raises(ValueError, match="peers read float32"):
         run_scale(source_index, [10], tmp_path, QUERIES, modes=("exhaustive",), show_progress=False,
                   peers=["numpy-maxsim"], segment_storage=SegmentStorage.parse("none::int8"))
+
+
+def test_build_only_builds_and_warms_then_a_measuring_run_reuses_it(source_index, tmp_path):
+    """--build-only: the index and its HNSW graph are built and cached, nothing measured; the next run reuses both."""
+    logs: list[str] = []
+    rows = run_scale(source_index, [80], tmp_path / "cache", QUERIES[:1], modes=("global",), ann="hnsw",
+                     show_progress=False, log=logs.append, isolate=False, build_only=True)
+    assert rows == [] and "global search structure ready" in logs[0]
+    (built,) = (tmp_path / "cache").glob("scale-80-*")
+    assert list((built / "ann").glob("*"))  # the HNSW graph, cached next to the catalog
+    first = json.loads((built / "BUILD.json").read_text())["build_s"]
+    again = run_scale(source_index, [80], tmp_path / "cache", QUERIES[:1], modes=("global",), ann="hnsw",
+                      show_progress=False, log=lambda _: None, isolate=False)
+    assert [r["mode"] for r in again] == ["global"] and again[0]["build_s"] == first

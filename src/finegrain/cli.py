@@ -1261,6 +1261,7 @@ def bench_scale_cmd(
     peer_envs: bool = typer.Option(True, "--peer-envs/--no-peer-envs", help="Let fast-plaid make its own virtualenv under --cache-dir (torch 2.11 from PyPI) when it has none."),
     quality: int = typer.Option(0, "--quality", help="Also run finegrain's modes and the peers on the real source index with this many --split captions as labelled queries: NDCG@10, R@1/5/10 per system (0: off)."),
     segment_storage: Optional[str] = typer.Option(None, "--segment-storage", help="Store the synthetic segments compact, METHOD:DIM:QUANTIZE (e.g. pca:64:int8, none::float16): fitted on the first 20,000 images, originals dropped (what reaches 10^6 images on one disk)."),
+    build_only: bool = typer.Option(False, "--build-only", help="Build (or reuse) the synthetic indexes and their global search structures, measure nothing: run the long builds beside other work, then the same command without it alone on the machine."),
 ) -> None:
     """How latency, agreement with exact search, RSS and disk grow with the number of images (synthetic indexes)."""
     import tempfile
@@ -1282,7 +1283,9 @@ def bench_scale_cmd(
             source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
         rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
                          rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
-                         create_envs=peer_envs, segment_storage=storage)
+                         create_envs=peer_envs, segment_storage=storage, build_only=build_only)
+        if build_only:
+            return
         quality_rows = []
         if quality > 0:
             from .bench.peers import run_quality

@@ -206,6 +206,21 @@ def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first:
     return images, fields
 
 
+def warm_global_search(path: Path) -> float:
+    """Open the index and search its global field once, so the ANN structure (HNSW at 200,000 images and
+    above) is built and cached next to the catalog; returns the seconds it took."""
+    from ..index import Index
+
+    t0 = time.perf_counter()
+    index = Index.open(path)
+    try:
+        first = np.asarray(index.snapshot.search_rows.vectors[:1], dtype=np.float32)
+        index.search_vectors(first, 10)
+    finally:
+        index.close()
+    return time.perf_counter() - t0
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -322,7 +337,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
               log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
-              create_envs: bool = True, segment_storage: SegmentStorage | None = None) -> list[dict]:
+              create_envs: bool = True, segment_storage: SegmentStorage | None = None,
+              build_only: bool = False) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each size in a fresh process, so that ``rss_mb`` is that size's own peak;
@@ -331,6 +347,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     (a peer that cannot run gives a row with ``skipped``); ``create_envs``: fast-plaid may make its virtualenv.
     ``segment_storage``: compact segments (:class:`SegmentStorage`); every mode, the exact reference
     included, then scores the compact rows, and rows gain ``segment_storage``.
+    ``build_only``: build (or reuse) each size and its global ANN structure, measure nothing, return no rows:
+    the hours of a million-image build can run beside other work, the measuring run alone later.
     """
     from ..progress import progress_bar
 
@@ -370,6 +388,10 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
             done.write_text(json.dumps({"build_s": build_s, "images": size}))
         build_s = json.loads(done.read_text())["build_s"]
         disk = dir_bytes(path)
+        if build_only:
+            log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; "
+                f"global search structure ready in {warm_global_search(path):.0f} s")
+            continue
         log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; measuring")
         measured = measure_in_child(path, modes, queries, k) if isolate else measure(str(path), modes, queries, k)
         for row in measured:
