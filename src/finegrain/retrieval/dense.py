@@ -8,6 +8,7 @@ dimensions, re-normalised).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -80,11 +81,14 @@ class DenseRetriever(Retriever):
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, DenseParams)
+        t0 = time.perf_counter()
         vector = embed_query(snapshot, query)
+        t1 = time.perf_counter()
         scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed, params.rescore)
+        timings = {"encode_ms": (t1 - t0) * 1000, "search_ms": (time.perf_counter() - t1) * 1000}
         ops = len(snapshot) if allowed is None else int(allowed.sum())
         return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=ops),
-                              [query.text] if query.text else [], generation=snapshot.generation)
+                              [query.text] if query.text else [], timings=timings, generation=snapshot.generation)
 
 
 #: Allowed rows up to this many are scored exactly with numpy (cheap, and exact even on an ANN index).

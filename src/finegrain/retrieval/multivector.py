@@ -212,10 +212,11 @@ class MultiVectorRetriever(Retriever):
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)
+        t_start = time.perf_counter()
         texts, queries = query_vectors(snapshot, query, params)
+        timings = {"encode_ms": (time.perf_counter() - t_start) * 1000}  # decomposition included
         n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
         n_candidates = auto_candidates(n_allowed) if params.candidates is None else params.candidates
-        timings = {}
         candidates: np.ndarray | None
         if 0 < n_candidates < n_allowed:  # filters first, then the candidate stage among what they allow
             t0 = time.perf_counter()
@@ -235,6 +236,7 @@ class MultiVectorRetriever(Retriever):
                 stats.sim_ops += extra.sim_ops
             else:
                 scores, positions = scores[:k], positions[:k]
+        timings["search_ms"] = (time.perf_counter() - t_start) * 1000 - timings["encode_ms"]
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], scores), mode, stats, texts,
                               timings=timings, generation=snapshot.generation)
 
