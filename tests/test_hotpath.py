@@ -142,9 +142,9 @@ def _spy_on_faiss(monkeypatch):
     calls = []
     search = VectorIndex.search
 
-    def spy(self, queries, k):
+    def spy(self, queries, k, breadth=None):
         calls.append((self.kind, len(np.atleast_2d(queries)), k))
-        return search(self, queries, k)
+        return search(self, queries, k, breadth)
 
     monkeypatch.setattr(VectorIndex, "search", spy)
     return calls

@@ -462,6 +462,7 @@ def search_cmd(
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
+    breadth: Optional[int] = typer.Option(None, "--breadth", help="global on an ANN index (HNSW, IVF): how much of the structure one search explores, HNSW's efSearch (default 128) or IVF's lists probed (default lists/16); more is slower and closer to exact."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
     mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
     smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
@@ -533,6 +534,8 @@ def search_cmd(
         options["candidates"] = candidates
     if rescore is not None:
         options["rescore"] = rescore
+    if breadth is not None:
+        options["breadth"] = breadth
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:

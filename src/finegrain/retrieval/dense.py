@@ -50,16 +50,21 @@ def hits_from(snapshot: Snapshot, ids: np.ndarray, scores: np.ndarray) -> list[S
 class DenseParams(Params):
     """``dim``: a nested size of an SS2D-compressed index (None: the stored size). ``rescore``: on an index
     whose global field is quantised (``compress --field global``), the best N hits scored again from the
-    float32 originals (None: ``compress.coded.DEFAULT_RESCORE``; 0: off; ignored otherwise)."""
+    float32 originals (None: ``compress.coded.DEFAULT_RESCORE``; 0: off; ignored otherwise). ``breadth``: on an
+    ANN index, how much of the structure one search explores (HNSW efSearch, at least k; IVF lists probed;
+    None: the built-in 128 / nlist/16): more is slower and closer to exact; exact indexes ignore it."""
 
     dim: int | None = None
     rescore: int | None = None
+    breadth: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer))):
             raise ValueError(f"dim must be an integer, got {self.dim!r}")  # its range depends on the index
         if self.rescore is not None:
             number("rescore", self.rescore, 0, integer=True)
+        if self.breadth is not None:
+            number("breadth", self.breadth, 1, integer=True)
 
 
 class DenseRetriever(Retriever):
@@ -84,7 +89,8 @@ class DenseRetriever(Retriever):
         t0 = time.perf_counter()
         vector = embed_query(snapshot, query)
         t1 = time.perf_counter()
-        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed, params.rescore)
+        scores, ids = search_vectors(snapshot, vector[None, :], k, params.dim, allowed, params.rescore,
+                                     None if params.breadth is None else int(params.breadth))
         timings = {"encode_ms": (t1 - t0) * 1000, "search_ms": (time.perf_counter() - t1) * 1000}
         ops = len(snapshot) if allowed is None else int(allowed.sum())
         return SearchResponse(hits_from(snapshot, ids[0], scores[0]), mode, SearchStats(sim_ops=ops),
@@ -96,11 +102,12 @@ EXACT_ALLOWED_ROWS = 20_000
 
 
 def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | None = None,
-                   allowed: np.ndarray | None = None, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   allowed: np.ndarray | None = None, rescore: int | None = None,
+                   breadth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FAISS-style batch search of the global field: ``(scores, image ids)``, (n, k) each, -1 where empty.
 
     ``allowed``: a boolean mask over snapshot positions; only those images are ranked (filters).
-    ``rescore``: see :class:`DenseParams` (a quantised global field only).
+    ``rescore``, ``breadth``: see :class:`DenseParams` (``breadth``: the unfiltered ANN search).
     """
     from ..compress import indexing as compress_indexing
     from ..compress import storage
@@ -126,7 +133,7 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
     if allowed is not None:
         scores, rows = _search_allowed(snapshot, ann, queries, k, nested, allowed)
     else:
-        scores, rows = ann.search(queries, k)
+        scores, rows = ann.search(queries, k, breadth)
     ids = np.where(rows >= 0, owners[np.maximum(rows, 0)], -1)
     return scores, ids
 

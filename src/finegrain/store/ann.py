@@ -93,8 +93,12 @@ class VectorIndex:
         index.add(vectors)
         return index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, d) queries -> (scores (nq, k) float32, rows (nq, k) int64); -1 marks no result."""
+    def search(self, queries: np.ndarray, k: int, breadth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, d) queries -> (scores (nq, k) float32, rows (nq, k) int64); -1 marks no result.
+
+        ``breadth``: how much of the structure one search explores, for this call only: HNSW's efSearch
+        (at least k), IVF's nprobe (lists probed); exact search ignores it. None: the built-in setting.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
@@ -102,11 +106,20 @@ class VectorIndex:
         if k <= 0:
             raise ValueError("k must be positive")
         hnsw = getattr(self.faiss, "hnsw", None)
+        fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
+        if breadth is not None:
+            if isinstance(breadth, bool) or not isinstance(breadth, (int, np.integer)) or breadth < 1:
+                raise ValueError(f"breadth must be a positive integer, not {breadth!r}")
+            if self.kind == "hnsw" and hnsw is not None:
+                return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=max(k, int(breadth))))
+            if self.kind == "ivf":
+                ivf: Any = self.faiss  # an IndexIVF (the stubs type it as the base Index)
+                nprobe = min(int(breadth), int(ivf.nlist))
+                return self.faiss.search(queries, k, params=fs.SearchParametersIVF(nprobe=nprobe))
         if self.kind == "hnsw" and hnsw is not None and k > hnsw.efSearch:
             # FAISS's HNSW keeps efSearch candidates whatever k is: asked for more it returns fewer rows (the
             # rest -1) and misses most of the true top k (recall 0.39 at k=2,000 with efSearch 128), which the
             # multi-vector candidate stage (500-2,000 per query vector) asks for above 200,000 images.
-            fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
             return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=k))
         return self.faiss.search(queries, k)
 
