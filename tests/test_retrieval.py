@@ -56,7 +56,7 @@ def test_available_modes_follow_the_fields(seg_index):
 
 
 @pytest.mark.parametrize("mode, options, message", [
-    ("global", {"T": 0.5}, r"unknown search option\(s\) of mode 'global': T; known: dim"),
+    ("global", {"T": 0.5}, r"unknown search option\(s\) of mode 'global': T; known: breadth, dim"),
     ("global", {"kk": 3}, r"unknown search option\(s\) of mode 'global': kk"),
     ("hierarchical", {"knn": 5}, r"unknown search option\(s\) of mode 'hierarchical': knn; known: T, alpha"),
     ("hierarchical", {"T": 5.0}, r"T must be in \[0.0, 1.0\], not 5.0"),
