@@ -107,20 +107,21 @@ class VectorIndex:
             raise ValueError("k must be positive")
         hnsw = getattr(self.faiss, "hnsw", None)
         fs: Any = faiss  # the bundled type stubs lack the search-parameter classes' keywords
-        if breadth is not None:
-            if isinstance(breadth, bool) or not isinstance(breadth, (int, np.integer)) or breadth < 1:
-                raise ValueError(f"breadth must be a positive integer, not {breadth!r}")
-            if self.kind == "hnsw" and hnsw is not None:
-                return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=max(k, int(breadth))))
-            if self.kind == "ivf":
-                ivf: Any = self.faiss  # an IndexIVF (the stubs type it as the base Index)
-                nprobe = min(int(breadth), int(ivf.nlist))
-                return self.faiss.search(queries, k, params=fs.SearchParametersIVF(nprobe=nprobe))
-        if self.kind == "hnsw" and hnsw is not None and k > hnsw.efSearch:
+        if breadth is not None and (
+            isinstance(breadth, bool) or not isinstance(breadth, (int, np.integer)) or breadth < 1
+        ):
+            raise ValueError(f"breadth must be a positive integer, not {breadth!r}")
+        if self.kind == "hnsw" and hnsw is not None:
             # FAISS's HNSW keeps efSearch candidates whatever k is: asked for more it returns fewer rows (the
             # rest -1) and misses most of the true top k (recall 0.39 at k=2,000 with efSearch 128), which the
             # multi-vector candidate stage (500-2,000 per query vector) asks for above 200,000 images.
-            return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=k))
+            ef = max(k, hnsw.efSearch if breadth is None else int(breadth))
+            if ef != hnsw.efSearch:
+                return self.faiss.search(queries, k, params=fs.SearchParametersHNSW(efSearch=ef))
+        elif self.kind == "ivf" and breadth is not None:
+            ivf: Any = self.faiss  # an IndexIVF (the stubs type it as the base Index)
+            nprobe = min(int(breadth), int(ivf.nlist))
+            return self.faiss.search(queries, k, params=fs.SearchParametersIVF(nprobe=nprobe))
         return self.faiss.search(queries, k)
 
     def search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
