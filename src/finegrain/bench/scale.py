@@ -212,12 +212,12 @@ def warm_global_search(path: Path) -> float:
     """Open the index and search its global field once, so the ANN structure (HNSW at 200,000 images and
     above) is built and cached next to the catalog; returns the seconds it took."""
     from ..index import Index
+    from ..retrieval.dense import global_ann
 
     t0 = time.perf_counter()
     index = Index.open(path)
     try:
-        first = np.asarray(index.snapshot.search_rows.vectors[:1], dtype=np.float32)
-        index.search_vectors(first, 10)
+        global_ann(index.snapshot)  # builds the structure (or loads its cached file)
     finally:
         index.close()
     return time.perf_counter() - t0
@@ -293,25 +293,31 @@ def _with_references(modes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([r for r in refs if r is not None] + list(modes)))
 
 
-def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]:
-    """Brute-force top-``k`` over the stored global rows, in blocks (the mapped file is never copied whole)."""
-    rows = index.snapshot.search_rows
-    q = np.stack([index.embed_query(text=t) for t in queries]).astype(np.float32)
-    projection = index.projection
-    if projection is not None:
-        q = projection.transform(q)
-    best_s = np.full((len(q), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(q), 0), np.int64)
+def exact_top_rows(vectors: Any, queries: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-``k`` row positions of ``vectors`` (n, d) for each of ``queries`` (nq, d) by inner
+    product, in blocks (a memory-mapped file is never copied whole); ties keep the lower row."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
     block = 65_536
-    for start in range(0, len(rows), block):
-        s = q @ np.asarray(rows.vectors[start:start + block], dtype=np.float32).T
-        i = np.broadcast_to(rows.owners[start:start + block], s.shape)
+    for start in range(0, len(vectors), block):
+        s = queries @ np.asarray(vectors[start:start + block], dtype=np.float32).T
+        i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
         best_s = np.concatenate([best_s, s], axis=1)
         best_i = np.concatenate([best_i, i], axis=1)
         keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
         best_s = np.take_along_axis(best_s, keep, 1)
         best_i = np.take_along_axis(best_i, keep, 1)
-    return best_i.tolist()
+    return best_i
+
+
+def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]:
+    """Brute-force top-``k`` image ids over the stored global rows."""
+    rows = index.snapshot.search_rows
+    q = np.stack([index.embed_query(text=t) for t in queries]).astype(np.float32)
+    projection = index.projection
+    if projection is not None:
+        q = projection.transform(q)
+    return np.asarray(rows.owners)[exact_top_rows(rows.vectors, q, k)].tolist()
 
 
 def _measure_child(path: str, modes: list[str], queries: list[str], k: int, out: Any) -> None:
