@@ -14,9 +14,28 @@ import time
 import faiss
 import numpy as np
 
-from finegrain.bench.scale import flickr8k_queries
+from finegrain.bench.scale import exact_top_rows, flickr8k_queries
 from finegrain.index import Index
 from finegrain.retrieval.dense import global_ann
+
+
+def sweep(search, q: np.ndarray, exact: np.ndarray, settings: list[int], name: str = "efSearch", **row) -> None:
+    """Each query alone through ``search(query, setting)`` at each setting; one JSON line per setting."""
+    search(q[:1], settings[0])  # warm-up
+    for setting in settings:
+        times, found = [], []
+        for i in range(len(q)):
+            t0 = time.perf_counter()
+            got = search(q[i:i + 1], setting)
+            times.append((time.perf_counter() - t0) * 1000)
+            found.append(len(set(got[0].tolist()) & set(exact[i].tolist())) / 10)
+        print(json.dumps({**row, name: setting, "recall_at_10": float(np.mean(found)),
+                          "p50_ms": float(np.percentile(times, 50)),
+                          "p95_ms": float(np.percentile(times, 95))}), flush=True)
+
+
+def hnsw_search(graph):
+    return lambda x, ef: graph.search(x, 10, params=faiss.SearchParametersHNSW(efSearch=ef))[1]
 
 
 def main() -> None:
@@ -26,27 +45,9 @@ def main() -> None:
     index = Index.open(path)
     q = np.stack([index.embed_query(text=t) for t in flickr8k_queries(data, "dev", n, 0)]).astype(np.float32)
     rows = index.snapshot.search_rows.vectors
-    exact = np.zeros((len(q), 0), np.int64)
-    best = np.full((len(q), 0), -np.inf, np.float32)
-    for start in range(0, len(rows), 65_536):  # exact top 10, block by block
-        s = q @ np.asarray(rows[start:start + 65_536], np.float32).T
-        best = np.concatenate([best, s], 1)
-        exact = np.concatenate([exact, np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)], 1)
-        keep = np.argsort(-best, 1, kind="stable")[:, :10]
-        best, exact = np.take_along_axis(best, keep, 1), np.take_along_axis(exact, keep, 1)
+    exact = exact_top_rows(rows, q, 10)
     ann = global_ann(index.snapshot)
-    for ef in efs:
-        params = faiss.SearchParametersHNSW(efSearch=ef)
-        ann.faiss.search(q[:1], 10, params=params)  # warm-up
-        times, found = [], []
-        for i in range(len(q)):
-            t0 = time.perf_counter()
-            _, got = ann.faiss.search(q[i:i + 1], 10, params=params)
-            times.append((time.perf_counter() - t0) * 1000)
-            found.append(len(set(got[0].tolist()) & set(exact[i].tolist())) / 10)
-        print(json.dumps({"images": len(rows), "kind": ann.kind, "efSearch": ef,
-                          "recall_at_10": float(np.mean(found)), "p50_ms": float(np.percentile(times, 50)),
-                          "p95_ms": float(np.percentile(times, 95))}), flush=True)
+    sweep(hnsw_search(ann.faiss), q, exact, efs, images=len(rows), kind=ann.kind)
     for arg in sys.argv:  # --efc=N: a graph built here with efConstruction N (the product's: 80), same sweep
         if arg.startswith("--efc="):
             efc = int(arg.partition("=")[2])
@@ -54,37 +55,16 @@ def main() -> None:
             graph = faiss.IndexHNSWFlat(q.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
             graph.hnsw.efConstruction = efc
             graph.add(np.asarray(rows, np.float32))
-            built = time.perf_counter() - t0
-            for ef in efs:
-                params = faiss.SearchParametersHNSW(efSearch=ef)
-                times, found = [], []
-                for i in range(len(q)):
-                    t0 = time.perf_counter()
-                    _, got = graph.search(q[i:i + 1], 10, params=params)
-                    times.append((time.perf_counter() - t0) * 1000)
-                    found.append(len(set(got[0].tolist()) & set(exact[i].tolist())) / 10)
-                print(json.dumps({"images": len(rows), "kind": "hnsw", "efConstruction": efc, "efSearch": ef,
-                                  "build_s": built, "recall_at_10": float(np.mean(found)),
-                                  "p50_ms": float(np.percentile(times, 50)),
-                                  "p95_ms": float(np.percentile(times, 95))}), flush=True)
+            sweep(hnsw_search(graph), q, exact, efs, images=len(rows), kind="hnsw", efConstruction=efc,
+                  build_s=time.perf_counter() - t0)
     if "--ivf" in sys.argv:  # the same rows in FAISS IVF-Flat (what `ann="ivf"` builds), nprobe swept
         from finegrain.store.ann import VectorIndex
 
         t0 = time.perf_counter()
         ivf = VectorIndex(np.asarray(rows, np.float32), kind="ivf")
         built = time.perf_counter() - t0
-        for nprobe in (8, 16, 32, 64, 128):
-            ivf.faiss.nprobe = nprobe
-            times, found = [], []
-            for i in range(len(q)):
-                t0 = time.perf_counter()
-                _, got = ivf.faiss.search(q[i:i + 1], 10)
-                times.append((time.perf_counter() - t0) * 1000)
-                found.append(len(set(got[0].tolist()) & set(exact[i].tolist())) / 10)
-            print(json.dumps({"images": len(rows), "kind": "ivf", "nlist": ivf.faiss.nlist, "nprobe": nprobe,
-                              "build_s": built, "recall_at_10": float(np.mean(found)),
-                              "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}),
-                  flush=True)
+        sweep(lambda x, nprobe: ivf.search(x, 10, breadth=nprobe)[1], q, exact, [8, 16, 32, 64, 128], "nprobe",
+              images=len(rows), kind="ivf", nlist=ivf.faiss.nlist, build_s=built)
     index.close()
 
 
