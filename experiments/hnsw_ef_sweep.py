@@ -1,8 +1,10 @@
 """Issue 15: recall@10 and latency of the global HNSW graph against efSearch, on a bench scale index.
 
     python -m experiments.hnsw_ef_sweep INDEX ../shared/data/flickr8k [QUERIES] [EF,EF,...] [--ivf] [--efc=N]
+        [--split=train]
 
-The queries are bench scale's (dev captions, seed 0), embedded once; each is searched alone (one at a time,
+The queries are bench scale's (dev captions, seed 0; ``--split=train`` draws them from the train captions, to
+choose a breadth on queries that do not report it), embedded once; each is searched alone (one at a time,
 as the bench times search) at each efSearch; recall@10 is against brute-force inner products over the
 stored rows. Prints one JSON line per efSearch. docs/benchmarks.md ("One million images") has the results.
 """
@@ -14,9 +16,10 @@ import time
 import faiss
 import numpy as np
 
-from finegrain.bench.scale import exact_top_rows, flickr8k_queries
+from finegrain.bench.scale import flickr8k_queries
 from finegrain.index import Index
 from finegrain.retrieval.dense import global_ann
+from finegrain.store.ann import exact_top_rows
 
 
 def sweep(search, q: np.ndarray, exact: np.ndarray, settings: list[int], name: str = "efSearch", **row) -> None:
@@ -42,12 +45,13 @@ def main() -> None:
     path, data = sys.argv[1], sys.argv[2]
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 30
     efs = [int(e) for e in (sys.argv[4] if len(sys.argv) > 4 else "64,128,256,512,1024,2048").split(",")]
+    split = next((a.partition("=")[2] for a in sys.argv if a.startswith("--split=")), "dev")
     index = Index.open(path)
-    q = np.stack([index.embed_query(text=t) for t in flickr8k_queries(data, "dev", n, 0)]).astype(np.float32)
+    q = np.stack([index.embed_query(text=t) for t in flickr8k_queries(data, split, n, 0)]).astype(np.float32)
     rows = index.snapshot.search_rows.vectors
     exact = exact_top_rows(rows, q, 10)
     ann = global_ann(index.snapshot)
-    sweep(hnsw_search(ann.faiss), q, exact, efs, images=len(rows), kind=ann.kind)
+    sweep(hnsw_search(ann.faiss), q, exact, efs, images=len(rows), kind=ann.kind, split=split)
     for arg in sys.argv:  # --efc=N: a graph built here with efConstruction N (the product's: 80), same sweep
         if arg.startswith("--efc="):
             efc = int(arg.partition("=")[2])

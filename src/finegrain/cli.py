@@ -849,11 +849,27 @@ def tune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
     candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
+    breadth_only: bool = typer.Option(False, "--breadth-only", help="Choose only the breadth of global search (HNSW efSearch / IVF lists probed) on an index whose global search is approximate, by recall@10 against exact search; needs no segments, and the queries' answers are unused."),
+    recall: float = typer.Option(0.99, "--recall", help="--breadth-only without a latency budget: the smallest breadth reaching this recall@10."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
-    from .tune import load_names, load_queries, restrict_queries, tune, tune_stage
+    from .tune import load_names, load_queries, restrict_queries, tune, tune_breadth, tune_stage
 
     idx = _open_index(index)
+    if breadth_only:
+        if tune_on is not None or candidates_only:
+            _fail("--breadth-only is chosen on the index it is saved in: no --tune-on or --candidates-only", 2)
+        try:
+            query_list, source = load_queries(queries), queries.name
+            if query_images is not None:
+                query_list = restrict_queries(query_list, load_names(query_images))
+                source += f" (answers in {query_images.name})"
+            result = tune_breadth(idx, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
+                                  recall=recall, query_source=source)
+        except (ValueError, OSError) as exc:
+            _fail(str(exc), 2)
+        _print_breadth_choice(result, as_json, report, index)
+        return
     chooser = _open_index(tune_on) if tune_on is not None else idx
     for name, i in ((index, idx), (tune_on, chooser)):
         if "segments" not in i.fields and "segments-compact" not in i.fields:  # originals dropped: compact only
@@ -903,6 +919,25 @@ def tune_cmd(
               f"plot {result['plot']}")
     if "candidates" in result:
         _print_candidate_choice(result, False, None, index)
+
+
+def _print_breadth_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
+    """`finegrain tune --breadth-only`'s choice: a line, or JSON; optionally an HTML report of the breadths tried."""
+    b = result["breadth"]
+    if report is not None:
+        from .report import ReportData
+
+        summary = {"queries": result["queries"], "kind": result["kind"], "chosen_on": json.dumps(result["chosen_on"]),
+                   "breadth_chosen": b["breadth"], "recall10": b["recall10"], "ms_per_query": b["ms_per_query"]}
+        _write_report(report, f"finegrain tune --breadth-only: {index}", summary,
+                      ReportData(tables={"breadths tried (recall@10 against exact search)": b["trials"]}))
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(f"global search breadth ({result['kind']}): {b['breadth']}, recall@10 {b['recall10']:.3f}, "
+              f"{b['ms_per_query']:.2f} ms/query; saved in the index; tried "
+              + ", ".join(f"{t['breadth']}: {t['recall10']:.3f}" for t in b["trials"])
+              + f"; {result['queries']} queries from {result['chosen_on']['query_source']}")
 
 
 def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:

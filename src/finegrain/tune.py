@@ -28,6 +28,15 @@ of the best agreement. A positive count is saved as the index's
 image" saves nothing (the built-in default stays). The count is per query
 vector, not a share, so tune on an index about as large as the one searched.
 
+Global search breadth (:func:`tune_breadth`, ``finegrain tune --breadth-only``): on an index whose
+global search is approximate (HNSW from 200,000 images, or ``--ann hnsw/ivf``), each breadth of
+:data:`BREADTH_GRID` (HNSW efSearch) or :data:`NPROBE_GRID` (IVF lists probed) is measured by recall@10
+against exact search over the same stored rows and by latency. Choice (:func:`choose_breadth`): with a
+latency budget, the best recall within it; without one, the smallest breadth reaching ``recall``
+(:data:`BREADTH_RECALL`). It is saved as the index's ``breadth``, the default of ``global`` searches.
+No answers are needed (exact search is the reference), so the queries can come from another split
+than the one reported; the breadth depends on the collection, so choose it on the index searched.
+
 Held-out protocol (issue 17): the data that chooses must not be the data
 reported. ``tune(..., target=other)`` runs the grid on ``index`` (for example a
 segmented index of Flickr8k *train* images, queried with their own captions)
@@ -62,6 +71,14 @@ STRIDES = (1, 2)  # plus the profiled skip list, as a third sparsity option
 CANDIDATE_GRID = (25, 50, 100, 200, 400, 800, 1600, 3200)
 #: Without a latency budget: the fewest candidates whose top-10 agreement is within this of the best size's.
 CANDIDATE_SLACK = 0.01
+
+
+#: HNSW efSearch values tried by :func:`tune_breadth` (below k = 10 they act as 10).
+BREADTH_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: IVF nprobe values tried by :func:`tune_breadth` (capped at the number of lists).
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Without a latency budget: the smallest breadth whose recall@10 against exact search reaches this.
+BREADTH_RECALL = 0.99
 
 
 @dataclass
@@ -269,6 +286,81 @@ def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVe
         ms = (time.perf_counter() - t0) * 1000 / len(embedded)
         trials.append(CandidateTrial(n, float(np.mean(agree)), ms, ops / len(embedded)))
     return choose_candidates(trials, latency_budget_ms, CANDIDATE_SLACK if slack is None else slack), trials
+
+
+@dataclass
+class BreadthTrial:
+    breadth: int  # HNSW efSearch or IVF nprobe
+    recall10: float  # top-10 overlap with exact search over the same stored rows
+    ms_per_query: float  # one query at a time, the product's global search call (query encoding excluded)
+
+
+def tune_breadth(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200,
+                 latency_budget_ms: float | None = None, recall: float = BREADTH_RECALL, seed: int = 0,
+                 save: bool = True, query_source: str | None = None, grid: tuple[int, ...] | None = None) -> dict:
+    """Choose the breadth of ``index``'s global ANN search (module docstring); the queries' answers are unused."""
+    from .retrieval.dense import breadth_structure, search_vectors
+    from .store.ann import exact_top_rows
+
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must be in (0, 1], not {recall}")
+    snapshot = index.snapshot
+    ann = breadth_structure(snapshot)
+    if ann is None:
+        raise ValueError("global search on this index is exact (flat below 200,000 images, or a quantised global "
+                         "field): it has no breadth to tune")
+    texts = sorted({t for t, _ in queries})
+    if not texts:
+        raise ValueError("no queries to tune on")
+    random.Random(seed).shuffle(texts)
+    texts = texts[:sample]
+    q = np.asarray(index.encoder.encode_texts(texts), dtype=np.float32)
+    projected = q if snapshot.projection is None else snapshot.projection.transform(q)
+    rows = snapshot.search_rows
+    exact = [set(ids) for ids in np.asarray(rows.owners)[exact_top_rows(rows.vectors, projected, 10)].tolist()]
+    if grid is None:
+        nlist = int(getattr(ann.faiss, "nlist", 0))
+        grid = BREADTH_GRID if ann.kind == "hnsw" else tuple(sorted({min(b, nlist) for b in NPROBE_GRID}))
+    search_vectors(snapshot, q[:1], 10, breadth=grid[0])  # warm-up: loads the structure
+    trials = []
+    for breadth in grid:
+        found, t0 = [], time.perf_counter()
+        for i, ref in enumerate(exact):
+            _, ids = search_vectors(snapshot, q[i:i + 1], 10, breadth=breadth)
+            found.append(len(ref & set(ids[0].tolist())) / max(1, len(ref)))
+        ms = (time.perf_counter() - t0) * 1000 / len(exact)
+        trials.append(BreadthTrial(int(breadth), float(np.mean(found)), ms))
+    chosen = choose_breadth(trials, latency_budget_ms, recall)
+    result: dict[str, Any] = {
+        "queries": len(exact), "kind": ann.kind, "recall_target": recall, "latency_budget_ms": latency_budget_ms,
+        "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(exact),
+                      "query_source": query_source},
+        "breadth": {**dataclasses.asdict(chosen), "trials": [dataclasses.asdict(t) for t in trials]},
+    }
+    if save:
+        settings = dict(index.search_config_dict())
+        settings["tuned"] = {**settings.get("tuned", {}),
+                             "breadth": {**{k: v for k, v in result["breadth"].items() if k != "trials"},
+                                         **{k: result[k] for k in ("kind", "recall_target", "latency_budget_ms",
+                                                                   "chosen_on")}}}
+        settings["breadth"] = chosen.breadth
+        index.save_search_config(settings)
+    return result
+
+
+def choose_breadth(trials: list[BreadthTrial], latency_budget_ms: float | None,
+                   recall: float = BREADTH_RECALL) -> BreadthTrial:
+    """With a budget, the best recall within it (the fastest if none fits); without, the smallest breadth
+    reaching ``recall`` (the best recall if none does). Ties go to the smaller breadth."""
+    if latency_budget_ms is not None:
+        within = [t for t in trials if t.ms_per_query <= latency_budget_ms]
+        if not within:
+            return min(trials, key=lambda t: t.ms_per_query)
+        return max(within, key=lambda t: (t.recall10, -t.breadth))
+    enough = [t for t in trials if t.recall10 >= recall]
+    if enough:
+        return min(enough, key=lambda t: t.breadth)
+    return max(trials, key=lambda t: (t.recall10, -t.breadth))
 
 
 def choose_candidates(trials: list[CandidateTrial], latency_budget_ms: float | None,

@@ -293,23 +293,6 @@ def _with_references(modes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([r for r in refs if r is not None] + list(modes)))
 
 
-def exact_top_rows(vectors: Any, queries: np.ndarray, k: int) -> np.ndarray:
-    """Brute-force top-``k`` row positions of ``vectors`` (n, d) for each of ``queries`` (nq, d) by inner
-    product, in blocks (a memory-mapped file is never copied whole); ties keep the lower row."""
-    best_s = np.full((len(queries), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 0), np.int64)
-    block = 65_536
-    for start in range(0, len(vectors), block):
-        s = queries @ np.asarray(vectors[start:start + block], dtype=np.float32).T
-        i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
-        best_s = np.concatenate([best_s, s], axis=1)
-        best_i = np.concatenate([best_i, i], axis=1)
-        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(best_s, keep, 1)
-        best_i = np.take_along_axis(best_i, keep, 1)
-    return best_i
-
-
 def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]:
     """Brute-force top-``k`` image ids over the stored global rows."""
     rows = index.snapshot.search_rows
@@ -317,6 +300,8 @@ def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]
     projection = index.projection
     if projection is not None:
         q = projection.transform(q)
+    from ..store.ann import exact_top_rows
+
     return np.asarray(rows.owners)[exact_top_rows(rows.vectors, q, k)].tolist()
 
 

@@ -195,7 +195,7 @@ class LocalSearcher:
 
     # ----------------------------------------------------- cached structures
     def _cache(self, name: str) -> Path:
-        return self.snapshot.path / "ann" / f"{name}-{self.snapshot.generation}"
+        return self.snapshot.path / "ann" / f"{name}-{self.snapshot.rows_generation}"
 
     def _dedup_tag(self) -> str:
         """Cache-name part of the near-duplicate threshold (the indexed rows depend on it)."""

@@ -52,7 +52,8 @@ class DenseParams(Params):
     whose global field is quantised (``compress --field global``), the best N hits scored again from the
     float32 originals (None: ``compress.coded.DEFAULT_RESCORE``; 0: off; ignored otherwise). ``breadth``: on an
     ANN index, how much of the structure one search explores (HNSW efSearch, at least k; IVF lists probed;
-    None: the built-in 128 / nlist/16): more is slower and closer to exact; exact indexes ignore it."""
+    None: the index's tuned breadth, else the built-in 128 / nlist/16): more is slower and closer to exact;
+    exact indexes ignore it."""
 
     dim: int | None = None
     rescore: int | None = None
@@ -77,7 +78,8 @@ class DenseRetriever(Retriever):
     def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         from ..compress import indexing as compress_indexing
 
-        p = DenseParams.from_options(options, mode=mode)
+        # a breadth saved by `finegrain tune --breadth-only` is the default; a search's own wins
+        p = DenseParams.from_options(options, {"breadth": snapshot.search_settings.get("breadth")}, mode=mode)
         compress_indexing.check_search_dim(snapshot.projection_info, p.dim)  # a bad dim fails before encoding
         return p
 
@@ -136,6 +138,19 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
         scores, rows = ann.search(queries, k, breadth)
     ids = np.where(rows >= 0, owners[np.maximum(rows, 0)], -1)
     return scores, ids
+
+
+def breadth_structure(snapshot: Snapshot) -> VectorIndex | None:
+    """The ANN structure an unfiltered global search's ``breadth`` applies to; None where it does nothing
+    (exact search, or a quantised global field, which is scanned code by code)."""
+    from ..compress import indexing as compress_indexing
+    from ..compress import storage
+
+    if (storage.field_info(snapshot.settings, "global")
+            or storage.field_info(snapshot.settings, compress_indexing.FIELD)):
+        return None
+    ann = global_ann(snapshot)
+    return None if ann.kind == "flat" else ann
 
 
 def global_ann(snapshot: Snapshot) -> VectorIndex:

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS chunks (
 
 #: Nullable columns of the chunks table added by ``Catalog.ensure_integrity_columns`` (see store/integrity.py).
 INTEGRITY_COLUMNS = ("checksum", "damaged")
+#: Meta key of :meth:`Catalog.rows_generation`.
+ROWS_GENERATION = "rows_generation"
 _READ_ONLY_ERRORS = ("unable to open database file", "readonly database", "disk I/O error", "database or disk is full")
 
 
@@ -204,6 +206,11 @@ class Catalog:
         """Counter bumped by every commit; readers compare it to notice changes."""
         return int(self.get_meta("generation", 0))
 
+    def rows_generation(self) -> int:
+        """The generation of the last commit that changed more than the saved search settings: structures
+        derived from the rows (ANN caches) are named by it, so ``finegrain tune`` does not invalidate them."""
+        return int(self.get_meta(ROWS_GENERATION, self.generation()))
+
     # ---------------------------------------------------------------- reads
     def images(self, status: str | None = "indexed") -> list[ImageRecord]:
         sql = "SELECT id, path, sha256, size, mtime_ns, width, height, status, error FROM images"
@@ -315,6 +322,7 @@ class _Transaction:
     def __init__(self, catalog: Catalog):
         self.c = catalog
         self.db = catalog.db
+        self.rows_changed = False  # anything but search settings and checksums (see Catalog.rows_generation)
 
     def __enter__(self) -> _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
@@ -322,13 +330,16 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('generation', ?)",
-                            (json.dumps(self.c.generation() + 1),))
+            old = self.c.generation()
+            rows = old + 1 if self.rows_changed else self.c.rows_generation()
+            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                [("generation", json.dumps(old + 1)), (ROWS_GENERATION, json.dumps(rows))])
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
 
     def add_images(self, ids: list[int], images: Iterable[NewImage]) -> None:
+        self.rows_changed = True
         now = time.time()
         rows = [(image_id, im.path, im.sha256, im.size, im.mtime_ns, im.width, im.height, now)
                 for image_id, im in zip(ids, images)]
@@ -339,29 +350,35 @@ class _Transaction:
             "VALUES (?, ?, ?, ?, ?, ?, ?, 'indexed', NULL, ?)", rows)
 
     def add_failure(self, path: str, error: str, size: int | None = None, mtime_ns: int | None = None) -> None:
+        self.rows_changed = True
         self.db.execute(DELETE_FAILED_ROW, (path,))
         self.db.execute("INSERT INTO images(path, size, mtime_ns, status, error, updated) "
                         "VALUES (?, ?, ?, 'failed', ?, ?)",
                         (path, size, mtime_ns, error, time.time()))
 
     def clear_failure(self, path: str) -> None:
+        self.rows_changed = True
         self.db.execute(DELETE_FAILED_ROW, (path,))
 
     def move(self, image_id: int, path: str, mtime_ns: int) -> None:
         """An indexed image's file was moved or renamed: same content, same vectors, a new path."""
+        self.rows_changed = True
         self.db.execute(DELETE_FAILED_ROW, (path,))
         self.db.execute("UPDATE images SET path = ?, mtime_ns = ?, updated = ? WHERE id = ? AND status = 'indexed'",
                         (path, mtime_ns, time.time(), image_id))
 
     def touch(self, image_id: int, mtime_ns: int) -> None:
         """Record a new mtime for an image whose content hash did not change."""
+        self.rows_changed = True
         self.db.execute("UPDATE images SET mtime_ns = ? WHERE id = ?", (mtime_ns, image_id))
 
     def remove(self, image_ids: Iterable[int]) -> None:
+        self.rows_changed = True
         self.db.executemany("UPDATE images SET status = 'removed', updated = ? WHERE id = ? AND status = 'indexed'",
                             [(time.time(), int(i)) for i in image_ids])
 
     def add_chunk(self, name: str, field: str, rows: int, checksum: str | None = None) -> None:
+        self.rows_changed = True
         if checksum is None:  # the statement every version writes (no checksum: unverified)
             self.db.execute("INSERT INTO chunks(name, field, rows, created) VALUES (?, ?, ?, ?)",
                             (name, field, rows, time.time()))
@@ -374,13 +391,17 @@ class _Transaction:
 
     def mark_damaged(self, name: str, reason: str | None) -> None:
         """Record (or, with None, clear) damage that ``finegrain check`` found in a chunk: searches refuse it."""
+        self.rows_changed = True
         self.db.execute("UPDATE chunks SET damaged = ? WHERE name = ?", (reason, name))
 
     def drop_chunks(self, names: Iterable[str]) -> None:
+        self.rows_changed = True
         self.db.executemany("DELETE FROM chunks WHERE name = ?", [(n,) for n in names])
 
     def purge_removed(self) -> None:
+        self.rows_changed = True
         self.db.execute("DELETE FROM images WHERE status = 'removed'")
 
     def set_meta(self, key: str, value) -> None:
+        self.rows_changed = self.rows_changed or key != "search"
         self.c.set_meta(key, value)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from . import integrity
-from .catalog import Catalog, ImageRecord, IndexFormatError
+from .catalog import ROWS_GENERATION, Catalog, ImageRecord, IndexFormatError
 from .vectors import FieldRows, check_chunk, read_chunk
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +52,8 @@ class Snapshot:
                  marks: Mapping[str, tuple[str | None, str | None]] | None = None, max_id: int | None = None):
         self.path = Path(path)
         self.generation = int(generation)
+        #: The last generation whose commit changed rows (not only search settings): names derived caches.
+        self.rows_generation = int(settings.get(ROWS_GENERATION, generation))
         #: Live (indexed) images by id.
         self.records: dict[int, ImageRecord] = {r.id: r for r in records}
         #: Live image ids, ascending: position -> id.
@@ -291,8 +293,9 @@ class Snapshot:
             return self._locks.setdefault(key, threading.Lock())
 
     def cache_file(self, name: str, suffix: str = ".faiss") -> Path:
-        """Where a derived structure of this generation may be cached on disk (``ann/<name>-<generation><suffix>``)."""
-        return self.path / "ann" / f"{name}-{self.generation}{suffix}"
+        """Where a structure derived from these rows may be cached on disk (``ann/<name>-<rows generation><suffix>``:
+        saving search settings keeps it, any other commit names a new one)."""
+        return self.path / "ann" / f"{name}-{self.rows_generation}{suffix}"
 
 
 def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int) -> FieldRows:

@@ -149,7 +149,7 @@ class Writer:
         sweep_orphans(self.path, committed)
         compress_indexing.sweep_projection_files(self.path, self.catalog.get_meta(compress_indexing.META_KEY))
         compact_storage.sweep_storage_files(self.path, self.catalog.get_meta(compact_storage.META_KEY))
-        generation = self.catalog.generation()
+        generation = self.catalog.rows_generation()  # caches are named by it (Snapshot.cache_file)
         ann = self.path / "ann"
         if ann.exists():
             for path in ann.glob("*"):
