@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,23 @@ def test_choose_breadth_rules():
     assert choose_breadth(trials, None, 0.999).breadth == 256  # none reaches it: best recall, smaller breadth
     assert choose_breadth(trials, 1.0, 0.99).breadth == 64  # best recall within the budget
     assert choose_breadth(trials, 0.1, 0.99).breadth == 16  # nothing fits: the fastest
+
+
+def test_cli_breadth_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    _hnsw_index(tmp_path / "hnsw", n=400).close()
+    queries = tmp_path / "q.tsv"
+    queries.write_text("".join(f"{t}\t{i}.jpg\n" for i, t in enumerate(TEXTS)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["tune", "--index", str(tmp_path / "hnsw"), "--queries", str(queries), "--breadth-only",
+                              "--json", "--report", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["breadth"]["breadth"] in (16, 32, 64, 128, 256, 512,
+                                                                                      1024, 2048, 4096)
+    assert (tmp_path / "r.html").exists()
+    Index.create(tmp_path / "flat").close()
+    res = runner.invoke(app, ["tune", "--index", str(tmp_path / "flat"), "--queries", str(queries), "--breadth-only"])
+    assert res.exit_code == 2 and "no breadth" in res.output

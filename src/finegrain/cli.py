@@ -924,39 +924,40 @@ def tune_cmd(
 def _print_breadth_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
     """`finegrain tune --breadth-only`'s choice: a line, or JSON; optionally an HTML report of the breadths tried."""
     b = result["breadth"]
-    if report is not None:
-        from .report import ReportData
-
-        summary = {"queries": result["queries"], "kind": result["kind"], "chosen_on": json.dumps(result["chosen_on"]),
-                   "breadth_chosen": b["breadth"], "recall10": b["recall10"], "ms_per_query": b["ms_per_query"]}
-        _write_report(report, f"finegrain tune --breadth-only: {index}", summary,
-                      ReportData(tables={"breadths tried (recall@10 against exact search)": b["trials"]}))
-    if as_json:
-        print(json.dumps(result))
-        return
-    out.print(f"global search breadth ({result['kind']}): {b['breadth']}, recall@10 {b['recall10']:.3f}, "
-              f"{b['ms_per_query']:.2f} ms/query; saved in the index; tried "
-              + ", ".join(f"{t['breadth']}: {t['recall10']:.3f}" for t in b["trials"])
-              + f"; {result['queries']} queries from {result['chosen_on']['query_source']}")
+    summary = {"queries": result["queries"], "kind": result["kind"], "chosen_on": json.dumps(result["chosen_on"]),
+               "breadth_chosen": b["breadth"], "recall10": b["recall10"], "ms_per_query": b["ms_per_query"]}
+    line = (f"global search breadth ({result['kind']}): {b['breadth']}, recall@10 {b['recall10']:.3f}, "
+            f"{b['ms_per_query']:.2f} ms/query; saved in the index; tried "
+            + ", ".join(f"{t['breadth']}: {t['recall10']:.3f}" for t in b["trials"])
+            + f"; {result['queries']} queries from {result['chosen_on']['query_source']}")
+    _print_tune_stage(result, as_json, report, f"finegrain tune --breadth-only: {index}", summary,
+                      "breadths tried (recall@10 against exact search)", b["trials"], line)
 
 
 def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
     """`finegrain tune`'s candidate-stage choice: a line, or JSON; optionally an HTML report of the sizes tried."""
     st = result["candidates"]
+    summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
+               "candidates_chosen": st["chosen"], "candidates_agreement10": st["agreement10"]}
+    line = (f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
+            f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "
+            + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"])
+            + f"; chosen on {result['chosen_on']['index']} with {result['queries']} queries")
+    _print_tune_stage(result, as_json, report, f"finegrain tune --candidates-only: {index}", summary,
+                      "candidate stage (top-10 agreement with exhaustive)", st["trials"], line)
+
+
+def _print_tune_stage(result: dict, as_json: bool, report: Optional[Path], title: str, summary: dict,
+                      table: str, trials: list, line: str) -> None:
+    """One tuned stage: the HTML report of its trials when asked, then JSON or the one-line summary."""
     if report is not None:
         from .report import ReportData
 
-        summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
-                   "candidates_chosen": st["chosen"], "candidates_agreement10": st["agreement10"]}
-        _write_report(report, f"finegrain tune --candidates-only: {index}", summary,
-                      ReportData(tables={"candidate stage (top-10 agreement with exhaustive)": st["trials"]}))
+        _write_report(report, title, summary, ReportData(tables={table: trials}))
     if as_json:
         print(json.dumps(result))
         return
-    out.print(f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
-              f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "
-              + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"])
-              + f"; chosen on {result['chosen_on']['index']} with {result['queries']} queries")
+    out.print(line)
 
 
 @app.command("encoders")
