@@ -853,17 +853,14 @@ def tune_cmd(
     recall: float = typer.Option(0.99, "--recall", help="--breadth-only without a latency budget: the smallest breadth reaching this recall@10."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
-    from .tune import load_names, load_queries, restrict_queries, tune, tune_breadth, tune_stage
+    from .tune import tune, tune_breadth, tune_stage
 
     idx = _open_index(index)
     if breadth_only:
         if tune_on is not None or candidates_only:
             _fail("--breadth-only is chosen on the index it is saved in: no --tune-on or --candidates-only", 2)
         try:
-            query_list, source = load_queries(queries), queries.name
-            if query_images is not None:
-                query_list = restrict_queries(query_list, load_names(query_images))
-                source += f" (answers in {query_images.name})"
+            query_list, source = _tune_queries(queries, query_images)
             result = tune_breadth(idx, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
                                   recall=recall, query_source=source)
         except (ValueError, OSError) as exc:
@@ -875,11 +872,7 @@ def tune_cmd(
         if "segments" not in i.fields and "segments-compact" not in i.fields:  # originals dropped: compact only
             _fail(f"tune needs an index built with segments (finegrain index ... --segments 4,9,16,25,36): {name}", 2)
     try:
-        query_list = load_queries(queries)
-        source = queries.name
-        if query_images is not None:
-            query_list = restrict_queries(query_list, load_names(query_images))
-            source += f" (answers in {query_images.name})"
+        query_list, source = _tune_queries(queries, query_images)
         if candidates_only:
             result = tune_stage(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms, target=idx,
                                 query_source=source)
@@ -919,6 +912,17 @@ def tune_cmd(
               f"plot {result['plot']}")
     if "candidates" in result:
         _print_candidate_choice(result, False, None, index)
+
+
+def _tune_queries(queries: Path, query_images: Optional[Path]) -> tuple[list, str]:
+    """`finegrain tune`'s queries (only those answered in ``query_images`` when given) and a name for their source."""
+    from .tune import load_names, load_queries, restrict_queries
+
+    query_list, source = load_queries(queries), queries.name
+    if query_images is not None:
+        query_list = restrict_queries(query_list, load_names(query_images))
+        source += f" (answers in {query_images.name})"
+    return query_list, source
 
 
 def _print_breadth_choice(result: dict, as_json: bool, report: Optional[Path], index: Path) -> None:
