@@ -299,8 +299,7 @@ def tune_breadth(index: Index, queries: list[tuple[str, set[str]]], sample: int 
                  latency_budget_ms: float | None = None, recall: float = BREADTH_RECALL, seed: int = 0,
                  save: bool = True, query_source: str | None = None, grid: tuple[int, ...] | None = None) -> dict:
     """Choose the breadth of ``index``'s global ANN search (module docstring); the queries' answers are unused."""
-    from .retrieval.dense import breadth_structure, search_vectors
-    from .store.ann import exact_top_rows
+    from .retrieval.dense import breadth_structure, exact_ids, search_vectors
 
     if not 0 < recall <= 1:
         raise ValueError(f"recall must be in (0, 1], not {recall}")
@@ -315,9 +314,7 @@ def tune_breadth(index: Index, queries: list[tuple[str, set[str]]], sample: int 
     random.Random(seed).shuffle(texts)
     texts = texts[:sample]
     q = np.asarray(index.encoder.encode_texts(texts), dtype=np.float32)
-    projected = q if snapshot.projection is None else snapshot.projection.transform(q)
-    rows = snapshot.search_rows
-    exact = [set(ids) for ids in np.asarray(rows.owners)[exact_top_rows(rows.vectors, projected, 10)].tolist()]
+    exact = [set(ids) for ids in exact_ids(snapshot, q, 10).tolist()]
     if grid is None:
         nlist = int(getattr(ann.faiss, "nlist", 0))
         grid = BREADTH_GRID if ann.kind == "hnsw" else tuple(sorted({min(b, nlist) for b in NPROBE_GRID}))

@@ -295,14 +295,10 @@ def _with_references(modes: Sequence[str]) -> list[str]:
 
 def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]:
     """Brute-force top-``k`` image ids over the stored global rows."""
-    rows = index.snapshot.search_rows
-    q = np.stack([index.embed_query(text=t) for t in queries]).astype(np.float32)
-    projection = index.projection
-    if projection is not None:
-        q = projection.transform(q)
-    from ..store.ann import exact_top_rows
+    from ..retrieval.dense import exact_ids
 
-    return np.asarray(rows.owners)[exact_top_rows(rows.vectors, q, k)].tolist()
+    q = np.stack([index.embed_query(text=t) for t in queries]).astype(np.float32)
+    return exact_ids(index.snapshot, q, k).tolist()
 
 
 def _measure_child(path: str, modes: list[str], queries: list[str], k: int, out: Any) -> None:

@@ -112,11 +112,9 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
     ``rescore``, ``breadth``: see :class:`DenseParams` (``breadth``: the unfiltered ANN search).
     """
     from ..compress import indexing as compress_indexing
-    from ..compress import storage
 
     nested = compress_indexing.check_search_dim(snapshot.projection_info, dim)
-    if nested is None and (storage.field_info(snapshot.settings, "global")
-                           or storage.field_info(snapshot.settings, compress_indexing.FIELD)):
+    if nested is None and _coded_global(snapshot):
         from ..compress.coded import search_global  # quantised (`compress --field global`): the codes
 
         return search_global(snapshot, queries, k, dim, allowed, rescore)
@@ -140,17 +138,34 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
     return scores, ids
 
 
-def breadth_structure(snapshot: Snapshot) -> VectorIndex | None:
-    """The ANN structure an unfiltered global search's ``breadth`` applies to; None where it does nothing
-    (exact search, or a quantised global field, which is scanned code by code)."""
+def _coded_global(snapshot: Snapshot) -> bool:
+    """Whether global search scores quantised codes (``compress --field global``) instead of float32 rows."""
     from ..compress import indexing as compress_indexing
     from ..compress import storage
 
-    if (storage.field_info(snapshot.settings, "global")
-            or storage.field_info(snapshot.settings, compress_indexing.FIELD)):
+    return bool(storage.field_info(snapshot.settings, "global")
+                or storage.field_info(snapshot.settings, compress_indexing.FIELD))
+
+
+def breadth_structure(snapshot: Snapshot) -> VectorIndex | None:
+    """The ANN structure an unfiltered global search's ``breadth`` applies to; None where it does nothing
+    (exact search, or a quantised global field, which is scanned code by code)."""
+    if _coded_global(snapshot):
         return None
     ann = global_ann(snapshot)
     return None if ann.kind == "flat" else ann
+
+
+def exact_ids(snapshot: Snapshot, queries: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-``k`` image ids (nq, k) over the stored rows global search scores, for embedded
+    ``queries`` (projected first on a compressed index): the reference ANN search is measured against."""
+    from ..store.ann import exact_top_rows
+
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if snapshot.projection is not None:
+        queries = snapshot.projection.transform(queries)
+    rows = snapshot.search_rows
+    return np.asarray(rows.owners)[exact_top_rows(rows.vectors, queries, k)]
 
 
 def global_ann(snapshot: Snapshot) -> VectorIndex:
