@@ -108,10 +108,12 @@ def test_cli_json_lines(source_index, tiny_flickr, tmp_path):
                                       "--report", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
-    assert [r["images"] for r in lines] == [40]  # measured in a child process: its own RSS
+    assert [r["images"] for r in lines] == [40]  # each mode measured in a child process: its own RSS
     for key in ("images", "system", "mode", "p50_ms", "p95_ms", "agreement_at_10", "rss_mb",
                 "disk_bytes_per_image", "build_s"):
         assert key in lines[0]
+    assert lines[0]["agreement_at_10"] is not None  # the exact reference ran in its own process too
+    assert 0 < lines[0]["rss_anon_mb"] <= lines[0]["rss_mb"]
     page = (tmp_path / "r.html").read_text()
     assert page.count("<table") >= 2
 

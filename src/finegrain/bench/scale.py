@@ -12,7 +12,7 @@ distributions therefore look like real ones, but copies of one source
 stay closer to one another than different real photos would: the docs
 say so next to every table.
 
-Each size is measured in a fresh process (so its RSS is its own): text
+Each mode of each size is measured in a fresh process (so its RSS is its own): text
 queries (captions of the source split) one at a time through
 ``Index.search``, as users send them (query encoding included; rows also
 give ``search_p50_ms``, the same calls less the query's decomposition and
@@ -28,9 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -238,39 +236,61 @@ def _rss_mb(key: str = "VmRSS") -> float:
     return float("nan")
 
 
-def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10) -> list[dict]:
-    """Latency and top-``k`` agreement of each mode on one index (run in a fresh process for honest RSS)."""
+def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10) -> tuple[dict[str, Any], list[list[int]]]:
+    """One mode on one index: its row (latency, RSS of this process) and each query's top-``k`` image ids."""
     from ..index import Index
 
     rss_base = _rss_mb()
     index = Index.open(path)
-    index.embed_query(text=queries[0])  # loads the model: RSS after this is the baseline the index adds to
-    rss_model = _rss_mb()
+    try:
+        index.embed_query(text=queries[0])  # loads the model: RSS after this is the baseline the index adds to
+        rss_model = _rss_mb()
+        row: dict[str, Any] = {"mode": mode}
+        if mode == "global-exact":
+            ranked = _exact_global(index, queries, k)
+        else:
+            base, options = parse_mode(mode)
+            index.search(text=queries[0], k=k, mode=base, **options)  # warm-up: builds ANN, segment table
+            latencies, encoding, ranked, sim_ops = [], [], [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                hits = index.search(text=q, k=k, mode=base, **options)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                encoding.append(hits.timings.get("encode_ms", 0.0))
+                ranked.append([h.id for h in hits])
+                sim_ops.append(hits.stats.sim_ops)
+            searching = np.subtract(latencies, encoding)  # search alone: less the decomposition and encoding
+            row.update({"p50_ms": float(np.percentile(latencies, 50)),
+                        "p95_ms": float(np.percentile(latencies, 95)),
+                        "encode_ms_p50": float(np.percentile(encoding, 50)),
+                        "search_p50_ms": float(np.percentile(searching, 50)),
+                        "search_p95_ms": float(np.percentile(searching, 95)),
+                        "sim_ops_per_query": float(np.mean(sim_ops))})
+        # peak resident set, and at the end its anonymous part (heap) apart from mapped index files (page cache)
+        row.update(rss_mb=_rss_mb("VmHWM"), rss_anon_mb=_rss_mb("RssAnon"), rss_file_mb=_rss_mb("RssFile"),
+                   rss_model_mb=rss_model, rss_base_mb=rss_base)
+    finally:
+        index.close()
+    return row, ranked
+
+
+def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10, isolate: bool = True
+            ) -> list[dict]:
+    """Latency, RSS and top-``k`` agreement of each mode on one index.
+
+    ``isolate``: each mode (and each exact reference) runs in its own fresh process, so a row's ``rss_mb``
+    is that mode's own peak: the exact ``exhaustive`` reference reads every segment row, which a
+    ``hierarchical`` search never does. Without it (quicker, for tests) every mode runs here.
+    """
+    from .peers import in_child
+
     top: dict[str, list[list[int]]] = {}
     rows: list[dict[str, Any]] = []
     for mode in _with_references(modes):
-        if mode == "global-exact":
-            top[mode] = _exact_global(index, queries, k)
-            continue
-        base, options = parse_mode(mode)
-        index.search(text=queries[0], k=k, mode=base, **options)  # warm-up: builds ANN, segment table
-        latencies, encoding, ranked, sim_ops = [], [], [], []
-        for q in queries:
-            t0 = time.perf_counter()
-            hits = index.search(text=q, k=k, mode=base, **options)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            encoding.append(hits.timings.get("encode_ms", 0.0))
-            ranked.append([h.id for h in hits])
-            sim_ops.append(hits.stats.sim_ops)
-        top[mode] = ranked
-        if mode in modes:  # search alone: the whole call less the query's decomposition and encoding
-            searching = np.subtract(latencies, encoding)
-            rows.append({"mode": mode, "p50_ms": float(np.percentile(latencies, 50)),
-                         "p95_ms": float(np.percentile(latencies, 95)),
-                         "encode_ms_p50": float(np.percentile(encoding, 50)),
-                         "search_p50_ms": float(np.percentile(searching, 50)),
-                         "search_p95_ms": float(np.percentile(searching, 95)),
-                         "sim_ops_per_query": float(np.mean(sim_ops))})
+        row, top[mode] = in_child(measure_mode, path, mode, list(queries), k) if isolate else \
+            measure_mode(path, mode, queries, k)
+        if mode in modes:
+            rows.append(row)
     for row in rows:
         ref = REFERENCE.get(parse_mode(row["mode"])[0])
         if ref == row["mode"]:
@@ -280,15 +300,11 @@ def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10
                                   float(np.mean([len(set(a[:k]) & set(b[:k])) / max(1, min(k, len(b)))
                                                  for a, b in zip(top[row["mode"]], top[ref])])))
     rows.sort(key=lambda r: list(modes).index(r["mode"]))  # as asked, not as run
-    peak = _rss_mb("VmHWM")
-    for row in rows:
-        row.update(rss_mb=peak, rss_model_mb=rss_model, rss_base_mb=rss_base)
-    index.close()
     return rows
 
 
 def _with_references(modes: Sequence[str]) -> list[str]:
-    """The modes to run: their exact references first (so the reference's structures are warm too)."""
+    """The modes to run: their exact references first."""
     refs = [REFERENCE[parse_mode(m)[0]] for m in modes if REFERENCE.get(parse_mode(m)[0])]
     return list(dict.fromkeys([r for r in refs if r is not None] + list(modes)))
 
@@ -301,32 +317,6 @@ def _exact_global(index: Any, queries: Sequence[str], k: int) -> list[list[int]]
     return exact_ids(index.snapshot, q, k).tolist()
 
 
-def _measure_child(path: str, modes: list[str], queries: list[str], k: int, out: Any) -> None:
-    try:
-        out.put(("ok", measure(path, modes, queries, k)))
-    except BaseException as exc:  # reported by the parent as one line
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def measure_in_child(path: Path, modes: Sequence[str], queries: Sequence[str], k: int = 10) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_measure_child, args=(str(path), list(modes), list(queries), k, out))
-    proc.start()
-    while True:  # a child that dies without answering (killed, out of memory) must not hang the bench
-        try:
-            status, payload = out.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"measuring {path} failed: the measuring process exited with code "
-                                   f"{proc.exitcode}") from None
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"measuring {path} failed: {payload}")
-    return payload
-
-
 def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: str | os.PathLike,
               queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
@@ -335,8 +325,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               build_only: bool = False) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
-    ``isolate`` measures each size in a fresh process, so that ``rss_mb`` is that size's own peak;
-    without it (quicker, for tests) RSS figures include everything this process holds.
+    ``isolate`` measures each mode of each size in a fresh process, so that ``rss_mb`` is that mode's own
+    peak; without it (quicker, for tests) RSS figures include everything this process holds.
     ``peers`` (:mod:`finegrain.bench.peers`): other engines on the same vectors, one row each per size
     (a peer that cannot run gives a row with ``skipped``); ``create_envs``: fast-plaid may make its virtualenv.
     ``segment_storage``: compact segments (:class:`SegmentStorage`); every mode, the exact reference
@@ -387,7 +377,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
                 f"global search structure ready in {warm_global_search(path):.0f} s")
             continue
         log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; measuring")
-        measured = measure_in_child(path, modes, queries, k) if isolate else measure(str(path), modes, queries, k)
+        measured = measure(str(path), modes, queries, k, isolate)
         for row in measured:
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
                             "build_s": build_s, "queries": len(queries), "noise": noise,

@@ -215,8 +215,9 @@ class Snapshot:
         """
         if not self.has_field(name):
             raise KeyError(f"the index has no {name!r} field")
-        return self.derived("parts:" + name, lambda: [_live_rows([p], self.ids, p.vectors.shape[1])
-                                                      for p in self._read_chunks(name)])
+        # Not cached: the structures built from them keep what they need (the segment table keeps views of
+        # the vectors), so the chunks' owners and attributes are unmapped once those are built.
+        return [_live_rows([p], self.ids, p.vectors.shape[1]) for p in self._read_chunks(name)]
 
     @property
     def fields(self) -> Mapping[str, FieldRows]:
@@ -300,12 +301,11 @@ class Snapshot:
 
 def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int) -> FieldRows:
     """Rows of live images: the mapped chunk itself when it is the only one and fully live, else a gathered copy."""
-    if len(parts) == 1:
-        live = np.isin(parts[0].owners, ids)
-        if live.all():
-            return parts[0]
-        return parts[0].select(live)
-    return FieldRows.concat([p.select(np.isin(p.owners, ids)) for p in parts], dim)
+    kept = []
+    for part in parts:
+        live = np.isin(part.owners, ids)
+        kept.append(part if live.all() else part.select(live))  # a fully live chunk is read once, by concat
+    return kept[0] if len(kept) == 1 else FieldRows.concat(kept, dim)
 
 
 class _LazyFields(Mapping[str, FieldRows]):
