@@ -5,7 +5,9 @@ A vector field is read on first use: its chunk files are memory-mapped, and
 when the field is one chunk whose rows are all live (the state after
 ``compact``) the mapped arrays are used as they are, so the pages a search
 touches are the only memory it costs. Several chunks, or rows of removed
-images, are gathered into one array (a copy) once per snapshot.
+images, are gathered into one array (a copy) once per snapshot; a large
+gathered field (256 MiB and up) is written to a cache file beside the ANN
+caches and memory-mapped, so it costs page cache rather than heap.
 
 Structures derived from the vectors (segment tables, ANN indexes, the local
 searcher) are built on first use and cached on the snapshot
@@ -270,7 +272,7 @@ class Snapshot:
             dim = self.dim
         else:
             dim = parts[0].vectors.shape[1] if parts else 0
-        rows = _live_rows(parts, self.ids, dim)
+        rows = _live_rows(parts, self.ids, dim, self.cache_file(f"rows-{name}", ".npy"))
         if name == "global":
             if len(rows) != len(self.ids):
                 raise IndexFormatError(f"index at {self.path} is inconsistent: {len(self.ids)} images but "
@@ -299,13 +301,64 @@ class Snapshot:
         return self.path / "ann" / f"{name}-{self.rows_generation}{suffix}"
 
 
-def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int) -> FieldRows:
-    """Rows of live images: the mapped chunk itself when it is the only one and fully live, else a gathered copy."""
+#: A field gathered from several chunks is written to a memory-mapped cache file from this size up: a
+#: million images' global rows are 2 GB, which a search that reads a few thousand of them (the candidate
+#: stage's global scores; the ANN structure keeps its own copy) need not hold in its heap.
+MAPPED_GATHER_BYTES = 256 << 20
+
+
+def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int, cache: Path | None = None) -> FieldRows:
+    """Rows of live images: the mapped chunk itself when it is the only one and fully live, else a gathered copy
+    (in ``cache``, memory-mapped, when it is large; in memory when small or when the file cannot be written)."""
     kept = []
     for part in parts:
         live = np.isin(part.owners, ids)
         kept.append(part if live.all() else part.select(live))  # a fully live chunk is read once, by concat
-    return kept[0] if len(kept) == 1 else FieldRows.concat(kept, dim)
+    if len(kept) == 1:
+        return kept[0]
+    vectors = None if cache is None else _gathered_file(kept, dim, cache)
+    if vectors is None:
+        return FieldRows.concat(kept, dim)
+    names = set(kept[0].attrs) if kept else set()
+    return FieldRows(vectors, np.concatenate([p.owners for p in kept]),
+                     {n: np.concatenate([p.attrs[n] for p in kept]) for n in names})
+
+
+def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray | None:
+    """The parts' vectors concatenated in the file ``path`` (written once, then reused), memory-mapped; None
+    when they are small or the file cannot be written (read-only index, full disk): the caller gathers in memory."""
+    import os
+    import secrets
+
+    from .vectors import load_npy
+
+    n = sum(len(p) for p in parts)
+    dtype = parts[0].vectors.dtype if parts else np.dtype(np.float32)
+    if n * dim * dtype.itemsize < MAPPED_GATHER_BYTES:
+        return None
+    if path.exists():  # named by the rows generation: the same rows, unless a crash or a hand damaged it
+        try:
+            arr = load_npy(path, mmap=True)
+            if arr.shape == (n, dim) and arr.dtype == dtype:
+                return arr
+        except (OSError, ValueError):
+            pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:  # written with plain writes (a full disk raises here; a mapped write would crash the process)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": (n, dim)})
+            for p in parts:
+                np.ascontiguousarray(p.vectors).tofile(fh)
+        tmp.replace(path)
+        return load_npy(path, mmap=True)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return None
 
 
 class _LazyFields(Mapping[str, FieldRows]):
