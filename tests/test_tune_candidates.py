@@ -107,3 +107,18 @@ def test_cli_candidates_only_keeps_the_scheduler_settings(index, tmp_path):
     bad = CliRunner().invoke(app, ["tune", "--index", str(index.path), "--queries", str(tmp_path / "none.jsonl"),
                                    "--candidates-only"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_candidates_only_needs_no_answers_in_the_index(index, tmp_path):
+    """Agreement with exhaustive search uses no answers: a synthetic index at scale holds none of the queries'
+    photos, and the stage is still chosen there (the full tune, which scores NDCG, still requires answers)."""
+    from finegrain.tune import tune_stage
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "relevant": ["not-indexed.jpg"]})
+                              for t in ["a dog runs on the grass", "a man on a bike", "a red car"]))
+    queries = tune_mod.load_queries(path)
+    result = tune_stage(index, queries, save=False)
+    assert result["queries"] == 3 and result["candidates"]["trials"]
+    with pytest.raises(ValueError, match="relevant images"):
+        tune(index, queries, save=False)

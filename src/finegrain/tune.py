@@ -209,18 +209,23 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     return result
 
 
-def _embedded_queries(index: Index, target: Index, queries: list[tuple[str, set[str]]], sample: int, seed: int
-                      ) -> tuple[list[set[int]], list[np.ndarray]]:
-    """The sampled queries answered in ``index``: their relevant image ids and embedded (sub-)query vectors."""
+def _embedded_queries(index: Index, target: Index, queries: list[tuple[str, set[str]]], sample: int, seed: int,
+                      answered: bool = True) -> tuple[list[set[int]], list[np.ndarray]]:
+    """The sampled queries answered in ``index``: their relevant image ids and embedded (sub-)query vectors.
+
+    ``answered=False``: every query, answered in ``index`` or not (for choices scored by agreement with
+    exhaustive search, which need no answers: a synthetic index at scale has none of the queries' photos).
+    """
     if target is not index:
         check_transferable(index, target)
     by_name: dict[str, int] = {}
     for r in index.records.values():
         by_name.setdefault(Path(r.path).name, r.id)
     usable = [(t, {by_name[n] for n in rel if n in by_name}) for t, rel in queries]
-    usable = [(t, rel) for t, rel in usable if rel]
+    usable = [(t, rel) for t, rel in usable if rel or not answered]
     if not usable:
-        raise ValueError("none of the queries' relevant images are in the index")
+        raise ValueError("none of the queries' relevant images are in the index" if answered
+                         else "no queries to tune on")
     random.Random(seed).shuffle(usable)
     usable = usable[:sample]
 
@@ -239,7 +244,8 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
     For an index already tuned (or to re-choose the size after the collection grew): no grid search.
     """
     target = index if target is None else target
-    relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
+    # scored by agreement with exhaustive search: the queries' answers are unused (they need not be indexed)
+    _, embedded = _embedded_queries(index, target, queries, sample, seed, answered=False)
     config = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
     stage, trials = tune_candidates(index, embedded, config, latency_budget_ms)
     result: dict[str, Any] = {
@@ -275,8 +281,11 @@ def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVe
 
     snapshot, table, glob = index.snapshot, index.segment_table, index.global_rows.vectors
     reference = [set(mv.search("exhaustive", table, glob, q, 10, config)[1].tolist()) for q in embedded]
+    sizes = [c for c in (CANDIDATE_GRID if grid is None else grid) if c < len(index)]
+    if sizes and embedded:  # builds (or loads) the global ANN structure now, not inside the first size's timing
+        candidate_positions(snapshot, embedded[0], sizes[0])
     trials = []
-    for n in (0, *(c for c in (CANDIDATE_GRID if grid is None else grid) if c < len(index))):
+    for n in (0, *sizes):
         agree, ops, t0 = [], 0, time.perf_counter()
         for q, ref in zip(embedded, reference):
             stage = candidate_positions(snapshot, q, n) if n else None
