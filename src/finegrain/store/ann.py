@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,25 @@ from .catalog import IndexFormatError
 
 AUTO_ANN_THRESHOLD = 200_000
 KINDS = ("auto", "flat", "hnsw", "ivf")
+
+
+def save_cache_file(path: Path, write: Callable[[Path], object],
+                    errors: tuple[type[BaseException], ...] = (OSError,)) -> bool:
+    """Write a derived cache file (``ann/...``) with ``write(tmp)`` under a name no concurrent writer uses, then
+    rename it into place; False (and no file left behind) when ``errors`` say it cannot be: a read-only index,
+    a full disk. The caller then keeps what it built in memory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(path)
+        return True
+    except errors:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system may say so even for a file that is not there
+            pass
+        return False
 
 
 def resolve_kind(kind: str, n: int) -> str:
@@ -77,17 +97,8 @@ class VectorIndex:
             self._save(cache_file)
 
     def _save(self, cache_file: Path) -> None:
-        """Write the cache under a name no concurrent writer uses, then rename; a read-only disk just skips it."""
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            faiss.write_index(self.faiss, str(tmp))
-            tmp.replace(cache_file)
-        except (OSError, RuntimeError):  # kept in memory only
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:  # a read-only file system may say so even for a file that is not there
-                pass
+        """Cache the structure on disk (FAISS reports write errors as RuntimeError), else keep it in memory."""
+        save_cache_file(cache_file, lambda tmp: faiss.write_index(self.faiss, str(tmp)), (OSError, RuntimeError))
 
     @staticmethod
     def _build(vectors: np.ndarray, kind: str) -> faiss.Index:

@@ -316,24 +316,17 @@ def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int, cache: Path | 
         kept.append(part if live.all() else part.select(live))  # a fully live chunk is read once, by concat
     if len(kept) == 1:
         return kept[0]
-    vectors = None if cache is None else _gathered_file(kept, dim, cache)
-    if vectors is None:
-        return FieldRows.concat(kept, dim)
-    names = set(kept[0].attrs) if kept else set()
-    return FieldRows(vectors, np.concatenate([p.owners for p in kept]),
-                     {n: np.concatenate([p.attrs[n] for p in kept]) for n in names})
+    return FieldRows.concat(kept, dim, None if cache is None else _gathered_file(kept, dim, cache))
 
 
 def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray | None:
     """The parts' vectors concatenated in the file ``path`` (written once, then reused), memory-mapped; None
     when they are small or the file cannot be written (read-only index, full disk): the caller gathers in memory."""
-    import os
-    import secrets
-
+    from .ann import save_cache_file
     from .vectors import load_npy
 
     n = sum(len(p) for p in parts)
-    dtype = parts[0].vectors.dtype if parts else np.dtype(np.float32)
+    dtype = parts[0].vectors.dtype
     if n * dim * dtype.itemsize < MAPPED_GATHER_BYTES:
         return None
     if path.exists():  # named by the rows generation: the same rows, unless a crash or a hand damaged it
@@ -343,22 +336,15 @@ def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray |
                 return arr
         except (OSError, ValueError):
             pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:  # written with plain writes (a full disk raises here; a mapped write would crash the process)
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:  # plain writes: a full disk raises here, where a mapped write would crash
         with open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                       "fortran_order": False, "shape": (n, dim)})
             for p in parts:
                 np.ascontiguousarray(p.vectors).tofile(fh)
-        tmp.replace(path)
-        return load_npy(path, mmap=True)
-    except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        return None
+
+    return load_npy(path, mmap=True) if save_cache_file(path, write) else None
 
 
 class _LazyFields(Mapping[str, FieldRows]):

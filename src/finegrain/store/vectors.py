@@ -60,12 +60,13 @@ class FieldRows:
         return FieldRows(self.vectors[keep], self.owners[keep], {k: v[keep] for k, v in self.attrs.items()})
 
     @staticmethod
-    def concat(parts: list[FieldRows], dim: int) -> FieldRows:
+    def concat(parts: list[FieldRows], dim: int, vectors: np.ndarray | None = None) -> FieldRows:
+        """The parts one after another; ``vectors``: their vectors already concatenated (a mapped file)."""
         if not parts:
             return FieldRows(np.zeros((0, dim), np.float32), np.zeros(0, np.int64))
         names = set(parts[0].attrs)
         return FieldRows(
-            np.concatenate([p.vectors for p in parts]),
+            np.concatenate([p.vectors for p in parts]) if vectors is None else vectors,
             np.concatenate([p.owners for p in parts]),
             {n: np.concatenate([p.attrs[n] for p in parts]) for n in names},
         )
