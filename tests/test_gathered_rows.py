@@ -98,3 +98,13 @@ def test_the_next_writer_sweeps_the_old_gathered_file(tmp_path, monkeypatch):
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+@pytest.mark.parametrize("threshold", [0, snapshot_mod.MAPPED_GATHER_BYTES])
+def test_a_field_with_no_chunks_reads_as_empty(tmp_path, monkeypatch, threshold):
+    """A new or emptied index has no chunks: its rows are empty, whatever the cache threshold (was IndexError)."""
+    monkeypatch.setattr(snapshot_mod, "MAPPED_GATHER_BYTES", threshold)
+    idx = Index.create(tmp_path / "empty")
+    rows = idx.snapshot.global_rows
+    assert rows.vectors.shape == (0, idx.encoder.dim) and len(rows.owners) == 0
+    idx.close()

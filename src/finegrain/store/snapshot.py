@@ -316,7 +316,8 @@ def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int, cache: Path | 
         kept.append(part if live.all() else part.select(live))  # a fully live chunk is read once, by concat
     if len(kept) == 1:
         return kept[0]
-    return FieldRows.concat(kept, dim, None if cache is None else _gathered_file(kept, dim, cache))
+    gathered = None if cache is None or not kept else _gathered_file(kept, dim, cache)  # no chunks: no file
+    return FieldRows.concat(kept, dim, gathered)
 
 
 def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray | None:
