@@ -40,7 +40,7 @@ def build_sets(source: str, images: int, shard_counts: list[int], cache: Path, s
         members = [folder / f"shard-{n}" for n in range(count)]
         for n, member in enumerate(members):
             if not (member / "finegrain.sqlite").exists():
-                build_synthetic(member, src, images // count, seed=n, with_segments=segments)
+                build_synthetic(member, src, images // count, seed=n, fields=("segments",) if segments else ())
         if not (folder / "set" / "shards.json").exists():
             ShardedIndex.create(folder / "set", members).close()
         sets[count] = folder / "set"

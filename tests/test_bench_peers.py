@@ -247,7 +247,7 @@ def test_global_modes_with_multivector_peers(source_index, tmp_path):
     by = {r["system"]: r for r in rows}
     assert by["numpy-maxsim"]["agreement_at_10"] == 1.0 and by["faiss-hnsw"]["agreement_at_10"] == 1.0
     # an index without segments: the global peers run, the multi-vector ones say why not
-    build_synthetic(tmp_path / "flat", Source.from_index(source_index), 40, with_segments=False)
+    build_synthetic(tmp_path / "flat", Source.from_index(source_index), 40, fields=())
     rows = run_peers(tmp_path / "flat", ["numpy-maxsim", "faiss-hnsw"], QUERIES[:2], isolate=False,
                      log=lambda _: None, modes=["global"])
     by = {r["system"]: r for r in rows}

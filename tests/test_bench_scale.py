@@ -94,6 +94,8 @@ def test_run_scale_rows_and_agreement(source_index, tmp_path):
 
 def test_bad_arguments(source_index, tmp_path):
     with pytest.raises(ValueError, match="does not know mode"):
+        run_scale(source_index, [10], tmp_path, QUERIES, modes=("colour",), show_progress=False)
+    with pytest.raises(ValueError, match="has no local; the modes l2g need them"):  # a mode the source cannot run
         run_scale(source_index, [10], tmp_path, QUERIES, modes=("l2g",), show_progress=False)
     with pytest.raises(ValueError, match="positive"):
         run_scale(source_index, [0], tmp_path, QUERIES, modes=("global",), show_progress=False)
@@ -120,8 +122,11 @@ def test_cli_json_lines(source_index, tiny_flickr, tmp_path):
 
 def test_cli_bad_mode_is_one_line(source_index, tiny_flickr, tmp_path):
     result = CliRunner().invoke(app, ["bench", "scale", "--data", str(tiny_flickr), "--source", str(source_index),
-                                      "--sizes", "40", "--modes", "objects", "--cache-dir", str(tmp_path)])
+                                      "--sizes", "40", "--modes", "colour", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 2 and "does not know mode" in result.output
+    result = CliRunner().invoke(app, ["bench", "scale", "--data", str(tiny_flickr), "--source", str(source_index),
+                                      "--sizes", "40", "--modes", "objects", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "has no objects" in result.output and len(result.output.splitlines()) == 1
 
 
 def test_mode_labels_carry_options():
@@ -142,8 +147,8 @@ def test_compact_segment_storage_build(source_index, tmp_path, monkeypatch):
     monkeypatch.setattr(scale, "BUILD_BATCH", 40)
     src = Source.from_index(source_index)
     build_synthetic(tmp_path / "plain", src, 250, noise=0.5, seed=3)
-    spec = scale.SegmentStorage.parse("pca:8:int8")
-    build_synthetic(tmp_path / "compact", src, 250, noise=0.5, seed=3, segment_storage=spec)
+    spec = scale.FieldStorage.parse("pca:8:int8")
+    build_synthetic(tmp_path / "compact", src, 250, noise=0.5, seed=3, storage={"segments": spec})
     with Index.open(tmp_path / "plain") as plain, Index.open(tmp_path / "compact") as compact:
         # the same random stream: the global vectors are identical, so only the storage differs
         assert np.array_equal(plain.snapshot.field("global").vectors, compact.snapshot.field("global").vectors)
@@ -153,7 +158,7 @@ def test_compact_segment_storage_build(source_index, tmp_path, monkeypatch):
         assert storage.field_info(compact.snapshot.settings, "segments")["originals"] == "dropped"
         assert compact.search(text="a dog", k=5, mode="exhaustive").hits
     out = run_scale(source_index, [250], tmp_path / "cache", QUERIES[:2], modes=("exhaustive", "hierarchical"),
-                    show_progress=False, log=lambda _: None, isolate=False, segment_storage=spec)
+                    show_progress=False, log=lambda _: None, isolate=False, storage={"segments": spec})
     assert {r["segment_storage"] for r in out} == {"pca:8:int8"}
     assert out[0]["agreement_at_10"] == 1.0  # exhaustive against exhaustive over the same compact rows
 
@@ -162,18 +167,18 @@ def test_compact_segment_storage_build(source_index, tmp_path, monkeypatch):
                                            ("none:64:int8", "needs a dimension"), ("none::none", "float32 default"),
                                            ("lsh:8:int8", "method is one of"), ("pca:x:int8", "positive integer")])
 def test_segment_storage_spec_errors(text, message):
-    from finegrain.bench.scale import SegmentStorage
+    from finegrain.bench.scale import FieldStorage
 
     with pytest.raises(ValueError, match=message):
-        SegmentStorage.parse(text)
+        FieldStorage.parse(text)
 
 
 def test_segment_storage_refuses_peers(source_index, tmp_path):
-    from finegrain.bench.scale import SegmentStorage
+    from finegrain.bench.scale import FieldStorage
 
     with pytest.raises(ValueError, match="peers read float32"):
         run_scale(source_index, [10], tmp_path, QUERIES, modes=("exhaustive",), show_progress=False,
-                  peers=["numpy-maxsim"], segment_storage=SegmentStorage.parse("none::int8"))
+                  peers=["numpy-maxsim"], storage={"segments": FieldStorage.parse("none::int8")})
 
 
 def test_build_only_builds_and_warms_then_a_measuring_run_reuses_it(source_index, tmp_path):

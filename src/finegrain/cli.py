@@ -1291,8 +1291,10 @@ def bench_scale_cmd(
     source: Optional[Path] = typer.Option(None, "--source", help="Index whose vectors synthetic images are drawn from (default: the segmented Flickr8k bench index of --split)."),
     split: str = typer.Option("dev", help="Flickr8k split of the queries (and of the default source)."),
     sizes: str = typer.Option("10000", help="Comma-separated numbers of images, e.g. 10000,100000 (empty with --quality: the quality run alone)."),
-    modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical; options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
-    queries: int = typer.Option(50, help="Text queries per mode and size (captions drawn with --seed)."),
+    modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical (segments); objects, objects-max, objects-refined (objects); instance, global+local, local, l2g (local features, image queries); options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
+    queries: int = typer.Option(50, help="Queries per mode and size: captions (and, for the image-only modes, --split images) drawn with --seed."),
+    fields: Optional[str] = typer.Option(None, "--fields", help="Field families the synthetic images copy besides global: comma-separated segments, objects, local, or 'all' (what the source has); default: what --modes and --peers need."),
+    storage_spec: Optional[str] = typer.Option(None, "--storage", help="Fields stored compact, FIELD=METHOD:DIM:QUANTIZE pairs, comma-separated (e.g. segments=pca:64:int8,objects=pca:64:int8,local=none::int8): fitted on the first 20,000 images, originals dropped."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
     seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
     ann: str = typer.Option("auto", help="ANN setting of the synthetic indexes (auto, flat, hnsw, ivf)."),
@@ -1311,7 +1313,15 @@ def bench_scale_cmd(
 
     from rich.table import Column
 
-    from .bench.scale import SegmentStorage, flickr8k_queries, flickr8k_source, growth, plot_growth, run_scale
+    from .bench.scale import (
+        FieldStorage,
+        flickr8k_image_queries,
+        flickr8k_queries,
+        flickr8k_source,
+        growth,
+        plot_growth,
+        run_scale,
+    )
     from .report import ReportData
 
     size_list = _int_list(sizes)
@@ -1320,13 +1330,20 @@ def bench_scale_cmd(
         from .bench.peers import parse_peers
 
         peer_list = parse_peers(peers) if peers else []
-        storage = SegmentStorage.parse(segment_storage) if segment_storage else None
+        storage = FieldStorage.parse_fields(storage_spec) if storage_spec else {}
+        if segment_storage:
+            if "segments" in storage:
+                raise ValueError("give the segments' storage once: --segment-storage or --storage segments=...")
+            storage["segments"] = FieldStorage.parse(segment_storage)
         texts = flickr8k_queries(data, split, queries, seed)
+        images = flickr8k_image_queries(data, split, queries, seed)
         if source is None:
             source = flickr8k_source(data, split, cache_dir=cache_dir, show_progress=not as_json)
         rows = run_scale(source, size_list, cache_dir, texts, mode_list, noise=noise, seed=seed, ann=ann,
                          rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
-                         create_envs=peer_envs, segment_storage=storage, build_only=build_only)
+                         create_envs=peer_envs, storage=storage, build_only=build_only,
+                         fields=[f.strip() for f in fields.split(",") if f.strip()] if fields else None,
+                         images=images)
         if build_only:
             return
         quality_rows = []

@@ -30,8 +30,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,16 @@ from ..store.vectors import FieldRows
 #: Multi-vector modes are compared with ``exhaustive`` over every image (no candidate stage).
 EXACT_MULTIVECTOR = "exhaustive:candidates=0"
 REFERENCE = {"global": "global-exact", "single": None, "exhaustive": EXACT_MULTIVECTOR,
-             "hierarchical": EXACT_MULTIVECTOR}
+             "hierarchical": EXACT_MULTIVECTOR,
+             # one row per image, scanned whole: each its own reference; objects-max's candidate stage against
+             # scoring every image's objects
+             "objects": None, "objects-refined": None, "objects-max": "objects-max:candidates=0",
+             # image queries (no exact Chamfer search over every image exists to compare with)
+             "instance": None, "global+local": None, "local": None, "l2g": None}
+#: The field family each mode needs (``global`` modes need none).
+NEEDS = {"single": "segments", "exhaustive": "segments", "hierarchical": "segments", "objects": "objects",
+         "objects-refined": "objects", "objects-max": "objects", "instance": "local", "global+local": "local",
+         "local": "local", "l2g": "local"}
 
 
 def parse_mode(label: str) -> tuple[str, dict[str, Any]]:
@@ -64,6 +73,13 @@ DEFAULT_MODES = ("global", "hierarchical", "exhaustive")
 BUILD_BATCH = 2_000
 
 
+#: Field families a synthetic index can copy besides ``global`` (``fields``), and the stored fields of each
+#: (those the source index holds are copied; ``objects_refined`` exists only with Stage B refinement).
+FAMILIES: dict[str, tuple[str, ...]] = {"segments": ("segments",),
+                                        "objects": ("objects", "objects_mean", "objects_refined"),
+                                        "local": ("local", "instance")}
+
+
 @dataclass
 class Source:
     """Real vectors that synthetic images are drawn from (one entry per source image)."""
@@ -72,11 +88,23 @@ class Source:
     segments: Any  # SegmentConfig | None
     globals: np.ndarray  # (n, d) float32
     sizes: np.ndarray  # (n, 2) width, height
-    seg_rows: list[FieldRows] | None  # per source image, its segment rows (owners 0)
+    rows: dict[str, list[FieldRows]] = field(default_factory=dict)  # per stored field: each image's rows (owners 0)
+    objects: Any = None  # ObjectConfig | None
+    local: Any = None  # LocalConfig | None
+    local_state: bytes | None = None  # the source's fitted local-feature whitening (queries need the same)
+
+    @property
+    def seg_rows(self) -> list[FieldRows] | None:
+        return self.rows.get("segments")
+
+    def families(self) -> list[str]:
+        """The field families (:data:`FAMILIES`) this source holds."""
+        return [f for f, names in FAMILIES.items() if names[0] in self.rows]
 
     @classmethod
     def from_index(cls, path: str | os.PathLike) -> Source:
         from ..index import Index
+        from ..local.store import STATE_FILE
 
         with Index.open(path) as index:
             snap = index.snapshot
@@ -88,33 +116,38 @@ class Source:
             ids = ids[order]
             globals_ = np.asarray(g.vectors[order], dtype=np.float32)
             sizes = np.array([(snap.records[int(i)].width or 0, snap.records[int(i)].height or 0) for i in ids])
-            seg_rows = None
-            if snap.has_field("segments"):
-                s = snap.field("segments")
-                owners = np.asarray(s.owners)
-                by_owner = np.argsort(owners, kind="stable")
-                starts = np.searchsorted(owners[by_owner], ids, side="left")
-                ends = np.searchsorted(owners[by_owner], ids, side="right")
-                seg_rows = []
-                for a, b in zip(starts, ends):
-                    sel = by_owner[a:b]
-                    rows = FieldRows(np.asarray(s.vectors[sel], dtype=np.float32), np.zeros(len(sel), np.int64),
-                                     {k: np.asarray(v[sel]) for k, v in s.attrs.items()})
-                    seg_rows.append(rows)
-            return cls(snap.encoder_name, snap.segment_config, globals_, sizes, seg_rows)
+            rows = {name: _per_image(snap.field(name), ids) for names in FAMILIES.values() for name in names
+                    if snap.has_field(name)}
+            state = Path(path) / STATE_FILE
+            return cls(snap.encoder_name, snap.segment_config, globals_, sizes, rows, snap.object_config,
+                       snap.local_config, state.read_bytes() if state.exists() else None)
 
 
-#: Images written as float32 before a compact segment storage is fitted on them (``segment_storage``).
+def _per_image(rows: FieldRows, ids: np.ndarray) -> list[FieldRows]:
+    """``rows`` split by owner, one entry per id of ``ids`` (owners set to 0), float32."""
+    owners = np.asarray(rows.owners)
+    by_owner = np.argsort(owners, kind="stable")
+    starts = np.searchsorted(owners[by_owner], ids, side="left")
+    ends = np.searchsorted(owners[by_owner], ids, side="right")
+    out = []
+    for a, b in zip(starts, ends):
+        sel = by_owner[a:b]
+        out.append(FieldRows(np.asarray(rows.vectors[sel], dtype=np.float32), np.zeros(len(sel), np.int64),
+                             {k: np.asarray(v[sel]) for k, v in rows.attrs.items()}))
+    return out
+
+
+#: Images written as float32 before the compact storage of ``storage``'s fields is fitted on them.
 STORAGE_FIT_IMAGES = 20_000
 
 
 @dataclass(frozen=True)
-class SegmentStorage:
-    """Compact segment storage of a synthetic index: ``METHOD:DIM:QUANTIZE``, e.g. ``pca:64:int8``.
+class FieldStorage:
+    """Compact storage of one field of a synthetic index: ``METHOD:DIM:QUANTIZE``, e.g. ``pca:64:int8``.
 
     The first :data:`STORAGE_FIT_IMAGES` images are written as float32, the field is compressed with
     ``drop_originals`` (as ``finegrain compress --field segments --drop-originals`` would), and the
-    writer stores every later image's segments compact only: a million images never need their
+    writer stores every later image's rows compact only: a million images never need their
     160 GB of float32 segments on disk.
     """
 
@@ -123,7 +156,7 @@ class SegmentStorage:
     quantize: str = "none"
 
     @classmethod
-    def parse(cls, text: str) -> SegmentStorage:
+    def parse(cls, text: str) -> FieldStorage:
         from ..compress.storage import METHODS, QUANTIZE
 
         parts = text.split(":")
@@ -145,6 +178,19 @@ class SegmentStorage:
     def label(self) -> str:
         return f"{self.method}:{self.dim or ''}:{self.quantize}"
 
+    @classmethod
+    def parse_fields(cls, text: str) -> dict[str, FieldStorage]:
+        """``FIELD=METHOD:DIM:QUANTIZE`` pairs, comma-separated, e.g. ``segments=pca:64:int8,local=none::int8``."""
+        out = {}
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            name, eq, spec = part.partition("=")
+            known = [n for names in FAMILIES.values() for n in names]
+            if not eq or name.strip() not in known:
+                raise ValueError(f"--storage takes FIELD=METHOD:DIM:QUANTIZE pairs with FIELD one of "
+                                 f"{', '.join(known)}, not {part!r}")
+            out[name.strip()] = cls.parse(spec.strip())
+        return out
+
 
 def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.ndarray:
     """Unit vectors plus Gaussian noise of norm about ``noise``, re-normalised."""
@@ -155,19 +201,37 @@ def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.nd
 
 
 def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, seed: int = 0, ann: str = "auto",
-                    with_segments: bool = True, progress: Callable[[int], None] | None = None,
-                    segment_storage: SegmentStorage | None = None) -> float:
+                    fields: Sequence[str] = ("segments",), progress: Callable[[int], None] | None = None,
+                    storage: Mapping[str, FieldStorage] | None = None) -> float:
     """Write a ``size``-image synthetic index at ``path`` through the writer; returns the build seconds.
 
-    ``segment_storage``: store the segments compact (see :class:`SegmentStorage`).
+    ``fields``: the field families (:data:`FAMILIES`) copied besides ``global``, each with its source's
+    settings (an index with local features also gets the source's fitted whitening, which queries need).
+    ``storage``: fields stored compact (see :class:`FieldStorage`).
     """
     from ..index import Index
+    from ..local.store import STATE_FILE
 
+    missing = [f for f in fields if f not in source.families()]
+    if missing:
+        raise ValueError(f"the source index has no {', '.join(missing)} (it has: global"
+                         f"{''.join(', ' + f for f in source.families())})")
+    names = [n for f in fields for n in FAMILIES[f] if n in source.rows]
+    storage = dict(storage or {})
+    stray = sorted(set(storage) - set(names))
+    if stray:
+        raise ValueError(f"--storage names {', '.join(stray)}, which this synthetic index does not store "
+                         f"(it stores global{''.join(', ' + n for n in names)})")
     t0 = time.perf_counter()
-    segments = source.segments if with_segments and source.seg_rows is not None else None
-    index = Index.create(path, encoder=source.encoder, ann=ann, segments=segments)
+    index = Index.create(path, encoder=source.encoder, ann=ann,
+                         segments=source.segments if "segments" in fields else None,
+                         objects=source.objects if "objects" in fields else None,
+                         local=source.local if "local" in fields else None)
+    if "local" in fields and source.local_state is not None:
+        (path / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (path / STATE_FILE).write_bytes(source.local_state)
     rng = np.random.default_rng(seed)
-    compact_at = min(size, STORAGE_FIT_IMAGES) if segment_storage is not None and segments is not None else None
+    compact_at = min(size, STORAGE_FIT_IMAGES) if storage else None
     try:
         start = 0
         while start < size:
@@ -175,13 +239,12 @@ def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, s
             with index.writer() as w:
                 for first in range(start, stop, BUILD_BATCH):
                     n = min(BUILD_BATCH, stop - first)
-                    w.commit(*_synthetic_batch(rng, source, size, first, n, noise, segments is not None), [], [], [])
+                    w.commit(*_synthetic_batch(rng, source, size, first, n, noise, names), [], [], [])
                     if progress is not None:
                         progress(n)
             if stop == compact_at:
-                assert segment_storage is not None
-                index.compress(segment_storage.method, segment_storage.dim, field="segments",
-                               quantize=segment_storage.quantize, drop_originals=True)
+                for name, spec in storage.items():
+                    index.compress(spec.method, spec.dim, field=name, quantize=spec.quantize, drop_originals=True)
             start = stop
     finally:
         index.close()
@@ -189,7 +252,7 @@ def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, s
 
 
 def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first: int, n: int, noise: float,
-                     with_segments: bool) -> tuple[list[NewImage], dict[str, FieldRows]]:
+                     names: Sequence[str]) -> tuple[list[NewImage], dict[str, FieldRows]]:
     """Images ``first .. first + n - 1`` of a ``size``-image synthetic index: catalog rows and field rows."""
     pick = rng.integers(0, len(source.globals), n)
     images = [NewImage(path=f"/synthetic/{size}/{first + j:07d}.jpg",
@@ -197,12 +260,11 @@ def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first:
                        mtime_ns=0, width=int(source.sizes[s][0]), height=int(source.sizes[s][1]))
               for j, s in enumerate(pick)]
     fields = {"global": FieldRows(_noisy(rng, source.globals[pick], noise), np.arange(n))}
-    if with_segments:
-        assert source.seg_rows is not None
-        parts = [source.seg_rows[s] for s in pick]
+    for name in names:  # in a fixed order: the random stream of a build depends only on its fields
+        parts = [source.rows[name][s] for s in pick]
         rows = FieldRows.concat([FieldRows(p.vectors, np.full(len(p), j, np.int64), p.attrs)
-                                 for j, p in enumerate(parts)], source.globals.shape[1])
-        fields["segments"] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
+                                 for j, p in enumerate(parts)], parts[0].vectors.shape[1])
+        fields[name] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
     return images, fields
 
 
@@ -236,25 +298,46 @@ def _rss_mb(key: str = "VmRSS") -> float:
     return float("nan")
 
 
-def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10) -> tuple[dict[str, Any], list[list[int]]]:
-    """One mode on one index: its row (latency, RSS of this process) and each query's top-``k`` image ids."""
+def _takes_text(mode: str, snapshot: Any = None) -> bool:
+    """Whether ``mode`` is measured with the text queries (else with the example images); with ``snapshot``,
+    as that index's settings allow (raw object descriptors take images only)."""
+    from .. import retrieval
+
+    base = parse_mode(mode)[0]
+    if base == "global-exact":
+        return True
+    retriever = retrieval.get(base)
+    kinds = retriever.accepts(base) if snapshot is None else retriever.accepts_on(snapshot, base)
+    return retrieval.TEXT in kinds
+
+
+def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10, images: Sequence[str] = ()
+                 ) -> tuple[dict[str, Any], list[list[int]]]:
+    """One mode on one index: its row (latency, RSS of this process) and each query's top-``k`` image ids.
+
+    Text modes run the text ``queries``; image-only modes (the local-feature ones) the example ``images``.
+    """
     from ..index import Index
 
     rss_base = _rss_mb()
     index = Index.open(path)
     try:
-        index.embed_query(text=queries[0])  # loads the model: RSS after this is the baseline the index adds to
+        text = _takes_text(mode, index.snapshot)
+        if not text and not images:
+            raise ValueError(f"mode {mode!r} takes example images as queries on this index; none were given")
+        asked: list[dict[str, Any]] = [{"text": q} for q in queries] if text else [{"image": p} for p in images]
+        index.embed_query(**asked[0])  # loads the model: RSS after this is the baseline the index adds to
         rss_model = _rss_mb()
-        row: dict[str, Any] = {"mode": mode}
+        row: dict[str, Any] = {"mode": mode, "query_kind": "text" if text else "image"}
         if mode == "global-exact":
             ranked = _exact_global(index, queries, k)
         else:
             base, options = parse_mode(mode)
-            index.search(text=queries[0], k=k, mode=base, **options)  # warm-up: builds ANN, segment table
+            index.search(**asked[0], k=k, mode=base, **options)  # warm-up: builds ANN, segment table
             latencies, encoding, ranked, sim_ops = [], [], [], []
-            for q in queries:
+            for q in asked:
                 t0 = time.perf_counter()
-                hits = index.search(text=q, k=k, mode=base, **options)
+                hits = index.search(**q, k=k, mode=base, **options)
                 latencies.append((time.perf_counter() - t0) * 1000)
                 encoding.append(hits.timings.get("encode_ms", 0.0))
                 ranked.append([h.id for h in hits])
@@ -274,21 +357,22 @@ def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10) -> t
     return row, ranked
 
 
-def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10, isolate: bool = True
-            ) -> list[dict]:
+def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10, isolate: bool = True,
+            images: Sequence[str] = ()) -> list[dict]:
     """Latency, RSS and top-``k`` agreement of each mode on one index.
 
     ``isolate``: each mode (and each exact reference) runs in its own fresh process, so a row's ``rss_mb``
     is that mode's own peak: the exact ``exhaustive`` reference reads every segment row, which a
     ``hierarchical`` search never does. Without it (quicker, for tests) every mode runs here.
+    ``images``: example-image queries of the image-only modes.
     """
     from .peers import in_child
 
     top: dict[str, list[list[int]]] = {}
     rows: list[dict[str, Any]] = []
     for mode in _with_references(modes):
-        row, top[mode] = in_child(measure_mode, path, mode, list(queries), k) if isolate else \
-            measure_mode(path, mode, queries, k)
+        row, top[mode] = in_child(measure_mode, path, mode, list(queries), k, list(images)) if isolate else \
+            measure_mode(path, mode, queries, k, images)
         if mode in modes:
             rows.append(row)
     for row in rows:
@@ -321,20 +405,24 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               queries: Sequence[str], modes: Sequence[str] = DEFAULT_MODES, noise: float = 0.5, seed: int = 0,
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
               log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
-              create_envs: bool = True, segment_storage: SegmentStorage | None = None,
-              build_only: bool = False) -> list[dict]:
+              create_envs: bool = True, storage: Mapping[str, FieldStorage] | None = None,
+              build_only: bool = False, fields: Sequence[str] | None = None, images: Sequence[str] = ()
+              ) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each mode of each size in a fresh process, so that ``rss_mb`` is that mode's own
     peak; without it (quicker, for tests) RSS figures include everything this process holds.
     ``peers`` (:mod:`finegrain.bench.peers`): other engines on the same vectors, one row each per size
     (a peer that cannot run gives a row with ``skipped``); ``create_envs``: fast-plaid may make its virtualenv.
-    ``segment_storage``: compact segments (:class:`SegmentStorage`); every mode, the exact reference
-    included, then scores the compact rows, and rows gain ``segment_storage``.
+    ``fields``: the field families copied besides ``global`` (:data:`FAMILIES`; default: what the modes and
+    peers need, or every family of the source with ``("all",)``). ``storage``: fields stored compact
+    (:class:`FieldStorage`); every mode, the exact references included, then scores the compact rows, and
+    rows gain ``storage`` (and ``segment_storage``). ``images``: example-image queries of the image-only modes.
     ``build_only``: build (or reuse) each size and its global ANN structure, measure nothing, return no rows:
     the hours of a million-image build can run beside other work, the measuring run alone later.
     """
     from ..progress import progress_bar
+    from .peers import MULTIVECTOR_PEERS
 
     unknown = [m for m in modes if parse_mode(m)[0] not in REFERENCE]
     if unknown:
@@ -342,19 +430,42 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     if not queries:
         raise ValueError("bench scale needs at least one query")
     source = Source.from_index(source_index)
-    from .peers import MULTIVECTOR_PEERS
-
-    # multi-vector peers need the segments too
-    segmented = any(parse_mode(m)[0] != "global" for m in modes) or any(p in MULTIVECTOR_PEERS for p in peers)
-    if segmented and source.seg_rows is None:
-        raise ValueError(f"the source index at {source_index} has no segments; the multi-vector modes need them")
-    if segment_storage is not None and (peers or not segmented):
+    needed = {NEEDS[parse_mode(m)[0]] for m in modes if parse_mode(m)[0] in NEEDS}
+    if any(p in MULTIVECTOR_PEERS for p in peers):
+        needed.add("segments")  # multi-vector peers need the segments too
+    if fields is not None and "all" in fields:
+        fields = source.families()
+    strange = sorted(set(fields or ()) - set(FAMILIES))
+    if strange:
+        raise ValueError(f"unknown field family {', '.join(map(repr, strange))}; "
+                         f"choose from all, {', '.join(FAMILIES)}")
+    wanted = sorted(needed | set(fields or ()), key=list(FAMILIES).index)
+    for family in wanted:
+        if family not in source.families():
+            users = [m for m in modes if NEEDS.get(parse_mode(m)[0]) == family]
+            raise ValueError(f"the source index at {source_index} has no {family}"
+                             + (f"; the modes {', '.join(users)} need them" if users else ""))
+    storage = dict(storage or {})
+    if storage.get("segments") is not None and peers:
         raise ValueError("--segment-storage applies to finegrain's multi-vector modes; peers read float32 "
                          "segments, which a compact synthetic index does not keep: run them without it")
-    identity = [str(Path(source_index).resolve()), noise, seed, ann, segmented, len(source.globals)]
-    if segment_storage is not None:  # older cache keys stay valid for float32 builds
-        identity.append(segment_storage.label())
+    raw_objects = source.objects is not None and source.objects.space != "joint"
+    if any(not _takes_text(m) or (raw_objects and NEEDS.get(parse_mode(m)[0]) == "objects") for m in modes) \
+            and not images:
+        raise ValueError("the image-only modes (instance, global+local, local, l2g; the object modes of an index "
+                         "of raw object descriptors) need example images as queries")
+    identity: list[Any] = [str(Path(source_index).resolve()), noise, seed, ann, "segments" in wanted,
+                           len(source.globals)]
+    if set(storage) == {"segments"}:  # older cache keys stay valid for float32 and compact-segment builds
+        identity.append(storage["segments"].label())
+    elif storage:
+        identity.append({name: spec.label() for name, spec in sorted(storage.items())})
+    if set(wanted) - {"segments"}:
+        identity.append(wanted)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
+    labels: dict[str, Any] = {"storage": {n: spec.label() for n, spec in storage.items()}} if storage else {}
+    if "segments" in storage:
+        labels["segment_storage"] = storage["segments"].label()
     results = []
     for size in sizes:
         if size < 1:
@@ -367,8 +478,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
 
                 remove_index(path)
             with progress_bar(size, f"building {size:,} synthetic images", enabled=show_progress) as bar:
-                build_s = build_synthetic(path, source, size, noise, seed, ann, segmented, bar.advance,
-                                          segment_storage)
+                build_s = build_synthetic(path, source, size, noise, seed, ann, wanted, bar.advance, storage)
             done.write_text(json.dumps({"build_s": build_s, "images": size}))
         build_s = json.loads(done.read_text())["build_s"]
         disk = dir_bytes(path)
@@ -377,11 +487,12 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
                 f"global search structure ready in {warm_global_search(path):.0f} s")
             continue
         log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; measuring")
-        measured = measure(str(path), modes, queries, k, isolate)
+        measured = measure(str(path), modes, queries, k, isolate, images)
         for row in measured:
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
-                            "build_s": build_s, "queries": len(queries), "noise": noise,
-                            **({"segment_storage": segment_storage.label()} if segment_storage else {})})
+                            "build_s": build_s, "queries": len(queries if row["query_kind"] == "text" else images),
+                            "noise": noise, "fields": wanted,
+                            **labels})
         if peers:
             from .peers import run_peers
 
@@ -440,6 +551,16 @@ def flickr8k_queries(data: str | Path, split: str = "dev", n_queries: int = 50, 
     captions = load_flickr8k(data, split).captions
     picked = np.random.default_rng(seed).choice(len(captions), size=min(n_queries, len(captions)), replace=False)
     return [captions[int(i)] for i in picked]
+
+
+def flickr8k_image_queries(data: str | Path, split: str = "dev", n_queries: int = 50, seed: int = 0) -> list[str]:
+    """``n_queries`` image files of a Flickr8k ``split``, drawn with ``seed`` (the image-only modes' queries;
+    a synthetic index holds noisy copies of its source's vectors, so these have near-copies in it)."""
+    from ..datasets import load_flickr8k
+
+    paths = [str(p) for p in load_flickr8k(data, split).image_paths()]
+    picked = np.random.default_rng(seed + 1).choice(len(paths), size=min(n_queries, len(paths)), replace=False)
+    return [paths[int(i)] for i in picked]
 
 
 def flickr8k_source(data: str | Path, split: str = "dev", encoder: str = "effnet-minilm",

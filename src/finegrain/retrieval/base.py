@@ -382,6 +382,10 @@ class Retriever(ABC):
     def accepts(self, mode: str) -> frozenset[str]:
         return self.query_kinds.get(mode, BOTH)
 
+    def accepts_on(self, snapshot: Snapshot, mode: str) -> frozenset[str]:
+        """The query kinds ``mode`` answers on this index (narrower than :meth:`accepts` where its settings say)."""
+        return self.accepts(mode)
+
     def missing(self, snapshot: Snapshot, mode: str) -> str | None:
         """Why ``mode`` cannot run on ``snapshot`` (what the index lacks and how to add it), or None."""
         return None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..images import load_image
 from ..objects import search as object_search
-from .base import Params, Query, Retriever, SearchResponse, SearchStats, number
+from .base import IMAGE_ONLY, Params, Query, Retriever, SearchResponse, SearchStats, number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..explain import Explanation
@@ -99,6 +99,10 @@ class ObjectRetriever(Retriever):
             return ("search mode 'objects-refined' needs an index built with refinement "
                     "(finegrain index ... --objects regions --refine-iters 80)")
         return None
+
+    def accepts_on(self, snapshot: Snapshot, mode: str) -> frozenset[str]:
+        cfg = snapshot.object_config  # raw object descriptors are image features: no text queries
+        return self.accepts(mode) if cfg is None or cfg.space == "joint" else IMAGE_ONLY
 
     def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         p = ObjectParams.from_options(options, mode=mode)
