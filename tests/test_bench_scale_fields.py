@@ -95,3 +95,15 @@ def test_field_errors(every_field_source, tmp_path):
         run_scale(every_field_source, [10], tmp_path, QUERIES, modes=("l2g",), show_progress=False)
     with pytest.raises(ValueError, match="FIELD=METHOD"):
         FieldStorage.parse_fields("colour=pca:8:int8")
+
+
+def test_local_features_keeps_the_strongest(every_field_source, tmp_path):
+    src = Source.from_index(every_field_source)
+    fewer = src.with_local_features(5)
+    for full, cut in zip(src.rows["local"], fewer.rows["local"]):
+        assert len(cut) == min(5, len(full))
+        if len(full) > 5:  # the five strongest, in their stored order
+            assert sorted(cut.attrs["strength"].tolist()) == sorted(full.attrs["strength"].tolist())[-5:]
+    assert fewer.rows["segments"] is src.rows["segments"]  # other fields untouched
+    with pytest.raises(ValueError, match="positive"):
+        src.with_local_features(0)

@@ -108,3 +108,26 @@ def test_a_field_with_no_chunks_reads_as_empty(tmp_path, monkeypatch, threshold)
     rows = idx.snapshot.global_rows
     assert rows.vectors.shape == (0, idx.encoder.dim) and len(rows.owners) == 0
     idx.close()
+
+
+def test_gathered_field_never_takes_more_than_half_the_free_disk(tmp_path, monkeypatch):
+    """A derived cache must not fill the disk the index's commits need: too little room -> gathered in memory."""
+    import collections
+
+    from finegrain.store import ann
+
+    monkeypatch.setattr(snapshot_mod, "MAPPED_GATHER_BYTES", 0)
+    idx, vecs = _three_commits(tmp_path / "idx", np.random.default_rng(2))
+    idx.close()
+    usage = collections.namedtuple("usage", "total used free")
+    need = vecs.nbytes
+    monkeypatch.setattr(ann.shutil, "disk_usage", lambda _p: usage(10 * need, 8 * need, 2 * need - 1))
+    idx = Index.open(tmp_path / "idx")
+    rows = idx.snapshot.global_rows
+    assert not _mapped(rows.vectors) and not idx.snapshot.cache_file("rows-global", ".npy").exists()
+    np.testing.assert_array_equal(rows.vectors, vecs)
+    idx.close()
+    monkeypatch.setattr(ann.shutil, "disk_usage", lambda _p: usage(10 * need, 8 * need, 2 * need))  # just enough
+    idx = Index.open(tmp_path / "idx")
+    assert _mapped(idx.snapshot.global_rows.vectors)
+    idx.close()

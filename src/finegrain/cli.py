@@ -1294,6 +1294,7 @@ def bench_scale_cmd(
     modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical (segments); objects, objects-max, objects-refined (objects); instance, global+local, local, l2g (local features, image queries); options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Queries per mode and size: captions (and, for the image-only modes, --split images) drawn with --seed."),
     fields: Optional[str] = typer.Option(None, "--fields", help="Field families the synthetic images copy besides global: comma-separated segments, objects, local, or 'all' (what the source has); default: what --modes and --peers need."),
+    local_features: Optional[int] = typer.Option(None, "--local-features", help="With the local family: keep at most this many local descriptors per synthetic image (the strongest), as an index built with --local-features N stores."),
     storage_spec: Optional[str] = typer.Option(None, "--storage", help="Fields stored compact, FIELD=METHOD:DIM:QUANTIZE pairs, comma-separated (e.g. segments=pca:64:int8,objects=pca:64:int8,local=none::int8): fitted on the first 20,000 images, originals dropped."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
     seed: int = typer.Option(0, help="Seed of the synthetic vectors and the query sample."),
@@ -1343,7 +1344,7 @@ def bench_scale_cmd(
                          rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
                          create_envs=peer_envs, storage=storage, build_only=build_only,
                          fields=[f.strip() for f in fields.split(",") if f.strip()] if fields else None,
-                         images=images)
+                         images=images, local_features=local_features)
         if build_only:
             return
         quality_rows = []

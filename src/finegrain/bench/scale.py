@@ -25,6 +25,7 @@ image scored).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -100,6 +101,20 @@ class Source:
     def families(self) -> list[str]:
         """The field families (:data:`FAMILIES`) this source holds."""
         return [f for f, names in FAMILIES.items() if names[0] in self.rows]
+
+    def with_local_features(self, n: int) -> Source:
+        """This source with at most ``n`` local descriptors per image, the strongest (as an index built with
+        ``--local-features n`` stores; queries still extract the source's number, which its whitening file fixes)."""
+        if n < 1:
+            raise ValueError(f"--local-features must be positive, not {n}")
+        if "local" not in self.rows:
+            raise ValueError("--local-features: the source index has no local features")
+        kept = []
+        for rows in self.rows["local"]:
+            strength = rows.attrs.get("strength")
+            order = np.arange(len(rows)) if strength is None else np.argsort(-np.asarray(strength), kind="stable")
+            kept.append(rows.select(np.sort(order[:n])))
+        return dataclasses.replace(self, rows={**self.rows, "local": kept})
 
     @classmethod
     def from_index(cls, path: str | os.PathLike) -> Source:
@@ -195,9 +210,12 @@ class FieldStorage:
 def _noisy(rng: np.random.Generator, vectors: np.ndarray, noise: float) -> np.ndarray:
     """Unit vectors plus Gaussian noise of norm about ``noise``, re-normalised."""
     d = vectors.shape[1]
-    out = vectors + rng.standard_normal(vectors.shape, dtype=np.float32) * np.float32(noise / math.sqrt(d))
-    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out.astype(np.float32, copy=False)
+    out = rng.standard_normal(vectors.shape, dtype=np.float32)  # in place from here: no temporaries of the batch
+    out *= np.float32(noise / math.sqrt(d))
+    out += vectors
+    # row norms by einsum: np.linalg.norm squares into a temporary and was half of a 100k every-field build
+    out /= np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), np.float32(1e-12))[:, None]
+    return out
 
 
 def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, seed: int = 0, ann: str = "auto",
@@ -406,8 +424,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               ann: str = "auto", k: int = 10, rebuild: bool = False, show_progress: bool = True,
               log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
               create_envs: bool = True, storage: Mapping[str, FieldStorage] | None = None,
-              build_only: bool = False, fields: Sequence[str] | None = None, images: Sequence[str] = ()
-              ) -> list[dict]:
+              build_only: bool = False, fields: Sequence[str] | None = None, images: Sequence[str] = (),
+              local_features: int | None = None) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each mode of each size in a fresh process, so that ``rss_mb`` is that mode's own
@@ -418,6 +436,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     peers need, or every family of the source with ``("all",)``). ``storage``: fields stored compact
     (:class:`FieldStorage`); every mode, the exact references included, then scores the compact rows, and
     rows gain ``storage`` (and ``segment_storage``). ``images``: example-image queries of the image-only modes.
+    ``local_features``: keep at most that many local descriptors per synthetic image (the strongest).
     ``build_only``: build (or reuse) each size and its global ANN structure, measure nothing, return no rows:
     the hours of a million-image build can run beside other work, the measuring run alone later.
     """
@@ -430,6 +449,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     if not queries:
         raise ValueError("bench scale needs at least one query")
     source = Source.from_index(source_index)
+    if local_features is not None:
+        source = source.with_local_features(local_features)
     needed = {NEEDS[parse_mode(m)[0]] for m in modes if parse_mode(m)[0] in NEEDS}
     if any(p in MULTIVECTOR_PEERS for p in peers):
         needed.add("segments")  # multi-vector peers need the segments too
@@ -462,6 +483,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
         identity.append({name: spec.label() for name, spec in sorted(storage.items())})
     if set(wanted) - {"segments"}:
         identity.append(wanted)
+    if local_features is not None and "local" in wanted:
+        identity.append(f"local_features={local_features}")
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
     labels: dict[str, Any] = {"storage": {n: spec.label() for n, spec in storage.items()}} if storage else {}
     if "segments" in storage:
@@ -492,6 +515,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
                             "build_s": build_s, "queries": len(queries if row["query_kind"] == "text" else images),
                             "noise": noise, "fields": wanted,
+                            **({"local_features": local_features} if local_features and "local" in wanted else {}),
                             **labels})
         if peers:
             from .peers import run_peers

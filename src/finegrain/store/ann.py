@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,19 @@ KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
 def save_cache_file(path: Path, write: Callable[[Path], object],
-                    errors: tuple[type[BaseException], ...] = (OSError,)) -> bool:
+                    errors: tuple[type[BaseException], ...] = (OSError,), size: int | None = None) -> bool:
     """Write a derived cache file (``ann/...``) with ``write(tmp)`` under a name no concurrent writer uses, then
     rename it into place; False (and no file left behind) when ``errors`` say it cannot be: a read-only index,
-    a full disk. The caller then keeps what it built in memory."""
+    a full disk. The caller then keeps what it built in memory.
+
+    ``size`` (bytes, when known before writing): a cache takes at most half of the disk's free space, so a
+    derived file never fills the disk that the index's own commits need (False, nothing written, otherwise).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if size is not None and shutil.disk_usage(path.parent).free < 2 * size:
+            return False
         write(tmp)
         tmp.replace(path)
         return True

@@ -345,7 +345,7 @@ def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray |
             for p in parts:
                 np.ascontiguousarray(p.vectors).tofile(fh)
 
-    return load_npy(path, mmap=True) if save_cache_file(path, write) else None
+    return load_npy(path, mmap=True) if save_cache_file(path, write, size=n * dim * dtype.itemsize) else None
 
 
 class _LazyFields(Mapping[str, FieldRows]):
