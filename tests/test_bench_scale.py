@@ -193,3 +193,21 @@ def test_build_only_builds_and_warms_then_a_measuring_run_reuses_it(source_index
     again = run_scale(source_index, [80], tmp_path / "cache", QUERIES[:1], modes=("global",), ann="hnsw",
                       show_progress=False, log=lambda _: None, isolate=False)
     assert [r["mode"] for r in again] == ["global"] and again[0]["build_s"] == first
+
+
+def test_a_mode_past_its_time_limit_gives_a_skipped_row(source_index, tmp_path):
+    """--mode-timeout: the stopped mode's row says why, with null figures, and the run goes on."""
+    import time
+
+    from finegrain.bench.peers import in_child
+    from finegrain.bench.scale import measure
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="stopped after"):
+        in_child(time.sleep, 60, timeout=1)
+    assert time.monotonic() - t0 < 30
+    build_synthetic(tmp_path / "syn", Source.from_index(source_index), 30, noise=0.5, seed=3)
+    rows = measure(str(tmp_path / "syn"), ["global"], QUERIES[:1], isolate=True, timeout=0.5)
+    assert [r["mode"] for r in rows] == ["global"]
+    assert "stopped after 0.5 s" in rows[0]["skipped"] and rows[0]["p50_ms"] is None
+    assert rows[0]["agreement_at_10"] is None

@@ -210,6 +210,7 @@ def index_cmd(
     segment_embed: str = typer.Option("pool", help="New index with segments: 'pool' (feature map pooled per segment, fast) or 'crop' (each segment crop encoded, slow)."),
     local: Optional[str] = typer.Option(None, "--local", help=LOCAL_HELP),
     local_scales: Optional[str] = typer.Option(None, "--local-scales", help="New index with --local cnn: image scales, e.g. 1.0,0.707,0.5."),
+    mode_timeout: Optional[float] = typer.Option(None, "--mode-timeout", help="Seconds a mode may take (its process: warm-up, first-use structures and queries) before it is stopped; its row then says so."),
     local_features: Optional[int] = typer.Option(None, "--local-features", help="New index with --local: local features kept per image (strongest first)."),
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="New index with --local: longer image side at scale 1."),
     refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
@@ -1136,6 +1137,7 @@ def bench_revisitop_cmd(
     encoder: str = typer.Option("effnet-minilm", help="Encoder."),
     local: Optional[str] = typer.Option(None, "--local", help="Bench index with local features from this extractor (cnn, sift, disk)."),
     local_scales: Optional[str] = typer.Option(None, "--local-scales", help="--local cnn: image scales, e.g. 1.0,0.707,0.5."),
+    mode_timeout: Optional[float] = typer.Option(None, "--mode-timeout", help="Seconds a mode may take (its process: warm-up, first-use structures and queries) before it is stopped; its row then says so."),
     local_features: Optional[int] = typer.Option(None, "--local-features", help="--local: local features kept per image."),
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="--local: longer image side at scale 1."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
@@ -1294,6 +1296,7 @@ def bench_scale_cmd(
     modes: str = typer.Option("global,hierarchical,exhaustive", help="Semicolon- or comma-separated modes: global, single, exhaustive, hierarchical (segments); objects, objects-max, objects-refined (objects); instance, global+local, local, l2g (local features, image queries); options after a colon, e.g. 'hierarchical:candidates=500,T=0.6;exhaustive'."),
     queries: int = typer.Option(50, help="Queries per mode and size: captions (and, for the image-only modes, --split images) drawn with --seed."),
     fields: Optional[str] = typer.Option(None, "--fields", help="Field families the synthetic images copy besides global: comma-separated segments, objects, local, or 'all' (what the source has); default: what --modes and --peers need."),
+    mode_timeout: Optional[float] = typer.Option(None, "--mode-timeout", help="Seconds a mode may take (its process: warm-up, first-use structures and queries) before it is stopped; its row then says so."),
     local_features: Optional[int] = typer.Option(None, "--local-features", help="With the local family: keep at most this many local descriptors per synthetic image (the strongest), as an index built with --local-features N stores."),
     storage_spec: Optional[str] = typer.Option(None, "--storage", help="Fields stored compact, FIELD=METHOD:DIM:QUANTIZE pairs, comma-separated (e.g. segments=pca:64:int8,objects=pca:64:int8,local=none::int8): fitted on the first 20,000 images, originals dropped."),
     noise: float = typer.Option(0.5, help="Noise norm added to each copied unit vector (cosine to its source about 1/sqrt(1+noise^2))."),
@@ -1344,7 +1347,7 @@ def bench_scale_cmd(
                          rebuild=rebuild, show_progress=not as_json, log=err.print, peers=peer_list,
                          create_envs=peer_envs, storage=storage, build_only=build_only,
                          fields=[f.strip() for f in fields.split(",") if f.strip()] if fields else None,
-                         images=images, local_features=local_features)
+                         images=images, local_features=local_features, mode_timeout=mode_timeout)
         if build_only:
             return
         quality_rows = []

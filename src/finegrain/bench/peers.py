@@ -821,12 +821,16 @@ def _child(fn: Callable[..., Any], args: tuple, out: Any) -> None:
         out.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
 
 
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` in a fresh (spawned) process: its own RSS, and a crash does not take the bench down."""
+def in_child(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """Run ``fn(*args)`` in a fresh (spawned) process: its own RSS, and a crash does not take the bench down.
+
+    ``timeout`` (seconds): the process is terminated past it and ``TimeoutError`` raised.
+    """
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, out))
     proc.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
             answer = out.get(timeout=1.0)
@@ -834,6 +838,12 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
         except queue.Empty:
             if not proc.is_alive():
                 raise RuntimeError(f"the process exited with code {proc.exitcode} without answering") from None
+            if deadline is not None and time.monotonic() > deadline:
+                proc.terminate()
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                raise TimeoutError(f"stopped after {timeout:g} s") from None
     proc.join()
     if answer[0] != "ok":
         raise RuntimeError(answer[1])

@@ -376,21 +376,27 @@ def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10, imag
 
 
 def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10, isolate: bool = True,
-            images: Sequence[str] = ()) -> list[dict]:
+            images: Sequence[str] = (), timeout: float | None = None) -> list[dict]:
     """Latency, RSS and top-``k`` agreement of each mode on one index.
 
     ``isolate``: each mode (and each exact reference) runs in its own fresh process, so a row's ``rss_mb``
     is that mode's own peak: the exact ``exhaustive`` reference reads every segment row, which a
     ``hierarchical`` search never does. Without it (quicker, for tests) every mode runs here.
-    ``images``: example-image queries of the image-only modes.
+    ``images``: example-image queries of the image-only modes. ``timeout`` (seconds, with ``isolate``): a mode
+    still running past it is stopped. A mode that fails or is stopped gives a row with ``skipped`` (why) and
+    null figures; the other modes are still measured.
     """
     from .peers import in_child
 
     top: dict[str, list[list[int]]] = {}
     rows: list[dict[str, Any]] = []
     for mode in _with_references(modes):
-        row, top[mode] = in_child(measure_mode, path, mode, list(queries), k, list(images)) if isolate else \
-            measure_mode(path, mode, queries, k, images)
+        try:
+            row, top[mode] = in_child(measure_mode, path, mode, list(queries), k, list(images), timeout=timeout) \
+                if isolate else measure_mode(path, mode, queries, k, images)
+        except (RuntimeError, TimeoutError) as exc:  # the child's error, or the time limit
+            row = {"mode": mode, "skipped": str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc),
+                   **dict.fromkeys(("p50_ms", "p95_ms", "search_p50_ms", "rss_mb"))}
         if mode in modes:
             rows.append(row)
     for row in rows:
@@ -398,7 +404,7 @@ def measure(path: str, modes: Sequence[str], queries: Sequence[str], k: int = 10
         if ref == row["mode"]:
             ref = None
         row["reference"] = ref or row["mode"]
-        row["agreement_at_10"] = (None if ref is None else
+        row["agreement_at_10"] = (None if ref is None or row["mode"] not in top or ref not in top else
                                   float(np.mean([len(set(a[:k]) & set(b[:k])) / max(1, min(k, len(b)))
                                                  for a, b in zip(top[row["mode"]], top[ref])])))
     rows.sort(key=lambda r: list(modes).index(r["mode"]))  # as asked, not as run
@@ -425,7 +431,7 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
               log: Callable[[str], None] = print, isolate: bool = True, peers: Sequence[str] = (),
               create_envs: bool = True, storage: Mapping[str, FieldStorage] | None = None,
               build_only: bool = False, fields: Sequence[str] | None = None, images: Sequence[str] = (),
-              local_features: int | None = None) -> list[dict]:
+              local_features: int | None = None, mode_timeout: float | None = None) -> list[dict]:
     """Build (or reuse) one synthetic index per size and measure it; one row per (size, mode).
 
     ``isolate`` measures each mode of each size in a fresh process, so that ``rss_mb`` is that mode's own
@@ -437,6 +443,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     (:class:`FieldStorage`); every mode, the exact references included, then scores the compact rows, and
     rows gain ``storage`` (and ``segment_storage``). ``images``: example-image queries of the image-only modes.
     ``local_features``: keep at most that many local descriptors per synthetic image (the strongest).
+    ``mode_timeout``: seconds a mode's process may run (warm-up and first-use structures included) before it
+    is stopped and its row says so.
     ``build_only``: build (or reuse) each size and its global ANN structure, measure nothing, return no rows:
     the hours of a million-image build can run beside other work, the measuring run alone later.
     """
@@ -510,10 +518,11 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
                 f"global search structure ready in {warm_global_search(path):.0f} s")
             continue
         log(f"{size:,} images: built in {build_s:.0f} s, {disk / size / 1024:.1f} KiB per image; measuring")
-        measured = measure(str(path), modes, queries, k, isolate, images)
+        measured = measure(str(path), modes, queries, k, isolate, images, mode_timeout)
         for row in measured:
             results.append({"images": size, "system": "finegrain", **row, "disk_bytes_per_image": disk / size,
-                            "build_s": build_s, "queries": len(queries if row["query_kind"] == "text" else images),
+                            "build_s": build_s,
+                            "queries": len(queries if row.get("query_kind", "text") == "text" else images),
                             "noise": noise, "fields": wanted,
                             **({"local_features": local_features} if local_features and "local" in wanted else {}),
                             **labels})
