@@ -197,9 +197,9 @@ class FieldStorage:
     def parse_fields(cls, text: str) -> dict[str, FieldStorage]:
         """``FIELD=METHOD:DIM:QUANTIZE`` pairs, comma-separated, e.g. ``segments=pca:64:int8,local=none::int8``."""
         out = {}
+        known = [n for names in FAMILIES.values() for n in names]
         for part in (p.strip() for p in text.split(",") if p.strip()):
             name, eq, spec = part.partition("=")
-            known = [n for names in FAMILIES.values() for n in names]
             if not eq or name.strip() not in known:
                 raise ValueError(f"--storage takes FIELD=METHOD:DIM:QUANTIZE pairs with FIELD one of "
                                  f"{', '.join(known)}, not {part!r}")
@@ -316,17 +316,13 @@ def _rss_mb(key: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _takes_text(mode: str, snapshot: Any = None) -> bool:
-    """Whether ``mode`` is measured with the text queries (else with the example images); with ``snapshot``,
-    as that index's settings allow (raw object descriptors take images only)."""
+def _takes_text(mode: str, snapshot: Any) -> bool:
+    """Whether ``mode`` is measured with the text queries (else with the example images), as the index of
+    ``snapshot`` allows (its retriever's :meth:`~finegrain.retrieval.Retriever.accepts_on`)."""
     from .. import retrieval
 
     base = parse_mode(mode)[0]
-    if base == "global-exact":
-        return True
-    retriever = retrieval.get(base)
-    kinds = retriever.accepts(base) if snapshot is None else retriever.accepts_on(snapshot, base)
-    return retrieval.TEXT in kinds
+    return base == "global-exact" or retrieval.TEXT in retrieval.get(base).accepts_on(snapshot, base)
 
 
 def measure_mode(path: str, mode: str, queries: Sequence[str], k: int = 10, images: Sequence[str] = ()
@@ -478,9 +474,11 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
     if storage.get("segments") is not None and peers:
         raise ValueError("--segment-storage applies to finegrain's multi-vector modes; peers read float32 "
                          "segments, which a compact synthetic index does not keep: run them without it")
-    raw_objects = source.objects is not None and source.objects.space != "joint"
-    if any(not _takes_text(m) or (raw_objects and NEEDS.get(parse_mode(m)[0]) == "objects") for m in modes) \
-            and not images:
+    from ..index import Index
+
+    with Index.open(source_index) as opened:  # a synthetic index has its source's settings: the same query kinds
+        image_only = [m for m in modes if not _takes_text(m, opened.snapshot)]
+    if image_only and not images:
         raise ValueError("the image-only modes (instance, global+local, local, l2g; the object modes of an index "
                          "of raw object descriptors) need example images as queries")
     identity: list[Any] = [str(Path(source_index).resolve()), noise, seed, ann, "segments" in wanted,

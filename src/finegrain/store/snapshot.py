@@ -316,8 +316,7 @@ def _live_rows(parts: list[FieldRows], ids: np.ndarray, dim: int, cache: Path | 
         kept.append(part if live.all() else part.select(live))  # a fully live chunk is read once, by concat
     if len(kept) == 1:
         return kept[0]
-    gathered = None if cache is None or not kept else _gathered_file(kept, dim, cache)  # no chunks: no file
-    return FieldRows.concat(kept, dim, gathered)
+    return FieldRows.concat(kept, dim, None if cache is None else _gathered_file(kept, dim, cache))
 
 
 def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray | None:
@@ -326,6 +325,8 @@ def _gathered_file(parts: list[FieldRows], dim: int, path: Path) -> np.ndarray |
     from .ann import save_cache_file
     from .vectors import load_npy
 
+    if not parts:  # a field with no chunks (a new or emptied index): nothing to gather
+        return None
     n = sum(len(p) for p in parts)
     dtype = parts[0].vectors.dtype
     if n * dim * dtype.itemsize < MAPPED_GATHER_BYTES:
