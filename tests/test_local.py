@@ -174,6 +174,51 @@ def test_recall_at_k_and_knn_graph():
     assert np.all(np.diff(sims, axis=1) <= 1e-6)
 
 
+@pytest.mark.parametrize("fill,threshold", [("kth", None), ("zero", None), ("kth", 0.3), ("zero", 0.3)])
+def test_score_many_matches_the_flat_aggregation(fill, threshold):
+    """The per-list aggregation (best first in each FAISS list) gives the flat sort's scores, and one FAISS search
+    for a block of sets gives each set's own scores and lists."""
+    rng = np.random.default_rng(3)
+    images = _synthetic_collection(rng, n_groups=6, group_size=10, per_image=30)
+    images.insert(5, np.zeros((0, 32), np.float32))  # an image with no descriptors
+    db = ch.LocalDatabase.from_features(images)
+    searcher = ch.ApproxChamfer(db, index="flat", knn=24, fill=fill, threshold=threshold, threads=1)
+    queries = [images[i] for i in (0, 5, 17, 33)] + [_unit(rng.standard_normal((9, 32)))]
+    batched = searcher.score_many(queries)
+    for q, (scores, reached) in zip(queries, batched):
+        ref_scores, ref_reached = _chamfer_from_lists(searcher, q, fill, threshold, db.n_images)
+        np.testing.assert_array_equal(reached, ref_reached)
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(searcher.score_all(q)[0], scores)
+    assert batched[0][1].sum() > 1 and not batched[1][1].any()  # a real list, and the empty set reaches nothing
+    rows = np.array([0, 5, 17, 33, 40])
+    one_by_one = ch.knn_lists(searcher, [db.image(int(r)) for r in rows], 7, exclude=rows, block_rows=1)
+    together = ch.knn_lists(searcher, [db.image(int(r)) for r in rows], 7, exclude=rows)
+    np.testing.assert_array_equal(one_by_one[0], together[0])
+    np.testing.assert_array_equal(one_by_one[1], together[1])
+
+
+def _chamfer_from_lists(searcher, q, fill, threshold, n):
+    """The approximate Chamfer score written out: each descriptor's best neighbour per image, else its fill."""
+    if len(q) == 0:
+        return np.zeros(n), np.zeros(n, bool)
+    D, ids = searcher.neighbours(q)
+    K = ch.match_kernel(D, threshold)
+    best: dict = {}
+    for i in range(len(q)):
+        for sim, row in zip(K[i], ids[i]):
+            if row >= 0 and (threshold is None or sim > 0):
+                key = (i, int(searcher.db.owners[row]))
+                best[key] = max(best.get(key, -np.inf), float(sim))
+    fills = [float(K[i, -1]) if fill == "kth" and (ids[i] >= 0).all() else 0.0 for i in range(len(q))]
+    scores = np.full(n, np.mean(fills))
+    reached = np.zeros(n, bool)
+    for (i, image), sim in best.items():
+        scores[image] += (sim - fills[i]) / len(q)
+        reached[image] = True
+    return scores, reached
+
+
 # --------------------------------------------------------------------------- extractors
 def test_registry():
     assert {"cnn", "sift", "disk"} <= set(lf.list_extractors())

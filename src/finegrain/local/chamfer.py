@@ -389,18 +389,69 @@ class ApproxChamfer:
         Returns ``(scores (n_images,), reached (n_images,) bool)``; images no
         query descriptor reached all share the base score ``mean(fill)``.
         """
+        return self.score_many([query])[0]
+
+    def score_many(self, queries: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`score_all` of each descriptor set, with one FAISS search for all of them (what the ``l2g``
+        neighbour graph runs per block of database images: a call per image left FAISS's threads idle)."""
         n = self.db.n_images
-        q = _as_desc(query)
-        if len(q) == 0 or len(self.rows) == 0:
-            return np.zeros(n, np.float32), np.zeros(n, bool)
-        qi, rows, sims, fill = self.matches(q)
+        qs = [_as_desc(q) for q in queries]
+        out = [(np.zeros(n, np.float32), np.zeros(n, bool)) for _ in qs]
+        live = [i for i, q in enumerate(qs) if len(q)]
+        if not live or len(self.rows) == 0:
+            return out
+        if self.knn == 0:  # range search: ragged results, scored one set at a time
+            for i in live:
+                out[i] = self._aggregate_matches(*self.matches(qs[i]), len(qs[i]))
+            return out
+        D, ids = self.neighbours(np.concatenate([qs[i] for i in live]))
+        ends = np.cumsum([len(qs[i]) for i in live])
+        for i, stop in zip(live, ends):
+            start = stop - len(qs[i])
+            out[i] = self._aggregate_lists(D[start:stop], ids[start:stop])
+        return out
+
+    def _aggregate_lists(self, D: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores from each query descriptor's neighbour list (``knn > 0``).
+
+        FAISS returns every list best first, so a descriptor's best match in an image is the first entry of
+        that image in its list: a stable sort of each row by image finds it without a global sort.
+        """
+        n = self.db.n_images
+        D = match_kernel(D, self.threshold)
+        valid = ids >= 0
+        if self.threshold is not None:
+            valid &= D > 0  # matches below the threshold count nothing
+        if self.fill == "kth":
+            full = (ids >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
+            fill = np.where(full, D[:, -1], 0.0).astype(np.float32)
+        else:
+            fill = np.zeros(len(D), np.float32)
+        owner = np.where(valid, self.db.owners[np.maximum(ids, 0)], n)  # n: no image
+        by_image = np.argsort(owner, axis=1, kind="stable")
+        image = np.take_along_axis(owner, by_image, axis=1)
+        first = np.ones(image.shape, bool)
+        first[:, 1:] = image[:, 1:] != image[:, :-1]
+        first &= image < n
+        r, c = np.nonzero(first)
+        hit = image[r, c]
+        gain = D[r, by_image[r, c]] - fill[r]
+        scores = float(fill.mean()) + np.bincount(hit, weights=gain, minlength=n) / len(D)
+        reached = np.zeros(n, bool)
+        reached[hit] = True
+        return scores.astype(np.float32), reached
+
+    def _aggregate_matches(self, qi: np.ndarray, rows: np.ndarray, sims: np.ndarray, fill: np.ndarray,
+                           n_query: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores from a flat list of matches (range search): the best match per (descriptor, image)."""
+        n = self.db.n_images
         owner = self.db.owners[rows]
         key = qi.astype(np.int64) * n + owner
         order = np.lexsort((-sims, key))  # by key, best first within a key
         key, sims, qi, owner = key[order], sims[order], qi[order], owner[order]
         first = np.concatenate([[True], key[1:] != key[:-1]])
         gain = sims[first] - fill[qi[first]]
-        scores = float(fill.mean()) + np.bincount(owner[first], weights=gain, minlength=n) / len(q)
+        scores = float(fill.mean()) + np.bincount(owner[first], weights=gain, minlength=n) / n_query
         reached = np.bincount(owner, minlength=n) > 0
         return scores.astype(np.float32), reached
 
@@ -445,25 +496,38 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.n
 
 
 def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,
-              exclude: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              exclude: Sequence[int] | np.ndarray | None = None, block_rows: int = 8192
+              ) -> tuple[np.ndarray, np.ndarray]:
     """The ``m`` best database images by approximate Chamfer for each descriptor set of ``queries``.
 
     ``exclude[r]`` (a database position, or -1) is left out of query r's list: the image itself when the
     queries are database images. Returns ``(positions (n, m) int64 with -1 padding, sims (n, m) float32)``.
+    Sets go to FAISS in blocks of at most ``block_rows`` descriptors (one search per block).
     """
     ids = np.full((len(queries), m), -1, np.int64)
     sims = np.zeros((len(queries), m), np.float32)
-    for r, q in enumerate(queries):
-        if len(q) == 0:
-            continue
-        scores, reached = searcher.score_all(q)
-        if exclude is not None and exclude[r] >= 0:
-            reached[int(exclude[r])] = False
-        cand = np.flatnonzero(reached)
-        cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
-        ids[r, :len(cand)] = cand
-        sims[r, :len(cand)] = scores[cand]
+    for block in _blocks([len(q) for q in queries], block_rows):
+        for r, (scores, reached) in zip(block, searcher.score_many([queries[r] for r in block])):
+            if exclude is not None and exclude[r] >= 0:
+                reached[int(exclude[r])] = False
+            cand = np.flatnonzero(reached)
+            cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
+            ids[r, :len(cand)] = cand
+            sims[r, :len(cand)] = scores[cand]
     return ids, sims
+
+
+def _blocks(sizes: Sequence[int], block_rows: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes sum to at most ``block_rows`` (one at least)."""
+    blocks: list[list[int]] = []
+    total = block_rows
+    for i, size in enumerate(sizes):
+        if total + size > block_rows or not blocks:
+            blocks.append([])
+            total = 0
+        blocks[-1].append(i)
+        total += size
+    return blocks
 
 
 def recall_at_k(approx_ids: Sequence[int] | np.ndarray, exact_scores: np.ndarray, k: int = 100) -> float:

@@ -1,0 +1,71 @@
+"""Where the time of the ``l2g`` neighbour graph goes, and the graph before and after a change (docs/benchmarks.md,
+"Every field at 100,000 images": the ``l2g`` row).
+
+Opens an index with local features, builds (or reads from its cache) the approximate Chamfer structure, then
+for ``--sample`` database images (evenly spaced) times the two parts of one neighbour list: the FAISS search of
+the image's descriptors, and the aggregation of the matches into image scores. ``--compare`` also runs
+:func:`finegrain.local.chamfer.knn_graph` on the sample and checks its lists against the one-image-at-a-time
+reference (:func:`finegrain.local.chamfer.knn_lists`)::
+
+    .venv/bin/python -m experiments.l2g_graph_cost INDEX --sample 256 --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("index")
+    ap.add_argument("--sample", type=int, default=256, help="database images timed")
+    ap.add_argument("--save", help="write the sample's neighbour lists here (.npz)")
+    ap.add_argument("--against", help="compare the sample's lists with these (.npz from --save)")
+    args = ap.parse_args()
+
+    from finegrain import Index
+    from finegrain.local.chamfer import knn_graph
+    from finegrain.retrieval.local import local_searcher
+
+    with Index.open(args.index) as index:
+        searcher = local_searcher(index.snapshot)
+        t0 = time.perf_counter()
+        approx = searcher.approx()
+        build_s = time.perf_counter() - t0
+        db = approx.db
+        n = db.n_images
+        part = np.unique(np.linspace(0, n - 1, min(args.sample, n)).astype(np.int64))
+        queries = [db.image(int(i)) for i in part]
+        search_ms, total_ms = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            approx.neighbours(np.ascontiguousarray(q, np.float32))
+            t1 = time.perf_counter()
+            approx.score_all(q)
+            t2 = time.perf_counter()
+            search_ms.append((t1 - t0) * 1e3)
+            total_ms.append((t2 - t1) * 1e3)
+        row = {"images": n, "indexed_rows": len(approx.rows), "descriptors": len(db.descriptors),
+               "sample": len(part), "knn": approx.knn, "nprobe": approx.nprobe, "approx_build_s": round(build_s, 1),
+               "faiss_search_ms_per_image": round(float(np.mean(search_ms)), 2),
+               "score_all_ms_per_image": round(float(np.mean(total_ms)), 2)}
+        row["aggregation_ms_per_image"] = round(row["score_all_ms_per_image"] - row["faiss_search_ms_per_image"], 2)
+        t0 = time.perf_counter()
+        ids, sims = knn_graph(approx, searcher.graph_m, part)
+        row["knn_graph_ms_per_image"] = round((time.perf_counter() - t0) * 1e3 / len(part), 2)
+        row["projected_graph_min"] = round(row["knn_graph_ms_per_image"] * n / 60e3, 1)
+        if args.save:
+            np.savez(args.save, ids=ids, sims=sims)
+        if args.against:
+            with np.load(args.against) as z:
+                row["same_ids"] = float(np.mean(z["ids"] == ids))
+                row["max_sim_difference"] = float(np.max(np.abs(z["sims"] - sims)))
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
