@@ -260,3 +260,13 @@ def test_a_failing_peer_is_a_row(synthetic, monkeypatch):
     rows = run_peers(synthetic, ["fast-plaid", "numpy-maxsim"], QUERIES[:1], isolate=False, log=lambda _: None)
     assert rows[0]["skipped"].startswith("failed: FileNotFoundError") and rows[0]["p50_ms"] is None
     assert rows[1]["agreement_at_10"] == 1.0
+
+
+def test_row_summary_says_what_was_measured_or_why_not():
+    from finegrain.bench.peers import row_summary
+
+    measured = {"system": "numpy-maxsim", "mode": "maxsim", "p50_ms": 12.34, "p95_ms": 20.0, "agreement_at_10": 1.0,
+                "build_s": None}
+    assert row_summary(measured) == "  numpy-maxsim maxsim: p50 12.3 ms, p95 20.0 ms, agreement@10 1.000, build n/a s"
+    skipped = {"system": "qdrant-server", "mode": "maxsim", "p50_ms": None, "skipped": "no server here"}
+    assert row_summary(skipped) == "  qdrant-server maxsim: skipped (no server here)"

@@ -880,6 +880,7 @@ def run_peers(index_path: Path, names: Sequence[str], texts: Sequence[str], k: i
             for row in in_child(measure_finegrain_search, *args0) if isolate else measure_finegrain_search(*args0):
                 rows.append({"images": n_images, **row, "disk_bytes_per_image": disk_bytes / n_images,
                              "build_s": build_s, "encode_ms_p50": encode, "queries": len(texts)})
+                log(row_summary(rows[-1]))
         for name in names:
             log(f"{n_images:,} images: peer {name}")
             options: dict[str, Any] = {}
@@ -901,6 +902,19 @@ def run_peers(index_path: Path, names: Sequence[str], texts: Sequence[str], k: i
                            build_s=None)
                 row.setdefault("skipped", row.get("error"))
             rows.append({"images": n_images, **row, "queries": len(texts)})
+            log(row_summary(rows[-1]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def row_summary(row: dict) -> str:
+    """One line of a measured row, logged as soon as it is known (a long peers run shows its results as it goes)."""
+    head = f"  {row['system']} {row['mode']}: "
+    if row.get("p50_ms") is None:
+        return head + f"skipped ({row.get('skipped')})"
+    agreement = row.get("agreement_at_10")
+    build = row.get("build_s")
+    return head + (f"p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, agreement@10 "
+                   f"{'n/a' if agreement is None else format(agreement, '.3f')}, "
+                   f"build {'n/a' if build is None else format(build, '.0f')} s")
