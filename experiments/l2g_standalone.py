@@ -322,7 +322,7 @@ def main(argv=None) -> dict:
             short = order[:cfg.k]
             pairs = None
             if args.pairs == "online":
-                pairs = online_pairs(short, db, G_db[short])
+                pairs = online_pairs([db.image(int(i)) for i in short], G_db[short])
             elif args.pairs == "none":
                 pairs = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
             res = l2g_rerank(scores[short], short, G_q[qi], G_db[short], cfg, graph=graph, pairs=pairs)

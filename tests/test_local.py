@@ -520,6 +520,23 @@ def test_l2g_paper_variant_runs_with_its_fusion(monkeypatch):
     assert int((~np.isnan(seen["query_row"])).sum()) == 10 and "fused" not in seen
 
 
+def test_online_pairs_are_exact_chamfer_with_the_global_neighbours():
+    rng = np.random.default_rng(4)
+    sets = [_unit(rng.standard_normal((n, 16))) for n in (30, 5, 0, 12, 40)]
+    g = _unit(rng.standard_normal((5, 8)))
+    a, b, s = mds.online_pairs(sets, g, m=2, max_features=10)
+    sim = g @ g.T
+    np.fill_diagonal(sim, -np.inf)
+    assert len(a) == 10 and np.array_equal(a, np.repeat(np.arange(5), 2))
+    for i in range(5):
+        assert set(b[a == i]) == set(np.argsort(-sim[i])[:2])
+    for i, j, v in zip(a, b, s):
+        assert v == pytest.approx(ch.chamfer_similarity(sets[i][:10], sets[j][:10]), abs=1e-6)
+    assert mds.online_pairs(sets[:1], g[:1])[0].size == 0  # one image: no pairs
+    with pytest.raises(ValueError, match="pairs"):
+        mds.L2GConfig(pairs="nearby")
+
+
 # --------------------------------------------------------------------------- index integration
 @pytest.fixture(scope="module")
 def local_index(tmp_path_factory, photos_dir):
@@ -584,6 +601,24 @@ def test_l2g_paper_variant_through_search(local_index):
     assert names[0] in {f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"}, names
     with pytest.raises(ValueError, match="variant"):
         index.search(image=photos[0], mode="l2g", variant="fire")
+
+
+def test_l2g_online_pairs_build_no_graph(local_index, monkeypatch):
+    from finegrain.local.search import LocalSearcher
+
+    index, photos = local_index
+
+    def no_graph(self, show_progress=False):
+        raise AssertionError("the neighbour graph was asked for")
+
+    monkeypatch.setattr(LocalSearcher, "graph", no_graph)
+    opts = {"k": len(index), "shortlist": 5, "mds_dim": 4, "smacof_iter": 50, "w": 0.19, "sg_k": 1}
+    hits = index.search(image=photos[0], mode="l2g", pairs="online", pair_neighbors=3, **opts)
+    assert len(hits) == len(index) and hits.timings["rerank_ms"] >= 0
+    names = [h.path.rsplit("/", 1)[-1] for h in hits]
+    assert names[0] in {f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"}, names
+    with pytest.raises(AssertionError, match="graph"):  # the default pairs do read the graph
+        index.search(image=photos[0], mode="l2g", **opts)
 
 
 def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):

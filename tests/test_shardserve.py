@@ -44,6 +44,8 @@ def test_every_exact_mode_equals_one_index(built):
         got = sharded.search(image=image, k=3, mode="l2g", **shape)
         same_hits(got, whole.search(image=image, k=3, mode="l2g", **shape), "l2g")
         assert {h.shard for h in sharded.search(image=image, k=6, mode="l2g", **shape)} <= {0, 1}
+    with pytest.raises(ValueError, match="pairs='online' works on one index"):  # not silently the graph's pairs
+        sharded.search(image=image, k=3, mode="l2g", pairs="online")
     # the hits' explanations come from the shard that holds each one
     response = sharded.search(text="a cat", k=6, mode="hierarchical")
     explained = sharded.explain(list(response), response_query := whole_query("a cat"), mode="hierarchical", k=6)

@@ -105,14 +105,18 @@ def _local_config(local: Optional[str], scales: Optional[str], features: Optiona
 
 
 def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank=None,
-                          variant=None) -> dict:
+                          variant=None, pairs=None) -> dict:
     """Search options of the local-feature modes given on the command line (unset ones left out)."""
     opts = {"shortlist": shortlist, "mds_dim": mds_dim, "smacof_iter": smacof_iter, "w": w, "knn": knn,
-            "global_field": global_field, "exact_rerank": exact_rerank, "variant": variant}
+            "global_field": global_field, "exact_rerank": exact_rerank, "variant": variant, "pairs": pairs}
     return {key: v for key, v in opts.items() if v is not None}
 
 
 #: ``--variant`` of the search and bench commands: which L2G re-ranking (``L2GConfig.variant``, docs/l2g.md).
+#: ``--pairs`` of the search and bench commands (``L2GConfig.pairs``, docs/l2g.md).
+PAIRS_HELP = ("l2g: where the shortlist's pairwise similarities come from: graph (default, the paper's: each image's "
+              "stored neighbour list, built on the first l2g search after a change, about an hour at 100,000 images) "
+              "or online (measured at query time between global-descriptor neighbours: nothing to build first).")
 L2G_VARIANT_HELP = ("l2g: paper (default, as published: weighted vector average, w 0.19, k 700, every known query "
                     "score) or finegrain (cosine fusion, w 0.9, k 100, the query's 10 best scores: about 5x "
                     "cheaper, less accurate); --w/--shortlist still override it.")
@@ -470,6 +474,7 @@ def search_cmd(
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
@@ -527,7 +532,7 @@ def search_cmd(
     if idx is None:
         idx = _open_ray_set(index, ray_address) if ray else _open_index(index, shard_set_ok=True, note_read_only=True)
     options = _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
-                                    _l2g_variant(variant, mode))
+                                    _l2g_variant(variant, mode), pairs)
     if dim is not None:
         options["dim"] = dim
     if candidates is not None:
@@ -1145,6 +1150,7 @@ def bench_revisitop_cmd(
     knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
     exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
     variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
@@ -1179,7 +1185,7 @@ def bench_revisitop_cmd(
                                index_only=index_only,
                                local=_local_config(local, local_scales, local_features, local_image_size),
                                **_local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field, exact_rerank,
-                                                       _l2g_variant(variant, mode)))
+                                                       _l2g_variant(variant, mode), pairs))
     except (FileNotFoundError, ValueError, UnsafePickleError) as exc:
         _fail(str(exc), 2)
     if index_only:

@@ -52,7 +52,8 @@ BASELINES: tuple[tuple[str, str, dict], ...] = (
 
 
 def setting_name(options: dict) -> str:
-    return f"variant={options['variant']} w={options['w']:g} k={options['shortlist']}"
+    extra = "".join(f" {key}={value}" for key, value in options.items() if key not in ("variant", "w", "shortlist"))
+    return f"variant={options['variant']} w={options['w']:g} k={options['shortlist']}{extra}"
 
 
 def run_revisitop_folds(data: str | Path, gnd: str | Path | None = None, distractors: str | Path | None = None,

@@ -22,8 +22,9 @@ ids, best first:
     ``local``, then the top ``k`` are re-ranked by
     :func:`~finegrain.rerank.mds.l2g_rerank`: sparse pairwise Chamfer
     similarities (the query's search scores; between shortlist images their
-    stored neighbour lists), missing pairs = 1, SMACOF embedding, fusion with
-    the global descriptor (weight ``w``), SuperGlobal re-ranking.
+    stored neighbour lists, or with ``pairs="online"`` pairs measured at query
+    time), missing pairs = 1, SMACOF embedding, fusion with the global
+    descriptor (weight ``w``), SuperGlobal re-ranking.
 
 Images after the re-ranked shortlist keep the first stage's order (and
 score scale), so asking for every image gives a complete ranking.
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from ..progress import progress_bar
-from ..rerank.mds import L2GConfig, l2g_rerank
+from ..rerank.mds import L2GConfig, l2g_rerank, online_pairs
 from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
 
@@ -409,9 +410,11 @@ class LocalSearcher:
                 return all_scores[cand], cand, timings
             if mode == "l2g" and len(cand):
                 head = cand[: cfg.k]
-                graph = self.graph()
+                graph = self.graph() if cfg.pairs == "graph" else None
                 t2 = time.perf_counter()
-                res = l2g_rerank(all_scores[head], head, gq, G[head], cfg, graph=graph)
+                pairs = None if graph is not None else online_pairs(
+                    [self.db.image(int(p)) for p in head], G[head], cfg.pair_neighbors, cfg.pair_features)
+                res = l2g_rerank(all_scores[head], head, gq, G[head], cfg, graph=graph, pairs=pairs)
                 order = np.concatenate([res.ids, order[len(head):]])
                 scores = np.concatenate([res.scores, scores[len(head):]])
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3

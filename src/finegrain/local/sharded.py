@@ -159,6 +159,9 @@ def search(sharded: ShardedIndex, query: Query, k: int, options: dict[str, Any],
 
     LocalParams.from_options(options, mode="l2g")  # bad options fail before any shard works
     cfg, _ = split_options({key: v for key, v in options.items() if v is not None})
+    if cfg.pairs != "graph":  # the shortlist's descriptors live on the shards; the set's graph is the one path
+        raise ValueError("pairs='online' works on one index; a shard set re-ranks with its stored neighbour graph "
+                         "(pairs='graph')")
     depth = max(int(cfg.k or 0), offset + k if sort == "score" else filtering.DATE_SORT_DEPTH)
     flt = None if filters.empty else filters
     parts, missing = sharded.gather(lambda s: s.l2g_candidates(query, depth, filters=flt, **options))

@@ -7,10 +7,9 @@ After a local (Chamfer) search returns the top ``k`` images for a query:
    constant number per point: the query's ``query_neighbors`` best search
    scores; between shortlist images the pairs in each image's stored local
    neighbour list (its top-``m`` images by Chamfer similarity, computed once
-   at indexing time, :func:`finegrain.local.chamfer.knn_graph`). Optionally (``pairs="online"``)
-   the pairs are instead chosen
-   by the global descriptor and measured at query time on truncated
-   descriptor sets (:func:`online_pairs`).
+   per index state on first use, :func:`finegrain.local.chamfer.knn_graph`). With ``pairs="online"``
+   the pairs are instead chosen by the global descriptor and measured at query time on truncated
+   descriptor sets (:func:`online_pairs`), so no graph is built.
 2. **Dissimilarities** ``d = 1 - s`` (after an optional floor: similarities
    at or below ``sim_floor`` become 1); a pair known from both sides takes
    the mean; **unknown pairs are 1** (the paper's completion).
@@ -47,6 +46,7 @@ the default (two-fold landmark protocol, docs/benchmarks.md). Fields left at
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "finegrain": {"k": 100, "w": 0.9, "query_neighbors": 10, "fusion": "cosine"},
     "paper": {"k": 700, "w": 0.19, "query_neighbors": None, "fusion": "average"},
 }
+
+#: Where L2G's shortlist pairs come from (``L2GConfig.pairs``).
+PAIRS = ("graph", "online")
 #: ``query_neighbors`` default: the variant's (10 for ``finegrain``, all for ``paper``).
 VARIANT_DEFAULT = "variant"
 
@@ -147,6 +150,16 @@ class L2GConfig:
         BLAS threads while re-ranking (the matrices are a few hundred wide:
         more threads only add synchronisation, badly so on a busy machine);
         None leaves the setting alone.
+    pairs : {"graph", "online"}
+        Where the shortlist's pairwise similarities come from. ``graph`` (default, the paper's): the stored
+        neighbour lists, built once per index state (:func:`~finegrain.local.chamfer.knn_graph`: one
+        approximate Chamfer search per database image, about an hour at 100,000 images on 2 cores).
+        ``online``: measured at query time (:func:`online_pairs`), so nothing is built first: each shortlist
+        image with its ``pair_neighbors`` nearest shortlist images by the global descriptor, by exact Chamfer
+        on the ``pair_features`` strongest descriptors of each (an approximation of the graph's pairs; its
+        cost on landmark retrieval is in docs/l2g.md).
+    pair_neighbors, pair_features : int
+        ``pairs="online"``: pairs per shortlist image, and descriptors per image in their Chamfer.
     seed : int
     """
 
@@ -168,6 +181,9 @@ class L2GConfig:
     seed: int = 0
     variant: str = "paper"
     fusion: str | None = None
+    pairs: str = "graph"
+    pair_neighbors: int = 8
+    pair_features: int = 256
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -198,6 +214,10 @@ class L2GConfig:
             raise ValueError("init must be 'classical' or 'random'")
         if self.solver not in ("numpy", "sklearn"):
             raise ValueError("solver must be 'numpy' or 'sklearn'")
+        if self.pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {self.pairs!r}")
+        if self.pair_neighbors < 1 or self.pair_features < 1:
+            raise ValueError("pair_neighbors and pair_features must be positive")
 
 
 @dataclass
@@ -235,23 +255,34 @@ def graph_pairs(shortlist: np.ndarray, graph_ids: np.ndarray, graph_sims: np.nda
     return a[keep], b[keep], sims[a, c][keep]
 
 
-def online_pairs(shortlist: np.ndarray, db, global_shortlist: np.ndarray, m: int = 8,
+def online_pairs(descriptors: Sequence[np.ndarray], global_shortlist: np.ndarray, m: int = 8,
                  max_features: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs chosen at query time: each shortlist image with its ``m`` nearest shortlist images by the global
-    descriptor, scored by exact Chamfer on each image's ``max_features`` strongest descriptors."""
-    from ..local.chamfer import chamfer_similarity
-
+    """Pairs measured at query time (``L2GConfig(pairs="online")``): each shortlist image with its ``m``
+    nearest shortlist images by the global descriptor, scored by exact Chamfer on each image's
+    ``max_features`` strongest descriptors (``descriptors[i]``: shortlist image i's, strongest first).
+    Returns ``(a, b, s)`` as :func:`graph_pairs`."""
     g = np.asarray(global_shortlist, np.float32)
+    k = len(g)
+    m = min(int(m), k - 1)
+    if m < 1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     sim = g @ g.T
     np.fill_diagonal(sim, -np.inf)
-    nbr = np.argsort(-sim, axis=1)[:, :m]
+    nbr = np.argsort(-sim, axis=1, kind="stable")[:, :m]
+    sets = [np.ascontiguousarray(d[:max_features], np.float32) for d in descriptors]
     a, b, s = [], [], []
     for i, row in enumerate(nbr):
-        qi = db.image(int(shortlist[i]))[:max_features]
-        for j in row:
-            a.append(i)
-            b.append(int(j))
-            s.append(chamfer_similarity(qi, db.image(int(shortlist[j]))[:max_features]))
+        targets = [j for j in row if len(sets[j])]
+        a += [i] * len(row)
+        b += [int(j) for j in row]
+        if not len(sets[i]) or not targets:
+            s += [0.0] * len(row)
+            continue
+        # one product against the neighbours' sets side by side, then each set's best match per descriptor
+        starts = np.cumsum([0] + [len(sets[j]) for j in targets[:-1]])
+        best = np.maximum.reduceat(sets[i] @ np.concatenate([sets[j] for j in targets]).T, starts, axis=1)
+        chamfer = dict(zip(targets, best.mean(axis=0).tolist()))
+        s += [chamfer.get(int(j), 0.0) for j in row]
     return np.array(a, np.int64), np.array(b, np.int64), np.array(s, np.float32)
 
 
