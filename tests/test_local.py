@@ -37,6 +37,8 @@ def test_exact_chamfer_matches_brute_force():
     assert ch.chamfer_similarity(q, sets[2]) == pytest.approx(brute[2], rel=1e-5)
     assert ch.chamfer_similarity(q, sets[1]) == 0.0
     assert np.all(ch.chamfer_scores(np.zeros((0, 16), np.float32), db) == 0)
+    np.testing.assert_array_equal(db.image(2, limit=5), sets[2][:5])  # the strongest 5 only
+    assert len(db.image(3, limit=5)) == 1 and len(db.image(1, limit=5)) == 0
 
 
 def _synthetic_collection(rng, n_groups=20, group_size=20, per_image=60, dim=32, words_per_group=80):

@@ -136,9 +136,11 @@ class LocalDatabase:
             out = out * self.scale + self.offset
         return out
 
-    def image(self, i: int) -> np.ndarray:
-        """Image ``i``'s descriptors, float32 (a view of the rows when they are float32, else decoded)."""
-        rows = self.descriptors[self.offsets[i]:self.offsets[i + 1]]
+    def image(self, i: int, limit: int | None = None) -> np.ndarray:
+        """Image ``i``'s descriptors, float32 (a view of the rows when they are float32, else decoded); with
+        ``limit``, only its first (strongest) ``limit``, and only those decoded."""
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        rows = self.descriptors[start:stop if limit is None else min(stop, start + int(limit))]
         return rows if not self.compact else self.decode(rows)
 
     def stored_image(self, i: int) -> np.ndarray:

@@ -413,7 +413,8 @@ class LocalSearcher:
                 graph = self.graph() if cfg.pairs == "graph" else None
                 t2 = time.perf_counter()
                 pairs = None if graph is not None else online_pairs(
-                    [self.db.image(int(p)) for p in head], G[head], cfg.pair_neighbors, cfg.pair_features)
+                    [self.db.image(int(p), cfg.pair_features) for p in head], G[head], cfg.pair_neighbors,
+                    cfg.pair_features)
                 res = l2g_rerank(all_scores[head], head, gq, G[head], cfg, graph=graph, pairs=pairs)
                 order = np.concatenate([res.ids, order[len(head):]])
                 scores = np.concatenate([res.scores, scores[len(head):]])

@@ -153,13 +153,17 @@ class L2GConfig:
     pairs : {"graph", "online"}
         Where the shortlist's pairwise similarities come from. ``graph`` (default, the paper's): the stored
         neighbour lists, built once per index state (:func:`~finegrain.local.chamfer.knn_graph`: one
-        approximate Chamfer search per database image, about an hour at 100,000 images on 2 cores).
+        approximate Chamfer search per database image: 43 minutes at 10,000 images of 970 descriptors on
+        2 cores, docs/benchmarks.md).
         ``online``: measured at query time (:func:`online_pairs`), so nothing is built first: each shortlist
         image with its ``pair_neighbors`` nearest shortlist images by the global descriptor, by exact Chamfer
-        on the ``pair_features`` strongest descriptors of each (an approximation of the graph's pairs; its
-        cost on landmark retrieval is in docs/l2g.md).
+        on the ``pair_features`` strongest descriptors of each. **Much less accurate**: class mAP 83 / 82
+        against the graph's 96 / 96 on the two landmark folds with 1,000 distractors, below the GeM global
+        alone (docs/l2g.md, "Pairs without the graph"); for a first look at a collection whose graph is not
+        built yet, not for results.
     pair_neighbors, pair_features : int
-        ``pairs="online"``: pairs per shortlist image, and descriptors per image in their Chamfer.
+        ``pairs="online"``: pairs per shortlist image, and descriptors per image in their Chamfer (4 and 64:
+        the one setting measured, not tuned).
     seed : int
     """
 
@@ -182,8 +186,8 @@ class L2GConfig:
     variant: str = "paper"
     fusion: str | None = None
     pairs: str = "graph"
-    pair_neighbors: int = 8
-    pair_features: int = 256
+    pair_neighbors: int = 4
+    pair_features: int = 64
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -255,8 +259,8 @@ def graph_pairs(shortlist: np.ndarray, graph_ids: np.ndarray, graph_sims: np.nda
     return a[keep], b[keep], sims[a, c][keep]
 
 
-def online_pairs(descriptors: Sequence[np.ndarray], global_shortlist: np.ndarray, m: int = 8,
-                 max_features: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def online_pairs(descriptors: Sequence[np.ndarray], global_shortlist: np.ndarray, m: int = 4,
+                 max_features: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs measured at query time (``L2GConfig(pairs="online")``): each shortlist image with its ``m``
     nearest shortlist images by the global descriptor, scored by exact Chamfer on each image's
     ``max_features`` strongest descriptors (``descriptors[i]``: shortlist image i's, strongest first).
