@@ -373,6 +373,12 @@ class ApproxChamfer:
             qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
             return qi, self.rows[ids.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
         D, ids = self.neighbours(q)
+        D, valid, fill = self._kernel_lists(D, ids)
+        qi = np.nonzero(valid)[0]
+        return qi, ids[valid], D[valid], fill
+
+    def _kernel_lists(self, D: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbour lists ``(D, ids)`` -> (kernel similarities, which entries count, each descriptor's fill)."""
         D = match_kernel(D, self.threshold)
         valid = ids >= 0
         if self.threshold is not None:
@@ -381,9 +387,8 @@ class ApproxChamfer:
             full = (ids >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
             fill = np.where(full, D[:, -1], 0.0).astype(np.float32)
         else:
-            fill = np.zeros(len(q), np.float32)
-        qi = np.nonzero(valid)[0]
-        return qi, ids[valid], D[valid], fill
+            fill = np.zeros(len(D), np.float32)
+        return D, valid, fill
 
     def score_all(self, query) -> tuple[np.ndarray, np.ndarray]:
         """Approximate Chamfer score of every database image, and whether the image was reached at all.
@@ -420,15 +425,7 @@ class ApproxChamfer:
         that image in its list: a stable sort of each row by image finds it without a global sort.
         """
         n = self.db.n_images
-        D = match_kernel(D, self.threshold)
-        valid = ids >= 0
-        if self.threshold is not None:
-            valid &= D > 0  # matches below the threshold count nothing
-        if self.fill == "kth":
-            full = (ids >= 0).all(axis=1)  # a complete list: its last entry bounds everything not in it
-            fill = np.where(full, D[:, -1], 0.0).astype(np.float32)
-        else:
-            fill = np.zeros(len(D), np.float32)
+        D, valid, fill = self._kernel_lists(D, ids)
         owner = np.where(valid, self.db.owners[np.maximum(ids, 0)], n)  # n: no image
         by_image = np.argsort(owner, axis=1, kind="stable")
         image = np.take_along_axis(owner, by_image, axis=1)
