@@ -112,12 +112,12 @@ def _local_search_options(shortlist, mds_dim, smacof_iter, w, knn, global_field,
     return {key: v for key, v in opts.items() if v is not None}
 
 
-#: ``--variant`` of the search and bench commands: which L2G re-ranking (``L2GConfig.variant``, docs/l2g.md).
 #: ``--pairs`` of the search and bench commands (``L2GConfig.pairs``, docs/l2g.md).
 PAIRS_HELP = ("l2g: where the shortlist's pairwise similarities come from: graph (default, the paper's: each image's "
               "stored neighbour list, built on the first l2g search after a change; 43 minutes at 10,000 images of "
               "970 descriptors on 2 cores) or online (measured at query time, nothing built first, but far less "
               "accurate: class mAP 83 against 96 on landmarks, docs/l2g.md).")
+#: ``--variant`` of the search and bench commands: which L2G re-ranking (``L2GConfig.variant``, docs/l2g.md).
 L2G_VARIANT_HELP = ("l2g: paper (default, as published: weighted vector average, w 0.19, k 700, every known query "
                     "score) or finegrain (cosine fusion, w 0.9, k 100, the query's 10 best scores: about 5x "
                     "cheaper, less accurate); --w/--shortlist still override it.")

@@ -482,8 +482,8 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.n
               max_query_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each database image's ``m`` best other images by approximate Chamfer (the image itself as query).
 
-    Query-independent, so it is computed once at indexing time and stored per
-    image; L2G reads the shortlist's pairwise similarities from it.
+    Query-independent, so it is computed once per index state (on the first ``l2g`` search, cached in
+    ``ann/``); L2G reads the shortlist's pairwise similarities from it.
     Returns ``(ids (n, m) int64 with -1 padding, sims (n, m) float32)``.
     """
     db = searcher.db

@@ -265,6 +265,8 @@ def online_pairs(descriptors: Sequence[np.ndarray], global_shortlist: np.ndarray
     nearest shortlist images by the global descriptor, scored by exact Chamfer on each image's
     ``max_features`` strongest descriptors (``descriptors[i]``: shortlist image i's, strongest first).
     Returns ``(a, b, s)`` as :func:`graph_pairs`."""
+    from ..local.chamfer import LocalDatabase, chamfer_scores
+
     g = np.asarray(global_shortlist, np.float32)
     k = len(g)
     m = min(int(m), k - 1)
@@ -273,21 +275,9 @@ def online_pairs(descriptors: Sequence[np.ndarray], global_shortlist: np.ndarray
     sim = g @ g.T
     np.fill_diagonal(sim, -np.inf)
     nbr = np.argsort(-sim, axis=1, kind="stable")[:, :m]
-    sets = [np.ascontiguousarray(d[:max_features], np.float32) for d in descriptors]
-    a, b, s = [], [], []
-    for i, row in enumerate(nbr):
-        targets = [j for j in row if len(sets[j])]
-        a += [i] * len(row)
-        b += [int(j) for j in row]
-        if not len(sets[i]) or not targets:
-            s += [0.0] * len(row)
-            continue
-        # one product against the neighbours' sets side by side, then each set's best match per descriptor
-        starts = np.cumsum([0] + [len(sets[j]) for j in targets[:-1]])
-        best = np.maximum.reduceat(sets[i] @ np.concatenate([sets[j] for j in targets]).T, starts, axis=1)
-        chamfer = dict(zip(targets, best.mean(axis=0).tolist()))
-        s += [chamfer.get(int(j), 0.0) for j in row]
-    return np.array(a, np.int64), np.array(b, np.int64), np.array(s, np.float32)
+    short = LocalDatabase.from_features([d[:max_features] for d in descriptors])  # empty sets score 0
+    s = np.concatenate([chamfer_scores(short.image(i), short, row) for i, row in enumerate(nbr)])
+    return np.repeat(np.arange(k, dtype=np.int64), m), nbr.ravel().astype(np.int64), s.astype(np.float32)
 
 
 def dissimilarity_matrix(query_sims: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray,
