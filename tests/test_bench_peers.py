@@ -262,6 +262,28 @@ def test_a_failing_peer_is_a_row(synthetic, monkeypatch):
     assert rows[1]["agreement_at_10"] == 1.0
 
 
+def test_fast_plaid_index_is_reused_from_the_cache(synthetic, tmp_path):
+    """A finished fast-plaid build is kept under the cache and reused (same ranking, the first build's seconds)."""
+    from finegrain.bench.peers import PeerSkipped, fastplaid_python
+
+    try:
+        fastplaid_python(None, False)  # FINEGRAIN_FASTPLAID_PYTHON, or a virtualenv made by an earlier bench
+    except PeerSkipped as exc:
+        pytest.skip(f"fast-plaid's virtualenv is not here (about 3 GB, made by bench scale --peers): {exc}")
+    first, second = (run_peers(synthetic, ["fast-plaid"], QUERIES[:3], isolate=False, log=lambda _: None,
+                               cache_dir=tmp_path)[0] for _ in range(2))
+    assert first["agreement_at_10"] is not None, first.get("skipped")
+    assert not first["build_reused"] and second["build_reused"]
+    assert second["build_s"] == first["build_s"] and second["agreement_at_10"] == first["agreement_at_10"]
+    assert second["disk_bytes_per_image"] == first["disk_bytes_per_image"] > 0
+    built = list((tmp_path / "peers" / "fast-plaid-index").glob("*/finegrain-built.json"))
+    assert len(built) == 1
+    # a half-finished build (no marker) is never reused: the next run builds again
+    built[0].unlink()
+    third = run_peers(synthetic, ["fast-plaid"], QUERIES[:3], isolate=False, log=lambda _: None, cache_dir=tmp_path)[0]
+    assert not third["build_reused"] and third["agreement_at_10"] == first["agreement_at_10"]
+
+
 def test_row_summary_says_what_was_measured_or_why_not():
     from finegrain.bench.peers import row_summary
 

@@ -27,6 +27,7 @@ on each peer row says how much of those that is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -252,6 +253,10 @@ class Peer:
 
     def rss_mb(self) -> float | None:
         return None  # None: this process's peak
+
+    def own_bytes(self) -> int:
+        """The bytes of the engine's own files (the work folder)."""
+        return _dir_bytes(self.workdir)
 
     def close(self) -> None:
         pass
@@ -503,30 +508,69 @@ class FastPlaidPeer(Peer):
             rows = SegmentRows(index.snapshot)
             # PLAID packs (dim * nbits) bits per vector into bytes: zero columns pad the dim to a multiple of 8
             pad = -(rows.dim + 1) % 8
-            # PLAID assumes unit vectors (its centroids are normalised): every MaxSim-form row has norm sqrt(2),
-            # so dividing them all by it changes no ranking
-            for first, docs, offsets in rows.blocks(5_000):
-                unit = docs / np.float32(math.sqrt(2.0))
-                np.save(self.workdir / f"docs-{first:09d}.npy", np.pad(unit, ((0, 0), (0, pad))))
-                np.save(self.workdir / f"docs-{first:09d}-offsets.npy", offsets)
+            index_dir, fingerprint = self.index_dir(index_path, index.snapshot.rows_generation, rows)
+            if not self.reusable(index_dir, fingerprint):
+                # PLAID assumes unit vectors (its centroids are normalised): every MaxSim-form row has norm
+                # sqrt(2), so dividing them all by it changes no ranking
+                for first, docs, offsets in rows.blocks(5_000):
+                    unit = docs / np.float32(math.sqrt(2.0))
+                    np.save(self.workdir / f"docs-{first:09d}.npy", np.pad(unit, ((0, 0), (0, pad))))
+                    np.save(self.workdir / f"docs-{first:09d}-offsets.npy", offsets)
         qs = [np.pad(maxsim.scaled(*self.query(i)), ((0, 0), (0, pad))) for i in range(len(self.prep))]
         np.savez(self.workdir / "queries.npz", vectors=np.concatenate(qs),
                  offsets=np.concatenate([[0], np.cumsum([len(q) for q in qs])]))
         runner = Path(__file__).with_name("fastplaid_runner.py")
         knobs = ["--nbits", str(self.nbits), "--n-ivf-probe", str(self.n_ivf_probe),
-                 "--n-full-scores", str(self.n_full_scores)]
+                 "--n-full-scores", str(self.n_full_scores), "--index-dir", str(index_dir)]
+        if fingerprint is not None:
+            knobs += ["--fingerprint", fingerprint]
         if (self.nbits, self.n_ivf_probe, self.n_full_scores) != (4, 8, 4096):
             self.native = (f"fast-plaid (PLAID: {self.nbits}-bit residuals, IVF probe {self.n_ivf_probe}, "
                            f"{self.n_full_scores} full scores), CPU, own virtualenv with torch 2.11, dot product")
-        proc = subprocess.run([str(python), str(runner), str(self.workdir), str(self.k), *knobs], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+        # the build's progress goes to a log beside its index (an hour at 100,000 images): tail it to follow
+        with open(index_dir.with_name(index_dir.name + ".log"), "w") as progress:
+            proc = subprocess.run([str(python), str(runner), str(self.workdir), str(self.k), *knobs],
+                                  stdout=progress, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONNOUSERSITE": "1"})
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"fast-plaid runner failed (exit {proc.returncode}): {tail[0]}")
         self.result = json.loads((self.workdir / "result.json").read_text())
         for block in self.workdir.glob("docs-*.npy"):  # the export is not fast-plaid's storage
             block.unlink()
-        self.info.update(torch=self.result["torch"], fast_plaid=self.result["fast_plaid"])
+        self.info.update(torch=self.result["torch"], fast_plaid=self.result["fast_plaid"],
+                         build_reused=bool(self.result.get("build_reused")))
+
+    def own_bytes(self) -> int:
+        return int(self.result["index_bytes"])  # its index may live in the cache, outside the work folder
+
+    def index_dir(self, index_path: str, generation: int, rows: SegmentRows) -> tuple[Path, str | None]:
+        """Where fast-plaid's index lives, and the fingerprint that lets a later run reuse it.
+
+        With a cache folder: ``CACHE/peers/fast-plaid-index/KEY``, KEY naming the finegrain index (its path,
+        the generation of its rows, its size) and the build's knobs, so a changed index is never reused.
+        Without one: inside the peer's work folder, removed after the run (nothing to reuse).
+        """
+        if self.cache_dir is None:
+            return self.workdir / "index", None
+        fingerprint = json.dumps({"index": str(Path(index_path).resolve()), "generation": generation,
+                                  "images": rows.n, "rows": rows.n_rows, "dim": rows.dim, "nbits": self.nbits,
+                                  "blocks": 5_000, "fast_plaid": FAST_PLAID}, sort_keys=True)
+        key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        folder = Path(self.cache_dir) / "peers" / "fast-plaid-index"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / key, fingerprint
+
+    @staticmethod
+    def reusable(index_dir: Path, fingerprint: str | None) -> bool:
+        """Whether a finished fast-plaid build with this fingerprint is in ``index_dir`` (the runner's marker)."""
+        marker = index_dir / "finegrain-built.json"
+        if fingerprint is None or not marker.exists():
+            return False
+        try:
+            return bool(json.loads(marker.read_text()).get("fingerprint") == fingerprint)
+        except (OSError, ValueError):
+            return False
 
     def search(self, i: int) -> np.ndarray:
         return np.asarray(self.result["ranked"][i], np.int64)
@@ -718,7 +762,7 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
         row.update(p50_ms=float(np.percentile(latencies, 50)), p95_ms=float(np.percentile(latencies, 95)),
                    agreement_at_10=agreement(ranked, ref, k), rss_mb=_rss_peak_mb() if rss is None else rss,
                    build_s=build_s, exact=peer.exact, native=peer.native, storage=peer.storage,
-                   own_disk_bytes=_dir_bytes(work), **quality(ranked, prep.targets), **peer.info)
+                   own_disk_bytes=peer.own_bytes(), **quality(ranked, prep.targets), **peer.info)
     except PeerSkipped as exc:
         row["skipped"] = str(exc)
     except Exception as exc:  # a peer that fails is a row too (its error), never a crashed bench
@@ -917,4 +961,5 @@ def row_summary(row: dict) -> str:
     build = row.get("build_s")
     return head + (f"p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, agreement@10 "
                    f"{'n/a' if agreement is None else format(agreement, '.3f')}, "
-                   f"build {'n/a' if build is None else format(build, '.0f')} s")
+                   f"build {'n/a' if build is None else format(build, '.0f')} s"
+                   + (" (an earlier run's, reused)" if row.get("build_reused") else ""))
