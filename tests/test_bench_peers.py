@@ -278,6 +278,9 @@ def test_fast_plaid_index_is_reused_from_the_cache(synthetic, tmp_path):
     assert second["disk_bytes_per_image"] == first["disk_bytes_per_image"] > 0
     built = list((tmp_path / "peers" / "fast-plaid-index").glob("*/finegrain-built.json"))
     assert len(built) == 1
+    # the log beside the index keeps the build's progress after a run that reused it
+    log = built[0].parent.with_name(built[0].parent.name + ".log").read_text()
+    assert "block 1/" in log and "reusing the finished index" in log
     # a half-finished build (no marker) is never reused: the next run builds again
     built[0].unlink()
     third = run_peers(synthetic, ["fast-plaid"], QUERIES[:3], isolate=False, log=lambda _: None, cache_dir=tmp_path)[0]

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if reused:
         plaid = fp_search.FastPlaid(index=str(index_dir), device="cpu")
         build_s = float(built["build_s"])
+        print(f"fast-plaid: reusing the finished index ({build_s:.0f} s build)", flush=True)
     else:
         marker.unlink(missing_ok=True)  # a build stopped half-way must never be taken for a finished one
         blocks = sorted(p for p in work.glob("docs-*.npy") if not p.name.endswith("-offsets.npy"))

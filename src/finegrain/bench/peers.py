@@ -499,6 +499,7 @@ class FastPlaidPeer(Peer):
     create_env = True
     cache_dir: Path | None = None
     nbits, n_ivf_probe, n_full_scores = 4, 8, 4096  # fast-plaid's defaults
+    block_images = 5_000  # images exported (and given to create/update) at a time: one block in memory
 
     def build(self, index_path: str) -> None:
         from ..index import Index
@@ -512,7 +513,7 @@ class FastPlaidPeer(Peer):
             if not self.reusable(index_dir, fingerprint):
                 # PLAID assumes unit vectors (its centroids are normalised): every MaxSim-form row has norm
                 # sqrt(2), so dividing them all by it changes no ranking
-                for first, docs, offsets in rows.blocks(5_000):
+                for first, docs, offsets in rows.blocks(self.block_images):
                     unit = docs / np.float32(math.sqrt(2.0))
                     np.save(self.workdir / f"docs-{first:09d}.npy", np.pad(unit, ((0, 0), (0, pad))))
                     np.save(self.workdir / f"docs-{first:09d}-offsets.npy", offsets)
@@ -527,8 +528,9 @@ class FastPlaidPeer(Peer):
         if (self.nbits, self.n_ivf_probe, self.n_full_scores) != (4, 8, 4096):
             self.native = (f"fast-plaid (PLAID: {self.nbits}-bit residuals, IVF probe {self.n_ivf_probe}, "
                            f"{self.n_full_scores} full scores), CPU, own virtualenv with torch 2.11, dot product")
-        # the build's progress goes to a log beside its index (an hour at 100,000 images): tail it to follow
-        with open(index_dir.with_name(index_dir.name + ".log"), "w") as progress:
+        # the build's progress goes to a log beside its index (an hour at 100,000 images): tail it to follow;
+        # appended to, so a run that reuses the index keeps the build's record
+        with open(index_dir.with_name(index_dir.name + ".log"), "a") as progress:
             proc = subprocess.run([str(python), str(runner), str(self.workdir), str(self.k), *knobs],
                                   stdout=progress, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONNOUSERSITE": "1"})
@@ -555,7 +557,7 @@ class FastPlaidPeer(Peer):
             return self.workdir / "index", None
         fingerprint = json.dumps({"index": str(Path(index_path).resolve()), "generation": generation,
                                   "images": rows.n, "rows": rows.n_rows, "dim": rows.dim, "nbits": self.nbits,
-                                  "blocks": 5_000, "fast_plaid": FAST_PLAID}, sort_keys=True)
+                                  "blocks": self.block_images, "fast_plaid": FAST_PLAID}, sort_keys=True)
         key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         folder = Path(self.cache_dir) / "peers" / "fast-plaid-index"
         folder.mkdir(parents=True, exist_ok=True)
