@@ -118,3 +118,45 @@ def test_filtered_stage_equals_the_filtered_full_scoring_on_its_pool(index, monk
     want = [h for h in full if h.id in pool][:10]
     assert [h.id for h in staged] == [h.id for h in want]
     np.testing.assert_allclose([h.score for h in staged], [h.score for h in want], rtol=1e-5)
+
+
+def test_the_fused_stage_is_the_top_n_of_one_weighted_vector(index):
+    """``stage="fused"``: the top n of ``w q_0 + (1 - w) mean_j q_j`` (one search, not one per query vector)."""
+    snap = index.snapshot
+    q = _unit(np.random.default_rng(3).standard_normal((4, index.encoder.dim)))
+    g = np.asarray(snap.global_rows.vectors)
+    for w in (0.0, 0.5, 0.8):
+        got = mvr.candidate_positions(snap, q, 9, None, "fused", w)
+        fused = w * q[0] + (1 - w) * q.mean(axis=0)
+        assert np.array_equal(got, np.sort(np.argsort(-(g @ fused), kind="stable")[:9]))
+    kept = np.arange(len(snap)) % 3 == 0
+    got = mvr.candidate_positions(snap, q, 5, kept, "fused", 0.5)
+    assert len(got) == 5 and kept[got].all()
+    # an image query is one vector: both policies take its top n
+    assert np.array_equal(mvr.candidate_positions(snap, q[:1], 7, None, "fused"),
+                          mvr.candidate_positions(snap, q[:1], 7))
+
+
+def test_the_stage_policy_is_a_search_option(index):
+    text = "a dog on a red sofa next to a window"
+    snap = index.snapshot
+    _, queries = mvr.query_vectors(snap, Query(text=text), mvr.MultiVectorParams())
+    pool = set(snap.ids[mvr.candidate_positions(snap, queries, 12, None, "fused")].tolist())
+    hits = index.search(text=text, k=10, mode="hierarchical", candidates=12, stage="fused")
+    assert {h.id for h in hits} <= pool and hits.stats.candidates_per_level[0] == 12
+    assert [h.id for h in index.search(text=text, k=10, mode="exhaustive", candidates=79, stage="fused")] == \
+        [h.id for h in index.search(text=text, k=10, mode="exhaustive")]
+    for bad in ("both", 3):
+        with pytest.raises(ValueError, match="stage"):
+            index.search(text=text, mode="hierarchical", candidates=12, stage=bad)
+
+
+def test_cli_stage(index):
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    args = ["search", "--index", str(index.path), "--text", "a red car", "--mode", "hierarchical", "--candidates", "5"]
+    assert CliRunner().invoke(app, [*args, "--stage", "fused", "--json"]).exit_code == 0
+    bad = CliRunner().invoke(app, [*args, "--stage", "everything"])
+    assert bad.exit_code == 2 and "stage must be one of union, fused" in bad.output and "Traceback" not in bad.output

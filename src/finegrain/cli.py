@@ -466,6 +466,7 @@ def search_cmd(
     mode: str = typer.Option("auto", help=MODE_HELP),
     dim: Optional[int] = typer.Option(None, "--dim", help="SS2D-compressed index: search with this nested size (leading DIM dimensions)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and 2,000 above)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="single, exhaustive, hierarchical behind a candidate stage: 'union' (each query vector's own global top N; the default) or 'fused' (the top N of one vector weighting the full query and its sub-queries as the score does: one search)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
     breadth: Optional[int] = typer.Option(None, "--breadth", help="global on an ANN index (HNSW, IVF): how much of the structure one search explores, HNSW's efSearch (default 128) or IVF's lists probed (default lists/16); more is slower and closer to exact."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
@@ -538,6 +539,8 @@ def search_cmd(
         options["dim"] = dim
     if candidates is not None:
         options["candidates"] = candidates
+    if stage is not None:
+        options["stage"] = stage
     if rescore is not None:
         options["rescore"] = rescore
     if breadth is not None:

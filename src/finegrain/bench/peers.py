@@ -778,17 +778,25 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
 def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> tuple[Callable, bool | None]:
     """A function query vectors -> top-``k`` image ids, as ``Index.search`` ranks after encoding; and its exactness."""
     from ..retrieval.dense import search_vectors
-    from ..retrieval.multivector import MultiVectorParams, auto_candidates, candidate_positions, segment_table
+    from ..retrieval.multivector import (
+        MultiVectorParams,
+        MultiVectorRetriever,
+        auto_candidates,
+        candidate_positions,
+        segment_table,
+    )
     from ..search import multivector as mv
 
     if base == "global":
         return (lambda q: search_vectors(snap, q[:1], k)[1][0]), None
-    params = MultiVectorParams.from_options(options, snap.search_settings.get("multivector", {}), mode=base)
+    params = MultiVectorRetriever().params(snap, base, options)  # the index's saved settings, as a search reads them
+    assert isinstance(params, MultiVectorParams)
     config, table, glob = params.config(), segment_table(snap), snap.global_rows.vectors
     n_cand = auto_candidates(len(snap)) if params.candidates is None else params.candidates
 
     def run(q: np.ndarray) -> np.ndarray:
-        cands = candidate_positions(snap, q, n_cand) if 0 < n_cand < len(snap) else None
+        cands = (candidate_positions(snap, q, n_cand, None, params.stage, params.weight_global)
+                 if 0 < n_cand < len(snap) else None)
         return snap.ids[mv.search(base, table, glob, q, k, config, cands)[1]]
     return run, base == "exhaustive" and not 0 < n_cand < len(snap)
 

@@ -35,11 +35,13 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
     ``candidates``: how many images the candidate stage passes to the segment scoring (see
     :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`); ``rescore``: on an
     index whose segments are stored compact with the originals kept, the best ``rescore`` images are
-    scored again, same mode, from the float32 originals (0: off; see :func:`rescore`)."""
+    scored again, same mode, from the float32 originals (0: off; see :func:`rescore`); ``stage``: how the
+    candidate stage asks the global field, one of :data:`STAGES` (see :func:`candidate_positions`)."""
 
     decomposer: Any = "rules"
     candidates: int | None = None
     rescore: int = 0
+    stage: str = "union"
 
     def __post_init__(self) -> None:
         from ..decompose.query import QueryDecomposer, create_decomposer
@@ -48,6 +50,8 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
         if self.candidates is not None:
             number("candidates", self.candidates, 0, integer=True)
         number("rescore", self.rescore, 0, integer=True)
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if isinstance(self.decomposer, str):
             create_decomposer(self.decomposer)  # a bad spec fails now, with the valid forms
         elif not isinstance(self.decomposer, QueryDecomposer):
@@ -110,6 +114,9 @@ def query_vectors(snapshot: Snapshot, query: Query, params: MultiVectorParams) -
     return texts, snapshot.encoder.encode_texts(texts)
 
 
+#: Candidate-stage policies (:func:`candidate_positions`).
+STAGES = ("union", "fused")
+
 #: Below this many images the multi-vector modes score every image (exact); above it, :data:`AUTO_CANDIDATES`.
 AUTO_EXACT_UP_TO = 20_000
 AUTO_CANDIDATES = 2_000
@@ -120,15 +127,24 @@ def auto_candidates(n_images: int) -> int:
     return 0 if n_images <= AUTO_EXACT_UP_TO else AUTO_CANDIDATES
 
 
-def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int,
-                        allowed: np.ndarray | None = None) -> np.ndarray:
-    """The candidate stage: ascending positions of the union of each query vector's top-``n`` global hits.
+def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int, allowed: np.ndarray | None = None,
+                        stage: str = "union", weight_global: float = 0.5) -> np.ndarray:
+    """The candidate stage: ascending positions of the images the scheduler then scores on their segments.
 
-    Every query vector (the full query and each sub-query) takes its own top ``n`` from the global
-    field's top-k structure (FAISS: exact below 200k images, HNSW above), so an image that only a
-    sub-query finds is still scored on its segments. The scheduler then runs on these images only.
+    ``stage="union"``: every query vector (the full query and each sub-query) takes its own top ``n``
+    from the global field's top-k structure (FAISS: exact below 200k images, HNSW above), so an image
+    that only a sub-query finds is still scored on its segments. ``stage="fused"``: the top ``n`` of one
+    vector, ``w q_0 + (1 - w) mean_j q_j`` (``w``: ``weight_global``), which ranks images by the
+    multi-vector score with each sub-query's best segment replaced by the whole image's global vector:
+    one search of ``n`` instead of one per query vector (finegrain's own; HiMIR itself scores every image).
     ``allowed`` (filters): a boolean mask over positions; candidates are drawn from those images only.
     """
+    queries = np.atleast_2d(queries)
+    if stage == "fused":
+        fused = weight_global * queries[0] + (1.0 - weight_global) * queries.mean(axis=0)
+        queries = np.asarray(fused, np.float32)[None, :]
+    elif stage != "union":
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
     rows = _exact_stage_rows(snapshot)
     if rows is None:
         _, ids = search_vectors(snapshot, queries, n, allowed=allowed)
@@ -139,7 +155,7 @@ def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int,
     # this stage cost several times the scoring it feeds at 100,000 images.
     from ..compress.storage import dot_rows
 
-    scores = dot_rows(rows, np.atleast_2d(queries))  # (images, query vectors), rows in position order
+    scores = dot_rows(rows, queries)  # (images, query vectors), rows in position order
     if allowed is not None:
         scores[~allowed] = -np.inf
     n = min(int(n), len(scores))
@@ -199,7 +215,8 @@ class MultiVectorRetriever(Retriever):
     def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         saved = snapshot.search_settings
         defaults = {**saved.get("multivector", {}), "decomposer": saved.get("decomposer", "rules"),
-                    "candidates": saved.get("candidates")}  # chosen by `finegrain tune` (None: auto_candidates)
+                    "candidates": saved.get("candidates"),  # chosen by `finegrain tune` (None: auto_candidates)
+                    "stage": saved.get("stage")}
         p = MultiVectorParams.from_options(options, defaults, mode=mode)
         cfg = snapshot.segment_config
         n_levels = len(cfg.levels) if cfg else 0
@@ -220,7 +237,8 @@ class MultiVectorRetriever(Retriever):
         candidates: np.ndarray | None
         if 0 < n_candidates < n_allowed:  # filters first, then the candidate stage among what they allow
             t0 = time.perf_counter()
-            candidates = candidate_positions(snapshot, queries, n_candidates, allowed)
+            candidates = candidate_positions(snapshot, queries, n_candidates, allowed, params.stage,
+                                             params.weight_global)
             timings["candidates_ms"] = (time.perf_counter() - t0) * 1000
         else:
             candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
