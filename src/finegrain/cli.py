@@ -860,6 +860,7 @@ def tune_cmd(
     candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
     breadth_only: bool = typer.Option(False, "--breadth-only", help="Choose only the breadth of global search (HNSW efSearch / IVF lists probed) on an index whose global search is approximate, by recall@10 against exact search; needs no segments, and the queries' answers are unused."),
     recall: float = typer.Option(0.99, "--recall", help="--breadth-only without a latency budget: the smallest breadth reaching this recall@10."),
+    agreement: Optional[float] = typer.Option(None, "--agreement", help="--candidates-only without a latency budget: the candidate stage scoring the fewest images whose top-10 agreement with exhaustive search reaches this (e.g. 0.99), instead of the fewest within 0.01 of the best."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
     from .tune import tune, tune_breadth, tune_stage
@@ -876,6 +877,8 @@ def tune_cmd(
             _fail(str(exc), 2)
         _print_breadth_choice(result, as_json, report, index)
         return
+    if agreement is not None and not (candidates_only and 0 < agreement <= 1):
+        _fail("--agreement goes with --candidates-only and is in (0, 1]", 2)
     chooser = _open_index(tune_on) if tune_on is not None else idx
     for name, i in ((index, idx), (tune_on, chooser)):
         if "segments" not in i.fields and "segments-compact" not in i.fields:  # originals dropped: compact only
@@ -884,7 +887,7 @@ def tune_cmd(
         query_list, source = _tune_queries(queries, query_images)
         if candidates_only:
             result = tune_stage(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms, target=idx,
-                                query_source=source)
+                                query_source=source, agreement=agreement)
         else:
             result = tune(chooser, query_list, sample=sample, latency_budget_ms=latency_budget_ms,
                           plot=plot or index / "tune.png", target=idx, query_source=source)
@@ -951,10 +954,13 @@ def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path],
     """`finegrain tune`'s candidate-stage choice: a line, or JSON; optionally an HTML report of the sizes tried."""
     st = result["candidates"]
     summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
-               "candidates_chosen": st["chosen"], "candidates_agreement10": st["agreement10"]}
-    line = (f"candidate stage: {st['chosen'] or 'every image (none saved; the default stays)'} per query vector, "
+               "candidates_chosen": st["chosen"], "stage_chosen": st["stage"], "candidates_agreement10": st["agreement10"]}
+    chosen = f"{st['stage']} {st['chosen']} per query vector" if st["chosen"] else \
+        "every image (none saved; the default stays)"
+    line = (f"candidate stage: {chosen}, "
             f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "
-            + ", ".join(f"{t['candidates'] or 'all'}: {t['agreement10']:.3f}" for t in st["trials"])
+            + ", ".join(f"{t['stage'] + ' ' + str(t['candidates']) if t['candidates'] else 'all'}: "
+                        f"{t['agreement10']:.3f}" for t in st["trials"])
             + f"; chosen on {result['chosen_on']['index']} with {result['queries']} queries")
     _print_tune_stage(result, as_json, report, f"finegrain tune --candidates-only: {index}", summary,
                       "candidate stage (top-10 agreement with exhaustive)", st["trials"], line)

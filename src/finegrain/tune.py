@@ -17,16 +17,20 @@ without one, the fastest configuration whose NDCG@10 is within ``slack``
 (0.005) of the best.
 
 Then the candidate stage (issue 15): with the chosen configuration,
-``hierarchical`` runs behind candidate stages of :data:`CANDIDATE_GRID`
-images per query vector (the sizes below the tuning index's image count)
-and without one; each size is measured by its top-10 agreement with
-``exhaustive`` over every image and its latency (stage included). Choice
+``hierarchical`` runs behind candidate stages of each policy of
+:data:`CANDIDATE_STAGES` (``union``: each query vector's own top n;
+``fused``: the top n of one weighted vector) and :data:`CANDIDATE_GRID`
+sizes n (those below the tuning index's image count), and without one;
+each is measured by its top-10 agreement with ``exhaustive`` over every
+image, the images it passes on and its latency (stage included). Choice
 (:func:`choose_candidates`): with the latency budget, the best agreement
-within it; without one, the fewest candidates within :data:`CANDIDATE_SLACK`
-of the best agreement. A positive count is saved as the index's
-``candidates`` setting, the default of the multi-vector modes; "every
-image" saves nothing (the built-in default stays). The count is per query
-vector, not a share, so tune on an index about as large as the one searched.
+within it; without one, the stage passing on the fewest images within
+:data:`CANDIDATE_SLACK` of the best agreement, or, given an agreement
+target (``--agreement``), the fewest reaching it. A positive count is saved
+as the index's ``candidates`` setting with its ``stage``, the defaults of
+the multi-vector modes; "every image" saves nothing (the built-in default
+stays). The count is per query vector, not a share, so tune on an index
+about as large as the one searched.
 
 Global search breadth (:func:`tune_breadth`, ``finegrain tune --breadth-only``): on an index whose
 global search is approximate (HNSW from 200,000 images, or ``--ann hnsw/ivf``), each breadth of
@@ -71,6 +75,8 @@ STRIDES = (1, 2)  # plus the profiled skip list, as a third sparsity option
 CANDIDATE_GRID = (25, 50, 100, 200, 400, 800, 1600, 3200)
 #: Without a latency budget: the fewest candidates whose top-10 agreement is within this of the best size's.
 CANDIDATE_SLACK = 0.01
+#: Candidate-stage policies tried (retrieval.multivector.STAGES).
+CANDIDATE_STAGES = ("union", "fused")
 
 
 #: HNSW efSearch values tried by :func:`tune_breadth` (below k = 10 they act as 10).
@@ -95,6 +101,14 @@ class CandidateTrial:
     agreement10: float  # top-10 agreement with exhaustive scoring of every image
     ms_per_query: float  # candidate stage included
     sim_ops: float  # segment scoring only (the stage's own FAISS search is not counted)
+    stage: str = "union"  # the stage's policy (retrieval.multivector.STAGES)
+    images: float | None = None  # images the stage passed on, mean per query (None: ``candidates``)
+
+    def size(self) -> float:
+        """Images scored per query: what the choice minimises (every image counts as the most)."""
+        if not self.candidates:
+            return math.inf
+        return float(self.candidates if self.images is None else self.images)
 
 
 def load_queries(path: str | Path) -> list[tuple[str, set[str]]]:
@@ -190,7 +204,7 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     stage = None
     if candidates:
         stage, stage_trials = tune_candidates(index, embedded, chosen.config, latency_budget_ms)
-        result["candidates"] = {"chosen": stage.candidates, "agreement10": stage.agreement10,
+        result["candidates"] = {"chosen": stage.candidates, "stage": stage.stage, "agreement10": stage.agreement10,
                                 "ms_per_query": stage.ms_per_query, "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK,
                                 "trials": [dataclasses.asdict(t) for t in stage_trials]}
     if plot:
@@ -202,9 +216,7 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
                                                       "chosen_sim_ops", "exhaustive", "chosen_on")}}
         if stage is not None:
             settings["tuned"]["candidates"] = {k: v for k, v in result["candidates"].items() if k != "trials"}
-            settings.pop("candidates", None)
-            if stage.candidates:  # "every image" saves nothing: the built-in default (auto_candidates) stays
-                settings["candidates"] = stage.candidates
+            _save_stage(settings, stage)
         target.save_search_config(settings)
     return result
 
@@ -236,25 +248,36 @@ def _embedded_queries(index: Index, target: Index, queries: list[tuple[str, set[
     return [rel for _, rel in usable], embedded
 
 
+def _save_stage(settings: dict, stage: CandidateTrial) -> None:
+    """The chosen stage as the index's defaults; "every image" saves nothing (the built-in default stays)."""
+    settings.pop("candidates", None)
+    settings.pop("stage", None)
+    if stage.candidates:
+        settings["candidates"] = stage.candidates
+        settings["stage"] = stage.stage
+
+
 def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200,
                latency_budget_ms: float | None = None, seed: int = 0, save: bool = True, target: Index | None = None,
-               query_source: str | None = None) -> dict:
+               query_source: str | None = None, agreement: float | None = None) -> dict:
     """Only the candidate stage (:func:`tune_candidates`), behind ``target``'s saved scheduler settings.
 
     For an index already tuned (or to re-choose the size after the collection grew): no grid search.
+    ``agreement``: see :func:`choose_candidates`.
     """
     target = index if target is None else target
     # scored by agreement with exhaustive search: the queries' answers are unused (they need not be indexed)
     _, embedded = _embedded_queries(index, target, queries, sample, seed, answered=False)
     config = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
-    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms)
+    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms, agreement=agreement)
     result: dict[str, Any] = {
         "queries": len(embedded),
         "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
                       "query_source": query_source},
         "config": config.to_dict(),
-        "candidates": {"chosen": stage.candidates, "agreement10": stage.agreement10, "ms_per_query": stage.ms_per_query,
-                       "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK, "latency_budget_ms": latency_budget_ms,
+        "candidates": {"chosen": stage.candidates, "stage": stage.stage, "agreement10": stage.agreement10,
+                       "ms_per_query": stage.ms_per_query, "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK,
+                       "agreement_target": agreement, "latency_budget_ms": latency_budget_ms,
                        "trials": [dataclasses.asdict(t) for t in trials]},
     }
     if save:
@@ -262,20 +285,21 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
         settings["tuned"] = {**settings.get("tuned", {}),
                              "candidates": {**{k: v for k, v in result["candidates"].items() if k != "trials"},
                                             "chosen_on": result["chosen_on"]}}
-        settings.pop("candidates", None)
-        if stage.candidates:
-            settings["candidates"] = stage.candidates
+        _save_stage(settings, stage)
         target.save_search_config(settings)
     return result
 
 
 def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVectorConfig,
                     latency_budget_ms: float | None = None, slack: float | None = None, mode: str = "hierarchical",
-                    grid: tuple[int, ...] | None = None) -> tuple[CandidateTrial, list[CandidateTrial]]:
-    """``mode`` behind each candidate-stage size of ``grid`` (and none): top-10 agreement with exhaustive search.
+                    grid: tuple[int, ...] | None = None, stages: tuple[str, ...] = CANDIDATE_STAGES,
+                    agreement: float | None = None) -> tuple[CandidateTrial, list[CandidateTrial]]:
+    """``mode`` behind each candidate-stage policy of ``stages`` and size of ``grid`` (and no stage): top-10
+    agreement with exhaustive search.
 
     The reference is ``exhaustive`` over every image with ``config``'s weight; returns (chosen, trials).
-    ``slack``, ``grid``: None, :data:`CANDIDATE_SLACK`, :data:`CANDIDATE_GRID`.
+    ``slack``, ``grid``: None, :data:`CANDIDATE_SLACK`, :data:`CANDIDATE_GRID`; ``agreement``: see
+    :func:`choose_candidates`.
     """
     from .retrieval.multivector import candidate_positions
 
@@ -285,16 +309,19 @@ def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVe
     if sizes and embedded:  # builds (or loads) the global ANN structure now, not inside the first size's timing
         candidate_positions(snapshot, embedded[0], sizes[0])
     trials = []
-    for n in (0, *sizes):
-        agree, ops, t0 = [], 0, time.perf_counter()
+    for policy, n in [("union", 0), *((p, n) for p in stages for n in sizes)]:
+        agree, ops, scored, t0 = [], 0, 0, time.perf_counter()
         for q, ref in zip(embedded, reference):
-            stage = candidate_positions(snapshot, q, n) if n else None
+            stage = candidate_positions(snapshot, q, n, None, policy, config.weight_global) if n else None
             _, pos, stats = mv.search(mode, table, glob, q, 10, config, stage)
             agree.append(len(ref & set(pos.tolist())) / max(1, len(ref)))
             ops += stats.sim_ops
+            scored += len(index) if stage is None else len(stage)
         ms = (time.perf_counter() - t0) * 1000 / len(embedded)
-        trials.append(CandidateTrial(n, float(np.mean(agree)), ms, ops / len(embedded)))
-    return choose_candidates(trials, latency_budget_ms, CANDIDATE_SLACK if slack is None else slack), trials
+        trials.append(CandidateTrial(n, float(np.mean(agree)), ms, ops / len(embedded), policy,
+                                     scored / max(1, len(embedded))))
+    chosen = choose_candidates(trials, latency_budget_ms, CANDIDATE_SLACK if slack is None else slack, agreement)
+    return chosen, trials
 
 
 @dataclass
@@ -370,18 +397,21 @@ def choose_breadth(trials: list[BreadthTrial], latency_budget_ms: float | None,
 
 
 def choose_candidates(trials: list[CandidateTrial], latency_budget_ms: float | None,
-                      slack: float = CANDIDATE_SLACK) -> CandidateTrial:
-    """The candidate-stage size to keep (see the module docstring; 0, every image, counts as the largest)."""
-    def size(t: CandidateTrial) -> float:
-        return t.candidates or math.inf
+                      slack: float = CANDIDATE_SLACK, agreement: float | None = None) -> CandidateTrial:
+    """The candidate stage to keep (see the module docstring). "Fewest" counts the images a stage passes on
+    (every image counts as the most); ties go to the faster trial.
 
+    ``agreement`` (without a budget): the fewest images among the trials whose top-10 agreement reaches it
+    (the best agreement if none does), instead of the fewest within ``slack`` of the best.
+    """
     if latency_budget_ms is not None:
         within = [t for t in trials if t.ms_per_query <= latency_budget_ms]
         if within:
-            return max(within, key=lambda t: (t.agreement10, -size(t)))
+            return max(within, key=lambda t: (t.agreement10, -t.size(), -t.ms_per_query))
         return min(trials, key=lambda t: t.ms_per_query)  # nothing fits: the fastest
     best = max(t.agreement10 for t in trials)
-    return min((t for t in trials if t.agreement10 >= best - slack), key=size)
+    floor = best - slack if agreement is None else min(agreement, best)
+    return min((t for t in trials if t.agreement10 >= floor), key=lambda t: (t.size(), t.ms_per_query))
 
 
 def _evaluate(mode: str, config: mv.MultiVectorConfig, table: mv.SegmentTable, glob: np.ndarray, owners: np.ndarray,
