@@ -96,6 +96,20 @@ def test_the_next_writer_sweeps_the_old_gathered_file(tmp_path, monkeypatch):
     idx.close()
 
 
+def test_a_writer_that_committed_sweeps_the_old_gathered_file_when_it_closes(tmp_path, monkeypatch):
+    """A commit that drops rows (``compress --drop-originals``, a removal) frees their gathered copy at once,
+    not at some later write; a reader that still maps the old file keeps reading it (unlinked, not unmapped)."""
+    monkeypatch.setattr(snapshot_mod, "MAPPED_GATHER_BYTES", 0)
+    idx, vecs = _three_commits(tmp_path / "idx", np.random.default_rng(3))
+    held = idx.snapshot.global_rows.vectors  # mapped from the old generation's file
+    old = idx.snapshot.cache_file("rows-global", ".npy")
+    assert old.exists()
+    idx.remove([int(idx.snapshot.ids[0])])
+    assert not old.exists()
+    np.testing.assert_array_equal(np.asarray(held), vecs)
+    idx.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
 

@@ -107,8 +107,14 @@ class Writer:
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and self._lock_fh is not None:
+                self.sweep_caches()
+        except OSError:  # best effort: the next writer sweeps again
+            pass
+        finally:
+            self.close()
 
     def _acquire(self) -> None:
         try:
@@ -149,6 +155,12 @@ class Writer:
         sweep_orphans(self.path, committed)
         compress_indexing.sweep_projection_files(self.path, self.catalog.get_meta(compress_indexing.META_KEY))
         compact_storage.sweep_storage_files(self.path, self.catalog.get_meta(compact_storage.META_KEY))
+        self.sweep_caches()
+
+    def sweep_caches(self) -> None:
+        """Delete the ANN caches (and gathered rows) of older rows generations. Run when a writer opens and when it
+        closes cleanly: a commit that dropped a field (``compress --drop-originals``) would otherwise leave its
+        gathered float32 rows on disk until the next write. A reader still mapping one keeps its pages (unlink)."""
         generation = self.catalog.rows_generation()  # caches are named by it (Snapshot.cache_file)
         ann = self.path / "ann"
         if ann.exists():
