@@ -229,13 +229,20 @@ def test_a_query_s_texts_are_encoded_with_torch_on_one_thread(chunked, monkeypat
         return embed(self, batch)
 
     monkeypatch.setattr(type(enc), "_embed_text_batch", spy)
+    from finegrain.compress.storage import scoring_workers
+
     texts = ["a dog with a red ball next to a man", "a dog", "a red ball", "a man"]
     small = enc.encode_texts(texts)
+    split = seen[:]
     large = enc.encode_texts(texts * 5)  # 20 texts: more than a query has
-    name, threads, _ = seen[0]
-    assert name.startswith("finegrain-score") and threads == 1
-    assert seen[1][0] == threading.current_thread().name and seen[1][2] == 20
+    # the query's texts: split over the workers (one run each), torch on one thread in every one
+    assert len(split) == min(4, scoring_workers()) and sum(n for _, _, n in split) == 4
+    assert all(name.startswith("finegrain-score") and threads == 1 for name, threads, _ in split)
+    assert seen[len(split)][0] == threading.current_thread().name and seen[len(split)][2] == 20
     np.testing.assert_allclose(small, large[:4], atol=1e-5)
+    one = enc.encode_texts(texts[:1])  # a single text (global search): on a worker too
+    assert seen[-1][0].startswith("finegrain-score") and seen[-1][2] == 1
+    np.testing.assert_allclose(one, small[:1], atol=1e-5)
 
 
 def test_hnsw_asked_for_more_than_ef_search_rows_finds_them():

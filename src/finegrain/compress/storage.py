@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,16 +212,23 @@ def _from_read_only_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def run_single_threaded(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on a scoring worker, where torch runs on one thread (here when already on one).
+def map_single_threaded(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``[fn(item) for item in items]``, the items spread over the scoring workers (torch on one thread each).
 
-    For small torch work on a request's path (a query's text encoding): on the calling thread torch's own
-    threads meet at a barrier after every operation, which on a loaded machine made encoding a query's
-    four texts 20x slower than on one thread (docs/benchmarks.md, "Scale").
+    For small torch work on a request's path (a query's texts): on the calling thread torch's own threads
+    meet at a barrier after every operation, which on a loaded machine made encoding a query's four texts
+    20x slower than on one thread (docs/benchmarks.md, "Scale"); spread over the workers, its latency
+    falls with the free cores.
     """
     if threading.current_thread().name.startswith(_POOL_PREFIX):
-        return fn(*args)
-    return _scoring_pool()[0].submit(fn, *args).result()
+        return [fn(item) for item in items]  # a nested call: waiting on the pool could deadlock
+    pool, _ = _scoring_pool()
+    return [f.result() for f in [pool.submit(fn, item) for item in items]]
+
+
+def scoring_workers() -> int:
+    """How many scoring workers run at once (one per core, at most torch's thread count)."""
+    return _scoring_pool()[1]
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None

@@ -105,17 +105,22 @@ class Encoder(ABC):
                 raise ValueError("texts must be non-empty strings")
         # Sort by length so each batch pads little; restore order at the end.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        chunks = []
-        from ..compress.storage import run_single_threaded
+        from ..compress.storage import map_single_threaded, scoring_workers
 
-        with progress_bar(len(texts), "encoding texts", show_progress) as bar:
-            for start in range(0, len(texts), batch_size):
-                batch = [texts[i] for i in order[start:start + batch_size]]
-                if len(texts) <= QUERY_TEXTS:  # a query: torch on one thread (same output, no barrier waits)
-                    chunks.append(run_single_threaded(self._run, self._embed_text_batch, batch))
-                else:
-                    chunks.append(self._run(self._embed_text_batch, batch))
-                bar.advance(len(batch))
+        def embed(batch: list[int]) -> np.ndarray:
+            return self._run(self._embed_text_batch, [texts[i] for i in batch])
+
+        chunks: list[np.ndarray] = []
+        if len(texts) <= QUERY_TEXTS:
+            # A query (full text and sub-queries): torch on one thread per worker (no barrier waits; same output),
+            # its texts split over the workers in runs of similar length, so its latency falls with free cores.
+            runs = np.array_split(np.asarray(order, np.int64), max(1, min(len(texts), scoring_workers())))
+            chunks = map_single_threaded(embed, [r.tolist() for r in runs if len(r)])
+        else:
+            with progress_bar(len(texts), "encoding texts", show_progress) as bar:
+                for start in range(0, len(texts), batch_size):
+                    chunks.append(embed(order[start:start + batch_size]))
+                    bar.advance(min(batch_size, len(texts) - start))
         if not chunks:
             return np.zeros((0, self.dim), np.float32)
         emb = np.empty((len(texts), self.dim), np.float32)
