@@ -35,7 +35,7 @@ def test_choose_candidates_budget_and_slack():
     assert choose_candidates(trials, 3.0, 0.01).candidates == 50  # best agreement within the budget
     assert choose_candidates(trials, 10.0, 0.01).candidates == 100  # ties at 1.0: the fewer candidates
     assert choose_candidates(trials, 0.5, 0.01).candidates == 25  # nothing fits: the fastest
-    assert choose_candidates(trials, None, 0.01, agreement=0.99).candidates == 50  # fewest reaching the target
+    assert choose_candidates(trials, None, 0.01, agreement=0.99).candidates == 50  # fastest reaching the target
     assert choose_candidates(trials, None, 0.01, agreement=1.0).candidates == 100
     assert choose_candidates(trials[:3], None, 0.01, agreement=0.999).candidates == 0  # none does: the best
 
@@ -44,7 +44,7 @@ def test_fewest_counts_the_images_a_stage_passes_on():
     union = CandidateTrial(50, 0.995, 2.0, 200, "union", 140.0)  # three query vectors' top 50, united
     fused = CandidateTrial(100, 0.995, 3.0, 100, "fused", 100.0)
     assert choose_candidates([union, fused], None, 0.0) is fused
-    assert choose_candidates([union, fused], None, 0.0, agreement=0.99) is fused
+    assert choose_candidates([union, fused], None, 0.0, agreement=0.99) is union  # a target: the fastest reaching it
     assert choose_candidates([union, fused], 10.0, 0.0) is fused  # equal agreement within the budget
 
 
@@ -151,11 +151,17 @@ def test_cli_agreement_target(index, tmp_path):
     res = CliRunner().invoke(app, [*args, "--candidates-only", "--agreement", "1.0", "--json"])
     assert res.exit_code == 0, res.output
     stage = json.loads(res.output.strip().splitlines()[-1])["candidates"]
-    best = max(t["agreement10"] for t in stage["trials"])  # the scheduler's pruning may keep 1.0 out of reach
+    best = max(t["agreement10"] for t in stage["trials"])
     reaching = [t for t in stage["trials"] if t["agreement10"] >= min(1.0, best)]
     assert stage["agreement_target"] == 1.0 and stage["agreement10"] == best
-    assert min(t["images"] for t in reaching) == next(
-        t["images"] for t in stage["trials"] if (t["stage"], t["candidates"]) == (stage["stage"], stage["chosen"]))
+    assert stage["ms_per_query"] == min(t["ms_per_query"] for t in reaching)
+    # with a target the scheduler's pruning is chosen too: the saved settings and two that prune less
+    prunings = {tuple(sorted(t["pruning"].items())) for t in stage["trials"]}
+    assert len(prunings) == 3 and {t["pruning"]["tau"] for t in stage["trials"]} == {0.9, 1.01}
+    saved = Index.open(index.path).search_config_dict()
+    assert {k: saved["multivector"][k] for k in ("T", "alpha", "tau")} == stage["pruning"]
+    assert (saved.get("stage"), saved.get("candidates")) == ((stage["stage"], stage["chosen"]) if stage["chosen"]
+                                                             else (None, None))
     for bad in (["--agreement", "0.99"], ["--candidates-only", "--agreement", "1.5"]):
         out = CliRunner().invoke(app, [*args, *bad])
         assert out.exit_code == 2 and "--agreement" in out.output and "Traceback" not in out.output

@@ -860,7 +860,7 @@ def tune_cmd(
     candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
     breadth_only: bool = typer.Option(False, "--breadth-only", help="Choose only the breadth of global search (HNSW efSearch / IVF lists probed) on an index whose global search is approximate, by recall@10 against exact search; needs no segments, and the queries' answers are unused."),
     recall: float = typer.Option(0.99, "--recall", help="--breadth-only without a latency budget: the smallest breadth reaching this recall@10."),
-    agreement: Optional[float] = typer.Option(None, "--agreement", help="--candidates-only without a latency budget: the candidate stage scoring the fewest images whose top-10 agreement with exhaustive search reaches this (e.g. 0.99), instead of the fewest within 0.01 of the best."),
+    agreement: Optional[float] = typer.Option(None, "--agreement", help="--candidates-only without a latency budget: the fastest candidate stage whose top-10 agreement with exhaustive search reaches this (e.g. 0.99), trying the scheduler's saved pruning and two gentler ones (which are saved with it when chosen), instead of the fewest images within 0.01 of the best."),
 ) -> None:
     """Pick T, alpha, tau and S_G of the hierarchical mode, then the candidate-stage size, and save them in the index."""
     from .tune import tune, tune_breadth, tune_stage

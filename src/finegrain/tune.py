@@ -77,6 +77,20 @@ CANDIDATE_GRID = (25, 50, 100, 200, 400, 800, 1600, 3200)
 CANDIDATE_SLACK = 0.01
 #: Candidate-stage policies tried (retrieval.multivector.STAGES).
 CANDIDATE_STAGES = ("union", "fused")
+#: With an agreement target, the scheduler's pruning is chosen with the stage: the saved settings, then these
+#: (T, alpha, tau) in turn, each pruning less (tau 1.01: no early exit), since pruning alone caps agreement.
+LESS_PRUNING = ((None, None, 1.01), (0.3, 0.5, 1.01))
+
+
+def pruning_variants(config: mv.MultiVectorConfig) -> list[mv.MultiVectorConfig]:
+    """``config``, then :data:`LESS_PRUNING`'s variants of it (``None`` keeps its value); duplicates dropped."""
+    out = [config]
+    for T, alpha, tau in LESS_PRUNING:
+        v = dataclasses.replace(config, T=config.T if T is None else T, alpha=config.alpha if alpha is None else alpha,
+                                tau=tau)
+        if v not in out:
+            out.append(v)
+    return out
 
 
 #: HNSW efSearch values tried by :func:`tune_breadth` (below k = 10 they act as 10).
@@ -103,6 +117,7 @@ class CandidateTrial:
     sim_ops: float  # segment scoring only (the stage's own FAISS search is not counted)
     stage: str = "union"  # the stage's policy (retrieval.multivector.STAGES)
     images: float | None = None  # images the stage passed on, mean per query (None: ``candidates``)
+    pruning: dict | None = None  # the scheduler's T, alpha, tau behind the stage (None: the saved ones)
 
     def size(self) -> float:
         """Images scored per query: what the choice minimises (every image counts as the most)."""
@@ -269,13 +284,15 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
     # scored by agreement with exhaustive search: the queries' answers are unused (they need not be indexed)
     _, embedded = _embedded_queries(index, target, queries, sample, seed, answered=False)
     config = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
-    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms, agreement=agreement)
+    configs = pruning_variants(config) if agreement is not None and latency_budget_ms is None else None
+    stage, trials = tune_candidates(index, embedded, config, latency_budget_ms, agreement=agreement, configs=configs)
     result: dict[str, Any] = {
         "queries": len(embedded),
         "chosen_on": {"index": str(Path(index.path).resolve()), "images": len(index), "queries": len(embedded),
                       "query_source": query_source},
         "config": config.to_dict(),
-        "candidates": {"chosen": stage.candidates, "stage": stage.stage, "agreement10": stage.agreement10,
+        "candidates": {"chosen": stage.candidates, "stage": stage.stage, "pruning": stage.pruning,
+                       "agreement10": stage.agreement10,
                        "ms_per_query": stage.ms_per_query, "sim_ops": stage.sim_ops, "slack": CANDIDATE_SLACK,
                        "agreement_target": agreement, "latency_budget_ms": latency_budget_ms,
                        "trials": [dataclasses.asdict(t) for t in trials]},
@@ -286,6 +303,8 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
                              "candidates": {**{k: v for k, v in result["candidates"].items() if k != "trials"},
                                             "chosen_on": result["chosen_on"]}}
         _save_stage(settings, stage)
+        if stage.pruning is not None:  # the agreement target chose the scheduler's pruning with the stage
+            settings["multivector"] = {**config.to_dict(), **stage.pruning}
         target.save_search_config(settings)
     return result
 
@@ -293,13 +312,15 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
 def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVectorConfig,
                     latency_budget_ms: float | None = None, slack: float | None = None, mode: str = "hierarchical",
                     grid: tuple[int, ...] | None = None, stages: tuple[str, ...] = CANDIDATE_STAGES,
-                    agreement: float | None = None) -> tuple[CandidateTrial, list[CandidateTrial]]:
+                    agreement: float | None = None, configs: list[mv.MultiVectorConfig] | None = None
+                    ) -> tuple[CandidateTrial, list[CandidateTrial]]:
     """``mode`` behind each candidate-stage policy of ``stages`` and size of ``grid`` (and no stage): top-10
     agreement with exhaustive search.
 
     The reference is ``exhaustive`` over every image with ``config``'s weight; returns (chosen, trials).
     ``slack``, ``grid``: None, :data:`CANDIDATE_SLACK`, :data:`CANDIDATE_GRID`; ``agreement``: see
-    :func:`choose_candidates`.
+    :func:`choose_candidates`. ``configs``: scheduler settings to try behind every stage (default: ``config``
+    alone; "no stage" runs with ``config`` only); a trial's ``pruning`` names the one it ran with.
     """
     from .retrieval.multivector import candidate_positions
 
@@ -308,18 +329,21 @@ def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVe
     sizes = [c for c in (CANDIDATE_GRID if grid is None else grid) if c < len(index)]
     if sizes and embedded:  # builds (or loads) the global ANN structure now, not inside the first size's timing
         candidate_positions(snapshot, embedded[0], sizes[0])
+    configs = configs or [config]
     trials = []
-    for policy, n in [("union", 0), *((p, n) for p in stages for n in sizes)]:
+    runs = [(config, "union", 0), *((c, p, n) for c in configs for p in stages for n in sizes)]
+    for cfg, policy, n in runs:
         agree, ops, scored, t0 = [], 0, 0, time.perf_counter()
         for q, ref in zip(embedded, reference):
-            stage = candidate_positions(snapshot, q, n, None, policy, config.weight_global) if n else None
-            _, pos, stats = mv.search(mode, table, glob, q, 10, config, stage)
+            stage = candidate_positions(snapshot, q, n, None, policy, cfg.weight_global) if n else None
+            _, pos, stats = mv.search(mode, table, glob, q, 10, cfg, stage)
             agree.append(len(ref & set(pos.tolist())) / max(1, len(ref)))
             ops += stats.sim_ops
             scored += len(index) if stage is None else len(stage)
         ms = (time.perf_counter() - t0) * 1000 / len(embedded)
         trials.append(CandidateTrial(n, float(np.mean(agree)), ms, ops / len(embedded), policy,
-                                     scored / max(1, len(embedded))))
+                                     scored / max(1, len(embedded)),
+                                     {"T": cfg.T, "alpha": cfg.alpha, "tau": cfg.tau}))
     chosen = choose_candidates(trials, latency_budget_ms, CANDIDATE_SLACK if slack is None else slack, agreement)
     return chosen, trials
 
@@ -401,8 +425,8 @@ def choose_candidates(trials: list[CandidateTrial], latency_budget_ms: float | N
     """The candidate stage to keep (see the module docstring). "Fewest" counts the images a stage passes on
     (every image counts as the most); ties go to the faster trial.
 
-    ``agreement`` (without a budget): the fewest images among the trials whose top-10 agreement reaches it
-    (the best agreement if none does), instead of the fewest within ``slack`` of the best.
+    ``agreement`` (without a budget): the fastest trial whose top-10 agreement reaches it (the fastest of the
+    best if none does), instead of the fewest images within ``slack`` of the best.
     """
     if latency_budget_ms is not None:
         within = [t for t in trials if t.ms_per_query <= latency_budget_ms]
@@ -410,8 +434,10 @@ def choose_candidates(trials: list[CandidateTrial], latency_budget_ms: float | N
             return max(within, key=lambda t: (t.agreement10, -t.size(), -t.ms_per_query))
         return min(trials, key=lambda t: t.ms_per_query)  # nothing fits: the fastest
     best = max(t.agreement10 for t in trials)
-    floor = best - slack if agreement is None else min(agreement, best)
-    return min((t for t in trials if t.agreement10 >= floor), key=lambda t: (t.size(), t.ms_per_query))
+    if agreement is not None:
+        return min((t for t in trials if t.agreement10 >= min(agreement, best)),
+                   key=lambda t: (t.ms_per_query, t.size()))
+    return min((t for t in trials if t.agreement10 >= best - slack), key=lambda t: (t.size(), t.ms_per_query))
 
 
 def _evaluate(mode: str, config: mv.MultiVectorConfig, table: mv.SegmentTable, glob: np.ndarray, owners: np.ndarray,
