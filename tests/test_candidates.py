@@ -24,6 +24,32 @@ def test_small_indexes_are_exact_by_default():
     assert mvr.auto_candidates(mvr.AUTO_EXACT_UP_TO + 1) == mvr.AUTO_CANDIDATES
 
 
+def test_the_stage_a_search_runs():
+    """No size anywhere: exact up to the threshold, one fused search above it; a size without a policy keeps
+    ``union`` (what a saved size from an older ``finegrain tune`` meant)."""
+    big, small = mvr.AUTO_EXACT_UP_TO + 1, mvr.AUTO_EXACT_UP_TO
+    P = mvr.MultiVectorParams
+    assert mvr.stage_for(P(), small) == (0, "union")
+    assert mvr.stage_for(P(), big) == (mvr.AUTO_FUSED_CANDIDATES, "fused")
+    assert mvr.stage_for(P(stage="union"), big) == (mvr.AUTO_CANDIDATES, "union")
+    assert mvr.stage_for(P(stage="fused"), big) == (mvr.AUTO_FUSED_CANDIDATES, "fused")
+    assert mvr.stage_for(P(candidates=500), big) == (500, "union")
+    assert mvr.stage_for(P(candidates=500, stage="fused"), small) == (500, "fused")
+    assert mvr.stage_for(P(candidates=0), big) == (0, "union")
+
+
+def test_an_index_above_the_threshold_runs_the_fused_stage_by_default(index, monkeypatch):
+    monkeypatch.setattr(mvr, "AUTO_EXACT_UP_TO", 20)
+    monkeypatch.setattr(mvr, "AUTO_FUSED_CANDIDATES", 12)
+    text = "a dog on a red sofa next to a window"
+    snap = index.snapshot
+    _, queries = mvr.query_vectors(snap, Query(text=text), mvr.MultiVectorParams())
+    pool = set(snap.ids[mvr.candidate_positions(snap, queries, 12, None, "fused")].tolist())
+    hits = index.search(text=text, k=10, mode="exhaustive")
+    assert "candidates_ms" in hits.timings and hits.stats.candidates_per_level[0] == 12
+    assert {h.id for h in hits} <= pool
+
+
 def test_candidates_are_the_union_of_each_query_vectors_global_top(index):
     snap = index.snapshot
     q = _unit(np.random.default_rng(1).standard_normal((3, index.encoder.dim)))

@@ -781,9 +781,9 @@ def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> 
     from ..retrieval.multivector import (
         MultiVectorParams,
         MultiVectorRetriever,
-        auto_candidates,
         candidate_positions,
         segment_table,
+        stage_for,
     )
     from ..search import multivector as mv
 
@@ -792,10 +792,10 @@ def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> 
     params = MultiVectorRetriever().params(snap, base, options)  # the index's saved settings, as a search reads them
     assert isinstance(params, MultiVectorParams)
     config, table, glob = params.config(), segment_table(snap), snap.global_rows.vectors
-    n_cand = auto_candidates(len(snap)) if params.candidates is None else params.candidates
+    n_cand, stage = stage_for(params, len(snap))
 
     def run(q: np.ndarray) -> np.ndarray:
-        cands = (candidate_positions(snap, q, n_cand, None, params.stage, params.weight_global)
+        cands = (candidate_positions(snap, q, n_cand, None, stage, params.weight_global)
                  if 0 < n_cand < len(snap) else None)
         return snap.ids[mv.search(base, table, glob, q, k, config, cands)[1]]
     return run, base == "exhaustive" and not 0 < n_cand < len(snap)

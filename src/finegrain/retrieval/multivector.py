@@ -36,12 +36,13 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
     :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`); ``rescore``: on an
     index whose segments are stored compact with the originals kept, the best ``rescore`` images are
     scored again, same mode, from the float32 originals (0: off; see :func:`rescore`); ``stage``: how the
-    candidate stage asks the global field, one of :data:`STAGES` (see :func:`candidate_positions`)."""
+    candidate stage asks the global field, one of :data:`STAGES` (see :func:`candidate_positions`; None:
+    see :func:`stage_for`)."""
 
     decomposer: Any = "rules"
     candidates: int | None = None
     rescore: int = 0
-    stage: str = "union"
+    stage: str | None = None
 
     def __post_init__(self) -> None:
         from ..decompose.query import QueryDecomposer, create_decomposer
@@ -50,7 +51,7 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
         if self.candidates is not None:
             number("candidates", self.candidates, 0, integer=True)
         number("rescore", self.rescore, 0, integer=True)
-        if self.stage not in STAGES:
+        if self.stage is not None and self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if isinstance(self.decomposer, str):
             create_decomposer(self.decomposer)  # a bad spec fails now, with the valid forms
@@ -125,6 +126,29 @@ AUTO_CANDIDATES = 2_000
 def auto_candidates(n_images: int) -> int:
     """The default candidate count: 0 (every image, exact) for small indexes, else :data:`AUTO_CANDIDATES`."""
     return 0 if n_images <= AUTO_EXACT_UP_TO else AUTO_CANDIDATES
+
+
+#: The multi-vector modes' stage when neither a call nor the index (``finegrain tune``) gives a size, above
+#: :data:`AUTO_EXACT_UP_TO` images: one fused search of this many images. Chosen on Flickr8k train captions
+#: at 1M images (docs/benchmarks.md, "The fused candidate stage at 1M"): it agreed as well as the union of
+#: 1,600 per query vector (0.987 against 0.986) at 0.6x its time.
+AUTO_FUSED_CANDIDATES = 3_200
+
+
+def stage_for(params: MultiVectorParams, n_images: int) -> tuple[int, str]:
+    """The candidate stage a search runs: (size, policy); size 0 is no stage (every image scored).
+
+    A size given (per call or saved by ``finegrain tune``) without a policy keeps ``union``, which is what
+    such a size meant before policies existed; no size at all: :data:`AUTO_FUSED_CANDIDATES` fused images
+    (or :data:`AUTO_CANDIDATES` per vector for an explicit ``union``) above :data:`AUTO_EXACT_UP_TO`.
+    """
+    if params.candidates is not None:
+        return params.candidates, params.stage or "union"
+    if n_images <= AUTO_EXACT_UP_TO:
+        return 0, params.stage or "union"
+    if params.stage == "union":
+        return AUTO_CANDIDATES, "union"
+    return AUTO_FUSED_CANDIDATES, "fused"
 
 
 def candidate_positions(snapshot: Snapshot, queries: np.ndarray, n: int, allowed: np.ndarray | None = None,
@@ -233,12 +257,11 @@ class MultiVectorRetriever(Retriever):
         texts, queries = query_vectors(snapshot, query, params)
         timings = {"encode_ms": (time.perf_counter() - t_start) * 1000}  # decomposition included
         n_allowed = len(snapshot) if allowed is None else int(allowed.sum())
-        n_candidates = auto_candidates(n_allowed) if params.candidates is None else params.candidates
+        n_candidates, stage = stage_for(params, n_allowed)
         candidates: np.ndarray | None
         if 0 < n_candidates < n_allowed:  # filters first, then the candidate stage among what they allow
             t0 = time.perf_counter()
-            candidates = candidate_positions(snapshot, queries, n_candidates, allowed, params.stage,
-                                             params.weight_global)
+            candidates = candidate_positions(snapshot, queries, n_candidates, allowed, stage, params.weight_global)
             timings["candidates_ms"] = (time.perf_counter() - t0) * 1000
         else:
             candidates = None if allowed is None else np.flatnonzero(allowed)  # the scheduler starts from these
