@@ -33,7 +33,7 @@ class MultiVectorParams(mv.MultiVectorConfig, Params):
     """:class:`~finegrain.search.multivector.MultiVectorConfig`'s knobs (validated by it),
     the text decomposer (a spec: ``rules``, ``llm:<url>#<model>``, or a ``QueryDecomposer``), and
     ``candidates``: how many images the candidate stage passes to the segment scoring (see
-    :func:`candidate_positions`; 0: every image, None: :func:`auto_candidates`); ``rescore``: on an
+    :func:`candidate_positions`; 0: every image, None: :func:`stage_for`); ``rescore``: on an
     index whose segments are stored compact with the originals kept, the best ``rescore`` images are
     scored again, same mode, from the float32 originals (0: off; see :func:`rescore`); ``stage``: how the
     candidate stage asks the global field, one of :data:`STAGES` (see :func:`candidate_positions`; None:
@@ -239,7 +239,7 @@ class MultiVectorRetriever(Retriever):
     def params(self, snapshot: Snapshot, mode: str, options: Any) -> Params:
         saved = snapshot.search_settings
         defaults = {**saved.get("multivector", {}), "decomposer": saved.get("decomposer", "rules"),
-                    "candidates": saved.get("candidates"),  # chosen by `finegrain tune` (None: auto_candidates)
+                    "candidates": saved.get("candidates"),  # chosen by `finegrain tune` (None: stage_for)
                     "stage": saved.get("stage")}
         p = MultiVectorParams.from_options(options, defaults, mode=mode)
         cfg = snapshot.segment_config
