@@ -955,7 +955,8 @@ def _print_candidate_choice(result: dict, as_json: bool, report: Optional[Path],
     st = result["candidates"]
     summary = {"queries": result["queries"], "chosen_on": json.dumps(result["chosen_on"]),
                "candidates_chosen": st["chosen"], "stage_chosen": st["stage"], "candidates_agreement10": st["agreement10"]}
-    chosen = f"{st['stage']} {st['chosen']} per query vector" if st["chosen"] else \
+    per = {"union": "per query vector", "fused": "in one fused search"}
+    chosen = f"{st['stage']}, {st['chosen']} images {per[st['stage']]}" if st["chosen"] else \
         "every image (none saved; the default stays)"
     line = (f"candidate stage: {chosen}, "
             f"top-10 agreement with exhaustive {st['agreement10']:.3f}, {st['ms_per_query']:.2f} ms/query; tried "

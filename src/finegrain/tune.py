@@ -26,11 +26,13 @@ image, the images it passes on and its latency (stage included). Choice
 (:func:`choose_candidates`): with the latency budget, the best agreement
 within it; without one, the stage passing on the fewest images within
 :data:`CANDIDATE_SLACK` of the best agreement, or, given an agreement
-target (``--agreement``), the fewest reaching it. A positive count is saved
-as the index's ``candidates`` setting with its ``stage``, the defaults of
-the multi-vector modes; "every image" saves nothing (the built-in default
-stays). The count is per query vector, not a share, so tune on an index
-about as large as the one searched.
+target (``--agreement``, :func:`tune_stage`), the fastest reaching it, each
+stage also tried behind :data:`LESS_PRUNING` (the pruning chosen is saved).
+A positive count is saved as the index's ``candidates`` setting with its
+``stage``, the defaults of the multi-vector modes; "every image" saves
+nothing (the built-in default stays). The count is images per query vector
+(``union``) or in all (``fused``), not a share, so tune on an index about
+as large as the one searched.
 
 Global search breadth (:func:`tune_breadth`, ``finegrain tune --breadth-only``): on an index whose
 global search is approximate (HNSW from 200,000 images, or ``--ann hnsw/ivf``), each breadth of
@@ -71,7 +73,8 @@ from .search import multivector as mv
 
 GRID = {"T": (0.3, 0.5, 0.7), "alpha": (0.5, 0.8, 1.0), "tau": (0.6, 0.8, 0.9, 1.01)}
 STRIDES = (1, 2)  # plus the profiled skip list, as a third sparsity option
-#: Candidate-stage sizes tried (images per query vector; only those below the tuning index's size), besides none.
+#: Candidate-stage sizes tried (images per query vector for ``union``, in all for ``fused``; only those below the
+#: tuning index's size), besides none.
 CANDIDATE_GRID = (25, 50, 100, 200, 400, 800, 1600, 3200)
 #: Without a latency budget: the fewest candidates whose top-10 agreement is within this of the best size's.
 CANDIDATE_SLACK = 0.01
@@ -111,13 +114,13 @@ class Trial:
 
 @dataclass
 class CandidateTrial:
-    candidates: int  # images per query vector; 0: no stage, every image scored
+    candidates: int  # images per query vector (union) or in all (fused); 0: no stage, every image scored
     agreement10: float  # top-10 agreement with exhaustive scoring of every image
     ms_per_query: float  # candidate stage included
     sim_ops: float  # segment scoring only (the stage's own FAISS search is not counted)
     stage: str = "union"  # the stage's policy (retrieval.multivector.STAGES)
     images: float | None = None  # images the stage passed on, mean per query (None: ``candidates``)
-    pruning: dict | None = None  # the scheduler's T, alpha, tau behind the stage (None: the saved ones)
+    pruning: dict | None = None  # the scheduler's T, alpha, tau behind the stage (None: not recorded)
 
     def size(self) -> float:
         """Images scored per query: what the choice minimises (every image counts as the most)."""
@@ -303,7 +306,7 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
                              "candidates": {**{k: v for k, v in result["candidates"].items() if k != "trials"},
                                             "chosen_on": result["chosen_on"]}}
         _save_stage(settings, stage)
-        if stage.pruning is not None:  # the agreement target chose the scheduler's pruning with the stage
+        if configs is not None and stage.pruning is not None:  # the target chose the pruning with the stage
             settings["multivector"] = {**config.to_dict(), **stage.pruning}
         target.save_search_config(settings)
     return result
