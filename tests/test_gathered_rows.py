@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import pytest
 from random_index_helpers import unit
@@ -12,16 +10,8 @@ from finegrain.index import Index
 from finegrain.retrieval.dense import search_vectors
 from finegrain.store import snapshot as snapshot_mod
 from finegrain.store.catalog import NewImage
+from finegrain.store.pages import is_mapped
 from finegrain.store.vectors import FieldRows
-
-
-def _mapped(a) -> bool:
-    """Whether an array is a view of a memory-mapped file (FieldRows keeps a plain ndarray view of a memmap)."""
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False
 
 
 def _three_commits(path, rng):
@@ -41,13 +31,13 @@ def test_large_gathered_field_is_mapped_from_a_cache_file_and_searches_the_same(
     rng = np.random.default_rng(0)
     idx, vecs = _three_commits(tmp_path / "in-memory", rng)
     want = search_vectors(idx.snapshot, vecs[3:4], 5)[1]
-    assert not _mapped(idx.snapshot.global_rows.vectors)  # small: gathered in memory
+    assert not is_mapped(idx.snapshot.global_rows.vectors)  # small: gathered in memory
     idx.close()
 
     monkeypatch.setattr(snapshot_mod, "MAPPED_GATHER_BYTES", 0)  # every gathered field counts as large
     idx, _ = _three_commits(tmp_path / "mapped", np.random.default_rng(0))
     rows = idx.snapshot.global_rows
-    assert _mapped(rows.vectors)
+    assert is_mapped(rows.vectors)
     np.testing.assert_array_equal(np.asarray(rows.vectors), vecs)
     cache = idx.snapshot.cache_file("rows-global", ".npy")
     assert cache.exists()
@@ -73,7 +63,7 @@ def test_gathered_field_falls_back_to_memory_when_the_cache_cannot_be_written(tm
     monkeypatch.setattr(snapshot_mod.Path, "replace", lambda *_a, **_k: refuse())
     idx = Index.open(tmp_path / "idx")
     rows = idx.snapshot.global_rows
-    assert not _mapped(rows.vectors)
+    assert not is_mapped(rows.vectors)
     np.testing.assert_array_equal(rows.vectors, vecs)
     assert not [p for p in (tmp_path / "idx" / "ann").iterdir()]  # no file left half-written
     idx.close()
@@ -138,10 +128,10 @@ def test_gathered_field_never_takes_more_than_half_the_free_disk(tmp_path, monke
     monkeypatch.setattr(ann.shutil, "disk_usage", lambda _p: usage(10 * need, 8 * need, 2 * need - 1))
     idx = Index.open(tmp_path / "idx")
     rows = idx.snapshot.global_rows
-    assert not _mapped(rows.vectors) and not idx.snapshot.cache_file("rows-global", ".npy").exists()
+    assert not is_mapped(rows.vectors) and not idx.snapshot.cache_file("rows-global", ".npy").exists()
     np.testing.assert_array_equal(rows.vectors, vecs)
     idx.close()
     monkeypatch.setattr(ann.shutil, "disk_usage", lambda _p: usage(10 * need, 8 * need, 2 * need))  # just enough
     idx = Index.open(tmp_path / "idx")
-    assert _mapped(idx.snapshot.global_rows.vectors)
+    assert is_mapped(idx.snapshot.global_rows.vectors)
     idx.close()

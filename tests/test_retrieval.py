@@ -25,6 +25,7 @@ from finegrain.retrieval.base import number
 from finegrain.retrieval.dense import hits_from
 from finegrain.service import create_app
 from finegrain.service.background import BackgroundServer
+from finegrain.store.pages import is_mapped
 from finegrain.store.vectors import FieldRows
 
 
@@ -144,13 +145,6 @@ def test_bad_ann_kind_leaves_nothing_behind(tmp_path):
 
 
 # ------------------------------------------------------------------ snapshots
-def _mapped(a: np.ndarray) -> bool:
-    """Whether ``a`` is (a view of) a memory-mapped file."""
-    while a is not None:
-        if isinstance(a, np.memmap) or type(a).__name__ == "mmap":
-            return True
-        a = getattr(a, "base", None)
-    return False
 
 
 def test_compacted_segments_are_mapped_not_copied(tmp_path, photos_dir):
@@ -160,13 +154,13 @@ def test_compacted_segments_are_mapped_not_copied(tmp_path, photos_dir):
               for m in index.available_modes()}
     index.compact()
     seg = index.fields["segments"]
-    assert _mapped(seg.vectors)  # mapped, not read
+    assert is_mapped(seg.vectors)  # mapped, not read
     levels = np.asarray(seg.attrs["level"])
     assert np.all(np.diff(levels) >= 0)  # stored level-major
     table = index.segment_table
     assert len(table.pieces) == 1
     for vecs in table.pieces[0].vectors:
-        assert _mapped(vecs)  # each level is a view of the mapped file, not a copy
+        assert is_mapped(vecs)  # each level is a view of the mapped file, not a copy
     after = {m: [(h.id, round(h.score, 5)) for h in index.search(text="a rocket", mode=m, k=6)]
              for m in index.available_modes()}
     assert after == before

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..store import pages
 from .auto import AUTO
 from .base import (
     IMAGE,
@@ -188,6 +189,7 @@ def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
         response = filtering.run(retriever, snapshot, ran, query, k, params, flt, threshold, offset, sort)
     if ran != mode:
         response.requested_mode = mode
+    pages.trim()  # the index pages this search mapped count in the process's RSS: bounded (store/pages.py)
     return response
 
 

@@ -150,11 +150,15 @@ NPY_LOCK = threading.Lock()
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """``np.load`` of one .npy file without pickle, memory-mapped (``mmap``) or read; header parsed under
-    :data:`NPY_LOCK`."""
+    """``np.load`` of one .npy file without pickle, memory-mapped (``mmap``; see :mod:`.pages`, which bounds
+    how much of the mappings stays resident) or read; header parsed under :data:`NPY_LOCK`."""
+    if mmap:
+        from .pages import map_npy
+
+        return map_npy(path, NPY_LOCK)
     with NPY_LOCK:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    return arr if mmap else np.array(arr)
+    return np.array(arr)
 
 
 def read_chunk_vectors(root: Path, fieldname: str, name: str) -> np.ndarray:

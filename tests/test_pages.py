@@ -1,0 +1,86 @@
+"""Memory-mapped index files: read like np.load, and their resident pages unmapped past a budget."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from random_index_helpers import random_segmented_index
+
+from finegrain.store import pages
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux") or pages.resident_file_bytes() is None,
+                                reason="the resident-page accounting is read from Linux's /proc/self/statm")
+
+
+def test_a_mapped_file_reads_like_np_load(tmp_path):
+    for arr in (np.arange(12, dtype=np.int8).reshape(3, 4), np.asfortranarray(np.ones((5, 2), np.float16)),
+                np.zeros((0, 7), np.float32), np.arange(6, dtype=np.int64)):
+        path = tmp_path / "a.npy"
+        np.save(path, arr)
+        got = pages.map_npy(path)
+        assert got.shape == arr.shape and got.dtype == arr.dtype and np.array_equal(got, arr)
+        assert not got.flags.writeable
+
+
+def test_bad_files_are_refused_with_a_reason(tmp_path):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="Python objects"):
+        pages.map_npy(path)
+    path = tmp_path / "short.npy"
+    np.save(path, np.ones((100, 8), np.float32))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        pages.map_npy(path)
+    path.write_bytes(b"not a numpy file at all")
+    with pytest.raises(ValueError):
+        pages.map_npy(path)
+
+
+def test_the_budget_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(pages.ENV, raising=False)
+    assert pages.budget_bytes() == pages.DEFAULT_BUDGET_MB << 20
+    monkeypatch.setenv(pages.ENV, "64")
+    assert pages.budget_bytes() == 64 << 20
+    monkeypatch.setenv(pages.ENV, "off")
+    assert pages.budget_bytes() is None
+    for bad in ("-1", "lots"):
+        monkeypatch.setenv(pages.ENV, bad)
+        with pytest.raises(ValueError, match=pages.ENV):
+            pages.budget_bytes()
+
+
+@linux_only
+def test_pages_read_past_the_budget_leave_the_resident_set(tmp_path, monkeypatch):
+    path = tmp_path / "big.npy"
+    np.save(path, np.random.default_rng(0).integers(-100, 100, 64 << 20, dtype=np.int8).reshape(-1, 64))
+    arr = pages.map_npy(path)
+    monkeypatch.setenv(pages.ENV, "off")
+    pages.trim()  # sets the baseline where it was unset; never releases while off
+    before = pages.resident_file_bytes()
+    total = int(arr[::64].astype(np.int64).sum())  # one row every 4 KiB: every page of the file faulted in
+    grown = pages.resident_file_bytes() - before
+    assert grown > 48 << 20
+    assert not pages.trim()  # "off": the pages stay
+    monkeypatch.setenv(pages.ENV, "16")
+    assert pages.trim()
+    assert pages.resident_file_bytes() - before < 8 << 20
+    assert int(arr[::64].astype(np.int64).sum()) == total  # read again from the page cache, unchanged
+    assert pages.trim()  # mapped again past the budget: released again
+    assert not pages.trim()  # nothing read since: under budget
+
+
+@linux_only
+def test_searches_that_release_pages_every_time_answer_the_same(tmp_path, monkeypatch):
+    idx = random_segmented_index(tmp_path / "idx", 60, seed=3)
+    try:
+        monkeypatch.setenv(pages.ENV, "off")
+        want = [(h.id, h.score) for h in idx.search(text="a red bicycle by a wall", k=10, mode="exhaustive")]
+        monkeypatch.setenv(pages.ENV, "0")  # every search that mapped anything releases
+        for _ in range(3):
+            got = [(h.id, h.score) for h in idx.search(text="a red bicycle by a wall", k=10, mode="exhaustive")]
+            assert got == want
+    finally:
+        idx.close()
