@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import Encoder
-from .minilm import MiniLM, MiniLMTokenizer, load_minilm
+from .minilm import MiniLM, MiniLMTokenizer, for_queries, load_minilm
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "effnet-minilm.safetensors"
@@ -209,7 +209,8 @@ class EffNetMiniLMBase(Encoder):
         """MiniLM's tokenizer and model, loaded once on first use (thread-safe)."""
         with self._text_lock:
             if self._text_tower is None:
-                self._text_tower = self._load_text_tower()
+                tokenizer, model = self._load_text_tower()
+                self._text_tower = tokenizer, for_queries(model)
             return self._text_tower
 
     # hooks ------------------------------------------------------------------
@@ -279,5 +280,5 @@ def minilm_token_states(tokenizer: MiniLMTokenizer, model: MiniLM,
                         texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-layer token states (B, T, 384) and attention mask (B, T) of the frozen text tower."""
     ids, mask = tokenizer(texts, TEXT_MAX_TOKENS)
-    with torch.no_grad():  # a frozen tower
-        return model(ids, mask), mask
+    with torch.no_grad():  # a frozen tower (float32 out, whatever precision it runs in)
+        return model(ids, mask).float(), mask

@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-__all__ = ["MiniLM", "MiniLMTokenizer", "load_minilm", "model_path"]
+__all__ = ["MiniLM", "MiniLMTokenizer", "for_queries", "load_minilm", "model_path", "query_dtype"]
+
+#: How the encoders run the text tower: ``auto`` (bfloat16 where the CPU multiplies it natively, else float32),
+#: ``float32`` or ``bfloat16``.
+PRECISION_ENV = "FINEGRAIN_TEXT_PRECISION"
 
 
 def model_path() -> Path:
@@ -120,3 +124,41 @@ def load_minilm(path: Path | None = None) -> tuple[MiniLMTokenizer, MiniLM]:
     model = MiniLM(json.loads((path / "config.json").read_text(encoding="utf-8")))
     model.load_bert_state(load_file(str(path / "model.safetensors")))
     return MiniLMTokenizer(path), model.eval()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX; read from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def query_dtype() -> torch.dtype:
+    """The text tower's precision from ``FINEGRAIN_TEXT_PRECISION`` (``ValueError`` for an unknown value).
+
+    ``auto`` takes bfloat16 only where the CPU has native bfloat16 dot products: elsewhere torch emulates them
+    and float32 is faster.
+    """
+    import os
+
+    value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if value == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if value not in choices:
+        raise ValueError(f"{PRECISION_ENV} must be auto, float32 or bfloat16, not {value!r}")
+    return choices[value]
+
+
+def for_queries(model: MiniLM) -> MiniLM:
+    """``model`` cast (in place) to :func:`query_dtype`.
+
+    The text tower is bound by its weights at query sizes (a few texts of about 10 tokens): in bfloat16 they
+    are half the bytes, and on a CPU with AVX512-BF16 a query's texts encode faster while the token states
+    keep a cosine of 0.9999 with float32's (docs/benchmarks.md, "Query encoding in bfloat16").
+    """
+    return model.to(query_dtype())
+
