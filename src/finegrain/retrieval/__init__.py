@@ -189,7 +189,7 @@ def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
         response = filtering.run(retriever, snapshot, ran, query, k, params, flt, threshold, offset, sort)
     if ran != mode:
         response.requested_mode = mode
-    pages.trim()  # the index pages this search mapped count in the process's RSS: bounded (store/pages.py)
+    pages.trim()  # bounds the index pages mapped into the RSS when FINEGRAIN_MAPPED_MB asks (store/pages.py)
     return response
 
 
