@@ -73,7 +73,10 @@ def test_run_scale_rows_and_agreement(source_index, tmp_path):
                                                        (240, "global"), (240, "hierarchical"), (240, "exhaustive")]
     for r in rows:
         assert r["system"] == "finegrain" and r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"]
-        assert r["rss_mb"] >= r["rss_base_mb"] > 0 and r["disk_bytes_per_image"] > 0 and r["build_s"] > 0
+        # the peak (VmHWM) is at least the start's VmRSS, up to the kernel's per-thread RSS counter slack
+        # (64 pages a thread, so a fraction of a MiB: seen 0.06 MiB under once)
+        assert r["rss_mb"] >= r["rss_base_mb"] - 1.0 and r["rss_base_mb"] > 0
+        assert r["disk_bytes_per_image"] > 0 and r["build_s"] > 0
         # the retrievers time the query's encoding: search alone is the rest of each call
         assert r["encode_ms_p50"] > 0 and 0 < r["search_p50_ms"] < r["p50_ms"] and r["search_p95_ms"] < r["p95_ms"]
     by = {(r["images"], r["mode"]): r for r in rows}

@@ -186,3 +186,30 @@ def test_cli_stage(index):
     assert CliRunner().invoke(app, [*args, "--stage", "fused", "--json"]).exit_code == 0
     bad = CliRunner().invoke(app, [*args, "--stage", "everything"])
     assert bad.exit_code == 2 and "stage must be one of union, fused" in bad.output and "Traceback" not in bad.output
+
+
+def test_behind_an_hnsw_graph_the_global_term_reads_the_graphs_own_rows(tmp_path, monkeypatch):
+    """Above the ANN threshold the multi-vector modes score global rows from the HNSW graph's copy (in memory),
+    not from the mapped rows file, once the graph is loaded: the same values, so the same answers."""
+    from finegrain.compress.coded import global_vectors
+    from finegrain.index import Index
+    from finegrain.store import ann
+    from finegrain.store.pages import is_mapped
+
+    text = "a dog on a red sofa next to a window"
+    random_segmented_index(tmp_path / "idx", 80, seed=11).close()
+    options = {"k": 10, "mode": "hierarchical", "candidates": 30, "stage": "fused"}
+    with Index.open(tmp_path / "idx") as idx:  # below the threshold: exact stage, mapped rows
+        want = [(h.id, h.score) for h in idx.search(text=text, **options)]
+        assert is_mapped(global_vectors(idx.snapshot))
+    monkeypatch.setattr(ann, "AUTO_ANN_THRESHOLD", 20)  # 80 images now take an HNSW graph
+    with Index.open(tmp_path / "idx") as idx:
+        snap = idx.snapshot
+        assert global_vectors(snap) is snap.global_rows.vectors  # the graph is not loaded only for this
+        got = [(h.id, h.score) for h in idx.search(text=text, **options)]
+        assert snap.built("ann:global").kind == "hnsw"
+        rows = global_vectors(snap)
+        assert not is_mapped(rows) and not rows.flags.writeable
+        assert np.array_equal(rows, snap.global_rows.vectors)
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-6)

@@ -207,10 +207,29 @@ def global_vectors(snapshot: Snapshot) -> np.ndarray:
     """What scores the global term (multi-vector modes): the float32 rows, or the quantised ones read through
     their codec (:class:`CodedRows`, duck-typed as the array: ``len``, ``[positions]``, ``@ query``)."""
     if not field_info(snapshot.settings, "global"):
-        return snapshot.global_rows.vectors
+        return _rows_in_memory(snapshot)
     coded = snapshot.derived("coded:global", lambda: CodedRows(global_compact_rows(snapshot).vectors,
                                                                snapshot_codec(snapshot, "global")))
     return cast(np.ndarray, coded)
+
+
+def _rows_in_memory(snapshot: Snapshot) -> np.ndarray:
+    """The float32 global rows, read from the HNSW graph's own copy when this snapshot has loaded one.
+
+    Above 200,000 images the graph (which the candidate stage loads) holds every row in memory anyway,
+    while reading the candidates' rows from the mapped rows file faults a 64 KiB run in per row: 2 GB of
+    a 1M index's file ended up resident (docs/benchmarks.md, "Mapped pages and RSS at 1M"). The values
+    are the same float32 rows. A snapshot that has not loaded the graph reads the mapped rows (it is
+    never loaded, let alone built, only for this).
+    """
+    from ..store.ann import VectorIndex
+
+    rows = snapshot.global_rows.vectors
+    ann = snapshot.built("ann:global")
+    if snapshot.projection_info or not isinstance(ann, VectorIndex) or ann.kind != "hnsw":
+        return rows
+    held = ann.stored_rows()
+    return rows if held is None or held.shape != rows.shape else held
 
 
 class CodedIndex(VectorIndex):

@@ -128,6 +128,21 @@ class VectorIndex:
         index.add(vectors)
         return index
 
+    def stored_rows(self) -> np.ndarray | None:
+        """The float32 rows FAISS keeps in memory (a flat index's, or an HNSW graph's flat storage) as a
+        read-only (n, d) view, no copy; None when it keeps no plain copy (IVF lists). Valid while this lives."""
+        rows = getattr(self, "_stored_rows", None)
+        if rows is not None or self.n == 0:
+            return rows
+        storage = getattr(self.faiss, "storage", None)
+        flat = faiss.downcast_index(storage) if storage is not None else self.faiss
+        if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self.n or flat.d != self.dim:
+            return None
+        rows = faiss.rev_swig_ptr(flat.get_xb(), self.n * self.dim).reshape(self.n, self.dim)
+        rows.flags.writeable = False
+        self._stored_rows: np.ndarray | None = rows
+        return rows
+
     def search(self, queries: np.ndarray, k: int, breadth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(nq, d) queries -> (scores (nq, k) float32, rows (nq, k) int64); -1 marks no result.
 

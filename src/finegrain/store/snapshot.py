@@ -291,6 +291,10 @@ class Snapshot:
                 self._derived[key] = build()
         return self._derived[key]
 
+    def built(self, key: str) -> Any | None:
+        """The structure :meth:`derived` cached under ``key``, or None if none was built yet (never builds)."""
+        return self._derived.get(key)
+
     def _lock_for(self, key: str) -> threading.Lock:
         with self._lock:
             return self._locks.setdefault(key, threading.Lock())
