@@ -84,3 +84,23 @@ def test_searches_that_release_pages_every_time_answer_the_same(tmp_path, monkey
             assert got == want
     finally:
         idx.close()
+
+
+@linux_only
+def test_freed_heap_goes_back_to_the_system():
+    """Freed small arrays below the heap's top stay in glibc's heap until ``malloc_trim``: RSS falls after it."""
+    import ctypes.util
+
+    if "libc" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("not glibc")
+
+    def anon_mb() -> float:
+        text = open("/proc/self/status").read()
+        return int(text.split("RssAnon:")[1].split()[0]) / 1024
+
+    pages.release_free_heap()
+    blocks = [np.ones(64 * 1024 // 8) for _ in range(2000)]  # 125 MiB of 64 KiB arrays: on the heap, not mmapped
+    del blocks[:-1]  # all but the last, which keeps the heap's top where it was: nothing shrinks by itself
+    before = anon_mb()
+    assert pages.release_free_heap()
+    assert anon_mb() < before - 50

@@ -25,10 +25,12 @@ import os
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_BUDGET_MB", "budget_bytes", "is_mapped", "map_npy", "release", "resident_file_bytes", "trim"]
+__all__ = ["DEFAULT_BUDGET_MB", "budget_bytes", "is_mapped", "map_npy", "release", "release_free_heap",
+           "resident_file_bytes", "trim"]
 
 #: Resident mapped index pages (MiB) a process may gain before :func:`trim` unmaps them (None: no bound).
 DEFAULT_BUDGET_MB: int | None = None
@@ -150,3 +152,30 @@ def trim() -> bool:
         after = resident_file_bytes()
         _baseline = now if after is None else after
         return True
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``); False where there is none.
+
+    Building a snapshot's derived structures frees many temporary arrays of tens of MB. glibc keeps such
+    freed memory in the process: after the 1M index's segment table was built, 0.64 GB of anonymous RSS
+    was freed memory, which ``malloc_trim(0)`` returned (docs/benchmarks.md, "Mapped pages and RSS at 1M").
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (raises AttributeError where libc has no malloc_trim: not glibc)
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+_libc: Any = None
+

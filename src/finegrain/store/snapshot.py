@@ -289,6 +289,10 @@ class Snapshot:
         with self._lock_for("derived:" + key):
             if key not in self._derived:
                 self._derived[key] = build()
+                # A build frees many temporary arrays; glibc would keep that memory in the process.
+                from .pages import release_free_heap
+
+                release_free_heap()
         return self._derived[key]
 
     def built(self, key: str) -> Any | None:
