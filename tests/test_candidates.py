@@ -213,3 +213,14 @@ def test_behind_an_hnsw_graph_the_global_term_reads_the_graphs_own_rows(tmp_path
         assert np.array_equal(rows, snap.global_rows.vectors)
     assert [i for i, _ in got] == [i for i, _ in want]
     assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-6)
+
+
+def test_stored_rows_are_the_structures_own_float32_rows_or_none():
+    from finegrain.store.ann import VectorIndex
+
+    x = _unit(np.random.default_rng(5).standard_normal((400, 16)))
+    for kind in ("flat", "hnsw"):
+        rows = VectorIndex(x, kind).stored_rows()
+        assert rows is not None and np.array_equal(rows, x) and not rows.flags.writeable
+    assert VectorIndex(x, "ivf").stored_rows() is None  # inverted lists: no plain copy to view
+    assert VectorIndex(np.zeros((0, 16), np.float32), "flat").stored_rows() is None

@@ -84,6 +84,14 @@ def exact_top_rows(vectors: Any, queries: np.ndarray, k: int) -> np.ndarray:
     return best_i
 
 
+class _Owned:
+    """FAISS-owned memory for numpy, holding its owner: an array made from this keeps the index alive."""
+
+    def __init__(self, memory: np.ndarray, owner: object):
+        self.__array_interface__ = memory.__array_interface__
+        self.owner = owner
+
+
 class VectorIndex:
     """FAISS index over rows ``0..n-1``; ``search`` returns (scores, row positions) like FAISS."""
 
@@ -130,17 +138,20 @@ class VectorIndex:
 
     def stored_rows(self) -> np.ndarray | None:
         """The float32 rows FAISS keeps in memory (a flat index's, or an HNSW graph's flat storage) as a
-        read-only (n, d) view, no copy; None when it keeps no plain copy (IVF lists). Valid while this lives."""
-        rows = getattr(self, "_stored_rows", None)
-        if rows is not None or self.n == 0:
-            return rows
+        read-only (n, d) view, no copy, which keeps this index alive; None when it keeps no plain copy (IVF).
+
+        Not cached here: the view refers to this index, and a reference back would make a cycle that only
+        the garbage collector frees, keeping an old snapshot's graph (gigabytes) until it runs.
+        """
+        if self.n == 0:
+            return None
         storage = getattr(self.faiss, "storage", None)
         flat = faiss.downcast_index(storage) if storage is not None else self.faiss
         if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self.n or flat.d != self.dim:
             return None
-        rows = faiss.rev_swig_ptr(flat.get_xb(), self.n * self.dim).reshape(self.n, self.dim)
+        memory = faiss.rev_swig_ptr(flat.get_xb(), self.n * self.dim)  # a view that does not own the memory
+        rows = np.asarray(_Owned(memory, self)).reshape(self.n, self.dim)  # its base keeps this index alive
         rows.flags.writeable = False
-        self._stored_rows: np.ndarray | None = rows
         return rows
 
     def search(self, queries: np.ndarray, k: int, breadth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
