@@ -189,7 +189,9 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     """
     target = index if target is None else target
     relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
-    table, glob, owners = index.segment_table, index.global_rows.vectors, index.global_rows.owners
+    from .compress.coded import global_vectors  # the global term as a search scores it
+
+    table, glob, owners = index.segment_table, global_vectors(index.snapshot), index.global_rows.owners
     base = mv.MultiVectorConfig.from_dict(target.search_config_dict().get("multivector", {}))
 
     def run(mode: str, config: mv.MultiVectorConfig) -> Trial:
@@ -325,13 +327,15 @@ def tune_candidates(index: Index, embedded: list[np.ndarray], config: mv.MultiVe
     :func:`choose_candidates`. ``configs``: scheduler settings to try behind every stage (default: ``config``
     alone; "no stage" runs with ``config`` only); a trial's ``pruning`` names the one it ran with.
     """
+    from .compress.coded import global_vectors
     from .retrieval.multivector import candidate_positions
 
-    snapshot, table, glob = index.snapshot, index.segment_table, index.global_rows.vectors
-    reference = [set(mv.search("exhaustive", table, glob, q, 10, config)[1].tolist()) for q in embedded]
+    snapshot, table = index.snapshot, index.segment_table
     sizes = [c for c in (CANDIDATE_GRID if grid is None else grid) if c < len(index)]
     if sizes and embedded:  # builds (or loads) the global ANN structure now, not inside the first size's timing
         candidate_positions(snapshot, embedded[0], sizes[0])
+    glob = global_vectors(snapshot)  # after the stage loaded the ANN: the rows a search then scores
+    reference = [set(mv.search("exhaustive", table, glob, q, 10, config)[1].tolist()) for q in embedded]
     configs = configs or [config]
     trials = []
     runs = [(config, "union", 0), *((c, p, n) for c in configs for p in stages for n in sizes)]

@@ -777,6 +777,7 @@ def measure_peer(index_path: str, name: str, prepared_path: str, workdir: str, k
 
 def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> tuple[Callable, bool | None]:
     """A function query vectors -> top-``k`` image ids, as ``Index.search`` ranks after encoding; and its exactness."""
+    from ..compress.coded import global_vectors
     from ..retrieval.dense import search_vectors
     from ..retrieval.multivector import (
         MultiVectorParams,
@@ -791,13 +792,14 @@ def _finegrain_runner(snap: Any, base: str, options: dict[str, Any], k: int) -> 
         return (lambda q: search_vectors(snap, q[:1], k)[1][0]), None
     params = MultiVectorRetriever().params(snap, base, options)  # the index's saved settings, as a search reads them
     assert isinstance(params, MultiVectorParams)
-    config, table, glob = params.config(), segment_table(snap), snap.global_rows.vectors
+    config, table = params.config(), segment_table(snap)
     n_cand, stage = stage_for(params, len(snap))
 
     def run(q: np.ndarray) -> np.ndarray:
         cands = (candidate_positions(snap, q, n_cand, None, stage, params.weight_global)
                  if 0 < n_cand < len(snap) else None)
-        return snap.ids[mv.search(base, table, glob, q, k, config, cands)[1]]
+        # read per query, as the retriever does: the HNSW graph's own rows once the stage has loaded it
+        return snap.ids[mv.search(base, table, global_vectors(snap), q, k, config, cands)[1]]
     return run, base == "exhaustive" and not 0 < n_cand < len(snap)
 
 
