@@ -12,6 +12,7 @@ library, and tests/test_minilm.py checks that its token states equal
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -142,8 +143,6 @@ def query_dtype() -> torch.dtype:
     ``auto`` takes bfloat16 only where the CPU has native bfloat16 dot products: elsewhere torch emulates them
     and float32 is faster.
     """
-    import os
-
     value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if value == "auto":

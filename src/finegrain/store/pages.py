@@ -4,7 +4,8 @@ Vector chunks and gathered rows are memory-mapped (:func:`map_npy`), so a search
 not a copy. Linux maps 16 pages around each page a read faults in ("fault-around"; ``MADV_RANDOM`` does not
 change it), and a mapped page stays counted in the process's RSS until the mapping goes. After 100
 ``hierarchical`` searches of a 1M-image index, 6.6 GB of mapped index pages were resident beside 3.9 GB of the
-process's own memory (docs/benchmarks.md, "Mapped pages and RSS at 1M"). Those pages are the page cache's:
+process's own memory (4.5 GB once the global rows came from the HNSW graph's copy; docs/benchmarks.md,
+"Mapped pages and RSS at 1M"). Those pages are the page cache's:
 clean, shared, and reclaimed by the kernel under memory pressure like any cached file page.
 
 ``FINEGRAIN_MAPPED_MB=N`` bounds them for deployments that need a bounded RSS (monitoring, several processes
@@ -12,9 +13,9 @@ on one machine). :func:`trim` runs after every search: it reads the process's re
 (``/proc/self/statm``) and, when they grew by more than N MiB since the last trim, unmaps every page of every
 index mapping (``MADV_DONTNEED``). Nothing is lost: the pages stay in the page cache while the kernel keeps
 them, and the next read maps them again with a minor fault. That refault is the cost: at 1M images with a
-1,024 MiB bound, every query maps about a gigabyte afresh and search time doubled (31.7 -> 61.0 ms p50,
-peak RSS 10.5 -> 5.6 GB). The default is ``off`` (no bound: the kernel decides). Where ``/proc`` or
-``madvise`` is missing (not Linux), :func:`trim` does nothing.
+1,024 MiB bound, nearly every query maps its pages afresh (about 0.6 GB) and search time doubled
+(31.7 -> 61.0 ms p50, peak RSS 10.5 -> 5.6 GB). The default is ``off`` (no bound: the kernel decides).
+Where ``/proc`` or ``madvise`` is missing (not Linux), :func:`trim` does nothing.
 """
 
 from __future__ import annotations
@@ -117,8 +118,7 @@ def resident_file_bytes() -> int | None:
 
 def release() -> int:
     """Unmap the resident pages of every index mapping (they stay in the page cache); how many mappings."""
-    advise = getattr(mmap.mmap, "madvise", None)
-    if advise is None or not hasattr(mmap, "MADV_DONTNEED"):
+    if not hasattr(mmap.mmap, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     done = 0
     for mapping in list(_MAPS):
