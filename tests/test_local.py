@@ -109,6 +109,62 @@ def test_representative_rows_drop_only_near_duplicates():
         ch.representative_rows(db, 1.5)
 
 
+def _split(db: ch.LocalDatabase, cuts: list[int]) -> ch.LocalDatabase:
+    """``db`` with its rows in parts cut at the starts of images ``cuts`` (as an index's commit chunks)."""
+    bounds = [0] + [int(db.offsets[c]) for c in cuts] + [db.n_rows]
+    return ch.LocalDatabase([db.descriptors[a:b] for a, b in zip(bounds, bounds[1:])], db.offsets, db.scale, db.offset)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_database_in_parts_answers_as_one_array(kind):
+    rng = np.random.default_rng(7)
+    images = _clumped_collection(rng, n_groups=6, group_size=10)
+    images[13] = np.zeros((0, 32), np.float32)  # an empty image at a part boundary
+    images.append(np.zeros((0, 32), np.float32))  # and one at the end
+    whole = ch.LocalDatabase.from_features(images)
+    parts = _split(whole, [13, 14, 40])
+    assert len(parts.parts) == 4 and parts.n_rows == whole.n_rows and parts.image_part[-1] == 3
+    assert np.array_equal(parts.descriptors, whole.descriptors) and parts.nbytes == whole.nbytes
+    for i in (0, 12, 13, 14, 39, 40, len(images) - 1):
+        assert np.array_equal(parts.image(i), whole.image(i))
+    rows = np.array([0, 5, int(whole.offsets[40]), whole.n_rows - 1])
+    assert np.array_equal(parts.take(rows), whole.descriptors[rows])
+    assert np.array_equal(parts.owner_of(rows), whole.owners[rows])
+    q = images[3][:20]
+    np.testing.assert_allclose(ch.chamfer_scores(q, parts), ch.chamfer_scores(q, whole), rtol=1e-6)
+    np.testing.assert_allclose(ch.chamfer_scores(q, parts, [50, 2, 30]), ch.chamfer_scores(q, whole, [50, 2, 30]),
+                               rtol=1e-6)
+    assert np.array_equal(ch.representative_rows(parts, 0.8), ch.representative_rows(whole, 0.8))
+    a = ch.ApproxChamfer(whole, index=kind, knn=24, nlist=16, nprobe=16, threads=1, dedup=0.8)
+    b = ch.ApproxChamfer(parts, index=kind, knn=24, nlist=16, nprobe=16, threads=1, dedup=0.8)
+    c = ch.ApproxChamfer(parts, index=kind, knn=24, threads=1, dedup=0.8, faiss_index=b.index, rows=b.rows)
+    for searcher in (b, c):
+        s1, i1 = a.search(q, 10, exact_rerank=20)
+        s2, i2 = searcher.search(q, 10, exact_rerank=20)
+        assert np.array_equal(i1, i2)
+        np.testing.assert_allclose(s1, s2, rtol=1e-5)
+    with pytest.raises(ValueError, match="span two parts"):
+        ch.LocalDatabase([whole.descriptors[:5], whole.descriptors[5:]], whole.offsets)
+
+
+def test_int8_database_in_parts_builds_the_same_index():
+    """The int8 path reads the indexed rows block by block from the parts (never one gathered copy)."""
+    rng = np.random.default_rng(8)
+    images = _clumped_collection(rng, n_groups=12, group_size=10)  # 120 images, 11,520 descriptors
+    x = np.concatenate(images)
+    scale = np.abs(x).max(axis=0) / 127
+    codes = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    whole = ch.LocalDatabase(codes, ch.LocalDatabase.from_features(images).offsets, scale, np.zeros(32, np.float32))
+    parts = _split(whole, [30, 31, 90])
+    a = ch.ApproxChamfer(whole, knn=24, nlist=16, nprobe=16, threads=1)  # every row: over 10,000, so IVF
+    b = ch.ApproxChamfer(parts, knn=24, nlist=16, nprobe=16, threads=1)
+    assert type(b.index).__name__ == "IndexIVFScalarQuantizer" and b.index.ntotal == len(b.rows)
+    q = whole.image(5)[:15]
+    assert np.array_equal(a.search(q, 10)[1], b.search(q, 10)[1])
+    assert ch.ivf_lists(19_400_000) == ch.IVF_MAX_LISTS and ch.ivf_lists(100_000) == 1024
+    assert ch.ivf_lists(1000) == 25 and ch.ivf_lists(1000, 8) == 8
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_dedup_spreads_neighbour_lists_and_verification_is_exact(kind):
     """On near-duplicate clumps a short neighbour list reaches few images; the representatives' index
@@ -655,6 +711,38 @@ def test_rank_from_stored_descriptors_excludes_the_query(local_index, mode):
         if mode != "l2g":
             assert included[0] == p, (mode, p, included[:3])
             assert order.tolist() == [i for i in included.tolist() if i != p]
+
+
+def test_searcher_reads_the_chunks_in_place_and_caches_its_indexed_rows(local_index, tmp_path):
+    """Two commits, two chunks: the database keeps both as they are on disk (no gathered copy), answers as
+    the compacted index (one chunk) does, and keeps the near-duplicate pass's result beside the FAISS file."""
+    import shutil
+
+    from finegrain import Index
+    from finegrain.local.search import LocalSearcher
+    from finegrain.store import pages
+
+    index, photos = local_index
+    shutil.copytree(index.path, tmp_path / "copy", ignore=shutil.ignore_patterns("ann"))
+    copy = Index.open(tmp_path / "copy")
+    chunks = copy.snapshot
+    s = LocalSearcher(chunks)
+    if len(s.db.parts) != 2:
+        pytest.skip("the fixture's two commits were merged into one chunk (refit ran first)")
+    assert all(pages.is_mapped(p) for p in s.db.parts)
+    q, gq = s.query_features(photos[0], None)
+    ranking = s.rank("local", q, gq, exact_rerank=0)[1]
+    rows_file = next((tmp_path / "copy" / "ann").glob("local-*.rows.npy"))
+    again = LocalSearcher(chunks)
+    assert np.array_equal(again.approx().rows, s.approx().rows)
+    rows_file.write_bytes(b"not an array")  # damaged: found again by the pass over every row
+    damaged = LocalSearcher(chunks)
+    assert np.array_equal(damaged.approx().rows, s.approx().rows)
+    assert np.array_equal(np.load(rows_file), s.approx().rows)  # and written again
+    copy.compact()
+    one = LocalSearcher(copy.snapshot)
+    assert len(one.db.parts) == 1
+    assert np.array_equal(one.rank("local", q, gq, exact_rerank=0)[1], ranking)
 
 
 def test_local_search_errors(local_index, tmp_path, photos_dir):

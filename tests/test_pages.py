@@ -104,3 +104,17 @@ def test_freed_heap_goes_back_to_the_system():
     before = anon_mb()
     assert pages.release_free_heap()
     assert anon_mb() < before - 50
+
+
+@linux_only
+def test_release_array_gives_back_one_mapping_only(tmp_path):
+    path = tmp_path / "part.npy"
+    np.save(path, np.random.default_rng(1).integers(-100, 100, 32 << 20, dtype=np.int8).reshape(-1, 64))
+    arr = pages.map_npy(path)
+    before = pages.resident_file_bytes()
+    total = int(arr[::64].astype(np.int64).sum())
+    assert pages.resident_file_bytes() - before > 24 << 20
+    assert pages.release_array(arr[10:20])  # a view finds its mapping
+    assert pages.resident_file_bytes() - before < 4 << 20
+    assert int(arr[::64].astype(np.int64).sum()) == total  # still readable, unchanged
+    assert not pages.release_array(np.zeros(4))  # an array in memory: nothing to give back

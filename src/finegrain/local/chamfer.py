@@ -49,7 +49,7 @@ descriptor is what the aggregation already does (only the best hit per
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,9 +63,8 @@ def _as_desc(x) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- database
-@dataclass
 class LocalDatabase:
-    """All database descriptors concatenated; image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+    """All database descriptors, image by image: image ``i`` owns rows ``offsets[i]:offsets[i+1]``.
 
     The rows stay as the index stores them (float32, float16, or int8 with a per-dimension ``scale`` and
     ``offset``: a row ``c`` stands for ``offset + scale * c``; a memory-mapped field is not copied), so the
@@ -73,34 +72,48 @@ class LocalDatabase:
     (:func:`finegrain.compress.storage.dot_rows`, the int8 scale folded into the query) and :meth:`image`
     decodes one image's rows.
 
+    ``descriptors`` is one array, or a list of arrays whose rows follow one another (an index's chunks, each
+    memory-mapped: 12 GB of them at 100,000 images of 970 int8 descriptors, never concatenated). An image's
+    rows lie in one part. Passes over every row (:func:`representative_rows`) give each part's pages back
+    once read (:meth:`release`), so the process does not keep the whole field resident.
+
     Attributes
     ----------
-    descriptors : (N, d) float32, float16 or int8, C-contiguous.
+    parts : list of (n_k, d) arrays, float32, float16 or int8, C-contiguous.
     offsets : (n_images + 1,) int64.
-    owners : (N,) int64, the image of each row.
     scale, offset : (d,) float32, int8 rows only.
     """
 
-    descriptors: np.ndarray
-    offsets: np.ndarray
-    scale: np.ndarray | None = None
-    offset: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        dtype = np.asarray(self.descriptors[:0]).dtype
+    def __init__(self, descriptors: np.ndarray | Sequence[np.ndarray], offsets: np.ndarray,
+                 scale: np.ndarray | None = None, offset: np.ndarray | None = None):
+        parts = [descriptors] if isinstance(descriptors, np.ndarray) else list(descriptors)
+        if not parts:
+            raise ValueError("a local database needs at least one (possibly empty) array of descriptors")
+        dtype = np.asarray(parts[0][:0]).dtype
+        if any(np.asarray(p[:0]).dtype != dtype for p in parts):
+            raise ValueError("every part of a local database must have one dtype")
         if dtype == np.int8:
-            if self.scale is None or self.offset is None:
+            if scale is None or offset is None:
                 raise ValueError("int8 descriptors need their scale and offset")
-            self.scale = np.asarray(self.scale, np.float32)
-            self.offset = np.asarray(self.offset, np.float32)
-        elif self.scale is not None or self.offset is not None:
+            scale, offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+        elif scale is not None or offset is not None:
             raise ValueError("a scale and offset apply to int8 descriptors only")
+        self.scale, self.offset = scale, offset
         keep = dtype if dtype in (np.float16, np.int8) else np.float32
-        self.descriptors = np.ascontiguousarray(self.descriptors, dtype=keep)  # no copy when already so
-        self.offsets = np.asarray(self.offsets, dtype=np.int64)
-        if self.offsets[0] != 0 or self.offsets[-1] != len(self.descriptors) or np.any(np.diff(self.offsets) < 0):
+        self.parts = [np.ascontiguousarray(p, dtype=keep) for p in parts]  # no copy when already so
+        self.part_starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if (self.offsets[0] != 0 or self.offsets[-1] != self.part_starts[-1]
+                or np.any(np.diff(self.offsets) < 0)):
             raise ValueError("offsets must rise from 0 to the number of descriptors")
-        self.owners = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.offsets))
+        # the part holding each image's rows (an image never spans two parts: one commit writes all of them)
+        part = np.searchsorted(self.part_starts, self.offsets[:-1], side="right") - 1
+        self.image_part = np.minimum(part, len(self.parts) - 1).astype(np.int32)  # trailing empty images: last
+        if len(self.parts) > 1:
+            ends = self.part_starts[self.image_part.astype(np.int64) + 1]
+            if np.any(self.offsets[1:] > ends):
+                raise ValueError("an image's descriptors span two parts of the local database")
+        self._owners: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, features: Sequence) -> LocalDatabase:
@@ -113,12 +126,41 @@ class LocalDatabase:
         return cls(desc, np.concatenate([[0], np.cumsum(counts)]))
 
     @property
+    def descriptors(self) -> np.ndarray:
+        """Every row as one array: the array itself when there is one part, else a concatenated copy (for small
+        databases and tests; the searcher reads part by part)."""
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.part_starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
+
+    @property
+    def owners(self) -> np.ndarray:
+        """(N,) int64, the image of each row (built on first use: 8 bytes a row; :meth:`owner_of` costs none)."""
+        if self._owners is None:
+            self._owners = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.offsets))
+        return self._owners
+
+    def owner_of(self, rows: np.ndarray) -> np.ndarray:
+        """The image of each of ``rows`` (global row numbers), int64."""
+        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+
+    @property
     def n_images(self) -> int:
         return len(self.offsets) - 1
 
     @property
     def dim(self) -> int:
-        return int(self.descriptors.shape[1])
+        return int(self.parts[0].shape[1])
 
     @property
     def counts(self) -> np.ndarray:
@@ -127,7 +169,7 @@ class LocalDatabase:
     @property
     def compact(self) -> bool:
         """Whether the rows are held float16 or int8 (scored through :meth:`similarities`)."""
-        return self.descriptors.dtype != np.float32
+        return self.dtype != np.float32
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
         """Stored rows as float32 descriptors."""
@@ -136,16 +178,45 @@ class LocalDatabase:
             out = out * self.scale + self.offset
         return out
 
+    def span(self, first: int, last: int) -> np.ndarray | None:
+        """The stored rows of images ``first`` to ``last`` (inclusive) as one view, or None when they lie in
+        two parts."""
+        part = int(self.image_part[first])
+        if part != int(self.image_part[last]):
+            return None
+        base = int(self.part_starts[part])
+        return self.parts[part][int(self.offsets[first]) - base:int(self.offsets[last + 1]) - base]
+
     def image(self, i: int, limit: int | None = None) -> np.ndarray:
         """Image ``i``'s descriptors, float32 (a view of the rows when they are float32, else decoded); with
         ``limit``, only its first (strongest) ``limit``, and only those decoded."""
-        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
-        rows = self.descriptors[start:stop if limit is None else min(stop, start + int(limit))]
+        rows = self.stored_image(i)
+        if limit is not None:
+            rows = rows[:int(limit)]
         return rows if not self.compact else self.decode(rows)
 
     def stored_image(self, i: int) -> np.ndarray:
         """Image ``i``'s rows as stored (a view)."""
-        return self.descriptors[self.offsets[i]:self.offsets[i + 1]]
+        rows = self.span(int(i), int(i))
+        assert rows is not None  # one image lies in one part
+        return rows
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The stored rows at sorted global row numbers ``rows`` (a copy)."""
+        rows = np.asarray(rows, np.int64)
+        if len(self.parts) == 1:
+            return self.parts[0][rows]
+        cut = np.searchsorted(rows, self.part_starts)
+        return np.concatenate([self.parts[k][rows[cut[k]:cut[k + 1]] - self.part_starts[k]]
+                               for k in range(len(self.parts))])
+
+    def release(self, part: int | None = None) -> None:
+        """Give back the resident pages of a memory-mapped part (every part when None); they stay in the page
+        cache, and the next read maps them again."""
+        from ..store.pages import release_array
+
+        for k in range(len(self.parts)) if part is None else [part]:
+            release_array(self.parts[k])
 
     def similarities(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), |Q|)`` inner products of stored rows with float32 query descriptors, rows never
@@ -190,7 +261,8 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         return out
     counts = db.counts[ids]
     nonempty = np.flatnonzero(counts > 0)
-    contiguous = images is None
+    contiguous = images is None  # a scan of every image: each part's pages are given back once passed
+    part = -1
     start = 0
     while start < len(nonempty):
         # a block of consecutive (non-empty) requested images with about block_rows rows in all
@@ -198,10 +270,13 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         stop = start + max(1, int(np.searchsorted(cum, block_rows, side="right")))
         block = nonempty[start:stop]
         sel = ids[block]
-        if contiguous and sel[-1] - sel[0] == len(sel) - 1:
-            rows = db.descriptors[db.offsets[sel[0]]:db.offsets[sel[-1] + 1]]
-        else:
+        rows = db.span(int(sel[0]), int(sel[-1])) if contiguous and sel[-1] - sel[0] == len(sel) - 1 else None
+        if rows is None:
             rows = np.concatenate([db.stored_image(int(i)) for i in sel])
+        if contiguous and int(db.image_part[sel[0]]) != part:
+            if part >= 0:
+                db.release(part)
+            part = int(db.image_part[sel[0]])
         seg = np.concatenate([[0], np.cumsum(db.counts[sel])[:-1]])
         if db.compact:  # float16/int8 rows, converted to float32 a few thousand at a time
             best = np.maximum.reduceat(db.similarities(q, rows), seg, axis=0).T
@@ -209,10 +284,51 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
             best = np.maximum.reduceat(q @ rows.T, seg, axis=1)  # (|Q|, images)
         out[block] = match_kernel(best, threshold).mean(axis=0)
         start = stop
+    if contiguous:
+        db.release()
     return out
 
 
 # --------------------------------------------------------------------------- approximate
+#: Most IVF lists of the approximate search's FAISS index, and most rows its k-means trains on. Without the caps
+#: 100,000 images of 970 descriptors (19.4M indexed) would get 16,384 lists trained on 1M rows, hours of k-means
+#: on 2 cores; 8,192 lists on 262,144 rows (32 a list, within FAISS's advice of 30-256) take minutes.
+IVF_MAX_LISTS = 8192
+IVF_TRAIN_ROWS = 262_144
+
+
+def ivf_lists(n: int, nlist: int | None = None) -> int:
+    """IVF lists for ``n`` indexed rows: ``nlist``, else about 4 sqrt(n) (a power of two, at most
+    :data:`IVF_MAX_LISTS`); never fewer than 39 rows a list."""
+    if nlist is None:
+        nlist = min(int(2 ** np.round(np.log2(4 * np.sqrt(max(n, 1))))), IVF_MAX_LISTS)
+    return max(1, min(int(nlist), n // 39))
+
+
+class _Selection:
+    """Rows ``rows`` of a :class:`LocalDatabase` read like an array (``shape``, ``len``, ``[slice]``, ``[sorted
+    positions]``), gathered a block at a time, for :func:`finegrain.compress.coded.build_sq_index`; each
+    mapped part's pages are given back once a block has passed it."""
+
+    def __init__(self, db: LocalDatabase, rows: np.ndarray):
+        self.db, self.rows = db, rows
+        self.shape = (len(rows), db.dim)
+        self.dtype = db.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        rows = self.rows[key]
+        out = self.db.take(rows)
+        if not isinstance(key, slice):  # a sample from everywhere (the IVF training rows)
+            self.db.release()
+        elif len(rows):  # blocks come in row order: parts wholly before this one are done with
+            for part in range(int(np.searchsorted(self.db.part_starts, rows[0], side="right")) - 1):
+                self.db.release(part)
+        return out
+
+
 def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
     """Rows kept when each image's near-duplicate descriptors are dropped (sorted, int64).
 
@@ -223,18 +339,26 @@ def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError("threshold must be a cosine in [-1, 1]")
-    keep = []
+    keep: list[np.ndarray] = []
+    part = -1
     for i in range(db.n_images):
+        if int(db.image_part[i]) != part:  # a pass over every row: give back the pages of the part behind
+            if part >= 0:
+                db.release(part)
+            part = int(db.image_part[i])
         x = db.image(i)
         if len(x) == 0:
             continue
         close = (x @ x.T) >= threshold
         alive = np.ones(len(x), bool)
+        kept = []
         for j in range(len(x)):
             if alive[j]:
-                keep.append(db.offsets[i] + j)
+                kept.append(j)
                 alive &= ~close[j]
-    return np.asarray(keep, np.int64)
+        keep.append(db.offsets[i] + np.asarray(kept, np.int64))
+    db.release()
+    return np.concatenate(keep) if keep else np.zeros(0, np.int64)
 
 
 class ApproxChamfer:
@@ -270,12 +394,16 @@ class ApproxChamfer:
     faiss_index : faiss.Index, optional
         A prebuilt index over the indexed rows (``db.descriptors``, or its
         representatives with ``dedup``), in the same order.
+    rows : array, optional
+        The indexed rows when already known (sorted global row numbers, what
+        :func:`representative_rows` returned for ``dedup``): a pass over every
+        descriptor saved.
     """
 
     def __init__(self, db: LocalDatabase, index: str = "ivf", knn: int = 32, nlist: int | None = None,
                  nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64, fill: str = "kth",
                  threshold: float | None = None, threads: int = 2, seed: int = 0, dedup: float | None = None,
-                 faiss_index=None):
+                 faiss_index=None, rows: np.ndarray | None = None):
         import faiss
 
         if fill not in ("kth", "zero"):
@@ -292,9 +420,14 @@ class ApproxChamfer:
         self.nprobe = int(nprobe)
         self.ef_search = int(ef_search)
         self.dedup = dedup
-        # FAISS id -> database row (all rows, or each image's representatives)
-        self.rows = (np.arange(len(db.descriptors), dtype=np.int64) if dedup is None
-                     else representative_rows(db, float(dedup)))
+        # FAISS id -> database row (all rows, or each image's representatives), and -> its image (4 bytes a
+        # row: what aggregation reads; a row -> image table over every descriptor would be 8 bytes a descriptor)
+        if rows is not None:
+            self.rows = np.asarray(rows, np.int64)
+        else:
+            self.rows = (np.arange(db.n_rows, dtype=np.int64) if dedup is None
+                         else representative_rows(db, float(dedup)))
+        self.row_image = db.owner_of(self.rows).astype(np.int32)
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.index = faiss_index if faiss_index is not None else self._build(index, nlist, hnsw_m, seed)
@@ -306,9 +439,9 @@ class ApproxChamfer:
         import faiss
 
         d = self.db.dim
-        x = self.db.descriptors if len(self.rows) == len(self.db.descriptors) else self.db.descriptors[self.rows]
-        if self.db.descriptors.dtype == np.int8:
-            return self._build_sq(x, kind, nlist, hnsw_m, seed)
+        if self.db.dtype == np.int8:
+            return self._build_sq(_Selection(self.db, self.rows), kind, nlist, hnsw_m, seed)
+        x = self.db.descriptors if len(self.rows) == self.db.n_rows else self.db.take(self.rows)
         x = self.db.decode(x) if self.db.compact else x
         index: faiss.Index
         if kind == "flat" or len(x) < 10_000:
@@ -318,19 +451,19 @@ class ApproxChamfer:
             hnsw.hnsw.efConstruction = 80
             index = hnsw
         else:
-            if nlist is None:
-                nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(x)))))
-            nlist = max(1, min(nlist, len(x) // 39))
+            nlist = ivf_lists(len(x), nlist)
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
-            sample = x if len(x) <= 64 * nlist else x[np.sort(rng.choice(len(x), 64 * nlist, replace=False))]
+            train = min(64 * nlist, IVF_TRAIN_ROWS)
+            sample = x if len(x) <= train else x[np.sort(rng.choice(len(x), train, replace=False))]
             index.train(np.ascontiguousarray(sample))
         index.add(x)
         return index
 
-    def _build_sq(self, codes: np.ndarray, kind: str, nlist: int | None, hnsw_m: int, seed: int):
+    def _build_sq(self, codes: Any, kind: str, nlist: int | None, hnsw_m: int, seed: int):
         """int8 rows: a FAISS scalar-quantizer index holding exactly the stored codes (1 byte a dimension, not a
-        float32 copy); FAISS scores them as the exact Chamfer does, ``offset + scale * c``."""
+        float32 copy); FAISS scores them as the exact Chamfer does, ``offset + scale * c``. ``codes`` is read in
+        blocks (a :class:`_Selection` of the database's rows), never gathered whole."""
         from ..compress.coded import build_sq_index
         from ..compress.storage import Codec
 
@@ -339,10 +472,9 @@ class ApproxChamfer:
             return build_sq_index(codes, codec, "flat", what="local")
         if kind == "hnsw":
             return build_sq_index(codes, codec, "hnsw", hnsw_m=hnsw_m, what="local")
-        if nlist is None:
-            nlist = int(2 ** np.round(np.log2(4 * np.sqrt(len(codes)))))
-        nlist = max(1, min(nlist, len(codes) // 39))
-        return build_sq_index(codes, codec, "ivf", nlist=nlist, train_rows=64 * nlist, what="local")
+        nlist = ivf_lists(len(codes), nlist)
+        return build_sq_index(codes, codec, "ivf", nlist=nlist, train_rows=min(64 * nlist, IVF_TRAIN_ROWS),
+                              what="local")
 
     def set_search_params(self) -> None:
         import faiss
@@ -355,10 +487,14 @@ class ApproxChamfer:
 
     def neighbours(self, query) -> tuple[np.ndarray, np.ndarray]:
         """``(D, ids)`` for every query descriptor: (|Q|, knn) similarities and database rows (-1: none)."""
+        D, ids = self._search(query)
+        return D, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+
+    def _search(self, query) -> tuple[np.ndarray, np.ndarray]:
+        """``(D, FAISS ids)``, (|Q|, knn), -1: none."""
         q = _as_desc(query)
         k = min(self.knn, max(1, len(self.rows)))
-        D, ids = self.index.search(q, k)
-        return D, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+        return self.index.search(q, k)
 
     def matches(self, query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every (query descriptor, database descriptor) match found: ``(qi, rows, kernel sims, fill (|Q|,))``.
@@ -411,7 +547,7 @@ class ApproxChamfer:
             for i in live:
                 out[i] = self._aggregate_matches(*self.matches(qs[i]), len(qs[i]))
             return out
-        D, ids = self.neighbours(np.concatenate([qs[i] for i in live]))
+        D, ids = self._search(np.concatenate([qs[i] for i in live]))
         ends = np.cumsum([len(qs[i]) for i in live])
         for i, stop in zip(live, ends):
             start = stop - len(qs[i])
@@ -419,14 +555,14 @@ class ApproxChamfer:
         return out
 
     def _aggregate_lists(self, D: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores from each query descriptor's neighbour list (``knn > 0``).
+        """Image scores from each query descriptor's neighbour list (``knn > 0``; ``ids``: FAISS ids).
 
         FAISS returns every list best first, so a descriptor's best match in an image is the first entry of
         that image in its list: a stable sort of each row by image finds it without a global sort.
         """
         n = self.db.n_images
         D, valid, fill = self._kernel_lists(D, ids)
-        owner = np.where(valid, self.db.owners[np.maximum(ids, 0)], n)  # n: no image
+        owner = np.where(valid, self.row_image[np.maximum(ids, 0)], n)  # n: no image
         by_image = np.argsort(owner, axis=1, kind="stable")
         image = np.take_along_axis(owner, by_image, axis=1)
         first = np.ones(image.shape, bool)
@@ -444,7 +580,7 @@ class ApproxChamfer:
                            n_query: int) -> tuple[np.ndarray, np.ndarray]:
         """Image scores from a flat list of matches (range search): the best match per (descriptor, image)."""
         n = self.db.n_images
-        owner = self.db.owners[rows]
+        owner = self.db.owner_of(rows)
         key = qi.astype(np.int64) * n + owner
         order = np.lexsort((-sims, key))  # by key, best first within a key
         key, sims, qi, owner = key[order], sims[order], qi[order], owner[order]

@@ -144,19 +144,9 @@ class LocalSearcher:
 
         # the rows as stored (float16, or int8 after `compress --field local --quantize int8`), never decoded
         # as a whole: the database scores them block by block, so the searcher holds the stored size
-        rows, codec = storage.scoring(snapshot, LOCAL_FIELD) if storage.has_rows(snapshot, LOCAL_FIELD) else \
-            (None, storage.IDENTITY)
-        if rows is None or len(rows) == 0:
-            dim = self.store.extractor.dim
-            desc, owners = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-        elif bool(np.all(rows.owners[1:] >= rows.owners[:-1])):  # already grouped by image (commit order)
-            desc, owners = rows.vectors, rows.owners  # memory-mapped when the field is one live chunk
-        else:
-            order = np.argsort(rows.owners, kind="stable")  # group rows by image, keep strongest-first inside
-            desc, owners = rows.vectors[order], rows.owners[order]
-        offsets = np.searchsorted(owners, np.concatenate([self.ids, [np.iinfo(np.int64).max]]), side="left")
-        offsets[-1] = len(owners)
-        self.db = LocalDatabase(desc, offsets, codec.scale, codec.offset)
+        parts, codec = storage.scoring_parts(snapshot, LOCAL_FIELD) if storage.has_rows(snapshot, LOCAL_FIELD) \
+            else ([], storage.IDENTITY)
+        self.db = _database(parts, self.ids, codec, self.store.extractor.dim if not parts else 0)
         self.instance = self._instance_rows(snapshot)
         self.joint = self._aligned(snapshot.global_rows)
         self._approx: ApproxChamfer | None = None
@@ -220,21 +210,37 @@ class LocalSearcher:
         import faiss
 
         path = self._cache("local" + self._dedup_tag()).with_suffix(".faiss")
-        prebuilt = None
+        rows_path = path.with_suffix(".rows.npy")  # the indexed rows (a pass over every descriptor to find)
+        prebuilt, rows = None, None
         if path.exists():
             try:
                 prebuilt = faiss.read_index(str(path))
             except RuntimeError:  # a damaged cache file: rebuild it
                 prebuilt = None
+        if prebuilt is not None and rows_path.exists():
+            rows = self._read_rows(rows_path)
         try:
             approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                   faiss_index=prebuilt)
+                                   faiss_index=prebuilt, rows=rows)
         except ValueError:  # a stale cache file of another size: rebuild
             prebuilt = None
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
+                                   rows=rows)
+        if rows is None and len(approx.rows):
+            _write_cache(rows_path, lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
         if prebuilt is None and len(approx.rows):
             _write_cache(path, lambda tmp: faiss.write_index(approx.index, str(tmp)))
         return approx
+
+    def _read_rows(self, path: Path) -> np.ndarray | None:
+        """Cached indexed rows, or None when the file is damaged or does not fit this database."""
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        ok = (rows.ndim == 1 and rows.dtype == np.int64 and len(rows) > 0 and int(rows[0]) >= 0
+              and int(rows[-1]) < self.db.n_rows and bool(np.all(rows[1:] > rows[:-1])))
+        return rows if ok else None
 
     def graph(self, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Each database image's ``graph_m`` best other images by approximate Chamfer, ``(ids, sims)`` by position."""
@@ -262,10 +268,14 @@ class LocalSearcher:
         sims = np.zeros((n, self.graph_m), np.float32)
         step = 32
         with progress_bar(n, "local neighbour lists", show_progress) as bar:
+            passed = 0  # database parts before this block: every list that reads them is done
             for s in range(0, n, step):
                 part = np.arange(s, min(n, s + step))
                 ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
                 bar.advance(len(part))
+                for k in range(passed, int(self.db.image_part[s])):
+                    self.db.release(k)
+                passed = max(passed, int(self.db.image_part[s]))
         _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
         return ids, sims
 
@@ -426,6 +436,33 @@ class LocalSearcher:
     def exact_top(self, q: np.ndarray, k: int = 100) -> np.ndarray:
         """Exact Chamfer scores of ``q`` against every database image (for recall checks)."""
         return chamfer_scores(q, self.db)
+
+
+def _database(parts: list, ids: np.ndarray, codec, dim: int) -> LocalDatabase:
+    """The local database over a field's live chunks (:meth:`~finegrain.store.snapshot.Snapshot.field_parts`).
+
+    Chunks are kept as they are (memory-mapped when fully live) when each is grouped by image and the images
+    rise from chunk to chunk, as commits write them; otherwise (rows of one image in two chunks) the rows are
+    gathered and sorted by image in memory.
+    """
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return LocalDatabase(np.zeros((0, dim), np.float32), np.zeros(len(ids) + 1, np.int64))
+    end = np.iinfo(np.int64).max
+    grouped = all(bool(np.all(p.owners[1:] >= p.owners[:-1])) for p in parts) and all(
+        a.owners[-1] < b.owners[0] for a, b in zip(parts, parts[1:]))
+    if grouped:
+        vectors = [p.vectors for p in parts]
+        # rows before each image: the sum over chunks of the chunk's rows of smaller image ids
+        offsets = sum(np.searchsorted(p.owners, np.concatenate([ids, [end]]), side="left") for p in parts)
+    else:
+        owners = np.concatenate([p.owners for p in parts])
+        order = np.argsort(owners, kind="stable")  # group rows by image, keep strongest-first inside
+        vectors = [np.concatenate([p.vectors for p in parts])[order]]
+        offsets = np.searchsorted(owners[order], np.concatenate([ids, [end]]), side="left")
+    offsets = np.asarray(offsets, np.int64)
+    offsets[-1] = sum(len(v) for v in vectors)
+    return LocalDatabase(vectors, offsets, codec.scale, codec.offset)
 
 
 def _write_cache(path: Path, write, suffix: str = "") -> None:

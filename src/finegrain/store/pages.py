@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_BUDGET_MB", "budget_bytes", "is_mapped", "map_npy", "release", "release_free_heap",
-           "resident_file_bytes", "trim"]
+__all__ = ["DEFAULT_BUDGET_MB", "budget_bytes", "is_mapped", "map_npy", "release", "release_array",
+           "release_free_heap", "resident_file_bytes", "trim"]
 
 #: Resident mapped index pages (MiB) a process may gain before :func:`trim` unmaps them (None: no bound).
 DEFAULT_BUDGET_MB: int | None = None
@@ -84,11 +84,31 @@ def map_npy(path: Path, header_lock: threading.Lock | None = None) -> np.ndarray
 
 def is_mapped(array: object) -> bool:
     """Whether ``array`` is (a view of) a memory-mapped file, not a copy in memory."""
+    return _mapping_of(array) is not None
+
+
+def _mapping_of(array: object) -> mmap.mmap | np.memmap | None:
     while array is not None:
         if isinstance(array, (mmap.mmap, np.memmap)):
-            return True
+            return array
         array = array.obj if isinstance(array, memoryview) else getattr(array, "base", None)
-    return False
+    return None
+
+
+def release_array(array: object) -> bool:
+    """Unmap the resident pages of the mapping ``array`` views (a no-op for arrays in memory); True if released.
+
+    For passes that read a whole field once (the local database's near-duplicate reduction): without it,
+    every page they read stays counted in the process's RSS, 12 GB for 100,000 images' local descriptors.
+    """
+    mapping = _mapping_of(array)
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (ValueError, OSError):  # closed meanwhile, or a kernel that refuses
+        return False
+    return True
 
 
 def budget_bytes() -> int | None:
