@@ -51,8 +51,8 @@ def memory(index_path: str) -> dict:
     after = status()
     inst = s.instance
     inst_bytes = 0 if inst is None else int(getattr(inst, "rows", inst).nbytes)
-    return {"db_dtype": str(s.db.descriptors.dtype), "descriptors": int(len(s.db.descriptors)),
-            "db_MB": round(s.db.descriptors.nbytes / 2**20, 2),
+    return {"db_dtype": str(s.db.dtype), "descriptors": s.db.n_rows,
+            "db_MB": round(s.db.nbytes / 2**20, 2),
             "faiss_MB": round(faiss.serialize_index(approx.index).nbytes / 2**20, 2),
             "faiss_kind": type(faiss.downcast_index(approx.index)).__name__,
             "instance_MB": round(inst_bytes / 2**20, 3),

@@ -49,7 +49,7 @@ def main() -> None:
             t2 = time.perf_counter()
             search_ms.append((t1 - t0) * 1e3)
             total_ms.append((t2 - t1) * 1e3)
-        row = {"images": n, "indexed_rows": len(approx.rows), "descriptors": len(db.descriptors),
+        row = {"images": n, "indexed_rows": len(approx.rows), "descriptors": db.n_rows,
                "sample": len(part), "knn": approx.knn, "nprobe": approx.nprobe, "approx_build_s": round(build_s, 1),
                "faiss_search_ms_per_image": round(float(np.mean(search_ms)), 2),
                "score_all_ms_per_image": round(float(np.mean(total_ms)), 2)}

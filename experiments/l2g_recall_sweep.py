@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         for knn in (int(v) for v in args.knn.split(",")):
             approx.knn = knn
-            row = {"dedup": dedup, "knn": knn, "indexed": len(approx.rows), "descriptors": len(db.descriptors),
+            row = {"dedup": dedup, "knn": knn, "indexed": len(approx.rows), "descriptors": db.n_rows,
                    "build_s": build_s}
             rec, ms, ver, vms = [], [], {R: [] for R in Rs}, {R: [] for R in Rs}
             for q, e in zip(queries, exact):

@@ -216,7 +216,7 @@ def prepare(args: argparse.Namespace) -> dict:
         loc_db = [local_ex.transform(r.top(args.features)) for r in rdb]
         loc_q = [local_ex.transform(r.top(args.query_features)) for r in rq]
     db = ch.LocalDatabase.from_features(loc_db)
-    log(f"local database: {len(db.descriptors)} descriptors ({db.counts.mean():.0f}/image), dim {db.dim}")
+    log(f"local database: {db.n_rows} descriptors ({db.counts.mean():.0f}/image), dim {db.dim}")
 
     # ---- approximate local search structure (FAISS index cached on disk)
     lkey = _hash({"ex": local_ex.config(), "f": args.features, "n": n_db, "ext": args.extractor,
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
     tm["extract_ms"] = float(np.mean(extract_ms)) if extract_ms else float("nan")
     tm["l2g_query_ms"] = tm["extract_ms"] + tm["local_search_ms"] + tm["rerank_ms"]
     report = {"args": vars(args), "database": len(bench.db_paths), "distractors": len(bench.distractor_paths),
-              "queries": len(q_items), "descriptors": int(len(db.descriptors)), "results": res}
+              "queries": len(q_items), "descriptors": db.n_rows, "results": res}
 
     rows = ["global (joint, foundation default)", "global", "global+local", "local", "local (exact)", "l2g"]
     print(f"\n| mode | E | M | H |\n|---|---|---|---|")

@@ -819,3 +819,27 @@ def test_concurrent_first_searches_share_one_cache(local_index):
         p.write_bytes(p.read_bytes()[:40])
     again = Index.open(index.path)
     assert [h.id for h in again.search(image=photos[0], mode="l2g", k=5, sg_k=1, shortlist=5, mds_dim=4)] == results[0]
+
+
+def test_ivf_lists_reserved_before_adding_hold_what_plain_adding_holds():
+    """build_sq_index assigns, reserves each list, then adds: the same index as FAISS's own add."""
+    import faiss
+
+    from finegrain.compress.coded import build_sq_index
+    from finegrain.compress.storage import Codec
+
+    rng = np.random.default_rng(9)
+    x = _unit(rng.standard_normal((20_000, 32))).astype(np.float32)
+    scale = np.abs(x).max(axis=0) / 127
+    codes = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    codec = Codec(None, scale, np.zeros(32, np.float32), "int8")
+    built = build_sq_index(codes, codec, "ivf", nlist=32, what="test")
+    plain = faiss.clone_index(built)
+    plain.reset()
+    plain.add(codec.decode(codes))
+    sizes = [built.invlists.list_size(i) for i in range(32)]
+    assert sizes == [plain.invlists.list_size(i) for i in range(32)] and sum(sizes) == 20_000
+    built.nprobe = plain.nprobe = 4
+    D1, I1 = built.search(x[:50], 10)
+    D2, I2 = plain.search(x[:50], 10)
+    assert np.array_equal(I1, I2) and np.allclose(D1, D2)

@@ -293,13 +293,40 @@ def build_sq_index(codes: np.ndarray, codec: Codec, kind: str, nlist: int | None
         faiss.copy_array_to_vector(trained, owner.sq.trained)
         owner.is_trained = True
         index.is_trained = True
-    for start in range(0, n, BLOCK_ROWS):
-        part = codec.decode(codes[start:start + BLOCK_ROWS])
-        if not np.isfinite(part).all():
-            raise IndexFormatError(f"stored {what} rows hold NaN or inf: the index is damaged; run "
-                                   "`finegrain check --index INDEX`")
-        index.add(np.ascontiguousarray(part, np.float32))
+    def blocks():
+        for start in range(0, n, BLOCK_ROWS):
+            part = codec.decode(codes[start:start + BLOCK_ROWS])
+            if not np.isfinite(part).all():
+                raise IndexFormatError(f"stored {what} rows hold NaN or inf: the index is damaged; run "
+                                       "`finegrain check --index INDEX`")
+            yield start, np.ascontiguousarray(part, np.float32)
+
+    if kind == "ivf" and n:
+        _add_reserved(index, blocks)
+    else:
+        for _, part in blocks():
+            index.add(part)
     return index
+
+
+def _add_reserved(index: Any, blocks) -> None:
+    """Add to an IVF index with each inverted list allocated once at its final size.
+
+    Adding block by block grows each list as a vector does (doubling), which held up to twice the codes'
+    bytes: at 19.4M local descriptors the index took over 5 GB for 2.5 GB of codes. So the rows are
+    assigned to their lists first (what ``add`` computes), each list is reserved, then the codes added
+    with those assignments: the same index.
+    """
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    lists = np.concatenate([index.quantizer.search(part, 1)[1][:, 0] for _, part in blocks()])
+    invlists = index.invlists
+    for list_no, count in enumerate(np.bincount(lists, minlength=index.nlist).tolist()):
+        if count:
+            invlists.resize(list_no, count)  # allocates the list's final size ...
+            invlists.resize(list_no, 0)  # ... and keeps that capacity while the codes are added
+    for start, part in blocks():
+        add_preassigned(index, part, np.ascontiguousarray(lists[start:start + len(part)], np.int64))
 
 
 def coded_ann(snapshot: Snapshot, field: str = "global") -> CodedIndex:

@@ -201,14 +201,18 @@ class LocalDatabase:
         assert rows is not None  # one image lies in one part
         return rows
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """The stored rows at sorted global row numbers ``rows`` (a copy)."""
+    def take(self, rows: np.ndarray, release: bool = False) -> np.ndarray:
+        """The stored rows at sorted global row numbers ``rows`` (a copy); ``release``: give back each part's
+        pages once its rows are copied (a sample spread over every part would otherwise map all of them)."""
         rows = np.asarray(rows, np.int64)
-        if len(self.parts) == 1:
-            return self.parts[0][rows]
         cut = np.searchsorted(rows, self.part_starts)
-        return np.concatenate([self.parts[k][rows[cut[k]:cut[k + 1]] - self.part_starts[k]]
-                               for k in range(len(self.parts))])
+        out = []
+        for k in range(len(self.parts)):
+            if cut[k + 1] > cut[k]:
+                out.append(self.parts[k][rows[cut[k]:cut[k + 1]] - self.part_starts[k]])
+                if release:
+                    self.release(k)
+        return np.concatenate(out) if out else self.parts[0][:0].copy()
 
     def release(self, part: int | None = None) -> None:
         """Give back the resident pages of a memory-mapped part (every part when None); they stay in the page
@@ -320,10 +324,9 @@ class _Selection:
 
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         rows = self.rows[key]
-        out = self.db.take(rows)
-        if not isinstance(key, slice):  # a sample from everywhere (the IVF training rows)
-            self.db.release()
-        elif len(rows):  # blocks come in row order: parts wholly before this one are done with
+        sample = not isinstance(key, slice)  # rows from everywhere (the IVF training sample)
+        out = self.db.take(rows, release=sample)
+        if not sample and len(rows):  # blocks come in row order: parts wholly before this one are done with
             for part in range(int(np.searchsorted(self.db.part_starts, rows[0], side="right")) - 1):
                 self.db.release(part)
         return out

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..progress import progress_bar
 from ..rerank.mds import L2GConfig, l2g_rerank, online_pairs
+from ..store.pages import release_free_heap
 from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
 
@@ -230,6 +231,7 @@ class LocalSearcher:
             _write_cache(rows_path, lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
         if prebuilt is None and len(approx.rows):
             _write_cache(path, lambda tmp: faiss.write_index(approx.index, str(tmp)))
+        release_free_heap()  # the build's freed blocks and training sample (hundreds of MB at 10^5 images)
         return approx
 
     def _read_rows(self, path: Path) -> np.ndarray | None:
