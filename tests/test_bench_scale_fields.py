@@ -107,3 +107,25 @@ def test_local_features_keeps_the_strongest(every_field_source, tmp_path):
     assert fewer.rows["segments"] is src.rows["segments"]  # other fields untouched
     with pytest.raises(ValueError, match="positive"):
         src.with_local_features(0)
+
+
+def test_local_copies_keep_their_near_duplicates_and_the_noise_cosine():
+    """Synthetic local descriptors: each image's rows through one near-identity map (not independent noise),
+    so clumps of near-duplicates stay clumps while a copy's cosine to its source is as for other fields."""
+    from finegrain.bench import scale
+    from finegrain.local.chamfer import LocalDatabase, representative_rows
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 64)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.repeat(centres, 10, axis=0) + 0.06 * rng.standard_normal((400, 64)).astype(np.float32)  # cosine ~0.8
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    owners = np.repeat(np.arange(4), 100)  # four images of ten clumps each
+    warped = scale._warped(np.random.default_rng(1), x, owners, 0.5)
+    independent = scale._noisy(np.random.default_rng(1), x, 0.5)
+    cos = np.einsum("ij,ij->i", warped, x)
+    assert abs(float(cos.mean()) - 1 / np.sqrt(1.25)) < 0.03
+    assert abs(float(np.einsum("ij,ij->i", independent, x).mean()) - float(cos.mean())) < 0.03
+    offsets = np.arange(0, 401, 100)
+    kept = [len(representative_rows(LocalDatabase(v, offsets), 0.7)) for v in (x, warped, independent)]
+    assert kept[0] <= 60 and kept[1] <= 1.5 * kept[0] < kept[2], kept

@@ -7,7 +7,10 @@ copies one source image's vectors (its global vector and every segment
 vector, with the segment levels, boxes and areas) and adds independent
 Gaussian noise to each vector before re-normalising. ``noise`` is the
 noise's norm relative to the unit vector, so a copy has cosine about
-``1 / sqrt(1 + noise**2)`` to its source (0.89 at the default 0.5). Score
+``1 / sqrt(1 + noise**2)`` to its source (0.89 at the default 0.5). Local
+descriptors are moved instead by one random near-identity map per image,
+with the same cosine, so that a copy keeps its source's near-duplicate
+descriptors (``_warped``; independent noise tripled the indexed rows). Score
 distributions therefore look like real ones, but copies of one source
 stay closer to one another than different real photos would: the docs
 say so next to every table.
@@ -282,8 +285,32 @@ def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first:
         parts = [source.rows[name][s] for s in pick]
         rows = FieldRows.concat([FieldRows(p.vectors, np.full(len(p), j, np.int64), p.attrs)
                                  for j, p in enumerate(parts)], parts[0].vectors.shape[1])
-        fields[name] = FieldRows(_noisy(rng, rows.vectors, noise), rows.owners, rows.attrs)
+        noisy = _warped(rng, rows.vectors, rows.owners, noise) if name == "local" else \
+            _noisy(rng, rows.vectors, noise)
+        fields[name] = FieldRows(noisy, rows.owners, rows.attrs)
     return images, fields
+
+
+def _warped(rng: np.random.Generator, vectors: np.ndarray, owners: np.ndarray, noise: float) -> np.ndarray:
+    """Each image's unit rows through its own random near-identity map ``x + x E`` (E Gaussian, entries of
+    variance noise^2 / d, so ``|x E|`` is about ``noise``), re-normalised.
+
+    For local descriptors: a copy keeps its source's cosine of about ``1 / sqrt(1 + noise**2)``, as
+    :func:`_noisy` gives, and also keeps which of its descriptors are near-duplicates of one another (one
+    map moves them alike). Independent noise per descriptor broke those clumps: the near-duplicate
+    reduction kept 61% of a synthetic image's 970 descriptors against 21% of a real photo's, which tripled
+    the local search structure of a synthetic index over what the same number of photos gives.
+    """
+    d = vectors.shape[1]
+    out = np.empty(vectors.shape, np.float32)
+    bounds = np.flatnonzero(np.diff(owners)) + 1  # rows come grouped by image
+    for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(owners)]])):
+        x = np.asarray(vectors[a:b], np.float32)
+        warp = rng.standard_normal((d, d), dtype=np.float32)
+        warp *= np.float32(noise / math.sqrt(d))
+        out[a:b] = x + x @ warp
+    out /= np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), np.float32(1e-12))[:, None]
+    return out
 
 
 def warm_global_search(path: Path) -> float:
@@ -491,6 +518,8 @@ def run_scale(source_index: str | os.PathLike, sizes: Sequence[int], cache_dir: 
         identity.append(wanted)
     if local_features is not None and "local" in wanted:
         identity.append(f"local_features={local_features}")
+    if "local" in wanted:  # local copies are warped per image since stop 37 (_warped): not the older builds
+        identity.append("local=warped")
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
     labels: dict[str, Any] = {"storage": {n: spec.label() for n, spec in storage.items()}} if storage else {}
     if "segments" in storage:

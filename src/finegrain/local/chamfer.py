@@ -277,9 +277,9 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         rows = db.span(int(sel[0]), int(sel[-1])) if contiguous and sel[-1] - sel[0] == len(sel) - 1 else None
         if rows is None:
             rows = np.concatenate([db.stored_image(int(i)) for i in sel])
-        if contiguous and int(db.image_part[sel[0]]) != part:
-            if part >= 0:
-                db.release(part)
+        if contiguous:  # a scan in row order: the pages behind are done with
+            for k in range(max(part, 0), int(db.image_part[sel[0]])):
+                db.release(k)
             part = int(db.image_part[sel[0]])
         seg = np.concatenate([[0], np.cumsum(db.counts[sel])[:-1]])
         if db.compact:  # float16/int8 rows, converted to float32 a few thousand at a time
@@ -287,6 +287,8 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         else:
             best = np.maximum.reduceat(q @ rows.T, seg, axis=1)  # (|Q|, images)
         out[block] = match_kernel(best, threshold).mean(axis=0)
+        if contiguous:
+            db.release(part)  # this block's pages (the next block starts after them)
         start = stop
     if contiguous:
         db.release()
@@ -326,8 +328,8 @@ class _Selection:
         rows = self.rows[key]
         sample = not isinstance(key, slice)  # rows from everywhere (the IVF training sample)
         out = self.db.take(rows, release=sample)
-        if not sample and len(rows):  # blocks come in row order: parts wholly before this one are done with
-            for part in range(int(np.searchsorted(self.db.part_starts, rows[0], side="right")) - 1):
+        if not sample and len(rows):  # blocks come in row order: every page up to this block's end is done with
+            for part in range(int(np.searchsorted(self.db.part_starts, rows[-1], side="right"))):
                 self.db.release(part)
         return out
 
@@ -345,7 +347,7 @@ def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
     keep: list[np.ndarray] = []
     part = -1
     for i in range(db.n_images):
-        if int(db.image_part[i]) != part:  # a pass over every row: give back the pages of the part behind
+        if int(db.image_part[i]) != part or i % 1024 == 0:  # a pass in row order: give back the pages behind
             if part >= 0:
                 db.release(part)
             part = int(db.image_part[i])
