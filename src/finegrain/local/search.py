@@ -419,6 +419,7 @@ class LocalSearcher:
             t2 = time.perf_counter()
             timings["search_ms"] = (t2 - t0) * 1e3
             if shortlist_only:
+                self.db.release()
                 return all_scores[cand], cand, timings
             if mode == "l2g" and len(cand):
                 head = cand[: cfg.k]
@@ -433,6 +434,7 @@ class LocalSearcher:
                 timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
                 timings.update({f"rerank_{key}": v for key, v in res.timings.items()})
         timings["rank_ms"] = (time.perf_counter() - t0) * 1e3
+        self.db.release()
         return np.asarray(scores, np.float32), order, timings
 
     def exact_top(self, q: np.ndarray, k: int = 100) -> np.ndarray:
