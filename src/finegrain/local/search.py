@@ -147,7 +147,8 @@ class LocalSearcher:
         # as a whole: the database scores them block by block, so the searcher holds the stored size
         parts, codec = storage.scoring_parts(snapshot, LOCAL_FIELD) if storage.has_rows(snapshot, LOCAL_FIELD) \
             else ([], storage.IDENTITY)
-        self.db = _database(parts, self.ids, codec, self.store.extractor.dim if not parts else 0)
+        dim = parts[0].vectors.shape[1] if parts else self.store.extractor.dim
+        self.db = _database(parts, self.ids, codec, dim)
         self.instance = self._instance_rows(snapshot)
         self.joint = self._aligned(snapshot.global_rows)
         self._approx: ApproxChamfer | None = None
