@@ -739,6 +739,8 @@ def test_searcher_reads_the_chunks_in_place_and_caches_its_indexed_rows(local_in
     damaged = LocalSearcher(chunks)
     assert np.array_equal(damaged.approx().rows, s.approx().rows)
     assert np.array_equal(np.load(rows_file), s.approx().rows)  # and written again
+    rows_file.write_bytes(b"")  # emptied (a full disk): found again too
+    assert np.array_equal(LocalSearcher(chunks).approx().rows, s.approx().rows)
     copy.compact()
     one = LocalSearcher(copy.snapshot)
     assert len(one.db.parts) == 1

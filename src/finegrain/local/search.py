@@ -224,10 +224,9 @@ class LocalSearcher:
         try:
             approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
                                    faiss_index=prebuilt, rows=rows)
-        except ValueError:  # a stale cache file of another size: rebuild
-            prebuilt = None
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                   rows=rows)
+        except ValueError:  # a stale cache file of another size: rebuild both (which of the two is stale is unknown)
+            prebuilt, rows = None, None
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
         if rows is None and len(approx.rows):
             _write_cache(rows_path, lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
         if prebuilt is None and len(approx.rows):
@@ -239,7 +238,7 @@ class LocalSearcher:
         """Cached indexed rows, or None when the file is damaged or does not fit this database."""
         try:
             rows = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file
             return None
         ok = (rows.ndim == 1 and rows.dtype == np.int64 and len(rows) > 0 and int(rows[0]) >= 0
               and int(rows[-1]) < self.db.n_rows and bool(np.all(rows[1:] > rows[:-1])))
