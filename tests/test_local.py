@@ -845,3 +845,23 @@ def test_ivf_lists_reserved_before_adding_hold_what_plain_adding_holds():
     D1, I1 = built.search(x[:50], 10)
     D2, I2 = plain.search(x[:50], 10)
     assert np.array_equal(I1, I2) and np.allclose(D1, D2)
+
+
+def test_float16_rows_are_indexed_as_stored_with_the_float32_copy_s_answers():
+    """float16 rows (an index's default): FAISS holds them as float16 (half a float32 copy), scoring the same."""
+    import faiss
+
+    rng = np.random.default_rng(10)
+    images = [x.astype(np.float16) for x in _clumped_collection(rng, n_groups=12, group_size=10)]
+    db = ch.LocalDatabase(np.concatenate(images), ch.LocalDatabase.from_features(images).offsets)
+    new = ch.ApproxChamfer(db, knn=24, nlist=16, nprobe=4, threads=1)  # 11,520 rows: IVF
+    assert type(new.index).__name__ == "IndexIVFScalarQuantizer"
+    x = db.decode(db.descriptors)
+    old = faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, 16, faiss.METRIC_INNER_PRODUCT)
+    old.train(x[np.sort(np.random.default_rng(0).choice(len(x), 64 * 16, replace=False))])  # the build's sample
+    old.add(x)
+    before = ch.ApproxChamfer(db, knn=24, nprobe=4, threads=1, faiss_index=old)
+    assert faiss.serialize_index(new.index).nbytes < 0.6 * faiss.serialize_index(old).nbytes
+    for i in (0, 55, 119):
+        q = db.image(i)[:20]
+        np.testing.assert_allclose(new.score_all(q)[0], before.score_all(q)[0], atol=1e-6)

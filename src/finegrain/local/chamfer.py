@@ -447,7 +447,7 @@ class ApproxChamfer:
         import faiss
 
         d = self.db.dim
-        if self.db.dtype == np.int8:
+        if self.db.dtype in (np.int8, np.float16):  # what an index stores: FAISS holds those values, not float32
             return self._build_sq(_Selection(self.db, self.rows), kind, nlist, hnsw_m, seed)
         x = self.db.descriptors if len(self.rows) == self.db.n_rows else self.db.take(self.rows)
         x = self.db.decode(x) if self.db.compact else x
@@ -469,13 +469,14 @@ class ApproxChamfer:
         return index
 
     def _build_sq(self, codes: Any, kind: str, nlist: int | None, hnsw_m: int, seed: int):
-        """int8 rows: a FAISS scalar-quantizer index holding exactly the stored codes (1 byte a dimension, not a
-        float32 copy); FAISS scores them as the exact Chamfer does, ``offset + scale * c``. ``codes`` is read in
-        blocks (a :class:`_Selection` of the database's rows), never gathered whole."""
+        """int8 or float16 rows: a FAISS scalar-quantizer index holding exactly the stored values (1 or 2 bytes a
+        dimension, not a float32 copy: 5.2 instead of 10.4 GB for 20.4M float16 rows); FAISS scores them as the
+        exact Chamfer does (int8: ``offset + scale * c``). ``codes`` is read in blocks (a :class:`_Selection` of
+        the database's rows), never gathered whole."""
         from ..compress.coded import build_sq_index
         from ..compress.storage import Codec
 
-        codec = Codec(None, self.db.scale, self.db.offset, "int8")
+        codec = Codec(None, self.db.scale, self.db.offset, "int8" if self.db.dtype == np.int8 else "float16")
         if kind == "flat" or len(codes) < 10_000:
             return build_sq_index(codes, codec, "flat", what="local")
         if kind == "hnsw":
