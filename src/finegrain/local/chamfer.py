@@ -268,8 +268,7 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         return out
     counts = db.counts[ids]
     nonempty = np.flatnonzero(counts > 0)
-    contiguous = images is None  # a scan of every image: each part's pages are given back once passed
-    part = -1
+    contiguous = images is None  # a scan of every image: its pages are given back block by block
     start = 0
     while start < len(nonempty):
         # a block of consecutive (non-empty) requested images with about block_rows rows in all
@@ -280,10 +279,6 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
         rows = db.span(int(sel[0]), int(sel[-1])) if contiguous and sel[-1] - sel[0] == len(sel) - 1 else None
         if rows is None:
             rows = np.concatenate([db.stored_image(int(i)) for i in sel])
-        if contiguous:  # a scan in row order: the pages behind are done with
-            for k in range(max(part, 0), int(db.image_part[sel[0]])):
-                db.release(k)
-            part = int(db.image_part[sel[0]])
         seg = np.concatenate([[0], np.cumsum(db.counts[sel])[:-1]])
         if db.compact:  # float16/int8 rows, converted to float32 a few thousand at a time
             best = np.maximum.reduceat(db.similarities(q, rows), seg, axis=0).T
@@ -291,10 +286,8 @@ def chamfer_scores(query, db: LocalDatabase, images: Sequence[int] | np.ndarray 
             best = np.maximum.reduceat(q @ rows.T, seg, axis=1)  # (|Q|, images)
         out[block] = match_kernel(best, threshold).mean(axis=0)
         if contiguous:
-            db.release(part)  # this block's pages (the next block starts after them)
+            db.release()  # in row order, every page read so far is done with (0.1 ms for 41 parts)
         start = stop
-    if contiguous:
-        db.release()
     return out
 
 
@@ -317,7 +310,7 @@ def ivf_lists(n: int, nlist: int | None = None) -> int:
 class _Selection:
     """Rows ``rows`` of a :class:`LocalDatabase` read like an array (``shape``, ``len``, ``[slice]``, ``[sorted
     positions]``), gathered a block at a time, for :func:`finegrain.compress.coded.build_sq_index`; each
-    mapped part's pages are given back once a block has passed it."""
+    mapped part's pages are given back once the block's rows are copied from it."""
 
     def __init__(self, db: LocalDatabase, rows: np.ndarray):
         self.db, self.rows = db, rows
@@ -328,13 +321,8 @@ class _Selection:
         return len(self.rows)
 
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
-        rows = self.rows[key]
-        sample = not isinstance(key, slice)  # rows from everywhere (the IVF training sample)
-        out = self.db.take(rows, release=sample)
-        if not sample and len(rows):  # blocks come in row order: every page up to this block's end is done with
-            for part in range(int(np.searchsorted(self.db.part_starts, rows[-1], side="right"))):
-                self.db.release(part)
-        return out
+        # blocks come in row order, and the IVF training sample from everywhere: neither reads a page twice
+        return self.db.take(self.rows[key], release=True)
 
 
 def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
@@ -348,12 +336,9 @@ def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
     if not -1.0 <= threshold <= 1.0:
         raise ValueError("threshold must be a cosine in [-1, 1]")
     keep: list[np.ndarray] = []
-    part = -1
     for i in range(db.n_images):
-        if int(db.image_part[i]) != part or i % 1024 == 0:  # a pass in row order: give back the pages behind
-            if part >= 0:
-                db.release(part)
-            part = int(db.image_part[i])
+        if i % 1024 == 0:  # a pass in row order: give back the pages read so far
+            db.release()
         x = db.image(i)
         if len(x) == 0:
             continue
@@ -449,8 +434,7 @@ class ApproxChamfer:
         d = self.db.dim
         if self.db.dtype in (np.int8, np.float16):  # what an index stores: FAISS holds those values, not float32
             return self._build_sq(_Selection(self.db, self.rows), kind, nlist, hnsw_m, seed)
-        x = self.db.descriptors if len(self.rows) == self.db.n_rows else self.db.take(self.rows)
-        x = self.db.decode(x) if self.db.compact else x
+        x = self.db.descriptors if len(self.rows) == self.db.n_rows else self.db.take(self.rows)  # float32
         index: faiss.Index
         if kind == "flat" or len(x) < 10_000:
             index = faiss.IndexFlatIP(d)

@@ -270,14 +270,11 @@ class LocalSearcher:
         sims = np.zeros((n, self.graph_m), np.float32)
         step = 32
         with progress_bar(n, "local neighbour lists", show_progress) as bar:
-            passed = 0  # database parts before this block: every list that reads them is done
             for s in range(0, n, step):
                 part = np.arange(s, min(n, s + step))
                 ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
                 bar.advance(len(part))
-                for k in range(passed, int(self.db.image_part[s])):
-                    self.db.release(k)
-                passed = max(passed, int(self.db.image_part[s]))
+                self.db.release()  # the lists go in row order: the block's descriptors are done with
         _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
         return ids, sims
 
@@ -452,18 +449,18 @@ def _database(parts: list, ids: np.ndarray, codec, dim: int) -> LocalDatabase:
     parts = [p for p in parts if len(p)]
     if not parts:
         return LocalDatabase(np.zeros((0, dim), np.float32), np.zeros(len(ids) + 1, np.int64))
-    end = np.iinfo(np.int64).max
+    bounds = np.concatenate([ids, [np.iinfo(np.int64).max]])  # each image's first row; the end
     grouped = all(bool(np.all(p.owners[1:] >= p.owners[:-1])) for p in parts) and all(
         a.owners[-1] < b.owners[0] for a, b in zip(parts, parts[1:]))
     if grouped:
         vectors = [p.vectors for p in parts]
         # rows before each image: the sum over chunks of the chunk's rows of smaller image ids
-        offsets = sum(np.searchsorted(p.owners, np.concatenate([ids, [end]]), side="left") for p in parts)
+        offsets = sum(np.searchsorted(p.owners, bounds, side="left") for p in parts)
     else:
         owners = np.concatenate([p.owners for p in parts])
         order = np.argsort(owners, kind="stable")  # group rows by image, keep strongest-first inside
         vectors = [np.concatenate([p.vectors for p in parts])[order]]
-        offsets = np.searchsorted(owners[order], np.concatenate([ids, [end]]), side="left")
+        offsets = np.searchsorted(owners[order], bounds, side="left")
     offsets = np.asarray(offsets, np.int64)
     offsets[-1] = sum(len(v) for v in vectors)
     return LocalDatabase(vectors, offsets, codec.scale, codec.offset)
