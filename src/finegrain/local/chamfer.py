@@ -77,8 +77,8 @@ class LocalDatabase:
     rows lie in one part. Passes over every row (:func:`representative_rows`) give each part's pages back
     once read (:meth:`release`), and so does each search
     (:meth:`finegrain.local.search.LocalSearcher.rank_timed`), so the process does not keep the field
-    resident: at 100,000 images a ``local`` query touched about 190 MB of other images' rows and an
-    ``l2g`` one 360 MB, which piled up to 3.5 and 5.4 GB of RSS over 20 queries without it.
+    resident: at 100,000 images, 20 ``local`` and ``l2g`` queries had otherwise piled up 3.5 and 5.4 GB of
+    the field's pages in the process's RSS (docs/benchmarks.md).
 
     Attributes
     ----------
