@@ -232,6 +232,30 @@ def test_recall_at_k_and_knn_graph():
     assert np.all(np.diff(sims, axis=1) <= 1e-6)
 
 
+def test_knn_graph_from_representatives_queries_with_the_indexed_rows():
+    rng = np.random.default_rng(4)
+    images = _synthetic_collection(rng, n_groups=5, group_size=8, per_image=40)
+    images = [np.concatenate([x, _unit(x + 0.02 * rng.standard_normal(x.shape))]) for x in images]  # near-twins
+    db = ch.LocalDatabase.from_features(images)
+    approx = ch.ApproxChamfer(db, index="flat", knn=16, threads=1, dedup=0.9)
+    kept = np.bincount(approx.row_image, minlength=db.n_images)
+    assert np.all(kept < db.counts) and np.all(kept > 0)  # the twins were dropped, something kept per image
+    np.testing.assert_array_equal(approx.indexed_image(3), db.image(3)[approx.rows[approx.row_image == 3]
+                                                                        - db.offsets[3]])
+    ids, sims = ch.knn_graph(approx, m=5, queries="representatives")
+    expected = ch.knn_lists(approx, [approx.indexed_image(i) for i in range(db.n_images)], 5,
+                            exclude=np.arange(db.n_images))
+    np.testing.assert_array_equal(ids, expected[0])
+    np.testing.assert_allclose(sims, expected[1])
+    same_group = ids // 8 == np.arange(db.n_images)[:, None] // 8
+    assert same_group[:, :3].mean() > 0.9  # the lists still find the image's own landmark
+    capped, _ = ch.knn_graph(approx, m=5, images=[0, 9], max_query_features=4, queries="representatives")
+    expected_capped, _ = ch.knn_lists(approx, [approx.indexed_image(i)[:4] for i in (0, 9)], 5, exclude=[0, 9])
+    np.testing.assert_array_equal(capped, expected_capped)
+    with pytest.raises(ValueError, match="queries"):
+        ch.knn_graph(approx, m=5, queries="some")
+
+
 @pytest.mark.parametrize("fill,threshold", [("kth", None), ("zero", None), ("kth", 0.3), ("zero", 0.3)])
 def test_score_many_matches_the_flat_aggregation(fill, threshold):
     """The per-list aggregation (best first in each FAISS list) gives the flat sort's scores, and one FAISS search
@@ -677,6 +701,133 @@ def test_l2g_online_pairs_build_no_graph(local_index, monkeypatch):
     assert names[0] in {f"{photos[0].stem}_a.jpg", f"{photos[0].stem}_b.jpg"}, names
     with pytest.raises(AssertionError, match="graph"):  # the default pairs do read the graph
         index.search(image=photos[0], mode="l2g", **opts)
+
+
+def test_graph_queries_option_builds_its_own_cached_lists(local_index):
+    from finegrain.local.search import LocalSearcher
+
+    index, photos = local_index
+    base = index.local_searcher
+    cheap = LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=8)
+    ids, sims = cheap.graph()
+    assert ids.shape == (len(index), cheap.graph_m)
+    names = sorted(p.name for p in (index.snapshot.path / "ann").glob("localgraph-*.npz"))
+    assert any("-rep-f8-" in n for n in names), names
+    again = LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=8).graph()
+    np.testing.assert_array_equal(again[0], ids)  # read back from its cache
+    base_ids = base.graph()[0]
+    assert base_ids.shape == ids.shape
+    hits = index.search(image=photos[0], mode="l2g", k=3, shortlist=5, mds_dim=4, smacof_iter=50, sg_k=1)
+    assert len(hits) == 3
+    with pytest.raises(ValueError, match="graph queries"):
+        LocalSearcher(index.snapshot, graph_queries="every")
+    with pytest.raises(ValueError, match="graph features"):
+        LocalSearcher(index.snapshot, graph_queries="all", graph_features=0)
+    assert base.graph_policy() == ("all", None)  # auto on a small index: every descriptor queries
+
+
+def test_a_stopped_graph_build_resumes_from_its_checkpoint(local_index, monkeypatch):
+    import finegrain.local.search as ls
+
+    index, _ = local_index
+    reference = ls.LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=5).graph()
+    monkeypatch.setattr(ls, "GRAPH_BLOCK", 2)
+    monkeypatch.setattr(ls, "GRAPH_CHECKPOINT_S", 0.0)  # save after every block
+    for f in (index.snapshot.path / "ann").glob("localgraph-*-rep-f5-*"):
+        f.unlink()
+    calls: list[int] = []
+    real = ls.knn_graph
+
+    def stopping(approx, m, part, *args):
+        calls.append(int(part[0]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the build is stopped during its third block
+        return real(approx, m, part, *args)
+
+    monkeypatch.setattr(ls, "knn_graph", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        ls.LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=5).graph()
+    partial = list((index.snapshot.path / "ann").glob("localgraph-*-rep-f5-*.partial.npz"))
+    assert len(partial) == 1
+    calls.clear()
+    monkeypatch.setattr(ls, "knn_graph", real)
+    calls_after: list[int] = []
+    monkeypatch.setattr(ls, "knn_graph", lambda approx, m, part, *a: calls_after.append(int(part[0])) or
+                        real(approx, m, part, *a))
+    ids, sims = ls.LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=5).graph()
+    assert calls_after[0] == 4  # two blocks of two were saved; the build went on from the fifth list
+    np.testing.assert_array_equal(ids, reference[0])
+    np.testing.assert_allclose(sims, reference[1])
+    assert not partial[0].exists()  # done: the checkpoint is gone, the graph cached
+    for f in (index.snapshot.path / "ann").glob("localgraph-*-rep-f5-*.npz"):
+        f.unlink()
+    partial[0].write_bytes(b"damaged")  # a damaged checkpoint: the build starts over
+    calls_after.clear()
+    again = ls.LocalSearcher(index.snapshot, graph_queries="representatives", graph_features=5).graph()
+    assert calls_after[0] == 0
+    np.testing.assert_array_equal(again[0], ids)
+
+
+def test_auto_graph_queries_switch_to_representatives_on_a_large_index(local_index, monkeypatch):
+    import finegrain.local.search as ls
+
+    index, _ = local_index
+    monkeypatch.setattr(ls, "GRAPH_FULL_ROWS", 10)  # this index's few thousand descriptors count as large
+    assert ls.LocalSearcher(index.snapshot).graph_policy() == ("representatives", ls.GRAPH_AUTO_FEATURES)
+    assert ls.LocalSearcher(index.snapshot, graph_features=7).graph_policy() == ("representatives", 7)
+    assert ls.LocalSearcher(index.snapshot, graph_queries="all").graph_policy() == ("all", None)
+
+
+def test_prepare_builds_the_structures_and_saves_the_graph_choice(local_index, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from finegrain import Index
+    from finegrain.cli import app
+
+    src, photos = local_index
+    shutil.copytree(src.snapshot.path, tmp_path / "idx", ignore=shutil.ignore_patterns("ann"))  # nothing built
+    index = Index.open(tmp_path / "idx")
+    ann = index.snapshot.path / "ann"
+    ready = index.prepare(["l2g", "global"])
+    assert ready["l2g"][0].startswith("local descriptors:") and "neighbour lists" in ready["l2g"][1]
+    assert "queries: all" in ready["l2g"][1] and ready["global"]
+    faiss_files = sorted(f.name for f in ann.glob("local-*.faiss"))
+    assert len(faiss_files) == 1 and len(list(ann.glob("localgraph-*.npz"))) == 1
+    before = index.search(image=photos[0], mode="l2g", k=3, shortlist=5, mds_dim=4, smacof_iter=50, sg_k=1)
+
+    ready = index.prepare(["l2g"], graph_queries="representatives", graph_features=8)
+    assert "queries: representatives, strongest 8" in ready["l2g"][1]
+    assert index.search_config_dict()["l2g_graph"] == {"queries": "representatives", "features": 8}
+    assert sorted(f.name for f in ann.glob("local-*.faiss")) == faiss_files  # the descriptors' index is kept
+    assert any("-rep-f8-" in f.name for f in ann.glob("localgraph-*.npz"))
+    reopened = Index.open(tmp_path / "idx")  # the choice is the index's: a new process reads it
+    from finegrain.retrieval.local import local_searcher
+
+    assert local_searcher(reopened.snapshot).graph_policy() == ("representatives", 8)
+    after = reopened.search(image=photos[0], mode="l2g", k=3, shortlist=5, mds_dim=4, smacof_iter=50, sg_k=1)
+    assert len(after) == len(before) == 3
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["prepare", "--index", str(tmp_path / "idx"), "--mode", "local", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["local"][0].startswith("local descriptors:")
+    for bad, needle in ((["--mode", "nope"], "unknown search mode"), (["--graph-queries", "every"], "graph queries"),
+                        (["--graph-features", "0"], "graph features")):
+        result = runner.invoke(app, ["prepare", "--index", str(tmp_path / "idx"), *bad], env={"COLUMNS": "400"})
+        assert result.exit_code == 2 and needle in result.output, (bad, result.output)
+
+
+def test_prepare_refuses_a_mode_the_index_cannot_run(tmp_path, photos_dir):
+    from finegrain import Index
+
+    index = Index.create(tmp_path / "plain")
+    index.add([sorted(photos_dir.iterdir())[0]])
+    with pytest.raises(ValueError, match="local features"):
+        index.prepare(["l2g"])
+    assert index.prepare(["global"])["global"] == ["global: flat"]
 
 
 def test_local_mode_verifies_with_exact_chamfer_by_default(local_index):

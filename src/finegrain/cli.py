@@ -825,6 +825,38 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
     out.print(f"compacted: {idx.info()['chunks']} chunk(s), {idx.info()['bytes_on_disk']} bytes")
 
 
+@app.command("prepare")
+def prepare_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help="A search mode to prepare (repeatable; default: every mode the index supports)."),
+    graph_queries: Optional[str] = typer.Option(None, "--graph-queries", help="l2g neighbour lists: what each image queries with: auto (default; every descriptor up to 10M stored, above that the strongest representatives), all, representatives. Saved in the index."),
+    graph_features: Optional[int] = typer.Option(None, "--graph-features", help="l2g neighbour lists: only the strongest N of those query descriptors. Saved in the index."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per mode, what is ready."),
+) -> None:
+    """Build the search structures now (FAISS indexes, the l2g neighbour lists) instead of on the first search.
+
+    They are cached in the index per state, so this only pays where something changed. The l2g neighbour
+    lists take hours at 10^5 images; a stopped build resumes where it was.
+    """
+    from .index import IndexLockedError
+
+    idx = _open_index(index)
+    try:
+        ready = idx.prepare(mode or None, show_progress=not as_json, graph_queries=graph_queries,
+                            graph_features=graph_features)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    except IndexLockedError as exc:
+        _fail(str(exc))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        _fail(_write_error(exc, index))
+    if as_json:
+        print(json.dumps(ready))
+        return
+    for name, built in ready.items():
+        out.print(f"{name}: " + ("; ".join(built) if built else "nothing to build (searches read the index as stored)"))
+
+
 @app.command("shards")
 def shards_cmd(
     members: list[Path] = typer.Argument(..., help="Existing index folders, one per shard."),

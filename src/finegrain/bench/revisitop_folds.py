@@ -21,6 +21,7 @@ global, the GeM instance global, ``global+local``), which choose nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,9 +62,11 @@ def run_revisitop_folds(data: str | Path, gnd: str | Path | None = None, distrac
                         encoder: str = "effnet-minilm", cache_dir: str | Path | None = None,
                         show_progress: bool = True, n_folds: int = 2, local: LocalConfig | None = None,
                         available_only: bool = False, grid: Sequence[dict] = L2G_GRID, query_features: int = 150,
-                        log: Callable[[str], None] | None = None) -> dict:
+                        log: Callable[[str], None] | None = None, searcher_options: dict | None = None) -> dict:
     """Run the protocol; the report's ``results`` hold one row per (fold reported on, row) with the fold and
-    setting that chose it; ``candidates`` every setting's scores on every fold."""
+    setting that chose it; ``candidates`` every setting's scores on every fold. ``searcher_options``: the
+    index's searcher built with these :class:`~finegrain.local.search.LocalSearcher` parameters instead of its
+    defaults (what the neighbour graph queries with, for example)."""
     log = log or (lambda message: None)
     if mode != "l2g":
         raise ValueError(f"--folds chooses the settings of --mode l2g (fusion w, shortlist k, variant); "
@@ -78,7 +81,12 @@ def run_revisitop_folds(data: str | Path, gnd: str | Path | None = None, distrac
         bench, index_dir = available_distractors(bench, encoder, cache_dir, local)
     index, index_stats, position_of_row = revisitop_index(bench, encoder, cache_dir, show_progress, local,
                                                           available_only=available_only, index_dir=index_dir)
-    searcher = index.local_searcher
+    if searcher_options:
+        from ..local.search import LocalSearcher
+
+        searcher = LocalSearcher(index.snapshot, **searcher_options)
+    else:
+        searcher = index.local_searcher
     n_total = len(bench.db_paths) + len(bench.distractor_paths)
     # searcher position <-> benchmark position (database i -> i, distractor j -> len(db) + j)
     bench_of = np.full(len(searcher.ids), -1, np.int64)
@@ -87,7 +95,9 @@ def run_revisitop_folds(data: str | Path, gnd: str | Path | None = None, distrac
     searcher_of[bench_of[bench_of >= 0]] = np.flatnonzero(bench_of >= 0)
     if (searcher_of[: len(bench.db_paths)] < 0).any():
         raise ValueError("some database images have no local features in the bench index")
+    t_graph = time.perf_counter()
     searcher.graph(show_progress=show_progress)
+    graph_s = time.perf_counter() - t_graph  # 0 when the lists were cached
     labels, gt = bench_labels(bench), bench.gnd.gnd
     log(f"{len(bench.db_paths)} database images + {len(bench.distractor_paths)} distractors; folds "
         + "; ".join(f"{f.name}: {', '.join(f.landmarks)}" for f in folds))
@@ -163,6 +173,7 @@ def run_revisitop_folds(data: str | Path, gnd: str | Path | None = None, distrac
         "distractors_requested": requested,
         "distractors_partial": len(bench.distractor_paths) < requested,
         "query_features": query_features,
+        "graph_s": round(graph_s, 1),
         "folds": [f.to_dict() for f in folds],
         "choices": choices,
         "goals": goal_check(results),

@@ -53,8 +53,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph", "knn_lists",
-           "recall_at_k", "representative_rows"]
+__all__ = ["GRAPH_QUERIES", "ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph",
+           "knn_lists", "recall_at_k", "representative_rows"]
+
+
+#: What a database image queries with when its neighbour list is built (:func:`knn_graph`).
+GRAPH_QUERIES = ("all", "representatives")
 
 
 def _as_desc(x) -> np.ndarray:
@@ -478,6 +482,13 @@ class ApproxChamfer:
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = max(self.ef_search, self.knn)
 
+    def indexed_image(self, i: int) -> np.ndarray:
+        """Image ``i``'s indexed descriptors (its representatives with ``dedup``, else all), float32, strongest
+        first."""
+        lo, hi = np.searchsorted(self.row_image, [int(i), int(i) + 1])
+        rows = self.db.stored_image(int(i))[self.rows[lo:hi] - self.db.offsets[int(i)]]
+        return self.db.decode(rows) if self.db.compact else rows
+
     def neighbours(self, query) -> tuple[np.ndarray, np.ndarray]:
         """``(D, ids)`` for every query descriptor: (|Q|, knn) similarities and database rows (-1: none)."""
         D, ids = self._search(query)
@@ -608,19 +619,24 @@ class ApproxChamfer:
 
 
 def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.ndarray | None = None,
-              max_query_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+              max_query_features: int | None = None, queries: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Each database image's ``m`` best other images by approximate Chamfer (the image itself as query).
 
     Query-independent, so it is computed once per index state (on the first ``l2g`` search, cached in
-    ``ann/``); L2G reads the shortlist's pairwise similarities from it.
+    ``ann/``); L2G reads the shortlist's pairwise similarities from it. ``queries``: an image queries with
+    ``"all"`` its descriptors, or with its ``"representatives"`` (the rows the searcher indexes; with
+    ``dedup`` about a fifth, so a fifth of the cost: the search cost grows with the query's descriptors);
+    ``max_query_features`` keeps the strongest n of those.
     Returns ``(ids (n, m) int64 with -1 padding, sims (n, m) float32)``.
     """
+    if queries not in GRAPH_QUERIES:
+        raise ValueError(f"queries must be one of {GRAPH_QUERIES}, not {queries!r}")
     db = searcher.db
     rows = np.arange(db.n_images) if images is None else np.asarray(images, np.int64)
-    queries = [db.image(int(i)) for i in rows]
+    sets = [db.image(int(i)) for i in rows] if queries == "all" else [searcher.indexed_image(int(i)) for i in rows]
     if max_query_features:
-        queries = [q[:max_query_features] for q in queries]
-    return knn_lists(searcher, queries, m, exclude=rows)
+        sets = [q[:max_query_features] for q in sets]
+    return knn_lists(searcher, sets, m, exclude=rows)
 
 
 def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,

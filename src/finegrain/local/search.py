@@ -52,17 +52,35 @@ import numpy as np
 from ..progress import progress_bar
 from ..rerank.mds import L2GConfig, l2g_rerank, online_pairs
 from ..store.pages import release_free_heap
-from .chamfer import ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
+from .chamfer import GRAPH_QUERIES, ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
 
 LOCAL_MODES = ("global+local", "local", "l2g")
+GRAPH_BLOCK = 32  # database images whose neighbour lists are searched together
+GRAPH_CHECKPOINT_S = 120.0  # a graph build saves its lists this often, so a stopped build resumes
+#: ``graph_queries="auto"``: every descriptor queries up to this many stored descriptors (10,000 images of 970:
+#: a 43-minute build on 2 cores), above it the strongest representatives (a list at 100,000 images of 970:
+#: 466 ms with every descriptor, 60 ms with 64 representatives; docs/l2g.md). Set by cost, not by accuracy.
+GRAPH_FULL_ROWS = 10_000_000
+GRAPH_AUTO_FEATURES = 64
+GRAPH_SETTING = "l2g_graph"  # the index's saved graph choice, in its search settings
+
+
+def check_graph_queries(queries: Any, features: Any) -> tuple[str, int | None]:
+    """Validated ``(graph_queries, graph_features)``."""
+    if queries not in ("auto", *GRAPH_QUERIES):
+        raise ValueError(f"graph queries must be one of auto, {', '.join(GRAPH_QUERIES)}, not {queries!r}")
+    if features is not None and (isinstance(features, bool) or not isinstance(features, (int, np.integer))
+                                 or features < 1):
+        raise ValueError(f"graph features must be a positive integer (None: every descriptor), not {features!r}")
+    return str(queries), None if features is None else int(features)
 _L2G_KEYS = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}  # the shortlist size is passed as "shortlist"
 SEARCH_KEYS = {"shortlist", "knn", "nprobe", "global_field", "query_features", "exact_rerank"}
 
-__all__ = ["LOCAL_MODES", "LocalSearcher", "split_options"]
+__all__ = ["GRAPH_SETTING", "LOCAL_MODES", "LocalSearcher", "check_graph_queries", "split_options"]
 
 
 def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
@@ -126,10 +144,20 @@ class LocalSearcher:
         held-out landmark-class protocol (``experiments/l2g_heldout.py``) re-scoring lowered its mAP.
     graph_m : int
         Neighbours stored per database image for the ``l2g`` pairs.
+    graph_queries : {"auto", "all", "representatives"} or None
+        What each database image queries with when its neighbour list is built
+        (:func:`~finegrain.local.chamfer.knn_graph`; a list costs in proportion): every stored
+        descriptor, or only the rows the searcher indexes (its representatives with ``dedup``).
+        ``"auto"``: ``"all"`` up to :data:`GRAPH_FULL_ROWS` stored descriptors, above it the strongest
+        :data:`GRAPH_AUTO_FEATURES` representatives (docs/l2g.md, "What the neighbour lists query with").
+        None: the index's saved choice (``finegrain prepare --graph-queries``), else ``"auto"``.
+    graph_features : int or None
+        The strongest n of those only (None: all of them, or the saved choice).
     """
 
     def __init__(self, snapshot: Snapshot, store: LocalStore | None = None, knn: int = 512, nprobe: int = 16,
-                 graph_m: int = 50, dedup: float | None = 0.7, exact_rerank: int | None = None):
+                 graph_m: int = 50, dedup: float | None = 0.7, exact_rerank: int | None = None,
+                 graph_queries: str | None = None, graph_features: int | None = None):
         config = snapshot.local_config
         if config is None:
             raise ValueError("this index stores no local features; create it with local features "
@@ -139,6 +167,10 @@ class LocalSearcher:
         self.knn, self.nprobe, self.graph_m = int(knn), int(nprobe), int(graph_m)
         self.dedup = None if dedup is None else float(dedup)
         self.exact_rerank = None if exact_rerank is None else int(exact_rerank)
+        saved = snapshot.search_settings.get(GRAPH_SETTING, {})
+        if graph_queries is None:
+            graph_queries, graph_features = saved.get("queries", "auto"), graph_features or saved.get("features")
+        self.graph_queries, self.graph_features = check_graph_queries(graph_queries, graph_features)
         self.ids = snapshot.ids  # database position -> image id
         self._lock = threading.Lock()  # builds the cached structures once; serialises the approximate search's knobs
         from ..compress import storage
@@ -256,8 +288,20 @@ class LocalSearcher:
                 self._graph = self._build_graph(approx, show_progress)
         return self._graph
 
+    def graph_policy(self) -> tuple[str, int | None]:
+        """``(queries, features)``: what each database image queries with for its neighbour list, ``"auto"``
+        resolved on this index's size."""
+        if self.graph_queries != "auto":
+            return self.graph_queries, self.graph_features
+        if self.db.n_rows <= GRAPH_FULL_ROWS:
+            return "all", self.graph_features
+        return "representatives", self.graph_features or GRAPH_AUTO_FEATURES
+
     def _build_graph(self, approx: ApproxChamfer, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        path = self._cache(f"localgraph-k{self.knn}{self._dedup_tag()}").with_suffix(".npz")
+        # the lists depend on what each image queries with: the full lists keep the name they always had
+        queries, features = self.graph_policy()
+        tag = ("" if queries == "all" else "-rep") + (f"-f{features}" if features else "")
+        path = self._cache(f"localgraph-k{self.knn}{self._dedup_tag()}{tag}").with_suffix(".npz")
         if path.exists():
             try:
                 with np.load(path, allow_pickle=False) as z:
@@ -266,17 +310,36 @@ class LocalSearcher:
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged cache file: rebuild it
                 pass
         n = self.db.n_images
-        ids = np.full((n, self.graph_m), -1, np.int64)
-        sims = np.zeros((n, self.graph_m), np.float32)
-        step = 32
+        partial = path.with_name(path.stem + ".partial.npz")  # a build stopped part-way (hours at 10^5 images)
+        ids, sims, start = self._read_partial(partial, n)
+        last = time.monotonic()
         with progress_bar(n, "local neighbour lists", show_progress) as bar:
-            for s in range(0, n, step):
-                part = np.arange(s, min(n, s + step))
-                ids[part], sims[part] = knn_graph(approx, self.graph_m, part)
+            bar.advance(start)
+            for s in range(start, n, GRAPH_BLOCK):
+                part = np.arange(s, min(n, s + GRAPH_BLOCK))
+                ids[part], sims[part] = knn_graph(approx, self.graph_m, part, features, queries)
                 bar.advance(len(part))
                 self.db.release()  # the lists go in row order: the block's descriptors are done with
+                if time.monotonic() - last >= GRAPH_CHECKPOINT_S and part[-1] + 1 < n:
+                    done = np.int64(part[-1] + 1)
+                    _write_cache(partial, lambda tmp, done=done: np.savez(tmp, ids=ids, sims=sims, done=done),
+                                 suffix=".npz")
+                    last = time.monotonic()
         _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
+        partial.unlink(missing_ok=True)
         return ids, sims
+
+    def _read_partial(self, path: Path, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(ids, sims, lists done)`` of a stopped build of this graph, or empty lists and 0."""
+        shape = (n, self.graph_m)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ids, sims, done = z["ids"], z["sims"], int(z["done"])
+            if ids.shape == shape and sims.shape == shape and ids.dtype == np.int64 and 0 < done < n:
+                return ids, sims.astype(np.float32), done
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none, or damaged: start over
+            pass
+        return np.full(shape, -1, np.int64), np.zeros(shape, np.float32), 0
 
     def descriptors(self, positions: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """The stored local descriptors of each database position (what :meth:`graph` queries with)."""

@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..store.snapshot import Snapshot
 
 __all__ = ["Query", "SearchResponse", "SearchResult", "SearchStats", "Params", "NoParams", "Retriever", "register",
-           "unregister", "get", "modes", "available", "search", "explain", "check_k", "check_text", "MAX_K",
+           "unregister", "get", "modes", "available", "search", "explain", "prepare", "check_k", "check_text", "MAX_K",
            "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve", "resolve_mode", "AUTO", "Term"]
 
 _REGISTRY: dict[str, Retriever] = {}  # mode -> retriever, in registration order
@@ -191,6 +191,19 @@ def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,
         response.requested_mode = mode
     pages.trim()  # bounds the index pages mapped into the RSS when FINEGRAIN_MAPPED_MB asks (store/pages.py)
     return response
+
+
+def prepare(snapshot: Snapshot, modes_: Sequence[str] | None = None, show_progress: bool = False
+            ) -> dict[str, list[str]]:
+    """Build now what the first search of each mode would build (every available mode when None), so no user
+    waits for it; per mode, the structures built or found cached (the l2g neighbour lists take hours at
+    10^5 images). ``ValueError`` for a mode that does not exist or cannot run on this index."""
+    wanted = [m for m in available(snapshot) if m != AUTO] if modes_ is None else list(modes_)
+    for mode in wanted:
+        why = get(mode).missing(snapshot, mode)
+        if why:
+            raise ValueError(why)
+    return {mode: get(mode).prepare(snapshot, mode, show_progress) for mode in wanted}
 
 
 def explain(snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int = 10,

@@ -394,6 +394,11 @@ class Retriever(ABC):
         """Validated parameters: the index's saved settings overridden by ``options``."""
         return self.params_type.from_options(options, mode=mode)
 
+    def prepare(self, snapshot: Snapshot, mode: str, show_progress: bool = False) -> list[str]:
+        """Build now the search structures ``mode``'s first search would build (FAISS indexes, neighbour
+        lists; cached on disk per index state) and name each; default: nothing to build."""
+        return []
+
     @abstractmethod
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params) -> SearchResponse:
         """Rank the snapshot's images for ``query``; at most ``k`` hits, best first."""

@@ -85,6 +85,9 @@ class DenseRetriever(Retriever):
 
     filterable = True
 
+    def prepare(self, snapshot: Snapshot, mode: str, show_progress: bool = False) -> list[str]:
+        return prepare_global(snapshot)
+
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, DenseParams)
@@ -136,6 +139,18 @@ def search_vectors(snapshot: Snapshot, queries: np.ndarray, k: int, dim: int | N
         scores, rows = ann.search(queries, k, breadth)
     ids = np.where(rows >= 0, owners[np.maximum(rows, 0)], -1)
     return scores, ids
+
+
+def prepare_global(snapshot: Snapshot) -> list[str]:
+    """Build the top-k structure global search reads (:func:`search_vectors`); its name."""
+    if len(snapshot) == 0:
+        return []
+    if _coded_global(snapshot):
+        from ..compress.coded import coded_ann, coded_field
+
+        field = coded_field(snapshot) or "global"
+        return [f"{field} codes: {coded_ann(snapshot, field).kind}"]
+    return [f"global: {global_ann(snapshot).kind}"]
 
 
 def _coded_global(snapshot: Snapshot) -> bool:

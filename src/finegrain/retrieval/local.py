@@ -107,6 +107,19 @@ class LocalRetriever(Retriever):
 
     filterable = True
 
+    def prepare(self, snapshot: Snapshot, mode: str, show_progress: bool = False) -> list[str]:
+        if mode not in ("local", "l2g") or len(snapshot) == 0:
+            return []
+        searcher = local_searcher(snapshot)
+        approx = searcher.approx()
+        built = [f"local descriptors: {approx.kind} over {len(approx.rows):,} of {approx.db.n_rows:,} rows"]
+        if mode == "l2g":
+            ids, _ = searcher.graph(show_progress=show_progress)
+            queries, features = searcher.graph_policy()
+            built.append(f"l2g neighbour lists: {ids.shape[0]:,} x {ids.shape[1]} (queries: {queries}"
+                         + (f", strongest {features}" if features else "") + ")")
+        return built
+
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, LocalParams)

@@ -250,6 +250,11 @@ class MultiVectorRetriever(Retriever):
 
     filterable = True
 
+    def prepare(self, snapshot: Snapshot, mode: str, show_progress: bool = False) -> list[str]:
+        from .dense import prepare_global
+
+        return prepare_global(snapshot)  # the candidate stage searches the global field
+
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         assert isinstance(params, MultiVectorParams)

@@ -54,6 +54,13 @@ def _stage(snapshot: Snapshot, field: str) -> tuple[VectorIndex, np.ndarray, Cod
     return snapshot.derived(f"ann:stage-{field}", build)
 
 
+def prepare(snapshot: Snapshot) -> list[str]:
+    """Build the stage's two top-k structures (what ``objects-max``'s first staged search builds); their names."""
+    if not available(snapshot) or len(snapshot) == 0:
+        return []
+    return [f"{field}: {_stage(snapshot, field)[0].kind}" for field in (FIELD, ROWS)]
+
+
 def _top_rows(snapshot: Snapshot, field: str, query: np.ndarray, n: int, allowed: np.ndarray | None) -> np.ndarray:
     """Image positions owning ``field``'s ``n`` best rows for ``query`` (rows of allowed images only)."""
     ann, positions, codec = _stage(snapshot, field)

@@ -112,6 +112,11 @@ class ObjectRetriever(Retriever):
 
     filterable = True
 
+    def prepare(self, snapshot: Snapshot, mode: str, show_progress: bool = False) -> list[str]:
+        from . import object_candidates
+
+        return object_candidates.prepare(snapshot) if mode == "objects-max" else []
+
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         fieldname = object_search.FIELDS[mode]
