@@ -256,6 +256,62 @@ def test_knn_graph_from_representatives_queries_with_the_indexed_rows():
         ch.knn_graph(approx, m=5, queries="some")
 
 
+@pytest.mark.parametrize("stored", [np.float32, np.float16])
+def test_an_extended_ivf_index_searches_the_appended_rows_as_one_index(stored, monkeypatch):
+    """Rows appended after the build go to a delta IVF on the main index's lists; with every list probed, the
+    two together find what an exact index over all rows finds."""
+    monkeypatch.setattr(ch, "FLAT_BELOW", 100)  # an IVF index over this small collection
+    rng = np.random.default_rng(5)
+    images = [x.astype(stored) for x in _synthetic_collection(rng, n_groups=8, group_size=10, per_image=30)]
+    before = ch.LocalDatabase.from_features(images[:60])
+    after = ch.LocalDatabase.from_features(images)
+    built = ch.ApproxChamfer(before, index="ivf", nlist=16, nprobe=16, knn=24, threads=1, dedup=0.9)
+    assert built.carries
+    carried = ch.ApproxChamfer(after, index="ivf", nprobe=16, knn=24, threads=1, dedup=0.9, faiss_index=built.index,
+                               rows=built.rows)
+    added = carried.extend(60)
+    assert added > 0 and carried.delta is not None and carried.delta.ntotal == added
+    exact = ch.ApproxChamfer(after, index="flat", knn=24, threads=1, dedup=0.9)
+    np.testing.assert_array_equal(carried.rows, exact.rows)
+    np.testing.assert_array_equal(carried.row_image, exact.row_image)
+    for q in (images[3], images[65], images[79][:7]):
+        got, want = carried.score_all(q), exact.score_all(q)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-3)
+    again = ch.ApproxChamfer(after, index="ivf", knn=24, threads=1, dedup=0.9, faiss_index=carried.index,
+                             rows=carried.rows, delta_index=carried.delta)  # as read back from the cache
+    np.testing.assert_array_equal(again.score_all(images[65])[0], carried.score_all(images[65])[0])
+    with pytest.raises(ValueError, match="already indexed"):
+        carried.extend(60)
+    with pytest.raises(ValueError, match="holds"):
+        ch.ApproxChamfer(after, knn=24, faiss_index=built.index, rows=carried.rows)  # the delta is missing
+    assert not ch.ApproxChamfer(before, index="flat", knn=8, threads=1).carries
+
+
+def test_extend_graph_lists_appended_images_and_enters_them_in_earlier_lists():
+    rng = np.random.default_rng(6)
+    images = _synthetic_collection(rng, n_groups=6, group_size=10, per_image=30)
+    images.append(_unit(images[4] + 0.01 * rng.standard_normal(images[4].shape)))  # appended near-twin of 4
+    db = ch.LocalDatabase.from_features(images)
+    approx = ch.ApproxChamfer(db, index="flat", knn=32, threads=1)
+    full_ids, full_sims = ch.knn_graph(approx, m=6)
+    first_ids, first_sims = ch.knn_graph(approx, m=6, images=np.arange(50))
+    first_ids[first_ids >= 50] = -1  # the lists as they were before images 50.. existed
+    keep = first_ids >= 0
+    for r in range(50):
+        first_ids[r] = np.concatenate([first_ids[r][keep[r]], np.full(6 - keep[r].sum(), -1)])
+        first_sims[r] = np.concatenate([first_sims[r][keep[r]], np.zeros(6 - keep[r].sum(), np.float32)])
+    ids, sims = ch.extend_graph(approx, first_ids, first_sims, block=4)
+    assert ids.shape == (61, 6)
+    np.testing.assert_array_equal(ids[50:], full_ids[50:])  # appended images: their own search, as a full build
+    assert ids[60, 0] == 4 and ids[4, 0] == 60  # the twin found image 4, and entered image 4's list first
+    held = ids >= 0
+    assert np.all(np.diff(np.where(held, sims, -np.inf), axis=1)[held[:, 1:]] <= 1e-6)  # still best first
+    assert not np.any(ids == np.arange(61)[:, None])
+    agree = np.mean([len(np.intersect1d(ids[r], full_ids[r])) / 6 for r in range(50)])
+    assert agree > 0.8, agree  # the earlier lists mostly as a full build would make them
+
+
 @pytest.mark.parametrize("fill,threshold", [("kth", None), ("zero", None), ("kth", 0.3), ("zero", 0.3)])
 def test_score_many_matches_the_flat_aggregation(fill, threshold):
     """The per-list aggregation (best first in each FAISS list) gives the flat sort's scores, and one FAISS search
@@ -818,6 +874,76 @@ def test_prepare_builds_the_structures_and_saves_the_graph_choice(local_index, t
                         (["--graph-features", "0"], "graph features")):
         result = runner.invoke(app, ["prepare", "--index", str(tmp_path / "idx"), *bad], env={"COLUMNS": "400"})
         assert result.exit_code == 2 and needle in result.output, (bad, result.output)
+
+
+def test_appended_images_extend_the_local_structures_instead_of_rebuilding(local_index, tmp_path, monkeypatch,
+                                                                           photos_dir):
+    """After an append, the first search extends the previous state's FAISS index (a delta beside the same main
+    file) and neighbour lists (one search per new image); a removal builds both again."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    import finegrain.local.chamfer as chamfer
+    import finegrain.local.search as ls
+    from finegrain import Index
+    from finegrain.retrieval.local import local_searcher
+
+    monkeypatch.setattr(chamfer, "FLAT_BELOW", 50)  # IVF over this small index: what gets extended
+    src, photos = local_index
+    shutil.copytree(src.snapshot.path, tmp_path / "idx", ignore=shutil.ignore_patterns("ann"))
+    index = Index.open(tmp_path / "idx")
+    index.prepare(["l2g"])
+    ann = index.snapshot.path / "ann"
+    gen0 = index.snapshot.rows_generation
+    main0 = ann / f"local-dd700-{gen0}.faiss"
+    assert main0.exists() and (ann / f"local-dd700-{gen0}.state.json").exists()
+    n0 = len(index)
+
+    new = tmp_path / "new"
+    new.mkdir()
+    img = Image.open(sorted(photos_dir.iterdir())[0]).convert("RGB")
+    img.crop((img.width // 8, img.height // 8, img.width, img.height)).save(new / "appended.jpg")
+    assert index.add([new]).indexed == 1
+    gen1 = index.snapshot.rows_generation
+    assert gen1 > gen0 and main0.exists()  # the commit's sweep kept the structures it will extend
+
+    def no_full_build(*args, **kwargs):
+        raise AssertionError("built from scratch")
+
+    monkeypatch.setattr(ls, "knn_graph", no_full_build)
+    monkeypatch.setattr(ls.ApproxChamfer, "_build", no_full_build)
+    index.prepare(["l2g"])
+    main1 = ann / f"local-dd700-{gen1}.faiss"
+    assert os.stat(main1).st_ino == os.stat(main0).st_ino  # the same main file, linked, not copied
+    assert (ann / f"local-dd700-{gen1}.delta.faiss").exists()
+    searcher = local_searcher(index.snapshot)
+    ids, _ = searcher.graph()
+    assert ids.shape == (n0 + 1, searcher.graph_m) and ids[n0, 0] >= 0
+    hits = index.search(image=new / "appended.jpg", mode="local", k=3)
+    assert hits[0].path.endswith("appended.jpg")
+    monkeypatch.undo()
+
+    fresh = ls.LocalSearcher(index.snapshot)  # the same state built from nothing indexes the same rows
+    for f in ann.glob(f"local*-{gen1}.*"):
+        f.unlink()
+    monkeypatch.setattr(chamfer, "FLAT_BELOW", 50)
+    monkeypatch.setattr(ls, "CARRY_GROWTH", 0.0)  # no carrying: a full build
+    np.testing.assert_array_equal(fresh.approx().rows, searcher.approx().rows)
+
+    index.remove([int(index.snapshot.ids[0])])  # an earlier image removed: nothing is carried, both built again
+    calls: list[int] = []
+    real = ls.knn_graph
+    monkeypatch.setattr(ls, "CARRY_GROWTH", 1.5)
+    monkeypatch.setattr(ls, "knn_graph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    index.prepare(["l2g"])
+    assert calls and not (ann / f"local-dd700-{index.snapshot.rows_generation}.delta.faiss").exists()
+    index.prepare(["global"])  # a writer's sweep later: only the newest structures are left
+    with index.writer():
+        pass
+    gens = {f.name.split(".")[0].rsplit("-", 1)[1] for f in ann.glob("local*")}
+    assert gens == {str(index.snapshot.rows_generation)}, gens
 
 
 def test_prepare_refuses_a_mode_the_index_cannot_run(tmp_path, photos_dir):

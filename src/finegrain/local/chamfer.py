@@ -53,10 +53,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GRAPH_QUERIES", "ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "knn_graph",
-           "knn_lists", "recall_at_k", "representative_rows"]
+__all__ = ["GRAPH_QUERIES", "ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "extend_graph",
+           "knn_graph", "knn_lists", "recall_at_k", "representative_rows"]
 
 
+#: Below this many indexed rows the FAISS index is exact (flat), whatever ``index`` asks.
+FLAT_BELOW = 10_000
 #: What a database image queries with when its neighbour list is built (:func:`knn_graph`).
 GRAPH_QUERIES = ("all", "representatives")
 
@@ -311,6 +313,22 @@ def ivf_lists(n: int, nlist: int | None = None) -> int:
     return max(1, min(int(nlist), n // 39))
 
 
+def _empty_ivf_like(inner):
+    """An empty IVF index on ``inner``'s trained lists and quantiser (shared, not copied): where appended rows go."""
+    import faiss
+
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):
+        out = faiss.IndexIVFScalarQuantizer(inner.quantizer, inner.d, inner.nlist, inner.sq.qtype, inner.metric_type,
+                                            inner.by_residual)
+        faiss.copy_array_to_vector(faiss.vector_to_array(inner.sq.trained), out.sq.trained)
+    elif isinstance(inner, faiss.IndexIVFFlat):
+        out = faiss.IndexIVFFlat(inner.quantizer, inner.d, inner.nlist, inner.metric_type)
+    else:
+        raise ValueError(f"no delta index for {type(inner).__name__}")
+    out.is_trained = True
+    return out
+
+
 class _Selection:
     """Rows ``rows`` of a :class:`LocalDatabase` read like an array (``shape``, ``len``, ``[slice]``, ``[sorted
     positions]``), gathered a block at a time, for :func:`finegrain.compress.coded.build_sq_index`; each
@@ -329,18 +347,19 @@ class _Selection:
         return self.db.take(self.rows[key], release=True)
 
 
-def representative_rows(db: LocalDatabase, threshold: float) -> np.ndarray:
+def representative_rows(db: LocalDatabase, threshold: float, start: int = 0) -> np.ndarray:
     """Rows kept when each image's near-duplicate descriptors are dropped (sorted, int64).
 
     Per image, greedily in row order (strongest first in a stored index): a
     descriptor is kept unless its cosine to an already kept descriptor of the
     same image is at least ``threshold``. Every image keeps at least one row
-    (if it has any). Cost: one ``n_i x n_i`` product per image.
+    (if it has any). Cost: one ``n_i x n_i`` product per image. ``start``: images
+    from this position on only (those appended since a structure was built).
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError("threshold must be a cosine in [-1, 1]")
     keep: list[np.ndarray] = []
-    for i in range(db.n_images):
+    for i in range(int(start), db.n_images):
         if i % 1024 == 0:  # a pass in row order: give back the pages read so far
             db.release()
         x = db.image(i)
@@ -395,12 +414,15 @@ class ApproxChamfer:
         The indexed rows when already known (sorted global row numbers, what
         :func:`representative_rows` returned for ``dedup``): a pass over every
         descriptor saved.
+    delta_index : faiss.IndexIVF, optional
+        With ``faiss_index``: an index over the rows appended since it was built
+        (``rows[faiss_index.ntotal:]``, see :meth:`extend`), searched beside it.
     """
 
     def __init__(self, db: LocalDatabase, index: str = "ivf", knn: int = 32, nlist: int | None = None,
                  nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64, fill: str = "kth",
                  threshold: float | None = None, threads: int = 2, seed: int = 0, dedup: float | None = None,
-                 faiss_index=None, rows: np.ndarray | None = None):
+                 faiss_index=None, rows: np.ndarray | None = None, delta_index=None):
         import faiss
 
         if fill not in ("kth", "zero"):
@@ -428,9 +450,43 @@ class ApproxChamfer:
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.index = faiss_index if faiss_index is not None else self._build(index, nlist, hnsw_m, seed)
-        if self.index.ntotal != len(self.rows):
-            raise ValueError(f"the FAISS index holds {self.index.ntotal} vectors, {len(self.rows)} are indexed")
+        self.delta = delta_index if faiss_index is not None else None
+        held = self.index.ntotal + (0 if self.delta is None else self.delta.ntotal)
+        if held != len(self.rows):
+            raise ValueError(f"the FAISS index holds {held} vectors, {len(self.rows)} are indexed")
         self.set_search_params()
+
+    @property
+    def carries(self) -> bool:
+        """Whether :meth:`extend` can add rows (an IVF index: new rows go to a delta index on its lists)."""
+        import faiss
+
+        return isinstance(faiss.downcast_index(self.index), faiss.IndexIVF)
+
+    def extend(self, first_image: int) -> int:
+        """Index the rows of images ``first_image`` on (appended to the database since the index was built):
+        their representatives (with ``dedup``) go to the delta index, an IVF on the main index's trained lists,
+        so the main index is neither rebuilt nor copied. Returns the rows added."""
+        import faiss
+
+        if not self.carries:
+            raise ValueError("only an IVF index is extended; build the others again")
+        first = int(first_image)
+        if len(self.rows) and int(self.row_image[-1]) >= first:
+            raise ValueError(f"images from {first} on are already indexed")
+        new = (np.arange(self.db.offsets[first], self.db.n_rows, dtype=np.int64) if self.dedup is None
+               else representative_rows(self.db, float(self.dedup), start=first))
+        if not len(new):
+            return 0
+        if self.delta is None:
+            self.delta = _empty_ivf_like(faiss.downcast_index(self.index))
+        for start in range(0, len(new), 65_536):
+            block = new[start:start + 65_536]
+            self.delta.add(np.ascontiguousarray(self.db.decode(self.db.take(block, release=True)), np.float32))
+        self.rows = np.concatenate([self.rows, new])
+        self.row_image = np.concatenate([self.row_image, self.db.owner_of(new).astype(np.int32)])
+        self.set_search_params()
+        return len(new)
 
     def _build(self, kind: str, nlist: int | None, hnsw_m: int, seed: int):
         import faiss
@@ -440,7 +496,7 @@ class ApproxChamfer:
             return self._build_sq(_Selection(self.db, self.rows), kind, nlist, hnsw_m, seed)
         x = self.db.descriptors if len(self.rows) == self.db.n_rows else self.db.take(self.rows)  # float32
         index: faiss.Index
-        if kind == "flat" or len(x) < 10_000:
+        if kind == "flat" or len(x) < FLAT_BELOW:
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -465,7 +521,7 @@ class ApproxChamfer:
         from ..compress.storage import Codec
 
         codec = Codec(None, self.db.scale, self.db.offset, "int8" if self.db.dtype == np.int8 else "float16")
-        if kind == "flat" or len(codes) < 10_000:
+        if kind == "flat" or len(codes) < FLAT_BELOW:
             return build_sq_index(codes, codec, "flat", what="local")
         if kind == "hnsw":
             return build_sq_index(codes, codec, "hnsw", hnsw_m=hnsw_m, what="local")
@@ -476,11 +532,14 @@ class ApproxChamfer:
     def set_search_params(self) -> None:
         import faiss
 
-        inner = faiss.downcast_index(self.index)
-        if hasattr(inner, "nprobe"):
-            inner.nprobe = self.nprobe
-        if hasattr(inner, "hnsw"):
-            inner.hnsw.efSearch = max(self.ef_search, self.knn)
+        for index in (self.index, self.delta):
+            if index is None:
+                continue
+            inner: Any = faiss.downcast_index(index)
+            if hasattr(inner, "nprobe"):
+                inner.nprobe = self.nprobe
+            if hasattr(inner, "hnsw"):
+                inner.hnsw.efSearch = max(self.ef_search, self.knn)
 
     def indexed_image(self, i: int) -> np.ndarray:
         """Image ``i``'s indexed descriptors (its representatives with ``dedup``, else all), float32, strongest
@@ -498,7 +557,15 @@ class ApproxChamfer:
         """``(D, FAISS ids)``, (|Q|, knn), -1: none."""
         q = _as_desc(query)
         k = min(self.knn, max(1, len(self.rows)))
-        return self.index.search(q, k)
+        D, ids = self.index.search(q, k)
+        if self.delta is None or self.delta.ntotal == 0:
+            return D, ids
+        # the appended rows' neighbours merged in: each list keeps its k best of both, best first
+        D2, ids2 = self.delta.search(q, min(k, self.delta.ntotal))
+        D = np.concatenate([D, D2], axis=1)
+        ids = np.concatenate([ids, np.where(ids2 >= 0, ids2 + self.index.ntotal, -1)], axis=1)
+        best = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(D, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
     def matches(self, query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every (query descriptor, database descriptor) match found: ``(qi, rows, kernel sims, fill (|Q|,))``.
@@ -509,9 +576,15 @@ class ApproxChamfer:
         q = _as_desc(query)
         if self.knn == 0:
             assert self.threshold is not None  # checked in __init__: knn=0 needs a threshold
-            lims, D, ids = self.index.range_search(q, float(self.threshold))
-            qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-            return qi, self.rows[ids.astype(np.int64)], match_kernel(D, self.threshold), np.zeros(len(q), np.float32)
+            qis, found, sims = [], [], []
+            for index, base in ((self.index, 0), (self.delta, self.index.ntotal)):
+                if index is None:
+                    continue
+                lims, D, ids = index.range_search(q, float(self.threshold))
+                qis.append(np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64))))
+                found.append(self.rows[ids.astype(np.int64) + base])
+                sims.append(match_kernel(D, self.threshold))
+            return np.concatenate(qis), np.concatenate(found), np.concatenate(sims), np.zeros(len(q), np.float32)
         D, ids = self.neighbours(q)
         D, valid, fill = self._kernel_lists(D, ids)
         qi = np.nonzero(valid)[0]
@@ -637,6 +710,44 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.n
     if max_query_features:
         sets = [q[:max_query_features] for q in sets]
     return knn_lists(searcher, sets, m, exclude=rows)
+
+
+def extend_graph(searcher: ApproxChamfer, ids: np.ndarray, sims: np.ndarray, max_query_features: int | None = None,
+                 queries: str = "all", block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_graph` of a database that grew: ``(ids, sims)`` hold the lists of its first ``len(ids)`` images
+    (built before the others were appended); returns every image's lists.
+
+    Each appended image gets its own list (one search, as :func:`knn_graph`), and enters an earlier image's
+    list where its score beats that list's last entry. That score is the appended image's Chamfer similarity
+    to the earlier image, not the earlier image's to it (Chamfer is asymmetric; a full build would search from
+    the earlier image): an approximation, so the searcher builds the graph again once the index has grown by
+    half (:data:`finegrain.local.search.CARRY_GROWTH`). Cost: one search per appended image.
+    """
+    db = searcher.db
+    old, m = ids.shape
+    out_ids = np.full((db.n_images, m), -1, np.int64)
+    out_sims = np.zeros((db.n_images, m), np.float32)
+    out_ids[:old], out_sims[:old] = ids, sims
+    for s in range(old, db.n_images, block):
+        part = np.arange(s, min(db.n_images, s + block))
+        sets = [db.image(int(i)) if queries == "all" else searcher.indexed_image(int(i)) for i in part]
+        if max_query_features:
+            sets = [q[:max_query_features] for q in sets]
+        for j, (scores, reached) in zip(part, searcher.score_many(sets)):
+            reached[j] = False
+            cand = np.flatnonzero(reached)
+            cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
+            out_ids[j, :len(cand)], out_sims[j, :len(cand)] = cand, scores[cand]
+            full = out_ids[:old, -1] >= 0
+            worst = np.where(full, out_sims[:old, -1], -np.inf)
+            for i in np.flatnonzero(reached[:old] & (scores[:old] > worst)):
+                held = int(np.count_nonzero(out_ids[i] >= 0))
+                at = int(np.searchsorted(-out_sims[i, :held], -scores[i], side="right"))  # after equal scores
+                out_ids[i, at + 1:] = out_ids[i, at:-1].copy()
+                out_sims[i, at + 1:] = out_sims[i, at:-1].copy()
+                out_ids[i, at], out_sims[i, at] = j, scores[i]
+        db.release()
+    return out_ids, out_sims
 
 
 def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,

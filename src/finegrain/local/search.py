@@ -38,8 +38,11 @@ generation, like the global ANN structure.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import secrets
+import shutil
 import threading
 import time
 import zipfile
@@ -52,7 +55,7 @@ import numpy as np
 from ..progress import progress_bar
 from ..rerank.mds import L2GConfig, l2g_rerank, online_pairs
 from ..store.pages import release_free_heap
-from .chamfer import GRAPH_QUERIES, ApproxChamfer, LocalDatabase, chamfer_scores, knn_graph, knn_lists
+from .chamfer import GRAPH_QUERIES, ApproxChamfer, LocalDatabase, chamfer_scores, extend_graph, knn_graph, knn_lists
 from .store import INSTANCE_FIELD, LOCAL_FIELD, LocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +70,9 @@ GRAPH_CHECKPOINT_S = 120.0  # a graph build saves its lists this often, so a sto
 GRAPH_FULL_ROWS = 10_000_000
 GRAPH_AUTO_FEATURES = 64
 GRAPH_SETTING = "l2g_graph"  # the index's saved graph choice, in its search settings
+#: Carried structures: after images are appended, the FAISS index and the neighbour lists of the previous state
+#: are extended (cost: the new images) until the indexed rows exceed this times those of the last full build.
+CARRY_GROWTH = 1.5
 
 
 def check_graph_queries(queries: Any, features: Any) -> tuple[str, int | None]:
@@ -181,6 +187,8 @@ class LocalSearcher:
             else ([], storage.IDENTITY)
         dim = parts[0].vectors.shape[1] if parts else self.store.extractor.dim
         self.db = _database(parts, self.ids, codec, dim)
+        names = snapshot.chunk_names(storage.stored_name(snapshot, LOCAL_FIELD)) if parts else []
+        self._parts = [[name, len(p)] for name, p in zip(names, parts)]  # what a later state must start with
         self.instance = self._instance_rows(snapshot)
         self.joint = self._aligned(snapshot.global_rows)
         self._approx: ApproxChamfer | None = None
@@ -241,39 +249,141 @@ class LocalSearcher:
         return self._approx
 
     def _build_approx(self) -> ApproxChamfer:
-        import faiss
-
+        """The cached structure of this state; else an earlier state's extended (:meth:`_carried_approx`); else a
+        new one. Beside the ``.faiss`` file: ``.rows.npy`` (the indexed rows), ``.delta.faiss`` (rows appended
+        since the main index was built) and ``.state.json`` (what it indexes, for the next state to extend)."""
         path = self._cache("local" + self._dedup_tag()).with_suffix(".faiss")
-        rows_path = path.with_suffix(".rows.npy")  # the indexed rows (a pass over every descriptor to find)
-        prebuilt, rows = None, None
-        if path.exists():
-            try:
-                prebuilt = faiss.read_index(str(path))
-            except RuntimeError:  # a damaged cache file: rebuild it
-                prebuilt = None
-        if prebuilt is not None and rows_path.exists():
-            rows = self._read_rows(rows_path)
-        try:
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                   faiss_index=prebuilt, rows=rows)
-        except ValueError:  # a stale cache file of another size: rebuild both (which of the two is stale is unknown)
-            prebuilt, rows = None, None
+        approx = self._cached_approx(path)
+        if approx is None:
+            approx = self._carried_approx(path)
+        if approx is None:
             approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
-        if rows is None and len(approx.rows):
-            _write_cache(rows_path, lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
-        if prebuilt is None and len(approx.rows):
-            _write_cache(path, lambda tmp: faiss.write_index(approx.index, str(tmp)))
+            self._write_approx(approx, path, None, len(approx.rows))
         release_free_heap()  # the build's freed blocks and training sample (hundreds of MB at 10^5 images)
         return approx
 
-    def _read_rows(self, path: Path) -> np.ndarray | None:
-        """Cached indexed rows, or None when the file is damaged or does not fit this database."""
+    def _cached_approx(self, path: Path) -> ApproxChamfer | None:
+        import faiss
+
+        if not path.exists():
+            return None
+        delta_path, rows_path = path.with_suffix(".delta.faiss"), path.with_suffix(".rows.npy")
+        try:
+            main = faiss.read_index(str(path))
+            delta = faiss.read_index(str(delta_path)) if delta_path.exists() else None
+        except RuntimeError:  # a damaged cache file: rebuild it
+            return None
+        rows = self._read_rows(rows_path) if rows_path.exists() else None
+        if rows is None and delta is not None:
+            return None  # which rows the delta holds is unknown without the rows file
+        try:
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
+                                   faiss_index=main, rows=rows, delta_index=delta)
+        except ValueError:  # a stale cache file of another size: rebuild (which file is stale is unknown)
+            return None
+        if rows is None and len(approx.rows):
+            _write_cache(rows_path, lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
+        if not path.with_suffix(".state.json").exists():  # written by a version without states: full as it is
+            self._write_state(path, main.ntotal, len(approx.rows))
+        return approx
+
+    def _carried_approx(self, path: Path) -> ApproxChamfer | None:
+        """The newest earlier state's structure extended with the images appended since (an IVF index only,
+        and only while the index has grown by less than :data:`CARRY_GROWTH` since its last full build)."""
+        import faiss
+
+        found = self._previous("local" + self._dedup_tag(), ".state.json")
+        if found is None:
+            return None
+        old, state = found
+        try:
+            main = faiss.read_index(str(old.with_suffix(".faiss")))
+            delta_path = old.with_suffix(".delta.faiss")
+            delta = faiss.read_index(str(delta_path)) if delta_path.exists() else None
+            rows = self._read_rows(old.with_suffix(".rows.npy"), int(state["rows"]))
+            if rows is None:
+                return None
+            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
+                                   faiss_index=main, rows=rows, delta_index=delta)
+        except (RuntimeError, ValueError, KeyError, TypeError):  # damaged, missing or of another shape
+            return None
+        if not approx.carries:
+            return None  # a flat index (under 10,000 rows): building it again is cheap
+        approx.extend(int(state["images"]))
+        if len(approx.rows) > CARRY_GROWTH * int(state["full_build_rows"]):
+            return None  # grown too much for the main index's lists: build anew
+        self._write_approx(approx, path, old.with_suffix(".faiss"), int(state["full_build_rows"]))
+        return approx
+
+    def _write_approx(self, approx: ApproxChamfer, path: Path, main_from: Path | None, full_rows: int) -> None:
+        import faiss
+
+        if not len(approx.rows):
+            return
+        _write_cache(path.with_suffix(".rows.npy"), lambda tmp: np.save(tmp, approx.rows), suffix=".npy")
+        if main_from is not None:  # the main index is unchanged: one more name for the same file, no copy
+            _write_cache(path, lambda tmp: _link_or_copy(main_from, tmp))
+        else:
+            _write_cache(path, lambda tmp: faiss.write_index(approx.index, str(tmp)))
+        delta = approx.delta
+        if delta is not None:
+            _write_cache(path.with_suffix(".delta.faiss"), lambda tmp: faiss.write_index(delta, str(tmp)))
+        self._write_state(path, approx.index.ntotal, full_rows)
+
+    def state(self) -> dict[str, Any]:
+        """What the database holds, for a later state to tell whether it only appended images to this one."""
+        return {"version": 1, "images": int(self.db.n_images), "rows": int(self.db.n_rows),
+                "ids_sha1": _ids_digest(self.ids), "parts": self._parts}
+
+    def appended_to(self, state: dict[str, Any]) -> bool:
+        """Whether this database is ``state``'s with images appended (none removed, no rows changed): its
+        chunks come first, as they were, and its images are the first ones here."""
+        try:
+            n0, parts = int(state["images"]), state["parts"]
+            return (state.get("version") == 1 and 0 < n0 <= self.db.n_images and parts == self._parts[:len(parts)]
+                    and int(self.db.offsets[n0]) == int(state["rows"])
+                    and _ids_digest(self.ids[:n0]) == state["ids_sha1"])
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def _write_state(self, path: Path, main_rows: int, full_rows: int) -> None:
+        record = {**self.state(), "main_rows": int(main_rows), "full_build_rows": int(full_rows)}
+        _write_cache(path.with_suffix(".state.json"), lambda tmp: tmp.write_text(json.dumps(record)), suffix=".json")
+
+    def _previous(self, stem: str, suffix: str) -> tuple[Path, dict[str, Any]] | None:
+        """The newest earlier generation's ``{stem}-{generation}{suffix}`` file that this database appended to, and
+        its state (a JSON file, or a ``state`` entry of an ``.npz``)."""
+        ann = self.snapshot.path / "ann"
+        current = self.snapshot.rows_generation
+        found = []
+        for f in ann.glob(f"{stem}-*{suffix}") if ann.exists() else []:
+            gen = f.name[len(stem) + 1:-len(suffix)]
+            if gen.isdigit() and int(gen) < current:
+                found.append((int(gen), f))
+        for _, f in sorted(found, reverse=True):
+            try:
+                if suffix == ".npz":
+                    with np.load(f, allow_pickle=False) as z:
+                        state = json.loads(str(z["state"]))
+                else:
+                    state = json.loads(f.read_text())
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                continue
+            if isinstance(state, dict) and self.appended_to(state):
+                return f.with_name(f"{stem}-{f.name[len(stem) + 1:-len(suffix)]}"), state
+            return None  # the newest one does not fit: nothing older will
+        return None
+
+    def _read_rows(self, path: Path, below: int | None = None) -> np.ndarray | None:
+        """Cached indexed rows, or None when the file is damaged or does not fit this database (``below``: the
+        rows must lie under this row, the database's size when they were indexed)."""
         try:
             rows = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):  # EOFError: an empty file
             return None
+        limit = self.db.n_rows if below is None else min(int(below), self.db.n_rows)
         ok = (rows.ndim == 1 and rows.dtype == np.int64 and len(rows) > 0 and int(rows[0]) >= 0
-              and int(rows[-1]) < self.db.n_rows and bool(np.all(rows[1:] > rows[:-1])))
+              and int(rows[-1]) < limit and bool(np.all(rows[1:] > rows[:-1])))
         return rows if ok else None
 
     def graph(self, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +411,8 @@ class LocalSearcher:
         # the lists depend on what each image queries with: the full lists keep the name they always had
         queries, features = self.graph_policy()
         tag = ("" if queries == "all" else "-rep") + (f"-f{features}" if features else "")
-        path = self._cache(f"localgraph-k{self.knn}{self._dedup_tag()}{tag}").with_suffix(".npz")
+        stem = f"localgraph-k{self.knn}{self._dedup_tag()}{tag}"
+        path = self._cache(stem).with_suffix(".npz")
         if path.exists():
             try:
                 with np.load(path, allow_pickle=False) as z:
@@ -312,6 +423,11 @@ class LocalSearcher:
         n = self.db.n_images
         partial = path.with_name(path.stem + ".partial.npz")  # a build stopped part-way (hours at 10^5 images)
         ids, sims, start = self._read_partial(partial, n)
+        carried = self._carried_graph(approx, stem, queries, features) if start == 0 else None
+        if carried is not None:
+            ids, sims, full_images = carried
+            self._write_graph(path, ids, sims, full_images)
+            return ids, sims
         last = time.monotonic()
         with progress_bar(n, "local neighbour lists", show_progress) as bar:
             bar.advance(start)
@@ -325,9 +441,35 @@ class LocalSearcher:
                     _write_cache(partial, lambda tmp, done=done: np.savez(tmp, ids=ids, sims=sims, done=done),
                                  suffix=".npz")
                     last = time.monotonic()
-        _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims), suffix=".npz")
+        self._write_graph(path, ids, sims, n)
         partial.unlink(missing_ok=True)
         return ids, sims
+
+    def _write_graph(self, path: Path, ids: np.ndarray, sims: np.ndarray, full_images: int) -> None:
+        state = np.array(json.dumps({**self.state(), "full_build_images": int(full_images)}))
+        _write_cache(path, lambda tmp: np.savez(tmp, ids=ids, sims=sims, state=state), suffix=".npz")
+
+    def _carried_graph(self, approx: ApproxChamfer, stem: str, queries: str, features: int | None
+                       ) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """The newest earlier state's lists extended with the images appended since
+        (:func:`~finegrain.local.chamfer.extend_graph`), and the image count of its last full build; None
+        when there is none, or the index has grown by :data:`CARRY_GROWTH` since."""
+        found = self._previous(stem, ".npz")
+        if found is None:
+            return None
+        old, state = found
+        n0, full_images = int(state["images"]), int(state.get("full_build_images", 0))
+        if self.db.n_images > CARRY_GROWTH * full_images:
+            return None
+        try:
+            with np.load(old.with_suffix(".npz"), allow_pickle=False) as z:
+                ids, sims = z["ids"], z["sims"].astype(np.float32)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+        if ids.shape != (n0, self.graph_m) or ids.dtype != np.int64:
+            return None
+        ids, sims = extend_graph(approx, ids, sims, features, queries, GRAPH_BLOCK)
+        return ids, sims, full_images
 
     def _read_partial(self, path: Path, n: int) -> tuple[np.ndarray, np.ndarray, int]:
         """``(ids, sims, lists done)`` of a stopped build of this graph, or empty lists and 0."""
@@ -527,6 +669,17 @@ def _database(parts: list, ids: np.ndarray, codec, dim: int) -> LocalDatabase:
     offsets = np.asarray(offsets, np.int64)
     offsets[-1] = sum(len(v) for v in vectors)
     return LocalDatabase(vectors, offsets, codec.scale, codec.offset)
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
 
 
 def _write_cache(path: Path, write, suffix: str = "") -> None:

@@ -196,6 +196,12 @@ class Snapshot:
         """Whether the catalog lists chunks of field ``name`` (``global`` always exists)."""
         return name == "global" or name in self._chunks
 
+    def chunk_names(self, name: str) -> list[str]:
+        """The chunk files of field ``name`` in commit order (what :meth:`field_parts` reads, one part each).
+        Chunks are immutable and their names unique, so two states with the same leading names hold the
+        same rows there (removals aside: compare the parts' live rows)."""
+        return list(self._chunks.get(name, []))
+
     def field_names(self) -> list[str]:
         return sorted(set(self._chunks) | {"global"})
 

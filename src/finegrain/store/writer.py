@@ -54,6 +54,11 @@ class IndexReadOnlyError(IndexLockedError):
     """
 
 
+#: ANN caches whose newest generation outlives a commit: the local searcher extends them after an append
+#: instead of building them again (hours at 10^5 images; finegrain/local/search.py, "carried structures").
+CARRIED_PREFIX = "local"
+
+
 def checksum_json(record: dict[str, dict[str, Any]]) -> str:
     """The catalog's ``chunks.checksum`` value: BLAKE2b, dtype and shape of each file (see store/integrity.py)."""
     return json.dumps({"v": 1, "files": record}, sort_keys=True)
@@ -160,13 +165,25 @@ class Writer:
     def sweep_caches(self) -> None:
         """Delete the ANN caches (and gathered rows) of older rows generations. Run when a writer opens and when it
         closes cleanly: a commit that dropped a field (``compress --drop-originals``) would otherwise leave its
-        gathered float32 rows on disk until the next write. A reader still mapping one keeps its pages (unlink)."""
+        gathered float32 rows on disk until the next write. A reader still mapping one keeps its pages (unlink).
+        The newest generation of each carried structure (:data:`CARRIED_PREFIX`) stays until a newer one exists."""
         generation = self.catalog.rows_generation()  # caches are named by it (Snapshot.cache_file)
         ann = self.path / "ann"
-        if ann.exists():
-            for path in ann.glob("*"):
-                if not path.name.split(".")[0].endswith(f"-{generation}"):
-                    path.unlink(missing_ok=True)
+        if not ann.exists():
+            return
+        newest: dict[str, int] = {}  # carried structures: the newest generation of each, kept until replaced
+        for path in ann.glob(f"{CARRIED_PREFIX}*"):
+            stem, _, gen = path.name.split(".")[0].rpartition("-")
+            if gen.isdigit():
+                newest[stem] = max(newest.get(stem, -1), int(gen))
+        for path in ann.glob("*"):
+            base = path.name.split(".")[0]
+            if base.endswith(f"-{generation}"):
+                continue
+            stem, _, gen = base.rpartition("-")
+            if base.startswith(CARRIED_PREFIX) and gen.isdigit() and newest.get(stem) == int(gen):
+                continue
+            path.unlink(missing_ok=True)
 
     # -------------------------------------------------------------- writing
     def write_rows(self, fieldname: str, rows: FieldRows) -> tuple[str, str, int]:
