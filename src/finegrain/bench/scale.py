@@ -272,6 +272,26 @@ def build_synthetic(path: Path, source: Source, size: int, noise: float = 0.5, s
     return time.perf_counter() - t0
 
 
+def append_synthetic(path: Path, source: Source, n: int, noise: float = 0.5, seed: int = 1,
+                     fields: Sequence[str] = ("local",)) -> float:
+    """Append ``n`` synthetic images (drawn as :func:`build_synthetic` draws them) to the index at ``path``, in
+    one commit per :data:`BUILD_BATCH`, as a growing collection receives them; returns the seconds taken.
+    Fields the index stores compact are encoded with its own codecs by the writer."""
+    from ..index import Index
+
+    names = [name for f in fields for name in FAMILIES[f] if name in source.rows]
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    with Index.open(path) as index:
+        first = len(index)
+        with index.writer() as w:
+            for start in range(0, n, BUILD_BATCH):
+                images, rows = _synthetic_batch(rng, source, first, first + start, min(BUILD_BATCH, n - start),
+                                                noise, names)
+                w.commit(images, rows, [], [], [])
+    return time.perf_counter() - t0
+
+
 def _synthetic_batch(rng: np.random.Generator, source: Source, size: int, first: int, n: int, noise: float,
                      names: Sequence[str]) -> tuple[list[NewImage], dict[str, FieldRows]]:
     """Images ``first .. first + n - 1`` of a ``size``-image synthetic index: catalog rows and field rows."""

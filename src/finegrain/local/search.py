@@ -417,7 +417,10 @@ class LocalSearcher:
             try:
                 with np.load(path, allow_pickle=False) as z:
                     if z["ids"].shape == (self.db.n_images, self.graph_m):
-                        return z["ids"], z["sims"]
+                        ids, sims = z["ids"], z["sims"]
+                        if "state" not in z.files:  # written by a version without states: full as it is
+                            self._write_graph(path, ids, sims, self.db.n_images)
+                        return ids, sims
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged cache file: rebuild it
                 pass
         n = self.db.n_images
