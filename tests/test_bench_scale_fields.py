@@ -84,6 +84,25 @@ def test_compact_fields_are_stored_compact(every_field_source, tmp_path, monkeyp
         assert not index.snapshot.has_field("segments")
 
 
+def test_append_synthetic_commits_more_images_in_the_index_own_storage(every_field_source, tmp_path, monkeypatch):
+    from finegrain.bench import scale
+
+    monkeypatch.setattr(scale, "STORAGE_FIT_IMAGES", 20)
+    monkeypatch.setattr(scale, "BUILD_BATCH", 10)
+    src = Source.from_index(every_field_source)
+    build_synthetic(tmp_path / "c", src, 30, fields=["local"], storage={"local": FieldStorage.parse("none::int8")})
+    with Index.open(tmp_path / "c") as index:
+        generation, rows = index.snapshot.rows_generation, len(storage.scoring(index.snapshot, "local")[0])
+    assert scale.append_synthetic(tmp_path / "c", src, 15) >= 0
+    with Index.open(tmp_path / "c") as index:
+        snap = index.snapshot
+        assert len(index) == 45 and snap.rows_generation > generation
+        local, _ = storage.scoring(snap, "local")
+        assert local.vectors.dtype == np.int8 and len(local) > rows  # the index's int8 codec, no originals
+        assert not snap.has_field("local") and len(snap.field("instance")) == 45
+        assert len({r.path for r in index.records.values()}) == 45  # new paths, none reused
+
+
 def test_field_errors(every_field_source, tmp_path):
     src = Source.from_index(every_field_source)
     with pytest.raises(ValueError, match="does not store"):
