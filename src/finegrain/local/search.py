@@ -31,8 +31,9 @@ score scale), so asking for every image gives a complete ranking.
 
 The FAISS index over all local descriptors and the neighbour lists
 (each database image's ``graph_m`` best images by approximate Chamfer) are
-query-independent: built on first use and cached in ``ann/`` per catalog
-generation, like the global ANN structure.
+query-independent: built on first use (or by ``finegrain prepare``) and cached in ``ann/`` per catalog
+generation, like the global ANN structure; after an append they are extended, not built again
+(:meth:`LocalSearcher.appended_to`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ GRAPH_SETTING = "l2g_graph"  # the index's saved graph choice, in its search set
 #: Carried structures: after images are appended, the FAISS index and the neighbour lists of the previous state
 #: are extended (cost: the new images) until the indexed rows exceed this times those of the last full build.
 CARRY_GROWTH = 1.5
+_L2G_KEYS = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}  # the shortlist size is passed as "shortlist"
+SEARCH_KEYS = {"shortlist", "knn", "nprobe", "global_field", "query_features", "exact_rerank"}
+
+__all__ = ["GRAPH_SETTING", "LOCAL_MODES", "LocalSearcher", "check_graph_queries", "split_options"]
 
 
 def check_graph_queries(queries: Any, features: Any) -> tuple[str, int | None]:
@@ -83,10 +88,6 @@ def check_graph_queries(queries: Any, features: Any) -> tuple[str, int | None]:
                                  or features < 1):
         raise ValueError(f"graph features must be a positive integer (None: every descriptor), not {features!r}")
     return str(queries), None if features is None else int(features)
-_L2G_KEYS = {f.name for f in dataclasses.fields(L2GConfig)} - {"k"}  # the shortlist size is passed as "shortlist"
-SEARCH_KEYS = {"shortlist", "knn", "nprobe", "global_field", "query_features", "exact_rerank"}
-
-__all__ = ["GRAPH_SETTING", "LOCAL_MODES", "LocalSearcher", "check_graph_queries", "split_options"]
 
 
 def split_options(options: dict[str, Any]) -> tuple[L2GConfig, dict[str, Any]]:
