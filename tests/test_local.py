@@ -946,6 +946,39 @@ def test_appended_images_extend_the_local_structures_instead_of_rebuilding(local
     assert gens == {str(index.snapshot.rows_generation)}, gens
 
 
+@pytest.mark.parametrize("damage", ["rows", "state", "faiss", "graph"])
+def test_a_damaged_earlier_structure_is_built_anew_not_carried(local_index, tmp_path, monkeypatch, photos_dir,
+                                                                damage):
+    import shutil
+
+    from PIL import Image
+
+    import finegrain.local.chamfer as chamfer
+    import finegrain.local.search as ls
+    from finegrain import Index
+
+    monkeypatch.setattr(chamfer, "FLAT_BELOW", 50)
+    src, photos = local_index
+    shutil.copytree(src.snapshot.path, tmp_path / "idx", ignore=shutil.ignore_patterns("ann"))
+    index = Index.open(tmp_path / "idx")
+    index.prepare(["l2g"])
+    gen0, ann = index.snapshot.rows_generation, index.snapshot.path / "ann"
+    target = {"rows": f"local-dd700-{gen0}.rows.npy", "state": f"local-dd700-{gen0}.state.json",
+              "faiss": f"local-dd700-{gen0}.faiss", "graph": f"localgraph-k512-dd700-{gen0}.npz"}[damage]
+    (ann / target).write_bytes(b"\x93NUMPY garbage")
+    (tmp_path / "new").mkdir()
+    Image.open(photos[1]).convert("RGB").save(tmp_path / "new" / "appended.jpg")
+    index.add([tmp_path / "new"])
+    calls: list[str] = []
+    real_graph, real_build = ls.knn_graph, ls.ApproxChamfer._build
+    monkeypatch.setattr(ls, "knn_graph", lambda *a, **k: calls.append("graph") or real_graph(*a, **k))
+    monkeypatch.setattr(ls.ApproxChamfer, "_build", lambda self, *a: calls.append("faiss") or real_build(self, *a))
+    index.prepare(["l2g"])
+    assert ("faiss" in calls) == (damage != "graph") and ("graph" in calls) == (damage == "graph")
+    hits = index.search(image=tmp_path / "new" / "appended.jpg", mode="local", k=1)
+    assert hits[0].path.endswith("appended.jpg")
+
+
 def test_prepare_refuses_a_mode_the_index_cannot_run(tmp_path, photos_dir):
     from finegrain import Index
 
