@@ -196,3 +196,26 @@ def test_serve_binds_loopback_with_deadlines_and_warns_when_exposed(monkeypatch,
     assert result.exit_code == 2 and "API key is empty" in " ".join(result.output.split()) and len(calls) == n_calls
     result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--host", "0.0.0.0", "--api-key", "k" * 32])
     assert "without an API key" not in result.output
+
+
+def test_serve_prepare_builds_the_search_structures_before_serving(monkeypatch, tmp_path, photos_dir):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import finegrain.service as service
+    from finegrain import Index
+    from finegrain.cli import app
+
+    index = Index.create(tmp_path / "idx")
+    index.add([sorted(photos_dir.iterdir())[0]])
+    order: list[str] = []
+    real = Index.prepare
+    monkeypatch.setattr(Index, "prepare", lambda self, *a, **k: order.append("prepare") or real(self, *a, **k))
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: order.append("serve"))
+    monkeypatch.setattr(service, "create_app", lambda *a, **kw: object())
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx"), "--prepare"])
+    assert result.exit_code == 0, result.output
+    assert order == ["prepare", "serve"] and "prepared: global" in result.output
+    order.clear()
+    assert CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx")]).exit_code == 0
+    assert order == ["serve"]  # without the flag: nothing built up front

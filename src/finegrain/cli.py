@@ -1571,6 +1571,7 @@ def serve_cmd(
     ray: bool = typer.Option(False, "--ray", help="Shard set: serve it with Ray actors (one or more per shard) instead of threads; docs/scaling.md."),
     ray_address: Optional[str] = typer.Option(None, "--address", help="With --ray: the cluster (auto, ray://HOST:10001); default: a local Ray runtime."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: actors per shard (throughput, failover)."),
+    prepare: bool = typer.Option(False, "--prepare", help="Build every mode's search structures first (as `finegrain prepare`), so no request waits for them (hours for l2g at 10^5 images)."),
 ) -> None:
     """Serve the search API and the web page (http://HOST:PORT/) over an index or a shard set; see docs/service.md."""
     import ipaddress
@@ -1600,6 +1601,16 @@ def serve_cmd(
         err.print(f"[yellow]warning:[/yellow] serving on {host} without an API key: anyone who can reach it can search")
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
+    if prepare:
+        from .shards import is_shard_set
+
+        if is_shard_set(index):
+            _fail("--prepare takes an index; prepare each shard with `finegrain prepare --index SHARD`", 2)
+        try:
+            ready = _open_index(index).prepare(None, show_progress=True)
+        except (ValueError, OSError, sqlite3.DatabaseError) as exc:
+            _fail(f"preparing {index}: {exc}")
+        err.print("prepared: " + ", ".join(mode for mode, built in ready.items() if built))
     try:
         service = create_app(index, api_key=api_key, reload_interval=reload_interval, allowed_hosts=tuple(allowed),
                              ray=ray, ray_address=ray_address, replicas=replicas)
