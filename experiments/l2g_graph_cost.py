@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from finegrain import Index
-    from finegrain.local.chamfer import knn_graph
+    from finegrain.local.chamfer import graph_query_sets, knn_graph
     from finegrain.retrieval.local import local_searcher
 
     with Index.open(args.index) as index:
@@ -44,8 +44,7 @@ def main() -> None:
         db = approx.db
         n = db.n_images
         part = np.unique(np.linspace(0, n - 1, min(args.sample, n)).astype(np.int64))
-        queries = [db.image(int(i)) if args.queries == "all" else approx.indexed_image(int(i)) for i in part]
-        queries = [q[:args.features] if args.features else q for q in queries]
+        queries = graph_query_sets(approx, part, args.queries, args.features)
         search_ms, total_ms = [], []
         for q in queries:
             t0 = time.perf_counter()

@@ -33,6 +33,13 @@ def _candidates(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
+def _local_config():
+    """The bench index's local features (the docs' landmark runs: three scales, 1,000 features, 512 px)."""
+    from finegrain.local.store import LocalConfig
+
+    return LocalConfig("cnn", {"scales": [1.0, 0.707, 0.5], "max_features": 1000, "image_size": 512})
+
+
 def _name(kind: str, n: int | None) -> str:
     return kind + (f":{n}" if n else "")
 
@@ -50,10 +57,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from finegrain.bench.revisitop_folds import run_revisitop_folds, setting_name
-    from finegrain.local.store import LocalConfig
 
     shipped = {"variant": "paper", "w": 0.19, "shortlist": 700}
-    local = LocalConfig("cnn", {"scales": [1.0, 0.707, 0.5], "max_features": 1000, "image_size": 512})
+    local = _local_config()
     runs = {}
     for kind, n in _candidates(args.candidates):
         report = run_revisitop_folds(args.data, distractors=args.distractors, distractor_list=args.distractor_list,
@@ -99,10 +105,9 @@ def _query_size(args, kind: str, n: int | None) -> float:
 
     from finegrain.bench.revisitop import revisitop_index
     from finegrain.datasets import load_revisitop
-    from finegrain.local.store import LocalConfig
 
     bench = load_revisitop(args.data, None, args.distractors, args.distractor_list)
-    local = LocalConfig("cnn", {"scales": [1.0, 0.707, 0.5], "max_features": 1000, "image_size": 512})
+    local = _local_config()
     cache = Path(args.cache_dir or Path.home() / ".cache" / "finegrain" / "bench")
     index, _, _ = revisitop_index(bench, "effnet-minilm", cache, False, local)
     approx = index.local_searcher.approx()

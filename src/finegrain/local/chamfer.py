@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["GRAPH_QUERIES", "ApproxChamfer", "LocalDatabase", "chamfer_similarity", "chamfer_scores", "extend_graph",
-           "knn_graph", "knn_lists", "recall_at_k", "representative_rows"]
+           "graph_query_sets", "knn_graph", "knn_lists", "recall_at_k", "representative_rows"]
 
 
 #: Below this many indexed rows the FAISS index is exact (flat), whatever ``index`` asks.
@@ -702,14 +702,18 @@ def knn_graph(searcher: ApproxChamfer, m: int = 50, images: Sequence[int] | np.n
     ``max_query_features`` keeps the strongest n of those.
     Returns ``(ids (n, m) int64 with -1 padding, sims (n, m) float32)``.
     """
+    rows = np.arange(searcher.db.n_images) if images is None else np.asarray(images, np.int64)
+    return knn_lists(searcher, graph_query_sets(searcher, rows, queries, max_query_features), m, exclude=rows)
+
+
+def graph_query_sets(searcher: ApproxChamfer, images: Sequence[int] | np.ndarray, queries: str = "all",
+                     max_query_features: int | None = None) -> list[np.ndarray]:
+    """What each of ``images`` queries with for its neighbour list (:func:`knn_graph`): ``"all"`` its
+    descriptors or its ``"representatives"``, the strongest ``max_query_features`` of them when given."""
     if queries not in GRAPH_QUERIES:
         raise ValueError(f"queries must be one of {GRAPH_QUERIES}, not {queries!r}")
-    db = searcher.db
-    rows = np.arange(db.n_images) if images is None else np.asarray(images, np.int64)
-    sets = [db.image(int(i)) for i in rows] if queries == "all" else [searcher.indexed_image(int(i)) for i in rows]
-    if max_query_features:
-        sets = [q[:max_query_features] for q in sets]
-    return knn_lists(searcher, sets, m, exclude=rows)
+    sets = [searcher.db.image(int(i)) if queries == "all" else searcher.indexed_image(int(i)) for i in images]
+    return [q[:max_query_features] for q in sets] if max_query_features else sets
 
 
 def extend_graph(searcher: ApproxChamfer, ids: np.ndarray, sims: np.ndarray, max_query_features: int | None = None,
@@ -728,24 +732,22 @@ def extend_graph(searcher: ApproxChamfer, ids: np.ndarray, sims: np.ndarray, max
     out_ids = np.full((db.n_images, m), -1, np.int64)
     out_sims = np.zeros((db.n_images, m), np.float32)
     out_ids[:old], out_sims[:old] = ids, sims
+    worst = np.where(ids[:, -1] >= 0, sims[:, -1], -np.inf)  # what enters an earlier list must beat: kept current
     for s in range(old, db.n_images, block):
         part = np.arange(s, min(db.n_images, s + block))
-        sets = [db.image(int(i)) if queries == "all" else searcher.indexed_image(int(i)) for i in part]
-        if max_query_features:
-            sets = [q[:max_query_features] for q in sets]
-        for j, (scores, reached) in zip(part, searcher.score_many(sets)):
+        for j, (scores, reached) in zip(part, searcher.score_many(
+                graph_query_sets(searcher, part, queries, max_query_features))):
             reached[j] = False
-            cand = np.flatnonzero(reached)
-            cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
+            cand = _best_images(scores, reached, m)
             out_ids[j, :len(cand)], out_sims[j, :len(cand)] = cand, scores[cand]
-            full = out_ids[:old, -1] >= 0
-            worst = np.where(full, out_sims[:old, -1], -np.inf)
             for i in np.flatnonzero(reached[:old] & (scores[:old] > worst)):
                 held = int(np.count_nonzero(out_ids[i] >= 0))
                 at = int(np.searchsorted(-out_sims[i, :held], -scores[i], side="right"))  # after equal scores
                 out_ids[i, at + 1:] = out_ids[i, at:-1].copy()
                 out_sims[i, at + 1:] = out_sims[i, at:-1].copy()
                 out_ids[i, at], out_sims[i, at] = j, scores[i]
+                if out_ids[i, -1] >= 0:
+                    worst[i] = out_sims[i, -1]
         db.release()
     return out_ids, out_sims
 
@@ -765,11 +767,16 @@ def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,
         for r, (scores, reached) in zip(block, searcher.score_many([queries[r] for r in block])):
             if exclude is not None and exclude[r] >= 0:
                 reached[int(exclude[r])] = False
-            cand = np.flatnonzero(reached)
-            cand = cand[np.argsort(-scores[cand], kind="stable")][:m]
+            cand = _best_images(scores, reached, m)
             ids[r, :len(cand)] = cand
             sims[r, :len(cand)] = scores[cand]
     return ids, sims
+
+
+def _best_images(scores: np.ndarray, reached: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` reached images of best score, best first (ties in image order)."""
+    cand = np.flatnonzero(reached)
+    return cand[np.argsort(-scores[cand], kind="stable")][:m]
 
 
 def _blocks(sizes: Sequence[int], block_rows: int) -> list[list[int]]:

@@ -258,28 +258,39 @@ class LocalSearcher:
         if approx is None:
             approx = self._carried_approx(path)
         if approx is None:
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup)
+            approx = self._new_approx()
             self._write_approx(approx, path, None, len(approx.rows))
         release_free_heap()  # the build's freed blocks and training sample (hundreds of MB at 10^5 images)
         return approx
 
-    def _cached_approx(self, path: Path) -> ApproxChamfer | None:
+    def _new_approx(self, **prebuilt: Any) -> ApproxChamfer:
+        """The approximate searcher with this searcher's knobs (``prebuilt``: ``faiss_index``, ``delta_index``,
+        ``rows`` read from a cache; ``ValueError`` when they do not fit together)."""
+        return ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup, **prebuilt)
+
+    @staticmethod
+    def _read_indexes(path: Path) -> tuple[Any, Any] | None:
+        """The FAISS main index at ``path`` and its delta beside it (None if absent); None when either is
+        missing where needed or damaged."""
         import faiss
 
-        if not path.exists():
-            return None
-        delta_path, rows_path = path.with_suffix(".delta.faiss"), path.with_suffix(".rows.npy")
+        delta_path = path.with_suffix(".delta.faiss")
         try:
-            main = faiss.read_index(str(path))
-            delta = faiss.read_index(str(delta_path)) if delta_path.exists() else None
-        except RuntimeError:  # a damaged cache file: rebuild it
+            return faiss.read_index(str(path)), faiss.read_index(str(delta_path)) if delta_path.exists() else None
+        except RuntimeError:  # a missing or damaged cache file
             return None
+
+    def _cached_approx(self, path: Path) -> ApproxChamfer | None:
+        indexes = self._read_indexes(path) if path.exists() else None
+        if indexes is None:
+            return None
+        main, delta = indexes
+        rows_path = path.with_suffix(".rows.npy")
         rows = self._read_rows(rows_path) if rows_path.exists() else None
         if rows is None and delta is not None:
             return None  # which rows the delta holds is unknown without the rows file
         try:
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                   faiss_index=main, rows=rows, delta_index=delta)
+            approx = self._new_approx(faiss_index=main, rows=rows, delta_index=delta)
         except ValueError:  # a stale cache file of another size: rebuild (which file is stale is unknown)
             return None
         if rows is None and len(approx.rows):
@@ -291,22 +302,17 @@ class LocalSearcher:
     def _carried_approx(self, path: Path) -> ApproxChamfer | None:
         """The newest earlier state's structure extended with the images appended since (an IVF index only,
         and only while the index has grown by less than :data:`CARRY_GROWTH` since its last full build)."""
-        import faiss
-
         found = self._previous("local" + self._dedup_tag(), ".state.json")
         if found is None:
             return None
         old, state = found
+        indexes = self._read_indexes(old.with_suffix(".faiss"))
         try:
-            main = faiss.read_index(str(old.with_suffix(".faiss")))
-            delta_path = old.with_suffix(".delta.faiss")
-            delta = faiss.read_index(str(delta_path)) if delta_path.exists() else None
             rows = self._read_rows(old.with_suffix(".rows.npy"), int(state["rows"]))
-            if rows is None:
+            if indexes is None or rows is None:
                 return None
-            approx = ApproxChamfer(self.db, knn=self.knn, nprobe=self.nprobe, threads=2, dedup=self.dedup,
-                                   faiss_index=main, rows=rows, delta_index=delta)
-        except (RuntimeError, ValueError, KeyError, TypeError):  # damaged, missing or of another shape
+            approx = self._new_approx(faiss_index=indexes[0], rows=rows, delta_index=indexes[1])
+        except (ValueError, KeyError, TypeError):  # a state or rows file of another shape
             return None
         if not approx.carries:
             return None  # a flat index (under 10,000 rows): building it again is cheap
@@ -361,7 +367,7 @@ class LocalSearcher:
             gen = f.name[len(stem) + 1:-len(suffix)]
             if gen.isdigit() and int(gen) < current:
                 found.append((int(gen), f))
-        for _, f in sorted(found, reverse=True):
+        for number, f in sorted(found, reverse=True):
             try:
                 if suffix == ".npz":
                     with np.load(f, allow_pickle=False) as z:
@@ -371,7 +377,7 @@ class LocalSearcher:
             except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
                 continue
             if isinstance(state, dict) and self.appended_to(state):
-                return f.with_name(f"{stem}-{f.name[len(stem) + 1:-len(suffix)]}"), state
+                return f.with_name(f"{stem}-{number}"), state
             return None  # the newest one does not fit: nothing older will
         return None
 
