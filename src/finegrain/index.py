@@ -46,6 +46,7 @@ from .store import meta as photo_meta
 from .store.ann import AUTO_ANN_THRESHOLD
 from .store.ann import KINDS as ANN_KINDS
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
+from .store.records import RecordTable
 from .store.snapshot import Snapshot, StaleSnapshotError
 from .store.vectors import FieldRows
 from .store.writer import IndexLockedError, Writer
@@ -242,7 +243,7 @@ class Index:
         return len(self._snapshot)
 
     @property
-    def records(self) -> dict[int, ImageRecord]:
+    def records(self) -> RecordTable:
         """Live images by id."""
         return self._snapshot.records
 

@@ -282,20 +282,20 @@ def photo_table(snapshot: Snapshot) -> PhotoTable:
             import logging
 
             logging.getLogger(__name__).warning("photo metadata unavailable: %s", exc)
-        recs = [snapshot.records[int(i)] for i in snapshot.ids]
-        n = len(recs)
+        table = snapshot.records  # row p is position p
+        n = len(table)
+        mtimes, dated = table.column("mtime_ns"), table.known("mtime_ns")
         taken = np.full(n, np.nan)
         source, make, model = [""] * n, [""] * n, [""] * n
-        for p, rec in enumerate(recs):
-            row = rows.get(rec.id)
+        for p, image_id in enumerate(snapshot.ids.tolist()):
+            row = rows.get(image_id)
             if row is not None and row[0] is not None:
                 taken[p], source[p] = float(row[0]), str(row[1])
-            elif rec.mtime_ns is not None:
-                taken[p], source[p] = meta_table.mtime_wall_clock(rec.mtime_ns), "mtime"
+            elif dated[p]:
+                taken[p], source[p] = meta_table.mtime_wall_clock(int(mtimes[p])), "mtime"
             if row is not None:
                 make[p], model[p] = (row[2] or "").lower(), (row[3] or "").lower()
-        return PhotoTable([r.path for r in recs], np.array([r.width or 0 for r in recs], np.int64),
-                          np.array([r.height or 0 for r in recs], np.int64), taken, source, make, model)
+        return PhotoTable(table.paths(), table.column("width"), table.column("height"), taken, source, make, model)
 
     return snapshot.derived("photo-table", build)
 

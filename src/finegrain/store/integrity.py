@@ -269,7 +269,7 @@ def check_index(path: str | Path, record: bool = True) -> Report:
             known = catalog.known_ids()
         except Exception as exc:  # noqa: BLE001 - a damaged table: one line, like Index.open
             raise IndexFormatError(f"index at {root} is damaged: {type(exc).__name__}: {exc}") from None
-        live = {r.id for r in records}
+        live = set(records)
         report.chunks = len(chunks)
         field_owners: dict[str, list[np.ndarray]] = {}
         intact_owners: dict[str, set[int]] = {}

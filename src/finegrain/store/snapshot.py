@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from . import integrity
-from .catalog import ROWS_GENERATION, Catalog, ImageRecord, IndexFormatError
+from .catalog import ROWS_GENERATION, Catalog, IndexFormatError
+from .pages import release_free_heap
+from .records import RecordTable
 from .vectors import FieldRows, check_chunk, read_chunk
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,17 +51,17 @@ class StaleSnapshotError(FileNotFoundError):
 class Snapshot:
     """Committed state of an index at one generation (see the module docstring). Build with :meth:`load`."""
 
-    def __init__(self, path: Path, generation: int, records: list[ImageRecord], chunks: list[tuple[str, str, int]],
+    def __init__(self, path: Path, generation: int, records: RecordTable, chunks: list[tuple[str, str, int]],
                  settings: dict[str, Any], encoder: Callable[[], Encoder],
                  marks: Mapping[str, tuple[str | None, str | None]] | None = None, max_id: int | None = None):
         self.path = Path(path)
         self.generation = int(generation)
         #: The last generation whose commit changed rows (not only search settings): names derived caches.
         self.rows_generation = int(settings.get(ROWS_GENERATION, generation))
-        #: Live (indexed) images by id.
-        self.records: dict[int, ImageRecord] = {r.id: r for r in records}
+        #: Live (indexed) images by id (a read-only mapping held column-wise; row = position).
+        self.records = records
         #: Live image ids, ascending: position -> id.
-        self.ids = np.fromiter(sorted(self.records), dtype=np.int64, count=len(self.records))
+        self.ids = records.ids
         self._chunks: dict[str, list[str]] = {}
         self._rows: dict[str, int] = {}
         for name, fieldname, n in chunks:
@@ -80,6 +82,7 @@ class Snapshot:
     def load(cls, path: Path, catalog: Catalog, encoder: Callable[[], Encoder]) -> Snapshot:
         """Read the catalog's committed state in one transaction (no vector is read)."""
         generation, records, chunks, settings = catalog.read_state()
+        release_free_heap()  # the rows' temporary Python objects, freed but kept by glibc otherwise
         # Read after the state: a chunk committed meanwhile is not listed, and its mark is simply unused.
         return cls(path, generation, records, chunks, settings, encoder, catalog.chunk_marks(), catalog.max_image_id())
 
@@ -296,8 +299,6 @@ class Snapshot:
             if key not in self._derived:
                 self._derived[key] = build()
                 # A build frees many temporary arrays; glibc would keep that memory in the process.
-                from .pages import release_free_heap
-
                 release_free_heap()
         return self._derived[key]
 
