@@ -544,7 +544,9 @@ class ApproxChamfer:
     def indexed_image(self, i: int) -> np.ndarray:
         """Image ``i``'s indexed descriptors (its representatives with ``dedup``, else all), float32, strongest
         first."""
-        lo, hi = np.searchsorted(self.row_image, [int(i), int(i) + 1])
+        # keys in row_image's own dtype: int64 keys would make numpy cast the whole int32 array (one row
+        # per indexed descriptor, 20M at 10^5 images) to int64 on every call
+        lo, hi = np.searchsorted(self.row_image, np.array([i, i + 1], self.row_image.dtype))
         rows = self.db.stored_image(int(i))[self.rows[lo:hi] - self.db.offsets[int(i)]]
         return self.db.decode(rows) if self.db.compact else rows
 
@@ -612,17 +614,37 @@ class ApproxChamfer:
         return self.score_many([query])[0]
 
     def score_many(self, queries: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`score_all` of each descriptor set, with one FAISS search for all of them (what the ``l2g``
-        neighbour graph runs per block of database images: a call per image left FAISS's threads idle)."""
+        """:meth:`score_all` of each descriptor set, with one FAISS search for all of them."""
         n = self.db.n_images
+        out = []
+        for base, (images, scores) in self.score_reached(queries):
+            dense = np.full(n, base, np.float32)
+            dense[images] = scores
+            reached = np.zeros(n, bool)
+            reached[images] = True
+            out.append((dense, reached))
+        return out
+
+    def score_reached(self, queries: Sequence) -> list[tuple[np.float32, tuple[np.ndarray, np.ndarray]]]:
+        """Per descriptor set: ``(base score of the images it did not reach, (reached positions ascending,
+        their float32 scores))``, with one FAISS search for all of them (what the ``l2g`` neighbour graph
+        runs per block of database images: a call per image left FAISS's threads idle).
+
+        Only the reached images are scored: a dense array per set costs O(n_images) of fresh memory, and at
+        10^5 images its page faults were a third of the graph build's time.
+        """
         qs = [_as_desc(q) for q in queries]
-        out = [(np.zeros(n, np.float32), np.zeros(n, bool)) for _ in qs]
+        empty = (np.float32(0.0), (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        out = [empty] * len(qs)
         live = [i for i, q in enumerate(qs) if len(q)]
         if not live or len(self.rows) == 0:
             return out
         if self.knn == 0:  # range search: ragged results, scored one set at a time
             for i in live:
-                out[i] = self._aggregate_matches(*self.matches(qs[i]), len(qs[i]))
+                qi, rows, sims, fill = self.matches(qs[i])
+                scores, reached = self._aggregate_matches(qi, rows, sims, fill, len(qs[i]))
+                images = np.flatnonzero(reached)
+                out[i] = (np.float32(fill.mean()), (images, scores[images]))
             return out
         D, ids = self._search(np.concatenate([qs[i] for i in live]))
         ends = np.cumsum([len(qs[i]) for i in live])
@@ -631,8 +653,9 @@ class ApproxChamfer:
             out[i] = self._aggregate_lists(D[start:stop], ids[start:stop])
         return out
 
-    def _aggregate_lists(self, D: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores from each query descriptor's neighbour list (``knn > 0``; ``ids``: FAISS ids).
+    def _aggregate_lists(self, D: np.ndarray, ids: np.ndarray) -> tuple[np.float32, tuple[np.ndarray, np.ndarray]]:
+        """Scores of the images each query descriptor's neighbour list reached (``knn > 0``; ``ids``: FAISS
+        ids): ``(base, (positions ascending, scores))``, as :meth:`score_reached`.
 
         FAISS returns every list best first, so a descriptor's best match in an image is the first entry of
         that image in its list: a stable sort of each row by image finds it without a global sort.
@@ -646,12 +669,12 @@ class ApproxChamfer:
         first[:, 1:] = image[:, 1:] != image[:, :-1]
         first &= image < n
         r, c = np.nonzero(first)
-        hit = image[r, c]
+        images, slot = np.unique(image[r, c], return_inverse=True)
         gain = D[r, by_image[r, c]] - fill[r]
-        scores = float(fill.mean()) + np.bincount(hit, weights=gain, minlength=n) / len(D)
-        reached = np.zeros(n, bool)
-        reached[hit] = True
-        return scores.astype(np.float32), reached
+        base = float(fill.mean())
+        # summed per image in the order of the matches, as a dense bincount over every image would
+        scores = base + np.bincount(slot, weights=gain, minlength=len(images)) / len(D)
+        return np.float32(base), (images, scores.astype(np.float32))
 
     def _aggregate_matches(self, qi: np.ndarray, rows: np.ndarray, sims: np.ndarray, fill: np.ndarray,
                            n_query: int) -> tuple[np.ndarray, np.ndarray]:
@@ -735,17 +758,18 @@ def extend_graph(searcher: ApproxChamfer, ids: np.ndarray, sims: np.ndarray, max
     worst = np.where(ids[:, -1] >= 0, sims[:, -1], -np.inf)  # what enters an earlier list must beat: kept current
     for s in range(old, db.n_images, block):
         part = np.arange(s, min(db.n_images, s + block))
-        for j, (scores, reached) in zip(part, searcher.score_many(
+        for j, (_, (images, scores)) in zip(part, searcher.score_reached(
                 graph_query_sets(searcher, part, queries, max_query_features))):
-            reached[j] = False
-            cand = _best_images(scores, reached, m)
-            out_ids[j, :len(cand)], out_sims[j, :len(cand)] = cand, scores[cand]
-            for i in np.flatnonzero(reached[:old] & (scores[:old] > worst)):
+            cand, cand_scores = _best_images(images, scores, m, exclude=int(j))
+            out_ids[j, :len(cand)], out_sims[j, :len(cand)] = cand, cand_scores
+            earlier = images < old
+            images, scores = images[earlier], scores[earlier]
+            for i, score in zip(images[scores > worst[images]].tolist(), scores[scores > worst[images]].tolist()):
                 held = int(np.count_nonzero(out_ids[i] >= 0))
-                at = int(np.searchsorted(-out_sims[i, :held], -scores[i], side="right"))  # after equal scores
+                at = int(np.searchsorted(-out_sims[i, :held], -np.float32(score), side="right"))  # after ties
                 out_ids[i, at + 1:] = out_ids[i, at:-1].copy()
                 out_sims[i, at + 1:] = out_sims[i, at:-1].copy()
-                out_ids[i, at], out_sims[i, at] = j, scores[i]
+                out_ids[i, at], out_sims[i, at] = j, score
                 if out_ids[i, -1] >= 0:
                     worst[i] = out_sims[i, -1]
         db.release()
@@ -764,19 +788,21 @@ def knn_lists(searcher: ApproxChamfer, queries: Sequence[np.ndarray], m: int,
     ids = np.full((len(queries), m), -1, np.int64)
     sims = np.zeros((len(queries), m), np.float32)
     for block in _blocks([len(q) for q in queries], block_rows):
-        for r, (scores, reached) in zip(block, searcher.score_many([queries[r] for r in block])):
-            if exclude is not None and exclude[r] >= 0:
-                reached[int(exclude[r])] = False
-            cand = _best_images(scores, reached, m)
+        for r, (_, (images, scores)) in zip(block, searcher.score_reached([queries[r] for r in block])):
+            cand, cand_scores = _best_images(images, scores, m, -1 if exclude is None else int(exclude[r]))
             ids[r, :len(cand)] = cand
-            sims[r, :len(cand)] = scores[cand]
+            sims[r, :len(cand)] = cand_scores
     return ids, sims
 
 
-def _best_images(scores: np.ndarray, reached: np.ndarray, m: int) -> np.ndarray:
-    """The ``m`` reached images of best score, best first (ties in image order)."""
-    cand = np.flatnonzero(reached)
-    return cand[np.argsort(-scores[cand], kind="stable")][:m]
+def _best_images(images: np.ndarray, scores: np.ndarray, m: int, exclude: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` best of the reached ``images`` (ascending) other than ``exclude``, best first (ties in image
+    order): ``(positions, scores)``."""
+    if exclude >= 0:
+        keep = images != exclude
+        images, scores = images[keep], scores[keep]
+    best = np.argsort(-scores, kind="stable")[:m]
+    return images[best], scores[best]
 
 
 def _blocks(sizes: Sequence[int], block_rows: int) -> list[list[int]]:
