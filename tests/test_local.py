@@ -328,6 +328,10 @@ def test_score_many_matches_the_flat_aggregation(fill, threshold):
         np.testing.assert_array_equal(reached, ref_reached)
         np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(searcher.score_all(q)[0], scores)
+    for (scores, reached), (base, (hit, hit_scores)) in zip(batched, searcher.score_reached(queries)):
+        np.testing.assert_array_equal(hit, np.flatnonzero(reached))  # only the reached images, ascending
+        np.testing.assert_array_equal(hit_scores, scores[hit])
+        assert np.all(scores[~reached] == base)  # what every image it did not reach scores
     assert batched[0][1].sum() > 1 and not batched[1][1].any()  # a real list, and the empty set reaches nothing
     rows = np.array([0, 5, 17, 33, 40])
     one_by_one = ch.knn_lists(searcher, [db.image(int(r)) for r in rows], 7, exclude=rows, block_rows=1)
