@@ -42,7 +42,6 @@ class ImageRecord:
     error: str | None
 
 
-
 class _Texts:
     """Strings (or None) as one UTF-8 buffer plus offsets: ``texts[i]``."""
 
