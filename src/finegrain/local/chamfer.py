@@ -630,8 +630,8 @@ class ApproxChamfer:
         their float32 scores))``, with one FAISS search for all of them (what the ``l2g`` neighbour graph
         runs per block of database images: a call per image left FAISS's threads idle).
 
-        Only the reached images are scored: a dense array per set costs O(n_images) of fresh memory, and at
-        10^5 images its page faults were a third of the graph build's time.
+        Only the reached images are scored: a dense array per set would cost O(n_images) per neighbour list
+        whatever the list reached (:meth:`score_many` builds that form for single searches).
         """
         qs = [_as_desc(q) for q in queries]
         empty = (np.float32(0.0), (np.zeros(0, np.int64), np.zeros(0, np.float32)))
@@ -764,7 +764,8 @@ def extend_graph(searcher: ApproxChamfer, ids: np.ndarray, sims: np.ndarray, max
             out_ids[j, :len(cand)], out_sims[j, :len(cand)] = cand, cand_scores
             earlier = images < old
             images, scores = images[earlier], scores[earlier]
-            for i, score in zip(images[scores > worst[images]].tolist(), scores[scores > worst[images]].tolist()):
+            enters = scores > worst[images]
+            for i, score in zip(images[enters].tolist(), scores[enters].tolist()):
                 held = int(np.count_nonzero(out_ids[i] >= 0))
                 at = int(np.searchsorted(-out_sims[i, :held], -np.float32(score), side="right"))  # after ties
                 out_ids[i, at + 1:] = out_ids[i, at:-1].copy()
