@@ -57,6 +57,10 @@ def test_batches_join_up_and_order_is_checked(monkeypatch):
         RecordTable.from_rows(rows[::-1])
     with pytest.raises(ValueError, match="ascending id order"):
         RecordTable.from_rows(rows[:3] + rows[2:3])
+    for damaged in [(1, "/a", 5, 1, 1, 1, 1), (1, b"/a", "x", 1, 1, 1, 1), (1, "/a", "x", "big", 1, 1, 1),
+                    (1, "/a", "x", 2**70, 1, 1, 1), (1, "/a", "x", 1, 1)]:  # what Index.open reports as damage
+        with pytest.raises(ValueError):
+            RecordTable.from_rows([damaged])
 
 
 def test_a_catalog_reads_its_indexed_images_into_a_table(tmp_path):

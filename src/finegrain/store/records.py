@@ -132,12 +132,15 @@ class RecordTable(Mapping[int, ImageRecord]):
         def flush() -> None:
             if not batch:
                 return
-            columns = dict(zip(COLUMNS, zip(*batch, strict=True), strict=True))
-            ids.append(np.fromiter(columns["id"], np.int64, count=len(batch)))
-            for name in _TEXTS:
-                texts[name].append(_Texts.piece(columns[name]))
-            for name in _INTS:
-                ints[name].append(_Ints.piece(columns[name]))
+            try:
+                columns = dict(zip(COLUMNS, zip(*batch, strict=True), strict=True))
+                ids.append(np.fromiter(columns["id"], np.int64, count=len(batch)))
+                for name in _TEXTS:
+                    texts[name].append(_Texts.piece(columns[name]))
+                for name in _INTS:
+                    ints[name].append(_Ints.piece(columns[name]))
+            except (AttributeError, TypeError, OverflowError) as exc:  # a damaged catalog: a value of the wrong type
+                raise ValueError(f"a catalog row holds a value of the wrong type or size ({exc})") from None
             batch.clear()
 
         for row in rows:
