@@ -43,6 +43,11 @@ def test_the_table_answers_like_a_dict_of_records():
     assert table.column("size", fill=-1).tolist() == [-1 if r[3] is None else r[3] for r in rows]
     with pytest.raises(KeyError, match="no integer column"):
         table.column("path")
+    assert table.texts("sha256") == [r[2] for r in rows] and table.texts("path", [1]) == [rows[1][1]]
+    with pytest.raises(KeyError, match="no text column"):
+        table.texts("size")
+    with pytest.raises(ValueError):  # shared as the snapshot's ids: lookups need it sorted
+        table.ids[0] = 10**6
 
 
 def test_batches_join_up_and_order_is_checked(monkeypatch):

@@ -319,12 +319,13 @@ def find_duplicates(index, near: float = NEAR_THRESHOLD, similar: float = SIMILA
                             knn_floor=candidate)
     pairs = pairs.select(pairs.score >= min(candidate, similar))
     records = index.records
-    ids = sorted(records)
+    ids = records.ids.tolist()  # ascending
     pos = {image_id: i for i, image_id in enumerate(ids)}
+    sha_of = dict(zip(ids, records.texts("sha256")))  # one column read, not a record per image
     # Exact pairs from the content hash: a chain per hash is enough to connect its group.
     by_hash: dict[str, list[int]] = {}
     for image_id in ids:
-        sha = records[image_id].sha256
+        sha = sha_of[image_id]
         if sha:
             by_hash.setdefault(sha, []).append(image_id)
     exact = [(g[i], g[i + 1]) for g in by_hash.values() for i in range(len(g) - 1)]
@@ -335,8 +336,8 @@ def find_duplicates(index, near: float = NEAR_THRESHOLD, similar: float = SIMILA
     pair_rows = []
     for a, b, ident, score, pixel, n in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.identity.tolist(),
                                             pairs.score.tolist(), pairs.pixel.tolist(), is_near.tolist()):
-        sha_a = records[a].sha256
-        if sha_a and sha_a == records[b].sha256:
+        sha_a = sha_of[a]
+        if sha_a and sha_a == sha_of[b]:
             kind = "exact"
         elif n:
             kind = "near"

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .images import ImageLoadError, is_image_path, read_file_safely
 from .index import Index, IndexLockedError
 from .indexer import IndexReport, collect_files, printable_path
@@ -159,9 +161,15 @@ class ChangeSet:
         return ready, gone
 
 
-def _unchanged(path: str, rec: Any) -> bool:
-    """Whether the indexed ``rec`` still matches the file at ``path`` by size and mtime (the indexer's quick test)."""
-    return rec is not None and _stat(path) == (rec.size, rec.mtime_ns)
+def _unchanged(path: str, row: int | None, sizes: np.ndarray, mtimes: np.ndarray) -> bool:
+    """Whether indexed row ``row`` still matches the file at ``path`` by size and mtime (the indexer's quick test);
+    ``sizes``/``mtimes``: the record table's columns, -1 where the catalog has none."""
+    return row is not None and _stat(path) == (int(sizes[row]), int(mtimes[row]))
+
+
+def _rows_matching(paths: list[str], exact: set[str], prefixes: tuple[str, ...]) -> list[int]:
+    """Rows whose path is one of ``exact`` or lies under one of ``prefixes`` (folders ending in a separator)."""
+    return [row for row, path in enumerate(paths) if path in exact or path.startswith(prefixes)]
 
 
 def _stat(path: str) -> Stat | None:
@@ -271,11 +279,14 @@ class Watcher:
         found = set(files) | {printable_path(f) for f in files}  # failures of odd names carry the printable form
         under = tuple(r.rstrip(os.sep) + os.sep for r in self.roots)
         self.index.refresh()
-        known = {r.path: r for r in self.index.records.values()}
+        # columns, not records: a scan of a 10^6-image library builds no record objects
+        records = self.index.records
+        known = {path: row for row, path in enumerate(records.paths())}
+        sizes, mtimes = records.column("size", fill=-1), records.column("mtime_ns", fill=-1)
         gone = [p for p in known if p.startswith(under) and p not in found]
         gone += [r.path for r in self.index.failures() if r.path.startswith(under) and r.path not in found]
         removed = self._remove(gone)
-        todo = [f for f in files if not _unchanged(f, known.get(f))]
+        todo = [f for f in files if not _unchanged(f, known.get(f), sizes, mtimes)]
         first = IndexReport(failed=list(problems))
         if not todo:
             yield self._done(first, removed, t0, "scan")
@@ -340,8 +351,10 @@ class Watcher:
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
         exact = set(gone)
         candidates: dict[int, list[Any]] = {}
-        for rec in self.index.records.values():
-            if (rec.path in exact or rec.path.startswith(prefixes)) and rec.sha256 and rec.size is not None:
+        records = self.index.records
+        for row in _rows_matching(records.paths(), exact, prefixes):
+            rec = records.record_at(row)
+            if rec.sha256 and rec.size is not None:
                 candidates.setdefault(rec.size, []).append(rec)
         moves: list[tuple[int, str, int]] = []
         taken: set[int] = set()
@@ -367,7 +380,8 @@ class Watcher:
         self.index.refresh()
         prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
         exact = set(gone)
-        ids = [r.id for r in self.index.records.values() if r.path in exact or r.path.startswith(prefixes)]
+        records = self.index.records
+        ids = [int(records.ids[row]) for row in _rows_matching(records.paths(), exact, prefixes)]
         failed = [r.path for r in self.index.failures() if r.path in exact or r.path.startswith(prefixes)]
         self._clear_failures(failed)
         return self.index.remove(ids) if ids else 0

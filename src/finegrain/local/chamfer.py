@@ -674,7 +674,7 @@ class ApproxChamfer:
         base = float(fill.mean())
         # summed per image in the order of the matches, as a dense bincount over every image would
         scores = base + np.bincount(slot, weights=gain, minlength=len(images)) / len(D)
-        return np.float32(base), (images, scores.astype(np.float32))
+        return np.float32(base), (images.astype(np.int64), scores.astype(np.float32))  # positions int64, as ever
 
     def _aggregate_matches(self, qi: np.ndarray, rows: np.ndarray, sims: np.ndarray, fill: np.ndarray,
                            n_query: int) -> tuple[np.ndarray, np.ndarray]:
