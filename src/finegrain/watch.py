@@ -167,9 +167,10 @@ def _unchanged(path: str, row: int | None, sizes: np.ndarray, mtimes: np.ndarray
     return row is not None and _stat(path) == (int(sizes[row]), int(mtimes[row]))
 
 
-def _rows_matching(paths: list[str], exact: set[str], prefixes: tuple[str, ...]) -> list[int]:
-    """Rows whose path is one of ``exact`` or lies under one of ``prefixes`` (folders ending in a separator)."""
-    return [row for row, path in enumerate(paths) if path in exact or path.startswith(prefixes)]
+def _at_or_under(gone: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a path is one of the vanished paths ``gone`` or lies under one of them (a vanished folder)."""
+    exact, prefixes = set(gone), tuple(p.rstrip(os.sep) + os.sep for p in gone)
+    return lambda path: path in exact or path.startswith(prefixes)
 
 
 def _stat(path: str) -> Stat | None:
@@ -348,11 +349,12 @@ class Watcher:
         if not gone or not ready:
             return []
         self.index.refresh()
-        prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
-        exact = set(gone)
+        vanished = _at_or_under(gone)
         candidates: dict[int, list[Any]] = {}
         records = self.index.records
-        for row in _rows_matching(records.paths(), exact, prefixes):
+        for row, path in enumerate(records.paths()):
+            if not vanished(path):
+                continue
             rec = records.record_at(row)
             if rec.sha256 and rec.size is not None:
                 candidates.setdefault(rec.size, []).append(rec)
@@ -378,11 +380,10 @@ class Watcher:
         if not gone:
             return 0
         self.index.refresh()
-        prefixes = tuple(p.rstrip(os.sep) + os.sep for p in gone)
-        exact = set(gone)
+        vanished = _at_or_under(gone)
         records = self.index.records
-        ids = [int(records.ids[row]) for row in _rows_matching(records.paths(), exact, prefixes)]
-        failed = [r.path for r in self.index.failures() if r.path in exact or r.path.startswith(prefixes)]
+        ids = [int(records.ids[row]) for row, path in enumerate(records.paths()) if vanished(path)]
+        failed = [r.path for r in self.index.failures() if vanished(r.path)]
         self._clear_failures(failed)
         return self.index.remove(ids) if ids else 0
 

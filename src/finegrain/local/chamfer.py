@@ -641,10 +641,7 @@ class ApproxChamfer:
             return out
         if self.knn == 0:  # range search: ragged results, scored one set at a time
             for i in live:
-                qi, rows, sims, fill = self.matches(qs[i])
-                scores, reached = self._aggregate_matches(qi, rows, sims, fill, len(qs[i]))
-                images = np.flatnonzero(reached)
-                out[i] = (np.float32(fill.mean()), (images, scores[images]))
+                out[i] = self._aggregate_matches(*self.matches(qs[i]), len(qs[i]))
             return out
         D, ids = self._search(np.concatenate([qs[i] for i in live]))
         ends = np.cumsum([len(qs[i]) for i in live])
@@ -677,8 +674,9 @@ class ApproxChamfer:
         return np.float32(base), (images.astype(np.int64), scores.astype(np.float32))  # positions int64, as ever
 
     def _aggregate_matches(self, qi: np.ndarray, rows: np.ndarray, sims: np.ndarray, fill: np.ndarray,
-                           n_query: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores from a flat list of matches (range search): the best match per (descriptor, image)."""
+                           n_query: int) -> tuple[np.float32, tuple[np.ndarray, np.ndarray]]:
+        """Scores of the images a flat list of matches reached (range search): the best match per (descriptor,
+        image); ``(base, (positions ascending, scores))``, as :meth:`score_reached`."""
         n = self.db.n_images
         owner = self.db.owner_of(rows)
         key = qi.astype(np.int64) * n + owner
@@ -686,9 +684,10 @@ class ApproxChamfer:
         key, sims, qi, owner = key[order], sims[order], qi[order], owner[order]
         first = np.concatenate([[True], key[1:] != key[:-1]])
         gain = sims[first] - fill[qi[first]]
-        scores = float(fill.mean()) + np.bincount(owner[first], weights=gain, minlength=n) / n_query
-        reached = np.bincount(owner, minlength=n) > 0
-        return scores.astype(np.float32), reached
+        images, slot = np.unique(owner[first], return_inverse=True)  # every image matched has a first match
+        base = float(fill.mean())
+        scores = base + np.bincount(slot, weights=gain, minlength=len(images)) / n_query
+        return np.float32(base), (images.astype(np.int64), scores.astype(np.float32))
 
     def search(self, query, k: int = 100, exact_rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` images by approximate Chamfer: ``(scores (k,), ids (k,))``, id -1 where fewer were reached.

@@ -307,9 +307,11 @@ class LocalSearcher:
             return None
         old, state = found
         indexes = self._read_indexes(old.with_suffix(".faiss"))
+        if indexes is None:
+            return None
         try:
             rows = self._read_rows(old.with_suffix(".rows.npy"), int(state["rows"]))
-            if indexes is None or rows is None:
+            if rows is None:
                 return None
             approx = self._new_approx(faiss_index=indexes[0], rows=rows, delta_index=indexes[1])
         except (ValueError, KeyError, TypeError):  # a state or rows file of another shape
