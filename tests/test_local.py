@@ -214,6 +214,11 @@ def test_thresholded_chamfer_range_search_is_exact(kind):
         assert ch.recall_at_k(np.argsort(-scores), exact, 50) == 1.0
     # the kernel: matches below the threshold count nothing, the best match counts fully
     assert ch.chamfer_similarity(images[0], images[0], threshold=tau) == pytest.approx(1.0, abs=1e-5)
+    strict = ch.ApproxChamfer(db, index=kind, knn=0, threshold=0.999, nlist=32, nprobe=32, threads=1)
+    far = -images[0][:3]  # no stored descriptor within the threshold: nothing reached, every score 0
+    scores, reached = strict.score_all(far)
+    assert not reached.any() and not scores.any()
+    np.testing.assert_array_equal(scores, ch.chamfer_scores(far, db, threshold=0.999))
     with pytest.raises(ValueError):
         ch.ApproxChamfer(db, knn=0)  # a range search needs a threshold
 

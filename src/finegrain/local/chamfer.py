@@ -682,7 +682,8 @@ class ApproxChamfer:
         key = qi.astype(np.int64) * n + owner
         order = np.lexsort((-sims, key))  # by key, best first within a key
         key, sims, qi, owner = key[order], sims[order], qi[order], owner[order]
-        first = np.concatenate([[True], key[1:] != key[:-1]])
+        first = np.ones(len(key), bool)  # no match at all leaves it empty
+        first[1:] = key[1:] != key[:-1]
         gain = sims[first] - fill[qi[first]]
         images, slot = np.unique(owner[first], return_inverse=True)  # every image matched has a first match
         base = float(fill.mean())
