@@ -262,7 +262,7 @@ class Writer:
         """Mark images removed (their rows stay in chunks until :meth:`compact`);
         unknown or removed ids raise ``KeyError``."""
         unique = sorted({int(i) for i in ids})
-        live = {r.id for r in self.catalog.images("indexed")}
+        live = set(self.catalog.indexed_ids().tolist())
         unknown = [i for i in unique if i not in live]
         if unknown:
             raise KeyError(f"unknown image ids: {unknown[:10]}")
@@ -275,8 +275,9 @@ class Writer:
         or renamed, content unchanged: the vectors stay). An image already live at a new path is removed first."""
         if not moves:
             return 0
-        live = {r.path: r.id for r in self.catalog.images("indexed")}
-        unknown = [i for i, _, _ in moves if i not in live.values()]
+        live = self.catalog.indexed_paths()
+        live_ids = set(live.values())
+        unknown = [i for i, _, _ in moves if i not in live_ids]
         if unknown:
             raise KeyError(f"unknown image ids: {unknown[:10]}")
         moved = {int(i) for i, _, _ in moves}
@@ -298,7 +299,7 @@ class Writer:
         are swept as orphans).
         """
         budget = COMPACT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-        live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
+        live = self.catalog.indexed_ids()
         for fieldname in sorted({f for _, f, _ in self.catalog.chunks()}):
             chunks = [name for name, _, _ in self.catalog.chunks(fieldname)]
             written: list[tuple[str, str, int]] = []
@@ -342,7 +343,7 @@ class Writer:
         until a full compaction purges them. Returns how many chunks were merged away.
         """
         budget = MERGE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-        live = np.asarray(sorted(r.id for r in self.catalog.images("indexed")), dtype=np.int64)
+        live = self.catalog.indexed_ids()
         merged_away = 0
         for fieldname in sorted({f for _, f, _ in self.catalog.chunks()}):
             while True:
