@@ -30,19 +30,9 @@ from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
 from ..index import Index
 from ..store.catalog import CATALOG_NAME, Catalog
 from .batching import BatchingEncoder
+from .lease import Leases
 
 log = logging.getLogger("finegrain.service")
-
-
-class _Loaded:
-    """One opened index and how many requests are using it."""
-
-    __slots__ = ("index", "users", "retired")
-
-    def __init__(self, index: Index):
-        self.index = index
-        self.users = 0
-        self.retired = False
 
 
 class IndexHolder:
@@ -67,10 +57,9 @@ class IndexHolder:
         self.reloads = 0
         self.encoder: BatchingEncoder | None = None
         self._encoder_name: str | None = None
-        self._lock = threading.Lock()  # the current index and the lease counts
         self._reload_lock = threading.Lock()  # one reload (and the probe connection) at a time
         self._db_lock = threading.Lock()  # the current index's catalog connection (stats)
-        self._current = _Loaded(self._open())
+        self._leases: Leases[Index] = Leases(self._open(), Index.close)
         self._probe = Catalog(self.path)
         self._catalog_file = _file_id(self.path)  # a replaced index (deleted and rebuilt) is a new file
         self._next_check = time.monotonic() + self.reload_interval
@@ -79,17 +68,8 @@ class IndexHolder:
     def use(self) -> Iterator[Index]:
         """Lease the current index for one request (checking first whether it changed on disk)."""
         self.maybe_reload()
-        with self._lock:
-            loaded = self._current
-            loaded.users += 1
-        try:
-            yield loaded.index
-        finally:
-            with self._lock:
-                loaded.users -= 1
-                close = loaded.retired and loaded.users == 0
-            if close:
-                loaded.index.close()
+        with self._leases.lease() as index:
+            yield index
 
     @contextmanager
     def catalog_access(self) -> Iterator[Index]:
@@ -108,7 +88,7 @@ class IndexHolder:
 
     @property
     def generation(self) -> int:
-        return self._current.index.generation
+        return self._leases.current.generation
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Re-open the index if its catalog generation changed; returns whether it did.
@@ -133,19 +113,13 @@ class IndexHolder:
             except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished: keep serving what is loaded
                 log.warning("could not read the generation of the index at %s: %s", self.path, exc)
                 return False
-            old = self._current
             try:
                 new = self._open()
             except Exception as exc:  # keep serving what we have
                 log.warning("could not re-open the index at %s: %s", self.path, exc)
                 return False
-            with self._lock:
-                self._current = _Loaded(new)
-                self._catalog_file = file_id
-                old.retired = True
-                close = old.users == 0
-            if close:
-                old.index.close()
+            self._leases.swap(new)
+            self._catalog_file = file_id
             self.reloads += 1
             log.info("re-opened the index at %s: generation %d, %d images", self.path, new.generation, len(new))
             return True
@@ -157,10 +131,7 @@ class IndexHolder:
             self._probe.close()
         if self.encoder is not None:
             self.encoder.close()
-        with self._lock:
-            self._current.retired = True
-            if self._current.users == 0:
-                self._current.index.close()
+        self._leases.retire()
 
 
 def decode_slots() -> int:

@@ -29,6 +29,7 @@ from .. import encoders, retrieval
 from ..shards import MANIFEST, ShardedIndex, read_manifest
 from ..store.catalog import CATALOG_NAME, Catalog
 from .batching import BatchingEncoder
+from .lease import Leases
 
 log = logging.getLogger("finegrain.service")
 
@@ -108,18 +109,12 @@ class ServedSet:
         raise ValueError("more like an image id is not available on a shard set (ids are per shard)")
 
 
-class _Lease:
-    __slots__ = ("served", "users", "retired", "owned")
+def _close_set(served: ServedSet) -> None:
+    served.backend.close()
 
-    def __init__(self, served: ServedSet, owned: bool = True):
-        self.served = served
-        self.users = 0
-        self.retired = False
-        self.owned = owned  # opened by the holder (closed by it); a set handed in stays open, with its encoder
 
-    def close(self) -> None:
-        if self.owned:
-            self.served.backend.close()
+def _keep_open(served: ServedSet) -> None:
+    """A set handed in to the holder stays open, with its encoder: its owner closes it."""
 
 
 class SetHolder:
@@ -133,7 +128,6 @@ class SetHolder:
         self.reload_interval = float(reload_interval)
         self.reloads = 0
         self.ray = ray or (backend is not None and type(backend) is not ShardedIndex)  # refreshed in place
-        self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._db_lock = threading.Lock()
         self._probes: dict[Path, Catalog] = {}
@@ -161,23 +155,15 @@ class SetHolder:
 
             if owned and isinstance(backend, RayShardSet):
                 backend.encoder = self.encoder  # global queries embedded by the service's batching encoder
-        self._current = _Lease(ServedSet(backend, self.encoder, name), owned)
+        self._leases: Leases[ServedSet] = Leases(ServedSet(backend, self.encoder, name),
+                                                  _close_set if owned else _keep_open)
         self._next_check = time.monotonic() + self.reload_interval
 
     @contextmanager
     def use(self) -> Iterator[ServedSet]:
         self.maybe_reload()
-        with self._lock:
-            lease = self._current
-            lease.users += 1
-        try:
-            yield lease.served
-        finally:
-            with self._lock:
-                lease.users -= 1
-                close = lease.retired and lease.users == 0
-            if close:
-                lease.close()
+        with self._leases.lease() as served:
+            yield served
 
     @contextmanager
     def catalog_access(self) -> Iterator[ServedSet]:
@@ -186,7 +172,7 @@ class SetHolder:
 
     @property
     def generation(self) -> int:
-        return self._current.served.generation
+        return self._leases.current.generation
 
     def _local_signature(self) -> tuple:
         """What changes when the set must be re-opened: the manifest, each shard's catalog file and generation."""
@@ -210,7 +196,7 @@ class SetHolder:
             self._next_check = time.monotonic() + self.reload_interval
             try:
                 if self.ray:
-                    changed = self._current.served.backend.refresh()
+                    changed = self._leases.current.backend.refresh()
                     self.reloads += int(changed)
                     return changed
                 signature = self._local_signature()
@@ -221,14 +207,8 @@ class SetHolder:
                 log.warning("could not reload the shard set at %s: %s", self.path, exc)
                 return False
             assert self.encoder is not None
-            with self._lock:
-                old = self._current
-                self._current = _Lease(ServedSet(backend, self.encoder, self._encoder_name))
-                self._signature = signature
-                old.retired = True
-                close = old.users == 0
-            if close:
-                old.close()
+            self._leases.swap(ServedSet(backend, self.encoder, self._encoder_name), _close_set)  # opened here
+            self._signature = signature
             self.reloads += 1
             log.info("re-opened the shard set at %s: %d shards, %d images", self.path, len(backend.shards),
                      len(backend))
@@ -242,7 +222,4 @@ class SetHolder:
                 probe.close()
         if self.encoder is not None:
             self.encoder.close()
-        with self._lock:
-            self._current.retired = True
-            if self._current.users == 0:
-                self._current.close()
+        self._leases.retire()
