@@ -209,6 +209,19 @@ def test_loss_weights_are_validated(X):
         small_aesvc(reconstruction_weight=0, covariance_weight=0, variance_weight=0, mean_weight=0).fit(X)
 
 
+@pytest.mark.parametrize("make", ["aesvc", "ss2d"])
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"batch_size": 1}, {"batch_size": -5}, {"batch_size": 2.5},
+                                 {"batch_size": True}, {"learning_rate": 0.0}, {"learning_rate": float("nan")},
+                                 {"n_steps": 0}])
+def test_training_schedule_is_validated(X, make, bad):
+    """A batch of 0 or 1 rows used to fit silently (on NaN covariances, or no data at all)."""
+    name = next(iter(bad))
+    params = {"n_steps": 5, **bad}
+    projection = small_aesvc(**params) if make == "aesvc" else SS2D(8, teacher=None, **params)
+    with pytest.raises(ValueError, match=name):
+        projection.fit(X)
+
+
 # ------------------------------------------------------------------------------- (SS)2D
 def neighbour_recall(Z: np.ndarray, T: np.ndarray, k: int = 50) -> float:
     """Mean fraction of each row's k nearest neighbours under teacher rows T also found under Z (cosine)."""
@@ -557,19 +570,20 @@ def test_killed_compress_leaves_index_consistent(small_index, monkeypatch):
 
 
 def test_cli_compress_search_dim_info(small_index):
-    import subprocess
-    import sys
-
     index, folder, _ = small_index
     path = index.path
     index.close()
 
     fg = fg_in_process  # the same command-line code without an interpreter start
 
-    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--teacher", "input", "--json")
+    proc = fg("compress", "--index", path, "--method", "ss2d", "--dim", 16, "--steps", 40, "--batch-size", 16,
+              "--teacher", "input", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["projection"]["method"] == "ss2d" and out["bytes_per_image"] == 64
+    assert out["projection"]["batch_size"] == 16 and out["projection"]["n_steps"] == 40
+    proc = fg("compress", "--index", path, "--method", "aesvc", "--dim", 8, "--batch-size", 1)
+    assert proc.returncode == 2 and "batch_size must be an integer >= 2" in proc.stderr
     assert out["projection"]["teacher"] == "input"
     proc = fg("search", "--index", path, "--image", folder / "coins_2.jpg", "-k", 1, "--dim", 8, "--json")
     assert proc.returncode == 0, proc.stderr

@@ -28,6 +28,21 @@ def check_hidden_sizes(hidden_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(h) for h in sizes)
 
 
+def check_training(batch_size: object, learning_rate: object, n_steps: object = 1) -> None:
+    """Refuse a schedule that would train on nothing or on NaNs rather than fail later or fit garbage."""
+    def positive_int(v: object) -> bool:
+        return bool(not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1)
+
+    # A batch's covariance (AE-SVC) and its similarity distributions (SS2D) need at least two rows.
+    if not positive_int(batch_size) or int(batch_size) < 2:  # type: ignore[call-overload]
+        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    if not positive_int(n_steps):
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float, np.floating)) \
+            or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+
+
 def standardizer(X: np.ndarray) -> tuple[np.ndarray, float]:
     """Mean and one global scale that give the rows zero mean and unit variance per dimension on average.
 

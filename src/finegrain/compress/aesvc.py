@@ -202,6 +202,7 @@ class AESVC(Projection):
             warnings.warn(f"AESVC: {n} samples cannot give {k} decorrelated unit-variance dimensions; "
                           "fit on more samples or lower n_components", RuntimeWarning, stacklevel=3)
         steps = self._steps(n)
+        _nn.check_training(self.batch_size, self.learning_rate, steps)
         self.mean_, self.scale_ = _nn.standardizer(X)
         data = torch.from_numpy((X - self.mean_) / np.float32(self.scale_))
         start = time.perf_counter()

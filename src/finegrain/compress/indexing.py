@@ -204,6 +204,9 @@ def build_projection(writer: Writer, snapshot: Snapshot, method: str, dim: int |
         "fitted_on": int(len(X)),
         "fit_seconds": round(fit_seconds, 3),
     }
+    if method in ("aesvc", "ss2d"):  # how it was trained, as `finegrain info` shows it
+        info["batch_size"] = int(projection.batch_size)
+        info["n_steps"] = int(getattr(projection, "n_steps_", projection.n_steps))
     if method == "aesvc":  # which loss form trained it (AESVC's ``loss``: finegrain's or the paper's)
         info["loss"] = str(getattr(projection, "loss", "finegrain"))
     if method == "ss2d":

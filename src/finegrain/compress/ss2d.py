@@ -135,6 +135,7 @@ class SS2D(Projection):
     def _fit(self, X: np.ndarray, teacher_embeddings: np.ndarray | None = None) -> None:
         hidden = _nn.check_hidden_sizes(self.hidden_sizes)
         dims = self._check_dims()
+        _nn.check_training(self.batch_size, self.learning_rate, self.n_steps)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature!r}")
         teacher = self._teacher_output(X, teacher_embeddings)
