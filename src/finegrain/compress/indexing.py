@@ -205,8 +205,9 @@ def build_projection(writer: Writer, snapshot: Snapshot, method: str, dim: int |
         "fit_seconds": round(fit_seconds, 3),
     }
     if method in ("aesvc", "ss2d"):  # how it was trained, as `finegrain info` shows it
-        info["batch_size"] = int(projection.batch_size)
-        info["n_steps"] = int(getattr(projection, "n_steps_", projection.n_steps))
+        learned: Any = projection  # AESVC or SS2D: both have these parameters
+        info["batch_size"] = int(learned.batch_size)
+        info["n_steps"] = int(getattr(learned, "n_steps_", None) or learned.n_steps)  # AE-SVC's "auto" resolved
     if method == "aesvc":  # which loss form trained it (AESVC's ``loss``: finegrain's or the paper's)
         info["loss"] = str(getattr(projection, "loss", "finegrain"))
     if method == "ss2d":
