@@ -590,6 +590,8 @@ def test_cli_compress_search_dim_info(small_index):
     assert json.loads(proc.stdout)["results"][0]["path"].endswith("coins_2.jpg")
     info = json.loads(fg("info", "--index", path, "--json").stdout)
     assert info["projection"]["dims"][-1] == 16 and info["bytes_per_image"] == 64
+    table = fg("info", "--index", path).stdout  # nested values as "key value" lines, not a Python repr
+    assert "{'" not in table and "method ss2d" in table and "teacher input" in table and "batch_size 16" in table
     proc = fg("search", "--index", path, "--text", "a cat", "--dim", 99)
     assert proc.returncode == 2 and "dim must be from 1 to 16" in proc.stderr
     proc = fg("compress", "--index", path, "--method", "zip", "--dim", 8)

@@ -590,6 +590,8 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
+    from rich.text import Text
+
     from .terminal import safe_text
 
     info = _open_index(index, shard_set_ok=True, note_read_only=True).info()
@@ -599,13 +601,25 @@ def info_cmd(
     table = Table("key", "value", show_header=False)
     for key, value in info.items():
         if key not in ("failures", "per_shard"):
-            table.add_row(key, safe_text(value))
+            table.add_row(key, Text(_cell(value)))  # a Text: never parsed for markup
     out.print(table)
     if info.get("failures"):
         ft = Table("skipped file", "reason", title="skipped or failed files", title_justify="left")
         for f in info["failures"]:
             ft.add_row(safe_text(f["path"]), safe_text(f["reason"]))
         out.print(ft)
+
+
+def _cell(value: Any) -> str:
+    """A table cell for a nested value: ``key value`` lines and lists joined, not a Python repr (--json has the data);
+    every piece's control characters escaped."""
+    from .terminal import escape_controls
+
+    if isinstance(value, dict):
+        return "\n".join(f"{escape_controls(k)} {_cell(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) or "-"
+    return "-" if value is None else escape_controls(value)
 
 
 @app.command("export")
