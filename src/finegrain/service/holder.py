@@ -18,11 +18,8 @@ import io
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from .. import encoders
@@ -30,12 +27,12 @@ from ..images import MAX_PIXELS, ImageLoadError, load_thumbnail
 from ..index import Index
 from ..store.catalog import CATALOG_NAME, Catalog
 from .batching import BatchingEncoder
-from .lease import Leases
+from .lease import ReloadingHolder
 
 log = logging.getLogger("finegrain.service")
 
 
-class IndexHolder:
+class IndexHolder(ReloadingHolder[Index]):
     """The service's current index, re-opened when another process commits to it.
 
     Parameters
@@ -52,30 +49,11 @@ class IndexHolder:
 
     def __init__(self, path: str | os.PathLike, reload_interval: float = 1.0, text_workers: int | None = None):
         self.path = Path(path)
-        self.reload_interval = float(reload_interval)
         self.text_workers = text_workers
-        self.reloads = 0
-        self.encoder: BatchingEncoder | None = None
         self._encoder_name: str | None = None
-        self._reload_lock = threading.Lock()  # one reload (and the probe connection) at a time
-        self._db_lock = threading.Lock()  # the current index's catalog connection (stats)
-        self._leases: Leases[Index] = Leases(self._open(), Index.close)
+        super().__init__(self._open(), Index.close, reload_interval)
         self._probe = Catalog(self.path)
         self._catalog_file = _file_id(self.path)  # a replaced index (deleted and rebuilt) is a new file
-        self._next_check = time.monotonic() + self.reload_interval
-
-    @contextmanager
-    def use(self) -> Iterator[Index]:
-        """Lease the current index for one request (checking first whether it changed on disk)."""
-        self.maybe_reload()
-        with self._leases.lease() as index:
-            yield index
-
-    @contextmanager
-    def catalog_access(self) -> Iterator[Index]:
-        """Lease the current index for a request that reads its catalog (one such request at a time)."""
-        with self.use() as index, self._db_lock:
-            yield index
 
     def _open(self) -> Index:
         """Open the index with the service's shared, batching encoder (one model load for every re-open)."""
@@ -90,48 +68,31 @@ class IndexHolder:
     def generation(self) -> int:
         return self._leases.current.generation
 
-    def maybe_reload(self, force: bool = False) -> bool:
-        """Re-open the index if its catalog generation changed; returns whether it did.
-
-        Without ``force`` this is throttled to one check per ``reload_interval``
-        and skipped when another thread is already checking. A failed re-open
-        (say, a damaged catalog) is logged and the old index keeps serving.
-        """
-        if not force and time.monotonic() < self._next_check:
-            return False
-        if not self._reload_lock.acquire(blocking=force):
+    def _reload(self) -> bool:
+        """Re-open the index if its catalog generation changed (or the catalog file was replaced)."""
+        try:
+            file_id = _file_id(self.path)
+            if file_id != self._catalog_file:  # deleted and built anew: its generation restarted at 1
+                self._probe.close()
+                self._probe = Catalog(self.path)
+            elif self._probe.generation() == self.generation:
+                return False
+        except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished: keep serving what is loaded
+            log.warning("could not read the generation of the index at %s: %s", self.path, exc)
             return False
         try:
-            self._next_check = time.monotonic() + self.reload_interval
-            try:
-                file_id = _file_id(self.path)
-                if file_id != self._catalog_file:  # deleted and built anew: its generation restarted at 1
-                    self._probe.close()
-                    self._probe = Catalog(self.path)
-                elif self._probe.generation() == self.generation:
-                    return False
-            except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished: keep serving what is loaded
-                log.warning("could not read the generation of the index at %s: %s", self.path, exc)
-                return False
-            try:
-                new = self._open()
-            except Exception as exc:  # keep serving what we have
-                log.warning("could not re-open the index at %s: %s", self.path, exc)
-                return False
-            self._leases.swap(new)
-            self._catalog_file = file_id
-            self.reloads += 1
-            log.info("re-opened the index at %s: generation %d, %d images", self.path, new.generation, len(new))
-            return True
-        finally:
-            self._reload_lock.release()
+            new = self._open()
+        except Exception as exc:  # keep serving what we have
+            log.warning("could not re-open the index at %s: %s", self.path, exc)
+            return False
+        self._leases.swap(new)
+        self._catalog_file = file_id
+        self.reloads += 1
+        log.info("re-opened the index at %s: generation %d, %d images", self.path, new.generation, len(new))
+        return True
 
-    def close(self) -> None:
-        with self._reload_lock:
-            self._probe.close()
-        if self.encoder is not None:
-            self.encoder.close()
-        self._leases.retire()
+    def _close_probes(self) -> None:
+        self._probe.close()
 
 
 def decode_slots() -> int:

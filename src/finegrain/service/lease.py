@@ -1,16 +1,21 @@
-"""Lease counting for what the service swaps while requests use it (an index, a shard set).
+"""What the service swaps while requests use it (an index, a shard set): lease counts and the reload loop.
 
 A request leases the current object for its whole run; a reload swaps in a new
 one without waiting, and the replaced object is closed when its last lease
 ends, so no request ever sees an object closed under it or half reloaded.
+:class:`ReloadingHolder` is what the index holder and the shard-set holder
+share: leasing, the throttled reload check and closing.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
+
+from .batching import BatchingEncoder
 
 T = TypeVar("T")
 
@@ -83,3 +88,65 @@ class Leases(Generic[T]):
             close = entry.take_close()
         if close:
             entry.close(entry.value)
+
+
+class ReloadingHolder(Generic[T]):
+    """The service's current object, leased per request and re-opened when it changed on disk.
+
+    A subclass opens the first object, calls ``__init__`` with it, and implements :meth:`_reload` (and
+    :meth:`_close_probes` if it keeps catalog connections open to check for changes).
+    """
+
+    encoder: BatchingEncoder | None = None
+
+    def __init__(self, first: T, close: Callable[[T], None], reload_interval: float):
+        self.reload_interval = float(reload_interval)
+        self.reloads = 0
+        self._reload_lock = threading.Lock()  # one reload (and the probe connections) at a time
+        self._db_lock = threading.Lock()  # the current object's catalog connection (stats)
+        self._leases: Leases[T] = Leases(first, close)
+        self._next_check = time.monotonic() + self.reload_interval
+
+    @contextmanager
+    def use(self) -> Iterator[T]:
+        """Lease the current object for one request (checking first whether it changed on disk)."""
+        self.maybe_reload()
+        with self._leases.lease() as value:
+            yield value
+
+    @contextmanager
+    def catalog_access(self) -> Iterator[T]:
+        """Lease the current object for a request that reads its catalog (one such request at a time)."""
+        with self.use() as value, self._db_lock:
+            yield value
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Re-open what changed; returns whether anything did.
+
+        Without ``force`` this is throttled to one check per ``reload_interval``
+        and skipped when another thread is already checking. A failed re-open
+        (say, a damaged catalog) is logged by :meth:`_reload` and the old object keeps serving.
+        """
+        if not force and time.monotonic() < self._next_check:
+            return False
+        if not self._reload_lock.acquire(blocking=force):
+            return False
+        try:
+            self._next_check = time.monotonic() + self.reload_interval
+            return self._reload()
+        finally:
+            self._reload_lock.release()
+
+    def _reload(self) -> bool:
+        """Check for changes and swap in a new object if needed (under the reload lock); whether anything changed."""
+        raise NotImplementedError
+
+    def _close_probes(self) -> None:
+        """Close the connections used to check for changes (under the reload lock)."""
+
+    def close(self) -> None:
+        with self._reload_lock:
+            self._close_probes()
+        if self.encoder is not None:
+            self.encoder.close()
+        self._leases.retire()

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from .. import encoders, retrieval
 from ..shards import MANIFEST, ShardedIndex, read_manifest
 from ..store.catalog import CATALOG_NAME, Catalog
 from .batching import BatchingEncoder
-from .lease import Leases
+from .lease import ReloadingHolder
 
 log = logging.getLogger("finegrain.service")
 
@@ -117,7 +114,7 @@ def _keep_open(served: ServedSet) -> None:
     """A set handed in to the holder stays open, with its encoder: its owner closes it."""
 
 
-class SetHolder:
+class SetHolder(ReloadingHolder[ServedSet]):
     """The service's shard set, kept current: locally re-opened when a shard or the manifest changes; on Ray
     refreshed in place (see the module docstring)."""
 
@@ -125,11 +122,7 @@ class SetHolder:
                  ray: bool = False, ray_address: str | None = None, replicas: int = 1,
                  cpus_per_replica: float = 1.0, backend: ShardedIndex | None = None):
         self.path = Path(path)
-        self.reload_interval = float(reload_interval)
-        self.reloads = 0
         self.ray = ray or (backend is not None and type(backend) is not ShardedIndex)  # refreshed in place
-        self._reload_lock = threading.Lock()
-        self._db_lock = threading.Lock()
         self._probes: dict[Path, Catalog] = {}
         self._signature: object = None
         owned = backend is None
@@ -144,7 +137,7 @@ class SetHolder:
             with Catalog(self.path / read_manifest(self.path)[0]) as probe:
                 name = str(probe.get_meta("encoder"))
         self._encoder_name = name
-        self.encoder: BatchingEncoder | None = BatchingEncoder(lambda: encoders.create(name), workers=text_workers)
+        self.encoder = BatchingEncoder(lambda: encoders.create(name), workers=text_workers)
         if backend is None:
             self._signature = self._local_signature()
             backend = ShardedIndex.open(self.path, encoder=self.encoder)
@@ -155,20 +148,8 @@ class SetHolder:
 
             if owned and isinstance(backend, RayShardSet):
                 backend.encoder = self.encoder  # global queries embedded by the service's batching encoder
-        self._leases: Leases[ServedSet] = Leases(ServedSet(backend, self.encoder, name),
-                                                  _close_set if owned else _keep_open)
-        self._next_check = time.monotonic() + self.reload_interval
-
-    @contextmanager
-    def use(self) -> Iterator[ServedSet]:
-        self.maybe_reload()
-        with self._leases.lease() as served:
-            yield served
-
-    @contextmanager
-    def catalog_access(self) -> Iterator[ServedSet]:
-        with self.use() as served, self._db_lock:
-            yield served
+        super().__init__(ServedSet(backend, self.encoder, name), _close_set if owned else _keep_open,
+                         reload_interval)
 
     @property
     def generation(self) -> int:
@@ -186,40 +167,27 @@ class SetHolder:
             sig.append((name, st.st_dev, st.st_ino, probe.generation()))
         return tuple(sig)
 
-    def maybe_reload(self, force: bool = False) -> bool:
-        """Pick up commits to any shard, added shards and (on Ray) replace dead replicas; whether anything changed."""
-        if not force and time.monotonic() < self._next_check:
-            return False
-        if not self._reload_lock.acquire(blocking=force):
-            return False
+    def _reload(self) -> bool:
+        """Pick up commits to any shard, added shards and (on Ray) replace dead replicas."""
         try:
-            self._next_check = time.monotonic() + self.reload_interval
-            try:
-                if self.ray:
-                    changed = self._leases.current.backend.refresh()
-                    self.reloads += int(changed)
-                    return changed
-                signature = self._local_signature()
-                if signature == self._signature:
-                    return False
-                backend = ShardedIndex.open(self.path, encoder=self.encoder)
-            except Exception as exc:  # noqa: BLE001 - keep serving what is loaded
-                log.warning("could not reload the shard set at %s: %s", self.path, exc)
+            if self.ray:
+                changed = self._leases.current.backend.refresh()
+                self.reloads += int(changed)
+                return changed
+            signature = self._local_signature()
+            if signature == self._signature:
                 return False
-            assert self.encoder is not None
-            self._leases.swap(ServedSet(backend, self.encoder, self._encoder_name), _close_set)  # opened here
-            self._signature = signature
-            self.reloads += 1
-            log.info("re-opened the shard set at %s: %d shards, %d images", self.path, len(backend.shards),
-                     len(backend))
-            return True
-        finally:
-            self._reload_lock.release()
+            backend = ShardedIndex.open(self.path, encoder=self.encoder)
+        except Exception as exc:  # noqa: BLE001 - keep serving what is loaded
+            log.warning("could not reload the shard set at %s: %s", self.path, exc)
+            return False
+        assert self.encoder is not None
+        self._leases.swap(ServedSet(backend, self.encoder, self._encoder_name), _close_set)  # opened here
+        self._signature = signature
+        self.reloads += 1
+        log.info("re-opened the shard set at %s: %d shards, %d images", self.path, len(backend.shards), len(backend))
+        return True
 
-    def close(self) -> None:
-        with self._reload_lock:
-            for probe in self._probes.values():
-                probe.close()
-        if self.encoder is not None:
-            self.encoder.close()
-        self._leases.retire()
+    def _close_probes(self) -> None:
+        for probe in self._probes.values():
+            probe.close()
