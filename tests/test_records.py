@@ -88,3 +88,42 @@ def test_a_large_table_costs_a_fraction_of_the_records_it_replaces():
     # ids 8 + path 30 + 8 + sha 64 + 8 + four ints 32: 150 bytes an image (the records were ~600).
     assert table.nbytes() / n <= 160
     assert table[n].path == f"/synthetic/1000000/{n:07d}.jpg"
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_live_by_path_answers_like_the_dict_it_replaced(monkeypatch, collide):
+    """What an indexing run compares files against: indexed rows found by a hash of the path, failed rows by
+    a dict; with every path hashing into three buckets, lookups still find exactly the right row."""
+    import finegrain.store.records as records
+
+    if collide:
+        monkeypatch.setattr(records, "hash", lambda text: len(text) % 3, raising=False)
+    rows = _rows(200)
+    failed = {p: ImageRecord(9000 + i, p, None, None, None, None, None, "failed", "cannot decode")
+              for i, p in enumerate(["/bad/1.jpg", "/bad/日本.png"])}
+    live = records.LiveByPath(RecordTable.from_rows(iter(rows)), failed)
+    expected = {r[1]: ImageRecord(*r, status="indexed", error=None) for r in rows} | failed
+    assert len(live) == len(expected) and list(live) == list(expected)
+    assert dict(live.items()) == expected
+    for path, rec in expected.items():
+        assert live[path] == rec and live.get(path) == rec and path in live
+    for absent in ("/p/2.pngx", "/nowhere.jpg", "", 3, None):
+        assert absent not in live and live.get(absent) is None
+    queries = [rows[5][1], "/bad/1.jpg", "/nowhere.jpg", rows[0][1], rows[199][1], "/p/9999.png"]
+    assert live.indexed_rows(queries).tolist() == [5, -1, -1, 0, 199, -1]
+    sizes, mtimes, known = live.stat_columns()
+    assert known.tolist() == [r[3] is not None and r[4] is not None for r in rows]
+    assert sizes[1] == rows[1][3] and mtimes[1] == rows[1][4]
+
+
+def test_catalog_live_by_path_holds_indexed_and_failed_rows_only(tmp_path):
+    with Catalog(tmp_path, create=True) as catalog:
+        with catalog.transaction() as tx:
+            ids = catalog.reserve_ids(3)
+            tx.add_images(ids, [NewImage(f"/a/{i}.jpg", f"{i:064x}", 10 + i, 100 + i, 4, 3) for i in range(3)])
+            tx.remove([ids[1]])
+            tx.add_failure("/a/bad.jpg", "cannot decode image", 5, 6)
+        live = catalog.live_by_path()
+        assert sorted(live) == ["/a/0.jpg", "/a/2.jpg", "/a/bad.jpg"]
+        assert live["/a/2.jpg"].id == ids[2] and live["/a/bad.jpg"].status == "failed"
+        assert live.indexed_rows(["/a/1.jpg", "/a/2.jpg", "/a/bad.jpg"]).tolist() == [-1, 1, -1]

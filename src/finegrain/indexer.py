@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from .images import (
 from .parallel import ordered_map, spare_cores
 from .progress import progress_bar
 from .store.catalog import ImageRecord, NewImage
+from .store.records import LiveByPath
 from .store.vectors import FieldRows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -241,16 +242,16 @@ class Indexer:
         return self.stop is not None and self.stop.is_set()
 
     def plan(self, inputs: Sequence[str | os.PathLike], recursive: bool = True
-             ) -> tuple[IndexReport, list[str], dict[str, ImageRecord], list[str]]:
+             ) -> tuple[IndexReport, list[str], LiveByPath, list[str]]:
         """Walk ``inputs``: (report so far, all files found, live records by path, files to (re)process)."""
         report = IndexReport()
         files, problems = collect_files(inputs, recursive)
         report.failed.extend(problems)
         known = self.writer.catalog.live_by_path()
+        sizes, mtimes, stat_known = known.stat_columns()
         todo: list[str] = []
-        for path in files:
-            rec = known.get(path)
-            if rec is not None and rec.status == "indexed" and _same_stat(path, rec):
+        for path, row in zip(files, known.indexed_rows(files).tolist()):
+            if row >= 0 and stat_known[row] and _same_stat(path, int(sizes[row]), int(mtimes[row])):
                 report.unchanged += 1
             else:
                 todo.append(path)
@@ -278,7 +279,7 @@ class Indexer:
         if self.on_commit is not None:
             self.on_commit(added)
 
-    def _remove_missing(self, inputs, found: set[str], known: dict[str, ImageRecord]) -> int:
+    def _remove_missing(self, inputs, found: set[str], known: Mapping[str, ImageRecord]) -> int:
         roots = [os.path.abspath(p) for p in inputs if os.path.isdir(p)]
         gone = [rec for path, rec in known.items() if path not in found
                 and any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)]
@@ -374,9 +375,9 @@ def _checked(ex: FieldExtractor, results: list, n: int) -> list:
     return list(results)
 
 
-def _same_stat(path: str, rec: ImageRecord) -> bool:
+def _same_stat(path: str, size: int, mtime_ns: int) -> bool:
     try:
         st = os.stat(path)
     except OSError:
         return False
-    return st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns
+    return st.st_size == size and st.st_mtime_ns == mtime_ns

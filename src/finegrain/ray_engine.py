@@ -41,7 +41,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
@@ -136,7 +136,7 @@ class RayIndexer(Indexer):
                 ray.shutdown()
         return self._finish(report, inputs, files, known, remove_missing, t0)
 
-    def _shards(self, ray, todo: list[str], known: dict[str, ImageRecord], run_dir: Path,
+    def _shards(self, ray, todo: list[str], known: Mapping[str, ImageRecord], run_dir: Path,
                 extractors: list[FieldExtractor]):
         """Run the Ray Data pipeline; yields shard folders in input order as they finish."""
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
@@ -223,7 +223,7 @@ class _ShardResult:
 class _Merger:
     """Accumulates shards on the driver and commits them ``commit_every`` images at a time."""
 
-    def __init__(self, writer: Writer, known: dict[str, ImageRecord], commit_every: int,
+    def __init__(self, writer: Writer, known: Mapping[str, ImageRecord], commit_every: int,
                  on_commit: Callable[[int], None]):
         self.writer = writer
         self.on_commit = on_commit

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import ImageRecord, RecordTable
+from .pages import release_free_heap
+from .records import ImageRecord, LiveByPath, RecordTable
 
 FORMAT_VERSION = 1
 CATALOG_NAME = "finegrain.sqlite"
@@ -207,9 +208,11 @@ class Catalog:
                                (status,) if status else ()).fetchall()
         return [ImageRecord(*r) for r in rows]
 
-    def live_by_path(self) -> dict[str, ImageRecord]:
-        """Indexed and failed rows keyed by path (what a re-run compares against)."""
-        return {r.path: r for r in self.images(None) if r.status != "removed"}
+    def live_by_path(self) -> LiveByPath:
+        """Indexed and failed rows keyed by path (what a re-run compares against), held column-wise."""
+        live = LiveByPath(self.indexed_records(), {r.path: r for r in self.images("failed")})
+        release_free_heap()  # the rows' temporary Python objects, freed but kept by glibc otherwise
+        return live
 
     def get(self, image_id: int) -> ImageRecord | None:
         row = self.db.execute("SELECT id, path, sha256, size, mtime_ns, width, height, status, error "
