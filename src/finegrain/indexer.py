@@ -248,13 +248,8 @@ class Indexer:
         files, problems = collect_files(inputs, recursive)
         report.failed.extend(problems)
         known = self.writer.catalog.live_by_path()
-        sizes, mtimes, stat_known = known.stat_columns()
-        todo: list[str] = []
-        for path, row in zip(files, known.indexed_rows(files).tolist()):
-            if row >= 0 and stat_known[row] and _same_stat(path, int(sizes[row]), int(mtimes[row])):
-                report.unchanged += 1
-            else:
-                todo.append(path)
+        todo = changed_files(files, known)
+        report.unchanged += len(files) - len(todo)
         return report, files, known, todo
 
     def _finish(self, report: IndexReport, inputs, files, known, remove_missing: bool, t0: float) -> IndexReport:
@@ -373,6 +368,14 @@ def _checked(ex: FieldExtractor, results: list, n: int) -> list:
     if len(results) != n:
         raise RuntimeError(f"the {ex.key} extractor returned {len(results)} results for {n} images")
     return list(results)
+
+
+def changed_files(files: Sequence[str], live: LiveByPath) -> list[str]:
+    """The files a run must (re)process, in order: not indexed, or indexed with another size or mtime (the quick
+    test that decides without reading a file; the watcher's scan uses it too)."""
+    sizes, mtimes, stat_known = live.stat_columns()
+    return [path for path, row in zip(files, live.indexed_rows(files).tolist())
+            if not (row >= 0 and stat_known[row] and _same_stat(path, int(sizes[row]), int(mtimes[row])))]
 
 
 def _same_stat(path: str, size: int, mtime_ns: int) -> bool:

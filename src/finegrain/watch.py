@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .images import ImageLoadError, is_image_path, read_file_safely
 from .index import Index, IndexLockedError
-from .indexer import IndexReport, collect_files, printable_path
+from .indexer import IndexReport, changed_files, collect_files, printable_path
+from .store.records import LiveByPath
 
 Stat = tuple[int, int]  # (size, mtime_ns)
 
@@ -161,12 +160,6 @@ class ChangeSet:
         return ready, gone
 
 
-def _unchanged(path: str, row: int | None, sizes: np.ndarray, mtimes: np.ndarray) -> bool:
-    """Whether indexed row ``row`` still matches the file at ``path`` by size and mtime (the indexer's quick test);
-    ``sizes``/``mtimes``: the record table's columns, -1 where the catalog has none."""
-    return row is not None and _stat(path) == (int(sizes[row]), int(mtimes[row]))
-
-
 def _at_or_under(gone: Sequence[str]) -> Callable[[str], bool]:
     """Whether a path is one of the vanished paths ``gone`` or lies under one of them (a vanished folder)."""
     exact, prefixes = set(gone), tuple(p.rstrip(os.sep) + os.sep for p in gone)
@@ -280,14 +273,12 @@ class Watcher:
         found = set(files) | {printable_path(f) for f in files}  # failures of odd names carry the printable form
         under = tuple(r.rstrip(os.sep) + os.sep for r in self.roots)
         self.index.refresh()
-        # columns, not records: a scan of a 10^6-image library builds no record objects
-        records = self.index.records
-        known = {path: row for row, path in enumerate(records.paths())}
-        sizes, mtimes = records.column("size", fill=-1), records.column("mtime_ns", fill=-1)
-        gone = [p for p in known if p.startswith(under) and p not in found]
+        # the snapshot's columns, not records: a scan of a 10^6-image library builds no record objects
+        live = LiveByPath(self.index.records, {})
+        gone = [p for p in live if p.startswith(under) and p not in found]
         gone += [r.path for r in self.index.failures() if r.path.startswith(under) and r.path not in found]
         removed = self._remove(gone)
-        todo = [f for f in files if not _unchanged(f, known.get(f), sizes, mtimes)]
+        todo = changed_files(files, live)
         first = IndexReport(failed=list(problems))
         if not todo:
             yield self._done(first, removed, t0, "scan")
