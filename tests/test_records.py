@@ -127,3 +127,21 @@ def test_catalog_live_by_path_holds_indexed_and_failed_rows_only(tmp_path):
         assert sorted(live) == ["/a/0.jpg", "/a/2.jpg", "/a/bad.jpg"]
         assert live["/a/2.jpg"].id == ids[2] and live["/a/bad.jpg"].status == "failed"
         assert live.indexed_rows(["/a/1.jpg", "/a/2.jpg", "/a/bad.jpg"]).tolist() == [-1, 1, -1]
+
+
+def test_writer_move_onto_an_indexed_path_removes_the_image_there(tmp_path):
+    """A file renamed over another indexed file: the one at the new path is removed, the moved one keeps its id."""
+    from random_index_helpers import random_segmented_index
+
+    from finegrain import Index
+
+    random_segmented_index(tmp_path / "idx", 5, seed=1).close()
+    index = Index.open(tmp_path / "idx")
+    (a, rec_a), (b, rec_b) = list(index.records.items())[:2]
+    with index.writer() as w:
+        with pytest.raises(KeyError, match="unknown image ids"):
+            w.move([(10**6, "/elsewhere.jpg", 1)])
+        assert w.move([(a, rec_b.path, 123)]) == 1
+    assert b not in index.records and index.records[a].path == rec_b.path and index.records[a].mtime_ns == 123
+    assert len(index.records) == 4
+    index.close()

@@ -237,9 +237,16 @@ class Catalog:
         rows = self.db.execute("SELECT id FROM images WHERE status = 'indexed' ORDER BY id")
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
-    def indexed_paths(self) -> dict[str, int]:
-        """Path -> id of the indexed images."""
-        return dict(self.db.execute("SELECT path, id FROM images WHERE status = 'indexed'").fetchall())
+    def indexed_ids_of(self, paths: Iterable[str]) -> dict[str, int]:
+        """Path -> id of those of ``paths`` that are indexed: one lookup each in the live-path index (a move of
+        a few files reads a few rows, not every path)."""
+        out = {}
+        for path in set(paths):
+            row = self.db.execute("SELECT id, status FROM images WHERE path = ? AND status != 'removed'",
+                                  (path,)).fetchone()
+            if row is not None and row[1] == "indexed":
+                out[path] = int(row[0])
+        return out
 
     def all_meta(self) -> dict:
         """Every setting, decoded."""

@@ -275,12 +275,12 @@ class Writer:
         or renamed, content unchanged: the vectors stay). An image already live at a new path is removed first."""
         if not moves:
             return 0
-        live = self.catalog.indexed_paths()
-        live_ids = set(live.values())
+        live_ids = set(self.catalog.indexed_ids().tolist())
         unknown = [i for i, _, _ in moves if i not in live_ids]
         if unknown:
             raise KeyError(f"unknown image ids: {unknown[:10]}")
         moved = {int(i) for i, _, _ in moves}
+        live = self.catalog.indexed_ids_of(p for _, p, _ in moves)  # images already at a new path
         with self.catalog.transaction() as tx:
             tx.remove([live[p] for _, p, _ in moves if p in live and live[p] not in moved])
             for image_id, _, mtime_ns in moves:  # via a placeholder path: images may trade places
