@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -158,6 +158,27 @@ def _mode_help() -> str:
 
 
 MODE_HELP = _mode_help()
+
+# Options that several commands share, declared once (typer reads the Annotated metadata).
+BENCH_CACHE = Path.home() / ".cache" / "finegrain" / "bench"
+IndexOpt = Annotated[Path, typer.Option("--index", help="Index folder.")]
+EncoderOpt = Annotated[str, typer.Option(help="Encoder.")]
+BenchCacheOpt = Annotated[Path, typer.Option("--cache-dir", help="Where bench indexes are kept (reused when content is unchanged).")]
+JsonLastLineOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML report (tables and plots) here.")]
+RevisitopDataOpt = Annotated[Path, typer.Option("--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json.")]
+GndOpt = Annotated[Optional[Path], typer.Option("--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data).")]
+DistractorsOpt = Annotated[Optional[Path], typer.Option("--distractors", help="Distractor images added to the database: a folder, or a text file of image paths (one per line).")]
+DistractorListOpt = Annotated[Optional[Path], typer.Option("--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt).")]
+# The local family's and l2g's search settings (search, bench revisitop).
+ShortlistOpt = Annotated[Optional[int], typer.Option("--shortlist", help=SHORTLIST_HELP)]
+MdsDimOpt = Annotated[Optional[int], typer.Option("--mds-dim", help="l2g: MDS embedding dimension (default 16).")]
+SmacofIterOpt = Annotated[Optional[int], typer.Option("--smacof-iter", help="l2g: SMACOF iterations at most (default 100).")]
+WOpt = Annotated[Optional[float], typer.Option("--w", help=W_HELP)]
+KnnOpt = Annotated[Optional[int], typer.Option("--knn", help="local, l2g: database neighbours per query descriptor (default 512).")]
+ExactRerankOpt = Annotated[Optional[int], typer.Option("--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g).")]
+VariantOpt = Annotated[Optional[str], typer.Option("--variant", help=L2G_VARIANT_HELP)]
+PairsOpt = Annotated[Optional[str], typer.Option("--pairs", help=PAIRS_HELP)]
 
 
 class _SettingsMismatch(ValueError):
@@ -469,14 +490,14 @@ def search_cmd(
     stage: Optional[str] = typer.Option(None, "--stage", help="single, exhaustive, hierarchical behind a candidate stage: 'union' (each query vector's own global top N; the default with --candidates) or 'fused' (the top N of one vector weighting the full query and its sub-queries as the score does: one search; the default without a size)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
     breadth: Optional[int] = typer.Option(None, "--breadth", help="global on an ANN index (HNSW, IVF): how much of the structure one search explores, HNSW's efSearch (default 128) or IVF's lists probed (default lists/16); more is slower and closer to exact."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
-    mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
-    smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
-    w: Optional[float] = typer.Option(None, "--w", help=W_HELP),
-    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
-    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
-    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    shortlist: ShortlistOpt = None,
+    mds_dim: MdsDimOpt = None,
+    smacof_iter: SmacofIterOpt = None,
+    w: WOpt = None,
+    knn: KnnOpt = None,
+    exact_rerank: ExactRerankOpt = None,
+    variant: VariantOpt = None,
+    pairs: PairsOpt = None,
     global_field: Optional[str] = typer.Option(None, "--global-field", help="Global descriptor of the local modes (and of global with 'instance'): instance (multi-scale GeM) or joint."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     fmt: str = typer.Option("table", "--format", help="Output: table, jsonl (one JSON object per result) or paths (one path per line, for pipes)."),
@@ -586,7 +607,7 @@ def search_cmd(
 
 @app.command("info")
 def info_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an index (or a shard set) holds: counts, encoder, size, skipped files."""
@@ -624,7 +645,7 @@ def _cell(value: Any) -> str:
 
 @app.command("export")
 def export_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     out_dir: Path = typer.Option(..., "--out", help="New folder for img_emb/img_emb_N.npy and metadata/metadata_N.parquet (clip-retrieval's layout)."),
     rows_per_file: int = typer.Option(1_000_000, "--rows-per-file", help="Images per .npy/.parquet pair."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -667,7 +688,7 @@ def import_cmd(
 
 @app.command("duplicates")
 def duplicates_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     near: Optional[float] = typer.Option(None, "--near", help="Pixel match (0-1) of a near-duplicate (default: calibrated, docs/duplicates.md)."),
     similar: Optional[float] = typer.Option(None, "--similar", help="Embedding cosine of 'similar' (burst-like) pairs (default: calibrated)."),
     candidate: Optional[float] = typer.Option(None, "--candidate", help="Embedding cosine a pair needs before its pixels are compared (default: calibrated)."),
@@ -716,7 +737,7 @@ def duplicates_cmd(
 
 @app.command("compress")
 def compress_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     method: Optional[str] = typer.Option(None, "--method", help="pca, aesvc, aesvc-paper (AE-SVC with the paper's loss form and weights, docs/compress.md) or ss2d; none removes the projection (required without --field)."),
     dim: Optional[int] = typer.Option(None, "--dim", help="Output size (SS2D: the largest nested size; smaller ones are picked with `search --dim`)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of aesvc/ss2d (default: the class default)."),
@@ -815,8 +836,8 @@ def _compress_field(index: Path, field: str, method: Optional[str], dim: Optiona
 
 @app.command("remove")
 def remove_cmd(
+    index: IndexOpt,
     ids: list[int] = typer.Argument(..., help="Image ids to remove."),
-    index: Path = typer.Option(..., "--index", help="Index folder."),
 ) -> None:
     """Remove images from an index by id."""
     from .index import IndexLockedError
@@ -833,7 +854,7 @@ def remove_cmd(
 
 
 @app.command("compact")
-def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")) -> None:
+def compact_cmd(index: IndexOpt) -> None:
     """Merge vector chunks and drop removed images from disk."""
     from .index import IndexLockedError
 
@@ -849,7 +870,7 @@ def compact_cmd(index: Path = typer.Option(..., "--index", help="Index folder.")
 
 @app.command("prepare")
 def prepare_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     mode: Optional[list[str]] = typer.Option(None, "--mode", help="A search mode to prepare (repeatable; default: every mode the index supports)."),
     graph_queries: Optional[str] = typer.Option(None, "--graph-queries", help="l2g neighbour lists: what each image queries with: auto (default; every descriptor up to 10M stored, above that the strongest representatives), all, representatives. Saved in the index."),
     graph_features: Optional[int] = typer.Option(None, "--graph-features", help="l2g neighbour lists: only the strongest N of those query descriptors. Saved in the index."),
@@ -910,7 +931,7 @@ def tune_cmd(
     query_images: Optional[Path] = typer.Option(None, "--query-images", help="Only queries whose relevant images are all named in this list, one per line (e.g. flickr8k/splits/train.txt, or one half of dev)."),
     plot: Optional[Path] = typer.Option(None, help="Where to save the accuracy-latency plot (default: INDEX/tune.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    report: ReportOpt = None,
     candidates_only: bool = typer.Option(False, "--candidates-only", help="Choose only the candidate-stage size, behind the index's saved scheduler settings (no grid search)."),
     breadth_only: bool = typer.Option(False, "--breadth-only", help="Choose only the breadth of global search (HNSW efSearch / IVF lists probed) on an index whose global search is approximate, by recall@10 against exact search; needs no segments, and the queries' answers are unused."),
     recall: float = typer.Option(0.99, "--recall", help="--breadth-only without a latency budget: the smallest breadth reaching this recall@10."),
@@ -1165,13 +1186,13 @@ def bench_flickr8k_cmd(
     data: Path = typer.Option(..., "--data", help="Flickr8k-style folder."),
     split: str = typer.Option("dev", help="Split to evaluate (dev or test)."),
     mode: str = typer.Option("global", help="Search mode: global, single, exhaustive, hierarchical."),
-    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    encoder: EncoderOpt = "effnet-minilm",
     segments: str = typer.Option("4,9,16,25,36", help="Granularities of the segmented bench index (multi-vector modes)."),
     segment_embed: str = typer.Option("pool", help="Segment embedding of the bench index: pool or crop."),
-    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
+    cache_dir: BenchCacheOpt = BENCH_CACHE,
     index: Optional[Path] = typer.Option(None, "--index", help="Search this existing index instead of building one: it must hold every image of the split; its other images are distractors. --encoder/--segments then come from the index."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    as_json: JsonLastLineOpt = False,
+    report: ReportOpt = None,
 ) -> None:
     """Text->image and image->text retrieval on Flickr8k: recall, NDCG@10, speed."""
     from .bench.flickr8k import run_flickr8k
@@ -1198,28 +1219,28 @@ def bench_flickr8k_cmd(
 
 @bench_app.command("revisitop")
 def bench_revisitop_cmd(
-    data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
-    gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
-    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Distractor images added to the database: a folder, or a text file of image paths (one per line)."),
-    distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
+    data: RevisitopDataOpt,
+    gnd: GndOpt = None,
+    distractors: DistractorsOpt = None,
+    distractor_list: DistractorListOpt = None,
     mode: str = typer.Option("global", help="Search mode: global, global+local, local, l2g (the last three need --local)."),
-    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    encoder: EncoderOpt = "effnet-minilm",
     local: Optional[str] = typer.Option(None, "--local", help="Bench index with local features from this extractor (cnn, sift, disk)."),
     local_scales: Optional[str] = typer.Option(None, "--local-scales", help="--local cnn: image scales, e.g. 1.0,0.707,0.5."),
     local_features: Optional[int] = typer.Option(None, "--local-features", help="--local: local features kept per image."),
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="--local: longer image side at scale 1."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", help=SHORTLIST_HELP),
-    mds_dim: Optional[int] = typer.Option(None, "--mds-dim", help="l2g: MDS embedding dimension (default 16)."),
-    smacof_iter: Optional[int] = typer.Option(None, "--smacof-iter", help="l2g: SMACOF iterations at most (default 100)."),
-    w: Optional[float] = typer.Option(None, "--w", help=W_HELP),
-    knn: Optional[int] = typer.Option(None, "--knn", help="local, l2g: database neighbours per query descriptor (default 512)."),
-    exact_rerank: Optional[int] = typer.Option(None, "--exact-rerank", help="local, l2g: re-score the approximate top R with the exact Chamfer (verification; default 200 for local, 0 for l2g)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help=L2G_VARIANT_HELP),
-    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    shortlist: ShortlistOpt = None,
+    mds_dim: MdsDimOpt = None,
+    smacof_iter: SmacofIterOpt = None,
+    w: WOpt = None,
+    knn: KnnOpt = None,
+    exact_rerank: ExactRerankOpt = None,
+    variant: VariantOpt = None,
+    pairs: PairsOpt = None,
     global_field: Optional[str] = typer.Option(None, "--global-field", help="instance (multi-scale GeM, needs --local cnn) or joint; with mode global, 'instance' searches the GeM descriptor."),
-    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (tables and plots) here."),
+    cache_dir: BenchCacheOpt = BENCH_CACHE,
+    as_json: JsonLastLineOpt = False,
+    report: ReportOpt = None,
     index_only: bool = typer.Option(False, "--index-only", help="Build (or resume) the cached bench index of database + distractors, then stop."),
     available: bool = typer.Option(False, "--available", help="Index nothing: search the database plus only the distractors the cached index holds so far (recorded in the result)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Landmark folds (2): choose the mode's settings on one half of the landmarks, report on the other, then swap (l2g)."),
@@ -1278,20 +1299,20 @@ def _write_report(path: Optional[Path], title: str, metrics: dict, details) -> N
 
 @bench_app.command("compress")
 def bench_compress_cmd(
-    data: Path = typer.Option(..., "--data", help="Folder with jpg/ (database and query images) and a gnd_*.pkl/.json."),
-    gnd: Optional[Path] = typer.Option(None, "--gnd", help="Ground-truth file (default: the gnd_*.pkl found in --data)."),
-    distractors: Optional[Path] = typer.Option(None, "--distractors", help="Distractor images added to the database: a folder, or a text file of image paths (one per line)."),
-    distractor_list: Optional[Path] = typer.Option(None, "--distractor-list", help="Only these distractors: one name per line, relative to --distractors (e.g. flickr8k/splits/dev.txt)."),
+    data: RevisitopDataOpt,
+    gnd: GndOpt = None,
+    distractors: DistractorsOpt = None,
+    distractor_list: DistractorListOpt = None,
     methods: str = typer.Option("pca,aesvc,ss2d", "--methods", help="Comma-separated: pca, aesvc, aesvc-paper (AE-SVC with the paper's loss), ss2d."),
     dims: str = typer.Option("16,32,64,128,256", "--dims", help="Comma-separated output sizes (SS2D: one model, all sizes nested)."),
-    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
+    encoder: EncoderOpt = "effnet-minilm",
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write the similarity-distribution and per-dimension-variance PNGs here."),
     text_data: Optional[Path] = typer.Option(None, "--text-data", help="Also a text-to-image check on this Flickr8k folder (projection applied to both towers)."),
     text_split: str = typer.Option("dev", "--text-split", help="Split of --text-data."),
     seed: int = typer.Option(0, help="Seed of the learned projections."),
     ss2d_teacher: str = typer.Option("aesvc", "--ss2d-teacher", help="Whose similarities SS2D distils: aesvc (the paper) or input (the original embeddings)."),
-    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    cache_dir: BenchCacheOpt = BENCH_CACHE,
+    as_json: JsonLastLineOpt = False,
     folds: Optional[int] = typer.Option(None, "--folds", help="Landmark folds (2): choose each method's settings on one half of the landmarks by class mAP, report on the other, then swap."),
     epochs: str = typer.Option("25,50,100", "--epochs", help="--folds: AE-SVC training lengths (passes over the data) to choose from."),
     available: bool = typer.Option(False, "--available", help="Index nothing: use the database plus only the distractors the cached index holds so far."),
@@ -1479,9 +1500,9 @@ def bench_needles_cmd(
     refine_iters: int = typer.Option(80, help="Refinement steps of the objects-refined bench index."),
     refine_variant: str = typer.Option("finegrain", "--refine-variant", help="objects-refined: Stage B objective, finegrain or paper (docs/mao.md)."),
     raw_size: Optional[int] = typer.Option(None, help="global-raw mode: input side for scenes and queries (default: the encoder's, 224)."),
-    encoder: str = typer.Option("effnet-minilm", help="Encoder."),
-    cache_dir: Path = typer.Option(Path.home() / ".cache" / "finegrain" / "bench", "--cache-dir", help="Where bench indexes are kept (reused when content is unchanged)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line."),
+    encoder: EncoderOpt = "effnet-minilm",
+    cache_dir: BenchCacheOpt = BENCH_CACHE,
+    as_json: JsonLastLineOpt = False,
 ) -> None:
     """Small-object retrieval on the needles composites: mAP over queries and by pasted-area bucket."""
     from .bench.needles import run_needles
@@ -1582,7 +1603,7 @@ def watch_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback only by default; set an API key before exposing it)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINEGRAIN_API_KEY", help="Require this key on /api (Authorization: Bearer KEY or X-API-Key: KEY)."),
@@ -1659,7 +1680,7 @@ def _catalog_read_only(index: Path) -> Optional[str]:
 
 @app.command("check")
 def check_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: IndexOpt,
     repair: bool = typer.Option(False, "--repair", help="Rebuild what can be rebuilt (cached search structures, damage marks, checksums of chunks written by older versions) and say what cannot."),
     drop_damaged: bool = typer.Option(False, "--drop-damaged", help="With --repair: remove the images whose vectors are in damaged chunks (a `finegrain index` re-run re-adds them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
