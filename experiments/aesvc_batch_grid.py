@@ -25,6 +25,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,25 @@ from finegrain.datasets import load_revisitop
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def landmark_vectors(data: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray, Callable[..., dict]]:
+    """The bench's database rows (7,238: rparis6k-mini + Flickr8k train and dev), which rows hold a vector,
+    and a scorer: a projection's transform -> ``{fold: {"class_map", "map_medium"}}``."""
+    flickr = data / "flickr8k"
+    names = [n for split in ("train", "dev") for n in (flickr / "splits" / f"{split}.txt").read_text().split()]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
+        listing.write("".join(f"{flickr / 'images' / n}\n" for n in names))
+    bench = load_revisitop(data / "rparis6k-mini", None, listing.name, None)
+    folds, labels, gnd = bench_folds(bench, 2), bench_labels(bench), bench.gnd.gnd
+    X, present, queries, _ = bench_vectors(bench, "effnet-minilm", cache_dir, [32, 64, 128], True)
+
+    def score(transform: Callable[[np.ndarray], np.ndarray]) -> dict:
+        db = np.asarray(transform(X), np.float32)
+        db[~present] = 0.0
+        return fold_scores(db, np.asarray(transform(queries), np.float32), labels, folds, gnd)
+
+    return X, present, score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -49,19 +69,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    flickr = args.data / "flickr8k"
-    names = [n for split in ("train", "dev") for n in (flickr / "splits" / f"{split}.txt").read_text().split()]
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
-        listing.write("".join(f"{flickr / 'images' / n}\n" for n in names))
-    bench = load_revisitop(args.data / "rparis6k-mini", None, listing.name, None)
-    folds, labels, gnd = bench_folds(bench, 2), bench_labels(bench), bench.gnd.gnd
-    X, present, queries, _ = bench_vectors(bench, "effnet-minilm", args.cache_dir, args.dims, True)
+    X, present, score = landmark_vectors(args.data, args.cache_dir)
     fit = X[present]
-
-    def score(transform) -> dict:
-        db = np.asarray(transform(X), np.float32)
-        db[~present] = 0.0
-        return fold_scores(db, np.asarray(transform(queries), np.float32), labels, folds, gnd)
 
     rows = [("pca", {})] + [(f"aesvc batch={b} epochs={e}", {"batch_size": b, "epochs": e})
                             for b in args.batch_sizes for e in args.epochs]
