@@ -339,6 +339,21 @@ def test_cli_expressions_and_negatives(plain, photos_dir):
         assert code == 2 and message in output and "Traceback" not in output, (bad, output)
 
 
+
+def test_auto_names_the_picked_mode_only_where_another_mode_could_help(plain, seg):
+    from finegrain.retrieval import ModeMismatch
+
+    # An option the picked mode does not know: another mode might take it, so the error names the pick.
+    with pytest.raises(ModeMismatch, match="unknown search option.*mode 'auto' picked 'global'"):
+        plain.search(text="a cat", shortlist=5)
+    # Bad values are the caller's whatever the mode: reported as they are, without the advice.
+    for bad_call in [lambda: plain.search(text="a cat", k=0),
+                     lambda: seg.search(text="a cat", rescore=-1),
+                     lambda: plain.search(text="a cat", dim=32)]:
+        with pytest.raises(ValueError) as caught:
+            bad_call()
+        assert "choose another mode" not in str(caught.value) and "picked" not in str(caught.value), caught.value
+
 def test_shard_sets_resolve_auto_once(tmp_path, seg, plain):
     from finegrain.shards import ShardedIndex
 

@@ -34,6 +34,7 @@ from .base import (
     MAX_K,
     MAX_QUERY_CHARS,
     TEXT,
+    ModeMismatch,
     NoParams,
     Params,
     Query,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Query", "SearchResponse", "SearchResult", "SearchStats", "Params", "NoParams", "Retriever", "register",
            "unregister", "get", "modes", "available", "search", "explain", "prepare", "check_k", "check_text", "MAX_K",
-           "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve", "resolve_mode", "AUTO", "Term"]
+           "MAX_QUERY_CHARS", "TEXT", "IMAGE", "resolve", "resolve_mode", "AUTO", "Term", "ModeMismatch"]
 
 _REGISTRY: dict[str, Retriever] = {}  # mode -> retriever, in registration order
 _LOCK = threading.Lock()
@@ -145,27 +146,29 @@ def resolve(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mappin
     accepted = retriever.accepts(mode)
     if not query.kinds <= accepted:
         what = {IMAGE: "an image query (image=..., optional bbox)", TEXT: "a text query (text=...)"}
-        raise ValueError(f"search mode {mode!r} takes {' or '.join(what[k] for k in sorted(accepted))}, "
+        raise ModeMismatch(f"search mode {mode!r} takes {' or '.join(what[k] for k in sorted(accepted))}, "
                          f"not a {query.kind} query")
     if query.combined and not retriever.combines_terms:
         able = [m for m in modes() if _REGISTRY[m].combines_terms]
-        raise ValueError(f"search mode {mode!r} takes one plain query and cannot combine terms (several terms, "
+        raise ModeMismatch(f"search mode {mode!r} takes one plain query and cannot combine terms (several terms, "
                          f"weights, text with an image, negatives); modes that can: {', '.join(able)}")
     why = retriever.missing(snapshot, mode)
     if why:
-        raise ValueError(why)
+        raise ModeMismatch(why)
     return retriever, k, retriever.params(snapshot, mode, options)
 
 
 def _resolve_auto(snapshot: Snapshot, mode: str, query: Query, k: Any, options: Mapping[str, Any] | None
                   ) -> tuple[str, Retriever, int, Params]:
+    k = check_k(k)  # a bad k is the caller's whatever the mode
     ran = resolve_mode(snapshot, mode, query)
     try:
         return (ran, *resolve(snapshot, ran, query, k, options))
-    except ValueError as exc:
+    except ModeMismatch as exc:
         if ran == mode:
             raise
-        raise ValueError(f"{exc} (mode 'auto' picked {ran!r} for this query; choose another mode)") from None
+        # Only here can another mode help; a bad value (a dim too large, a negative rescore) is reported as is.
+        raise ModeMismatch(f"{exc} (mode 'auto' picked {ran!r} for this query; choose another mode)") from None
 
 
 def search(snapshot: Snapshot, mode: str, query: Query, k: int = 10,

@@ -43,6 +43,13 @@ BOTH = frozenset({TEXT, IMAGE})
 IMAGE_ONLY = frozenset({IMAGE})
 
 
+
+class ModeMismatch(ValueError):
+    """A mode cannot serve this search at all: the query kind, combined terms, what the index holds, or an
+    option it does not know. Another mode may (``auto`` says which one it picked); a bad value is a plain
+    ``ValueError``."""
+
+
 def check_k(k: Any) -> int:
     """``k`` as an int in 1..MAX_K, else ``ValueError``."""
     if isinstance(k, bool) or not isinstance(k, int) and not hasattr(k, "__index__"):
@@ -323,7 +330,7 @@ class Params:
         unknown = sorted(set(given) - known)
         if unknown:
             where = f" of mode {mode!r}" if mode else ""
-            raise ValueError(f"unknown search option(s){where}: {', '.join(unknown)}; known: "
+            raise ModeMismatch(f"unknown search option(s){where}: {', '.join(unknown)}; known: "
                              f"{', '.join(sorted(known)) or 'none'}")
         saved = {k: v for k, v in (defaults or {}).items() if k in known and v is not None}
         try:
