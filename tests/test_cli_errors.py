@@ -169,3 +169,24 @@ def test_file_names_with_escapes_are_escaped_on_the_terminal_and_exact_in_json(t
     assert json.loads(proc.stdout)["results"][0]["path"] == str(folder / EVIL)
     info = json.loads(fg("info", "--index", idx, "--json").stdout)
     assert [f["path"] for f in info["failures"]] == [str(folder / EVIL_BAD)]
+
+
+def test_a_user_slip_is_one_line_that_names_what_was_wrong(two_folders, tmp_path):
+    # A misspelt folder: refused before anything is made (not an empty index and exit 0).
+    line = _one_line_error(fg("index", tmp_path / "nope", two_folders / "a", "--index", tmp_path / "new"), 2)
+    assert "no such file or folder" in line and "nope" in line and "nothing was indexed" in line
+    assert not (tmp_path / "new").exists()
+    # ... nor does it empty an existing index with --remove-missing.
+    idx = tmp_path / "copy"
+    shutil.copytree(two_folders / "base", idx)
+    _one_line_error(fg("index", tmp_path / "a-typo", "--index", idx, "--remove-missing"), 2)
+    assert len(Index.open(idx)) == 2
+    # An unknown encoder: the registry's message, not a quoted KeyError, and nothing created.
+    line = _one_line_error(fg("index", two_folders / "a", "--index", tmp_path / "enc", "--encoder", "effnet-minlm"), 2)
+    assert line.startswith("error: unknown encoder 'effnet-minlm'; available:") and not line.endswith('"'), line
+    assert not (tmp_path / "enc" / "finegrain.sqlite").exists()
+    # A query image that cannot be read: the message names it (a query may hold several images).
+    for args, named in ((["--image", tmp_path / "gone.jpg"], "gone.jpg: file not found"),
+                        (["@" + str(two_folders / "a" / "coffee.jpg"), "-", "@" + str(tmp_path)], f"{tmp_path}: is a directory")):
+        line = _one_line_error(fg("search", "--index", idx, *args), 2)
+        assert named in line, line

@@ -257,6 +257,7 @@ def index_cmd(
 ) -> None:
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
+    from .encoders import UnknownEncoder
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .objects.config import REFINE_VARIANTS
     from .stopping import stop_on_signals
@@ -277,6 +278,10 @@ def index_cmd(
         _fail("--object-adapter does not work with --into-set yet: index each shard with --object-adapter instead", 2)
     if into_set and engine != "ray":
         _fail("--into-set builds shards on Ray nodes: give --engine ray (and --address for a cluster)", 2)
+    # A misspelt folder would otherwise make an empty index (and, with --remove-missing, empty an existing one).
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        _fail(f"no such file or folder: {', '.join(missing)} (nothing was indexed)", 2)
     try:
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
@@ -327,7 +332,7 @@ def index_cmd(
                              commit_every=commit_every, stop=stop)
         if refit_local and not report.stopped:
             idx.refit_local(show_progress=not as_json)
-    except _SettingsMismatch as exc:
+    except (_SettingsMismatch, UnknownEncoder) as exc:
         _fail(str(exc), 2)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
@@ -571,7 +576,9 @@ def search_cmd(
     try:
         response = idx.search(query=query, k=k, mode=mode, filters=filters, threshold=threshold, offset=offset,
                               sort=sort, **options)
-    except (ValueError, ImageLoadError) as exc:
+    except ImageLoadError as exc:  # a query may hold several images: say which one
+        _fail(exc.with_path(), 2)
+    except ValueError as exc:
         _fail(str(exc), 2)
     except IndexFormatError as exc:  # a chunk found damaged (on first read, or recorded by `finegrain check`)
         _fail(str(exc))
@@ -1556,6 +1563,7 @@ def watch_cmd(
     import threading
     import time
 
+    from .encoders import UnknownEncoder
     from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .store.catalog import IndexFormatError
     from .terminal import escape_controls
@@ -1589,7 +1597,7 @@ def watch_cmd(
             err.print(f"watching {', '.join(map(escape_controls, watcher.roots))} ({'polling' if poll else 'file-system events'}); "
                       "Ctrl-C to stop", markup=False, highlight=False, soft_wrap=True)
         watcher.run(stop, scan=not no_scan)
-    except _SettingsMismatch as exc:
+    except (_SettingsMismatch, UnknownEncoder) as exc:
         _fail(str(exc), 2)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))

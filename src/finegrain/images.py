@@ -75,7 +75,17 @@ ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image
 
 
 class ImageLoadError(ValueError):
-    """An image could not be read; ``str(err)`` is a one-line reason."""
+    """An image could not be read; ``str(err)`` is a one-line reason.
+
+    ``path`` is the file it was read from (None for bytes, streams and opened
+    images), so a caller reading several images can say which one failed.
+    """
+
+    path: str | None = None
+
+    def with_path(self) -> str:
+        """The reason, after the file's path where there is one."""
+        return f"{self.path}: {self}" if self.path else str(self)
 
 
 def read_file_safely(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES,
@@ -159,6 +169,15 @@ def load_image_sized(
     ImageLoadError
         For missing, unreadable, truncated, oversized or non-image input.
     """
+    try:
+        return _load_sized(source, max_pixels, draft_size)
+    except ImageLoadError as exc:
+        if isinstance(source, (str, os.PathLike)):
+            exc.path = os.fspath(source)
+        raise
+
+
+def _load_sized(source: ImageSource, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
     if isinstance(source, Image.Image):
         img = _to_rgb(ImageOps.exif_transpose(source))
         return img, img.size

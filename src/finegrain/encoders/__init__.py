@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from .base import Encoder, l2_normalize
 
-__all__ = ["Encoder", "create", "list_encoders", "register", "l2_normalize"]
+__all__ = ["Encoder", "UnknownEncoder", "create", "list_encoders", "register", "l2_normalize"]
 
 _FAMILIES: dict[str, tuple[Callable[..., Encoder], str]] = {}
 _CACHE: dict[str, Encoder] = {}
@@ -20,6 +20,14 @@ _CACHE: dict[str, Encoder] = {}
 def register(family: str, factory: Callable[..., Encoder], help: str) -> None:
     """Register a factory ``factory(argument_or_None, **kwargs) -> Encoder`` under ``family``."""
     _FAMILIES[family] = (factory, help)
+
+
+
+class UnknownEncoder(KeyError):
+    """No encoder family of that name (a ``KeyError``, as a registry lookup; printed without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown encoder"
 
 
 def list_encoders() -> dict[str, str]:
@@ -35,7 +43,7 @@ def create(name: str, cache: bool = True, **kwargs) -> Encoder:
     """
     family, _, arg = name.partition(":")
     if family not in _FAMILIES:
-        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(sorted(_FAMILIES))}")
+        raise UnknownEncoder(f"unknown encoder {name!r}; available: {', '.join(sorted(_FAMILIES))}")
     key = name + repr(sorted(kwargs.items()))
     if cache and key in _CACHE:
         return _CACHE[key]
