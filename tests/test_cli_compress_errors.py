@@ -69,3 +69,14 @@ def test_a_locked_index_is_one_line(index, form):
         holder.wait()
     with Index.open(index) as idx:
         assert idx.info()["storage"] is None and idx.info()["projection"] is None
+
+
+def test_a_fit_warning_is_one_line_without_source(index):
+    # 40 images cannot give 48 decorrelated unit-variance dims: AE-SVC warns, and the user sees the warning only.
+    proc = subprocess.run([sys.executable, "-m", "finegrain", "compress", "--index", str(index), "--method", "aesvc",
+                           "--dim", "48", "--steps", "3"], capture_output=True, text=True, env={"COLUMNS": "400",
+                           "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["warning: AESVC: 40 samples cannot give 48 decorrelated unit-variance dimensions; fit on more "
+                     "samples or lower n_components"], proc.stderr

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,21 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on real data sets
 app.add_typer(bench_app, name="bench")
 out = Console()
 err = Console(stderr=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Python warnings as one line on stderr: what happened, not the source line that raised it."""
+    from rich.text import Text
+
+    from .terminal import escape_controls
+
+    err.print(Text.assemble(("warning:", "yellow"), " ", escape_controls(str(message))), soft_wrap=True)
+
+
+@app.callback()
+def _cli_setup() -> None:
+    warnings.showwarning = _one_line_warning
 
 
 def _fail(message: str, code: int = 1) -> None:
