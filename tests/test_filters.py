@@ -318,6 +318,9 @@ def test_cli_refuses_bad_filter_values_with_one_line(full_index):
                                           "--taken-after", "yesterday"])
     assert result.exit_code == 2 and "taken_after must be a date" in result.output
     assert "Traceback" not in result.output
+    for ids, says in (("3,x", "--ids must be image ids"), ("", "--ids is empty"), (" , ", "--ids is empty")):
+        result = CliRunner().invoke(cli_app, ["search", "--index", str(full_index.path), "--text", "x", "--ids", ids])
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, (ids, result.output)
 
 
 def test_shard_set_filters_like_one_index(tmp_path, library):

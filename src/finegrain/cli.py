@@ -489,6 +489,8 @@ def _filters(path_prefix, glob, taken_after, taken_before, make, model, orientat
             id_list = [int(p) for p in ids.replace(",", " ").split()]
         except ValueError:
             _fail(f"--ids must be image ids separated by commas, got {ids!r}", 2)
+        if not id_list:  # most likely an unset shell variable: matching nothing would look like no results
+            _fail("--ids is empty: give image ids separated by commas, or leave the filter out", 2)
     return {"path_prefix": path_prefix, "glob": glob, "taken_after": taken_after, "taken_before": taken_before,
             "make": make, "model": model, "orientation": orientation, "min_width": min_width, "max_width": max_width,
             "min_height": min_height, "max_height": max_height, "ids": id_list}
