@@ -181,9 +181,12 @@ def test_serve_binds_loopback_with_deadlines_and_warns_when_exposed(monkeypatch,
     import finegrain.service as service
     from finegrain.cli import app
 
+    import finegrain.cli as cli
+
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: calls.append(kw))
     monkeypatch.setattr(service, "create_app", lambda *a, **kw: object())
+    monkeypatch.setattr(cli, "_check_port", lambda host, port: None)  # port 8000 may be taken on this machine
     runner = CliRunner()
     result = runner.invoke(app, ["serve", "--index", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -213,9 +216,37 @@ def test_serve_prepare_builds_the_search_structures_before_serving(monkeypatch, 
     monkeypatch.setattr(Index, "prepare", lambda self, *a, **k: order.append("prepare") or real(self, *a, **k))
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: order.append("serve"))
     monkeypatch.setattr(service, "create_app", lambda *a, **kw: object())
+    monkeypatch.setattr("finegrain.cli._check_port", lambda host, port: None)
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx"), "--prepare"])
     assert result.exit_code == 0, result.output
     assert order == ["prepare", "serve"] and "prepared: global" in result.output
     order.clear()
     assert CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx")]).exit_code == 0
     assert order == ["serve"]  # without the flag: nothing built up front
+
+
+def test_serve_on_a_taken_port_is_one_line_before_anything_loads(monkeypatch, tmp_path, photos_dir):
+    import socket
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import finegrain.service as service
+    from finegrain import Index
+    from finegrain.cli import app
+
+    Index.create(tmp_path / "idx").add([sorted(photos_dir.iterdir())[0]])
+    started: list[str] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: started.append("serve"))
+    monkeypatch.setattr(service, "create_app", lambda *a, **kw: started.append("app") or object())
+    with socket.socket() as holder:  # another server on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx"), "--port", str(port)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"port {port} on 127.0.0.1 is already in use" in lines[0] and "serving" not in result.output
+    assert started == []  # refused before the model loads
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "idx"), "--port", str(port)])
+    assert result.exit_code == 0 and started == ["app", "serve"], result.output  # free again: it serves

@@ -1663,6 +1663,7 @@ def serve_cmd(
     except ValueError:
         loopback, wildcard = host == "localhost", False
     allowed = list(allowed_host or []) + ([] if loopback or wildcard else [host])
+    _check_port(host, port)
     if wildcard and not allowed_host:
         err.print(f"[yellow]note:[/yellow] bound to {host}: only requests addressed to a loopback name are answered; "
                   "add --allowed-host NAME for each name or address clients use")
@@ -1691,6 +1692,24 @@ def serve_cmd(
     err.print(f"serving {index} on http://{host}:{port}/ (API: /api, schema: /openapi.json)")
     uvicorn.run(service, host=host, port=port, access_log=access_log, log_level="info", limit_concurrency=256,
                 timeout_graceful_shutdown=5, http=timed_h11_protocol(HEADER_TIMEOUT_S))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before the model loads and "serving" is printed (bound as uvicorn binds)."""
+    import errno
+    import socket
+
+    if port == 0:  # any free port: nothing to check
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                _fail(f"port {port} on {host} is already in use: stop what holds it, or give another --port", 2)
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 2)
 
 
 def _catalog_read_only(index: Path) -> Optional[str]:
