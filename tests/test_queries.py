@@ -367,3 +367,16 @@ def test_shard_sets_resolve_auto_once(tmp_path, seg, plain):
 def test_demo_photos_sizes_used_above(photos_dir):
     assert Image.open(photos_dir / "chelsea.jpg").size == (451, 300)
     assert Image.open(photos_dir / "coffee.jpg").size == (600, 400)
+
+
+def test_every_mode_reports_its_encode_and_search_time(plain, seg, objects, local, photos_dir):
+    image = photos_dir / "chelsea.jpg"
+    for index in (plain, seg, objects, local):
+        for mode in index.available_modes():
+            if mode == "auto":
+                continue
+            response = index.search(image=image, mode=mode, k=2)
+            # the query's encoding ("extract" in the local family: its local features) and the search itself
+            assert "search_ms" in response.timings and {"encode_ms", "extract_ms"} & set(response.timings), \
+                (mode, response.timings)
+            assert all(v >= 0 for v in response.timings.values()), (mode, response.timings)

@@ -120,16 +120,21 @@ class ObjectRetriever(Retriever):
     def search(self, snapshot: Snapshot, mode: str, query: Query, k: int, params: Params,
                allowed: np.ndarray | None = None) -> SearchResponse:
         fieldname = object_search.FIELDS[mode]
+        t0 = time.perf_counter()
         vector = embed_object_query(snapshot, query)
+        t1 = time.perf_counter()
         texts = [query.text] if query.text else []
         from ..compress import storage
 
+        def timings(**more: float) -> dict[str, float]:  # the same names as the other modes' (encode, search)
+            return {"encode_ms": (t1 - t0) * 1000, "search_ms": (time.perf_counter() - t1) * 1000, **more}
+
         if not storage.has_rows(snapshot, fieldname):  # an empty index
-            return SearchResponse([], mode, SearchStats(), texts, generation=snapshot.generation)
+            return SearchResponse([], mode, SearchStats(), texts, timings=timings(), generation=snapshot.generation)
         if mode == "objects-max":
             staged = _staged_max(snapshot, vector, k, params, allowed)
             if staged is not None:
-                return SearchResponse(staged[0], mode, staged[1], texts, timings=staged[2],
+                return SearchResponse(staged[0], mode, staged[1], texts, timings=timings(**staged[2]),
                                       generation=snapshot.generation)
             scores, _ = object_table(snapshot).max_scores(vector)
         else:
@@ -142,7 +147,7 @@ class ObjectRetriever(Retriever):
 
         return SearchResponse(hits_from(snapshot, snapshot.ids[positions], best), mode,
                               SearchStats(sim_ops=len(storage.scoring(snapshot, fieldname)[0])), texts,
-                              generation=snapshot.generation)
+                              timings=timings(), generation=snapshot.generation)
 
     def explain(self, snapshot: Snapshot, mode: str, query: Query, ids: Sequence[int], k: int, params: Params,
                 response: SearchResponse | None = None) -> list[Explanation]:
