@@ -198,6 +198,72 @@ def test_bad_requests_get_clear_json_errors(client, photos_dir):
     assert client.get("/api/health").status_code == 200  # still serving
 
 
+def test_unknown_fields_are_refused_on_every_search_and_explain_endpoint(client, photos_dir):
+    """A misspelt field ("treshold", "filter") is a 422 invalid_request naming it, never silently ignored."""
+    def refused(response: httpx.Response, *names: str) -> str:
+        message = _assert_error(response, 422, "invalid_request")["message"]
+        assert "\n" not in message and all(repr(n) in message for n in names), message
+        return message
+
+    search = {"text": "dog", "k": 2, "filter": {"orientation": "portrait"}, "treshold": 0.9}
+    message = refused(client.post("/api/search", json=search), "filter", "treshold")
+    assert message.startswith("unknown fields 'filter', 'treshold'") and "filters" in message and "threshold" in message
+    refused(client.post("/api/explain", json={"text": "a cat", "id": 1, "mode": "global", "limit": 3}), "limit")
+    jpeg = {"image": ("q.jpg", _jpeg(photos_dir / "coffee.jpg"), "image/jpeg")}
+    message = refused(client.post("/api/search/image", files=jpeg, data={"k": "2", "treshold": "0.9"}), "treshold")
+    assert "threshold" in message and "image" in message  # what the endpoint does take
+    refused(client.post("/api/search/image", files=jpeg, data={"k": "2", "filter": '{"glob": "*.png"}',
+                                                                "Mode": "global"}), "filter", "Mode")
+    refused(client.post("/api/search/image", files={**jpeg, "picture": ("p.jpg", b"x", "image/jpeg")}), "picture")
+    refused(client.post("/api/explain/image", files=jpeg, data={"id": "1", "mode": "global", "kk": "3"}), "kk")
+    # Every declared field is still taken (the page and the docs send these).
+    full = {"text": "a cat", "k": 2, "mode": "global", "explain": True, "negative": ["a dog"],
+            "filters": {"glob": "*.jpg"}, "threshold": -1.0, "offset": 0, "sort": "score"}
+    assert client.post("/api/search", json=full).status_code == 200
+    assert client.post("/api/search", json={"like": 1, "k": 2, "mode": "global"}).status_code == 200
+    assert client.post("/api/search", json={"query": '"a cat" - "coffee"', "k": 2}).status_code == 200
+    form = {"k": "2", "mode": "global", "explain": "true", "text": "a cup", "negative": ["a dog", "a cat"],
+            "filters": '{"glob": "*.jpg"}', "threshold": "-1", "offset": "0", "sort": "score", "box": "0,0,200,200"}
+    assert client.post("/api/search/image", files=jpeg, data=form).status_code == 200
+    # variant is a declared field: refused for what it says (it needs mode l2g), not as unknown
+    _assert_error(client.post("/api/search/image", files=jpeg, data={"variant": "paper"}), 400, "bad_query")
+    assert client.post("/api/explain/image", files=jpeg, data={"id": "1", "mode": "global", "box": "0,0,200,200",
+                                                               "k": "3"}).status_code == 200
+    assert client.post("/api/explain", json={"text": "a cat", "id": 1, "mode": "global", "k": 3}).status_code == 200
+
+
+def test_the_page_sends_only_fields_the_endpoints_declare(client):
+    """The web page's requests (app.js) name only declared fields: unknown ones are refused (422) now."""
+    import re
+
+    script = client.get("/static/app.js").text
+    schema = client.get("/openapi.json").json()
+
+    def declared(path: str, content_type: str) -> set[str]:
+        ref = schema["paths"][path]["post"]["requestBody"]["content"][content_type]["schema"]["$ref"]
+        return set(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"])
+
+    form_fields = set(re.findall(r'body\.append\("(\w+)"', script))
+    literal = re.search(r"const body = \{([^}]*)\}", script)
+    assert literal and form_fields >= {"image", "k", "mode", "threshold", "filters"}
+    json_fields = set(re.findall(r"(\w+):", literal.group(1))) | set(re.findall(r"\bbody\.(\w+) =", script))
+    assert json_fields >= {"k", "mode", "text", "query", "like", "like_shard", "threshold", "filters"}
+    assert form_fields <= declared("/api/search/image", "multipart/form-data"), form_fields
+    assert json_fields <= declared("/api/search", "application/json"), json_fields
+    assert "api/explain" not in script  # the page explains through search (explain: true) only
+
+
+def test_upload_endpoints_refuse_an_unknown_mode_as_the_json_endpoints_do(client, photos_dir):
+    jpeg = {"image": ("q.jpg", _jpeg(photos_dir / "coffee.jpg"), "image/jpeg")}
+    expected = _assert_error(client.post("/api/search", json={"text": "a cat", "mode": "globl"}), 422,
+                             "invalid_request")["message"]
+    assert "unknown search mode 'globl'" in expected
+    assert _assert_error(client.post("/api/explain", json={"text": "a cat", "id": 1, "mode": "globl"}), 422,
+                         "invalid_request")["message"] == expected
+    for path, data in (("/api/search/image", {"mode": "globl"}), ("/api/explain/image", {"id": "1", "mode": "globl"})):
+        assert _assert_error(client.post(path, files=jpeg, data=data), 422, "invalid_request")["message"] == expected
+
+
 def test_concurrent_searches_are_answered_correctly(client, url):
     queries = ["a cat", "a rocket on a launch pad", "a cup of coffee", "an astronaut", "a flag", "a saucer",
                "a night sky", "a woman smiling"]
@@ -300,6 +366,11 @@ def test_explain_on_a_global_only_index(tmp_path, photos_dir):
         r = httpx.post(f"{base}/api/search", json={"text": "a cat", "mode": "single"})
         _assert_error(r, 400, "mode_unavailable")
         assert httpx.get(f"{base}/api/stats").json()["modes"] == ["auto", "global"]
+        # A known mode this index cannot serve stays 400 mode_unavailable on the upload endpoints too.
+        jpeg = {"image": ("q.jpg", _jpeg(photos_dir / "coffee.jpg"), "image/jpeg")}
+        for path, data in (("/api/search/image", {"mode": "single"}),
+                           ("/api/explain/image", {"id": "1", "mode": "single"})):
+            _assert_error(httpx.post(f"{base}{path}", files=jpeg, data=data, timeout=60), 400, "mode_unavailable")
 
 
 def test_serve_command_refuses_a_missing_index(tmp_path):

@@ -1,12 +1,14 @@
 """The HTTP service: a JSON search API and the web page, in one FastAPI app.
 
 Endpoints (all JSON unless said otherwise; errors are ``{"error": code, "message": text}``
-with a 4xx status, and never carry a traceback):
+with a 4xx status, and never carry a traceback; a body or form field an endpoint does not declare,
+say a misspelt ``treshold``, is 422 ``invalid_request``, never ignored):
 
 =========================  =====================================================================
 ``GET /api/health``        ``{"status": "ok", "images": N}`` (never needs the API key)
 ``POST /api/search``       ``{"text" | "query" | "like", "negative", "k", "mode", "explain"}`` -> ``{"results"}``
-``POST /api/search/image`` multipart: ``image`` (file), ``text``, ``negative``, ``k``, ``mode``, ``box``, ``explain``
+``POST /api/search/image`` multipart: ``image`` (file), ``text``, ``negative``, ``k``, ``mode``, ``box``, ``explain``,
+                           ``filters``, ``threshold``, ``offset``, ``sort``, ``variant``
 ``POST /api/explain``      ``{"text", "id", "mode", "k"}`` -> per sub-query the regions that scored
 ``POST /api/explain/image`` multipart: ``image``, ``id``, ``mode``, ``box``, ``k``
 ``GET /api/thumbnail/{id}`` JPEG thumbnail of an indexed image (by id; never by path)
@@ -41,7 +43,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from .. import __version__, encoders, retrieval
@@ -105,6 +107,8 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
 
 # ------------------------------------------------------------------ schemas
 class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("treshold") is a 422, never silently ignored
+
     text: str | None = Field(None, description="What to find, in words (taken literally).")
     query: str | None = Field(None, description='Instead of text: an expression such as "a beach" + "sunset" - '
                                                 '"people" or 2:"red car" (docs/queries.md).')
@@ -134,6 +138,8 @@ class SearchRequest(BaseModel):
 
 
 class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     text: str
     id: int = Field(description="Image id, as returned by a search.")
     mode: Mode = "global"
@@ -316,9 +322,12 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
         with holder.use() as index:
             return _search(index, request, body.mode, k, body.explain, query=query, shape=shape)
 
-    @api.post("/search/image", response_model=SearchResponse, tags=["search"])
+    # Form fields are declared as Annotated[..., Form()] = default: Mode's validator (an unknown mode is a 422
+    # invalid_request, as in the JSON bodies) is dropped by FastAPI when the default is Form(...).
+    @api.post("/search/image", response_model=SearchResponse, tags=["search"],
+              dependencies=[Depends(_known_form_fields)])
     def search_image(request: Request, image: UploadFile = File(description="The example image."),
-                     k: int = Form(10), mode: Mode = Form("auto"),
+                     k: int = Form(10), mode: Annotated[Mode, Form()] = "auto",
                      box: str | None = Form(None, description="Crop of the example: x0,y0,x1,y1 in its pixels."),
                      explain: bool = Form(False),
                      text: str | None = Form(None, description="Words to add to the example (one query of both)."),
@@ -348,8 +357,8 @@ def create_app(index_path: str | os.PathLike | ShardedIndex, api_key: str | None
         with holder.use() as index:
             return _explain(index, body.id, body.mode, k, text=text)
 
-    @api.post("/explain/image", response_model=Explanation, tags=["search"])
-    def explain_image(image: UploadFile = File(), id: int = Form(), mode: Mode = Form("global"),  # noqa: A002
+    @api.post("/explain/image", response_model=Explanation, tags=["search"], dependencies=[Depends(_known_form_fields)])
+    def explain_image(image: UploadFile = File(), id: int = Form(), mode: Annotated[Mode, Form()] = "global",  # noqa: A002
                       box: str | None = Form(None), k: int = Form(10)) -> dict:
         """Why image ``id`` matches an example-image query."""
         count()
@@ -538,6 +547,27 @@ def _check_mode(index, mode: str) -> None:
                                                 f"it supports: {', '.join(modes)}")
 
 
+def _accepted_fields(route: Any) -> list[str]:
+    """The body fields ``route`` takes: its JSON model's fields, or its form fields (files included)."""
+    params = list(getattr(getattr(route, "dependant", None), "body_params", None) or ())
+    if len(params) == 1:
+        model = params[0].field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return [info.alias or name for name, info in model.model_fields.items()]
+    return [param.alias for param in params]
+
+
+async def _known_form_fields(request: Request) -> None:
+    """Dependency of the upload endpoints: a form field the endpoint does not declare ("treshold") is a 422,
+    as an unknown key of a JSON body is (``extra="forbid"``), never silently ignored."""
+    accepted = set(_accepted_fields(request.scope.get("route")))
+    form = await request.form()  # parsed already for the endpoint's own fields: this is the same, cached, form
+    unknown = sorted(set(form.keys()) - accepted)
+    if unknown:
+        raise RequestValidationError([{"type": "extra_forbidden", "loc": ("body", name),
+                                       "msg": "Extra inputs are not permitted"} for name in unknown])
+
+
 def _check_text(text: str, limits: ServiceLimits) -> str:
     if not text.strip():
         raise ApiError(400, "bad_query", "the text query is empty")
@@ -627,11 +657,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = []
-        for e in exc.errors()[:10]:
-            loc = [str(p) for p in e.get("loc", ())]
-            details.append({"loc": loc, "msg": str(e.get("msg", "invalid"))})
-        message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details) or "invalid request"
+        errors = list(exc.errors())[:10]
+        details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "invalid"))} for e in errors]
+        lines = [f"{'.'.join(d['loc'])}: {d['msg']}" for d in details]
+        unknown = [repr(d["loc"][1])[:80] for d, e in zip(details, errors)
+                   if e.get("type") == "extra_forbidden" and len(d["loc"]) == 2 and d["loc"][0] == "body"]
+        if unknown:  # a misspelt field ("treshold"): say which, and what the endpoint takes, in one line
+            accepted = _accepted_fields(request.scope.get("route"))
+            lines = [f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                     + (f" (this endpoint takes: {', '.join(accepted)})" if accepted else ""),
+                     *(line for line, e in zip(lines, errors) if e.get("type") != "extra_forbidden")]
+        message = "; ".join(lines) or "invalid request"
         return JSONResponse({"error": "invalid_request", "message": message, "details": details}, status_code=422)
 
     from ..shards import ShardUnavailable
