@@ -59,3 +59,15 @@ def test_train_aligner_v1_selection_options_are_checked_in_one_line(tiny_flickr,
         result = fg("train-aligner", "--recipe", "v1", "--data", tiny_flickr, "--cache-dir", tmp_path, *args)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # refused before any tower ran
+
+
+def test_train_aligner_without_a_flickr8k_folder_is_one_line(tmp_path):
+    from fgcli import fg
+
+    for recipe in ("v1", "v2"):
+        result = fg("train-aligner", "--recipe", recipe, "--data", tmp_path / "nothing", "--cache-dir", tmp_path / "c",
+                    "--out", tmp_path / "a.safetensors")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert lines[0].startswith("error: --data: no split 'train' in"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made

@@ -72,6 +72,9 @@ def test_bench_revisitop_local_modes_on_tiny_set(tiny_revisitop, tmp_path, mode)
         assert result["approx_recall_at_100"] >= 0.9  # exact neighbours here; only the per-image fill is approximate
     with pytest.raises(ValueError, match="needs local features"):
         run_revisitop(tiny_revisitop, cache_dir=tmp_path, show_progress=False, mode=mode)
+    with pytest.raises(ValueError, match="unknown mode 'bogus'"):  # refused before any bench index is built
+        run_revisitop(tiny_revisitop, cache_dir=tmp_path / "none", show_progress=False, mode="bogus", local=local)
+    assert not (tmp_path / "none").exists()
 
 
 def test_bench_revisitop_on_a_folder_of_symlinks(tiny_revisitop, tmp_path):

@@ -105,13 +105,13 @@ def test_pixel_signatures_match_edited_copies_not_shifted_views():
 def test_cli_json_html_and_errors(index_path, folder, tmp_path):
     fg = fg_in_process  # the same command-line code without an interpreter start
 
-    proc = fg("duplicates", "--index", index_path, "--json", "--html", tmp_path / "dups.html")
+    proc = fg("duplicates", "--index", index_path, "--json", "--html", tmp_path / "new" / "dir" / "dups.html")
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
     assert body["counts"]["exact"] == 1 and body["counts"]["near"] >= len(EDITED)
     assert {"a", "b", "kind", "score", "identity", "pixel"} <= set(body["pairs"][0])
     assert body["thresholds"]["near"] > 0 and body["transforms"] == ["rot90", "rot180", "flip"]
-    page = (tmp_path / "dups.html").read_text()
+    page = (tmp_path / "new" / "dir" / "dups.html").read_text()
     assert page.count("<section class='near'>") == body["counts"]["near"]
     assert page.count("data:image/jpeg;base64,") == sum(len(g["ids"]) for g in body["groups"])
     proc = fg("duplicates", "--index", index_path, "--near", "2")

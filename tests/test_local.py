@@ -858,6 +858,7 @@ def test_prepare_builds_the_structures_and_saves_the_graph_choice(local_index, t
     ann = index.snapshot.path / "ann"
     ready = index.prepare(["l2g", "global"])
     assert ready["l2g"][0].startswith("local descriptors:") and "neighbour lists" in ready["l2g"][1]
+    assert ready["l2g"][0].startswith("local descriptors: flat (exact) over")  # a small index: flat whatever is asked
     assert "queries: all" in ready["l2g"][1] and ready["global"]
     faiss_files = sorted(f.name for f in ann.glob("local-*.faiss"))
     assert len(faiss_files) == 1 and len(list(ann.glob("localgraph-*.npz"))) == 1

@@ -76,3 +76,17 @@ def test_cli_tune_protocol_errors(split_indexes, tiny_flickr, tmp_path, photos_d
     assert res.exit_code == 2 and "differ in segments" in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert "multivector" not in Index.open(tmp_path / "other").search_config_dict()
+
+
+@pytest.mark.parametrize("extra,says", [(["--sample", "0"], "sample must be a positive number"),
+                                        (["--sample", "-5"], "sample must be a positive number"),
+                                        (["--latency-budget-ms", "0"], "latency budget must be a positive"),
+                                        (["--latency-budget-ms", "-1"], "latency budget must be a positive")])
+@pytest.mark.parametrize("how", [[], ["--candidates-only"], ["--breadth-only"]])
+def test_cli_tune_refuses_a_run_that_could_choose_nothing(split_indexes, tiny_flickr, extra, says, how):
+    train = split_indexes["train"]
+    before = Index.open(train).search_config_dict()
+    res = runner.invoke(app, ["tune", "--index", str(train), "--queries", str(tiny_flickr / "captions.tsv"),
+                              *how, *extra])
+    assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
+    assert Index.open(train).search_config_dict() == before  # nothing saved

@@ -737,7 +737,10 @@ def duplicates_cmd(
     except ValueError as exc:  # bad thresholds; an index of imported vectors with transforms
         _fail(str(exc), 2)
     if html_out is not None:
-        dup.write_html(report, html_out)
+        try:
+            dup.write_html(report, html_out)
+        except OSError as exc:
+            _fail(f"cannot write {html_out}: {exc.strerror or exc}")
         err.print(f"report: {html_out}")
     if report.unreadable:
         err.print(f"[yellow]warning:[/yellow] {len(report.unreadable)} image file(s) could not be read: "
@@ -1116,6 +1119,13 @@ def train_aligner_cmd(
     """Train the bundled model's trained parts on Flickr8k (v1: heads and image top; v2: LiT split, see docs/encoders.md)."""
     if recipe not in ("v1", "v2"):
         raise typer.BadParameter("--recipe must be v1 or v2")
+    from .datasets import load_flickr8k
+
+    try:  # both recipes train on train and report on dev: a wrong folder is a usage error, before any model loads
+        for split in ("train", "dev"):
+            load_flickr8k(data, split)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"--data: {exc}", 2)
     if recipe == "v2":
         from .train.aligner_v2 import TrainConfigV2, train_aligner_v2
 

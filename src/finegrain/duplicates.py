@@ -34,6 +34,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -418,5 +419,6 @@ def write_html(report: DuplicateReport, path: str | os.PathLike, thumb_side: int
     if len(report.groups) > max_groups:
         parts.append(f"<p>... and {len(report.groups) - max_groups} more groups (see --json).</p>")
     parts.append("</body></html>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as export --out does
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(parts))

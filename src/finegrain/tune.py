@@ -176,6 +176,14 @@ def check_transferable(source: Index, target: Index) -> None:
                              "settings chosen on one do not apply to the other")
 
 
+def _check_run(sample: object, latency_budget_ms: float | None) -> None:
+    """A run that could choose nothing (no queries, a budget nothing meets) is refused before any work."""
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise ValueError(f"sample must be a positive number of queries, got {sample!r}")
+    if latency_budget_ms is not None and not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
+        raise ValueError(f"the latency budget must be a positive number of milliseconds, got {latency_budget_ms!r}")
+
+
 def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, latency_budget_ms: float | None = None,
          slack: float = 0.005, seed: int = 0, plot: str | Path | None = None, save: bool = True,
          target: Index | None = None, query_source: str | None = None, candidates: bool = True) -> dict:
@@ -187,6 +195,7 @@ def tune(index: Index, queries: list[tuple[str, set[str]]], sample: int = 200, l
     names where the queries came from, saved with the choice. ``candidates``: also choose the
     candidate-stage size (:func:`tune_candidates`).
     """
+    _check_run(sample, latency_budget_ms)
     target = index if target is None else target
     relevant, embedded = _embedded_queries(index, target, queries, sample, seed)
     from .compress.coded import global_vectors  # the global term as a search scores it
@@ -285,6 +294,7 @@ def tune_stage(index: Index, queries: list[tuple[str, set[str]]], sample: int = 
     For an index already tuned (or to re-choose the size after the collection grew): no grid search.
     ``agreement``: see :func:`choose_candidates`.
     """
+    _check_run(sample, latency_budget_ms)
     target = index if target is None else target
     # scored by agreement with exhaustive search: the queries' answers are unused (they need not be indexed)
     _, embedded = _embedded_queries(index, target, queries, sample, seed, answered=False)
@@ -368,6 +378,7 @@ def tune_breadth(index: Index, queries: list[tuple[str, set[str]]], sample: int 
     """Choose the breadth of ``index``'s global ANN search (module docstring); the queries' answers are unused."""
     from .retrieval.dense import breadth_structure, exact_ids, search_vectors
 
+    _check_run(sample, latency_budget_ms)
     if not 0 < recall <= 1:
         raise ValueError(f"recall must be in (0, 1], not {recall}")
     snapshot = index.snapshot

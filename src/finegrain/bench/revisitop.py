@@ -184,6 +184,9 @@ def run_revisitop(data: str | Path, gnd: str | Path | None = None, distractors: 
     if mode == "global" and search_options.get("global_field") == "instance":  # the instance descriptor's own mode
         mode = "instance"
         search_options = {k: v for k, v in search_options.items() if k != "global_field"}
+    known = ("global", "instance", *LOCAL_MODES)
+    if mode not in known:  # before the bench index is built (minutes with local features)
+        raise ValueError(f"unknown mode {mode!r} for this bench; choose one of {', '.join(known)}")
     uses_local = mode in LOCAL_MODES or mode == "instance"
     if uses_local and local_cfg is None:
         raise ValueError(f"mode {mode!r} needs local features: pass local='cnn' (CLI: --local cnn)")

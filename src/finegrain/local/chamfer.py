@@ -529,6 +529,15 @@ class ApproxChamfer:
         return build_sq_index(codes, codec, "ivf", nlist=nlist, train_rows=min(64 * nlist, IVF_TRAIN_ROWS),
                               what="local")
 
+    @property
+    def built_kind(self) -> str:
+        """What the FAISS index is: ``flat`` (exact), ``hnsw`` or ``ivf``. ``kind`` is what was asked: fewer
+        than ``FLAT_BELOW`` rows are searched flat whatever it says."""
+        import faiss
+
+        inner: Any = faiss.downcast_index(self.index)
+        return "ivf" if hasattr(inner, "nprobe") else "hnsw" if hasattr(inner, "hnsw") else "flat"
+
     def set_search_params(self) -> None:
         import faiss
 

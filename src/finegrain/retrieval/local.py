@@ -112,7 +112,9 @@ class LocalRetriever(Retriever):
             return []
         searcher = local_searcher(snapshot)
         approx = searcher.approx()
-        built = [f"local descriptors: {approx.kind} over {len(approx.rows):,} of {approx.db.n_rows:,} rows"]
+        kind = approx.built_kind  # what was built: below FLAT_BELOW rows an exact (flat) index, whatever was asked
+        built = [f"local descriptors: {'flat (exact)' if kind == 'flat' else kind} over {len(approx.rows):,} of "
+                 f"{approx.db.n_rows:,} rows"]
         if mode == "l2g":
             ids, _ = searcher.graph(show_progress=show_progress)
             queries, features = searcher.graph_policy()
