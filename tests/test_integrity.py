@@ -175,10 +175,13 @@ def test_bit_flip_found_by_check_then_refused_then_dropped_and_reindexed(idx, ph
     result = cli("check", "--index", idx, "--repair")  # says what cannot be done and why
     assert result.exit_code == 1 and "cannot repair: 1 damaged chunk(s) hold vectors of 2 image(s)" in result.output
     assert "coffee.jpg" in result.output and "--drop-damaged" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("damaged index, not all repaired:")
 
     result = cli("check", "--index", idx, "--repair", "--drop-damaged")
     assert result.exit_code == 0, result.output
     assert "repaired: removed 2 image(s) whose vectors were damaged" in result.output
+    last = result.output.strip().splitlines()[-1]  # how it ended, not the damage found before the repair
+    assert last.startswith("repaired index:") and last.endswith("problem(s) found before the repair"), last
     assert cli("check", "--index", idx).exit_code == 0
     index = Index.open(idx)
     assert coffee not in index.records and not set(mate) & set(index.records) and len(index) == 4

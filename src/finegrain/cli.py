@@ -1783,10 +1783,13 @@ def check_cmd(
             for line in result.cannot:
                 print(escape_controls(f"cannot repair: {line}"))
         state = "damaged index" if report.problems else "ok"
+        found = f"{len(report.problems)} problem(s)"
+        if result is not None and report.problems:  # the figures are what the check found; say how it ended
+            state = "damaged index, not all repaired" if result.cannot else "repaired index"
+            found += " found before the repair"
         print(f"{state}: {report.chunks} chunk(s), {report.verified} verified against their checksums, "
               f"{len(report.unverified)} unverified (no checksum: written before checksums; --repair records them), "
-              f"{report.files} file(s), {report.bytes} bytes, {report.caches} cache file(s), "
-              f"{len(report.problems)} problem(s)")
+              f"{report.files} file(s), {report.bytes} bytes, {report.caches} cache file(s), {found}")
     if result is not None:
         raise typer.Exit(1 if result.cannot else 0)
     raise typer.Exit(1 if report.problems else 0)
