@@ -380,3 +380,13 @@ def test_every_mode_reports_its_encode_and_search_time(plain, seg, objects, loca
             assert "search_ms" in response.timings and {"encode_ms", "extract_ms"} & set(response.timings), \
                 (mode, response.timings)
             assert all(v >= 0 for v in response.timings.values()), (mode, response.timings)
+
+
+def test_local_family_options_say_what_they_mean(local, photos_dir):
+    image = photos_dir / "chelsea.jpg"
+    # --global-field joint with mode global is what global searches anyway (instance switches to the instance mode)
+    code, output = cli("search", "--index", local.path, "--image", image, "--mode", "global", "--global-field", "joint",
+                       "--json", "-k", 2)
+    assert code == 0 and json.loads(output)["mode"] == "global", output
+    code, output = cli("search", "--index", local.path, "--image", image, "--mode", "l2g", "--shortlist", 0)
+    assert code == 2 and "k (the shortlist) must be a positive integer, got 0" in output, output

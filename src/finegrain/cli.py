@@ -560,6 +560,8 @@ def search_cmd(
         _fail(f"--format must be table, jsonl or paths (and not given with --json), got {fmt!r}", 2)
     if global_field == "instance" and mode == "global":  # the instance descriptor is its own mode now
         mode, global_field = "instance", None
+    elif global_field == "joint" and mode == "global":  # the joint space is what global searches anyway
+        global_field = None
     idx: Any = None
     if like is not None:  # the indexed image's stored path is the example (as Index.search(like=) does)
         from .index import Index

@@ -206,8 +206,10 @@ class L2GConfig:
             raise ValueError(f"fusion must be 'cosine' or 'average', got {self.fusion!r}")
         if isinstance(self.query_neighbors, str) or (self.query_neighbors is not None and self.query_neighbors < 1):
             raise ValueError(f"query_neighbors must be a positive integer or None, got {self.query_neighbors!r}")
-        if self.k < 1 or self.mds_dim < 1 or self.smacof_iter < 1:
-            raise ValueError("k, mds_dim and smacof_iter must be positive")
+        sizes = (("k (the shortlist)", self.k), ("mds_dim", self.mds_dim), ("smacof_iter", self.smacof_iter))
+        for name, value in sizes:
+            if value < 1:  # named one by one: the CLI's --shortlist, --mds-dim, --smacof-iter
+                raise ValueError(f"{name} must be a positive integer, got {value}")
         if not 0.0 <= self.w <= 1.0:
             raise ValueError("w must be in [0, 1]")
         if not 0.0 <= self.sim_floor < 1.0:
