@@ -390,3 +390,13 @@ def test_local_family_options_say_what_they_mean(local, photos_dir):
     assert code == 0 and json.loads(output)["mode"] == "global", output
     code, output = cli("search", "--index", local.path, "--image", image, "--mode", "l2g", "--shortlist", 0)
     assert code == 2 and "k (the shortlist) must be a positive integer, got 0" in output, output
+
+
+def test_cli_decomposer_option(seg):
+    code, output = cli("search", "--index", seg.path, "--text", "a cat", "--decomposer", "bogus")
+    assert code == 2 and "unknown decomposer spec 'bogus'" in output and "llm:<url>#<model>" in output, output
+    # an LLM server that is not there: the documented fallback to the rules, with a warning
+    code, output = cli("search", "--index", seg.path, "--text", "a cat with a rocket", "--mode", "exhaustive",
+                       "--decomposer", "llm:http://127.0.0.1:9/v1#m", "--json")
+    assert code == 0, output
+    assert json.loads(output.strip().splitlines()[-1])["subqueries"] == ["a cat", "a rocket"]

@@ -512,6 +512,7 @@ def search_cmd(
     candidates: Optional[int] = typer.Option(None, "--candidates", help="single, exhaustive, hierarchical: images per query vector taken from the global top-k before segment scoring; objects-max: images taken from the objects_mean top-k plus the owners of the best object rows before object scoring (0: every image; default: the value `finegrain tune` saved for the multi-vector modes, else every image up to 20,000 and, above, 3,200 images from one fused search)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="single, exhaustive, hierarchical behind a candidate stage: 'union' (each query vector's own global top N; the default with --candidates) or 'fused' (the top N of one vector weighting the full query and its sub-queries as the score does: one search; the default without a size)."),
     rescore: Optional[int] = typer.Option(None, "--rescore", help="single, exhaustive, hierarchical on compact segments (compress --field segments), or global on a quantised global field (compress --field global; default 100, 0: off): score the best N images again from the float32 originals."),
+    decomposer: Optional[str] = typer.Option(None, "--decomposer", help="single, exhaustive, hierarchical: how the text query is split into sub-queries: rules (default, or the index's saved choice) or llm:<url>#<model> (an OpenAI-compatible server; falls back to rules with a warning when it fails; docs/himir.md)."),
     breadth: Optional[int] = typer.Option(None, "--breadth", help="global on an ANN index (HNSW, IVF): how much of the structure one search explores, HNSW's efSearch (default 128) or IVF's lists probed (default lists/16); more is slower and closer to exact."),
     shortlist: ShortlistOpt = None,
     mds_dim: MdsDimOpt = None,
@@ -591,6 +592,8 @@ def search_cmd(
         options["rescore"] = rescore
     if breadth is not None:
         options["breadth"] = breadth
+    if decomposer is not None:
+        options["decomposer"] = decomposer
     filters = _filters(path_prefix, glob, taken_after, taken_before, make, model, orientation, min_width, max_width,
                        min_height, max_height, ids)
     try:
