@@ -73,3 +73,16 @@ def test_text_finds_the_right_sample_photo(enc, photos_dir):
         best = names[int(np.argmax(img @ enc.encode_texts([text])[0]))]
         hits += best == expected
     assert hits >= 3, f"only {hits}/4 sample queries found their photo"
+
+
+def test_v2_weights_file_of_another_kind_says_what_it_holds(tmp_path):
+    import json
+
+    from finegrain.encoders.effnet_minilm_v2 import load_v2
+
+    (tmp_path / "objects.json").write_text(json.dumps({"kind": "object-adapter"}))  # e.g. a train-objects file
+    with pytest.raises(ValueError, match="holds no encoder weights .*train-aligner --recipe v2"):
+        load_v2(tmp_path / "objects.safetensors")
+    (tmp_path / "v1.json").write_text(json.dumps({"model": "effnet-minilm"}))
+    with pytest.raises(ValueError, match="holds 'effnet-minilm' weights, not effnet-minilm-v2"):
+        load_v2(tmp_path / "v1.safetensors")

@@ -144,7 +144,10 @@ def load_v2(path: str | Path) -> tuple[AlignerV2, dict[str, torch.Tensor], dict]
     path = Path(path)
     config = json.loads(path.with_suffix(".json").read_text())
     if config.get("model") != "effnet-minilm-v2":
-        raise ValueError(f"{path} holds {config.get('model')!r} weights, not effnet-minilm-v2")
+        model = config.get("model")
+        what = f"{model!r} weights" if model else "no encoder weights (its sidecar names no model)"
+        raise ValueError(f"{path} holds {what}, not effnet-minilm-v2: give a file written by "
+                         "`finegrain train-aligner --recipe v2`")
     tensors = load_file(str(path))
     aligner = AlignerV2(dim=int(config["dim"]), text_attention=bool(config.get("text_attention", True)))
     aligner.load_state_dict({k[len("aligner."):]: v.float() for k, v in tensors.items() if k.startswith("aligner.")})
