@@ -190,3 +190,14 @@ def test_a_user_slip_is_one_line_that_names_what_was_wrong(two_folders, tmp_path
                         (["@" + str(two_folders / "a" / "coffee.jpg"), "-", "@" + str(tmp_path)], f"{tmp_path}: is a directory")):
         line = _one_line_error(fg("search", "--index", idx, *args), 2)
         assert named in line, line
+
+
+def test_one_index_commands_on_a_shard_set_say_so(two_folders, tmp_path):
+    from finegrain.shards import ShardedIndex
+
+    shutil.copytree(two_folders / "base", tmp_path / "one")
+    ShardedIndex.create(tmp_path / "set", [tmp_path / "one"]).close()
+    for args in (("prepare",), ("compress", "--method", "pca", "--dim", "4"), ("remove", "1")):
+        line = _one_line_error(fg(*args, "--index", tmp_path / "set"), 2)
+        assert "is a shard set, and this command works on one index" in line, (args, line)
+    assert fg("info", "--index", tmp_path / "set").returncode == 0  # the commands that take a set still do

@@ -204,9 +204,12 @@ class _SettingsMismatch(ValueError):
 def _open_index(path: Path, shard_set_ok: bool = False, note_read_only: bool = False):
     """Open an index (or, with ``shard_set_ok``, a shard set too); a clear error instead of a traceback."""
     from .index import Index
-    from .shards import open_index
+    from .shards import is_shard_set, open_index
     from .store.catalog import IndexFormatError
 
+    if not shard_set_ok and is_shard_set(path):  # not "no finegrain index": it is one, of another kind
+        _fail(f"{path} is a shard set, and this command works on one index: run it on each of its shards "
+              "(`finegrain info --index SET` lists them)", 2)
     try:
         index = open_index(path) if shard_set_ok else Index.open(path)
     except IndexFormatError as exc:
