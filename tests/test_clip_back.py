@@ -22,6 +22,7 @@ from finegrain import Index
 from finegrain.interop import import_embeddings
 from finegrain.service import ServiceLimits, create_app
 from finegrain.service.background import BackgroundServer
+from finegrain.shards import ShardedIndex
 
 LIMITS = ServiceLimits(max_k=20, max_query_chars=200, max_upload_bytes=400_000, max_json_bytes=4_096,
                        max_image_pixels=1_000_000)
@@ -196,3 +197,81 @@ def test_an_imported_index_answers_embedding_queries_and_refuses_text(clip_clien
         assert got[0]["url"] == urls[3] and got[0]["caption"] == "3.jpg"
         refused = client.query(text="a cat")
         assert refused["error"] == "bad_query" and "vector queries only" in refused["message"]
+
+
+# ------------------------------------------------------------------ a shard set
+@pytest.fixture(scope="module")
+def set_path(photos) -> Path:
+    """The same photos as `my-photos` in a real 2-shard set; chelsea and its exact copy in different shards."""
+    root = photos.parent / "split"
+    files = sorted(photos.iterdir())
+    parts: list[list[Path]] = [[], []]
+    for n, f in enumerate(f for f in files if f.name != "chelsea-copy.jpg"):
+        parts[n % 2].append(f)
+    parts[1 - next(n for n, p in enumerate(parts) if photos / "chelsea.jpg" in p)].append(photos / "chelsea-copy.jpg")
+    for n, part in enumerate(parts):
+        with Index.create(root / f"part-{n}") as index:
+            index.add(part)
+    ShardedIndex.create(root / "photos.set", [root / "part-0", root / "part-1"]).close()
+    return root / "photos.set"
+
+
+def _names_in_shards(set_path: Path) -> list[dict[int, str]]:
+    out = []
+    for n in range(2):
+        with Index.open(set_path.parent / f"part-{n}") as shard:
+            out.append({r.id: Path(r.path).name for r in shard.records.values()})
+    return out
+
+
+def test_clip_routes_over_a_shard_set(clip_client, set_path, library, photos, monkeypatch):
+    """`finegrain serve --index SET`: /knn-service answers from the whole set (the set's merged search, each result
+    naming its shard); /metadata, which takes bare ids, answers a one-line 400 instead of a 500."""
+    names = _names_in_shards(set_path)
+    key = "s3cret"
+    with BackgroundServer(create_app(set_path, api_key=key, limits=LIMITS, reload_interval=0)) as base:
+        auth = ("finegrain", key)  # curl -u finegrain:KEY
+        assert httpx.get(f"{base}/indices-list", auth=auth).json() == ["photos.set"]
+        body = {"text": "a cat", "num_images": 2, "num_result_ids": 5, "deduplicate": False}
+        response = httpx.post(f"{base}/knn-service", content=json.dumps(body), auth=auth)
+        assert response.status_code == 200, response.text
+        got = response.json()
+        expected = library.search(text="a cat", k=5)  # one index holding the same images
+        def same(name: str) -> str:  # chelsea and its exact copy tie: either may come first
+            return name.replace("-copy", "")
+
+        assert [same(names[r["shard"]][r["id"]]) for r in got] == [same(Path(h.path).name) for h in expected]
+        assert [r["similarity"] for r in got] == pytest.approx([h.score for h in expected], abs=1e-5)
+        assert {r["shard"] for r in got} == {0, 1}
+        assert set(got[0]) == {"id", "similarity", "shard", "url", "caption"} and set(got[2]) == {"id", "similarity",
+                                                                                                  "shard"}
+        for r in got[:2]:
+            assert r["caption"] == names[r["shard"]][r["id"]]
+            assert r["url"] == f"{base}/api/thumbnail/{r['id']}?shard={r['shard']}"
+            thumb = httpx.get(r["url"], headers={"X-API-Key": key})
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+        meta = httpx.post(f"{base}/metadata", json={"ids": [got[0]["id"]]}, auth=auth)
+        assert meta.status_code == 400 and meta.json()["error"] == "metadata_unavailable", meta.text
+        message = meta.json()["message"]
+        assert "shard set" in message and "/knn-service" in message and "\n" not in message
+        assert "Traceback" not in meta.text
+
+        # clip-retrieval's own client: text, image (base64), embedding queries and deduplicate across shards
+        client = clip_client.ClipClient(url=f"{base}/knn-service", indice_name="photos.set", num_images=4,
+                                        deduplicate=False)
+        netrc = set_path.parent / "netrc"  # how ClipClient sends the key (through requests)
+        netrc.write_text(f"machine 127.0.0.1 login finegrain password {key}\n")
+        monkeypatch.setenv("NETRC", str(netrc))
+        got = client.query(image=str(photos / "coins.jpg"))
+        assert got[0]["caption"] == "coins.jpg" and got[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+        coffee = library.embed_query(image=photos / "coffee.jpg")
+        got = client.query(embedding_input=coffee.tolist())
+        assert got[0]["caption"] == "coffee.jpg" and names[got[0]["shard"]][got[0]["id"]] == "coffee.jpg"
+        cats = client.query(text="a cat")
+        assert {r["caption"] for r in cats[:2]} == {"chelsea.jpg", "chelsea-copy.jpg"}
+        assert {r["shard"] for r in cats[:2]} == {0, 1}  # the exact copy is in the other shard
+        dedup = clip_client.ClipClient(url=f"{base}/knn-service", indice_name="photos.set", num_images=4)
+        got = dedup.query(text="a cat")  # ClipClient's default deduplicate=True drops it, across shards
+        assert len({r["caption"] for r in got} & {"chelsea.jpg", "chelsea-copy.jpg"}) == 1
+        assert [r["caption"] for r in got] == [r["caption"] for r in cats if r is not cats[1]][:len(got)]

@@ -943,16 +943,18 @@ def shards_cmd(
     add: bool = typer.Option(False, "--add", help="Append the indexes to the existing set at --out (a service serving it picks them up on its next reload)."),
 ) -> None:
     """Group indexes into a shard set: `search --index OUT` then searches them in parallel, top-k merged."""
-    from .shards import ShardedIndex, register
+    from .shards import ShardedIndex, is_shard_set, register
     from .store.catalog import IndexFormatError
 
+    if add and not is_shard_set(out_path):
+        _fail(f"no shard set at {out_path} (drop --add to create one)", 2)
     try:
         if add:
             register(out_path, members)
             sharded = ShardedIndex.open(out_path)
         else:
-            sharded = ShardedIndex.create(out_path, members)
-    except (IndexFormatError, FileExistsError, ValueError) as exc:
+            sharded = ShardedIndex.create(out_path, members)  # checks every member before writing anything
+    except (IndexFormatError, OSError, ValueError) as exc:
         _fail(str(exc), 2)
     out.print(f"shard set {out_path}: {len(sharded.shards)} shards, {len(sharded)} images")
 

@@ -81,6 +81,7 @@ class ShardServer:
         seg = self.index.segment_config
         return {"generation": self.index.generation, "images": len(self.index),
                 "modes": self.index.available_modes(), "encoder": str(self.index.catalog.get_meta("encoder")),
+                "dim": self.index.catalog.get_meta("dim"),
                 "segments": None if seg is None else {"levels": list(seg.levels), "embed": seg.embed},
                 "file": list(self.file), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 

@@ -107,16 +107,31 @@ class ShardedIndex:
 
     @classmethod
     def create(cls, path: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> ShardedIndex:
-        """Write a shard-set manifest at ``path`` listing existing indexes (stored relative to ``path``)."""
+        """Write a shard-set manifest at ``path`` listing existing indexes (stored relative to ``path``).
+
+        Every member is checked first (it opens, is listed once, uses the same encoder as the others): on any
+        refusal nothing is created, neither the folder nor the manifest.
+        """
         path = Path(path)
         if not shards:
             raise ValueError("a shard set needs at least one index")
-        path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists() or (path / "finegrain.sqlite").exists():
             raise FileExistsError(f"{path} already holds a shard set or an index")
+        seen: set[str] = set()
+        encoders: dict[str, str] = {}
+        for s in shards:  # fail now, not at search time, on a missing, repeated, bad or incompatible shard
+            real = os.path.realpath(s)
+            if real in seen:
+                raise ValueError(f"{s} is listed twice")
+            seen.add(real)
+            with Index.open(s) as index:
+                encoders.setdefault(str(index.catalog.get_meta("encoder")), str(s))
+        if len(encoders) != 1:
+            raise IndexFormatError(f"the shards of {path} use different encoders "
+                                   f"({', '.join(f'{e} in {m}' for e, m in sorted(encoders.items()))}); "
+                                   "their scores cannot be merged")
         names = [os.path.relpath(os.path.abspath(s), os.path.abspath(path)) for s in shards]
-        for s in shards:
-            Index.open(s).close()  # fail now, not at search time, on a missing or bad shard
+        path.mkdir(parents=True, exist_ok=True)
         tmp = path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "shards": names}, indent=1))
         tmp.replace(path / MANIFEST)
@@ -187,14 +202,29 @@ class ShardedIndex:
             dim = DenseParams.from_options(options, mode=mode).dim
             vector = self.embed_query(query)  # embedded once for all shards
             texts = [query.text] if query.text else []
-            parts, missing = self.gather(lambda s: SearchResponse(s.search_embedding(vector, k=k, dim=dim), mode,
-                                                                   SearchStats(sim_ops=len(s)), texts))
-        else:
-            parts, missing = self.gather(lambda s: s.search(query=query, k=k, mode=mode, **options))
+            response = self.search_embedding(vector, k=k, dim=dim)
+            response.subqueries = texts
+            response.requested_mode = requested if requested != mode else None
+            return response
+        parts, missing = self.gather(lambda s: s.search(query=query, k=k, mode=mode, **options))
+        return self._top(parts, missing, k, mode, requested_mode=requested if requested != mode else None)
+
+    def search_embedding(self, query, k: int = 10, dim: int | None = None) -> SearchResponse:
+        """Global search with a precomputed joint-space embedding (as :meth:`Index.search_embedding`) on every
+        shard, merged: the best ``k`` overall, each hit naming its shard (``partial`` names shards that could not
+        answer)."""
+        k = retrieval.check_k(k)
+        parts, missing = self.gather(lambda s: SearchResponse(s.search_embedding(query, k=k, dim=dim), "global",
+                                                               SearchStats(sim_ops=len(s))))
+        return self._top(parts, missing, k, "global")
+
+    def _top(self, parts: list[SearchResponse | None], missing: list[str], k: int, mode: str,
+             **extra) -> SearchResponse:
+        """The best ``k`` of the shards' hits by score (ties: lower shard, then the shard's own rank)."""
         merged = sorted(((hit.score, n, hit) for n, part in enumerate(parts) for hit in part or ()),
                         key=lambda t: (-t[0], t[1], t[2].rank))[:k]
         hits = [SearchResult(hit.id, hit.path, hit.score, rank, shard=n) for rank, (_, n, hit) in enumerate(merged)]
-        return self._merged(hits, mode, parts, missing, requested_mode=requested if requested != mode else None)
+        return self._merged(hits, mode, parts, missing, **extra)
 
     def _merged(self, hits: list[SearchResult], mode: str, parts: list[SearchResponse | None], missing: list[str],
                 **extra) -> SearchResponse:
@@ -287,7 +317,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
 def register(path: str | os.PathLike, members: Sequence[str | os.PathLike], verify: bool = True) -> list[str]:
     """Append existing indexes to the shard set at ``path`` (the manifest is the set's commit point).
 
-    Each new member must open and use the set's encoder; one already listed is refused. The manifest is
+    ``path`` must hold a set (IndexFormatError otherwise). Each new member must open and use the set's
+    encoder; one already listed is refused; on any refusal the manifest is left as it was. The manifest is
     rewritten under an exclusive lock (concurrent registrations from several ingestion jobs queue) and
     replaced atomically, so a service serving the set sees the old list or the new one, and picks the new
     shards up on its next reload. Returns the manifest's names after the change. ``verify=False`` skips
@@ -296,6 +327,7 @@ def register(path: str | os.PathLike, members: Sequence[str | os.PathLike], veri
     import fcntl
 
     path = Path(path)
+    read_manifest(path)  # IndexFormatError for no set at path, before the lock file is made
     with open(path / (MANIFEST + ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         names = read_manifest(path)

@@ -23,6 +23,12 @@ service's thumbnail URL; ``caption`` is the file name (server folders are
 never published). ``deduplicate`` drops results whose embeddings are within
 cosine 0.94 of a better-ranked one (clip_back's rule).
 
+Over a shard set (``finegrain serve --index SET``) /knn-service runs the
+set's merged global search (:meth:`~finegrain.shards.ShardedIndex.search_embedding`,
+what /api/search runs in global mode); ids are per shard, so each result
+also names its ``shard`` and its ``url`` is ``/api/thumbnail/ID?shard=N``.
+/metadata, which takes bare ids, answers 400 ``metadata_unavailable`` on a set.
+
 The routes obey the service's API key: with one set they need it, as
 ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or HTTP Basic with the key
 as password (what ``requests`` sends from a ``~/.netrc`` entry, so
@@ -48,12 +54,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..images import ImageLoadError, load_image_sized
+from .setholder import ServedSet
 
 #: Paths whose JSON bodies may carry a base64 image (the service allows them the upload size limit).
 LARGE_BODY_PATHS = frozenset({"/knn-service"})
 DEDUP_THRESHOLD = 0.94  # clip_back's cosine threshold for "the same image"
 MAX_METADATA_IDS = 1000
 MAX_EMBEDDING_DIM = 8192
+SET_METADATA = ("/metadata is not available on a shard set: image ids are per shard, so an id alone is ambiguous; "
+                "/knn-service already returns each result's url, caption and shard (ask for num_result_ids equal "
+                "to num_images), and GET /api/images/ID?shard=N gives an image's details")
 IGNORED_OPTIONS = ("use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
 
 
@@ -108,9 +118,11 @@ def clip_back_router(api_key: str | None = None) -> APIRouter:
         """Nearest images of a text, a base64 image or an embedding, in clip_back's response shape."""
         body = await _parse(request, KnnRequest)
         ignored = [name for name in IGNORED_OPTIONS if _given(getattr(body, name))]
-        results = await run_in_threadpool(_knn, request, body)
-        headers = {"X-Finegrain-Ignored": ",".join(ignored)} if ignored else None
-        return JSONResponse(results, headers=headers)
+        results, missing = await run_in_threadpool(_knn, request, body)
+        headers = {"X-Finegrain-Ignored": ",".join(ignored)} if ignored else {}
+        if missing:  # a shard set on Ray with shards down: never a silent short answer
+            headers["X-Finegrain-Partial"] = ",".join(missing)
+        return JSONResponse(results, headers=headers or None)
 
     @router.post("/metadata", response_model=None)
     async def metadata(request: Request) -> JSONResponse:
@@ -127,6 +139,8 @@ def clip_back_router(api_key: str | None = None) -> APIRouter:
 # ------------------------------------------------------------------ helpers
 def _metadata_of(request: Request, ids: list[int]) -> list[dict]:
     with request.app.state.holder.use() as index:  # may re-open the index: not on the event loop
+        if _is_set(index):
+            raise ClipBackError(400, "metadata_unavailable", SET_METADATA)
         unknown = [i for i in ids if i not in index.records]
         if unknown:
             raise ClipBackError(404, "not_found", f"no indexed image with id(s) {unknown[:10]}")
@@ -235,11 +249,19 @@ def _decode_image(data: str, limits, draft_size: int) -> Any:
         raise ClipBackError(status, code, f"the image cannot be used: {exc}") from None
 
 
-def _knn(request: Request, body: KnnRequest) -> list[dict]:
+def _is_set(index: Any) -> bool:
+    """Whether the service serves a shard set (image ids are then per shard)."""
+    return isinstance(index, ServedSet)
+
+
+def _knn(request: Request, body: KnnRequest) -> tuple[list[dict], list[str]]:
+    """The results, and the shards (of a set) that could not answer."""
     state = request.app.state
     _check_name(request, body.indice_name)
     num_images, num_ids = _check_options(body, state.limits)
     with state.holder.use() as index:
+        if _is_set(index):
+            return _knn_set(request, index, body, num_images, num_ids)
         query = _query_vector(index, body, state.limits)
         try:
             scores, ids = index.search_vectors(query[None, :], num_ids)
@@ -256,7 +278,42 @@ def _knn(request: Request, body: KnnRequest) -> list[dict]:
             if rank < num_images:  # clip_back: metadata for the first num_images only
                 hit.update(_metadata(request, int(i), index.records[int(i)].path))
             results.append(hit)
-        return results
+        return results, []
+
+
+def _knn_set(request: Request, served: Any, body: KnnRequest, num_images: int,
+             num_ids: int) -> tuple[list[dict], list[str]]:
+    """/knn-service over a shard set: the set's own merged global search (:meth:`ShardedIndex.search_embedding`).
+
+    Ids are per shard, so every result also names its ``shard``, and its ``url`` is ``/api/thumbnail/ID?shard=N``.
+    """
+    shards = served.backend.shards
+    if body.deduplicate and not all(hasattr(s, "search_rows") for s in shards):
+        raise ClipBackError(400, "deduplicate_unavailable", "deduplicate is not available on a shard set served "
+                                                            "with --ray (the vectors are on the shards' nodes); "
+                                                            "send deduplicate false")
+    query = _query_vector(served, body, request.app.state.limits)
+    try:
+        response = served.search_embedding(query, k=num_ids)
+    except ValueError as exc:
+        raise ClipBackError(400, "bad_query", str(exc)) from None
+    hits = list(response.hits)
+    if body.deduplicate and len(hits) > 1:
+        vectors = np.empty((len(hits), 0), np.float32)
+        for n in sorted({h.shard for h in hits}):
+            rows = [i for i, h in enumerate(hits) if h.shard == n]
+            part = _vectors(served.shard(n), np.asarray([hits[i].id for i in rows], np.int64))
+            if vectors.shape[1] == 0:
+                vectors = np.zeros((len(hits), part.shape[1]), np.float32)
+            vectors[rows] = part
+        hits = [hits[i] for i in _dedup(vectors).tolist()]
+    results = []
+    for rank, h in enumerate(hits):
+        hit: dict[str, Any] = {"id": int(h.id), "similarity": float(h.score), "shard": h.shard}
+        if rank < num_images:  # clip_back: metadata for the first num_images only
+            hit.update(_metadata(request, int(h.id), h.path, h.shard))
+        results.append(hit)
+    return results, list(response.partial)
 
 
 _ROWS: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray]] = weakref.WeakKeyDictionary()
@@ -292,11 +349,12 @@ def _dedup(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarra
     return np.asarray([i for i in range(n) if find(i) == i], dtype=np.int64)
 
 
-def _metadata(request: Request, image_id: int, path: str) -> dict:
+def _metadata(request: Request, image_id: int, path: str, shard: int | None = None) -> dict:
     if path.startswith(("http://", "https://")):  # imported from a web data set: its URL is public already
         return {"url": path, "caption": os.path.basename(path.split("?", 1)[0])}
     base = str(request.base_url).rstrip("/")
-    return {"url": f"{base}/api/thumbnail/{image_id}", "caption": os.path.basename(path)}
+    where = "" if shard is None else f"?shard={shard}"
+    return {"url": f"{base}/api/thumbnail/{image_id}{where}", "caption": os.path.basename(path)}
 
 
 def _auth(api_key: str):

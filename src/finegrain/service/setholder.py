@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,16 @@ log = logging.getLogger("finegrain.service")
 
 
 class _Meta:
-    """The one catalog setting the service reads from a shard set (its encoder)."""
+    """The catalog settings the service reads from a shard set: its encoder, and the dimension of its embeddings."""
 
-    def __init__(self, encoder: str):
+    def __init__(self, encoder: str, dim: Callable[[], int]):
         self.encoder = encoder
+        self._dim = dim
 
     def get_meta(self, key: str, default: Any = None) -> Any:
-        return self.encoder if key == "encoder" else default
+        if key == "encoder":
+            return self.encoder
+        return self._dim() if key == "dim" else default
 
 
 class ServedSet:
@@ -47,7 +50,7 @@ class ServedSet:
     def __init__(self, backend: ShardedIndex, encoder: BatchingEncoder, encoder_name: str):
         self.backend = backend
         self.encoder = encoder
-        self.catalog = _Meta(encoder_name)
+        self.catalog = _Meta(encoder_name, self._dim)
 
     def __len__(self) -> int:
         return len(self.backend)
@@ -77,8 +80,20 @@ class ServedSet:
         return [{"name": name, "state": "up", "images": len(s), "generation": s.generation}
                 for name, s in zip(self.backend.shard_names(), self.backend.shards)]
 
-    def embed_query(self, text: str | None = None, **_: Any):
-        return self.backend.embed_query(retrieval.Query(text=text))
+    def _dim(self) -> int:
+        """The joint-space dimension of the set's embeddings (an ``embedding_input`` must have it)."""
+        first = self.backend.shards[0]
+        catalog = getattr(first, "catalog", None)  # a remote shard (Ray) reports it in its state instead
+        dim = catalog.get_meta("dim") if catalog is not None else getattr(first, "state", {}).get("dim")
+        return int(dim) if dim is not None else int(self.encoder.dim)
+
+    def embed_query(self, text: str | None = None, image: Any = None, **_: Any):
+        return self.backend.embed_query(retrieval.Query(text=text, image=image))
+
+    def search_embedding(self, vector, k: int) -> retrieval.SearchResponse:
+        """The best ``k`` images of the whole set for a joint-space vector (clip-retrieval's /knn-service); every
+        hit names its shard, ``partial`` names shards that could not answer."""
+        return self.backend.search_embedding(vector, k=k)
 
     def search(self, query: retrieval.Query, k: int, mode: str, **options: Any) -> retrieval.SearchResponse:
         response = self.backend.search(query=query, k=k, mode=mode, **options)
