@@ -78,10 +78,23 @@ def test_a_bad_index_option_is_one_line_exit_2_and_creates_no_index(options, mes
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
-    """Every file's hash; SQLite's shared-memory file, and its write-ahead log while empty, come with reading."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith("-shm") and not (p.name.endswith("-wal") and not p.stat().st_size)}
+    """Every file's hash, and the catalog's content (its SQL dump, read from a copy): opening an index may
+    checkpoint SQLite's write-ahead log into the database file, which moves bytes but changes nothing."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("finegrain.sqlite")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in folder.glob("finegrain.sqlite*"):
+            shutil.copy(p, tmp)
+        con = sqlite3.connect(Path(tmp) / "finegrain.sqlite")
+        try:
+            files["catalog"] = hashlib.sha256("\n".join(con.iterdump()).encode()).hexdigest()
+        finally:
+            con.close()
+    return files
 
 
 @pytest.fixture(scope="module")
