@@ -30,3 +30,11 @@ def fg(*args: object, env: dict[str, str] | None = None, **_ignored: object) -> 
         stderr += "Traceback (most recent call last):\n" + "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__))
     return subprocess.CompletedProcess(["finegrain", *argv], result.exit_code, result.stdout, stderr)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The one ``error: ...`` line a refused command printed on stderr, after checking its exit code."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from finegrain import Index
 from fgcli import fg as fg_in_process  # noqa: E402  (tests/ is on sys.path)
+from fgcli import one_line_error
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -25,10 +26,7 @@ def fg(*args, timeout=300):
 
 
 def _one_line_error(proc, code: int = 1) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
+    return one_line_error(proc, code)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +184,9 @@ def test_a_user_slip_is_one_line_that_names_what_was_wrong(two_folders, tmp_path
     assert line.startswith("error: unknown encoder 'effnet-minlm'; available:") and not line.endswith('"'), line
     assert not (tmp_path / "enc" / "finegrain.sqlite").exists()
     # A query image that cannot be read: the message names it (a query may hold several images).
+    coffee = "@" + str(two_folders / "a" / "coffee.jpg")
     for args, named in ((["--image", tmp_path / "gone.jpg"], "gone.jpg: file not found"),
-                        (["@" + str(two_folders / "a" / "coffee.jpg"), "-", "@" + str(tmp_path)], f"{tmp_path}: is a directory")):
+                        ([coffee, "-", "@" + str(tmp_path)], f"{tmp_path}: is a directory")):
         line = _one_line_error(fg("search", "--index", idx, *args), 2)
         assert named in line, line
 

@@ -13,16 +13,13 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from fgcli import fg  # noqa: E402  (tests/ is on sys.path)
+from fgcli import fg, one_line_error  # noqa: E402  (tests/ is on sys.path)
 
 from finegrain import Index
 
 
 def _one_line_usage_error(proc) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
+    return one_line_error(proc, 2)
 
 
 def _adapter(folder: Path) -> Path:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from fgcli import fg  # tests/ is on sys.path
+from fgcli import fg, one_line_error  # tests/ is on sys.path
 
 from finegrain import Index
 
 
 def _one_line_error(proc, code: int = 2) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
+    return one_line_error(proc, code)
 
 
 @pytest.fixture(scope="module")
