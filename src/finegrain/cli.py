@@ -281,6 +281,7 @@ def index_cmd(
     from .local.features import ExtractorUnavailable
     from .objects.config import REFINE_VARIANTS
     from .objects.proposals import ProposerUnavailable
+    from .shards import is_shard_set
     from .stopping import stop_on_signals
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
@@ -347,6 +348,9 @@ def index_cmd(
         _fail(exc.message, 2)
     except (ValueError, TypeError, ExtractorUnavailable, ProposerUnavailable) as exc:
         _fail(str(exc), 2)
+    if not into_set and is_shard_set(index):  # not "exists and is not an empty folder": say what it is
+        _fail(f"{index} is a shard set: add images to it with --into-set (new shards built on Ray nodes), "
+              "or index into one of its shards", 2)
     try:
         if into_set:
             _index_into_set(index, inputs, address, shard_images, batch_size, commit_every, as_json, strict,
