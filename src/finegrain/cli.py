@@ -24,14 +24,20 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      file: Any = None, line: str | None = None) -> None:
-    """Python warnings as one line on stderr: what happened, not the source line that raised it."""
+def _stderr_line(label: str, style: str, message: str) -> None:
+    """``label message`` as one line on stderr: control characters escaped (messages quote file names), and
+    soft-wrapped, so logs and pipes get one line (the terminal wraps it for the eye)."""
     from rich.text import Text
 
     from .terminal import escape_controls
 
-    err.print(Text.assemble(("warning:", "yellow"), " ", escape_controls(str(message))), soft_wrap=True)
+    err.print(Text.assemble((label, style), " ", escape_controls(message)), soft_wrap=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Python warnings as one line on stderr: what happened, not the source line that raised it."""
+    _stderr_line("warning:", "yellow", str(message))
 
 
 @app.callback()
@@ -40,12 +46,7 @@ def _cli_setup() -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    from rich.text import Text
-
-    from .terminal import escape_controls
-
-    # soft_wrap: one line in logs and pipes (the terminal wraps it for the eye); messages can quote file names
-    err.print(Text.assemble(("error:", "red"), " ", escape_controls(message)), soft_wrap=True)
+    _stderr_line("error:", "red", message)
     raise typer.Exit(code)
 
 
@@ -277,18 +278,20 @@ def index_cmd(
     """Add images to an index: new files are encoded, unchanged ones skipped, bad ones reported."""
     from .decompose.segments import SegmentConfig
     from .encoders import UnknownEncoder
-    from .index import ANN_KINDS, DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
+    from .index import DEFAULT_ENCODER, Index, IndexLockedError, settings_differences
     from .local.features import ExtractorUnavailable
     from .objects.config import REFINE_VARIANTS
     from .objects.proposals import ProposerUnavailable
     from .shards import is_shard_set
     from .stopping import stop_on_signals
+    from .store.ann import check_kind
     from .store.catalog import IndexFormatError
     from .terminal import safe_text
 
     if refine_variant not in REFINE_VARIANTS:
         _fail(f"--refine-variant must be one of {', '.join(REFINE_VARIANTS)}, got {refine_variant!r}", 2)
-    if refine_variant != "finegrain" and not (objects and (refine_iters or 0) > 0):  # would be silently ignored
+    refine = refine_iters or 0  # None: not given (an error without --objects, below); the default is off
+    if refine_variant != "finegrain" and not (objects and refine > 0):  # would be silently ignored
         _fail("--refine-variant selects the Stage B refinement: it needs --objects and --refine-iters N (N > 0)", 2)
     # Options of a field that is not asked for would be silently ignored: a usage error naming what they need.
     if refine_iters is not None and not objects:
@@ -320,8 +323,8 @@ def index_cmd(
     # an index's fields are fixed at creation, so a bad value found later would leave an index that refuses
     # the corrected retry. Bad values and missing optional packages are usage errors (exit 2).
     try:
-        if ann is not None and ann not in ANN_KINDS:
-            raise ValueError(f"unknown index kind {ann!r} for --ann; choose one of {', '.join(ANN_KINDS)}")
+        if ann is not None:
+            check_kind(ann)
         seg = SegmentConfig(levels=_int_list(segments), embed=segment_embed) if segments else None
         obj = None
         obj_asked: dict[str, Any] = {}
@@ -333,11 +336,10 @@ def index_cmd(
                 extra["adapter"] = adapter_digest
             if object_crop_size is not None:
                 extra["crop_size"] = object_crop_size
-            obj = ObjectConfig(proposals=objects, refine_iters=refine_iters or 0, refine_variant=refine_variant,
-                               **extra)
+            obj = ObjectConfig(proposals=objects, refine_iters=refine, refine_variant=refine_variant, **extra)
             # What this command asks of the objects field: the options given, not the defaults of today's
             # version (an index made when the defaults differed must still take more images).
-            obj_asked = {"proposals": objects, "refine_iters": refine_iters or 0, "refine_variant": refine_variant,
+            obj_asked = {"proposals": objects, "refine_iters": refine, "refine_variant": refine_variant,
                          "lr": obj.lr, "adapter": adapter_digest, **extra}
         local_cfg = _local_config(local, local_scales, local_features, local_image_size)
         if local_cfg is not None:

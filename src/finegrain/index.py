@@ -43,8 +43,7 @@ from .objects.config import ObjectConfig
 from .retrieval import MAX_K, MAX_QUERY_CHARS, Query, SearchResponse, SearchResult, SearchStats, Term
 from .retrieval.terms import build_query
 from .store import meta as photo_meta
-from .store.ann import AUTO_ANN_THRESHOLD
-from .store.ann import KINDS as ANN_KINDS
+from .store.ann import AUTO_ANN_THRESHOLD, check_kind
 from .store.catalog import Catalog, ImageRecord, IndexFormatError
 from .store.records import RecordTable
 from .store.snapshot import Snapshot, StaleSnapshotError
@@ -135,8 +134,7 @@ class Index:
         or :class:`~finegrain.objects.proposals.ProposerUnavailable` (naming the
         extra to install), and nothing is written.
         """
-        if ann not in ANN_KINDS:
-            raise ValueError(f"unknown index kind {ann!r}; choose one of {', '.join(ANN_KINDS)}")
+        check_kind(ann)
         if isinstance(objects, str):
             objects = ObjectConfig(proposals=objects)
         local_cfg = local if isinstance(local, LocalConfig) else LocalConfig.from_dict(local)

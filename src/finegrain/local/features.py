@@ -228,14 +228,10 @@ def _check_sizes(image_size: int, max_features: int) -> None:
 
 
 def _need_module(module: str, message: str) -> None:
-    """Raise :class:`ExtractorUnavailable` with ``message`` unless ``module`` can be imported (found, not run)."""
-    import importlib.util
+    """Raise :class:`ExtractorUnavailable` with ``message`` unless ``module`` is installed."""
+    from ..extras import installed
 
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken install reads as a missing one
-        found = False
-    if not found:
+    if not installed(module):
         raise ExtractorUnavailable(message)
 
 

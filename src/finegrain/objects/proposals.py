@@ -170,11 +170,9 @@ def yolox_model_path() -> Path:
 def yolox_available() -> None:
     """Raise :class:`ProposerUnavailable` naming the extra to install unless onnxruntime and the model are
     both installed (found, not imported: the check costs no model load)."""
-    try:
-        found = importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    from ..extras import installed
+
+    if not installed("onnxruntime"):
         raise ProposerUnavailable("the yolox proposer needs onnxruntime: pip install 'finegrain[yolox]'")
     yolox_model_path()
 

@@ -50,10 +50,16 @@ def save_cache_file(path: Path, write: Callable[[Path], object],
         return False
 
 
-def resolve_kind(kind: str, n: int) -> str:
-    """The structure ``kind`` gives ``n`` vectors (``auto``: flat below :data:`AUTO_ANN_THRESHOLD`, HNSW above)."""
+def check_kind(kind: str) -> str:
+    """``kind`` itself if it is one of :data:`KINDS`, else ``ValueError`` naming them."""
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def resolve_kind(kind: str, n: int) -> str:
+    """The structure ``kind`` gives ``n`` vectors (``auto``: flat below :data:`AUTO_ANN_THRESHOLD`, HNSW above)."""
+    check_kind(kind)
     if kind == "auto":
         return "hnsw" if n >= AUTO_ANN_THRESHOLD else "flat"
     return kind
